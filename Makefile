@@ -1,0 +1,31 @@
+# Set-up and the two commands of the README: `make test` and `make demo`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# onnxruntime-gpu carries the CPU provider too, but is 255 MB: take it only where a GPU is.
+ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: install test demo bench clean
+
+$(BIN)/nodulekit: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: a bare `torch` requirement would pull the CUDA wheels on a CPU machine.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e ".[test,$(ORT_EXTRA)]"
+	touch $@
+
+install: $(BIN)/nodulekit
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+demo: install
+	$(BIN)/python -m nodulekit.demo
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache demo-output

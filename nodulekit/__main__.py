@@ -1,0 +1,3 @@
+from nodulekit.cli import main
+
+main()

@@ -1,0 +1,165 @@
+"""The HDF5 artifact kinds nodulekit writes and reads, in one place.
+
+Every artifact is one HDF5 file whose root attributes say what it is
+(``nodulekit_kind``, ``schema_version``) and how it was made (``provenance``: a JSON
+string with the command line, nodulekit version, creation time, and whatever the stage
+adds: label rule, source, seed, ...). Files are written to a temporary name in the
+same folder and renamed into place only when complete, so a crashed or interrupted
+run never leaves a half-written file under the final name.
+
+Kinds and their required members (datasets ``/name``, groups ``/name/``):
+
+- ``cohort``: per-nodule table of annotations (also written as CSV).
+- ``rois``: per-nodule HU sub-volumes resampled to 1 mm in z, consensus masks, metadata.
+- ``dataset``: ``x`` [N,C,32,32] float32, ``y`` [N], ``fold`` [N], ``patient_id``, ``nodule_id``.
+- ``fold_result``: one trained fold's per-epoch history and test-set probabilities.
+- ``maps``: activation maps per nodule (from ``maps`` or ``infer``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from nodulekit import __version__
+from nodulekit.errors import ArtifactError, NodulekitError
+
+# Bump a kind's version when its layout changes incompatibly.
+KINDS: dict[str, int] = {
+    "cohort": 1,
+    "rois": 1,
+    "dataset": 1,
+    "fold_result": 1,
+    "maps": 1,
+}
+
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "cohort": ("nodule_id",),
+    "rois": ("nodule_id",),
+    "dataset": ("x", "y", "fold", "patient_id", "nodule_id"),
+    "fold_result": ("history", "test_index", "test_prob"),
+    "maps": ("nodule_id", "maps", "prob"),
+}
+
+STR = h5py.string_dtype(encoding="utf-8")
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """The standard provenance record, plus stage-specific fields."""
+    record = {
+        "command": " ".join(sys.argv),
+        "nodulekit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    record.update(extra)
+    return record
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to clobber an existing output unless asked to."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise NodulekitError(f"{path} already exists (pass --overwrite to replace it)")
+    if not path.parent.exists():
+        raise NodulekitError(f"output folder {path.parent} does not exist")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def write_artifact(
+    path: str | os.PathLike,
+    kind: str,
+    prov: dict[str, Any],
+    overwrite: bool = False,
+) -> Iterator[h5py.File]:
+    """Open a new artifact of ``kind`` for writing; it appears at ``path`` only when complete."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    path = check_output_path(path, overwrite)
+    with atomic_path(path, suffix=".h5.part") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["nodulekit_kind"] = kind
+            f.attrs["schema_version"] = KINDS[kind]
+            f.attrs["provenance"] = json.dumps(prov, default=str)
+            yield f
+            missing = [m for m in REQUIRED[kind] if m not in f]
+            if missing:
+                raise ArtifactError(f"internal: {kind} artifact lacks {', '.join(missing)}")
+
+
+def read_kind(path: str | os.PathLike) -> str:
+    """The kind of an artifact, or an ArtifactError saying why it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist")
+    if not h5py.is_hdf5(path):
+        raise ArtifactError(f"{path} is not an HDF5 file")
+    with h5py.File(path, "r") as f:
+        kind = f.attrs.get("nodulekit_kind")
+    if kind is None:
+        raise ArtifactError(f"{path} is not a nodulekit artifact (no nodulekit_kind attribute)")
+    return str(kind)
+
+
+def open_artifact(path: str | os.PathLike, kind: str | tuple[str, ...]) -> h5py.File:
+    """Open an artifact read-only after checking its kind, schema version and members."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    found = read_kind(path)
+    if found not in kinds:
+        raise ArtifactError(f"{path} is a {found!r} artifact, expected {' or '.join(map(repr, kinds))}")
+    f = h5py.File(path, "r")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != KINDS[found]:
+        f.close()
+        raise ArtifactError(
+            f"{path} has {found} schema version {version}; this nodulekit reads version {KINDS[found]}"
+        )
+    missing = [m for m in REQUIRED[found] if m not in f]
+    if missing:
+        f.close()
+        raise ArtifactError(f"{path} is a malformed {found} artifact: missing {', '.join(missing)}")
+    return f
+
+
+def get_provenance(f: h5py.File) -> dict[str, Any]:
+    return json.loads(f.attrs.get("provenance", "{}"))
+
+
+def write_strings(group: h5py.Group, name: str, values) -> h5py.Dataset:
+    return group.create_dataset(name, data=np.asarray([str(v) for v in values], dtype=object), dtype=STR)
+
+
+def read_strings(dataset: h5py.Dataset) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]
+
+
+def set_json_attr(obj: h5py.HLObject, name: str, value: Any) -> None:
+    obj.attrs[name] = json.dumps(value, default=str)
+
+
+def get_json_attr(obj: h5py.HLObject, name: str, default: Any = None) -> Any:
+    raw = obj.attrs.get(name)
+    return default if raw is None else json.loads(raw)
