@@ -163,3 +163,42 @@ def set_json_attr(obj: h5py.HLObject, name: str, value: Any) -> None:
 def get_json_attr(obj: h5py.HLObject, name: str, default: Any = None) -> Any:
     raw = obj.attrs.get(name)
     return default if raw is None else json.loads(raw)
+
+
+def write_maps(
+    path: str | os.PathLike,
+    *,
+    nodule_id,
+    maps: np.ndarray,
+    prob: np.ndarray,
+    method: str,
+    arch: str,
+    source: str,
+    prov: dict[str, Any],
+    y: np.ndarray | None = None,
+    fold: np.ndarray | None = None,
+    maps_up: np.ndarray | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a ``maps`` artifact (shared by ``nodulekit maps`` and ``nodulekit infer``)."""
+    import torch
+    import torch.nn.functional as F
+
+    maps = np.asarray(maps, np.float32)
+    n = maps.shape[0]
+    if maps_up is None:
+        maps_up = F.interpolate(torch.from_numpy(maps), size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    with write_artifact(path, "maps", prov, overwrite=overwrite) as f:
+        write_strings(f, "nodule_id", nodule_id)
+        f.create_dataset("maps", data=maps, compression="gzip", compression_opts=4)
+        f.create_dataset("maps_up", data=np.asarray(maps_up, np.float32), compression="gzip", compression_opts=4)
+        f["prob"] = np.asarray(prob, np.float32)
+        f["y"] = np.full(n, -1, np.int64) if y is None else np.asarray(y, np.int64)
+        f["fold"] = np.full(n, -1, np.int64) if fold is None else np.asarray(fold, np.int64)
+        for name, value in (extra or {}).items():
+            f.create_dataset(name, data=value)
+        f.attrs["method"] = method
+        f.attrs["arch"] = arch
+        f.attrs["source"] = source
+    return Path(path)
