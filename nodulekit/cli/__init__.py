@@ -26,6 +26,7 @@ app = typer.Typer(
 
 # Registration happens on import; keep this list in pipeline order.
 from nodulekit.cli import data as _data  # noqa: E402,F401
+from nodulekit.cli import build as _build  # noqa: E402,F401
 from nodulekit.cli import train as _train  # noqa: E402,F401
 from nodulekit.cli import maps as _maps  # noqa: E402,F401
 from nodulekit.cli import export as _export  # noqa: E402,F401
