@@ -1,0 +1,539 @@
+"""Build the paper's multi-channel 32x32 datasets (Table 1) from a ``rois`` artifact.
+
+The paper (section 4.1) crops a square ROI of side ``p x diameter`` around each
+nodule's centre and resamples it to 32x32:
+
+- ``D1C``: the centre slice, p = 2;
+- ``D3C``: the centre slice three times, p = 2, 3, 4 (multi-scale);
+- ``D11C`` / ``D21C``: 11 / 21 adjacent 1 mm slices symmetric about the centre, p = 2.
+
+A ``rois`` artifact already holds every nodule's HU at 1 mm z steps (offsets -10..+10 mm,
+index 10 = centre) on a square in-plane window of side >= 4.5 x diameter centred on the
+nodule, so building a dataset is pure in-plane resampling plus fold assignment.
+
+Library use::
+
+    from nodulekit.datasets import build_dataset, load_dataset
+    build_dataset("rois.h5", "d11c.h5", channels=11, n_folds=5, seed=0)
+    ds = load_dataset("d11c.h5")
+    train, test = ds.split_indices(0)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nodulekit.errors import ArtifactError, DataError, NodulekitError
+
+CHANNEL_CHOICES = (1, 3, 11, 21)
+SPLITS = ("patient", "nodule")
+PATCH = 32  # output side in pixels (Table 1)
+N_Z = 21  # slices in a rois sub-volume: offsets -10..+10 mm
+CENTRE = 10  # index of the centre slice
+HU_WINDOW = (-1000.0, 400.0)
+CHARACTERISTICS = (
+    "subtlety", "internalStructure", "calcification", "sphericity",
+    "margin", "lobulation", "spiculation", "texture",
+)
+NORMALISATION = {
+    "hu_window": list(HU_WINDOW),
+    "scale": "linear to [0, 1]: x = (clip(HU, -1000, 400) + 1000) / 1400",
+    "order": "HU clipped to the window first, then resampled (linear) to 32x32",
+    "interpolation": "linear (scipy.ndimage.map_coordinates order=1)",
+    "mask": "consensus mask resampled linearly on the same grid, kept where >= 0.5",
+}
+SPLIT_NOTES = {
+    "patient": "StratifiedGroupKFold: stratified by label, grouped by patient (no patient in two folds)",
+    "nodule": (
+        "StratifiedKFold over nodules, the paper's setting; LEAKY: nodules of one patient "
+        "can be in both training and test folds"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """One input channel: which 1 mm slice of the rois volume, and the ROI side factor p."""
+
+    z_index: int  # 0..20, 10 = centre slice
+    p: float  # ROI side = p x diameter
+
+    @property
+    def z_offset_mm(self) -> int:
+        return self.z_index - CENTRE
+
+
+def channel_layout(channels: int) -> list[ChannelSpec]:
+    """The paper's channel layout for ``channels`` in {1, 3, 11, 21}."""
+    if channels not in CHANNEL_CHOICES:
+        raise NodulekitError(
+            f"--channels must be one of {', '.join(map(str, CHANNEL_CHOICES))} (got {channels})"
+        )
+    if channels == 3:
+        return [ChannelSpec(CENTRE, p) for p in (2.0, 3.0, 4.0)]
+    half = channels // 2
+    return [ChannelSpec(z, 2.0) for z in range(CENTRE - half, CENTRE + half + 1)]
+
+
+def normalise_hu(hu: np.ndarray) -> np.ndarray:
+    """Clip HU to the window [-1000, 400] and scale linearly to [0, 1] (float32)."""
+    lo, hi = HU_WINDOW
+    return ((np.clip(np.asarray(hu, np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _spacing_yx(value: Any, nodule_id: str) -> tuple[float, float]:
+    arr = np.atleast_1d(np.asarray(value, np.float64)).ravel()
+    if arr.size == 1:
+        arr = np.repeat(arr, 2)
+    if arr.size != 2 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise DataError(f"nodule {nodule_id}: invalid pixel_spacing_mm {value!r} in the rois file")
+    return float(arr[0]), float(arr[1])
+
+
+def sample_grid(
+    shape_yx: tuple[int, int],
+    spacing_yx: tuple[float, float],
+    layout: list[ChannelSpec],
+    diameter_mm: float,
+    nodule_id: str = "?",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (into a [21, H, W] volume) of every output pixel, and pixel_mm per channel.
+
+    The nodule centre is the geometric centre of the in-plane window, ((H-1)/2, (W-1)/2) in
+    pixel-index coordinates, as the rois contract centres the window on the nodule. Output
+    pixel j of a patch of side ``side_mm`` samples the input at
+    ``centre + (j + 0.5 - 16) * side_mm / 32 / spacing``, so the 32 output pixels tile the
+    square [centre - side/2, centre + side/2] exactly.
+    """
+    h, w = shape_yx
+    sy, sx = spacing_yx
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    steps = np.arange(PATCH, dtype=np.float64) + 0.5 - PATCH / 2.0
+    coords = np.empty((3, len(layout), PATCH, PATCH), np.float64)
+    pixel_mm = np.empty(len(layout), np.float32)
+    for c, spec in enumerate(layout):
+        side_mm = spec.p * diameter_mm
+        pixel_mm[c] = side_mm / PATCH
+        ys = cy + steps * (pixel_mm[c] / sy)
+        xs = cx + steps * (pixel_mm[c] / sx)
+        coords[0, c] = spec.z_index
+        coords[1, c] = ys[:, None]
+        coords[2, c] = xs[None, :]
+    # Output pixel centres may lie up to half an input pixel beyond the outermost input
+    # centre (edge replication covers that); anything further means the window is too small.
+    if coords[1].min() < -0.5 or coords[1].max() > h - 0.5 or coords[2].min() < -0.5 or coords[2].max() > w - 0.5:
+        worst = max(s.p for s in layout) * diameter_mm
+        raise DataError(
+            f"nodule {nodule_id}: its rois window ({h}x{w} px at {sy:.3g}x{sx:.3g} mm = "
+            f"{h * sy:.1f}x{w * sx:.1f} mm) is smaller than the {worst:.1f} mm patch this dataset needs"
+        )
+    return coords, pixel_mm
+
+
+def resample_nodule(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    spacing_yx: tuple[float, float],
+    diameter_mm: float,
+    layout: list[ChannelSpec],
+    nodule_id: str = "?",
+    z_first: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One nodule's channels: (x float32 [C,32,32] in [0,1], mask uint8 [C,32,32], pixel_mm [C]).
+
+    ``hu``/``mask`` are the rois sub-volume [21, H, W], or a slab of it starting at slice
+    ``z_first`` (so D1C and D3C need read only the centre slice).
+    """
+    from scipy.ndimage import map_coordinates
+
+    hu = np.asarray(hu)
+    mask = np.asarray(mask)
+    if hu.ndim != 3:
+        raise DataError(f"nodule {nodule_id}: hu has shape {hu.shape}, expected [{N_Z}, S, S]")
+    if mask.shape != hu.shape:
+        raise DataError(f"nodule {nodule_id}: mask shape {mask.shape} differs from hu shape {hu.shape}")
+    z = [s.z_index - z_first for s in layout]
+    if min(z) < 0 or max(z) >= hu.shape[0]:
+        raise DataError(f"nodule {nodule_id}: hu slab of {hu.shape[0]} slices lacks slices this dataset needs")
+    coords, pixel_mm = sample_grid(hu.shape[1:], spacing_yx, layout, diameter_mm, nodule_id)
+    coords[0] -= z_first
+    # Clip before interpolating so out-of-field padding (e.g. -2048) cannot bleed into
+    # neighbouring pixels; the z coordinates are whole slices, so z is never interpolated.
+    x = map_coordinates(normalise_hu(hu), coords, order=1, mode="nearest")
+    m = map_coordinates((mask > 0).astype(np.float32), coords, order=1, mode="nearest")
+    return np.clip(x, 0.0, 1.0).astype(np.float32), (m >= 0.5).astype(np.uint8), pixel_mm
+
+
+def assign_folds(
+    y: np.ndarray,
+    patient_id: np.ndarray,
+    n_folds: int = 5,
+    seed: int = 0,
+    split: str = "patient",
+) -> np.ndarray:
+    """Test fold (0..n_folds-1) of each nodule, stratified by label.
+
+    ``split="patient"`` groups by patient so no patient is in two folds (sklearn
+    StratifiedGroupKFold); ``split="nodule"`` is the paper's leaky per-nodule
+    StratifiedKFold. Both shuffle with ``seed``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(y)
+    patient_id = np.asarray(patient_id)
+    if split not in SPLITS:
+        raise NodulekitError(f"--split must be 'patient' or 'nodule' (got {split!r})")
+    if n_folds < 2:
+        raise NodulekitError(f"--folds must be at least 2 (got {n_folds})")
+    n = len(y)
+    if n < n_folds:
+        raise NodulekitError(f"only {n} nodules for {n_folds} folds; use fewer --folds or more data")
+    for cls, name in ((0, "benign"), (1, "malignant")):
+        count = int(np.sum(y == cls))
+        if count < n_folds:
+            raise NodulekitError(
+                f"only {count} {name} nodules, fewer than the {n_folds} folds; use fewer --folds or more data"
+            )
+    if split == "patient":
+        n_patients = len(np.unique(patient_id))
+        if n_patients < n_folds:
+            raise NodulekitError(
+                f"only {n_patients} patients for {n_folds} patient-grouped folds; use fewer --folds or more data"
+            )
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(n), y, groups=patient_id)
+    else:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(n), y)
+    fold = np.full(n, -1, np.int64)
+    for k, (_, test) in enumerate(parts):
+        fold[test] = k
+    assert np.all(fold >= 0), "every nodule must be in exactly one test fold"
+    if split == "patient":
+        for pid in np.unique(patient_id):
+            assert len(np.unique(fold[patient_id == pid])) == 1, f"patient {pid} is in two folds"
+    for k in range(n_folds):
+        in_k = y[fold == k]
+        if in_k.size == 0 or np.all(in_k == in_k[0]):
+            raise NodulekitError(
+                f"test fold {k} has {'no nodules' if in_k.size == 0 else 'only one class'} "
+                f"with {n_folds} {split} folds; use fewer --folds (or another --seed)"
+            )
+    return fold
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_rois(f, layout: list[ChannelSpec], progress: bool) -> dict[str, np.ndarray]:
+    """Resample every nodule of an open rois file; returns the per-nodule arrays."""
+    from tqdm import tqdm
+
+    from nodulekit.artifacts import read_strings
+
+    path = f.filename
+    need = ("patient_id", "label", "diameter_mm", "characteristics", "reader_malignancy",
+            "malignancy_mean", "nodules")
+    missing = [m for m in need if m not in f]
+    if missing:
+        raise ArtifactError(f"{path} is a malformed rois artifact: missing {', '.join(missing)}")
+    nodule_id = np.asarray(read_strings(f["nodule_id"]), dtype=object)
+    n = len(nodule_id)
+    if n == 0:
+        raise DataError(f"{path} holds no nodules")
+    patient_id = np.asarray(read_strings(f["patient_id"]), dtype=object)
+    label = np.asarray(f["label"][()])
+    diameter = np.asarray(f["diameter_mm"][()], np.float64)
+    for name, arr in (("patient_id", patient_id), ("label", label), ("diameter_mm", diameter)):
+        if arr.shape != (n,):
+            raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected ({n},)")
+    bad = ~np.isin(label, (0, 1))
+    if bad.any():
+        raise DataError(
+            f"{path}: nodule {nodule_id[np.argmax(bad)]} has label {label[np.argmax(bad)]!r}; "
+            "a rois file must hold only labelled nodules (1 malignant, 0 benign)"
+        )
+    bad = ~(np.isfinite(diameter) & (diameter > 0))
+    if bad.any():
+        raise DataError(f"{path}: nodule {nodule_id[np.argmax(bad)]} has invalid diameter_mm {diameter[np.argmax(bad)]}")
+
+    layout_c = len(layout)
+    x = np.empty((n, layout_c, PATCH, PATCH), np.float32)
+    mask = np.empty((n, layout_c, PATCH, PATCH), np.uint8)
+    pixel_mm = np.empty((n, layout_c), np.float32)
+    z_lo = min(s.z_index for s in layout)
+    z_hi = max(s.z_index for s in layout) + 1
+    nodules = f["nodules"]
+    for i in tqdm(range(n), desc="build", unit="nodule", disable=not progress):
+        nid = nodule_id[i]
+        key = nid.replace(":", "_")
+        if key not in nodules:
+            raise ArtifactError(f"{path}: group /nodules/{key} for nodule {nid} is missing")
+        g = nodules[key]
+        if "hu" not in g or "mask" not in g:
+            raise ArtifactError(f"{path}: /nodules/{key} lacks hu or mask")
+        if g["hu"].ndim != 3 or g["hu"].shape[0] != N_Z:
+            raise DataError(f"nodule {nid}: hu has shape {g['hu'].shape}, expected [{N_Z}, S, S]")
+        z_step = float(g.attrs.get("z_step_mm", 1.0))
+        if abs(z_step - 1.0) > 1e-6:
+            raise DataError(f"nodule {nid}: z_step_mm is {z_step}, the datasets need 1 mm slices")
+        spacing = _spacing_yx(g.attrs.get("pixel_spacing_mm"), nid)
+        # Read only the slices this layout uses (one for D1C/D3C).
+        hu = g["hu"][z_lo:z_hi]
+        m = g["mask"][z_lo:z_hi]
+        x[i], mask[i], pixel_mm[i] = resample_nodule(hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo)
+    return {
+        "nodule_id": nodule_id, "patient_id": patient_id, "y": label.astype(np.int64),
+        "diameter_mm": diameter.astype(np.float32), "x": x, "mask": mask, "pixel_mm": pixel_mm,
+    }
+
+
+def dataset_name(channels: int) -> str:
+    return f"D{channels}C"
+
+
+def build_dataset(
+    rois_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    channels: int = 11,
+    n_folds: int = 5,
+    seed: int = 0,
+    split: str = "patient",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write the ``dataset`` artifact ``D<channels>C`` built from the ``rois`` artifact."""
+    from nodulekit.artifacts import (
+        check_output_path, get_provenance, open_artifact, provenance, set_json_attr,
+        write_artifact, write_strings,
+    )
+
+    layout = channel_layout(channels)
+    if split not in SPLITS:
+        raise NodulekitError(f"--split must be 'patient' or 'nodule' (got {split!r})")
+    if n_folds < 2:
+        raise NodulekitError(f"--folds must be at least 2 (got {n_folds})")
+    rois_path = Path(rois_path)
+    check_output_path(out_path, overwrite)  # fail before the slow part
+    if Path(out_path).resolve() == rois_path.resolve():
+        raise NodulekitError(f"the output {out_path} would overwrite the input rois file")
+
+    with open_artifact(rois_path, "rois") as f:
+        label_rule = f.attrs.get("label_rule")
+        if label_rule is None:
+            raise ArtifactError(f"{rois_path} has no label_rule attribute; re-run nodulekit extract")
+        label_rule = str(label_rule)
+        rois_prov = get_provenance(f)
+        arrays = _read_rois(f, layout, progress)
+        n = len(arrays["y"])
+        characteristics = np.asarray(f["characteristics"][()], np.float32)
+        char_names = f["characteristics"].attrs.get("names")
+        char_names = [str(v.decode() if isinstance(v, bytes) else v) for v in char_names] \
+            if char_names is not None else list(CHARACTERISTICS)
+        reader_malignancy = np.asarray(f["reader_malignancy"][()], np.float32)
+        malignancy_mean = np.asarray(f["malignancy_mean"][()], np.float32)
+        extras: dict[str, np.ndarray] = {}
+        for name in ("cluster_index", "n_readers", "reader_characteristics"):
+            if name in f:
+                extras[name] = np.asarray(f[name][()])
+        series_uid = [v for v in f["series_uid"].asstr()[()]] if "series_uid" in f else None
+        rois_source = f.attrs.get("source")
+    for name, arr, shape in (
+        ("characteristics", characteristics, (n, 8)),
+        ("reader_malignancy", reader_malignancy, (n, 4)),
+        ("malignancy_mean", malignancy_mean, (n,)),
+    ):
+        if arr.shape != shape:
+            raise ArtifactError(f"{rois_path}: {name} has shape {arr.shape}, expected {shape}")
+
+    fold = assign_folds(arrays["y"], arrays["patient_id"], n_folds, seed, split)
+    name = dataset_name(channels)
+    layout_json = [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout]
+    prov = provenance(
+        stage="build",
+        name=name,
+        channels=channels,
+        n_folds=n_folds,
+        split=split,
+        seed=seed,
+        source=str(rois_path),
+        source_sha256=_file_sha256(rois_path),
+        source_kind="rois",
+        source_provenance=rois_prov,
+        label_rule=json.loads(label_rule),
+        normalisation=NORMALISATION,
+        channel_layout=layout_json,
+    )
+    with write_artifact(out_path, "dataset", prov, overwrite=overwrite) as out:
+        out.create_dataset("x", data=arrays["x"])
+        out["y"] = arrays["y"]
+        out["fold"] = fold
+        write_strings(out, "patient_id", arrays["patient_id"])
+        write_strings(out, "nodule_id", arrays["nodule_id"])
+        out.create_dataset("mask", data=arrays["mask"], compression="gzip", compression_opts=4)
+        out["pixel_mm"] = arrays["pixel_mm"]
+        out["characteristics"] = characteristics
+        out["characteristics"].attrs["names"] = char_names
+        out["reader_malignancy"] = reader_malignancy
+        out["malignancy_mean"] = malignancy_mean
+        out["diameter_mm"] = arrays["diameter_mm"]
+        if series_uid is not None:
+            write_strings(out, "series_uid", series_uid)
+        for key, value in extras.items():
+            out[key] = value
+        out.attrs["name"] = name
+        out.attrs["channels"] = channels
+        out.attrs["n_folds"] = n_folds
+        out.attrs["split"] = split
+        out.attrs["split_note"] = SPLIT_NOTES[split]
+        out.attrs["seed"] = seed
+        out.attrs["label_rule"] = label_rule
+        set_json_attr(out, "normalisation", NORMALISATION)
+        set_json_attr(out, "channel_layout", layout_json)
+        out.attrs["source"] = str(rois_path)
+        if rois_source is not None:
+            out.attrs["rois_source"] = str(rois_source)
+    return Path(out_path)
+
+
+@dataclass
+class Dataset:
+    """A loaded ``dataset`` artifact (numpy arrays; row i is one nodule)."""
+
+    x: np.ndarray  # float32 [N, C, 32, 32] in [0, 1]
+    y: np.ndarray  # int64 [N], 1 malignant / 0 benign
+    fold: np.ndarray  # int64 [N], test fold 0..n_folds-1
+    patient_id: np.ndarray  # str (object) [N]
+    nodule_id: np.ndarray  # str (object) [N]
+    mask: np.ndarray  # uint8 [N, C, 32, 32]
+    pixel_mm: np.ndarray  # float32 [N, C]
+    characteristics: np.ndarray  # float32 [N, 8]; names in attrs["characteristic_names"]
+    reader_malignancy: np.ndarray  # float32 [N, 4], NaN padded
+    malignancy_mean: np.ndarray  # float32 [N]
+    diameter_mm: np.ndarray  # float32 [N]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.attrs["n_folds"])
+
+    @property
+    def name(self) -> str:
+        return str(self.attrs["name"])
+
+    def split_indices(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train rows, test rows) for test fold ``k``."""
+        if not 0 <= k < self.n_folds:
+            raise NodulekitError(f"fold {k} does not exist; this dataset has folds 0..{self.n_folds - 1}")
+        return np.flatnonzero(self.fold != k), np.flatnonzero(self.fold == k)
+
+
+def _attr(f, name: str, path: Path) -> Any:
+    if name not in f.attrs:
+        raise ArtifactError(f"{path} is a malformed dataset artifact: attribute {name!r} is missing")
+    value = f.attrs[name]
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """Read and validate a ``dataset`` artifact; any inconsistency is a one-line ArtifactError."""
+    from nodulekit.artifacts import get_provenance, open_artifact, read_strings
+
+    path = Path(path)
+    with open_artifact(path, "dataset") as f:
+        members = ("mask", "pixel_mm", "characteristics", "reader_malignancy", "malignancy_mean", "diameter_mm")
+        missing = [m for m in members if m not in f]
+        if missing:
+            raise ArtifactError(f"{path} is a malformed dataset artifact: missing {', '.join(missing)}")
+        x = np.asarray(f["x"][()], np.float32)
+        y_raw = np.asarray(f["y"][()])
+        fold = np.asarray(f["fold"][()]).astype(np.int64)
+        patient_id = np.asarray(read_strings(f["patient_id"]), dtype=object)
+        nodule_id = np.asarray(read_strings(f["nodule_id"]), dtype=object)
+        mask = np.asarray(f["mask"][()], np.uint8)
+        pixel_mm = np.asarray(f["pixel_mm"][()], np.float32)
+        characteristics = np.asarray(f["characteristics"][()], np.float32)
+        names = f["characteristics"].attrs.get("names")
+        names = [v.decode() if isinstance(v, bytes) else str(v) for v in names] if names is not None else list(CHARACTERISTICS)
+        reader_malignancy = np.asarray(f["reader_malignancy"][()], np.float32)
+        malignancy_mean = np.asarray(f["malignancy_mean"][()], np.float32)
+        diameter_mm = np.asarray(f["diameter_mm"][()], np.float32)
+        attrs: dict[str, Any] = {}
+        for name in ("channels", "n_folds", "split", "seed", "name"):
+            attrs[name] = _attr(f, name, path)
+        for name in ("label_rule", "normalisation"):
+            raw = _attr(f, name, path)
+            try:
+                attrs[name] = json.loads(raw)
+            except (TypeError, ValueError):
+                raise ArtifactError(f"{path}: attribute {name!r} is not valid JSON") from None
+        for name in ("split_note", "source"):
+            if name in f.attrs:
+                attrs[name] = _attr(f, name, path)
+        if "channel_layout" in f.attrs:
+            attrs["channel_layout"] = json.loads(_attr(f, "channel_layout", path))
+        attrs["characteristic_names"] = names
+        attrs["provenance"] = get_provenance(f)
+
+    if x.ndim != 4 or x.shape[2:] != (PATCH, PATCH):
+        raise ArtifactError(f"{path}: x has shape {x.shape}, expected [N, C, {PATCH}, {PATCH}]")
+    n, c = x.shape[:2]
+    if n == 0:
+        raise ArtifactError(f"{path}: the dataset holds no nodules")
+    expected = {
+        "y": (y_raw, (n,)), "fold": (fold, (n,)), "patient_id": (patient_id, (n,)),
+        "nodule_id": (nodule_id, (n,)), "mask": (mask, x.shape), "pixel_mm": (pixel_mm, (n, c)),
+        "characteristics": (characteristics, (n, 8)), "reader_malignancy": (reader_malignancy, (n, 4)),
+        "malignancy_mean": (malignancy_mean, (n,)), "diameter_mm": (diameter_mm, (n,)),
+    }
+    for name, (arr, shape) in expected.items():
+        if arr.shape != shape:
+            raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected {shape} to match x {x.shape}")
+    if int(attrs["channels"]) != c:
+        raise ArtifactError(f"{path}: attribute channels={attrs['channels']} but x has {c} channels")
+    if not np.all(np.isfinite(x)):
+        raise ArtifactError(f"{path}: x holds {int(np.sum(~np.isfinite(x)))} non-finite values")
+    if not np.all(np.isin(y_raw, (0, 1))):
+        raise ArtifactError(f"{path}: y holds values other than 0 and 1: {sorted(set(np.unique(y_raw).tolist()) - {0, 1})}")
+    n_folds = int(attrs["n_folds"])
+    if n_folds < 1 or fold.min() < 0 or fold.max() >= n_folds:
+        raise ArtifactError(f"{path}: fold values {fold.min()}..{fold.max()} are outside 0..{n_folds - 1}")
+    if len(set(nodule_id.tolist())) != n:
+        raise ArtifactError(f"{path}: nodule_id has duplicates")
+    return Dataset(
+        x=x, y=y_raw.astype(np.int64), fold=fold, patient_id=patient_id, nodule_id=nodule_id,
+        mask=mask, pixel_mm=pixel_mm, characteristics=characteristics,
+        reader_malignancy=reader_malignancy, malignancy_mean=malignancy_mean,
+        diameter_mm=diameter_mm, attrs=attrs, path=path,
+    )
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """First 16 hex chars of sha256(x as C-contiguous float32 bytes + y as int64 bytes)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(ds.x, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(ds.y, np.int64).tobytes())
+    return digest.hexdigest()[:16]
