@@ -1,0 +1,445 @@
+"""Activation maps of trained nodule classifiers: CAM, Grad-CAM, SAM, HESAM (paper Eq. 1-4, 7, 11).
+
+Each method is a small class with ``supports(model)`` (``None`` or the reason it cannot
+be used) and ``__call__(model, x) -> (logits [B, classes], maps [B, classes, h, w])``
+computed for a whole batch at once. Maps live on the final feature grid ``g``
+(``model.feature_layer``); ``upsample`` brings them to the 32x32 input grid.
+
+- ``cam``: M_c = sum_k w_k^c g_k (Eq. 2) from a GAP head (``map_kind == "cam"``).
+- ``gradcam``: ReLU(sum_k alpha_k^c g_k), alpha = spatial mean of d y^c / d g (Eq. 3-4);
+  works on any model with a ``feature_layer``.
+- ``sam``: M'_c = sum_k gamma_k^c g_k (Eq. 7), ``map_kind == "sam"``.
+- ``hesam``: M^h_c = sum_k gamma_k^ch g_k (Eq. 11), ``map_kind == "hesam"``.
+- ``he-cam`` / ``he-gradcam``: CAM / Grad-CAM of a model that adds the high-level
+  feature d (Fig. 6); refused for models without one.
+
+``run_maps`` applies a method to every nodule of a cross-validation RUNDIR with the
+fold model that did not train on it (its test fold) and ``write_run_maps`` stores the
+result as a ``maps`` artifact.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from nodulekit.errors import NodulekitError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+MALIGNANT = 1  # class index of "malignant" in every model's logits
+
+
+def has_high_level(model: "nn.Module") -> bool:
+    """Whether the model adds a high-level feature d (GMP of the encoder) to its head.
+
+    Models may say so with a ``high_level`` attribute/config entry; otherwise one probe
+    forward on a zero input tells (``forward_features(x)["high_level"]`` is not None).
+    """
+    import torch
+
+    flag = getattr(model, "high_level", None)
+    if isinstance(flag, bool):
+        return flag
+    config = getattr(model, "config", None) or {}
+    for key in ("high_level", "high_level_feature"):
+        if isinstance(config.get(key), bool):
+            return config[key]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            out = model.forward_features(torch.zeros(1, model.in_channels, 32, 32, device=device))
+    finally:
+        model.train(was_training)
+    return out.get("high_level") is not None
+
+
+class MapMethod:
+    """One way of turning a classifier and a batch into class activation maps."""
+
+    name: str = ""
+    description: str = ""
+
+    def supports(self, model: "nn.Module") -> str | None:
+        """``None`` if the method applies to ``model``, else why not (one phrase)."""
+        raise NotImplementedError
+
+    def __call__(self, model: "nn.Module", x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        raise NotImplementedError
+
+
+class HeadMap(MapMethod):
+    """Maps defined by the model's own head: M_c = sum_k gamma_k^c g_k (CAM, SAM, HESAM)."""
+
+    map_kind: str = ""
+    high_level: bool | None = None  # None: either; True: only models with the high-level feature
+
+    def supports(self, model):
+        kind = getattr(model, "map_kind", None)
+        if kind != self.map_kind:
+            return f"its head defines {'no' if kind is None else repr(kind)} activation map, {self.name} needs map_kind {self.map_kind!r}"
+        if self.high_level and not has_high_level(model):
+            return f"{self.name} needs a model with the high-level feature (it has none)"
+        return None
+
+    def __call__(self, model, x):
+        import torch
+
+        with torch.no_grad():
+            logits, maps = model.activation_map(x)
+        return logits, maps
+
+
+class CAM(HeadMap):
+    name = "cam"
+    description = "class activation map of a GAP head, Eq. 1-2"
+    map_kind = "cam"
+
+
+class HECAM(CAM):
+    name = "he-cam"
+    description = "CAM of a GAP head fed with the high-level feature too (Fig. 6)"
+    high_level = True
+
+
+class SAM(HeadMap):
+    name = "sam"
+    description = "soft activation map, Eq. 7"
+    map_kind = "sam"
+
+
+class HESAM(HeadMap):
+    name = "hesam"
+    description = "high-level enhanced soft activation map, Eq. 11"
+    map_kind = "hesam"
+
+
+class GradCAM(MapMethod):
+    """Grad-CAM on ``model.feature_layer`` for every class, one backward per class per batch.
+
+    The gradient of the *batch sum* of a class score with respect to the batched
+    features is each sample's own gradient, because in eval mode (BatchNorm running
+    statistics, no dropout) samples do not interact; the model is put in eval mode here.
+    """
+
+    name = "gradcam"
+    description = "gradient-weighted class activation map, Eq. 3-4"
+    high_level = False
+
+    def supports(self, model):
+        if not hasattr(model, "feature_layer"):
+            return "it has no feature_layer to take gradients at"
+        if self.high_level and not has_high_level(model):
+            return f"{self.name} needs a model with the high-level feature (it has none)"
+        return None
+
+    def __call__(self, model, x):
+        import torch
+
+        if model.training:
+            raise NodulekitError("internal: Grad-CAM needs the model in eval mode (BatchNorm would mix samples)")
+        captured: list[torch.Tensor] = []
+        handle = model.feature_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            with torch.enable_grad():
+                # The input requires grad so g is part of the graph even with frozen weights.
+                logits = model(x.detach().requires_grad_(True))
+                g = captured[-1]
+                n_classes = logits.shape[1]
+                maps = []
+                for c in range(n_classes):
+                    (grad,) = torch.autograd.grad(logits[:, c].sum(), g, retain_graph=c < n_classes - 1)
+                    alpha = grad.mean(dim=(2, 3))  # Eq. 3: GAP of the gradients
+                    maps.append(torch.relu(torch.einsum("bk,bkhw->bhw", alpha, g.detach())))  # Eq. 4
+        finally:
+            handle.remove()
+        return logits.detach(), torch.stack(maps, dim=1)
+
+
+class HEGradCAM(GradCAM):
+    name = "he-gradcam"
+    description = "Grad-CAM of a model with the high-level feature (Fig. 6)"
+    high_level = True
+
+
+METHODS: dict[str, MapMethod] = {m.name: m for m in (CAM(), GradCAM(), SAM(), HESAM(), HECAM(), HEGradCAM())}
+
+
+def get_method(name: str) -> MapMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise NodulekitError(f"unknown map method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def supported_methods(model: "nn.Module") -> list[str]:
+    return [name for name, method in METHODS.items() if method.supports(model) is None]
+
+
+def check_method(model: "nn.Module", name: str) -> MapMethod:
+    """The method, or a one-line error naming the methods this model does support."""
+    method = get_method(name)
+    reason = method.supports(model)
+    if reason is not None:
+        arch = getattr(model, "arch", type(model).__name__)
+        raise NodulekitError(
+            f"method {name!r} does not apply to model {arch!r}: {reason}; "
+            f"it supports: {', '.join(supported_methods(model)) or 'none'}"
+        )
+    return method
+
+
+def upsample(maps, size: int = 32):
+    """Bilinear resize of [N, C, h, w] maps to the input grid (numpy or torch in, same out)."""
+    import torch
+    import torch.nn.functional as F
+
+    as_numpy = isinstance(maps, np.ndarray)
+    t = torch.from_numpy(np.ascontiguousarray(maps, np.float32)) if as_numpy else maps
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return out.numpy() if as_numpy else out
+
+
+def slice_duplicates(x: "torch.Tensor") -> "torch.Tensor":
+    """Fig. 5 protocol: [B, C, H, W] -> [B*C, C, H, W], row b*C+s = slice s copied to all C channels."""
+    b, c, h, w = x.shape
+    return x.unsqueeze(2).expand(b, c, c, h, w).reshape(b * c, c, h, w)
+
+
+def compute_maps(
+    model: "nn.Module",
+    x: np.ndarray,
+    method: str | MapMethod,
+    *,
+    batch_size: int = 64,
+    device: str | None = None,
+    per_slice: bool = False,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Maps of one model for inputs ``x`` [N, C, 32, 32], in batches.
+
+    Returns ``logits`` [N, classes], ``prob`` [N] (softmax, malignant), ``maps``
+    [N, classes, h, w]; with ``per_slice`` also ``slice_maps`` [N, C, h, w] (malignant
+    class, each slice duplicated to all channels) and ``slice_prob`` [N, C].
+    """
+    import torch
+    from tqdm import tqdm
+
+    method = check_method(model, method) if isinstance(method, str) else method
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or x.shape[1] != getattr(model, "in_channels", x.shape[1]):
+        raise NodulekitError(
+            f"inputs have shape {tuple(x.shape)}; the model expects [N, {getattr(model, 'in_channels', '?')}, 32, 32]"
+        )
+    logits_all, maps_all, slice_maps, slice_prob = [], [], [], []
+    starts = range(0, len(x), batch_size)
+    for start in tqdm(starts, desc=f"{method.name} maps", unit="batch", disable=not progress):
+        xb = torch.from_numpy(x[start:start + batch_size]).to(device)
+        logits, maps = method(model, xb)
+        logits_all.append(logits.float().cpu())
+        maps_all.append(maps.float().cpu())
+        if per_slice:
+            dup = slice_duplicates(xb)
+            s_logits, s_maps = [], []
+            # Duplicated inputs are C times larger: chunk them to keep memory bounded.
+            for chunk in torch.split(dup, batch_size):
+                lg, mp = method(model, chunk)
+                s_logits.append(lg.float().cpu())
+                s_maps.append(mp[:, MALIGNANT].float().cpu())
+            n, c = xb.shape[:2]
+            lg = torch.cat(s_logits)
+            slice_prob.append(torch.softmax(lg, dim=1)[:, MALIGNANT].reshape(n, c))
+            mp = torch.cat(s_maps)
+            slice_maps.append(mp.reshape(n, c, *mp.shape[1:]))
+    if not logits_all:
+        raise NodulekitError("no inputs to compute maps for")
+    logits = torch.cat(logits_all)
+    out = {
+        "logits": logits.numpy(),
+        "prob": torch.softmax(logits, dim=1)[:, MALIGNANT].numpy(),
+        "maps": torch.cat(maps_all).numpy(),
+    }
+    if per_slice:
+        out["slice_maps"] = torch.cat(slice_maps).numpy()
+        out["slice_prob"] = torch.cat(slice_prob).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Cross-validation runs: every nodule mapped by the fold model that did not train on it.
+
+
+def read_run_json(rundir: str | Path) -> dict[str, Any]:
+    path = Path(rundir) / "run.json"
+    if not Path(rundir).is_dir():
+        raise NodulekitError(f"{rundir} is not a run folder (it does not exist)")
+    if not path.exists():
+        raise NodulekitError(f"{rundir} is not a run folder (no run.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NodulekitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def run_dataset_path(rundir: str | Path, dataset: str | Path | None = None) -> Path:
+    """The dataset given, else the one recorded in run.json."""
+    if dataset is not None:
+        return Path(dataset)
+    run = read_run_json(rundir)
+    recorded = run.get("dataset")
+    if isinstance(recorded, dict):
+        recorded = recorded.get("path")
+    if not recorded:
+        raise NodulekitError(f"{rundir}/run.json records no dataset path; pass --dataset")
+    return Path(recorded)
+
+
+def _load_fold_model(rundir: Path, fold: int, device: str):
+    from nodulekit.training import load_fold_model
+
+    model, _ = load_fold_model(rundir, fold, device=device)
+    return model
+
+
+def fold_test_rows(rundir: str | Path, nodule_id: Sequence[str], dataset_fold: np.ndarray) -> dict[int, np.ndarray]:
+    """Dataset rows each finished fold tested on, from ``fold<k>/result.h5``.
+
+    Checks that the results refer to this dataset (same nodule ids at the same rows).
+    """
+    from nodulekit.artifacts import open_artifact, read_strings
+
+    rundir = Path(rundir)
+    n_folds = int(read_run_json(rundir).get("n_folds", int(dataset_fold.max()) + 1))
+    rows: dict[int, np.ndarray] = {}
+    for k in range(n_folds):
+        result = rundir / f"fold{k}" / "result.h5"
+        if not (result.exists() and (rundir / f"fold{k}" / "checkpoint.pt").exists()):
+            continue
+        with open_artifact(result, "fold_result") as f:
+            index = np.asarray(f["test_index"][()], np.int64)
+            ids = read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else None
+        if index.size and (index.min() < 0 or index.max() >= len(nodule_id)):
+            raise NodulekitError(f"{result} indexes rows beyond the dataset's {len(nodule_id)}; wrong --dataset?")
+        if ids is not None and [nodule_id[i] for i in index] != ids:
+            raise NodulekitError(f"{result} tested other nodules than the dataset has at those rows; wrong --dataset?")
+        rows[k] = index
+    return rows
+
+
+@dataclass
+class RunMaps:
+    """Maps of selected nodules of a run, in the order selected."""
+
+    nodule_id: list[str]
+    rows: np.ndarray
+    maps: np.ndarray
+    maps_up: np.ndarray
+    prob: np.ndarray
+    y: np.ndarray
+    fold: np.ndarray
+    method: str
+    arch: str
+    dataset: Path
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def run_maps(
+    rundir: str | Path,
+    method: str,
+    *,
+    dataset: str | Path | None = None,
+    nodules: Sequence[str] | None = None,
+    per_slice: bool = False,
+    device: str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> RunMaps:
+    """Maps of ``method`` for the dataset's nodules (all, or ``nodules``), each by its test-fold model."""
+    import torch
+
+    from nodulekit.artifacts import open_artifact, read_strings
+
+    rundir = Path(rundir)
+    read_run_json(rundir)
+    get_method(method)
+    path = run_dataset_path(rundir, dataset)
+    with open_artifact(path, "dataset") as f:
+        ids = read_strings(f["nodule_id"])
+        y = np.asarray(f["y"][()], np.int64)
+        dataset_fold = np.asarray(f["fold"][()], np.int64)
+        if nodules:
+            where = {n: i for i, n in enumerate(ids)}
+            unknown = [n for n in nodules if n not in where]
+            if unknown:
+                raise NodulekitError(
+                    f"{len(unknown)} nodule id(s) not in {path}: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+                )
+            rows = np.array([where[n] for n in nodules], np.int64)
+        else:
+            rows = np.arange(len(ids))
+        x = np.asarray(f["x"][()], np.float32)[rows]  # whole D21C is ~100 MB: read once
+    tested = fold_test_rows(rundir, ids, dataset_fold)
+    row_fold = np.full(len(ids), -1, np.int64)
+    for k, index in tested.items():
+        row_fold[index] = k
+    uncovered = rows[row_fold[rows] < 0]
+    if uncovered.size:
+        missing = sorted({int(dataset_fold[r]) for r in uncovered})
+        raise NodulekitError(
+            f"{rundir} lacks finished fold(s) {', '.join(f'fold{k}' for k in missing)} "
+            f"(need checkpoint.pt and result.h5) for {uncovered.size} of the requested nodules"
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fold = row_fold[rows]
+    results: dict[str, np.ndarray] = {}
+    arch = ""
+    for k in sorted(set(fold.tolist())):
+        sel = np.flatnonzero(fold == k)
+        model = _load_fold_model(rundir, k, device)
+        arch = getattr(model, "arch", type(model).__name__)
+        check_method(model, method)
+        out = compute_maps(model, x[sel], method, batch_size=batch_size, device=device,
+                           per_slice=per_slice, progress=progress)
+        for name, value in out.items():
+            if name not in results:
+                results[name] = np.zeros((len(rows),) + value.shape[1:], value.dtype)
+            results[name][sel] = value
+        del model
+    extra = {"logits": results["logits"]}
+    if per_slice:
+        extra["slice_maps"] = results["slice_maps"]
+        extra["slice_prob"] = results["slice_prob"]
+    return RunMaps(
+        nodule_id=[ids[r] for r in rows], rows=rows, maps=results["maps"], maps_up=upsample(results["maps"]),
+        prob=results["prob"], y=y[rows], fold=fold, method=method, arch=arch, dataset=path, extra=extra,
+    )
+
+
+def write_run_maps(result: RunMaps, out: str | Path, *, rundir: str | Path, overwrite: bool = False) -> Path:
+    """Store a ``RunMaps`` as a ``maps`` artifact (layout in docs/ARCHITECTURE.md)."""
+    from nodulekit.artifacts import open_artifact, provenance, write_maps
+
+    with open_artifact(result.dataset, "dataset") as f:
+        label_rule = f.attrs.get("label_rule", "")
+    prov = provenance(
+        stage="maps", rundir=str(Path(rundir).resolve()), dataset=str(Path(result.dataset).resolve()),
+        method=result.method, description=METHODS[result.method].description,
+        label_rule=label_rule, class_index={"benign": 0, "malignant": MALIGNANT},
+        map_model="each nodule's map comes from the fold model that had it in its test fold",
+        per_slice="slice_maps" in result.extra,
+    )
+    return write_maps(
+        out, nodule_id=result.nodule_id, maps=result.maps, maps_up=result.maps_up, prob=result.prob,
+        method=result.method, arch=result.arch, source=str(Path(rundir).resolve()), prov=prov,
+        y=result.y, fold=result.fold, extra=result.extra, overwrite=overwrite,
+    )
