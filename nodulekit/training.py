@@ -1,0 +1,820 @@
+"""Training with honest k-fold cross-validation (paper sections 4.1 and 4.2).
+
+One RUNDIR holds one experiment: ``run.json`` (the settings every fold shares) and, per
+test fold k, ``fold<k>/checkpoint.pt`` (rewritten atomically after every epoch, so an
+interrupted run resumes) and ``fold<k>/result.h5`` (a ``fold_result`` artifact written
+once the fold is finished).
+
+Honesty rules enforced here:
+
+- the test fold of each split is never used for a choice: by default the model of the
+  last epoch is reported (``select="last"``); ``select="val"`` carves a validation
+  split out of the training folds (grouped by patient, stratified, seeded) and reports
+  the epoch with the best validation accuracy. The test fold is evaluated every epoch
+  only to draw learning curves (paper Fig. 4);
+- everything random is seeded from ``(seed, fold)``, so a fold trained alone
+  (``--fold K``) gives the same numbers as in a full run on the same device.
+
+Paper defaults: SGD, learning rate 5e-4 divided by 10 every 30 epochs, mini-batch 32,
+weight decay 1e-4, cross-entropy loss. The paper does not state momentum; we use 0.9.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nodulekit import __version__
+from nodulekit.artifacts import (
+    atomic_path,
+    provenance,
+    set_json_attr,
+    write_artifact,
+    write_strings,
+)
+from nodulekit.errors import NodulekitError
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+VAL_COLUMNS = ("epoch", "val_loss", "val_acc")
+RUN_FORMAT = 1
+CHECKPOINT_FORMAT = 1
+# Decision threshold on the malignant probability, fixed before any training (= argmax
+# of two softmax outputs); never tuned on test data.
+THRESHOLD = 0.5
+SELECT_MODES = ("last", "val")
+# run.json keys that define the experiment: every `train` writing into one RUNDIR must
+# agree on them. Device, AMP and compile are execution choices recorded per fold.
+SIGNATURE_KEYS = (
+    "arch", "model_options", "in_channels", "num_classes", "n_folds", "seed",
+    "batch_size", "optimiser", "scheduler", "selection",
+)
+
+
+class TrainingDiverged(NodulekitError):
+    """The loss became NaN/inf; the fold stops and its last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one cross-validation run (defaults = the paper's, see module doc)."""
+
+    arch: str = "hesam"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    # 90 epochs = three learning-rate steps of 30 (5e-4, 5e-5, 5e-6): after the third
+    # step the rate is too small to move the weights, so more epochs only cost time.
+    epochs: int = 90
+    batch_size: int = 32
+    lr: float = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int = 30
+    lr_gamma: float = 0.1
+    seed: int = 0
+    select: str = "last"
+    val_fraction: float = 0.1
+    device: str = "auto"
+    amp: bool | None = None  # None: bf16 autocast on CUDA, off on CPU
+    compile: bool = False
+    eval_batch_size: int = 512
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise NodulekitError(f"--epochs must be at least 1 (got {self.epochs})")
+        if self.batch_size < 2:
+            raise NodulekitError(f"--batch-size must be at least 2 for batch normalisation (got {self.batch_size})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise NodulekitError(f"--lr must be a positive number (got {self.lr})")
+        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
+            raise NodulekitError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.lr_step < 1:
+            raise NodulekitError(f"--lr-step must be at least 1 (got {self.lr_step})")
+        if self.select not in SELECT_MODES:
+            raise NodulekitError(f"--select must be one of {', '.join(SELECT_MODES)} (got {self.select!r})")
+        if self.select == "val" and not 0.0 < self.val_fraction < 0.5:
+            raise NodulekitError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainingData:
+    """The parts of a ``dataset`` artifact that training needs, validated."""
+
+    path: Path
+    x: np.ndarray
+    y: np.ndarray
+    fold: np.ndarray
+    patient_id: np.ndarray
+    nodule_id: np.ndarray
+    mask: np.ndarray | None
+    characteristics: np.ndarray | None
+    name: str
+    n_folds: int
+    split: str
+    label_rule: Any
+    normalisation: Any
+    fingerprint: str
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+
+def load_training_data(path: str | os.PathLike) -> TrainingData:
+    """Read and check a ``dataset`` artifact via ``nodulekit.datasets.load_dataset``."""
+    from nodulekit.datasets import dataset_fingerprint, load_dataset
+
+    path = Path(path)
+    ds = load_dataset(path)
+    attrs = dict(ds.attrs)
+    x = np.asarray(ds.x, np.float32)
+    y, fold = np.asarray(ds.y, np.int64), np.asarray(ds.fold, np.int64)
+    patient_id = np.asarray([str(p) for p in ds.patient_id])
+    nodule_id = np.asarray([str(n) for n in ds.nodule_id])
+    mask, characteristics = ds.mask, ds.characteristics
+    fingerprint = str(dataset_fingerprint(ds))
+
+    def attr_json(name, default=None):
+        value = attrs.get(name, default)
+        if isinstance(value, (bytes, str)):
+            try:
+                return json.loads(value)
+            except (TypeError, ValueError):
+                return value.decode() if isinstance(value, bytes) else value
+        return value
+
+    # load_dataset has checked shapes, labels in {0, 1}, finite x and fold range
+    n_folds = int(attrs["n_folds"])
+    characteristics = np.asarray(characteristics, np.float32) if characteristics is not None else None
+    name = attrs.get("name", f"D{x.shape[1]}C")
+    return TrainingData(
+        path=path, x=x, y=y, fold=fold, patient_id=patient_id, nodule_id=nodule_id,
+        mask=mask, characteristics=characteristics,
+        name=name.decode() if isinstance(name, bytes) else str(name),
+        n_folds=n_folds, split=str(attr_json("split", "unknown")),
+        label_rule=attr_json("label_rule"), normalisation=attr_json("normalisation"),
+        fingerprint=fingerprint,
+    )
+
+
+def fold_seed(seed: int, fold: int) -> int:
+    """Independent, reproducible seed for one fold (same whether trained alone or not)."""
+    return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
+
+
+def validation_split(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split training rows into (train, val) positions: grouped by patient, stratified, seeded.
+
+    ``1 / fraction`` stratified group folds are drawn and the first one is the validation
+    part, so no patient is on both sides and both classes keep their proportions.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, int(round(1.0 / fraction)))
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise NodulekitError(
+            f"--val-fraction {fraction} needs at least {n_splits} training patients, found {n_groups}"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % (2**32))
+    train_pos, val_pos = next(splitter.split(np.zeros(len(y)), y, groups))
+    return np.sort(train_pos), np.sort(val_pos)
+
+
+@dataclass
+class FoldSplit:
+    fold: int
+    train_index: np.ndarray
+    test_index: np.ndarray
+    val_index: np.ndarray | None
+
+
+def fold_split(data: TrainingData, fold: int, cfg: TrainConfig) -> FoldSplit:
+    """Rows of the dataset used to train, validate and test one fold; refuses degenerate folds."""
+    if not 0 <= fold < data.n_folds:
+        raise NodulekitError(f"fold {fold} does not exist: {data.path} has folds 0..{data.n_folds - 1}")
+    test_index = np.flatnonzero(data.fold == fold)
+    train_index = np.flatnonzero(data.fold != fold)
+    val_index = None
+    if cfg.select == "val":
+        tr, va = validation_split(data.y[train_index], data.patient_id[train_index], cfg.val_fraction, fold_seed(cfg.seed, fold))
+        train_index, val_index = train_index[tr], train_index[va]
+    parts = [("training", train_index), ("test", test_index)] + ([("validation", val_index)] if val_index is not None else [])
+    for part, index in parts:
+        classes = np.unique(data.y[index])
+        if len(classes) < 2:
+            what = "no nodules" if len(classes) == 0 else f"only {'malignant' if classes[0] == 1 else 'benign'} nodules"
+            raise NodulekitError(f"fold {fold}: the {part} part ({len(index)} rows) has {what}; both classes are needed")
+    return FoldSplit(fold, train_index, test_index, val_index)
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    return {
+        "nodulekit": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resolve_device(name: str):
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NodulekitError(
+                f"--device {name} requested but no CUDA GPU is usable here (torch {torch.__version__}); use --device cpu or auto"
+            )
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, ValueError) as exc:
+        raise NodulekitError(f"--device {name} is not usable: {str(exc).splitlines()[0]}") from None
+    return device
+
+
+def run_record(cfg: TrainConfig, data: TrainingData, device) -> dict[str, Any]:
+    """Everything run.json records (see docs/ARCHITECTURE.md)."""
+    prov = provenance()
+    return {
+        "format": RUN_FORMAT,
+        "arch": cfg.arch,
+        "model_options": dict(cfg.model_options),
+        "in_channels": data.channels,
+        "num_classes": 2,
+        "channels": data.channels,
+        "dataset": {
+            "path": str(Path(data.path).resolve()),
+            "name": data.name,
+            "fingerprint": data.fingerprint,
+            "n": int(len(data.y)),
+            "n_malignant": int(data.y.sum()),
+            "split": data.split,
+        },
+        "dataset_fingerprint": data.fingerprint,
+        "n_folds": data.n_folds,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "optimiser": {"name": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "nesterov": False},
+        "scheduler": {"name": "StepLR", "step_size": cfg.lr_step, "gamma": cfg.lr_gamma},
+        "loss": "cross_entropy + model.auxiliary_loss",
+        "selection": (
+            {"mode": "val", "val_fraction": cfg.val_fraction, "split": "StratifiedGroupKFold by patient",
+             "rule": "highest validation accuracy, then lowest validation loss, then earliest epoch"}
+            if cfg.select == "val" else {"mode": "last", "rule": "model after the last epoch"}
+        ),
+        "threshold": THRESHOLD,
+        "label_rule": data.label_rule,
+        "normalisation": data.normalisation,
+        "device": str(device),
+        "amp": _resolve_amp(cfg.amp, device),
+        "compile": cfg.compile,
+        "versions": _versions(),
+        "command": prov["command"],
+        "created": prov["created"],
+    }
+
+
+def load_run(rundir: str | os.PathLike) -> dict[str, Any]:
+    """The run.json of a RUNDIR."""
+    path = Path(rundir) / "run.json"
+    if not path.exists():
+        raise NodulekitError(f"{rundir} is not a nodulekit run folder (no run.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise NodulekitError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _write_json(path: Path, record: dict) -> None:
+    with atomic_path(path, suffix=".json.part") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    diffs = []
+    for key in SIGNATURE_KEYS:
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} {json.dumps(old.get(key), default=str)} vs {json.dumps(new.get(key), default=str)}")
+    return "; ".join(diffs)
+
+
+def prepare_rundir(rundir: str | os.PathLike, record: dict, overwrite: bool = False) -> dict:
+    """Create RUNDIR with run.json, or check that an existing one is the same experiment.
+
+    Re-running the same command resumes. More epochs than recorded extends the run
+    (the step schedule does not depend on the total); fewer, or any other change,
+    is refused unless ``overwrite`` (which deletes the old run's files only).
+    """
+    rundir = Path(rundir)
+    run_json = rundir / "run.json"
+    if rundir.exists() and not rundir.is_dir():
+        raise NodulekitError(f"{rundir} exists and is not a folder")
+    if rundir.is_dir() and not run_json.exists() and any(rundir.iterdir()):
+        raise NodulekitError(f"{rundir} is a non-empty folder without run.json; choose a new or empty -o RUNDIR")
+    if run_json.exists() and overwrite:
+        for fold_dir in rundir.glob("fold*"):
+            for name in ("checkpoint.pt", "result.h5"):
+                if (fold_dir / name).exists():
+                    (fold_dir / name).unlink()
+        run_json.unlink()
+    if run_json.exists():
+        old = load_run(rundir)
+        if old.get("in_channels") != record["in_channels"]:
+            raise NodulekitError(
+                f"{rundir} holds models for {old.get('in_channels')}-channel input but {record['dataset']['path']} has "
+                f"{record['in_channels']} channels; use a new -o RUNDIR or --overwrite"
+            )
+        if old.get("dataset_fingerprint") != record["dataset_fingerprint"]:
+            raise NodulekitError(
+                f"{rundir} was trained on a different dataset ({old.get('dataset', {}).get('path')}, fingerprint "
+                f"{str(old.get('dataset_fingerprint'))[:12]}) than {record['dataset']['path']} "
+                f"({record['dataset_fingerprint'][:12]}); use a new -o RUNDIR or --overwrite"
+            )
+        diff = _describe_difference(old, record)
+        if diff:
+            raise NodulekitError(f"{rundir} was made with different settings ({diff}); use the same settings, a new -o RUNDIR, or --overwrite")
+        if record["epochs"] < old.get("epochs", 0):
+            raise NodulekitError(
+                f"{rundir} was configured for {old['epochs']} epochs; pass --epochs {old['epochs']} (or more to extend it)"
+            )
+        if record["epochs"] > old.get("epochs", 0):
+            old["epochs"] = record["epochs"]
+            _write_json(run_json, old)
+        return old
+    rundir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_json, record)
+    return record
+
+
+# --------------------------------------------------------------------------- model I/O
+
+
+def _create_model(arch: str, in_channels: int, num_classes: int, options: dict):
+    try:
+        from nodulekit.models import create_model
+    except ImportError as exc:
+        raise NodulekitError(f"the model registry (nodulekit.models) is not available: {exc}") from None
+    try:
+        return create_model(arch, in_channels, num_classes=num_classes, **options)
+    except NodulekitError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NodulekitError(f"cannot build model {arch!r} with options {options}: {exc}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise NodulekitError(f"{path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file: one line for the user
+        raise NodulekitError(f"{path} is not a readable nodulekit checkpoint: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
+        raise NodulekitError(f"{path} is not a nodulekit checkpoint (no state_dict/arch)")
+    return ckpt
+
+
+def load_fold_model(rundir: str | os.PathLike, fold: int, device: str = "cpu"):
+    """The trained model of one fold, in eval mode, and its checkpoint dict."""
+    path = Path(rundir) / f"fold{int(fold)}" / "checkpoint.pt"
+    if not path.exists():
+        raise NodulekitError(f"{path} does not exist: fold {fold} of {rundir} has not been trained")
+    ckpt = load_checkpoint(path)
+    model = _create_model(ckpt["arch"], int(ckpt["in_channels"]), int(ckpt["num_classes"]), dict(ckpt.get("config") or {}))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model.to(resolve_device(device)), ckpt
+
+
+def _model_config(model, cfg: TrainConfig) -> dict:
+    config = getattr(model, "config", None)
+    return dict(config) if isinstance(config, dict) else dict(cfg.model_options)
+
+
+def _state_to_cpu(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _save_checkpoint(path: Path, ckpt: dict) -> None:
+    import torch
+
+    # temp file + os.replace: an interrupted save leaves the previous checkpoint intact
+    with atomic_path(path, suffix=".pt.part") as tmp:
+        torch.save(ckpt, tmp)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _resolve_amp(amp: bool | None, device) -> bool:
+    # bf16 autocast pays on CUDA; on CPU only with AMX, which we cannot detect reliably, so opt-in.
+    return (device.type == "cuda") if amp is None else bool(amp)
+
+
+def _uses_features(model) -> bool:
+    """Whether training must call forward_features (the model has an auxiliary loss)."""
+    aux = getattr(type(model), "auxiliary_loss", None)
+    if aux is None:
+        return False
+    try:
+        from nodulekit.models import NoduleClassifier  # type: ignore
+
+        return aux is not getattr(NoduleClassifier, "auxiliary_loss", None)
+    except ImportError:
+        return True
+
+
+class ValidationSelector:
+    """Chooses the reported epoch from validation metrics only (never sees test data)."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.best_epoch: int | None = state.get("best_epoch")
+        self.best_acc: float = state.get("best_acc", -math.inf)
+        self.best_loss: float = state.get("best_loss", math.inf)
+
+    def update(self, epoch: int, val_loss: float, val_acc: float) -> bool:
+        """Record one epoch's validation metrics; True when it is the new best."""
+        better = val_acc > self.best_acc or (val_acc == self.best_acc and val_loss < self.best_loss)
+        if better:
+            self.best_epoch, self.best_acc, self.best_loss = epoch, float(val_acc), float(val_loss)
+        return better
+
+    def state(self) -> dict:
+        return {"best_epoch": self.best_epoch, "best_acc": self.best_acc, "best_loss": self.best_loss}
+
+
+class _DeviceData:
+    """The whole dataset as tensors on the training device (no DataLoader, no copies per batch)."""
+
+    def __init__(self, data: TrainingData, device, with_targets: bool):
+        import torch
+
+        self.device = device
+        self.x = torch.from_numpy(data.x).to(device)
+        self.y = torch.from_numpy(data.y).to(device)
+        self.mask = None
+        self.characteristics = None
+        if with_targets:
+            if data.mask is not None:
+                self.mask = torch.from_numpy(np.ascontiguousarray(data.mask)).to(device)
+            if data.characteristics is not None:
+                self.characteristics = torch.from_numpy(data.characteristics).to(device)
+
+    def batch(self, idx) -> dict:
+        out = {"x": self.x[idx], "y": self.y[idx], "index": idx}
+        if self.mask is not None:
+            out["mask"] = self.mask[idx]
+        if self.characteristics is not None:
+            out["characteristics"] = self.characteristics[idx]
+        return out
+
+
+def predict_logits(model, x, index: np.ndarray, batch_size: int = 512, amp: bool = False):
+    """Logits (float32, CPU) of the rows ``index`` of device tensor ``x``, model in eval mode."""
+    import torch
+
+    model.eval()
+    idx_all = torch.from_numpy(np.asarray(index, np.int64)).to(x.device)
+    out = []
+    ctx = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    with torch.no_grad(), ctx:
+        for start in range(0, len(idx_all), batch_size):
+            out.append(model(x[idx_all[start:start + batch_size]]).float())
+    if not out:
+        return torch.zeros((0, 2))
+    return torch.cat(out).cpu()
+
+
+def _score(logits, y) -> tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+
+    y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    loss = float(F.cross_entropy(logits, y))
+    acc = float((logits.argmax(1) == y).float().mean())
+    return loss, acc
+
+
+def _train_epoch(model, train_model, optimizer, dd: _DeviceData, train_index, generator, cfg: TrainConfig,
+                 amp: bool, use_features: bool, fold: int, epoch: int):
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    order = torch.from_numpy(np.asarray(train_index, np.int64))[torch.randperm(len(train_index), generator=generator)]
+    order = order.to(dd.device)
+    ce_sum = torch.zeros((), device=dd.device)
+    total_sum = torch.zeros((), device=dd.device)
+    correct = torch.zeros((), device=dd.device)
+    seen = 0
+    ctx = (lambda: torch.autocast(device_type=dd.device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        if len(idx) < 2:  # batch normalisation cannot train on a single sample
+            continue
+        batch = dd.batch(idx)
+        with ctx():
+            if use_features:
+                outputs = train_model.forward_features(batch["x"])
+                logits = outputs["logits"]
+            else:
+                logits = train_model(batch["x"])
+                outputs = {"logits": logits}
+            ce = F.cross_entropy(logits.float(), batch["y"])
+            loss = ce
+            if use_features:
+                aux = model.auxiliary_loss(outputs, batch)
+                if aux is not None:
+                    loss = loss + aux.float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = len(idx)
+        seen += n
+        ce_sum += ce.detach() * n
+        total_sum += loss.detach() * n
+        correct += (logits.detach().argmax(1) == batch["y"]).sum()
+    # one host sync per epoch (cheap on GPU); a NaN step is caught here before any save
+    total = float(total_sum) / max(seen, 1)
+    if not math.isfinite(total):
+        raise TrainingDiverged(
+            f"fold {fold} diverged in epoch {epoch}: training loss is {total}; the last good checkpoint "
+            f"(epoch {epoch - 1}) is kept; try a lower --lr"
+        )
+    return float(ce_sum) / max(seen, 1), float(correct) / max(seen, 1)
+
+
+def train_fold(
+    data: TrainingData,
+    cfg: TrainConfig,
+    fold: int,
+    rundir: str | os.PathLike,
+    *,
+    run: dict | None = None,
+    device=None,
+    device_data: _DeviceData | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, int, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume, or skip if finished) one fold; returns a short summary.
+
+    ``on_epoch_end(fold, epoch, metrics)`` is called after each epoch's checkpoint is
+    saved (an exception from it interrupts training like Ctrl-C would).
+    """
+    import torch
+
+    cfg.validate()
+    rundir = Path(rundir)
+    run = run if run is not None else load_run(rundir)
+    device = device if device is not None else resolve_device(cfg.device)
+    amp = _resolve_amp(cfg.amp, device)
+    split = fold_split(data, fold, cfg)
+    fold_dir = rundir / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = fold_dir / "checkpoint.pt"
+    result_path = fold_dir / "result.h5"
+    seed = fold_seed(cfg.seed, fold)
+
+    torch.manual_seed(seed)  # model initialisation
+    model = _create_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
+    config = _model_config(model, cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    generator = torch.Generator().manual_seed(seed)  # batch order
+    history: list[list[float]] = []
+    val_history: list[list[float]] = []
+    selector = ValidationSelector() if cfg.select == "val" else None
+    best_state = None
+    start_epoch = 0
+    status = "trained"
+
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("arch") != cfg.arch or int(ckpt.get("in_channels", -1)) != data.channels:
+            raise NodulekitError(
+                f"{ckpt_path} is a {ckpt.get('arch')} model for {ckpt.get('in_channels')}-channel input, "
+                f"not {cfg.arch} for {data.channels} channels; use a new -o RUNDIR or --overwrite"
+            )
+        resume = ckpt.get("resume") or {}
+        done = int(ckpt.get("epoch", 0))
+        if ckpt.get("finished") and done >= cfg.epochs and result_path.exists():
+            return {"fold": fold, "status": "skipped", "epochs": done, "selected_epoch": ckpt.get("selected_epoch")}
+        model.load_state_dict(resume.get("model") or ckpt["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        history = [list(map(float, row)) for row in resume.get("history", [])]
+        val_history = [list(map(float, row)) for row in resume.get("val_history", [])]
+        if selector is not None:
+            selector = ValidationSelector(resume.get("selector"))
+            best_state = ckpt["state_dict"] if selector.best_epoch is not None else None
+        start_epoch = done
+        status = "resumed" if done < cfg.epochs else "finalised"
+    else:
+        torch.manual_seed(seed)  # dropout etc. start from the same state whether fresh or not
+
+    train_model = torch.compile(model) if cfg.compile else model
+    use_features = _uses_features(model)
+    dd = device_data if device_data is not None else _DeviceData(data, device, use_features)
+    y_test = data.y[split.test_index]
+    y_val = data.y[split.val_index] if split.val_index is not None else None
+
+    def checkpoint(epoch: int, finished: bool) -> dict:
+        current = _state_to_cpu(model.state_dict())
+        if selector is not None:
+            reported, selected = (best_state if best_state is not None else current), selector.best_epoch
+        else:
+            reported, selected = current, epoch
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "state_dict": reported,
+            "arch": cfg.arch,
+            "in_channels": data.channels,
+            "num_classes": 2,
+            "config": config,
+            "epoch": epoch,
+            "selected_epoch": selected,
+            "select": cfg.select,
+            "finished": finished,
+            "fold": fold,
+            "seed": cfg.seed,
+            "fold_seed": seed,
+            "dataset_fingerprint": data.fingerprint,
+            "dataset_name": data.name,
+            "label_rule": json.dumps(data.label_rule, default=str),
+            "normalisation": json.dumps(data.normalisation, default=str),
+            "device": str(device),
+            "amp": amp,
+            "versions": _versions(),
+            "resume": {
+                "model": current if selector is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": history,
+                "val_history": val_history,
+                "selector": selector.state() if selector is not None else None,
+            },
+        }
+
+    bar = None
+    if progress and start_epoch < cfg.epochs:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"{cfg.arch} fold {fold}", unit="epoch", leave=True)
+    try:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            train_loss, train_acc = _train_epoch(
+                model, train_model, optimizer, dd, split.train_index, generator, cfg, amp, use_features, fold, epoch
+            )
+            scheduler.step()
+            # test fold: for the learning curves only, never for a choice
+            test_loss, test_acc = _score(predict_logits(train_model, dd.x, split.test_index, cfg.eval_batch_size, amp), y_test)
+            history.append([float(epoch), train_loss, train_acc, test_loss, test_acc])
+            metrics = {"train_loss": train_loss, "train_acc": train_acc}
+            if selector is not None:
+                val_loss, val_acc = _score(predict_logits(train_model, dd.x, split.val_index, cfg.eval_batch_size, amp), y_val)
+                val_history.append([float(epoch), val_loss, val_acc])
+                if selector.update(epoch, val_loss, val_acc):
+                    best_state = _state_to_cpu(model.state_dict())
+                metrics.update(val_loss=val_loss, val_acc=val_acc)
+            _save_checkpoint(ckpt_path, checkpoint(epoch, finished=False))
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+                bar.update(1)
+            if on_epoch_end is not None:
+                on_epoch_end(fold, epoch, dict(metrics, epoch=epoch))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # Final model: the last epoch, or the best-validation epoch.
+    final_ckpt = checkpoint(cfg.epochs, finished=True)
+    eval_model = _create_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
+    eval_model.load_state_dict(final_ckpt["state_dict"])
+    logits = predict_logits(eval_model, dd.x, split.test_index, cfg.eval_batch_size, amp)
+    test_prob = torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64)
+    test_loss, test_acc = _score(logits, y_test)
+    _save_checkpoint(ckpt_path, final_ckpt)
+    write_fold_result(
+        result_path, data=data, split=split, cfg=cfg, run=run, history=history, val_history=val_history,
+        test_prob=test_prob, selected_epoch=final_ckpt["selected_epoch"], device=device, amp=amp,
+    )
+    return {
+        "fold": fold, "status": status, "epochs": cfg.epochs, "selected_epoch": final_ckpt["selected_epoch"],
+        "test_acc": test_acc, "test_loss": test_loss,
+    }
+
+
+def write_fold_result(path, *, data: TrainingData, split: FoldSplit, cfg: TrainConfig, run: dict, history, val_history,
+                      test_prob, selected_epoch, device, amp) -> Path:
+    """Write ``fold<k>/result.h5`` (``fold_result`` kind) atomically."""
+    prov = provenance(
+        stage="train", arch=cfg.arch, fold=split.fold, seed=cfg.seed, dataset=str(data.path),
+        dataset_fingerprint=data.fingerprint, label_rule=data.label_rule, device=str(device), amp=amp,
+        select=cfg.select, selected_epoch=selected_epoch, versions=_versions(),
+    )
+    with write_artifact(path, "fold_result", prov, overwrite=True) as f:
+        h = f.create_dataset("history", data=np.asarray(history, np.float64).reshape(-1, len(HISTORY_COLUMNS)))
+        h.attrs["columns"] = list(HISTORY_COLUMNS)
+        f["test_index"] = split.test_index.astype(np.int64)
+        f["test_prob"] = np.asarray(test_prob, np.float64)
+        f["test_y"] = data.y[split.test_index].astype(np.int64)
+        write_strings(f, "test_nodule_id", data.nodule_id[split.test_index])
+        write_strings(f, "test_patient_id", data.patient_id[split.test_index])
+        f["train_index"] = split.train_index.astype(np.int64)
+        if split.val_index is not None:
+            f["val_index"] = split.val_index.astype(np.int64)
+            v = f.create_dataset("val_history", data=np.asarray(val_history, np.float64).reshape(-1, len(VAL_COLUMNS)))
+            v.attrs["columns"] = list(VAL_COLUMNS)
+        f.attrs["fold"] = split.fold
+        f.attrs["arch"] = cfg.arch
+        f.attrs["dataset_name"] = data.name
+        f.attrs["select"] = cfg.select
+        f.attrs["selected_epoch"] = -1 if selected_epoch is None else int(selected_epoch)
+        f.attrs["epochs"] = cfg.epochs
+        f.attrs["threshold"] = THRESHOLD
+        set_json_attr(f, "label_rule", data.label_rule)
+        set_json_attr(f, "run", {k: run.get(k) for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")})
+    return Path(path)
+
+
+def train(
+    dataset: str | os.PathLike,
+    rundir: str | os.PathLike,
+    cfg: TrainConfig,
+    *,
+    folds: list[int] | None = None,
+    n_folds: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, int, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Cross-validate ``cfg.arch`` on a ``dataset`` artifact into RUNDIR.
+
+    ``folds`` restricts the run to some test folds (several jobs may share one RUNDIR);
+    ``n_folds`` must match the dataset's fold count when given. Every requested fold is
+    checked before any training starts. A fold whose loss diverges stops with its last
+    good checkpoint kept; the other folds still train, then a ``TrainingDiverged``
+    error names the failed folds.
+    """
+    import torch
+
+    cfg.validate()
+    data = load_training_data(dataset)
+    if n_folds is not None and n_folds != data.n_folds:
+        raise NodulekitError(f"--folds {n_folds} does not match {dataset}, which was split into {data.n_folds} folds")
+    wanted = sorted(set(range(data.n_folds) if not folds else folds))
+    for k in wanted:
+        fold_split(data, k, cfg)  # refuse degenerate folds before training anything
+    device = resolve_device(cfg.device)
+    # build one model now so an unknown --arch or bad --model-opt fails before anything is written
+    probe = _create_model(cfg.arch, data.channels, 2, cfg.model_options)
+    cfg.model_options = _model_config(probe, cfg)
+    del probe
+    run = prepare_rundir(rundir, run_record(cfg, data, device), overwrite=overwrite)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        summaries, failures = [], []
+        dd = None
+        for k in wanted:
+            if dd is None:
+                torch.manual_seed(0)
+                probe = _create_model(cfg.arch, data.channels, 2, cfg.model_options)
+                dd = _DeviceData(data, device, _uses_features(probe))
+                del probe
+            try:
+                summaries.append(train_fold(data, cfg, k, rundir, run=run, device=device, device_data=dd,
+                                            progress=progress, on_epoch_end=on_epoch_end))
+            except TrainingDiverged as exc:
+                failures.append(str(exc))
+    if failures:
+        raise TrainingDiverged(" | ".join(failures))
+    return {"rundir": str(rundir), "run": run, "folds": summaries}
