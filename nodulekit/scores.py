@@ -1,0 +1,266 @@
+"""Region scores: where an activation map puts its energy relative to the readers' contour.
+
+On the 32x32 input grid, from the consensus mask of the centre slice and a physical
+radius r (mm; pixel size from the dataset's ``pixel_mm``):
+
+- *body*        = mask eroded by r  (pixels deeper than r inside the contour),
+- *margin band* = (mask dilated by r) minus body (within r of the contour, either side),
+- *outside*     = the rest (farther than r outside the contour).
+
+Distances come from Euclidean distance transforms in mm (``scipy.ndimage``), so r means
+the same for every pixel size. A map is first made non-negative by clipping at 0: we score
+only positive evidence for the class (Grad-CAM is already ReLU'd; CAM/SAM/HESAM can be
+negative where a feature speaks against the class). For each map m and region R:
+
+- energy share   E_R = sum_{p in R} m(p) / sum_p m(p)
+- enrichment     E_R / (|R| / |all|)   (1.0 = no preference; NaN for an empty region)
+- pointing game  the region holding argmax_p m(p) ("none" for a constant map)
+
+A map that is zero everywhere after clipping has undefined shares (NaN, ``empty_map``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from nodulekit.errors import NodulekitError
+
+REGIONS = ("body", "margin_band", "outside")
+CLASS_NAMES = {0: "benign", 1: "malignant", -1: "unknown"}
+
+
+def region_labels(mask: np.ndarray, pixel_mm: float | Sequence[float], radius_mm: float) -> np.ndarray:
+    """Label image (0 body, 1 margin band, 2 outside) of a 2-D mask with pixels of ``pixel_mm``."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask) > 0
+    if mask.ndim != 2:
+        raise NodulekitError(f"region_labels needs a 2-D mask, got shape {mask.shape}")
+    if radius_mm < 0:
+        raise NodulekitError(f"radius must be >= 0 mm, got {radius_mm}")
+    if not mask.any():
+        raise NodulekitError("the consensus mask is empty: no body or margin band to score against")
+    sampling = np.broadcast_to(np.asarray(pixel_mm, float), (2,))
+    if not np.all(sampling > 0):
+        raise NodulekitError(f"pixel size must be positive, got {pixel_mm} mm")
+    # Erosion by a disc of radius r keeps pixels whose nearest background pixel is farther than r.
+    body = ndimage.distance_transform_edt(mask, sampling=sampling) > radius_mm
+    # Dilation by r adds pixels whose nearest mask pixel is within r.
+    dilated = ndimage.distance_transform_edt(~mask, sampling=sampling) <= radius_mm
+    labels = np.full(mask.shape, 2, np.int8)
+    labels[dilated] = 1
+    labels[body] = 0
+    return labels
+
+
+def map_region_scores(maps: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores of maps [N, H, W] against region labels [N, H, W] (vectorised over N).
+
+    Returns ``area_<R>``, ``share_<R>``, ``enrichment_<R>`` [N] for each region, ``pointing``
+    (region name of the argmax, or "none") and ``empty_map`` [N].
+    """
+    m = np.clip(np.asarray(maps, np.float64), 0, None)  # positive evidence only
+    n = m.shape[0]
+    flat, lab = m.reshape(n, -1), np.asarray(labels).reshape(n, -1)
+    if flat.shape != lab.shape:
+        raise NodulekitError(f"maps {maps.shape} and region labels {labels.shape} are on different grids")
+    total = flat.sum(axis=1)
+    empty = total <= 0
+    out: dict[str, Any] = {"empty_map": empty}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for r, name in enumerate(REGIONS):
+            inside = lab == r
+            area = inside.mean(axis=1)
+            share = np.where(empty, np.nan, (flat * inside).sum(axis=1) / np.where(empty, 1, total))
+            out[f"area_{name}"] = area
+            out[f"share_{name}"] = share
+            out[f"enrichment_{name}"] = np.where(area > 0, share / np.where(area > 0, area, 1), np.nan)
+    peak = flat.argmax(axis=1)
+    constant = flat.max(axis=1) <= flat.min(axis=1)
+    region_at_peak = lab[np.arange(n), peak]
+    out["pointing"] = np.where(constant, "none", np.asarray(REGIONS, dtype=object)[region_at_peak])
+    return out
+
+
+def _stratum(values: np.ndarray, threshold: float, high: str, low: str, high_if_ge: bool) -> np.ndarray:
+    hi = values >= threshold if high_if_ge else values <= threshold
+    return np.where(np.isnan(values), "unrated", np.where(hi, high, low))
+
+
+def score_maps(
+    maps_paths: Sequence[str | Path],
+    dataset: str | Path,
+    *,
+    radius_mm: float = 2.0,
+    map_class: int = 1,
+    skip_empty_masks: bool = False,
+):
+    """Per-nodule region scores of one or more ``maps`` artifacts (a pandas DataFrame).
+
+    ``map_class`` picks which class's map is scored (1 = malignant, 0 = benign). The
+    mask is the dataset's consensus mask on the centre channel.
+    """
+    import pandas as pd
+
+    from nodulekit.artifacts import open_artifact, read_strings
+    from nodulekit.datasets import load_dataset
+
+    if not maps_paths:
+        raise NodulekitError("give at least one maps file")
+    ds = load_dataset(dataset)
+    centre = ds.channels // 2
+    names = list(ds.attrs.get("characteristic_names", []))
+    row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
+    frames = []
+    for path in maps_paths:
+        with open_artifact(path, "maps") as f:
+            if "maps_up" not in f:
+                raise NodulekitError(f"{path} has no maps_up (the 32x32 maps) to score")
+            ids = read_strings(f["nodule_id"])
+            up = f["maps_up"][()]
+            prob = f["prob"][()]
+            fold = f["fold"][()] if "fold" in f else np.full(len(ids), -1)
+            method, arch = str(f.attrs.get("method", Path(path).stem)), str(f.attrs.get("arch", ""))
+        if up.shape[-2:] != ds.mask.shape[-2:]:
+            raise NodulekitError(f"{path}: maps_up grid {up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}")
+        if not 0 <= map_class < up.shape[1]:
+            raise NodulekitError(f"{path} has {up.shape[1]} class maps; class {map_class} does not exist")
+        unknown = [n for n in ids if n not in row_of]
+        if unknown:
+            raise NodulekitError(f"{path}: {len(unknown)} nodule(s) not in {dataset}, e.g. {unknown[0]}; wrong --dataset?")
+        rows = np.array([row_of[n] for n in ids], np.int64)
+        masks = ds.mask[rows, centre] > 0
+        empty = ~masks.any(axis=(1, 2))
+        if empty.any() and not skip_empty_masks:
+            bad = [ids[i] for i in np.flatnonzero(empty)]
+            raise NodulekitError(
+                f"{len(bad)} nodule(s) have an empty consensus mask on the centre slice ({', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}); pass --skip-empty-masks to leave them out"
+            )
+        keep = np.flatnonzero(~empty)
+        rows = rows[keep]
+        labels = np.stack([region_labels(masks[i], ds.pixel_mm[r, centre], radius_mm) for i, r in zip(keep, rows)]) \
+            if keep.size else np.zeros((0,) + masks.shape[1:], np.int8)
+        scores = map_region_scores(up[keep, map_class], labels)
+        y = ds.y[rows]
+        frame = pd.DataFrame({
+            "method": method, "arch": arch, "maps_file": str(path),
+            "nodule_id": [ids[i] for i in keep], "fold": np.asarray(fold)[keep],
+            "y": y, "class": [CLASS_NAMES[int(v)] for v in y],
+            "prob": np.asarray(prob)[keep], "correct": (np.asarray(prob)[keep] >= 0.5) == (y == 1),
+            "map_class": CLASS_NAMES[map_class], "radius_mm": radius_mm,
+            "pixel_mm": ds.pixel_mm[rows, centre], "diameter_mm": ds.diameter_mm[rows],
+            **scores,
+        })
+        for name in ("spiculation", "margin", "lobulation"):
+            if name in names:
+                frame[name] = ds.characteristics[rows, names.index(name)]
+        frame.attrs["skipped_empty_masks"] = int(empty.sum())
+        frames.append(frame)
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs["skipped_empty_masks"] = {str(p): fr.attrs["skipped_empty_masks"] for p, fr in zip(maps_paths, frames)}
+    return out
+
+
+def summarise_scores(scores, by: str = "class"):
+    """Mean/median energy share, mean enrichment and pointing-game rates per method x group.
+
+    ``by`` = ``class`` (malignant/benign), ``spiculation`` (mean rating >= 3 vs < 3) or
+    ``margin`` (mean rating <= 3 "poorly defined" vs > 3 "sharp").
+    """
+    import pandas as pd
+
+    df = scores.copy()
+    if by == "class":
+        group = "class"
+    elif by == "spiculation":
+        group = "spiculation_group"
+        df[group] = _stratum(df["spiculation"].to_numpy(float), 3.0, "spiculated (>=3)", "not spiculated (<3)", True)
+    elif by == "margin":
+        group = "margin_group"
+        df[group] = _stratum(df["margin"].to_numpy(float), 3.0, "poorly defined (<=3)", "sharp (>3)", False)
+    else:
+        raise NodulekitError(f"unknown grouping {by!r}; use class, spiculation or margin")
+    records = []
+    for (method, value), part in df.groupby(["method", group], sort=True):
+        rec: dict[str, Any] = {"method": method, "group_by": by, "group": value, "n": len(part),
+                               "n_empty_maps": int(part["empty_map"].sum())}
+        for r in REGIONS:
+            rec[f"mean_share_{r}"] = float(np.nanmean(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
+            rec[f"median_share_{r}"] = float(np.nanmedian(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
+            rec[f"mean_enrichment_{r}"] = (
+                float(np.nanmean(part[f"enrichment_{r}"])) if part[f"enrichment_{r}"].notna().any() else np.nan
+            )
+            rec[f"pointing_{r}"] = float((part["pointing"] == r).mean())
+        rec["mean_area_margin_band"] = float(part["area_margin_band"].mean())
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def _markdown_table(df, columns: Sequence[str], floatfmt: str = "{:.3f}") -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    lines = []
+    for _, row in df.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, float) else str(v) for v in (row[c] for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+SUMMARY_COLUMNS = (
+    "method", "group", "n", "mean_share_body", "mean_share_margin_band", "mean_share_outside",
+    "mean_enrichment_body", "mean_enrichment_margin_band", "mean_enrichment_outside",
+    "pointing_body", "pointing_margin_band", "pointing_outside",
+)
+
+
+def scores_markdown(scores, summaries: dict[str, Any], radius_mm: float) -> str:
+    map_class = scores["map_class"].iloc[0] if len(scores) else "malignant"
+    parts = [
+        "# Region scores of activation maps\n",
+        f"Map of the **{map_class}** class, clipped at 0; regions from the consensus mask (centre slice): "
+        f"body = mask eroded by {radius_mm:g} mm, margin band = mask dilated by {radius_mm:g} mm minus body, "
+        "outside = the rest. Share = fraction of map energy in the region; enrichment = share / area "
+        "fraction (1 = no preference); pointing = fraction of nodules whose map peak lies in the region.\n",
+    ]
+    titles = {"class": "By nodule class", "spiculation": "By spiculation (mean rating)",
+              "margin": "By margin (mean rating; 1 = poorly defined, 5 = sharp)"}
+    for by, table in summaries.items():
+        parts.append(f"\n## {titles[by]}\n\n")
+        parts.append(_markdown_table(table, SUMMARY_COLUMNS) if len(table) else "(no rated nodules)\n")
+    empty = int(scores["empty_map"].sum()) if len(scores) else 0
+    if empty:
+        parts.append(f"\n{empty} map(s) were zero everywhere after clipping; their shares are left out.\n")
+    skipped = scores.attrs.get("skipped_empty_masks") or {}
+    if any(skipped.values()):
+        parts.append(f"\nNodules left out for an empty consensus mask: {json.dumps(skipped)}.\n")
+    return "".join(parts)
+
+
+def write_scores(scores, out_csv: str | Path, *, radius_mm: float, overwrite: bool = False) -> dict[str, Path]:
+    """Write per-nodule CSV plus summary Markdown and JSON beside it (same stem); all atomic."""
+    from nodulekit.artifacts import atomic_path, check_output_path, provenance
+
+    out_csv = Path(out_csv)
+    paths = {"csv": out_csv, "md": out_csv.with_suffix(".md"), "json": out_csv.with_suffix(".json")}
+    for p in paths.values():
+        check_output_path(p, overwrite)
+    summaries = {by: summarise_scores(scores, by) for by in ("class", "spiculation", "margin")
+                 if by == "class" or by in scores.columns}
+    record = {
+        "provenance": provenance(stage="scores", radius_mm=radius_mm,
+                                 maps_files=sorted(set(scores["maps_file"])) if len(scores) else [],
+                                 clipping="maps clipped at 0 (positive evidence for the class)"),
+        "regions": list(REGIONS),
+        "skipped_empty_masks": scores.attrs.get("skipped_empty_masks", {}),
+        "summaries": {by: json.loads(t.to_json(orient="records")) for by, t in summaries.items()},
+    }
+    with atomic_path(paths["csv"], suffix=".csv.part") as tmp:
+        scores.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(paths["md"], suffix=".md.part") as tmp:
+        tmp.write_text(scores_markdown(scores, summaries, radius_mm))
+    with atomic_path(paths["json"], suffix=".json.part") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+    return paths

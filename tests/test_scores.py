@@ -1,0 +1,132 @@
+"""Region scores (body / margin band / outside) with known answers."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from nodulekit import scores as S
+from nodulekit.artifacts import provenance, write_maps
+from nodulekit.errors import NodulekitError
+
+
+def disc(radius_px=8.0, size=32):
+    yy, xx = np.mgrid[:size, :size]
+    return (np.hypot(yy - 15.5, xx - 15.5) < radius_px).astype(np.uint8)
+
+
+def half_plane(col=16, size=32):
+    m = np.zeros((size, size), np.uint8)
+    m[:, :col] = 1
+    return m
+
+
+@pytest.mark.parametrize("pixel_mm,body_end,band_end", [(0.5, 12, 20), (1.0, 14, 18), (0.25, 8, 24)])
+def test_radius_is_in_millimetres(pixel_mm, body_end, band_end):
+    # Mask = columns 0..15. A pixel in column j<16 is (16-j) pixels from the background;
+    # one in column j>=16 is (j-15) pixels from the mask. r = 2 mm.
+    lab = S.region_labels(half_plane(), pixel_mm, 2.0)
+    cols = lab[5]
+    assert (cols[:body_end] == 0).all() and (cols[body_end:band_end] == 1).all() and (cols[band_end:] == 2).all()
+    assert (lab == lab[:1]).all()  # same in every row
+
+
+def test_zero_radius_band_is_empty_and_body_is_mask():
+    mask = disc()
+    lab = S.region_labels(mask, 0.7, 0.0)
+    assert ((lab == 0) == mask.astype(bool)).all() and not (lab == 1).any()
+
+
+def test_band_indicator_map_has_full_band_share():
+    lab = S.region_labels(disc(), 0.5, 2.0)
+    band = (lab == 1).astype(float)
+    s = S.map_region_scores(band[None], lab[None])
+    area = band.mean()
+    assert s["share_margin_band"][0] == pytest.approx(1.0)
+    assert s["share_body"][0] == 0 and s["share_outside"][0] == 0
+    assert s["enrichment_margin_band"][0] == pytest.approx(1 / area)
+    assert s["area_margin_band"][0] == pytest.approx(area)
+    assert s["pointing"][0] == "margin_band"
+
+
+def test_uniform_map_has_no_preference():
+    lab = S.region_labels(disc(6), 0.8, 1.5)
+    s = S.map_region_scores(np.full((1, 32, 32), 2.5), lab[None])
+    for r in S.REGIONS:
+        assert s[f"enrichment_{r}"][0] == pytest.approx(1.0)
+        assert s[f"share_{r}"][0] == pytest.approx(s[f"area_{r}"][0])
+    assert s["pointing"][0] == "none"
+
+
+def test_pointing_and_clipping_of_negative_evidence():
+    lab = S.region_labels(disc(8), 0.5, 1.0)
+    m = np.full((32, 32), -5.0)
+    by, bx = np.argwhere(lab == 0)[len(np.argwhere(lab == 0)) // 2]
+    m[by, bx] = 1.0  # only positive evidence is the body pixel
+    s = S.map_region_scores(np.stack([m, np.full((32, 32), -1.0)]), np.stack([lab, lab]))
+    assert s["pointing"][0] == "body" and s["share_body"][0] == pytest.approx(1.0)
+    assert s["empty_map"].tolist() == [False, True]
+    assert np.isnan(s["share_body"][1])
+
+
+def test_empty_region_gives_nan_enrichment():
+    lab = S.region_labels(disc(2), 1.0, 3.0)  # a tiny nodule: erosion by 3 mm leaves no body
+    assert not (lab == 0).any()
+    s = S.map_region_scores(np.ones((1, 32, 32)), lab[None])
+    assert np.isnan(s["enrichment_body"][0]) and s["share_body"][0] == 0
+
+
+def test_bad_masks_are_one_line_errors():
+    with pytest.raises(NodulekitError, match="consensus mask is empty"):
+        S.region_labels(np.zeros((32, 32)), 0.5, 2.0)
+    with pytest.raises(NodulekitError, match="radius must be"):
+        S.region_labels(disc(), 0.5, -1)
+
+
+def band_maps_file(tmp_path, dataset, name="band.h5", method="sam"):
+    """A maps artifact whose malignant map is the margin-band indicator and benign map the body."""
+    with h5py.File(dataset) as f:
+        mask, pix, y = f["mask"][:, 5], f["pixel_mm"][:, 5], f["y"][()]
+        ids = [v.decode() for v in f["nodule_id"][()]]
+    maps = np.zeros((len(ids), 2, 32, 32), np.float32)
+    for i in range(len(ids)):
+        lab = S.region_labels(mask[i], pix[i], 2.0)
+        maps[i, 1] = lab == 1
+        maps[i, 0] = lab == 0
+    return write_maps(tmp_path / name, nodule_id=ids, maps=maps, maps_up=maps, prob=np.where(y == 1, 0.9, 0.1),
+                      method=method, arch="hand", source="test", prov=provenance(), y=y)
+
+
+def test_score_maps_end_to_end(tmp_path, tiny_dataset):
+    path = band_maps_file(tmp_path, tiny_dataset)
+    df = S.score_maps([path], tiny_dataset, radius_mm=2.0, map_class=1)
+    assert len(df) == 40 and set(df["class"]) == {"malignant", "benign"}
+    assert np.allclose(df["share_margin_band"], 1.0) and (df["pointing"] == "margin_band").all()
+    assert df["correct"].all()
+    benign_map = S.score_maps([path], tiny_dataset, radius_mm=2.0, map_class=0)
+    assert np.allclose(benign_map["share_body"], 1.0)
+    summary = S.summarise_scores(df, "class")
+    assert summary["n"].sum() == 40 and np.allclose(summary["mean_share_margin_band"], 1.0)
+    assert np.allclose(summary["pointing_margin_band"], 1.0)
+    spic = S.summarise_scores(df, "spiculation")
+    assert set(spic["group"]) <= {"spiculated (>=3)", "not spiculated (<3)"} and spic["n"].sum() == 40
+    expected_high = int((df["spiculation"] >= 3).sum())
+    assert spic.loc[spic["group"] == "spiculated (>=3)", "n"].sum() == expected_high
+    out = S.write_scores(df, tmp_path / "scores.csv", radius_mm=2.0)
+    assert "margin band" in out["md"].read_text() and out["json"].exists() and out["csv"].exists()
+    with pytest.raises(NodulekitError, match="already exists"):
+        S.write_scores(df, tmp_path / "scores.csv", radius_mm=2.0)
+
+
+def test_score_maps_refuses_empty_masks_and_maskless_dataset(tmp_path, tiny_dataset):
+    path = band_maps_file(tmp_path, tiny_dataset)
+    with h5py.File(tiny_dataset, "a") as f:
+        f["mask"][3] = 0
+    with pytest.raises(NodulekitError, match=r"1 nodule\(s\) have an empty consensus mask .*skip-empty-masks"):
+        S.score_maps([path], tiny_dataset)
+    df = S.score_maps([path], tiny_dataset, skip_empty_masks=True)
+    assert len(df) == 39
+    with h5py.File(tiny_dataset, "a") as f:
+        del f["mask"]
+    with pytest.raises(NodulekitError, match="missing mask"):
+        S.score_maps([path], tiny_dataset)
