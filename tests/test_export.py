@@ -138,7 +138,7 @@ def test_mismatch_removes_file(tmp_path, monkeypatch):
         return p, a + 0.01 * (np.abs(a).max() + 1), b
     monkeypatch.setattr(ex, "reference_outputs", skewed)
     with pytest.raises(NodulekitError, match="disagrees with PyTorch"):
-        ex.export_onnx(model, tmp_path / "bad.onnx")
+        ex.export_onnx(model, tmp_path / "bad.onnx", exporter="torchscript")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -209,3 +209,21 @@ def test_auto_provider_reports_what_ran(tiny_export):
     assert ran in ex.PROVIDERS
     assert ex.PROVIDERS[ran] == session.get_providers()[0]
     assert f"running on {ran}" in note
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "nodulekit", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_infer_and_one_line_errors(tiny_export, tmp_path):
+    _, path, _ = tiny_export
+    ds = write_tiny_dataset(tmp_path / "d3.h5", n=6, channels=3)
+    out = tmp_path / "p.h5"
+    r = _cli("infer", path, ds, "-o", out, "--provider", "cpu", "--batch", "4")
+    assert r.returncode == 0, r.stderr
+    assert "6 nodules on cpu" in r.stdout and out.exists()
+    r = _cli("infer", path, ds, "-o", out, "--provider", "cpu")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "already exists" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
+    assert r.returncode == 2 and r.stderr.strip() == f"nodulekit: error: {tmp_path / 'nope'} does not exist"
