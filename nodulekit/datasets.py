@@ -236,10 +236,8 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_rois(f, layout: list[ChannelSpec], progress: bool) -> dict[str, np.ndarray]:
-    """Resample every nodule of an open rois file; returns the per-nodule arrays."""
-    from tqdm import tqdm
-
+def _read_table(f) -> dict[str, Any]:
+    """The validated per-nodule table (everything except the images) of an open rois file."""
     from nodulekit.artifacts import read_strings
 
     path = f.filename
@@ -248,30 +246,65 @@ def _read_rois(f, layout: list[ChannelSpec], progress: bool) -> dict[str, np.nda
     missing = [m for m in need if m not in f]
     if missing:
         raise ArtifactError(f"{path} is a malformed rois artifact: missing {', '.join(missing)}")
+    label_rule = f.attrs.get("label_rule")
+    if label_rule is None:
+        raise ArtifactError(f"{path} has no label_rule attribute; re-run nodulekit extract")
+    try:
+        json.loads(label_rule)
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{path}: its label_rule attribute is not valid JSON") from None
     nodule_id = np.asarray(read_strings(f["nodule_id"]), dtype=object)
     n = len(nodule_id)
     if n == 0:
         raise DataError(f"{path} holds no nodules")
-    patient_id = np.asarray(read_strings(f["patient_id"]), dtype=object)
-    label = np.asarray(f["label"][()])
-    diameter = np.asarray(f["diameter_mm"][()], np.float64)
-    for name, arr in (("patient_id", patient_id), ("label", label), ("diameter_mm", diameter)):
-        if arr.shape != (n,):
-            raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected ({n},)")
-    bad = ~np.isin(label, (0, 1))
+    names = f["characteristics"].attrs.get("names")
+    table: dict[str, Any] = {
+        "label_rule": str(label_rule),
+        "nodule_id": nodule_id,
+        "patient_id": np.asarray(read_strings(f["patient_id"]), dtype=object),
+        "y": np.asarray(f["label"][()]),
+        "diameter_mm": np.asarray(f["diameter_mm"][()], np.float64),
+        "characteristics": np.asarray(f["characteristics"][()], np.float32),
+        "characteristic_names": [v.decode() if isinstance(v, bytes) else str(v) for v in names]
+        if names is not None else list(CHARACTERISTICS),
+        "reader_malignancy": np.asarray(f["reader_malignancy"][()], np.float32),
+        "malignancy_mean": np.asarray(f["malignancy_mean"][()], np.float32),
+        "series_uid": read_strings(f["series_uid"]) if "series_uid" in f else None,
+        # Carried through when present: the reader-level tables feed the inter-reader study.
+        "extras": {m: np.asarray(f[m][()]) for m in ("cluster_index", "n_readers", "reader_characteristics") if m in f},
+    }
+    shapes = {"patient_id": (n,), "y": (n,), "diameter_mm": (n,), "characteristics": (n, 8),
+              "reader_malignancy": (n, 4), "malignancy_mean": (n,)}
+    for name, shape in shapes.items():
+        if table[name].shape != shape:
+            raise ArtifactError(f"{path}: {name} has shape {table[name].shape}, expected {shape}")
+    if len(set(nodule_id.tolist())) != n:
+        raise ArtifactError(f"{path}: nodule_id has duplicates")
+    y, diameter = table["y"], table["diameter_mm"]
+    bad = ~np.isin(y, (0, 1))
     if bad.any():
+        i = int(np.argmax(bad))
         raise DataError(
-            f"{path}: nodule {nodule_id[np.argmax(bad)]} has label {label[np.argmax(bad)]!r}; "
+            f"{path}: nodule {nodule_id[i]} has label {y[i].item()}; "
             "a rois file must hold only labelled nodules (1 malignant, 0 benign)"
         )
+    table["y"] = y.astype(np.int64)
     bad = ~(np.isfinite(diameter) & (diameter > 0))
     if bad.any():
-        raise DataError(f"{path}: nodule {nodule_id[np.argmax(bad)]} has invalid diameter_mm {diameter[np.argmax(bad)]}")
+        i = int(np.argmax(bad))
+        raise DataError(f"{path}: nodule {nodule_id[i]} has invalid diameter_mm {diameter[i]}")
+    return table
 
-    layout_c = len(layout)
-    x = np.empty((n, layout_c, PATCH, PATCH), np.float32)
-    mask = np.empty((n, layout_c, PATCH, PATCH), np.uint8)
-    pixel_mm = np.empty((n, layout_c), np.float32)
+
+def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: bool):
+    """Resample every nodule of an open rois file: x [N,C,32,32], mask, pixel_mm [N,C]."""
+    from tqdm import tqdm
+
+    path = f.filename
+    n, n_channels = len(nodule_id), len(layout)
+    x = np.empty((n, n_channels, PATCH, PATCH), np.float32)
+    mask = np.empty((n, n_channels, PATCH, PATCH), np.uint8)
+    pixel_mm = np.empty((n, n_channels), np.float32)
     z_lo = min(s.z_index for s in layout)
     z_hi = max(s.z_index for s in layout) + 1
     nodules = f["nodules"]
@@ -293,10 +326,7 @@ def _read_rois(f, layout: list[ChannelSpec], progress: bool) -> dict[str, np.nda
         hu = g["hu"][z_lo:z_hi]
         m = g["mask"][z_lo:z_hi]
         x[i], mask[i], pixel_mm[i] = resample_nodule(hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo)
-    return {
-        "nodule_id": nodule_id, "patient_id": patient_id, "y": label.astype(np.int64),
-        "diameter_mm": diameter.astype(np.float32), "x": x, "mask": mask, "pixel_mm": pixel_mm,
-    }
+    return x, mask, pixel_mm
 
 
 def dataset_name(channels: int) -> str:
@@ -330,34 +360,13 @@ def build_dataset(
         raise NodulekitError(f"the output {out_path} would overwrite the input rois file")
 
     with open_artifact(rois_path, "rois") as f:
-        label_rule = f.attrs.get("label_rule")
-        if label_rule is None:
-            raise ArtifactError(f"{rois_path} has no label_rule attribute; re-run nodulekit extract")
-        label_rule = str(label_rule)
         rois_prov = get_provenance(f)
-        arrays = _read_rois(f, layout, progress)
-        n = len(arrays["y"])
-        characteristics = np.asarray(f["characteristics"][()], np.float32)
-        char_names = f["characteristics"].attrs.get("names")
-        char_names = [str(v.decode() if isinstance(v, bytes) else v) for v in char_names] \
-            if char_names is not None else list(CHARACTERISTICS)
-        reader_malignancy = np.asarray(f["reader_malignancy"][()], np.float32)
-        malignancy_mean = np.asarray(f["malignancy_mean"][()], np.float32)
-        extras: dict[str, np.ndarray] = {}
-        for name in ("cluster_index", "n_readers", "reader_characteristics"):
-            if name in f:
-                extras[name] = np.asarray(f[name][()])
-        series_uid = [v for v in f["series_uid"].asstr()[()]] if "series_uid" in f else None
         rois_source = f.attrs.get("source")
-    for name, arr, shape in (
-        ("characteristics", characteristics, (n, 8)),
-        ("reader_malignancy", reader_malignancy, (n, 4)),
-        ("malignancy_mean", malignancy_mean, (n,)),
-    ):
-        if arr.shape != shape:
-            raise ArtifactError(f"{rois_path}: {name} has shape {arr.shape}, expected {shape}")
-
-    fold = assign_folds(arrays["y"], arrays["patient_id"], n_folds, seed, split)
+        table = _read_table(f)
+        # Folds need only labels and patients: refuse an impossible split before the slow part.
+        fold = assign_folds(table["y"], table["patient_id"], n_folds, seed, split)
+        x, mask, pixel_mm = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
+    label_rule = table["label_rule"]
     name = dataset_name(channels)
     layout_json = [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout]
     prov = provenance(
@@ -376,21 +385,21 @@ def build_dataset(
         channel_layout=layout_json,
     )
     with write_artifact(out_path, "dataset", prov, overwrite=overwrite) as out:
-        out.create_dataset("x", data=arrays["x"])
-        out["y"] = arrays["y"]
+        out.create_dataset("x", data=x)
+        out["y"] = table["y"]
         out["fold"] = fold
-        write_strings(out, "patient_id", arrays["patient_id"])
-        write_strings(out, "nodule_id", arrays["nodule_id"])
-        out.create_dataset("mask", data=arrays["mask"], compression="gzip", compression_opts=4)
-        out["pixel_mm"] = arrays["pixel_mm"]
-        out["characteristics"] = characteristics
-        out["characteristics"].attrs["names"] = char_names
-        out["reader_malignancy"] = reader_malignancy
-        out["malignancy_mean"] = malignancy_mean
-        out["diameter_mm"] = arrays["diameter_mm"]
-        if series_uid is not None:
-            write_strings(out, "series_uid", series_uid)
-        for key, value in extras.items():
+        write_strings(out, "patient_id", table["patient_id"])
+        write_strings(out, "nodule_id", table["nodule_id"])
+        out.create_dataset("mask", data=mask, compression="gzip", compression_opts=4)
+        out["pixel_mm"] = pixel_mm
+        out["characteristics"] = table["characteristics"]
+        out["characteristics"].attrs["names"] = table["characteristic_names"]
+        out["reader_malignancy"] = table["reader_malignancy"]
+        out["malignancy_mean"] = table["malignancy_mean"]
+        out["diameter_mm"] = table["diameter_mm"].astype(np.float32)
+        if table["series_uid"] is not None:
+            write_strings(out, "series_uid", table["series_uid"])
+        for key, value in table["extras"].items():
             out[key] = value
         out.attrs["name"] = name
         out.attrs["channels"] = channels

@@ -30,9 +30,7 @@ def build(
 ) -> None:
     """Build a 32x32 multi-channel dataset (paper Table 1) with cross-validation folds.
 
-    Each channel is a square ROI of side p x diameter (p = 2; D3C uses 2, 3, 4) centred on
-    the nodule, HU clipped to [-1000, 400] and scaled to [0, 1], resampled linearly to 32x32,
-    with the consensus mask on the same grid.
+    Each channel is a square ROI of side p x diameter (p = 2; D3C uses 2, 3, 4) centred on the nodule, HU clipped to [-1000, 400] and scaled to [0, 1], resampled linearly to 32x32, with the consensus mask on the same grid.
 
     Example: nodulekit build rois.h5 --channels 11 -o d11c.h5 --folds 5 --seed 0
     """
