@@ -46,6 +46,9 @@ def has_high_level(model: "nn.Module") -> bool:
     flag = getattr(model, "high_level", None)
     if isinstance(flag, bool):
         return flag
+    head = getattr(model, "head", None)
+    if head is not None and hasattr(head, "fusion"):  # nodulekit's ClassifierHead
+        return head.fusion is not None
     config = getattr(model, "config", None) or {}
     for key in ("high_level", "high_level_feature"):
         if isinstance(config.get(key), bool):
@@ -304,6 +307,22 @@ def run_dataset_path(rundir: str | Path, dataset: str | Path | None = None) -> P
     return Path(recorded)
 
 
+def check_run_dataset(run: dict[str, Any], rundir: str | Path, path: str | Path) -> None:
+    """Refuse a dataset whose fingerprint (sha256 of x and y) differs from the one trained on."""
+    from nodulekit.datasets import dataset_fingerprint, load_dataset
+
+    expected = run.get("dataset_fingerprint")
+    if not expected and isinstance(run.get("dataset"), dict):
+        expected = run["dataset"].get("fingerprint")
+    if not expected:
+        return  # older/foreign run.json: the per-fold nodule-id check below still applies
+    found = dataset_fingerprint(load_dataset(path))
+    if found != expected:
+        raise NodulekitError(
+            f"{path} (fingerprint {found}) is not the dataset {rundir} was trained on (fingerprint {expected})"
+        )
+
+
 def _load_fold_model(rundir: Path, fold: int, device: str):
     from nodulekit.training import load_fold_model
 
@@ -370,9 +389,10 @@ def run_maps(
     from nodulekit.artifacts import open_artifact, read_strings
 
     rundir = Path(rundir)
-    read_run_json(rundir)
+    run = read_run_json(rundir)
     get_method(method)
     path = run_dataset_path(rundir, dataset)
+    check_run_dataset(run, rundir, path)
     with open_artifact(path, "dataset") as f:
         ids = read_strings(f["nodule_id"])
         y = np.asarray(f["y"][()], np.int64)

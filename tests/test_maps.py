@@ -235,3 +235,55 @@ def test_run_maps_names_missing_folds_and_bad_ids(tmp_path, tiny_dataset, monkey
         M.run_maps(run, "sam", nodules=["SYN-0000:1"], progress=False, device="cpu")
     with pytest.raises(NodulekitError, match="no run.json"):
         M.run_maps(tmp_path, "cam")
+
+
+# ---- the project's own models (nodulekit.models), tiny widths -------------------------
+
+
+def registry_model(arch, seed=0):
+    from nodulekit.models import create_model
+
+    torch.manual_seed(seed)
+    return trained_like(create_model(arch, 3, base_width=4), seed)
+
+
+def test_cam_of_registry_cam_model_decomposes_logits(x):
+    model = registry_model("cam")
+    out = M.compute_maps(model, x[:4], "cam", device="cpu")
+    assert out["maps"].shape == (4, 2, 16, 16)
+    bias = model.head.fc.bias.detach().numpy()
+    np.testing.assert_allclose(out["maps"].mean(axis=(2, 3)) + bias, out["logits"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["sam", "hesam"])
+def test_registry_sam_hesam_maps_follow_eq7_eq11(arch, x):
+    model = registry_model(arch, seed=1)
+    out = M.compute_maps(model, x[:4], arch, device="cpu")
+    with torch.no_grad():
+        g = model.forward_features(torch.from_numpy(x[:4]))["features"].numpy()
+    gamma = model.head.fc.weight.detach().numpy()[:, : g.shape[1]]
+    np.testing.assert_allclose(out["maps"], np.einsum("ck,bkhw->bchw", gamma, g), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["hesam", "he-cam"])
+def test_registry_gradcam_equals_per_image_reference(arch, x):
+    model = registry_model(arch, seed=2)
+    method = "he-gradcam"
+    out = M.compute_maps(model, x[:4], method, batch_size=4, device="cpu")
+    one = M.compute_maps(model, x[:4], method, batch_size=1, device="cpu")
+    np.testing.assert_allclose(out["maps"], one["maps"], rtol=1e-4, atol=1e-6)
+    for i in range(4):
+        xi = torch.from_numpy(x[i:i + 1])
+        g, high = model.extract(xi)
+        g = g.detach().requires_grad_(True)
+        logits = model.head(g, high)["logits"]
+        for c in (0, 1):
+            (grad,) = torch.autograd.grad(logits[0, c], g, retain_graph=True)
+            ref = torch.relu(torch.einsum("k,khw->hw", grad.mean(dim=(2, 3))[0], g[0])).detach().numpy()
+            np.testing.assert_allclose(out["maps"][i, c], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_registry_methods_supported():
+    assert M.supported_methods(registry_model("hesam")) == ["gradcam", "hesam", "he-gradcam"]
+    assert M.supported_methods(registry_model("he-cam")) == ["cam", "gradcam", "he-cam", "he-gradcam"]
+    assert M.supported_methods(registry_model("sam")) == ["gradcam", "sam"]

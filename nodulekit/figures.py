@@ -1,0 +1,235 @@
+"""Figures of the maps stage (matplotlib, Agg backend, PNG).
+
+- ``map_grid``: like the paper's Fig. 7: one row per nodule, the ROI centre slice with the
+  readers' contour, then each method's map overlaid; the malignant probability under each
+  map, in red for a false positive / false negative.
+- ``slice_grid``: like Fig. 5: per nodule, maps of single slices duplicated to all channels
+  (``maps --per-slice``) and, last, the map of the real multi-slice input.
+- ``region_score_plot``: box plots of the energy share in the margin band and in the body
+  per method and nodule class (from ``scores``).
+
+Maps are shown clipped at 0 and scaled to their own maximum (display only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from nodulekit.errors import NodulekitError
+
+THRESHOLD = 0.5  # fixed decision threshold on the malignant probability (never tuned)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path, overwrite: bool) -> Path:
+    from nodulekit.artifacts import atomic_path, check_output_path
+
+    out = check_output_path(out, overwrite)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    _pyplot().close(fig)
+    return out
+
+
+def _display(m: np.ndarray) -> np.ndarray:
+    m = np.clip(np.asarray(m, float), 0, None)
+    top = m.max()
+    return m / top if top > 0 else m
+
+
+def _read_maps(path: str | Path) -> dict:
+    from nodulekit.artifacts import open_artifact, read_strings
+
+    with open_artifact(path, "maps") as f:
+        out = {
+            "nodule_id": read_strings(f["nodule_id"]),
+            "maps_up": f["maps_up"][()] if "maps_up" in f else None,
+            "maps": f["maps"][()],
+            "prob": f["prob"][()],
+            "y": f["y"][()] if "y" in f else None,
+            "method": str(f.attrs.get("method", Path(path).stem)),
+        }
+        for name in ("slice_maps", "slice_prob"):
+            out[name] = f[name][()] if name in f else None
+    if out["maps_up"] is None:
+        from nodulekit.maps import upsample
+
+        out["maps_up"] = upsample(out["maps"])
+    return out
+
+
+def _prob_label(ax, prob: float, y: int | None) -> None:
+    wrong = y is not None and y >= 0 and (prob >= THRESHOLD) != (y == 1)
+    ax.set_xlabel(f"{prob:.3f}", color="red" if wrong else "black", fontsize=9)
+
+
+def _pick_nodules(ids: list[str], y: np.ndarray, n: int) -> list[str]:
+    """Up to n nodules, half malignant and half benign, evenly spread over the list."""
+    chosen: list[str] = []
+    for cls, k in ((1, (n + 1) // 2), (0, n // 2)):
+        pool = [i for i, v in zip(ids, y) if v == cls]
+        if pool and k:
+            chosen += [pool[j] for j in np.unique(np.linspace(0, len(pool) - 1, min(k, len(pool))).round().astype(int))]
+    return chosen or ids[:n]
+
+
+def map_grid(
+    maps_paths: Sequence[str | Path],
+    dataset: str | Path,
+    out: str | Path,
+    *,
+    nodules: Sequence[str] | None = None,
+    n: int = 6,
+    map_class: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Fig. 7-style grid: ROI centre slice + each method's map for the chosen nodules."""
+    from nodulekit.datasets import load_dataset
+
+    if not maps_paths:
+        raise NodulekitError("give at least one maps file")
+    ds = load_dataset(dataset)
+    runs = [_read_maps(p) for p in maps_paths]
+    common = [i for i in runs[0]["nodule_id"] if all(i in set(r["nodule_id"]) for r in runs[1:])]
+    row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
+    if nodules:
+        missing = [i for i in nodules if i not in common or i not in row_of]
+        if missing:
+            raise NodulekitError(f"nodule(s) not in every maps file and the dataset: {', '.join(missing[:5])}")
+        chosen = list(nodules)
+    else:
+        common = [i for i in common if i in row_of]
+        if not common:
+            raise NodulekitError("the maps files share no nodule with each other and the dataset")
+        chosen = _pick_nodules(common, ds.y[[row_of[i] for i in common]], n)
+    plt = _pyplot()
+    cols = 1 + len(runs)
+    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.9 * cols, 2.0 * len(chosen)), squeeze=False)
+    centre = ds.channels // 2
+    for r, nid in enumerate(chosen):
+        row = row_of[nid]
+        roi = ds.x[row, centre]
+        y = int(ds.y[row])
+        ax = axes[r, 0]
+        ax.imshow(roi, cmap="gray", vmin=0, vmax=1)
+        if ds.mask[row, centre].any():
+            ax.contour(ds.mask[row, centre], levels=[0.5], colors="lime", linewidths=0.8)
+        ax.set_ylabel(f"{nid}\n{'M' if y == 1 else 'B'}", fontsize=7)
+        if r == 0:
+            ax.set_title("ROI", fontsize=9)
+        for c, run in enumerate(runs, start=1):
+            i = run["nodule_id"].index(nid)
+            ax = axes[r, c]
+            ax.imshow(roi, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(_display(run["maps_up"][i, map_class]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            _prob_label(ax, float(run["prob"][i]), y)
+            if r == 0:
+                ax.set_title(run["method"].upper(), fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Malignant-class maps; value = predicted malignant probability (red: FP/FN)", fontsize=9)
+    return _save(fig, out, overwrite)
+
+
+def slice_grid(
+    maps_path: str | Path,
+    dataset: str | Path,
+    out: str | Path,
+    *,
+    nodules: Sequence[str] | None = None,
+    n: int = 4,
+    slices: int = 5,
+    overwrite: bool = False,
+) -> Path:
+    """Fig. 5-style grid from a ``maps --per-slice`` file: single-slice maps, then the full-volume map."""
+    from nodulekit.datasets import load_dataset
+
+    run = _read_maps(maps_path)
+    if run["slice_maps"] is None:
+        raise NodulekitError(f"{maps_path} has no slice_maps; make it with `nodulekit maps --per-slice`")
+    ds = load_dataset(dataset)
+    row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
+    ids = [i for i in run["nodule_id"] if i in row_of]
+    if nodules:
+        missing = [i for i in nodules if i not in ids]
+        if missing:
+            raise NodulekitError(f"nodule(s) not in {maps_path} and the dataset: {', '.join(missing[:5])}")
+        chosen = list(nodules)
+    else:
+        chosen = _pick_nodules(ids, ds.y[[row_of[i] for i in ids]], n)
+    from nodulekit.maps import upsample
+
+    channels = run["slice_maps"].shape[1]
+    shown = np.unique(np.linspace(0, channels - 1, min(slices, channels)).round().astype(int))
+    plt = _pyplot()
+    cols = len(shown) + 1
+    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.8 * cols, 2.0 * len(chosen)), squeeze=False)
+    for r, nid in enumerate(chosen):
+        i, row = run["nodule_id"].index(nid), row_of[nid]
+        y = int(ds.y[row])
+        up = upsample(run["slice_maps"][i:i + 1])[0]
+        for c, s in enumerate(shown):
+            ax = axes[r, c]
+            ax.imshow(ds.x[row, s], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(_display(up[s]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            _prob_label(ax, float(run["slice_prob"][i, s]), y)
+            if r == 0:
+                ax.set_title(f"slice {s}", fontsize=9)
+        ax = axes[r, -1]
+        ax.imshow(ds.x[row, channels // 2], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(_display(run["maps_up"][i, 1]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        _prob_label(ax, float(run["prob"][i]), y)
+        axes[r, 0].set_ylabel(f"{nid}\n{'M' if y == 1 else 'B'}", fontsize=7)
+        if r == 0:
+            ax.set_title("all slices", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{run['method'].upper()}: single slices copied to all channels, then the real volume", fontsize=9)
+    return _save(fig, out, overwrite)
+
+
+def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Box plots of margin-band and body energy share per method x nodule class."""
+    if len(scores) == 0:
+        raise NodulekitError("no region scores to plot")
+    plt = _pyplot()
+    methods = sorted(scores["method"].unique())
+    classes = [c for c in ("malignant", "benign") if c in set(scores["class"])]
+    colours = {"malignant": "#d62728", "benign": "#1f77b4"}
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(methods) * 2), 3.6), sharey=True)
+    for ax, region, title in zip(axes, ("margin_band", "body"), ("margin band", "body")):
+        width = 0.8 / max(1, len(classes))
+        for j, cls in enumerate(classes):
+            data = [scores.loc[(scores["method"] == m) & (scores["class"] == cls), f"share_{region}"].dropna().to_numpy()
+                    for m in methods]
+            pos = np.arange(len(methods)) + (j - (len(classes) - 1) / 2) * width
+            keep = [k for k, d in enumerate(data) if len(d)]
+            if keep:
+                bp = ax.boxplot([data[k] for k in keep], positions=pos[keep], widths=width * 0.9,
+                                patch_artist=True, showfliers=False)
+                for patch in bp["boxes"]:
+                    patch.set_facecolor(colours.get(cls, "grey"))
+                    patch.set_alpha(0.6)
+            ax.plot([], [], color=colours.get(cls, "grey"), lw=6, alpha=0.6, label=cls)
+        ax.set_xticks(range(len(methods)), [m.upper() for m in methods], fontsize=8)
+        ax.set_title(f"energy share in the {title}", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("share of positive map energy")
+    axes[0].legend(fontsize=8)
+    radius = scores["radius_mm"].iloc[0] if "radius_mm" in scores else None
+    fig.suptitle(f"Where the {scores['map_class'].iloc[0]}-class maps put their energy"
+                 + (f" (band = ±{radius:g} mm around the contour)" if radius is not None else ""), fontsize=10)
+    return _save(fig, out, overwrite)
