@@ -102,18 +102,20 @@ def sample_grid(
     layout: list[ChannelSpec],
     diameter_mm: float,
     nodule_id: str = "?",
+    centre_yx: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates (into a [21, H, W] volume) of every output pixel, and pixel_mm per channel.
 
-    The nodule centre is the geometric centre of the in-plane window, ((H-1)/2, (W-1)/2) in
-    pixel-index coordinates, as the rois contract centres the window on the nodule. Output
+    ``centre_yx`` is the nodule centre in window pixel-index coordinates (the rois attr
+    ``centre_in_window``, sub-pixel); without it, the geometric centre of the window,
+    ((H-1)/2, (W-1)/2), as the rois contract centres the window on the nodule. Output
     pixel j of a patch of side ``side_mm`` samples the input at
     ``centre + (j + 0.5 - 16) * side_mm / 32 / spacing``, so the 32 output pixels tile the
     square [centre - side/2, centre + side/2] exactly.
     """
     h, w = shape_yx
     sy, sx = spacing_yx
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    cy, cx = ((h - 1) / 2.0, (w - 1) / 2.0) if centre_yx is None else (float(centre_yx[0]), float(centre_yx[1]))
     steps = np.arange(PATCH, dtype=np.float64) + 0.5 - PATCH / 2.0
     coords = np.empty((3, len(layout), PATCH, PATCH), np.float64)
     pixel_mm = np.empty(len(layout), np.float32)
@@ -144,11 +146,13 @@ def resample_nodule(
     layout: list[ChannelSpec],
     nodule_id: str = "?",
     z_first: int = 0,
+    centre_yx: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One nodule's channels: (x float32 [C,32,32] in [0,1], mask uint8 [C,32,32], pixel_mm [C]).
 
     ``hu``/``mask`` are the rois sub-volume [21, H, W], or a slab of it starting at slice
-    ``z_first`` (so D1C and D3C need read only the centre slice).
+    ``z_first`` (so D1C and D3C need read only the centre slice). ``centre_yx``: see
+    :func:`sample_grid`.
     """
     from scipy.ndimage import map_coordinates
 
@@ -161,7 +165,7 @@ def resample_nodule(
     z = [s.z_index - z_first for s in layout]
     if min(z) < 0 or max(z) >= hu.shape[0]:
         raise DataError(f"nodule {nodule_id}: hu slab of {hu.shape[0]} slices lacks slices this dataset needs")
-    coords, pixel_mm = sample_grid(hu.shape[1:], spacing_yx, layout, diameter_mm, nodule_id)
+    coords, pixel_mm = sample_grid(hu.shape[1:], spacing_yx, layout, diameter_mm, nodule_id, centre_yx)
     coords[0] -= z_first
     # Clip before interpolating so out-of-field padding (e.g. -2048) cannot bleed into
     # neighbouring pixels; the z coordinates are whole slices, so z is never interpolated.
@@ -297,7 +301,7 @@ def _read_table(f) -> dict[str, Any]:
 
 
 def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: bool):
-    """Resample every nodule of an open rois file: x [N,C,32,32], mask, pixel_mm [N,C]."""
+    """Resample every nodule of an open rois file: x [N,C,32,32], mask, pixel_mm [N,C], filled [N,C]."""
     from tqdm import tqdm
 
     path = f.filename
@@ -305,6 +309,8 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
     x = np.empty((n, n_channels, PATCH, PATCH), np.float32)
     mask = np.empty((n, n_channels, PATCH, PATCH), np.uint8)
     pixel_mm = np.empty((n, n_channels), np.float32)
+    filled = np.zeros((n, n_channels), np.uint8)
+    offsets = np.array([s.z_offset_mm for s in layout], np.float64)
     z_lo = min(s.z_index for s in layout)
     z_hi = max(s.z_index for s in layout) + 1
     nodules = f["nodules"]
@@ -322,11 +328,23 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
         if abs(z_step - 1.0) > 1e-6:
             raise DataError(f"nodule {nid}: z_step_mm is {z_step}, the datasets need 1 mm slices")
         spacing = _spacing_yx(g.attrs.get("pixel_spacing_mm"), nid)
+        centre = g.attrs.get("centre_in_window")
+        if centre is not None:
+            centre = np.asarray(centre, np.float64).ravel()
+            if centre.shape != (2,) or not np.all(np.isfinite(centre)):
+                raise DataError(f"nodule {nid}: invalid centre_in_window {g.attrs['centre_in_window']!r}")
+        # Channels whose slice lay outside the source (edge-replicated by extract) are flagged,
+        # so a tight-in-z VOI's D21C is not mistaken for 21 real slices.
+        z_filled = g.attrs.get("z_filled_offsets_mm")
+        if z_filled is not None and np.size(z_filled):
+            filled[i] = np.isin(offsets, np.round(np.asarray(z_filled, np.float64).ravel()))
         # Read only the slices this layout uses (one for D1C/D3C).
         hu = g["hu"][z_lo:z_hi]
         m = g["mask"][z_lo:z_hi]
-        x[i], mask[i], pixel_mm[i] = resample_nodule(hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo)
-    return x, mask, pixel_mm
+        x[i], mask[i], pixel_mm[i] = resample_nodule(
+            hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo,
+            centre_yx=None if centre is None else (centre[0], centre[1]))
+    return x, mask, pixel_mm, filled
 
 
 def dataset_name(channels: int) -> str:
@@ -365,7 +383,7 @@ def build_dataset(
         table = _read_table(f)
         # Folds need only labels and patients: refuse an impossible split before the slow part.
         fold = assign_folds(table["y"], table["patient_id"], n_folds, seed, split)
-        x, mask, pixel_mm = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
+        x, mask, pixel_mm, filled = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
     label_rule = table["label_rule"]
     name = dataset_name(channels)
     layout_json = [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout]
@@ -392,6 +410,9 @@ def build_dataset(
         write_strings(out, "nodule_id", table["nodule_id"])
         out.create_dataset("mask", data=mask, compression="gzip", compression_opts=4)
         out["pixel_mm"] = pixel_mm
+        out["filled_channels"] = filled
+        out["filled_channels"].attrs["meaning"] = (
+            "1 where the channel's slice lay outside the source scan/VOI and was edge-replicated by extract")
         out["characteristics"] = table["characteristics"]
         out["characteristics"].attrs["names"] = table["characteristic_names"]
         out["reader_malignancy"] = table["reader_malignancy"]
@@ -433,6 +454,8 @@ class Dataset:
     diameter_mm: np.ndarray  # float32 [N]
     attrs: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # uint8 [N, C]: 1 where the channel's slice was edge-replicated by extract (None if not recorded)
+    filled_channels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -490,6 +513,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         reader_malignancy = np.asarray(f["reader_malignancy"][()], np.float32)
         malignancy_mean = np.asarray(f["malignancy_mean"][()], np.float32)
         diameter_mm = np.asarray(f["diameter_mm"][()], np.float32)
+        filled = np.asarray(f["filled_channels"][()], np.uint8) if "filled_channels" in f else None
         attrs: dict[str, Any] = {}
         for name in ("channels", "n_folds", "split", "seed", "name"):
             attrs[name] = _attr(f, name, path)
@@ -521,6 +545,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     for name, (arr, shape) in expected.items():
         if arr.shape != shape:
             raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected {shape} to match x {x.shape}")
+    if filled is not None and filled.shape != (n, c):
+        raise ArtifactError(f"{path}: filled_channels has shape {filled.shape}, expected {(n, c)}")
     if int(attrs["channels"]) != c:
         raise ArtifactError(f"{path}: attribute channels={attrs['channels']} but x has {c} channels")
     if not np.all(np.isfinite(x)):
@@ -536,7 +562,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         x=x, y=y_raw.astype(np.int64), fold=fold, patient_id=patient_id, nodule_id=nodule_id,
         mask=mask, pixel_mm=pixel_mm, characteristics=characteristics,
         reader_malignancy=reader_malignancy, malignancy_mean=malignancy_mean,
-        diameter_mm=diameter_mm, attrs=attrs, path=path,
+        diameter_mm=diameter_mm, attrs=attrs, path=path, filled_channels=filled,
     )
 
 

@@ -70,6 +70,8 @@ def write_rois(path: Path, nodules: list[dict], label_rule=LABEL_RULE) -> Path:
             g.attrs["z_filled"] = 0
             g.attrs["inplane_filled"] = 0
             g.attrs["fill_method"] = "none"
+            for key, value in d.get("attrs", {}).items():
+                g.attrs[key] = value
         set_json_attr(f, "label_rule", label_rule)
         f.attrs["source"] = "synthetic"
         f.attrs["source_path"] = "/nowhere"
@@ -194,6 +196,43 @@ def test_sphere_mask_area_matches_the_disk_fraction(tmp_path):
     # The disk is centred: its centroid is the patch centre (15.5, 15.5).
     yy, xx = np.nonzero(ds.mask[0, 0])
     assert abs(yy.mean() - 15.5) < 0.1 and abs(xx.mean() - 15.5) < 0.1
+
+
+def test_sub_pixel_centre_and_filled_slices_from_extract_are_used(tmp_path):
+    # extract records the true sub-pixel centre (centre_in_window) and which z offsets were
+    # edge-replicated (z_filled_offsets_mm); build must centre on the former and flag the latter.
+    diameter, spacing, side = 12.0, 0.5, 109
+    centre = ((side - 1) / 2 + 0.45, (side - 1) / 2 - 0.4)
+    z = (np.arange(21) - 10.0)[:, None, None]
+    yy = ((np.arange(side) - centre[0]) * spacing)[None, :, None]
+    xx = ((np.arange(side) - centre[1]) * spacing)[None, None, :]
+    mask = (z**2 + yy**2 + xx**2 <= (diameter / 2) ** 2).astype(np.uint8)
+    hu = np.where(mask, 40, -800).astype(np.int16)
+    attrs = {"centre_in_window": list(centre), "z_filled_offsets_mm": [-10.0, -9.0, 8.0, 9.0, 10.0]}
+    nodules = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing,
+                    hu=hu, mask=mask, attrs=attrs) for i in range(4)]
+    rois = write_rois(tmp_path / "r.h5", nodules)
+    d21 = load_dataset(build_dataset(rois, tmp_path / "d21.h5", channels=21, n_folds=2, progress=False))
+    def centroid(img):  # brightness-weighted, finer than the thresholded mask
+        w = img - img.min()
+        r, c = np.mgrid[:32, :32]
+        return (w * r).sum() / w.sum(), (w * c).sum() / w.sum()
+
+    cy, cx = centroid(d21.x[0, 10])
+    assert abs(cy - 15.5) < 0.1 and abs(cx - 15.5) < 0.1
+    yy_, xx_ = np.nonzero(d21.mask[0, 10])
+    assert abs(yy_.mean() - 15.5) < 0.1 and abs(xx_.mean() - 15.5) < 0.1
+    expected = np.zeros(21, np.uint8)
+    expected[[0, 1, 18, 19, 20]] = 1
+    np.testing.assert_array_equal(d21.filled_channels, np.tile(expected, (4, 1)))
+    d11 = load_dataset(build_dataset(rois, tmp_path / "d11.h5", channels=11, n_folds=2, progress=False))
+    assert d11.filled_channels.sum() == 0
+    # Ignoring the recorded centre shifts the disk by the offset (in input pixels x spacing).
+    plain = write_rois(tmp_path / "plain.h5", [{**d, "attrs": {}} for d in nodules])
+    off = load_dataset(build_dataset(plain, tmp_path / "off.h5", channels=1, n_folds=2, progress=False))
+    cy, cx = centroid(off.x[0, 0])
+    assert cy - 15.5 == pytest.approx(0.45 * spacing / off.pixel_mm[0, 0], abs=0.05)
+    assert 15.5 - cx == pytest.approx(0.4 * spacing / off.pixel_mm[0, 0], abs=0.05)
 
 
 def test_patient_folds_are_grouped_stratified_and_seeded():
@@ -342,3 +381,28 @@ def test_module_entry_point_runs_build(rois, tmp_path):
                           "--folds", "2", "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 0, run.stderr
     assert load_dataset(out).x.shape == (20, 1, 32, 32)
+
+
+@pytest.mark.shared
+def test_real_vois_build_d11c(lidc_vois, tmp_path):
+    # Real LIDC VOIs through the real extract stage, then build (skipped without the data).
+    extract = pytest.importorskip("nodulekit.extract", reason="nodulekit.extract not available")
+    patients = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0004", "LIDC-IDRI-0005", "LIDC-IDRI-0008"]
+    rois = tmp_path / "rois.h5"
+    extract.extract_rois(rois, vois=lidc_vois, patients=patients, progress=False)
+    ds = load_dataset(build_dataset(rois, tmp_path / "d11c.h5", channels=11, n_folds=2, progress=False))
+    n = len(ds)
+    assert n >= 6 and set(ds.y.tolist()) == {0, 1}
+    assert ds.x.shape == (n, 11, 32, 32) and np.isfinite(ds.x).all()
+    assert set(ds.patient_id.tolist()) <= set(patients)
+    for pid in set(ds.patient_id.tolist()):
+        assert len(set(ds.fold[ds.patient_id == pid].tolist())) == 1
+    # A 2 x diameter ROI of a real nodule: the consensus mask covers a sizeable central part
+    # (pi/16 ~ 0.20 for a round nodule) and the nodule is denser than its surroundings.
+    centre = ds.mask[:, 5]
+    frac = centre.reshape(n, -1).mean(axis=1)
+    assert np.all(frac > 0.03) and np.median(frac) == pytest.approx(np.pi / 16, abs=0.1)
+    inside = (ds.x[:, 5] * centre).sum(axis=(1, 2)) / centre.sum(axis=(1, 2))
+    outside = (ds.x[:, 5] * (1 - centre)).sum(axis=(1, 2)) / (1 - centre).sum(axis=(1, 2))
+    assert np.mean(inside > outside) >= 0.8
+    assert ds.attrs["label_rule"] and ds.attrs["provenance"]["source_provenance"]["source"] == "vois"

@@ -50,3 +50,9 @@ def build(
         f"{int((ds.y == 0).sum())} benign, {len(set(ds.patient_id))} patients, {split} split; "
         f"{counts}; fingerprint {dataset_fingerprint(ds)}"
     )
+    if ds.filled_channels is not None and ds.filled_channels.any():
+        typer.echo(
+            f"note: {int(ds.filled_channels.sum())} of {ds.filled_channels.size} channels "
+            f"({100 * ds.filled_channels.mean():.1f}%, in {int(ds.filled_channels.any(axis=1).sum())} nodules) "
+            "lie outside their source in z and are edge-replicated slices (see filled_channels)"
+        )
