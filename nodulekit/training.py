@@ -225,7 +225,7 @@ def _versions() -> dict[str, str]:
 
     return {
         "nodulekit": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
@@ -390,7 +390,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one line for the user
-        raise NodulekitError(f"{path} is not a readable nodulekit checkpoint: {str(exc).splitlines()[0]}") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(exc).__name__)
+        raise NodulekitError(f"{path} is not a readable nodulekit checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
         raise NodulekitError(f"{path} is not a nodulekit checkpoint (no state_dict/arch)")
     return ckpt

@@ -1,0 +1,431 @@
+"""Cross-validation reports in the layout of the paper's Table 2 (and Fig. 4 curves).
+
+For each RUNDIR (one architecture trained on one dataset with k folds) the test
+predictions of every fold are read from ``fold<k>/result.h5`` and scored with
+scikit-learn at the fixed threshold 0.5 (decided before training, never tuned):
+
+- per fold: accuracy, sensitivity = TP / (TP + FN), specificity = TN / (TN + FP), ROC AUC;
+- summary: mean ± sample standard deviation (ddof=1) of each over the folds (Table 2);
+- pooled nodule level: all folds' test predictions concatenated and scored once;
+- pooled patient level: a patient is malignant when any of their nodules is, with
+  probability = the highest nodule probability, then scored the same way.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nodulekit.errors import NodulekitError
+from nodulekit.training import HISTORY_COLUMNS, THRESHOLD, load_run
+
+METRICS = ("accuracy", "sensitivity", "specificity", "auc")
+# Row names of the paper's Table 2 for our registry names; others are shown as they are.
+PAPER_NAMES = {
+    "hesam": "Ours-HESAM", "ours-hesam": "Ours-HESAM", "sam": "Ours-SAM", "ours-sam": "Ours-SAM",
+    "cam": "Ours-CAM", "ours-cam": "Ours-CAM", "baseline": "Baseline",
+    "resnet18": "ResNet18", "resnet34": "ResNet34", "vgg16": "VGG16", "densenet121": "DenseNet121",
+    "resnet18-cam": "ResNet18-CAM", "resnet18-sam": "ResNet18-SAM", "resnet34-cam": "ResNet34-CAM",
+    "resnet34-sam": "ResNet34-SAM", "vgg16-cam": "VGG16-CAM", "vgg16-sam": "VGG16-SAM",
+    "densenet121-cam": "DenseNet121-CAM", "densenet121-sam": "DenseNet121-SAM",
+}
+REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png")
+
+
+def binary_metrics(y, prob, threshold: float = THRESHOLD) -> dict[str, float]:
+    """Accuracy, sensitivity, specificity, AUC and the confusion counts at ``threshold``.
+
+    Malignant is predicted when ``prob > threshold`` (= argmax of the two softmax
+    outputs). AUC is NaN when only one class is present.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+
+    y = np.asarray(y, np.int64)
+    prob = np.asarray(prob, np.float64)
+    pred = (prob > threshold).astype(np.int64)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    both = len(np.unique(y)) == 2
+    return {
+        "n": int(len(y)),
+        "n_malignant": int(y.sum()),
+        "accuracy": float(accuracy_score(y, pred)) if len(y) else math.nan,
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else math.nan,
+        "specificity": float(tn / (tn + fp)) if tn + fp else math.nan,
+        "auc": float(roc_auc_score(y, prob)) if both else math.nan,
+        "tp": int(tp), "tn": int(tn), "fp": int(fp), "fn": int(fn),
+    }
+
+
+def patient_level(patient_id, y, prob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patients, label, probability) per patient: any malignant nodule, highest probability."""
+    patient_id = np.asarray([str(p) for p in patient_id])
+    patients, inverse = np.unique(patient_id, return_inverse=True)
+    py = np.zeros(len(patients), np.int64)
+    pp = np.full(len(patients), -np.inf)
+    np.maximum.at(py, inverse, np.asarray(y, np.int64))
+    np.maximum.at(pp, inverse, np.asarray(prob, np.float64))
+    return patients, py, pp
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    history: np.ndarray
+    columns: list[str]
+    test_index: np.ndarray
+    test_prob: np.ndarray
+    test_y: np.ndarray
+    test_nodule_id: list[str]
+    test_patient_id: list[str]
+    selected_epoch: int
+    epochs: int
+    val_history: np.ndarray | None = None
+
+
+@dataclass
+class RunResult:
+    rundir: Path
+    run: dict[str, Any]
+    folds: list[FoldResult] = field(default_factory=list)
+
+    @property
+    def arch(self) -> str:
+        return str(self.run.get("arch"))
+
+    @property
+    def dataset_name(self) -> str:
+        return str(self.run.get("dataset", {}).get("name", f"D{self.run.get('in_channels')}C"))
+
+    @property
+    def method(self) -> str:
+        return PAPER_NAMES.get(self.arch, self.arch)
+
+
+def _patient_of(nodule_id: str) -> str:
+    # nodule_id is "<patient_id>:<cluster index>" (docs/ARCHITECTURE.md)
+    return nodule_id.rsplit(":", 1)[0]
+
+
+def load_run_results(rundir: str | os.PathLike) -> RunResult:
+    """Every fold's test predictions of a RUNDIR; refuses a run with missing or unfinished folds."""
+    from nodulekit.artifacts import open_artifact, read_strings
+
+    rundir = Path(rundir)
+    run = load_run(rundir)
+    n_folds = int(run["n_folds"])
+    epochs = int(run.get("epochs", 0))
+    missing, unfinished, folds = [], [], []
+    for k in range(n_folds):
+        path = rundir / f"fold{k}" / "result.h5"
+        if not path.exists():
+            missing.append(k)
+            continue
+        with open_artifact(path, "fold_result") as f:
+            done = int(f.attrs.get("epochs", epochs))
+            if done < epochs:
+                unfinished.append(f"{k} ({done} of {epochs} epochs)")
+                continue
+            nodule_id = read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else [str(i) for i in f["test_index"][()]]
+            patient_id = read_strings(f["test_patient_id"]) if "test_patient_id" in f else [_patient_of(n) for n in nodule_id]
+            columns = list(f["history"].attrs.get("columns", HISTORY_COLUMNS))
+            folds.append(FoldResult(
+                fold=k,
+                history=np.asarray(f["history"][()], np.float64),
+                columns=[c.decode() if isinstance(c, bytes) else str(c) for c in columns],
+                test_index=np.asarray(f["test_index"][()], np.int64),
+                test_prob=np.asarray(f["test_prob"][()], np.float64),
+                test_y=np.asarray(f["test_y"][()], np.int64),
+                test_nodule_id=nodule_id,
+                test_patient_id=patient_id,
+                selected_epoch=int(f.attrs.get("selected_epoch", -1)),
+                epochs=done,
+                val_history=np.asarray(f["val_history"][()], np.float64) if "val_history" in f else None,
+            ))
+    problems = []
+    if missing:
+        problems.append(f"fold(s) {', '.join(map(str, missing))} missing")
+    if unfinished:
+        problems.append(f"fold(s) {', '.join(unfinished)} unfinished")
+    if problems:
+        raise NodulekitError(
+            f"{rundir} is incomplete: {'; '.join(problems)} of {n_folds}; finish them with "
+            f"`nodulekit train {run.get('dataset', {}).get('path', 'DATASET')} ... -o {rundir}` (same settings)"
+        )
+    indices = np.concatenate([f.test_index for f in folds])
+    if len(np.unique(indices)) != len(indices):
+        raise NodulekitError(f"{rundir}: the test folds overlap (a nodule is tested twice); the run is corrupt")
+    return RunResult(rundir, run, folds)
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = np.asarray([v for v in values if not math.isnan(v)], np.float64)
+    if len(values) == 0:
+        return math.nan, math.nan
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise_run(result: RunResult) -> dict[str, Any]:
+    """Per-fold, mean ± std, pooled nodule-level and patient-level metrics of one run."""
+    per_fold = []
+    for f in result.folds:
+        m = binary_metrics(f.test_y, f.test_prob)
+        m.update(fold=f.fold, selected_epoch=f.selected_epoch)
+        per_fold.append(m)
+    summary = {name: dict(zip(("mean", "std"), _mean_std([m[name] for m in per_fold]))) for name in METRICS}
+    y = np.concatenate([f.test_y for f in result.folds])
+    prob = np.concatenate([f.test_prob for f in result.folds])
+    patients = sum((f.test_patient_id for f in result.folds), [])
+    _, py, pp = patient_level(patients, y, prob)
+    selection = result.run.get("selection", {})
+    return {
+        "rundir": str(result.rundir),
+        "dataset": result.dataset_name,
+        "arch": result.arch,
+        "method": result.method,
+        "model_options": result.run.get("model_options", {}),
+        "epochs": result.run.get("epochs"),
+        "seed": result.run.get("seed"),
+        "select": selection.get("mode", "last"),
+        "n_folds": len(result.folds),
+        "threshold": THRESHOLD,
+        "label_rule": result.run.get("label_rule"),
+        "dataset_fingerprint": result.run.get("dataset_fingerprint"),
+        "folds": per_fold,
+        "summary": summary,
+        "pooled_nodule": binary_metrics(y, prob),
+        "pooled_patient": binary_metrics(py, pp),
+    }
+
+
+def _fmt(value: float, percent: bool = False, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.2f}" if percent else f"{value:.{digits}f}"
+
+
+def _pm(stat: dict, percent: bool = False) -> str:
+    if math.isnan(stat["mean"]):
+        return "n/a"
+    if percent:
+        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def _row_labels(summaries: list[dict]) -> list[str]:
+    # two runs of one method on one dataset (e.g. seeds) get their folder name appended
+    keys = [(s["method"], s["dataset"]) for s in summaries]
+    return [s["method"] if keys.count((s["method"], s["dataset"])) == 1 else f"{s['method']} ({Path(s['rundir']).name})"
+            for s in summaries]
+
+
+def reference_dataset(summaries: list[dict]) -> str:
+    """Where sensitivity/specificity/AUC columns come from: D11C as in the paper, else the first."""
+    names = [s["dataset"] for s in summaries]
+    return "D11C" if "D11C" in names else names[0]
+
+
+def markdown_report(summaries: list[dict]) -> str:
+    """The Table 2 layout: accuracy per dataset, sensitivity/specificity/AUC on the reference dataset."""
+    labels = _row_labels(summaries)
+    datasets = list(dict.fromkeys(s["dataset"] for s in summaries))
+    ref = reference_dataset(summaries)
+    methods = list(dict.fromkeys(labels))
+    out = io.StringIO()
+    out.write(
+        f"## Table 2: accuracy (%) mean ± std over folds; sensitivity, specificity, AUC (mean ± std) on {ref}\n\n"
+        f"Threshold {THRESHOLD} fixed in advance (malignant if p > {THRESHOLD}); no choice was made on a test fold.\n\n"
+    )
+    out.write("| Method | " + " | ".join(datasets) + " | Sensitivity | Specificity | AUC |\n")
+    out.write("|---" * (len(datasets) + 4) + "|\n")
+    for method in methods:
+        cells = []
+        for name in datasets:
+            match = [s for s, lab in zip(summaries, labels) if lab == method and s["dataset"] == name]
+            cells.append(_pm(match[0]["summary"]["accuracy"], percent=True) if match else "–")
+        ref_run = [s for s, lab in zip(summaries, labels) if lab == method and s["dataset"] == ref]
+        for metric in ("sensitivity", "specificity", "auc"):
+            cells.append(_pm(ref_run[0]["summary"][metric]) if ref_run else "–")
+        out.write(f"| {method} | " + " | ".join(cells) + " |\n")
+
+    out.write("\n## Every run: fold mean ± std, and pooled over all test folds\n\n")
+    out.write("| Method | Dataset | Select | Epochs | Folds | Accuracy % | Sensitivity | Specificity | AUC | "
+              "Pooled nodules: n, acc %, sens, spec, AUC | Pooled patients: n, acc %, sens, spec, AUC |\n")
+    out.write("|---" * 11 + "|\n")
+    for s, label in zip(summaries, labels):
+        pn, pp = s["pooled_nodule"], s["pooled_patient"]
+        out.write(
+            f"| {label} | {s['dataset']} | {s['select']} | {s['epochs']} | {s['n_folds']} | "
+            f"{_pm(s['summary']['accuracy'], True)} | {_pm(s['summary']['sensitivity'])} | "
+            f"{_pm(s['summary']['specificity'])} | {_pm(s['summary']['auc'])} | "
+            f"{pn['n']}, {_fmt(pn['accuracy'], True)}, {_fmt(pn['sensitivity'])}, {_fmt(pn['specificity'])}, {_fmt(pn['auc'])} | "
+            f"{pp['n']}, {_fmt(pp['accuracy'], True)}, {_fmt(pp['sensitivity'])}, {_fmt(pp['specificity'])}, {_fmt(pp['auc'])} |\n"
+        )
+
+    out.write("\n## Per fold\n\n| Method | Dataset | Fold | n | Malignant | Accuracy % | Sensitivity | Specificity | AUC | Reported epoch |\n")
+    out.write("|---" * 10 + "|\n")
+    for s, label in zip(summaries, labels):
+        for m in s["folds"]:
+            out.write(
+                f"| {label} | {s['dataset']} | {m['fold']} | {m['n']} | {m['n_malignant']} | {_fmt(m['accuracy'], True)} | "
+                f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {_fmt(m['auc'])} | {m['selected_epoch']} |\n"
+            )
+    return out.getvalue()
+
+
+def _csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def summary_rows(summaries: list[dict]) -> list[dict]:
+    rows = []
+    for s, label in zip(summaries, _row_labels(summaries)):
+        row = {"method": label, "arch": s["arch"], "dataset": s["dataset"], "select": s["select"],
+               "epochs": s["epochs"], "n_folds": s["n_folds"], "rundir": s["rundir"]}
+        for metric in METRICS:
+            row[f"{metric}_mean"] = s["summary"][metric]["mean"]
+            row[f"{metric}_std"] = s["summary"][metric]["std"]
+        for level in ("pooled_nodule", "pooled_patient"):
+            for key in ("n",) + METRICS:
+                row[f"{level}_{key}"] = s[level][key]
+        rows.append(row)
+    return rows
+
+
+def fold_rows(summaries: list[dict]) -> list[dict]:
+    keys = ("fold", "n", "n_malignant") + METRICS + ("tp", "tn", "fp", "fn", "selected_epoch")
+    return [
+        {"method": label, "arch": s["arch"], "dataset": s["dataset"], **{k: m[k] for k in keys}}
+        for s, label in zip(summaries, _row_labels(summaries)) for m in s["folds"]
+    ]
+
+
+def plot_roc(results: list[RunResult], summaries: list[dict], path: Path) -> None:
+    """Pooled ROC curve of every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for result, s, label in zip(results, summaries, _row_labels(summaries)):
+        y = np.concatenate([f.test_y for f in result.folds])
+        prob = np.concatenate([f.test_prob for f in result.folds])
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, prob)
+        ax.plot(fpr, tpr, label=f"{label} {s['dataset']} (AUC {s['pooled_nodule']['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC, test folds pooled")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def plot_curves(results: list[RunResult], summaries: list[dict], path: Path) -> None:
+    """Fig. 4 style: rows train / test, one column per dataset; accuracy solid, loss dashed (mean over folds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(s["dataset"] for s in summaries))
+    fig, axes = plt.subplots(2, len(datasets), figsize=(4.5 * len(datasets), 7), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, name in enumerate(datasets):
+        for row, part in enumerate(("train", "test")):
+            ax = axes[row][col]
+            ax_loss = ax.twinx()
+            for i, (result, s, label) in enumerate(zip(results, summaries, _row_labels(summaries))):
+                if s["dataset"] != name:
+                    continue
+                length = min(len(f.history) for f in result.folds)
+                if length == 0:
+                    continue
+                hist = np.mean([f.history[:length] for f in result.folds], axis=0)
+                cols = result.folds[0].columns
+                epoch = hist[:, cols.index("epoch")]
+                colour = colours[i % len(colours)]
+                ax.plot(epoch, hist[:, cols.index(f"{part}_acc")], color=colour, ls="-", label=label)
+                ax_loss.plot(epoch, hist[:, cols.index(f"{part}_loss")], color=colour, ls="--")
+            ax.set_title(f"{name} {part}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("accuracy (solid)")
+            ax.set_ylim(0, 1.02)
+            ax_loss.set_ylabel("loss (dashed)")
+            if row == 0:
+                ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def evaluate_runs(rundirs: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
+    """Score every RUNDIR and write table2.md/.csv/.json, folds.csv, roc.png and curves.png.
+
+    Returns ``{"summaries": [...], "markdown": str, "files": [paths]}``. Existing report
+    files are refused unless ``overwrite``; each file appears only when complete.
+    """
+    from nodulekit.artifacts import atomic_path
+
+    if not rundirs:
+        raise NodulekitError("give at least one RUNDIR to evaluate")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NodulekitError(f"{output_dir} exists and is not a folder")
+    targets = [output_dir / name for name in REPORT_FILES]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise NodulekitError(f"{existing[0]} already exists (pass --overwrite to replace the report)")
+    results = [load_run_results(r) for r in rundirs]  # all inputs checked before anything is written
+    summaries = [summarise_run(r) for r in results]
+    markdown = markdown_report(summaries)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = {"threshold": THRESHOLD, "std": "sample standard deviation over folds (ddof=1)",
+              "patient_rule": "patient malignant if any nodule is; probability = highest nodule probability",
+              "reference_dataset": reference_dataset(summaries), "runs": summaries}
+    writers = {
+        "table2.md": lambda p: p.write_text(markdown),
+        "table2.csv": lambda p: p.write_text(_csv_text(summary_rows(summaries))),
+        "folds.csv": lambda p: p.write_text(_csv_text(fold_rows(summaries))),
+        "table2.json": lambda p: p.write_text(json.dumps(_no_nan(report), indent=2, default=_json_default, allow_nan=False) + "\n"),
+        "roc.png": lambda p: plot_roc(results, summaries, p),
+        "curves.png": lambda p: plot_curves(results, summaries, p),
+    }
+    for target in targets:
+        with atomic_path(target, suffix=target.suffix + ".part") as tmp:
+            writers[target.name](tmp)
+    return {"summaries": summaries, "markdown": markdown, "files": [str(p) for p in targets]}
+
+
+def _no_nan(value):
+    """NaN (e.g. AUC of a one-class fold) becomes null so the JSON stays standard."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return str(value)
