@@ -105,8 +105,6 @@ def _model_from_checkpoint(ckpt: dict[str, Any], path: Path):
 
 def load_model_source(path: str | os.PathLike, fold: int | None = None) -> ModelSource:
     """Load a model from a RUNDIR (``fold`` defaults to 0) or a ``checkpoint.pt`` file, on CPU."""
-    import torch
-
     path = Path(path)
     if not path.exists():
         raise NodulekitError(f"{path} does not exist")
@@ -121,26 +119,27 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
             raise NodulekitError(
                 f"{path} has no trained fold {fold} (found: {', '.join(folds) or 'no checkpoints'})"
             )
-        try:
-            from nodulekit.training import load_fold_model
-        except ImportError:  # training stage not installed: rebuild from the checkpoint ourselves
-            load_fold_model = None
-        if load_fold_model is not None:
-            model, ckpt = load_fold_model(path, fold, device="cpu")
-        else:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            model = _model_from_checkpoint(ckpt, ckpt_path)
+        from nodulekit.training import load_fold_model
+
+        model, ckpt = load_fold_model(path, fold, device="cpu")
         return ModelSource(model, str(ckpt_path), fold, ckpt.get("epoch"), _read_json(run_json))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for non-checkpoints
-        raise NodulekitError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict):
-        raise NodulekitError(f"{path} is not a nodulekit checkpoint (not a dict)")
+    from nodulekit.training import load_checkpoint
+
+    ckpt = load_checkpoint(path)
     model = _model_from_checkpoint(ckpt, path)
     # A checkpoint inside a RUNDIR (RUNDIR/fold<k>/checkpoint.pt) still finds its run.json.
     run_json = path.parent.parent / "run.json"
     run = _read_json(run_json) if run_json.exists() else {}
+    # Training also stores provenance in the checkpoint: use it for a checkpoint copied out of its RUNDIR.
+    for key in ("label_rule", "normalisation", "dataset_fingerprint"):
+        if run.get(key) is None and ckpt.get(key) is not None:
+            value = ckpt[key]
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            run[key] = value
     if fold is None and path.parent.name.startswith("fold") and path.parent.name[4:].isdigit():
         fold = int(path.parent.name[4:])
     return ModelSource(model, str(path), fold, ckpt.get("epoch"), run)
@@ -218,9 +217,17 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
         raise NodulekitError(f"unknown exporter {exporter!r} (choose {' or '.join(EXPORTERS)})")
 
 
+def _run_dataset(run: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(path, fingerprint) of the training dataset recorded in run.json (``dataset`` may be a dict)."""
+    ds = run.get("dataset")
+    path = ds.get("path") if isinstance(ds, dict) else ds
+    fingerprint = run.get("dataset_fingerprint") or (ds.get("fingerprint") if isinstance(ds, dict) else None)
+    return (str(path) if path else None), (str(fingerprint) if fingerprint else None)
+
+
 def _export_inputs(run: dict[str, Any], channels: int, n: int, seed: int) -> tuple[np.ndarray, str]:
     """Real inputs from the run's dataset when it can be read, else seeded uniform [0, 1]."""
-    ds_path = run.get("dataset") or run.get("dataset_path")
+    ds_path, _ = _run_dataset(run)
     if ds_path and Path(ds_path).exists():
         from nodulekit.artifacts import open_artifact
 
@@ -277,6 +284,7 @@ def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str
     channels = int(getattr(model, "in_channels"))
     label_rule = run.get("label_rule")
     normalisation = run.get("normalisation")
+    ds_path, fingerprint = _run_dataset(run)
     meta = {
         "nodulekit_format": FORMAT,
         "nodulekit_version": __version__,
@@ -297,8 +305,8 @@ def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str
         "map_definition": MAP_DEFINITIONS[model.map_kind],
         "normalisation": json.dumps(normalisation) if normalisation is not None else "unknown",
         "label_rule": json.dumps(label_rule) if label_rule is not None else "unknown",
-        "dataset": str(run.get("dataset") or run.get("dataset_path") or "unknown"),
-        "dataset_fingerprint": str(run.get("dataset_fingerprint") or run.get("fingerprint") or "unknown"),
+        "dataset": ds_path or "unknown",
+        "dataset_fingerprint": fingerprint or "unknown",
         "fold": str(src.fold) if src.fold is not None else "unknown",
         "epoch": str(src.epoch) if src.epoch is not None else "unknown",
         "source": src.source,

@@ -20,117 +20,97 @@ from tests.conftest import write_tiny_dataset  # noqa: E402
 torch.set_num_threads(1)
 
 
-class TinySAM(torch.nn.Module):
-    """Stand-in with the NoduleClassifier interface: conv features on a 16x16 grid, SAM-style head."""
+def _model(name: str, channels: int = 3, **options):
+    from nodulekit.models import create_model
 
-    arch = "tiny-sam"
-    map_kind = "sam"
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 2, k: int = 4):
-        super().__init__()
-        self.in_channels, self.num_classes, self.config = in_channels, num_classes, {"k": k}
-        self.conv = torch.nn.Conv2d(in_channels, k, 3, stride=2, padding=1)
-        self.bn = torch.nn.BatchNorm2d(k)
-        self.pool = torch.nn.AvgPool2d(5, stride=2)
-        self.h = torch.nn.Parameter(torch.randn(k, 36) * 0.1)  # one FC neuron per feature map (Eq. 6)
-        self.fc = torch.nn.Linear(k, num_classes)
-        self.feature_layer = self.bn
-
-    def forward_features(self, x):
-        g = torch.relu(self.bn(self.conv(x)))
-        H = (self.pool(g).flatten(2) * self.h).sum(-1)
-        return {"logits": self.fc(H), "features": g, "high_level": None}
-
-    def forward(self, x):
-        return self.forward_features(x)["logits"]
-
-    def activation_map(self, x):
-        out = self.forward_features(x)
-        return out["logits"], torch.einsum("ck,bkhw->bchw", self.fc.weight, out["features"])
-
-
-class Plain(TinySAM):
-    map_kind = None
-
-    def activation_map(self, x):
-        raise NodulekitError("no map")
-
-
-def _registry_model(name: str, channels: int):
-    """A real registered model when the models stage has landed, else skip."""
-    try:
-        from nodulekit.models import available_models, create_model
-    except ImportError as exc:
-        pytest.skip(f"nodulekit.models not importable yet ({exc})")
-    if name not in available_models():
-        pytest.skip(f"model {name!r} not registered yet")
     torch.manual_seed(0)
-    return create_model(name, channels).eval()
+    model = create_model(name, channels, **options).eval()
+    # Non-trivial BN statistics so eval-mode batch norm is really exercised by the export.
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+    return model
 
 
 def _meta(path):
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    """One exported TinySAM (3 channels) shared by the inference tests."""
-    torch.manual_seed(0)
-    model = TinySAM(3).eval()
-    # Non-trivial BN statistics so eval-mode folding is exercised.
-    model.bn.running_mean.uniform_(-0.2, 0.2)
-    model.bn.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    meta = ex.export_onnx(model, path)
-    return model, path, meta
+def _own_map(model, x: np.ndarray) -> np.ndarray:
+    """M_c = sum_k gamma_k^c g_k from the model's features and classifier weights, outside the wrapper."""
+    with torch.no_grad():
+        g = model.forward_features(torch.as_tensor(x))["features"]
+        return torch.einsum("ck,bkhw->bchw", model.head.gamma, g).numpy()
 
 
-def test_tiny_export_matches_torch_and_has_metadata(tiny_export):
-    model, path, meta = tiny_export
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto)
-    assert not list(path.parent.glob("*.data")), "export must be one file, no external data"
-    assert [i.name for i in proto.graph.input] == ["x"]
-    assert [o.name for o in proto.graph.output] == ["prob", "map", "map_up"]
-    stored = _meta(path)
-    for key in ("arch", "in_channels", "normalisation", "label_rule", "dataset_fingerprint",
-                "nodulekit_version", "fold", "map_definition", "map_kind", "verification"):
-        assert key in stored, key
-    assert stored["nodulekit_format"] == ex.FORMAT and stored["arch"] == "tiny-sam" and stored["in_channels"] == "3"
+def _assert_matches(path, model, batches=(1, 5), seed=1):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(1)
-    for b in (1, 5, 17):  # dynamic batch, including sizes never seen at export
-        x = rng.random((b, 3, 32, 32), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for b in batches:
+        x = rng.random((b, model.in_channels, 32, 32), dtype=np.float32)
         prob, m, mu = sess.run(None, {"x": x})
         rp, rm, rmu = ex.reference_outputs(model, x)
         assert prob.shape == (b, 2) and m.shape == (b, 2, 16, 16) and mu.shape == (b, 2, 32, 32)
         np.testing.assert_allclose(prob.sum(1), 1, atol=1e-6)
         np.testing.assert_allclose(prob, rp, atol=ex.PROB_ATOL, rtol=0)
-        scale = np.abs(rm).max()
-        assert np.abs(m - rm).max() <= ex.MAP_RTOL * scale + ex.MAP_ATOL_FLOOR
-        assert np.abs(mu - rmu).max() <= ex.MAP_RTOL * scale + ex.MAP_ATOL_FLOOR
-    # The in-graph map is the model's own: M_c = sum_k w_ck g_k, checked independently of the wrapper.
-    x = torch.as_tensor(rng.random((2, 3, 32, 32), dtype=np.float32))
-    with torch.no_grad():
-        g = model.forward_features(x)["features"]
-        own = torch.einsum("ck,bkhw->bchw", model.fc.weight, g).numpy()
-    np.testing.assert_allclose(sess.run(["map"], {"x": x.numpy()})[0], own, rtol=1e-4, atol=1e-5)
+        tol = ex.MAP_RTOL * np.abs(rm).max() + ex.MAP_ATOL_FLOOR
+        assert np.abs(m - rm).max() <= tol and np.abs(mu - rmu).max() <= tol
+        own = _own_map(model, x)
+        assert np.abs(m - own).max() <= tol, "the exported map is not the model's own sum_k gamma_k g_k"
+        assert np.abs(own).max() > 0, "degenerate all-zero map would make the check vacuous"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """One HESAM (3 channels, base_width 8) exported with the default (dynamo) exporter, shared below."""
+    model = _model("hesam", 3, base_width=8)
+    path = tmp_path_factory.mktemp("onnx") / "hesam.onnx"
+    meta = ex.export_onnx(model, path)
+    return model, path, meta
+
+
+def test_hesam_export_matches_torch_and_has_metadata(tiny_export):
+    model, path, meta = tiny_export
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert not [p for p in path.parent.iterdir() if p.name != path.name], "export must be one file, no external data"
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert [o.name for o in proto.graph.output] == ["prob", "map", "map_up"]
+    stored = _meta(path)
+    for key in ("arch", "in_channels", "normalisation", "label_rule", "dataset_fingerprint",
+                "nodulekit_version", "fold", "map_definition", "map_kind", "verification", "model_config"):
+        assert key in stored, key
+    assert stored["nodulekit_format"] == ex.FORMAT and stored["arch"] == "hesam" and stored["in_channels"] == "3"
+    assert stored["map_kind"] == "hesam" and json.loads(stored["model_config"])["base_width"] == 8
+    assert stored == meta
+    _assert_matches(path, model, batches=(1, 5, 17))  # 17: a batch size never seen at export
+
+
+@pytest.mark.parametrize("name", ["sam", "cam"])
+def test_sam_cam_export_match_torch(name, tmp_path):
+    # The legacy exporter here keeps the suite fast; the dynamo path is covered by the HESAM export.
+    model = _model(name, 3, base_width=8)
+    meta = ex.export_onnx(model, tmp_path / f"{name}.onnx", exporter="torchscript")
+    assert meta["map_kind"] == name
+    _assert_matches(tmp_path / f"{name}.onnx", model)
 
 
 def test_export_refuses_existing_and_plain_models(tiny_export, tmp_path):
-    _, path, _ = tiny_export
+    model, path, _ = tiny_export
     with pytest.raises(NodulekitError, match="already exists"):
-        ex.export_onnx(TinySAM(3), path)
+        ex.export_onnx(model, path)
     with pytest.raises(NodulekitError, match="Grad-CAM"):
-        ex.export_onnx(Plain(3), tmp_path / "plain.onnx")
-    assert not (tmp_path / "plain.onnx").exists()
+        ex.export_onnx(_model("resnet18", 3), tmp_path / "plain.onnx")
     with pytest.raises(NodulekitError, match="opset"):
-        ex.export_onnx(TinySAM(3), tmp_path / "o.onnx", opset=7)
+        ex.export_onnx(model, tmp_path / "o.onnx", opset=7)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_mismatch_removes_file(tmp_path, monkeypatch):
     """A graph that disagrees with PyTorch is refused and leaves nothing behind."""
-    model = TinySAM(3).eval()
+    model = _model("cam", 3, base_width=8)
     real = ex.reference_outputs
 
     def skewed(m, x):
@@ -160,7 +140,7 @@ def test_infer_writes_maps_equal_to_torch(tiny_export, tmp_path):
         tol = ex.MAP_RTOL * np.abs(rm).max() + ex.MAP_ATOL_FLOOR
         assert f["maps"].shape == (12, 2, 16, 16) and f["maps_up"].shape == (12, 2, 32, 32)
         assert np.abs(f["maps"][()] - rm).max() <= tol and np.abs(f["maps_up"][()] - rmu).max() <= tol
-        assert f.attrs["method"] == "sam" and f.attrs["arch"] == "tiny-sam"
+        assert f.attrs["method"] == "hesam" and f.attrs["arch"] == "hesam"
         assert json.loads(f.attrs["provenance"])["provider"] == "cpu"
     with pytest.raises(NodulekitError, match="already exists"):
         ex.infer(path, ds, out, provider="cpu")
@@ -227,3 +207,38 @@ def test_cli_infer_and_one_line_errors(tiny_export, tmp_path):
     assert "Traceback" not in r.stderr
     r = _cli("export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
     assert r.returncode == 2 and r.stderr.strip() == f"nodulekit: error: {tmp_path / 'nope'} does not exist"
+
+
+def test_export_trained_rundir_via_cli(tmp_path):
+    """A tiny trained RUNDIR: export-onnx reads run.json, checks on the run's own data, infer = PyTorch maps."""
+    from nodulekit.artifacts import open_artifact
+    from nodulekit.training import TrainConfig, load_fold_model, train
+
+    ds = write_tiny_dataset(tmp_path / "d3.h5", n=20, channels=3, folds=2)
+    rundir = tmp_path / "run"
+    cfg = TrainConfig(arch="hesam", model_options={"base_width": 8}, epochs=1, batch_size=8, device="cpu", seed=0)
+    train(ds, rundir, cfg, folds=[1], progress=False)
+    run = json.loads((rundir / "run.json").read_text())
+    out = tmp_path / "fold1.onnx"
+    r = _cli("export-onnx", rundir, "--fold", "1", "-o", out, "--exporter", "torchscript")
+    assert r.returncode == 0, r.stderr
+    assert "fold 1" in r.stdout and out.exists()
+    meta = _meta(out)
+    assert meta["fold"] == "1" and meta["arch"] == "hesam" and meta["epoch"] != "unknown"
+    assert meta["dataset_fingerprint"] == run["dataset_fingerprint"] != "unknown"
+    assert json.loads(meta["label_rule"]) == run["label_rule"]
+    assert json.loads(meta["normalisation"]) == run["normalisation"]
+    assert json.loads(meta["verification"])["inputs"].startswith("dataset ")  # real inputs, not random
+    r = _cli("export-onnx", rundir, "--fold", "0", "-o", tmp_path / "f0.onnx")
+    assert r.returncode == 2 and "fold 0" in r.stderr and not (tmp_path / "f0.onnx").exists()
+
+    preds = tmp_path / "preds.h5"
+    ex.infer(out, ds, preds, provider="cpu", batch=7)
+    model, _ = load_fold_model(rundir, 1)
+    with h5py.File(ds, "r") as f:
+        x = f["x"][()]
+    rp, rm, _ = ex.reference_outputs(model, x)
+    with open_artifact(preds, "maps") as f:
+        np.testing.assert_allclose(f["prob"][()], rp[:, 1], atol=ex.PROB_ATOL)
+        assert np.abs(f["maps"][()] - rm).max() <= ex.MAP_RTOL * np.abs(rm).max() + ex.MAP_ATOL_FLOOR
+        np.testing.assert_array_equal(f["fold"][()], 1)
