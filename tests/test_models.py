@@ -22,6 +22,13 @@ ALL = sorted({model_spec(n).alias_of or n for n in available_models()})
 MAP_ARCHS = [n for n in ALL if model_spec(n).map_kind is not None]
 
 
+def _small(name: str) -> dict:
+    """Narrow versions of an architecture (same topology, fewer maps) keep the suite fast."""
+    defaults = model_spec(name).defaults
+    opts = {"base_width": 8, "growth": 4, "fc_width": 32}
+    return {k: v for k, v in opts.items() if k in defaults}
+
+
 def _x(c: int, b: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, c, 32, 32, generator=torch.Generator().manual_seed(seed))
 
@@ -193,7 +200,7 @@ def test_pooling_options(hf_pool, fcf_pool):
 @pytest.mark.parametrize("name", ALL)
 def test_forward_backward_every_arch(name):
     torch.manual_seed(0)
-    model = create_model(name, 11)
+    model = create_model(name, 11, **_small(name))
     assert isinstance(model, NoduleClassifier)
     assert _first_conv(model).in_channels == 11
     x = _x(11)
@@ -210,7 +217,8 @@ def test_forward_backward_every_arch(name):
     hook.remove()
     torch.testing.assert_close(seen["g"], g_eval)
     model.train()
-    loss = nn.functional.cross_entropy(out["logits"], torch.tensor([0, 1])) + model.auxiliary_loss(out, {})
+    batch = {"mask": (x > 0).to(torch.uint8), "characteristics": torch.full((2, 8), 3.5)}
+    loss = nn.functional.cross_entropy(out["logits"], torch.tensor([0, 1])) + model.auxiliary_loss(out, batch)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(gr is not None for gr in grads)
@@ -234,3 +242,130 @@ def test_any_channel_count(name, channels):
     out = model.forward_features(_x(channels))
     out["logits"].sum().backward()
     assert out["features"].shape == (2, 32, 16, 16)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_first_layer_takes_any_channel_count(name):
+    for channels in (1, 3, 21):
+        model = create_model(name, channels, **_small(name))
+        assert _first_conv(model).in_channels == channels
+        assert model.in_channels == channels
+
+
+# -- Table 2 comparison models ------------------------------------------------------------
+
+@pytest.mark.parametrize("family, maps", [("resnet18", 64), ("resnet34", 64), ("vgg16", 64), ("densenet121", 128)])
+def test_cam_sam_variants_have_16x16_features(family, maps):
+    """Narrow widths (8x fewer maps than the paper; densenet growth 4): the spatial layout is the point."""
+    torch.manual_seed(0)
+    x = _x(3, b=1)
+    plain = create_model(family, 3, **_small(family)).eval()
+    assert plain.map_kind is None
+    with torch.no_grad():
+        assert plain.forward_features(x)["features"].shape[2:] == ((2, 2) if family == "vgg16" else (4, 4))
+    for suffix in ("-cam", "-sam"):
+        model = create_model(family + suffix, 3, **_small(family + suffix)).eval()
+        assert model.map_kind == suffix[1:]
+        with torch.no_grad():
+            out = model.forward_features(x)
+            _, m = model.activation_map(x)
+        assert out["features"].shape == (1, maps, 16, 16)
+        assert m.shape == (1, 2, 16, 16)
+        if suffix == "-sam":
+            assert model.head.beta.shape == (maps, 36)
+        else:  # exact CAM identity for the comparison models too
+            torch.testing.assert_close(m.mean(dim=(2, 3)) + model.head.fc.bias, out["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name, maps", [("resnet18-sam", 512), ("vgg16-cam", 512), ("densenet121-sam", 1024)])
+def test_full_width_comparison_models(name, maps):
+    model = create_model(name, 1).eval()
+    with torch.no_grad():
+        g = model.forward_features(_x(1, b=1))["features"]
+    assert g.shape == (1, maps, 16, 16)
+
+
+def test_vgg_cam_keeps_one_pool_and_one_fc():
+    model = create_model("vgg16-cam", 1, base_width=8)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 1
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 1
+    plain = create_model("vgg16", 1, base_width=8, fc_width=16)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in plain.modules()) == 5
+    assert sum(isinstance(m, nn.Linear) for m in plain.modules()) == 3
+
+
+def test_densenet121_layout():
+    model = create_model("densenet121", 1, growth=4)
+    from nodulekit.models.densenet import DenseLayer
+
+    assert sum(isinstance(m, DenseLayer) for m in model.modules()) == 6 + 12 + 24 + 16
+    assert model.head.channels == 128  # growth 4: (((8 + 24) / 2 + 48) / 2 + 96) / 2 + 64
+    assert create_model("densenet121", 1).head.channels == 1024
+
+
+def test_resnet_depths():
+    from nodulekit.models.blocks import BasicBlock
+
+    assert sum(isinstance(m, BasicBlock) for m in create_model("resnet18", 1, base_width=4).modules()) == 8
+    assert sum(isinstance(m, BasicBlock) for m in create_model("resnet34-sam", 1, base_width=4).modules()) == 16
+
+
+def test_sag_c_attention_gates():
+    torch.manual_seed(0)
+    model = create_model("sag-c", 3, base_width=8).eval()
+    with torch.no_grad():
+        out = model.forward_features(_x(3))
+    assert out["features"].shape == (2, 64, 4, 4)
+    a16, a8 = out["attention_16"], out["attention_8"]
+    assert a16.shape == (2, 1, 16, 16) and a8.shape == (2, 1, 8, 8)
+    assert ((a16 > 0) & (a16 < 1)).all() and ((a8 > 0) & (a8 < 1)).all()
+    # only the first conv at each scale: four 3x3 convs in total
+    assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules()) == 4
+
+
+def test_default_auxiliary_loss_is_zero(hesam):
+    out = hesam.forward_features(_x(11))
+    aux = hesam.auxiliary_loss(out, {"mask": torch.ones(2, 11, 32, 32), "characteristics": torch.ones(2, 8)})
+    assert aux.shape == () and aux.item() == 0.0
+
+
+def test_pn_samp_outputs_and_auxiliary_loss():
+    torch.manual_seed(0)
+    model = create_model("pn-samp", 3, base_width=8, seg_weight=2.0, attr_weight=0.5)
+    assert model.config == {"seg_weight": 2.0, "attr_weight": 0.5, "base_width": 8}
+    out = model.forward_features(_x(3))
+    assert out["segmentation"].shape == (2, 1, 32, 32)
+    assert out["attributes"].shape == (2, 8)
+    assert out["features"].shape == (2, 32, 4, 4)
+    mask = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    mask[:, 1, 10:20, 10:20] = 1  # centre slice: the one the segmentation is trained on
+    ratings = torch.full((2, 8), 4.0)
+    ratings[0, 0] = float("nan")  # missing rating is ignored
+    seg = nn.functional.binary_cross_entropy_with_logits(out["segmentation"], mask[:, 1:2].float())
+    valid = ~torch.isnan(ratings)
+    mse = ((out["attributes"] - ratings)[valid] ** 2).mean()
+    aux = model.auxiliary_loss(out, {"mask": mask, "characteristics": ratings})
+    torch.testing.assert_close(aux, 2.0 * seg + 0.5 * mse)
+    torch.testing.assert_close(model.auxiliary_loss(out, {}), torch.tensor(0.0))
+    torch.testing.assert_close(model.auxiliary_loss(out, {"mask": mask}), 2.0 * seg)
+    aux.backward()
+    assert model.seg_out.weight.grad.abs().sum() > 0 and model.attr_out.weight.grad.abs().sum() > 0
+
+
+def test_pn_samp_learns_segmentation_and_attributes():
+    """A few steps of the auxiliary loss alone reduce it: the targets reach the right outputs."""
+    torch.manual_seed(0)
+    model = create_model("pn-samp", 1, base_width=4)
+    x = _x(1, b=2)
+    mask = (x[:, :1] > 0).to(torch.uint8)  # learnable from the input pixel-wise
+    batch = {"mask": mask, "characteristics": torch.full((2, 8), 2.0)}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        out = model.forward_features(x)
+        loss = model.auxiliary_loss(out, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

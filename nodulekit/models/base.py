@@ -35,6 +35,11 @@ class NoduleClassifier(nn.Module):
         self.map_kind = map_kind
         self.head: nn.Module | None = None
 
+    @property
+    def high_level(self) -> bool:
+        """Whether the head fuses a high-level feature d (``forward_features(x)["high_level"]`` is set)."""
+        return getattr(self.head, "fusion", None) is not None
+
     # -- backbone -------------------------------------------------------------------------
     @property
     def feature_layer(self) -> nn.Module:
