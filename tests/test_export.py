@@ -229,6 +229,13 @@ def test_export_trained_rundir_via_cli(tmp_path):
     assert json.loads(meta["label_rule"]) == run["label_rule"]
     assert json.loads(meta["normalisation"]) == run["normalisation"]
     assert json.loads(meta["verification"])["inputs"].startswith("dataset ")  # real inputs, not random
+    # A checkpoint copied out of its RUNDIR still carries its provenance.
+    import shutil
+    lone = tmp_path / "lone.pt"
+    shutil.copy(rundir / "fold1" / "checkpoint.pt", lone)
+    src = ex.load_model_source(lone)
+    assert src.run["dataset_fingerprint"] == run["dataset_fingerprint"] and src.run["label_rule"] == run["label_rule"]
+    assert src.model.arch == "hesam" and src.model.config["base_width"] == 8
     r = _cli("export-onnx", rundir, "--fold", "0", "-o", tmp_path / "f0.onnx")
     assert r.returncode == 2 and "fold 0" in r.stderr and not (tmp_path / "f0.onnx").exists()
 
