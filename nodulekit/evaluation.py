@@ -35,6 +35,7 @@ PAPER_NAMES = {
     "resnet18-cam": "ResNet18-CAM", "resnet18-sam": "ResNet18-SAM", "resnet34-cam": "ResNet34-CAM",
     "resnet34-sam": "ResNet34-SAM", "vgg16-cam": "VGG16-CAM", "vgg16-sam": "VGG16-SAM",
     "densenet121-cam": "DenseNet121-CAM", "densenet121-sam": "DenseNet121-SAM",
+    "pn-samp": "PN-SAMP", "sag-c": "SAG-C",
 }
 REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png")
 

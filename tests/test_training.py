@@ -302,3 +302,26 @@ def test_validation_split_grouped_and_stratified():
     assert np.array_equal(va, va2)
     with pytest.raises(NodulekitError, match="needs at least 10 training patients"):
         validation_split(y[:8], groups[:8], 0.1, seed=0)
+
+
+def test_auxiliary_loss_gets_masks_and_characteristics(ds3, tmp_path, monkeypatch):
+    """Multi-task models (pn-samp) train on cross-entropy + auxiliary_loss with the batch's targets."""
+    from nodulekit.datasets import load_dataset
+    from nodulekit.models.pnsamp import PNSAMP
+
+    ds = load_dataset(ds3)
+    calls = []
+    original = PNSAMP.auxiliary_loss
+
+    def spy(self, outputs, batch):
+        idx = batch["index"].cpu().numpy()
+        assert np.array_equal(batch["mask"].cpu().numpy(), ds.mask[idx])
+        assert np.array_equal(batch["characteristics"].cpu().numpy(), ds.characteristics[idx])
+        assert np.array_equal(batch["y"].cpu().numpy(), ds.y[idx])
+        calls.append(len(idx))
+        return original(self, outputs, batch)
+
+    monkeypatch.setattr(PNSAMP, "auxiliary_loss", spy)
+    run_train(ds3, tmp_path / "pn", folds=[0], epochs=1, arch="pn-samp", model_options={"base_width": 4})
+    assert sum(calls) == 32  # every training row of fold 0, once
+    assert read_result(tmp_path / "pn", 0)["history"].shape == (1, 5)
