@@ -56,12 +56,12 @@ class Volume:
 # ----------------------------------------------------------------------------- DICOM
 
 
-def _read_header(path: Path):
+def _read_header(path: Path, pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError:
         raise DataError(f"{path} is not a DICOM file") from None
     except Exception as exc:  # truncated files raise assorted errors deep in pydicom
@@ -128,7 +128,8 @@ def read_dicom_series(
     """
     if not files:
         raise DataError(f"no DICOM files given for patient {patient_id or '?'}")
-    headers = [(Path(p), _read_header(Path(p))) for p in files]
+    # One read per file: the pixel bytes come along but are decoded only for kept slices.
+    headers = [(Path(p), _read_header(Path(p), pixels=True)) for p in files]
     uids = {str(h.SeriesInstanceUID).strip() for _, h in headers}
     if len(uids) > 1:
         raise DataError(f"files of patient {patient_id or '?'} mix {len(uids)} series")
@@ -169,27 +170,29 @@ def read_dicom_series(
             i = int(bad[0])
             raise DataError(f"{where} has a missing slice between z={zs[i]:.2f} and z={zs[i + 1]:.2f} mm (spacing {step:.2f} mm)")
 
-    hu = np.empty(shape + (len(zs),), np.int16)
+    # Filled slice-major (contiguous writes), exposed as a [row, col, slice] view.
+    stack = np.empty((len(zs),) + shape, np.int16)
     for k, z in enumerate(zs):
-        path, _ = by_z[z]
-        hu[:, :, k] = _read_hu(path)
+        path, ds = by_z[z]
+        stack[k] = _to_hu(path, ds)
+    hu = stack.transpose(1, 2, 0)
     first = by_z[zs[0]][1]
     origin = (float(first.ImagePositionPatient[0]), float(first.ImagePositionPatient[1]))
     return Volume(hu=hu, zvals=zs.astype(float), pixel_spacing=spacing, origin_xy=origin,  # type: ignore[arg-type]
                   patient_id=patient_id, series_uid=series_uid, files=[str(by_z[z][0]) for z in zs])
 
 
-def _read_hu(path: Path) -> np.ndarray:
-    import pydicom
-
+def _to_hu(path: Path, ds) -> np.ndarray:
     try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array.astype(np.float64)
+        pixels = ds.pixel_array
     except Exception as exc:
         raise DataError(f"{path} has unreadable pixel data ({type(exc).__name__}: {exc})") from None
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    hu = np.rint(pixels * slope + intercept)
+    if slope == 1.0 and intercept.is_integer():  # the usual CT case: stay in integers
+        hu = pixels.astype(np.int32) + int(intercept)
+    else:
+        hu = np.rint(pixels.astype(np.float64) * slope + intercept)
     return np.clip(hu, np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
 
 
