@@ -623,7 +623,8 @@ def train_fold(
         resume = ckpt.get("resume") or {}
         done = int(ckpt.get("epoch", 0))
         if ckpt.get("finished") and done >= cfg.epochs and result_path.exists():
-            return {"fold": fold, "status": "skipped", "epochs": done, "selected_epoch": ckpt.get("selected_epoch")}
+            return {"fold": fold, "status": "skipped", "epochs": done, "epochs_run": 0,
+                    "selected_epoch": ckpt.get("selected_epoch")}
         model.load_state_dict(resume.get("model") or ckpt["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -731,7 +732,8 @@ def train_fold(
         test_prob=test_prob, selected_epoch=final_ckpt["selected_epoch"], device=device, amp=amp,
     )
     return {
-        "fold": fold, "status": status, "epochs": cfg.epochs, "selected_epoch": final_ckpt["selected_epoch"],
+        "fold": fold, "status": status, "epochs": cfg.epochs, "epochs_run": cfg.epochs - start_epoch,
+        "selected_epoch": final_ckpt["selected_epoch"],
         "test_acc": test_acc, "test_loss": test_loss,
     }
 
