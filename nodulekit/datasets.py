@@ -300,8 +300,39 @@ def _read_table(f) -> dict[str, Any]:
     return table
 
 
-def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: bool):
-    """Resample every nodule of an open rois file: x [N,C,32,32], mask, pixel_mm [N,C], filled [N,C]."""
+def replicated_border(hu: np.ndarray) -> tuple[int, int, int, int]:
+    """The in-plane rectangle ``(row_first, row_last, col_first, col_last)`` (inclusive) left
+    after removing edge-replicated border rows/columns of a [Z, H, W] window.
+
+    extract fills the part of the window outside the source by copying the nearest source
+    row/column, so the filled border consists of rows (columns) exactly equal to their
+    neighbour in every slice, which real CT noise never produces.
+    """
+    hu = np.asarray(hu)
+    row_diff = np.any(hu[:, 1:, :] != hu[:, :-1, :], axis=(0, 2))
+    col_diff = np.any(hu[:, :, 1:] != hu[:, :, :-1], axis=(0, 1))
+    h, w = hu.shape[1:]
+    if not row_diff.any() or not col_diff.any():
+        return 0, h - 1, 0, w - 1
+    r0 = int(np.argmax(row_diff))
+    r1 = h - 1 - int(np.argmax(row_diff[::-1]))
+    c0 = int(np.argmax(col_diff))
+    c1 = w - 1 - int(np.argmax(col_diff[::-1]))
+    return r0, r1, c0, c1
+
+
+def _inplane_filled_channels(coords: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """1 for each channel whose sample points reach more than half a pixel into the filled border."""
+    r0, r1, c0, c1 = rect
+    ys, xs = coords[1], coords[2]
+    out_y = (ys.min(axis=(1, 2)) < r0 - 0.5) | (ys.max(axis=(1, 2)) > r1 + 0.5)
+    out_x = (xs.min(axis=(1, 2)) < c0 - 0.5) | (xs.max(axis=(1, 2)) > c1 + 0.5)
+    return (out_y | out_x).astype(np.uint8)
+
+
+def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: bool) -> dict[str, Any]:
+    """Resample every nodule of an open rois file: x [N,C,32,32], mask, pixel_mm [N,C] and
+    the per-channel fill flags."""
     from tqdm import tqdm
 
     path = f.filename
@@ -310,6 +341,8 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
     mask = np.empty((n, n_channels, PATCH, PATCH), np.uint8)
     pixel_mm = np.empty((n, n_channels), np.float32)
     filled = np.zeros((n, n_channels), np.uint8)
+    inplane = np.zeros((n, n_channels), np.uint8)
+    undetermined: list[str] = []
     offsets = np.array([s.z_offset_mm for s in layout], np.float64)
     z_lo = min(s.z_index for s in layout)
     z_hi = max(s.z_index for s in layout) + 1
@@ -341,10 +374,22 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
         # Read only the slices this layout uses (one for D1C/D3C).
         hu = g["hu"][z_lo:z_hi]
         m = g["mask"][z_lo:z_hi]
+        centre_yx = None if centre is None else (centre[0], centre[1])
         x[i], mask[i], pixel_mm[i] = resample_nodule(
-            hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo,
-            centre_yx=None if centre is None else (centre[0], centre[1]))
-    return x, mask, pixel_mm, filled
+            hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo, centre_yx=centre_yx)
+        # In-plane fill: only where extract says it filled pixels; the detected border must
+        # account for exactly that many pixels, otherwise the flags are left unknown (0).
+        n_filled = int(g.attrs.get("inplane_filled", 0))
+        if n_filled > 0:
+            rect = replicated_border(hu)
+            h, w = hu.shape[1:]
+            if h * w - (rect[1] - rect[0] + 1) * (rect[3] - rect[2] + 1) == n_filled:
+                coords, _ = sample_grid((h, w), spacing, layout, float(diameter[i]), nid, centre_yx)
+                inplane[i] = _inplane_filled_channels(coords, rect)
+            else:
+                undetermined.append(nid)
+    return {"x": x, "mask": mask, "pixel_mm": pixel_mm, "filled": filled, "inplane": inplane,
+            "undetermined": undetermined}
 
 
 def dataset_name(channels: int) -> str:
@@ -383,7 +428,7 @@ def build_dataset(
         table = _read_table(f)
         # Folds need only labels and patients: refuse an impossible split before the slow part.
         fold = assign_folds(table["y"], table["patient_id"], n_folds, seed, split)
-        x, mask, pixel_mm, filled = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
+        images = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
     label_rule = table["label_rule"]
     name = dataset_name(channels)
     layout_json = [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout]
@@ -401,18 +446,23 @@ def build_dataset(
         label_rule=json.loads(label_rule),
         normalisation=NORMALISATION,
         channel_layout=layout_json,
+        inplane_fill_undetermined=images["undetermined"],
     )
     with write_artifact(out_path, "dataset", prov, overwrite=overwrite) as out:
-        out.create_dataset("x", data=x)
+        out.create_dataset("x", data=images["x"])
         out["y"] = table["y"]
         out["fold"] = fold
         write_strings(out, "patient_id", table["patient_id"])
         write_strings(out, "nodule_id", table["nodule_id"])
-        out.create_dataset("mask", data=mask, compression="gzip", compression_opts=4)
-        out["pixel_mm"] = pixel_mm
-        out["filled_channels"] = filled
+        out.create_dataset("mask", data=images["mask"], compression="gzip", compression_opts=4)
+        out["pixel_mm"] = images["pixel_mm"]
+        out["filled_channels"] = images["filled"]
         out["filled_channels"].attrs["meaning"] = (
             "1 where the channel's slice lay outside the source scan/VOI and was edge-replicated by extract")
+        out["inplane_filled_channels"] = images["inplane"]
+        out["inplane_filled_channels"].attrs["meaning"] = (
+            "1 where the channel's square ROI reaches into the in-plane border that extract filled "
+            "by edge replication (source crop smaller than the ROI)")
         out["characteristics"] = table["characteristics"]
         out["characteristics"].attrs["names"] = table["characteristic_names"]
         out["reader_malignancy"] = table["reader_malignancy"]
@@ -456,6 +506,8 @@ class Dataset:
     path: Path | None = None
     # uint8 [N, C]: 1 where the channel's slice was edge-replicated by extract (None if not recorded)
     filled_channels: np.ndarray | None = None
+    # uint8 [N, C]: 1 where the channel's ROI reaches into an edge-replicated in-plane border
+    inplane_filled_channels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -514,6 +566,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         malignancy_mean = np.asarray(f["malignancy_mean"][()], np.float32)
         diameter_mm = np.asarray(f["diameter_mm"][()], np.float32)
         filled = np.asarray(f["filled_channels"][()], np.uint8) if "filled_channels" in f else None
+        inplane = np.asarray(f["inplane_filled_channels"][()], np.uint8) if "inplane_filled_channels" in f else None
         attrs: dict[str, Any] = {}
         for name in ("channels", "n_folds", "split", "seed", "name"):
             attrs[name] = _attr(f, name, path)
@@ -545,8 +598,9 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     for name, (arr, shape) in expected.items():
         if arr.shape != shape:
             raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected {shape} to match x {x.shape}")
-    if filled is not None and filled.shape != (n, c):
-        raise ArtifactError(f"{path}: filled_channels has shape {filled.shape}, expected {(n, c)}")
+    for name, arr in (("filled_channels", filled), ("inplane_filled_channels", inplane)):
+        if arr is not None and arr.shape != (n, c):
+            raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected {(n, c)}")
     if int(attrs["channels"]) != c:
         raise ArtifactError(f"{path}: attribute channels={attrs['channels']} but x has {c} channels")
     if not np.all(np.isfinite(x)):
@@ -563,6 +617,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         mask=mask, pixel_mm=pixel_mm, characteristics=characteristics,
         reader_malignancy=reader_malignancy, malignancy_mean=malignancy_mean,
         diameter_mm=diameter_mm, attrs=attrs, path=path, filled_channels=filled,
+        inplane_filled_channels=inplane,
     )
 
 

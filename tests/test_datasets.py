@@ -235,6 +235,31 @@ def test_sub_pixel_centre_and_filled_slices_from_extract_are_used(tmp_path):
     assert 15.5 - cx == pytest.approx(0.4 * spacing / off.pixel_mm[0, 0], abs=0.05)
 
 
+def test_inplane_edge_replicated_border_is_flagged_per_channel(tmp_path):
+    # A source crop smaller than the window, padded by edge replication as extract does: the
+    # 2x ROI stays inside the real pixels, the 4x ROI reaches into the replicated border.
+    diameter, spacing = 10.0, 0.5
+    side = int(np.ceil(4.5 * diameter / spacing)) | 1  # 91 px, odd like extract's windows
+    rng = np.random.default_rng(5)
+    hu, mask = sphere_volume(diameter, spacing, side, rng, noise=20.0)
+    keep = slice(10, side - 10)  # real rows/cols 10..80 = centre 45 +- 35 px; 3x ROI = +- 30 px, 4x = +- 40 px
+    core = hu[:, keep, keep]
+    padded = np.pad(core, ((0, 0), (10, 10), (10, 10)), mode="edge")
+    assert padded.shape == hu.shape
+    n_filled = side * side - core.shape[1] * core.shape[2]
+    good = dict(patient="P0", cluster=1, label=0, diameter=diameter, spacing=spacing, hu=padded, mask=mask,
+                attrs={"inplane_filled": n_filled})
+    wrong = {**good, "patient": "P1", "label": 1, "attrs": {"inplane_filled": n_filled + 7}}
+    others = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing, hu=hu, mask=mask)
+              for i in range(2, 4)]
+    rois = write_rois(tmp_path / "r.h5", [good, wrong] + others)
+    path = build_dataset(rois, tmp_path / "d3.h5", channels=3, n_folds=2, progress=False)
+    ds = load_dataset(path)
+    np.testing.assert_array_equal(ds.inplane_filled_channels[0], [0, 0, 1])
+    np.testing.assert_array_equal(ds.inplane_filled_channels[1:], 0)  # count mismatch: unknown; no fill
+    assert ds.attrs["provenance"]["inplane_fill_undetermined"] == ["P1:1"]
+
+
 def test_patient_folds_are_grouped_stratified_and_seeded():
     rng = np.random.default_rng(3)
     patients = np.repeat([f"LIDC-IDRI-{i:04d}" for i in range(120)], rng.integers(1, 5, 120))

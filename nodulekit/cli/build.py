@@ -56,3 +56,9 @@ def build(
             f"({100 * ds.filled_channels.mean():.1f}%, in {int(ds.filled_channels.any(axis=1).sum())} nodules) "
             "lie outside their source in z and are edge-replicated slices (see filled_channels)"
         )
+    if ds.inplane_filled_channels is not None and ds.inplane_filled_channels.any():
+        typer.echo(
+            f"note: {int(ds.inplane_filled_channels.sum())} of {ds.inplane_filled_channels.size} channels "
+            f"(in {int(ds.inplane_filled_channels.any(axis=1).sum())} nodules) reach into an edge-replicated "
+            "in-plane border (see inplane_filled_channels)"
+        )
