@@ -120,10 +120,10 @@ def sample_grid(
     coords = np.empty((3, len(layout), PATCH, PATCH), np.float64)
     pixel_mm = np.empty(len(layout), np.float32)
     for c, spec in enumerate(layout):
-        side_mm = spec.p * diameter_mm
-        pixel_mm[c] = side_mm / PATCH
-        ys = cy + steps * (pixel_mm[c] / sy)
-        xs = cx + steps * (pixel_mm[c] / sx)
+        step_mm = spec.p * diameter_mm / PATCH  # float64 for the coordinates
+        pixel_mm[c] = step_mm
+        ys = cy + steps * (step_mm / sy)
+        xs = cx + steps * (step_mm / sx)
         coords[0, c] = spec.z_index
         coords[1, c] = ys[:, None]
         coords[2, c] = xs[None, :]
