@@ -79,16 +79,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def report_markdown(scores, tests, accuracy: dict[str, float], runs: list[tuple[str, Path]],
-                    radius_mm: float, dataset: str) -> str:
-    from nodulekit.scores import summarise_scores
+def report_markdown(scores, tests, accuracy: dict[str, float], runs: list[tuple[str, Path]], dataset: str) -> str:
+    from nodulekit.scores import band_rule, summarise_scores
 
     summary = summarise_scores(scores, "class")
     lines = [
         "# Where do the activation maps look? Margin band vs body\n",
         f"Dataset: `{dataset}`. Each nodule's map comes from the fold model that did not train on it. "
-        f"Malignant-class maps, clipped at 0; regions from the readers' consensus contour on the centre slice: "
-        f"body = contour eroded by {radius_mm:g} mm, margin band = within {radius_mm:g} mm of the contour "
+        f"Malignant-class maps, clipped at 0; regions from the readers' consensus contour on the centre slice "
+        f"with {band_rule(scores)}: body = contour eroded by r, margin band = within r of the contour "
         "(both sides), outside = the rest. Share = fraction of the map's positive energy in a region; "
         "enrichment = share / area fraction (1 = no preference); pointing = how often the map's peak is in the region.\n",
         "\n## Runs\n",
@@ -136,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", help="dataset artifact [default: the one in the first run's run.json]")
     parser.add_argument("--reference", default=None, help="method the others are tested against [default: hesam if given, else the first]")
     parser.add_argument("--radius-mm", type=float, default=2.0, help="margin band half-width in mm [2.0]")
+    parser.add_argument("--radius-frac", type=float, default=None,
+                        help="instead: band half-width as a fraction of each nodule's equivalent radius")
     parser.add_argument("--device", default=None, help="cpu / cuda [default: cuda if available]")
     parser.add_argument("--n-figure", type=int, default=6, help="nodules in the map grid [6]")
     parser.add_argument("--skip-empty-masks", action="store_true", help="leave out nodules with an empty centre mask")
@@ -181,13 +182,14 @@ def _run(args) -> int:
             prob, y = f["prob"][()], f["y"][()]
         accuracy[method] = float(((prob >= 0.5) == (y == 1)).mean())
         paths.append(path)
-    scores = score_maps(paths, dataset, radius_mm=args.radius_mm, skip_empty_masks=args.skip_empty_masks)
-    write_scores(scores, out / "scores.csv", radius_mm=args.radius_mm, overwrite=True)
+    scores = score_maps(paths, dataset, radius_mm=args.radius_mm, radius_frac=args.radius_frac,
+                        skip_empty_masks=args.skip_empty_masks)
+    write_scores(scores, out / "scores.csv", overwrite=True)
     region_score_plot(scores, out / "region_scores.png", overwrite=True)
     map_grid(paths, dataset, out / "map_grid.png", n=args.n_figure, overwrite=True)
     tests = paired_band_tests(scores, reference)
     with atomic_path(report, suffix=".md.part") as tmp:
-        tmp.write_text(report_markdown(scores, tests, accuracy, runs, args.radius_mm, str(dataset)))
+        tmp.write_text(report_markdown(scores, tests, accuracy, runs, str(dataset)))
     print(f"wrote {report}")
     return 0
 

@@ -229,7 +229,7 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("share of positive map energy")
     axes[0].legend(fontsize=8)
-    radius = scores["radius_mm"].iloc[0] if "radius_mm" in scores else None
+    rule = scores["band_rule"].iloc[0] if "band_rule" in scores else None
     fig.suptitle(f"Where the {scores['map_class'].iloc[0]}-class maps put their energy"
-                 + (f" (band = ±{radius:g} mm around the contour)" if radius is not None else ""), fontsize=10)
+                 + (f" (margin band: within r of the contour, {rule})" if rule is not None else ""), fontsize=10)
     return _save(fig, out, overwrite)

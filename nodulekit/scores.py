@@ -95,13 +95,17 @@ def score_maps(
     dataset: str | Path,
     *,
     radius_mm: float = 2.0,
+    radius_frac: float | None = None,
     map_class: int = 1,
     skip_empty_masks: bool = False,
 ):
     """Per-nodule region scores of one or more ``maps`` artifacts (a pandas DataFrame).
 
     ``map_class`` picks which class's map is scored (1 = malignant, 0 = benign). The
-    mask is the dataset's consensus mask on the centre channel.
+    mask is the dataset's consensus mask on the centre channel. The band half-width is
+    ``radius_mm``, or with ``radius_frac`` that fraction of each nodule's equivalent radius
+    sqrt(mask area / pi) in mm (ROIs are cut at twice the nodule diameter, so a fixed mm
+    radius is a larger share of a small nodule than of a large one).
     """
     import pandas as pd
 
@@ -110,6 +114,11 @@ def score_maps(
 
     if not maps_paths:
         raise NodulekitError("give at least one maps file")
+    if radius_frac is not None and not radius_frac >= 0:
+        raise NodulekitError(f"radius fraction must be >= 0, got {radius_frac}")
+    if radius_frac is None and not radius_mm >= 0:
+        raise NodulekitError(f"radius must be >= 0 mm, got {radius_mm}")
+    rule = f"r = {radius_frac:g} x equivalent radius" if radius_frac is not None else f"r = {radius_mm:g} mm"
     ds = load_dataset(dataset)
     centre = ds.channels // 2
     names = list(ds.attrs.get("characteristic_names", []))
@@ -142,7 +151,12 @@ def score_maps(
             )
         keep = np.flatnonzero(~empty)
         rows = rows[keep]
-        labels = np.stack([region_labels(masks[i], ds.pixel_mm[r, centre], radius_mm) for i, r in zip(keep, rows)]) \
+        pix = ds.pixel_mm[rows, centre].astype(float)
+        if radius_frac is not None:
+            radius = radius_frac * np.sqrt(masks[keep].sum(axis=(1, 2)) * pix**2 / np.pi)
+        else:
+            radius = np.full(len(keep), float(radius_mm))
+        labels = np.stack([region_labels(masks[i], p, r) for i, p, r in zip(keep, pix, radius)]) \
             if keep.size else np.zeros((0,) + masks.shape[1:], np.int8)
         scores = map_region_scores(up[keep, map_class], labels)
         y = ds.y[rows]
@@ -151,8 +165,8 @@ def score_maps(
             "nodule_id": [ids[i] for i in keep], "fold": np.asarray(fold)[keep],
             "y": y, "class": [CLASS_NAMES[int(v)] for v in y],
             "prob": np.asarray(prob)[keep], "correct": (np.asarray(prob)[keep] >= 0.5) == (y == 1),
-            "map_class": CLASS_NAMES[map_class], "radius_mm": radius_mm,
-            "pixel_mm": ds.pixel_mm[rows, centre], "diameter_mm": ds.diameter_mm[rows],
+            "map_class": CLASS_NAMES[map_class], "band_rule": rule, "radius_mm": radius,
+            "pixel_mm": pix, "diameter_mm": ds.diameter_mm[rows],
             **scores,
         })
         for name in ("spiculation", "margin", "lobulation"):
@@ -162,6 +176,7 @@ def score_maps(
         frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
     out.attrs["skipped_empty_masks"] = {str(p): fr.attrs["skipped_empty_masks"] for p, fr in zip(maps_paths, frames)}
+    out.attrs["band_rule"] = rule
     return out
 
 
@@ -216,12 +231,18 @@ SUMMARY_COLUMNS = (
 )
 
 
-def scores_markdown(scores, summaries: dict[str, Any], radius_mm: float) -> str:
+def band_rule(scores) -> str:
+    if "band_rule" in scores.attrs:
+        return scores.attrs["band_rule"]
+    return str(scores["band_rule"].iloc[0]) if len(scores) and "band_rule" in scores else "r"
+
+
+def scores_markdown(scores, summaries: dict[str, Any]) -> str:
     map_class = scores["map_class"].iloc[0] if len(scores) else "malignant"
     parts = [
         "# Region scores of activation maps\n",
-        f"Map of the **{map_class}** class, clipped at 0; regions from the consensus mask (centre slice): "
-        f"body = mask eroded by {radius_mm:g} mm, margin band = mask dilated by {radius_mm:g} mm minus body, "
+        f"Map of the **{map_class}** class, clipped at 0; regions from the consensus mask (centre slice), "
+        f"{band_rule(scores)}: body = mask eroded by r, margin band = mask dilated by r minus body, "
         "outside = the rest. Share = fraction of map energy in the region; enrichment = share / area "
         "fraction (1 = no preference); pointing = fraction of nodules whose map peak lies in the region.\n",
     ]
@@ -239,7 +260,7 @@ def scores_markdown(scores, summaries: dict[str, Any], radius_mm: float) -> str:
     return "".join(parts)
 
 
-def write_scores(scores, out_csv: str | Path, *, radius_mm: float, overwrite: bool = False) -> dict[str, Path]:
+def write_scores(scores, out_csv: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
     """Write per-nodule CSV plus summary Markdown and JSON beside it (same stem); all atomic."""
     from nodulekit.artifacts import atomic_path, check_output_path, provenance
 
@@ -250,7 +271,7 @@ def write_scores(scores, out_csv: str | Path, *, radius_mm: float, overwrite: bo
     summaries = {by: summarise_scores(scores, by) for by in ("class", "spiculation", "margin")
                  if by == "class" or by in scores.columns}
     record = {
-        "provenance": provenance(stage="scores", radius_mm=radius_mm,
+        "provenance": provenance(stage="scores", band_rule=band_rule(scores),
                                  maps_files=sorted(set(scores["maps_file"])) if len(scores) else [],
                                  clipping="maps clipped at 0 (positive evidence for the class)"),
         "regions": list(REGIONS),
@@ -260,7 +281,7 @@ def write_scores(scores, out_csv: str | Path, *, radius_mm: float, overwrite: bo
     with atomic_path(paths["csv"], suffix=".csv.part") as tmp:
         scores.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(paths["md"], suffix=".md.part") as tmp:
-        tmp.write_text(scores_markdown(scores, summaries, radius_mm))
+        tmp.write_text(scores_markdown(scores, summaries))
     with atomic_path(paths["json"], suffix=".json.part") as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str))
     return paths

@@ -112,10 +112,10 @@ def test_score_maps_end_to_end(tmp_path, tiny_dataset):
     assert set(spic["group"]) <= {"spiculated (>=3)", "not spiculated (<3)"} and spic["n"].sum() == 40
     expected_high = int((df["spiculation"] >= 3).sum())
     assert spic.loc[spic["group"] == "spiculated (>=3)", "n"].sum() == expected_high
-    out = S.write_scores(df, tmp_path / "scores.csv", radius_mm=2.0)
+    out = S.write_scores(df, tmp_path / "scores.csv")
     assert "margin band" in out["md"].read_text() and out["json"].exists() and out["csv"].exists()
     with pytest.raises(NodulekitError, match="already exists"):
-        S.write_scores(df, tmp_path / "scores.csv", radius_mm=2.0)
+        S.write_scores(df, tmp_path / "scores.csv")
 
 
 def test_score_maps_refuses_empty_masks_and_maskless_dataset(tmp_path, tiny_dataset):
@@ -130,3 +130,17 @@ def test_score_maps_refuses_empty_masks_and_maskless_dataset(tmp_path, tiny_data
         del f["mask"]
     with pytest.raises(NodulekitError, match="missing mask"):
         S.score_maps([path], tiny_dataset)
+
+
+def test_radius_as_fraction_of_equivalent_radius(tmp_path, tiny_dataset):
+    path = band_maps_file(tmp_path, tiny_dataset)
+    with h5py.File(tiny_dataset) as f:
+        mask, pix = f["mask"][:, 5], f["pixel_mm"][:, 5]
+    df = S.score_maps([path], tiny_dataset, radius_frac=0.5)
+    eq_radius = np.sqrt(mask.sum(axis=(1, 2)) * pix**2 / np.pi)
+    np.testing.assert_allclose(df["radius_mm"], 0.5 * eq_radius, rtol=1e-6)
+    assert (df["band_rule"] == "r = 0.5 x equivalent radius").all()
+    lab = S.region_labels(mask[7], pix[7], 0.5 * eq_radius[7])
+    assert df.loc[7, "area_margin_band"] == pytest.approx((lab == 1).mean())
+    with pytest.raises(NodulekitError, match="fraction must be >= 0"):
+        S.score_maps([path], tiny_dataset, radius_frac=-1)

@@ -69,6 +69,9 @@ def scores_cmd(
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact with the consensus `mask`."),
     out: Path = typer.Option(..., "-o", "--out", help="Per-nodule CSV; summary .md and .json are written beside it."),
     radius_mm: float = typer.Option(2.0, "--radius-mm", help="Half-width r of the margin band in mm."),
+    radius_frac: Optional[float] = typer.Option(
+        None, "--radius-frac",
+        help="Instead of --radius-mm: r = this fraction of each nodule's equivalent radius (size-independent regions)."),
     map_class: str = typer.Option("malignant", "--map-class", help="Which class's map to score: malignant or benign."),
     skip_empty_masks: bool = typer.Option(
         False, "--skip-empty-masks", help="Leave out nodules with an empty centre-slice mask (default: refuse)."),
@@ -85,13 +88,9 @@ def scores_cmd(
     """
     from nodulekit.scores import score_maps, write_scores
 
-    if radius_mm < 0:
-        from nodulekit.errors import NodulekitError
-
-        raise NodulekitError(f"--radius-mm must be >= 0, got {radius_mm}")
-    table = score_maps(maps_files, dataset, radius_mm=radius_mm, map_class=_map_class(map_class),
-                       skip_empty_masks=skip_empty_masks)
-    paths = write_scores(table, out, radius_mm=radius_mm, overwrite=overwrite)
+    table = score_maps(maps_files, dataset, radius_mm=radius_mm, radius_frac=radius_frac,
+                       map_class=_map_class(map_class), skip_empty_masks=skip_empty_masks)
+    paths = write_scores(table, out, overwrite=overwrite)
     typer.echo(f"wrote {paths['csv']}, {paths['md']}, {paths['json']} ({len(table)} maps scored)")
 
 
