@@ -144,3 +144,36 @@ def test_radius_as_fraction_of_equivalent_radius(tmp_path, tiny_dataset):
     assert df.loc[7, "area_margin_band"] == pytest.approx((lab == 1).mean())
     with pytest.raises(NodulekitError, match="fraction must be >= 0"):
         S.score_maps([path], tiny_dataset, radius_frac=-1)
+
+
+def brute_force_regions(mask, spacing, radius_mm):
+    """Reference: exact pairwise distances (mm) between pixel centres, no distance transform."""
+    coords = np.argwhere(np.ones_like(mask, bool)) * np.asarray(spacing, float)
+    inside = mask.ravel() > 0
+    d = np.sqrt(((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1))
+    to_outside = np.where(inside[None, :], np.inf, d).min(axis=1)
+    to_inside = np.where(inside[None, :], d, np.inf).min(axis=1)
+    body = inside & (to_outside > radius_mm)
+    dilated = inside | (to_inside <= radius_mm)
+    lab = np.full(mask.size, 2, np.int8)
+    lab[dilated] = 1
+    lab[body] = 0
+    return lab.reshape(mask.shape)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", ["LIDC-IDRI-0001_R_1", "LIDC-IDRI-0003_R_2"])
+def test_regions_on_real_readers_contours_match_brute_force(lidc_vois, name):
+    import nibabel as nib
+
+    img = nib.load(lidc_vois / "mask" / f"{name}.nii.gz")
+    volume = np.asarray(img.dataobj) > 0
+    z = int(np.argmax(volume.sum(axis=(0, 1))))  # the slice with the largest contour
+    mask = volume[:, :, z].astype(np.uint8)
+    (r0, c0), (r1, c1) = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
+    mask = mask[max(r0 - 6, 0):r1 + 7, max(c0 - 6, 0):c1 + 7]  # keeps the brute force small
+    spacing = tuple(float(s) for s in img.header.get_zooms()[:2])
+    for radius in (1.3, 2.0):
+        lab = S.region_labels(mask, spacing, radius)
+        np.testing.assert_array_equal(lab, brute_force_regions(mask, spacing, radius))
+        assert (lab == 0).any() and (lab == 1).any()
