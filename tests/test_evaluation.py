@@ -160,3 +160,25 @@ def test_end_to_end_train_then_evaluate(tmp_path):
     assert s["pooled_nodule"]["n"] == 40
     assert (tmp_path / "rep" / "curves.png").exists() and (tmp_path / "rep" / "roc.png").exists()
 
+
+
+def test_table2_benchmark_script(tmp_path):
+    """benchmarks/table2.py trains each arch, times it and writes the report (tiny settings)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
+    spec = importlib.util.spec_from_file_location("table2_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ds = write_tiny_dataset(tmp_path / "d1c.h5", n=20, channels=1, folds=2)
+    out = tmp_path / "bench"
+    rc = bench.main([str(ds), "-o", str(out), "--archs", "cam,sam", "--epochs", "1", "--device", "cpu",
+                     "--lr", "0.01", "--model-opt", "base_width=4", "--model-opt", "sam:fcf_pool=max", "--no-progress"])
+    assert rc == 0
+    timing = json.loads((out / "timing.json").read_text())
+    assert [t["arch"] for t in timing] == ["cam", "sam"] and all(t["s_per_fold_epoch"] > 0 for t in timing)
+    assert timing[1]["model_options"]["fcf_pool"] == "max" and timing[0]["model_options"]["base_width"] == 4
+    rows = list(csv.DictReader((out / "report" / "table2.csv").open()))
+    assert [r["method"] for r in rows] == ["Ours-CAM", "Ours-SAM"] and rows[0]["dataset"] == "D1C"
+    assert bench.main([str(ds), "-o", str(tmp_path / "b2"), "--archs", "nope"]) == 2

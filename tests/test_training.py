@@ -325,3 +325,13 @@ def test_auxiliary_loss_gets_masks_and_characteristics(ds3, tmp_path, monkeypatc
     run_train(ds3, tmp_path / "pn", folds=[0], epochs=1, arch="pn-samp", model_options={"base_width": 4})
     assert sum(calls) == 32  # every training row of fold 0, once
     assert read_result(tmp_path / "pn", 0)["history"].shape == (1, 5)
+
+
+def test_bf16_autocast_on_cpu_runs(ds3, tmp_path):
+    """--amp on CPU (opt-in): bf16 autocast in training and evaluation, float32 probabilities out."""
+    from nodulekit.training import load_run
+
+    run_train(ds3, tmp_path / "amp", folds=[0], epochs=1, amp=True)
+    assert load_run(tmp_path / "amp")["amp"] is True and state_of(tmp_path / "amp", 0)["amp"] is True
+    prob = read_result(tmp_path / "amp", 0)["test_prob"]
+    assert prob.shape == (8,) and np.isfinite(prob).all()
