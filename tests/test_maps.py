@@ -294,12 +294,12 @@ def test_registry_methods_supported():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """A 3-channel tiny dataset and a 1-epoch hesam run with base width 4 (5 folds)."""
+    """A 3-channel tiny dataset (2 folds) and a 1-epoch hesam run with base width 4."""
     from conftest import write_tiny_dataset
     from nodulekit.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("runs")
-    ds = write_tiny_dataset(root / "d3c.h5", channels=3)
+    ds = write_tiny_dataset(root / "d3c.h5", channels=3, folds=2)
     runs = {}
     for arch in ("hesam",):
         cfg = TrainConfig(arch=arch, model_options={"base_width": 4}, epochs=1, batch_size=8, device="cpu")
@@ -352,10 +352,10 @@ def test_cli_maps_scores_figures_end_to_end(tiny_runs, tmp_path):
         x, dfold = f["x"][()], f["fold"][()]
     np.testing.assert_array_equal(fold, dfold)
     # the stored probability equals the training run's own test probability for that fold
-    with h5py.File(runs["hesam"] / "fold2" / "result.h5") as f:
+    with h5py.File(runs["hesam"] / "fold1" / "result.h5") as f:
         idx, test_prob = f["test_index"][()], f["test_prob"][()]
     np.testing.assert_allclose(prob[idx], test_prob, rtol=1e-4, atol=1e-5)
-    model, _ = load_fold_model(runs["hesam"], 2)
+    model, _ = load_fold_model(runs["hesam"], 1)
     ref = M.compute_maps(model, x[idx], "hesam", device="cpu")
     np.testing.assert_allclose(maps[idx], ref["maps"], rtol=1e-4, atol=1e-6)
     res = invoke(["scores", tmp_path / "h.h5", tmp_path / "c.h5", "-d", ds, "-o", tmp_path / "s.csv"])
