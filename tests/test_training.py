@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import h5py
@@ -269,14 +268,20 @@ def test_single_class_fold_and_nan_input_refused(tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
-def test_cli_bad_input_is_one_line(ds3, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "nodulekit", "train", str(ds3), "--arch", "nope", "-o", str(tmp_path / "r")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+def test_cli_bad_input_is_one_line(ds3, tmp_path, monkeypatch, capsys):
+    from nodulekit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["nodulekit", "train", str(ds3), "--arch", "nope", "-o", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nodulekit: error: unknown model architecture 'nope'")
+    monkeypatch.setattr(sys, "argv", ["nodulekit", "evaluate", str(tmp_path), "-o", str(tmp_path / "rep")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"nodulekit: error: {tmp_path} is not a nodulekit run folder (no run.json)"
 
 
 def test_parse_model_options():
