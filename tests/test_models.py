@@ -25,7 +25,7 @@ MAP_ARCHS = [n for n in ALL if model_spec(n).map_kind is not None]
 def _small(name: str) -> dict:
     """Narrow versions of an architecture (same topology, fewer maps) keep the suite fast."""
     defaults = model_spec(name).defaults
-    opts = {"base_width": 8, "growth": 4, "fc_width": 32}
+    opts = {"base_width": 8, "fc_width": 32}
     return {k: v for k, v in opts.items() if k in defaults}
 
 
@@ -256,7 +256,7 @@ def test_first_layer_takes_any_channel_count(name):
 
 @pytest.mark.parametrize("family, maps", [("resnet18", 64), ("resnet34", 64), ("vgg16", 64), ("densenet121", 128)])
 def test_cam_sam_variants_have_16x16_features(family, maps):
-    """Narrow widths (8x fewer maps than the paper; densenet growth 4): the spatial layout is the point."""
+    """Narrow widths (8x fewer maps than the paper): the spatial layout is the point."""
     torch.manual_seed(0)
     x = _x(3, b=1)
     plain = create_model(family, 3, **_small(family)).eval()
@@ -295,11 +295,11 @@ def test_vgg_cam_keeps_one_pool_and_one_fc():
 
 
 def test_densenet121_layout():
-    model = create_model("densenet121", 1, growth=4)
+    model = create_model("densenet121", 1, base_width=8)
     from nodulekit.models.densenet import DenseLayer
 
     assert sum(isinstance(m, DenseLayer) for m in model.modules()) == 6 + 12 + 24 + 16
-    assert model.head.channels == 128  # growth 4: (((8 + 24) / 2 + 48) / 2 + 96) / 2 + 64
+    assert model.head.channels == 128  # growth 4: (((8 + 6*4) / 2 + 12*4) / 2 + 24*4) / 2 + 16*4
     assert create_model("densenet121", 1).head.channels == 1024
 
 
@@ -398,3 +398,11 @@ def test_small_hesam_fits_the_synthetic_dataset(tmp_path):
         model(x)
         model.eval()
         assert (model(x).argmax(1) == y).float().mean() == 1.0
+
+
+def test_every_model_accepts_base_width():
+    """One option narrows every architecture (sweeps pass it to all of them)."""
+    for name in ALL:
+        assert "base_width" in model_spec(name).defaults, name
+    with pytest.raises(NodulekitError, match="must be even"):
+        create_model("densenet121", 1, base_width=7)

@@ -1,6 +1,7 @@
 """DenseNet-121 (Huang et al. 2017) for 32x32 patches, plain and with CAM/SAM heads (Table 2).
 
-Growth rate 32, bottleneck width 4 x 32, dense blocks of 6, 12, 24, 16 layers, transitions
+Growth rate 32 (option ``base_width`` = 64 stem maps = 2 x growth rate, as in DenseNet-121),
+bottleneck width 4 x 32, dense blocks of 6, 12, 24, 16 layers, transitions
 halve the maps (compression 0.5): 64 -> 256 -> 128 -> 512 -> 256 -> 1024 -> 512 -> 1024 maps.
 
 - ``densenet121``: CIFAR-style stem (3x3 conv, stride 1), transitions with 2x2/2 average
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nodulekit.errors import NodulekitError
 from nodulekit.models.base import INPUT_SIZE, NoduleClassifier
 from nodulekit.models.blocks import check_choice, check_positive_int, conv_bn_relu
 from nodulekit.models.heads import FCF_POOLS, ClassifierHead
@@ -80,21 +82,26 @@ class DenseNet121(NoduleClassifier):
         return self.stage4(self.body(self.stem(x))), None
 
 
+def _growth(name: str, base_width) -> int:
+    check_positive_int(name, "base_width", base_width)
+    if base_width % 2:
+        raise NodulekitError(f"model {name!r}: option base_width must be even (growth rate = base_width / 2), not {base_width}")
+    return base_width // 2
+
+
 @register_model("densenet121", "DenseNet-121 (growth 32, blocks 6-12-24-16, CIFAR-style stem), 1024x4x4 maps, GAP + FC")
-def densenet121(in_channels, num_classes=2, *, growth=32):
-    check_positive_int("densenet121", "growth", growth)
-    return DenseNet121(in_channels, num_classes, variant="plain", growth=growth)
+def densenet121(in_channels, num_classes=2, *, base_width=64):
+    return DenseNet121(in_channels, num_classes, variant="plain", growth=_growth("densenet121", base_width))
 
 
 @register_model("densenet121-cam", "DenseNet-121-CAM: stride-1 transition pools, no final pooling, "
                 "1024x16x16 maps, CAM head", map_kind="cam")
-def densenet121_cam(in_channels, num_classes=2, *, growth=32):
-    check_positive_int("densenet121-cam", "growth", growth)
-    return DenseNet121(in_channels, num_classes, variant="cam", growth=growth)
+def densenet121_cam(in_channels, num_classes=2, *, base_width=64):
+    return DenseNet121(in_channels, num_classes, variant="cam", growth=_growth("densenet121-cam", base_width))
 
 
 @register_model("densenet121-sam", "DenseNet-121-SAM: as densenet121-cam with the SAM head", map_kind="sam")
-def densenet121_sam(in_channels, num_classes=2, *, fcf_pool="avg", growth=32):
-    check_positive_int("densenet121-sam", "growth", growth)
+def densenet121_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     check_choice("densenet121-sam", "fcf_pool", fcf_pool, FCF_POOLS)
-    return DenseNet121(in_channels, num_classes, variant="sam", growth=growth, fcf_pool=fcf_pool)
+    return DenseNet121(in_channels, num_classes, variant="sam", growth=_growth("densenet121-sam", base_width),
+                       fcf_pool=fcf_pool)
