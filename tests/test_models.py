@@ -70,6 +70,19 @@ def test_bad_options_are_one_line_errors(options, match):
     assert "\n" not in str(err.value)
 
 
+def test_channel_and_class_counts():
+    import numpy as np
+
+    model = create_model("sag-c", np.int64(3), num_classes=np.int64(3), base_width=4)
+    assert type(model.in_channels) is int and model.in_channels == 3
+    assert model(_x(3)).shape == (2, 3)
+    for bad in (0, 2.0, "3", True):
+        with pytest.raises(NodulekitError, match="in_channels must be an integer >= 1"):
+            create_model("hesam", bad)
+    with pytest.raises(NodulekitError, match="num_classes must be an integer >= 2"):
+        create_model("hesam", 3, num_classes=1)
+
+
 def test_bad_input_shape_is_an_error(hesam):
     with pytest.raises(NodulekitError, match=r"expects input \[B, 11, 32, 32\]"):
         hesam(torch.zeros(1, 3, 32, 32))

@@ -110,6 +110,21 @@ def model_spec(name: str) -> ModelSpec:
         ) from None
 
 
+def _count(what: str, value: Any, minimum: int) -> int:
+    """A plain int from ints and numpy integers; anything else (bool, float, str) is refused."""
+    import operator
+
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise NodulekitError(f"{what} must be an integer >= {minimum}, not {value!r}")
+    return number
+
+
 def create_model(name: str, in_channels: int, num_classes: int = 2, **options: Any):
     """Build architecture ``name`` for ``in_channels`` input slices and ``num_classes`` classes.
 
@@ -124,10 +139,8 @@ def create_model(name: str, in_channels: int, num_classes: int = 2, **options: A
         raise NodulekitError(
             f"model {name!r} does not take option(s) {', '.join(unknown)}; it accepts: {accepted}"
         )
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-        raise NodulekitError(f"in_channels must be a positive integer, not {in_channels!r}")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise NodulekitError(f"num_classes must be an integer >= 2, not {num_classes!r}")
+    in_channels = _count("in_channels", in_channels, 1)
+    num_classes = _count("num_classes", num_classes, 2)
     config = {**spec.defaults, **options}
     model = spec.factory(in_channels, num_classes, **config)
     model.arch = name

@@ -89,7 +89,6 @@ class UNetClassifier(NoduleClassifier):
         hf_pool: str = "max",
         width: int = 64,
     ):
-        head = ClassifierHead  # for the map_kind below
         super().__init__(in_channels, num_classes)
         self.unet = UNet(in_channels, width)
         self.stage = stage
@@ -109,7 +108,7 @@ class UNetClassifier(NoduleClassifier):
             raise ValueError(f"unknown stage {stage!r}")
         if fusion is not None and k != self.unet.bottleneck_channels:
             raise ValueError("high-level fusion needs as many final maps as bottleneck maps")
-        self.head = head(k, num_classes, pool=pool, feature_size=size, fcf_pool=fcf_pool, fusion=fusion, hf_pool=hf_pool)
+        self.head = ClassifierHead(k, num_classes, pool=pool, feature_size=size, fcf_pool=fcf_pool, fusion=fusion, hf_pool=hf_pool)
         self.map_kind = self.head.map_kind
 
     @property
