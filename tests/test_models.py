@@ -419,3 +419,17 @@ def test_every_model_accepts_base_width():
         assert "base_width" in model_spec(name).defaults, name
     with pytest.raises(NodulekitError, match="must be even"):
         create_model("densenet121", 1, base_width=7)
+
+
+def test_classifier_head_standalone():
+    torch.manual_seed(0)
+    head = ClassifierHead(4, 3, pool="sam", feature_size=16, fusion="sum")
+    assert head.grid == 6 and head.beta.shape == (4, 36) and head.map_kind == "hesam"
+    g, d = torch.rand(2, 4, 16, 16), torch.rand(2, 4)
+    out = head(g, d)  # d may be given as a vector instead of bottleneck maps
+    torch.testing.assert_close(out["high_level"], d)
+    torch.testing.assert_close(out["logits"], head.fc(head.map_vector(g) + d))
+    assert ClassifierHead(4, 2, pool="gap").map_kind == "cam"
+    assert ClassifierHead(4, 2, pool="sam").map_kind == "sam"
+    with pytest.raises(ValueError, match="at least 5 px"):
+        ClassifierHead(4, 2, pool="sam", feature_size=4)
