@@ -562,10 +562,8 @@ def _train_epoch(model, train_model, optimizer, dd: _DeviceData, train_index, ge
     # one host sync per epoch (cheap on GPU); a NaN step is caught here before any save
     total = float(total_sum) / max(seen, 1)
     if not math.isfinite(total):
-        raise TrainingDiverged(
-            f"fold {fold} diverged in epoch {epoch}: training loss is {total}; the last good checkpoint "
-            f"(epoch {epoch - 1}) is kept; try a lower --lr"
-        )
+        kept = f"the last good checkpoint (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
+        raise TrainingDiverged(f"fold {fold} diverged in epoch {epoch}: training loss is {total}; {kept}; try a lower --lr")
     return float(ce_sum) / max(seen, 1), float(correct) / max(seen, 1)
 
 
