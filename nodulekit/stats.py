@@ -176,7 +176,15 @@ def reader_comparison(rundir: str | Path, dataset: str | Path | None = None):
         records.append(rec)
     records.append({"who": "model", **_counts(model_call, y), "model_accuracy_same_nodules": float((model_call == y).mean())})
     out = pd.DataFrame.from_records(records)
-    out.attrs.update(rundir=str(rundir), dataset=str(path), n=len(rows), arch=preds.attrs["arch"])
+    per_nodule = pd.DataFrame({"nodule_id": preds["nodule_id"], "fold": preds["fold"], "y": y,
+                               "malignancy_mean": ds.malignancy_mean[rows]})
+    for j in range(calls.shape[1]):
+        per_nodule[f"reader{j + 1}_rating"] = ds.reader_malignancy[rows, j]
+        per_nodule[f"reader{j + 1}_call"] = np.array(["not rated", "abstain", "benign", "malignant"])[calls[:, j] + 2]
+    per_nodule["model_prob"] = preds["prob"].to_numpy()
+    per_nodule["model_call"] = np.where(model_call == 1, "malignant", "benign")
+    out.attrs.update(rundir=str(rundir), dataset=str(path), n=len(rows), arch=preds.attrs["arch"],
+                     per_nodule=per_nodule)
     return out
 
 
@@ -189,12 +197,15 @@ def _markdown_table(df, floatfmt: str = "{:.4g}") -> str:
 
 
 def write_report(table, out_md: str | Path, *, title: str, notes: str, record: dict[str, Any],
-                 overwrite: bool = False) -> dict[str, Path]:
-    """Markdown table + CSV + JSON with the same stem; all atomic, existing files refused."""
+                 overwrite: bool = False, per_nodule=None) -> dict[str, Path]:
+    """Markdown table + CSV + JSON with the same stem (+ ``<stem>_nodules.csv`` when
+    ``per_nodule`` is given); all atomic, existing files refused."""
     from nodulekit.artifacts import atomic_path, check_output_path, provenance
 
     out_md = Path(out_md)
     paths = {"md": out_md, "csv": out_md.with_suffix(".csv"), "json": out_md.with_suffix(".json")}
+    if per_nodule is not None:
+        paths["nodules"] = out_md.with_name(out_md.stem + "_nodules.csv")
     if paths["md"] in (paths["csv"], paths["json"]):
         raise NodulekitError(f"{out_md}: give the report a .md name (CSV and JSON go beside it)")
     for p in paths.values():
@@ -206,6 +217,9 @@ def write_report(table, out_md: str | Path, *, title: str, notes: str, record: d
         table.to_csv(tmp, index=False)
     with atomic_path(paths["json"], suffix=".json.part") as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str))
+    if per_nodule is not None:
+        with atomic_path(paths["nodules"], suffix=".csv.part") as tmp:
+            per_nodule.to_csv(tmp, index=False)
     return paths
 
 

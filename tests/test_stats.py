@@ -127,6 +127,13 @@ def test_reader_comparison_counts(tmp_path, tiny_dataset):
     # model on r4's two nodules (1: right, 4: right)
     assert r4.model_accuracy_same_nodules == 1.0
     assert r1.model_accuracy_same_nodules == pytest.approx(3 / 5)  # wrong on nodules 0 and 3
+    per = table.attrs["per_nodule"].set_index("nodule_id")
+    first = per.loc[ids[0]]
+    assert (first.reader1_call, first.reader2_call, first.reader3_call, first.reader4_call, first.model_call) == (
+        "malignant", "benign", "abstain", "not rated", "benign")
+    paths = St.write_report(table, tmp_path / "r.md", title="t", notes=St.READERS_NOTES, record={},
+                            per_nodule=table.attrs["per_nodule"])
+    assert paths["nodules"].name == "r_nodules.csv" and "circular" in paths["md"].read_text()
     wrong = fake_run(tmp_path / "run2", ids, y, prob, folds=5, fingerprint="nope")
     with pytest.raises(NodulekitError, match="not the dataset"):
         St.reader_comparison(wrong, tiny_dataset)

@@ -120,7 +120,11 @@ def figures_cmd(
 
     if n < 1:
         raise NodulekitError(f"--n must be at least 1, got {n}")
+    from nodulekit.artifacts import check_output_path
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ["map_grid.png"] + (["region_scores.png"] if scores_csv is not None else []):
+        check_output_path(out_dir / name, overwrite)  # refuse before any work
     ids = _ids(nodules)
     written = [map_grid(maps_files, dataset, out_dir / "map_grid.png", nodules=ids, n=n, overwrite=overwrite)]
     for path in maps_files:
@@ -161,7 +165,7 @@ def wilcoxon_cmd(
     for _, row in table.iterrows():
         typer.echo(f"{row['run_a']} vs {row['run_b']}: n={row['n']} prob p={row['prob_p_value']:.3g}, "
                    f"|error| p={row['error_p_value']:.3g} (median diff {row['median_error_diff']:+.3g})")
-    typer.echo(f"wrote {paths['md']}, {paths['csv']}, {paths['json']}")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @app.command("readers")
@@ -178,6 +182,8 @@ def readers_cmd(
     FP, FN and abstentions per reader position (1..4, pylidc order) and for the model
     (p >= 0.5). Circular by construction: the label is the mean of these readers' ratings.
 
+    Also writes <stem>_nodules.csv: per nodule each reader's rating and call and the model's.
+
     Example: nodulekit readers runs/hesam-d11c -o readers.md
     """
     from nodulekit.stats import READERS_NOTES, reader_comparison, write_report
@@ -185,8 +191,9 @@ def readers_cmd(
     table = reader_comparison(rundir, dataset)
     paths = write_report(table, out, title=f"Readers vs model ({table.attrs['arch']}, {table.attrs['n']} test nodules)",
                          notes=READERS_NOTES, record={"stage": "readers", "rundir": str(rundir),
-                                                      "dataset": table.attrs["dataset"]}, overwrite=overwrite)
+                                                      "dataset": table.attrs["dataset"]}, overwrite=overwrite,
+                         per_nodule=table.attrs["per_nodule"])
     for _, row in table.iterrows():
         typer.echo(f"{row['who']}: accuracy {row['accuracy']:.4f} on {row['n_called']} called, "
                    f"FP {row['fp']}, FN {row['fn']}, abstained {row['n_abstained']}")
-    typer.echo(f"wrote {paths['md']}, {paths['csv']}, {paths['json']}")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
