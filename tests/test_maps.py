@@ -305,22 +305,7 @@ def tiny_runs(tmp_path_factory):
         cfg = TrainConfig(arch=arch, model_options={"base_width": 4}, epochs=1, batch_size=8, device="cpu")
         train(ds, root / arch, cfg, progress=False)
         runs[arch] = root / arch
-        _stringify_checkpoint_versions(root / arch)
     return ds, runs
-
-
-def _stringify_checkpoint_versions(rundir):
-    """Workaround for training.py storing torch.__version__ (a TorchVersion object) in
-    checkpoints, which torch.load(weights_only=True) refuses. A no-op once that is fixed."""
-    import pickle
-
-    for path in rundir.glob("fold*/checkpoint.pt"):
-        try:
-            torch.load(path, weights_only=True)
-        except pickle.UnpicklingError:
-            ckpt = torch.load(path, weights_only=False)  # our own freshly written file
-            ckpt["versions"] = {k: str(v) for k, v in (ckpt.get("versions") or {}).items()}
-            torch.save(ckpt, path)
 
 
 def invoke(args):
