@@ -13,7 +13,7 @@ from nodulekit.cli import app
 def export_onnx_cmd(
     source: Path = typer.Argument(..., help="A RUNDIR (from `nodulekit train`) or a checkpoint.pt file."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .onnx file (one self-contained file)."),
-    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold's model of a RUNDIR [default: 0]."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold's model of a RUNDIR \\[default: 0]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset version (13..23)."),
     exporter: str = typer.Option(
         "dynamo", "--exporter",
@@ -23,12 +23,9 @@ def export_onnx_cmd(
 ) -> None:
     """Export a trained CAM/SAM/HESAM model to ONNX with its map computed inside the graph.
 
-    Input `x` [batch, C, 32, 32] (dynamic batch); outputs `prob` [batch, 2] (softmax),
-    `map` [batch, 2, h, w] (the model's own soft activation map, raw) and `map_up`
-    [batch, 2, 32, 32] (bilinear). Architecture, channels, normalisation, label rule, data
-    fingerprint, fold and map definition go into the model's metadata. The file is written
-    only after ONNX Runtime (CPU) reproduces PyTorch (|dprob| <= 1e-4, |dmap| <= 1e-4 x map
-    scale). Grad-CAM-only models cannot be exported (an inference graph has no gradients).
+    Input `x` \\[batch, C, 32, 32] (dynamic batch); outputs `prob` \\[batch, 2] (softmax), `map` \\[batch, 2, h, w] (the model's own soft activation map, raw) and `map_up` \\[batch, 2, 32, 32] (bilinear). Architecture, channels, normalisation, label rule, data fingerprint, fold and map definition go into the model's metadata.
+
+    The file is written only after ONNX Runtime (CPU) reproduces PyTorch on the run's data: max |dprob| <= 1e-4 and max |dmap| <= 1e-4 x map scale. Grad-CAM-only models cannot be exported (an inference graph has no gradients).
 
     Example: nodulekit export-onnx runs/hesam-d11c --fold 0 -o hesam_fold0.onnx
     """
@@ -61,9 +58,7 @@ def infer_cmd(
 ) -> None:
     """Run an exported model with ONNX Runtime over a dataset; write probabilities and maps.
 
-    Prints which provider actually ran (ONNX Runtime falls back to CPU silently; this command
-    checks `session.get_providers()` and says so, or fails when a provider was asked for
-    explicitly). On CUDA/TensorRT inputs and outputs use IO binding.
+    Writes a `maps` artifact (same layout as `nodulekit maps`). Prints which provider actually ran: ONNX Runtime falls back to CPU silently, so this command reads `session.get_providers()` and says so (or fails, when a provider was asked for explicitly). On CUDA/TensorRT inputs and outputs use IO binding.
 
     Example: nodulekit infer hesam_fold0.onnx d11c.h5 -o hesam_onnx_maps.h5 --provider auto
     """

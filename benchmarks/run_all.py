@@ -1,0 +1,342 @@
+"""``make bench``: run nodulekit's speed benchmarks and write ``benchmarks/out/*.json`` + ``benchmarks/RESULTS.md``.
+
+Every measurement runs in its own subprocess (``benchmarks/speed.py``), so each peak
+memory figure (``ru_maxrss``) is that measurement's alone. The whole run keeps to a wall
+clock budget (default 14 minutes, for the 15-minute limit on a 2-core CPU): measurements
+run in order of importance and the ones that no longer fit are recorded as skipped, never
+silently dropped. Every JSON file and the Markdown summary record the machine (CPU model,
+cores, GPU if any, load average) and the git commit.
+
+    python benchmarks/run_all.py                      # synthetic D11C-sized input
+    python benchmarks/run_all.py --d11c ../shared/d11c.h5
+    python benchmarks/run_all.py --smoke              # tiny model, ~2 min: checks the harness only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SPEED = HERE / "speed.py"
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    gpu = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]) if shutil.which("nvidia-smi") else ""
+    versions = json.loads(_run([sys.executable, "-c", (
+        "import json, torch, onnxruntime as o; print(json.dumps({'torch': torch.__version__, "
+        "'onnxruntime': o.__version__, 'ort_providers': o.get_available_providers(), "
+        "'torch_threads': torch.get_num_threads(), 'cuda': torch.cuda.is_available()}))")]) or "{}")
+    return {
+        "cpu": cpu, "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": mem_gb, "gpu": gpu or "none",
+        "gpu_note": "" if gpu else "no GPU on this machine; the GPU machine was not available in this session, so no GPU figures",
+        "python": platform.python_version(), "platform": platform.platform(), **versions,
+    }
+
+
+def git_info() -> dict:
+    commit = _run(["git", "rev-parse", "HEAD"]) or "unknown"
+    dirty = _run(["git", "status", "--porcelain", "--", "nodulekit", "benchmarks"])
+    return {"commit": commit, "dirty": bool(dirty),
+            "note": "uncommitted changes under nodulekit/ or benchmarks/ at run time" if dirty else ""}
+
+
+def plan(args, tmp: Path) -> list[tuple[str, list[str], float]]:
+    """(name, speed.py arguments, time cap in seconds), most important first."""
+    w = ["--width", str(args.width)]
+    d = ["--d11c", args.d11c] if args.d11c else []
+    onnx = ["--onnx", str(tmp / "hesam.onnx")]
+    small = ["--n-train", "64", "--n-test", "16"] if args.smoke else []
+    t = ["--threads", "{threads}"]  # filled in after the thread probe
+    steps = ["--steps", "2" if args.smoke else "6", "--min-time", "1" if args.smoke else "20"]
+    items = [
+        ("probe-threads", ["probe-threads", *w], 120),
+        ("extract-nodulekit", ["extract-nodulekit", "--lidc-root", args.lidc_root], 240),
+        ("extract-pylidc", ["extract-pylidc", "--lidc-root", args.lidc_root], 240),
+        ("export", ["export", *w, *onnx, *t], 240),
+        ("infer-ort", ["infer", "--engine", "ort", *w, *onnx, *t, *(["--batches", "1", "64", "256"] if args.smoke else [])], 300),
+        ("infer-torch", ["infer", "--engine", "torch", *w, *t, *(["--batches", "1", "64", "256"] if args.smoke else [])], 400),
+        ("train-steps-eager", ["train-steps", "--variant", "eager", *w, *d, *small, *t, *steps], 240),
+        ("train-steps-channels_last", ["train-steps", "--variant", "channels_last", *w, *d, *small, *t, *steps], 240),
+        ("train-epoch-eager", ["train-epoch", "--variant", "eager", *w, *d, *small, *t], 600),
+        ("train-steps-bf16", ["train-steps", "--variant", "bf16", *w, *d, *small, *t, "--steps", "2", "--min-time", "0"], 240),
+        ("train-steps-compile", ["train-steps", "--variant", "compile", *w, *d, *small, *t, *steps], 420),
+        ("train-steps-eager-other-threads", ["train-steps", "--variant", "eager", *w, *d, *small,
+                                             "--threads", "{other_threads}", "--steps", "2", "--min-time", "0"], 240),
+    ]
+    return items
+
+
+def run_all(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tmp"
+    tmp.mkdir(exist_ok=True)
+    machine, git = machine_info(), git_info()
+    started = time.time()
+    deadline = started + args.budget_s
+    record = {"machine": machine, "git": git, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "budget_s": args.budget_s, "smoke": args.smoke, "d11c": args.d11c, "loadavg_start": os.getloadavg(),
+              "results": {}}
+    threads = {"threads": str(os.cpu_count() or 1), "other_threads": "1"}
+    for name, argv, cap in plan(args, tmp):
+        remaining = deadline - time.time()
+        entry: dict = {"machine": machine, "git": git}
+        if name.startswith("train-steps-eager-other") and threads["threads"] == threads["other_threads"]:
+            entry.update(status="skipped", reason="only one thread count on this machine")
+        elif remaining < min(cap, 45):
+            entry.update(status="skipped", reason=f"time budget: {remaining:.0f} s of {args.budget_s:.0f} s left")
+        else:
+            argv = [a.format(**threads) for a in argv]
+            json_path = out / f"{name}.json"
+            json_path.unlink(missing_ok=True)
+            cmd = [sys.executable, str(SPEED), *argv, "--json", str(json_path)]
+            print(f"[bench] {name} (cap {min(cap, remaining):.0f} s) ...", flush=True)
+            t0 = time.time()
+            load0 = os.getloadavg()
+            try:
+                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=min(cap, remaining))
+                rc, tail = proc.returncode, (proc.stderr or "").strip().splitlines()[-3:]
+            except subprocess.TimeoutExpired:
+                rc, tail = None, [f"timed out after {min(cap, remaining):.0f} s"]
+            wall = time.time() - t0
+            entry.update(command=" ".join(cmd[1:]), wall_s=wall, loadavg_start=load0)
+            if rc == 0 and json_path.exists():
+                entry.update(status="ok", **json.loads(json_path.read_text()))
+            else:
+                entry.update(status="failed" if rc is not None else "timeout", returncode=rc, stderr_tail=tail)
+            print(f"[bench] {name}: {entry['status']} in {wall:.0f} s", flush=True)
+        if name == "probe-threads" and entry.get("status") == "ok":
+            best = entry["best_threads"]
+            threads = {"threads": str(best),
+                       "other_threads": str(os.cpu_count() or 1) if best == 1 else "1"}
+        (out / f"{name}.json").write_text(json.dumps(entry, indent=2, default=str))
+        record["results"][name] = entry
+    shutil.rmtree(tmp, ignore_errors=True)
+    record["wall_s"] = time.time() - started
+    record["loadavg_end"] = os.getloadavg()
+    record["threads_used"] = int(threads["threads"])
+    (out / "summary.json").write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def _ok(r: dict, name: str) -> dict | None:
+    e = r["results"].get(name) or {}
+    return e if e.get("status") == "ok" else None
+
+
+def _status(r: dict, name: str) -> str:
+    e = r["results"].get(name) or {}
+    return f"{e.get('status', 'not run')}" + (f" ({e.get('reason') or '; '.join(e.get('stderr_tail') or [])})"
+                                              if e.get("status") != "ok" else "")
+
+
+def _f(v, nd=2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.{nd}f}" if v >= 0.01 else f"{v:.2g}"
+    return str(v)
+
+
+def render(r: dict) -> str:
+    m, g = r["machine"], r["git"]
+    L = []
+    L.append("# nodulekit speed benchmarks" + (" (SMOKE RUN: tiny model, harness check only)" if r["smoke"] else ""))
+    L.append("")
+    L.append(f"Written by `make bench` (`benchmarks/run_all.py`) on {r['started']}; raw figures in `benchmarks/out/*.json`.")
+    L.append("")
+    L.append(f"- **Machine**: {m['cpu']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
+             f"{m['memory_gb']} GB RAM; GPU: {m['gpu']}. {m['gpu_note']}.")
+    L.append(f"- **Software**: Python {m['python']}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')} "
+             f"(providers {', '.join(m.get('ort_providers', []))}).")
+    L.append(f"- **Commit**: `{g['commit']}`" + (f" ({g['note']})" if g["dirty"] else ""))
+    L.append(f"- **Load**: 1-min load average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end "
+             f"(on a {m['logical_cores']}-core machine shared with other jobs, figures are lower bounds of what an idle "
+             "machine gives, and ratios measured in the same run are more meaningful than absolute numbers).")
+    L.append(f"- **Input**: {'real D11C `' + r['d11c'] + '`' if r['d11c'] else 'synthetic D11C-sized tensors (uniform [0, 1], 11 x 32 x 32; 660 training + 165 test samples for the epoch)'}; "
+             f"model: HESAM, base_width {'8 (smoke)' if r['smoke'] else '64 (the paper model, 7.0 M parameters)'}.")
+    L.append(f"- Whole run: {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget.")
+    L.append("")
+
+    probe = _ok(r, "probe-threads")
+    L.append("## Threads")
+    L.append("")
+    if probe:
+        by = ", ".join(f"{k} thread(s): {v:.2f} s" for k, v in probe["step_s_by_threads"].items())
+        L.append(f"One HESAM training step at batch {probe['batch']}: {by}. All PyTorch and ONNX Runtime figures below use "
+                 f"**{r['threads_used']} intra-op thread(s)** (the faster here). With more threads than free cores, "
+                 "PyTorch's OpenMP workers wait on each other and can be several times slower than one thread.")
+    else:
+        L.append(f"Thread probe: {_status(r, 'probe-threads')}; using {r['threads_used']} thread(s).")
+    L.append("")
+
+    L.append("## Training throughput (HESAM, batch 32, SGD)")
+    L.append("")
+    L.append("| variant | threads | first step (s) | median step (s) | samples/s | vs eager | one epoch (s, extrapolated) | peak RSS (MB) |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    eager = _ok(r, "train-steps-eager")
+    best_name, best_sps = None, None
+    for name in ("train-steps-eager", "train-steps-channels_last", "train-steps-bf16", "train-steps-compile",
+                 "train-steps-eager-other-threads"):
+        e = _ok(r, name)
+        label = name.replace("train-steps-", "")
+        if not e:
+            L.append(f"| {label} | – | – | – | – | – | {_status(r, name)} | – |")
+            continue
+        ratio = e["samples_per_s"] / eager["samples_per_s"] if eager else None
+        if e.get("loss_finite") and (best_sps is None or e["samples_per_s"] > best_sps):
+            best_name, best_sps = label, e["samples_per_s"]
+        L.append(f"| {label} | {e['threads']} | {_f(e['first_step_s'])} | {_f(e['step_s_median'])} | "
+                 f"{_f(e['samples_per_s'])} | {_f(ratio)}x | {_f(e['epoch_s_extrapolated'])} | {_f(e['maxrss_mb'])} |")
+    L.append("")
+    L.append("Step times: median of the timed steps after the first (the first includes warm-up and, for `compile`, "
+             "compilation). One epoch = ceil(660 / 32) = 21 steps x the median step. "
+             f"Fastest CPU path here: **{best_name or 'n/a'}**.")
+    L.append("")
+    ep = _ok(r, "train-epoch-eager")
+    L.append("### One real epoch of `nodulekit.training.train` (eager fp32, 1 fold)")
+    L.append("")
+    if ep:
+        L.append(f"- wall time {ep['epoch_wall_s']:.1f} s for {ep['n_train']} training samples "
+                 f"({ep['samples_per_s']:.2f} samples/s), including evaluation of {ep['n_test_evaluated']} test samples "
+                 f"and the checkpoint/result writes; threads {ep['threads']}; peak RSS {ep['maxrss_mb']:.0f} MB.")
+        L.append(f"- extrapolated (epoch wall x 90 epochs, the training default): one fold "
+                 f"{ep['fold_s_extrapolated'] / 3600:.2f} h, 5-fold cross-validation {ep['cv5_s_extrapolated'] / 3600:.2f} h "
+                 "on this CPU. This is an extrapolation from one epoch, not a measured full run.")
+        if eager:
+            L.append(f"- the step benchmark predicted {eager['epoch_s_extrapolated']:.0f} s for the training pass alone.")
+    else:
+        L.append(f"- {_status(r, 'train-epoch-eager')}")
+    L.append("")
+
+    L.append("## Inference with maps (prob + map 16x16 + map_up 32x32), PyTorch eager vs ONNX Runtime (CPU)")
+    L.append("")
+    ti, oi = _ok(r, "infer-torch"), _ok(r, "infer-ort")
+    if ti or oi:
+        L.append("| batch | PyTorch samples/s | ONNX Runtime samples/s | ORT / PyTorch | timed calls (torch / ORT) |")
+        L.append("|---|---|---|---|---|")
+        batches = sorted({int(b) for e in (ti, oi) if e for b in e["batches"]})
+        for b in batches:
+            t = ti["batches"].get(str(b)) if ti else None
+            o = oi["batches"].get(str(b)) if oi else None
+            ratio = o["samples_per_s"] / t["samples_per_s"] if (t and o) else None
+            L.append(f"| {b} | {_f(t and t['samples_per_s'])} | {_f(o and o['samples_per_s'])} | "
+                     f"{_f(ratio)}{'x' if ratio else ''} | {t['reps'] if t else '–'} / {o['reps'] if o else '–'} |")
+        L.append("")
+        L.append(f"Peak RSS: PyTorch {_f(ti and ti['maxrss_mb'])} MB, ONNX Runtime {_f(oi and oi['maxrss_mb'])} MB "
+                 "(each process ran all batch sizes, so the peak is the largest batch). Median call time; batches "
+                 "<= 64 after one warm-up call and for at least 2 s, batch 1024 twice without warm-up.")
+    L.append(f"Status: PyTorch {_status(r, 'infer-torch')}, ONNX Runtime {_status(r, 'infer-ort')}.")
+    ex = _ok(r, "export")
+    if ex:
+        v = ex["verification"]
+        worst = max(x["map_max_abs_diff"] for k, x in v.items() if k.startswith("batch"))
+        L.append("")
+        L.append(f"Export (`export_onnx`, {ex['exporter']} exporter, including the ONNX Runtime check): {ex['export_and_check_s']:.1f} s, "
+                 f"{ex['onnx_bytes'] / 2**20:.1f} MiB, max |dmap| vs PyTorch {worst:.2g}.")
+    else:
+        L.append(f"Export: {_status(r, 'export')}.")
+    L.append("")
+
+    L.append("## Extraction from DICOM (`../shared/data/lidc-dicom`, 2 scans)")
+    L.append("")
+    en, epl = _ok(r, "extract-nodulekit"), _ok(r, "extract-pylidc")
+    L.append("| what | s / scan (first pass) | s / scan (second pass, page cache warm) | peak RSS (MB) |")
+    L.append("|---|---|---|---|")
+    if en:
+        L.append(f"| nodulekit `sources.read_scan` (volume only) | {_f(en['read_scan_s_per_scan_cold'])} | "
+                 f"{_f(en['read_scan_s_per_scan_warm'])} | {_f(en['maxrss_after_read_mb'])} |")
+    if epl:
+        L.append(f"| pylidc `Scan.to_volume()` (volume only) | {_f(epl['to_volume_s_per_scan_cold'])} | "
+                 f"{_f(epl['to_volume_s_per_scan_warm'])} | {_f(epl['maxrss_mb'])} |")
+    if en:
+        L.append(f"| `nodulekit extract` (`extract_rois`, whole stage) | {_f(en['extract_s_per_scan'])} | – | {_f(en['maxrss_mb'])} |")
+    L.append("")
+    if en and epl:
+        ratio = epl["to_volume_s_per_scan_warm"] / en["read_scan_s_per_scan_warm"]
+        same = all(epl["equal_to_read_scan"].values())
+        L.append(f"Volume reading: pylidc / nodulekit time = {ratio:.2f}x (warm). The two volumes are "
+                 f"{'identical (every HU voxel equal)' if same else 'NOT identical: ' + json.dumps(epl['equal_to_read_scan'])} "
+                 f"for {', '.join(epl['equal_to_read_scan'])}.")
+    L.append("")
+    L.append("What is compared: pylidc's own `Scan.to_volume()` (reads every `.dcm` of the series folder with pydicom, "
+             "drops duplicate z positions, sorts by z, stacks `pixel_array * RescaleSlope + RescaleIntercept` in float "
+             "and casts to int16) with only `get_path_to_dicom_files` pointed at the series folder (pylidc finds it "
+             "through `~/.pylidcrc`, which this machine does not have), against nodulekit's `sources.read_scan` (headers "
+             "first, series found by UID, the same duplicate rule, HU written slice by slice into an int16 volume). The "
+             "whole `extract` row adds pylidc's annotation queries and consensus masks, the 1 mm resampling of the "
+             "nodule windows and the HDF5 writes, for the labelled nodules of both scans "
+             f"({en['nodules_extracted'] if en else '?'} nodules). Status: nodulekit {_status(r, 'extract-nodulekit')}, "
+             f"pylidc {_status(r, 'extract-pylidc')}.")
+    L.append("")
+    L.append("## Not measured")
+    L.append("")
+    L.append("- GPU: " + (m["gpu_note"] or "see the GPU rows above") + ". `nodulekit infer --provider cuda` "
+             "(IO binding) and TensorRT are implemented but were not run here.")
+    skipped = [n for n, e in r["results"].items() if e.get("status") != "ok"]
+    L.append("- Skipped or failed here: " + (", ".join(f"{n} ({_status(r, n)})" for n in skipped) if skipped else "none") + ".")
+    L.append("")
+    L.append("LIDC-IDRI data: Armato III et al. (2015), *Data From LIDC-IDRI*, The Cancer Imaging Archive, "
+             "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX, CC BY 3.0.")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run nodulekit's speed benchmarks (make bench).")
+    p.add_argument("--out", default=str(HERE / "out"), help="folder for the JSON files [benchmarks/out]")
+    p.add_argument("--results", default=None, help="Markdown summary [benchmarks/RESULTS.md; smoke: OUT/RESULTS.smoke.md]")
+    p.add_argument("--d11c", default=None, help="real D11C dataset artifact for the training figures (else synthetic)")
+    p.add_argument("--lidc-root", default=str(REPO.parent / "shared" / "data" / "lidc-dicom"))
+    p.add_argument("--budget-s", type=float, default=840.0, help="wall-clock budget for the whole run [840 s]")
+    p.add_argument("--smoke", action="store_true", help="tiny HESAM (base_width 8) and data: checks the harness, not speed")
+    args = p.parse_args(argv)
+    args.width = 8 if args.smoke else 64
+    if args.d11c and not Path(args.d11c).exists():
+        p.error(f"--d11c {args.d11c} does not exist")
+    record = run_all(args)
+    results = Path(args.results) if args.results else (Path(args.out) / "RESULTS.smoke.md" if args.smoke else HERE / "RESULTS.md")
+    results.write_text(render(record))
+    print(f"[bench] wrote {results} and {args.out}/*.json in {record['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
