@@ -51,7 +51,7 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seed of model initialisation, batch order and validation split."),
     device: str = typer.Option("auto", "--device", help="cuda, cpu or auto (cuda when available)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA, off for CPU)."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (faster on GPU after warm-up)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (for CUDA; on CPU the compile step can take many minutes)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run in RUNDIR made with other settings."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per fold."),
 ) -> None:
