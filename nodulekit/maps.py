@@ -236,6 +236,8 @@ def compute_maps(
     import torch
     from tqdm import tqdm
 
+    if batch_size < 1:
+        raise NodulekitError(f"batch size must be at least 1, got {batch_size}")
     method = check_method(model, method) if isinstance(method, str) else method
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()

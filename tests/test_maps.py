@@ -166,6 +166,14 @@ def test_per_slice_maps_match_duplicated_inputs(x):
     assert d.shape == (6, 3, 2, 2) and torch.equal(d[4, 0], t[1, 1]) and torch.equal(d[4, 2], t[1, 1])
 
 
+def test_bad_inputs_are_one_line_errors(x):
+    model = trained_like(TinyNet(head="cam"))
+    with pytest.raises(NodulekitError, match="batch size must be at least 1"):
+        M.compute_maps(model, x, "cam", batch_size=0, device="cpu")
+    with pytest.raises(NodulekitError, match=r"inputs have shape \(10, 2, 32, 32\); the model expects \[N, 3"):
+        M.compute_maps(model, x[:, :2], "cam", device="cpu")
+
+
 def test_upsample_keeps_constants_and_shape():
     up = M.upsample(np.full((2, 2, 8, 8), 3.0, np.float32))
     assert up.shape == (2, 2, 32, 32) and np.allclose(up, 3.0)
