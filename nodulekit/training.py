@@ -798,20 +798,17 @@ def train(
     for k in wanted:
         fold_split(data, k, cfg)  # refuse degenerate folds before training anything
     device = resolve_device(cfg.device)
-    # build one model now so an unknown --arch or bad --model-opt fails before anything is written
-    probe = _create_model(cfg.arch, data.channels, 2, cfg.model_options)
-    cfg.model_options = _model_config(probe, cfg)
-    del probe
-    run = prepare_rundir(rundir, run_record(cfg, data, device), overwrite=overwrite)
+    # fork_rng: training seeds itself per fold and leaves the caller's random state alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # build one model now so an unknown --arch or bad --model-opt fails before anything is written
+        probe = _create_model(cfg.arch, data.channels, 2, cfg.model_options)
+        cfg.model_options = _model_config(probe, cfg)  # every option, defaults included
+        use_features = _uses_features(probe)
+        del probe
+        run = prepare_rundir(rundir, run_record(cfg, data, device), overwrite=overwrite)
+        dd = _DeviceData(data, device, use_features)  # once for all folds
         summaries, failures = [], []
-        dd = None
         for k in wanted:
-            if dd is None:
-                torch.manual_seed(0)
-                probe = _create_model(cfg.arch, data.channels, 2, cfg.model_options)
-                dd = _DeviceData(data, device, _uses_features(probe))
-                del probe
             try:
                 summaries.append(train_fold(data, cfg, k, rundir, run=run, device=device, device_data=dd,
                                             progress=progress, on_epoch_end=on_epoch_end))
