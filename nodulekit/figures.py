@@ -114,7 +114,8 @@ def map_grid(
         chosen = _pick_nodules(common, ds.y[[row_of[i] for i in common]], n)
     plt = _pyplot()
     cols = 1 + len(runs)
-    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.9 * cols, 2.0 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.9 * cols, 2.0 * len(chosen)), squeeze=False,
+                             layout="constrained")
     centre = ds.channels // 2
     for r, nid in enumerate(chosen):
         row = row_of[nid]
@@ -174,7 +175,8 @@ def slice_grid(
     shown = np.unique(np.linspace(0, channels - 1, min(slices, channels)).round().astype(int))
     plt = _pyplot()
     cols = len(shown) + 1
-    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.8 * cols, 2.0 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.8 * cols, 2.0 * len(chosen)), squeeze=False,
+                             layout="constrained")
     for r, nid in enumerate(chosen):
         i, row = run["nodule_id"].index(nid), row_of[nid]
         y = int(ds.y[row])
