@@ -88,6 +88,7 @@ class FoldResult:
     selected_epoch: int
     epochs: int
     val_history: np.ndarray | None = None
+    epoch_seconds: np.ndarray | None = None
 
 
 @dataclass
@@ -148,6 +149,7 @@ def load_run_results(rundir: str | os.PathLike) -> RunResult:
                 selected_epoch=int(f.attrs.get("selected_epoch", -1)),
                 epochs=done,
                 val_history=np.asarray(f["val_history"][()], np.float64) if "val_history" in f else None,
+                epoch_seconds=np.asarray(f["epoch_seconds"][()], np.float64) if "epoch_seconds" in f else None,
             ))
     problems = []
     if missing:
@@ -185,6 +187,7 @@ def summarise_run(result: RunResult) -> dict[str, Any]:
     patients = sum((f.test_patient_id for f in result.folds), [])
     _, py, pp = patient_level(patients, y, prob)
     selection = result.run.get("selection", {})
+    seconds = [f.epoch_seconds for f in result.folds if f.epoch_seconds is not None and len(f.epoch_seconds)]
     return {
         "rundir": str(result.rundir),
         "dataset": result.dataset_name,
@@ -202,6 +205,9 @@ def summarise_run(result: RunResult) -> dict[str, Any]:
         "summary": summary,
         "pooled_nodule": binary_metrics(y, prob),
         "pooled_patient": binary_metrics(py, pp),
+        # training + per-epoch scoring, as timed by `train` (median over all fold-epochs)
+        "median_epoch_seconds": float(np.median(np.concatenate(seconds))) if seconds else math.nan,
+        "device": result.run.get("device"),
     }
 
 
@@ -292,7 +298,8 @@ def summary_rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for s, label in zip(summaries, _row_labels(summaries)):
         row = {"method": label, "arch": s["arch"], "dataset": s["dataset"], "select": s["select"],
-               "epochs": s["epochs"], "n_folds": s["n_folds"], "rundir": s["rundir"]}
+               "epochs": s["epochs"], "n_folds": s["n_folds"], "rundir": s["rundir"], "device": s["device"],
+               "median_epoch_seconds": s["median_epoch_seconds"]}
         for metric in METRICS:
             row[f"{metric}_mean"] = s["summary"][metric]["mean"]
             row[f"{metric}_std"] = s["summary"][metric]["std"]

@@ -24,9 +24,9 @@ import json
 import math
 import os
 import platform
-import sys
+import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -606,6 +606,7 @@ def train_fold(
     generator = torch.Generator().manual_seed(seed)  # batch order
     history: list[list[float]] = []
     val_history: list[list[float]] = []
+    epoch_seconds: list[float] = []  # wall time of each epoch (training + scoring), for cost estimates
     selector = ValidationSelector() if cfg.select == "val" else None
     best_state = None
     start_epoch = 0
@@ -632,6 +633,7 @@ def train_fold(
             torch.cuda.set_rng_state(resume["cuda_rng"], device)
         history = [list(map(float, row)) for row in resume.get("history", [])]
         val_history = [list(map(float, row)) for row in resume.get("val_history", [])]
+        epoch_seconds = [float(t) for t in resume.get("epoch_seconds", [])]
         if selector is not None:
             selector = ValidationSelector(resume.get("selector"))
             best_state = ckpt["state_dict"] if selector.best_epoch is not None else None
@@ -682,6 +684,7 @@ def train_fold(
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "history": history,
                 "val_history": val_history,
+                "epoch_seconds": epoch_seconds,
                 "selector": selector.state() if selector is not None else None,
             },
         }
@@ -693,6 +696,7 @@ def train_fold(
         bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"{cfg.arch} fold {fold}", unit="epoch", leave=True)
     try:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            started = time.perf_counter()
             train_loss, train_acc = _train_epoch(
                 model, train_model, optimizer, dd, split.train_index, generator, cfg, amp, use_features, fold, epoch
             )
@@ -700,6 +704,7 @@ def train_fold(
             # test fold: for the learning curves only, never for a choice
             test_loss, test_acc = _score(predict_logits(train_model, dd.x, split.test_index, cfg.eval_batch_size, amp), y_test)
             history.append([float(epoch), train_loss, train_acc, test_loss, test_acc])
+            epoch_seconds.append(time.perf_counter() - started)
             metrics = {"train_loss": train_loss, "train_acc": train_acc}
             if selector is not None:
                 val_loss, val_acc = _score(predict_logits(train_model, dd.x, split.val_index, cfg.eval_batch_size, amp), y_val)
@@ -727,7 +732,7 @@ def train_fold(
     _save_checkpoint(ckpt_path, final_ckpt)
     write_fold_result(
         result_path, data=data, split=split, cfg=cfg, run=run, history=history, val_history=val_history,
-        test_prob=test_prob, selected_epoch=final_ckpt["selected_epoch"], device=device, amp=amp,
+        epoch_seconds=epoch_seconds, test_prob=test_prob, selected_epoch=final_ckpt["selected_epoch"], device=device, amp=amp,
     )
     return {
         "fold": fold, "status": status, "epochs": cfg.epochs, "epochs_run": cfg.epochs - start_epoch,
@@ -737,7 +742,7 @@ def train_fold(
 
 
 def write_fold_result(path, *, data: TrainingData, split: FoldSplit, cfg: TrainConfig, run: dict, history, val_history,
-                      test_prob, selected_epoch, device, amp) -> Path:
+                      epoch_seconds, test_prob, selected_epoch, device, amp) -> Path:
     """Write ``fold<k>/result.h5`` (``fold_result`` kind) atomically."""
     prov = provenance(
         stage="train", arch=cfg.arch, fold=split.fold, seed=cfg.seed, dataset=str(data.path),
@@ -747,6 +752,7 @@ def write_fold_result(path, *, data: TrainingData, split: FoldSplit, cfg: TrainC
     with write_artifact(path, "fold_result", prov, overwrite=True) as f:
         h = f.create_dataset("history", data=np.asarray(history, np.float64).reshape(-1, len(HISTORY_COLUMNS)))
         h.attrs["columns"] = list(HISTORY_COLUMNS)
+        f["epoch_seconds"] = np.asarray(epoch_seconds, np.float64)
         f["test_index"] = split.test_index.astype(np.int64)
         f["test_prob"] = np.asarray(test_prob, np.float64)
         f["test_y"] = data.y[split.test_index].astype(np.int64)

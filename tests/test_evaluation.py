@@ -158,6 +158,8 @@ def test_end_to_end_train_then_evaluate(tmp_path):
     assert s["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert s["summary"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
     assert s["pooled_nodule"]["n"] == 40
+    seconds = np.concatenate([h5py.File(tmp_path / "run" / f"fold{k}" / "result.h5", "r")["epoch_seconds"][()] for k in range(2)])
+    assert seconds.shape == (4,) and (seconds > 0).all() and s["median_epoch_seconds"] == pytest.approx(np.median(seconds))
     assert (tmp_path / "rep" / "curves.png").exists() and (tmp_path / "rep" / "roc.png").exists()
 
 
@@ -178,6 +180,7 @@ def test_table2_benchmark_script(tmp_path):
     assert rc == 0
     timing = json.loads((out / "timing.json").read_text())
     assert [t["arch"] for t in timing] == ["cam", "sam"] and all(t["s_per_fold_epoch"] > 0 for t in timing)
+    assert all(0 < t["median_epoch_s"] <= t["s_per_fold_epoch"] for t in timing)
     assert timing[1]["model_options"]["fcf_pool"] == "max" and timing[0]["model_options"]["base_width"] == 4
     rows = list(csv.DictReader((out / "report" / "table2.csv").open()))
     assert [r["method"] for r in rows] == ["Ours-CAM", "Ours-SAM"] and rows[0]["dataset"] == "D1C"
