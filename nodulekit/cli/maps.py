@@ -30,23 +30,19 @@ def maps_cmd(
     method: str = typer.Option(..., "--method", "-m", help=f"Map method: {METHODS}."),
     out: Path = typer.Option(..., "-o", "--out", help="Output `maps` artifact (.h5)."),
     dataset: Optional[Path] = typer.Option(
-        None, "--dataset", "-d", help="The `dataset` artifact [default: the one recorded in RUNDIR/run.json]."),
+        None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."),
     nodules: Optional[str] = typer.Option(
-        None, "--nodules", help="Comma-separated nodule ids (e.g. LIDC-IDRI-0001:1,LIDC-IDRI-0003:2) [default: all]."),
+        None, "--nodules", help="Comma-separated nodule ids (e.g. LIDC-IDRI-0001:1,LIDC-IDRI-0003:2) (default: all)."),
     per_slice: bool = typer.Option(
         False, "--per-slice",
         help="Also store Fig. 5's single-slice maps: each slice copied to all channels (slice_maps, slice_prob)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Nodules per forward/backward pass."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Activation maps of every nodule from the fold model that did not train on it.
 
-    Stores both classes' maps on the feature grid (`maps` [N, 2, h, w]) and bilinear on the
-    32x32 input grid (`maps_up`), the malignant probability `prob`, label `y`, `fold`, and the
-    `logits`. cam = Eq. 1-2 (GAP head), gradcam = Eq. 3-4 (any model), sam = Eq. 7,
-    hesam = Eq. 11, he-cam / he-gradcam = CAM / Grad-CAM of a model with the high-level
-    feature (Fig. 6). A method the model cannot give is refused with the list it supports.
+    Stores both classes' maps on the feature grid (`maps` [N, 2, h, w]) and bilinear on the 32x32 input grid (`maps_up`), the malignant probability `prob`, label `y`, `fold`, and the `logits`. cam = Eq. 1-2 (GAP head), gradcam = Eq. 3-4 (any model), sam = Eq. 7, hesam = Eq. 11, he-cam / he-gradcam = CAM / Grad-CAM of a model with the high-level feature (Fig. 6). A method the model cannot give is refused with the list it supports.
 
     Example: nodulekit maps runs/hesam-d11c --method hesam -o hesam_maps.h5
     """
@@ -79,10 +75,7 @@ def scores_cmd(
 ) -> None:
     """Energy share, enrichment and pointing game of each map in body / margin band / outside.
 
-    Regions on the 32x32 grid from the centre-slice consensus mask: body = mask eroded by r mm,
-    margin band = mask dilated by r mm minus body, outside = the rest (distances in mm from
-    the dataset's pixel size). Maps are clipped at 0 (positive evidence). Summaries per
-    method x nodule class, and by the readers' spiculation and margin ratings.
+    Regions on the 32x32 grid from the centre-slice consensus mask: body = mask eroded by r mm, margin band = mask dilated by r mm minus body, outside = the rest (distances in mm from the dataset's pixel size). Maps are clipped at 0 (positive evidence). Summaries per method x nodule class, and by the readers' spiculation and margin ratings.
 
     Example: nodulekit scores cam_maps.h5 sam_maps.h5 hesam_maps.h5 -d d11c.h5 -o scores.csv
     """
@@ -99,7 +92,7 @@ def figures_cmd(
     maps_files: List[Path] = typer.Argument(..., help="One or more `maps` artifacts (columns of the grid)."),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact (ROIs and contours)."),
     out_dir: Path = typer.Option(..., "-o", "--out-dir", help="Folder for the PNG files (created if missing)."),
-    nodules: Optional[str] = typer.Option(None, "--nodules", help="Comma-separated nodule ids [default: n picked]."),
+    nodules: Optional[str] = typer.Option(None, "--nodules", help="Comma-separated nodule ids (default: n picked)."),
     n: int = typer.Option(6, "--n", help="How many nodules when --nodules is not given (half malignant)."),
     scores_csv: Optional[Path] = typer.Option(
         None, "--scores", help="A CSV from `nodulekit scores`: also draw the region-score box plots."),
@@ -107,9 +100,7 @@ def figures_cmd(
 ) -> None:
     """Figures: map grid (Fig. 7 style), per-slice grid (Fig. 5, for --per-slice maps), region scores.
 
-    Writes OUT_DIR/map_grid.png, OUT_DIR/slices_<method>.png for each maps file holding
-    slice_maps, and OUT_DIR/region_scores.png with --scores. Probabilities under the maps
-    are red for false positives / false negatives at p = 0.5.
+    Writes OUT_DIR/map_grid.png, OUT_DIR/slices_<method>.png for each maps file holding slice_maps, and OUT_DIR/region_scores.png with --scores. Probabilities under the maps are red for false positives / false negatives at p = 0.5.
 
     Example: nodulekit figures cam_maps.h5 hesam_maps.h5 -d d11c.h5 --scores scores.csv -o figs
     """
@@ -150,10 +141,7 @@ def wilcoxon_cmd(
 ) -> None:
     """Paired Wilcoxon signed-rank tests of the first run against each other run (Table 5).
 
-    Pairs the cross-validated test probabilities of the same nodules; tests the probabilities
-    (the paper's test) and the absolute errors |p - y| (is one run closer to the labels?).
-    Reports n, medians of the differences (first minus other), statistics and p-values.
-    Runs on different datasets (fingerprint) or nodule sets are refused.
+    Pairs the cross-validated test probabilities of the same nodules; tests the probabilities (the paper's test) and the absolute errors |p - y| (is one run closer to the labels?). Reports n, medians of the differences (first minus other), statistics and p-values. Runs on different datasets (fingerprint) or nodule sets are refused.
 
     Example: nodulekit wilcoxon runs/hesam-d11c runs/resnet18-d11c runs/vgg16-d11c -o wilcoxon.md
     """
@@ -173,14 +161,12 @@ def readers_cmd(
     rundir: Path = typer.Argument(..., help="A finished RUNDIR (all folds)."),
     out: Path = typer.Option(..., "-o", "--out", help="Markdown report (.md); .csv and .json are written beside it."),
     dataset: Optional[Path] = typer.Option(
-        None, "--dataset", "-d", help="The `dataset` artifact [default: the one recorded in RUNDIR/run.json]."),
+        None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
 ) -> None:
     """Each reader's call vs the consensus label, beside the model's (Table 6, all test folds).
 
-    Reader call: rating > 3 malignant, < 3 benign, 3 abstains. Accuracy (over called nodules),
-    FP, FN and abstentions per reader position (1..4, pylidc order) and for the model
-    (p >= 0.5). Circular by construction: the label is the mean of these readers' ratings.
+    Reader call: rating > 3 malignant, < 3 benign, 3 abstains. Accuracy (over called nodules), FP, FN and abstentions per reader position (1..4, pylidc order) and for the model (p >= 0.5). Circular by construction: the label is the mean of these readers' ratings.
 
     Also writes <stem>_nodules.csv: per nodule each reader's rating and call and the model's.
 
