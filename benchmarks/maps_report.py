@@ -107,6 +107,16 @@ def report_markdown(scores, tests, accuracy: dict[str, float], runs: list[tuple[
             f"{_fmt(row['mean_enrichment_margin_band'])} | {_fmt(row['mean_enrichment_body'])} | "
             f"{_fmt(row['pointing_margin_band'])} | {_fmt(row['pointing_body'])} |"
         )
+    for by, title in (("spiculation", "By the readers' spiculation rating (mean)"),
+                      ("margin", "By the readers' margin rating (mean; 1 = poorly defined, 5 = sharp)")):
+        if by not in scores.columns:
+            continue
+        strat = summarise_scores(scores, by)
+        lines += [f"\n## {title}\n", "| method | group | n | margin band | band enrichment | body | peak in band |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['group']} | {r['n']} | {_fmt(r['mean_share_margin_band'])} | "
+                  f"{_fmt(r['mean_enrichment_margin_band'])} | {_fmt(r['mean_share_body'])} | "
+                  f"{_fmt(r['pointing_margin_band'])} |" for _, r in strat.iterrows()]
     if len(tests):
         lines += [
             "\n## Paired tests of the margin-band share (same nodules)\n",

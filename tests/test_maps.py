@@ -417,6 +417,7 @@ def test_maps_report_benchmark_on_tiny_run(tiny_runs, tmp_path):
     assert bench.main(args) == 0
     text = (out / "maps_report.md").read_text()
     assert "| hesam | malignant | 20 |" in text and "LIDC-IDRI" in text and (out / "map_grid.png").exists()
+    assert "spiculation rating" in text and "| he-gradcam | sharp (>3) |" in text
     assert bench.main(args) == 2  # the report exists: refused without --overwrite
     scores = pd.read_csv(out / "scores.csv")
     tests = bench.paired_band_tests(scores, "hesam")
