@@ -249,3 +249,12 @@ def test_export_trained_rundir_via_cli(tmp_path):
         np.testing.assert_allclose(f["prob"][()], rp[:, 1], atol=ex.PROB_ATOL)
         assert np.abs(f["maps"][()] - rm).max() <= ex.MAP_RTOL * np.abs(rm).max() + ex.MAP_ATOL_FLOOR
         np.testing.assert_array_equal(f["fold"][()], 1)
+        with h5py.File(ds, "r") as d:
+            np.testing.assert_array_equal(f["dataset_fold"][()], d["fold"][()])
+    # The same data under another normalisation is refused, not silently mis-scaled.
+    from nodulekit.artifacts import set_json_attr
+
+    with h5py.File(ds, "a") as f:
+        set_json_attr(f, "normalisation", {"hu_window": [-1200.0, 600.0], "scale": "linear to [0, 1]"})
+    with pytest.raises(NodulekitError, match="normalisation mismatch"):
+        ex.infer(out, ds, tmp_path / "other.h5", provider="cpu")
