@@ -191,8 +191,10 @@ def render(r: dict) -> str:
     L.append(f"- **Load**: 1-min load average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end "
              f"(on a {m['logical_cores']}-core machine shared with other jobs, figures are lower bounds of what an idle "
              "machine gives, and ratios measured in the same run are more meaningful than absolute numbers).")
-    L.append(f"- **Input**: {'real D11C `' + r['d11c'] + '`' if r['d11c'] else 'synthetic D11C-sized tensors (uniform [0, 1], 11 x 32 x 32; 660 training + 165 test samples for the epoch)'}; "
-             f"model: HESAM, base_width {'8 (smoke)' if r['smoke'] else '64 (the paper model, 7.0 M parameters)'}.")
+    ep = _ok(r, "train-epoch-eager")
+    sizes = f"{ep['n_train']} training + {ep['n_test_evaluated']} test samples in the real epoch" if ep else "660 + 165 samples"
+    L.append(f"- **Input**: {'real D11C `' + r['d11c'] + '`' if r['d11c'] else 'synthetic D11C-sized data (11 x 32 x 32; uniform [0, 1] tensors for the step and inference figures, the ring/blob test dataset for the real epoch)'}, "
+             f"{sizes}; model: HESAM, base_width {'8 (smoke)' if r['smoke'] else '64 (the paper model, 7.0 M parameters)'}.")
     L.append(f"- Whole run: {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget.")
     L.append("")
 
@@ -213,7 +215,8 @@ def render(r: dict) -> str:
     L.append("| variant | threads | first step (s) | median step (s) | samples/s | vs eager | one epoch (s, extrapolated) | peak RSS (MB) |")
     L.append("|---|---|---|---|---|---|---|---|")
     eager = _ok(r, "train-steps-eager")
-    best_name, best_sps = None, None
+    best_name, best_sps = "eager", eager["samples_per_s"] if eager else None
+    notes = []
     for name in ("train-steps-eager", "train-steps-channels_last", "train-steps-bf16", "train-steps-compile",
                  "train-steps-eager-other-threads"):
         e = _ok(r, name)
@@ -222,16 +225,24 @@ def render(r: dict) -> str:
             L.append(f"| {label} | – | – | – | – | – | {_status(r, name)} | – |")
             continue
         ratio = e["samples_per_s"] / eager["samples_per_s"] if eager else None
-        if e.get("loss_finite") and (best_sps is None or e["samples_per_s"] > best_sps):
+        # A variant "pays" only if it is clearly (>= 5 %) faster per step and its one-off cost
+        # (compilation) is recovered within 90 epochs x 5 folds of 21 steps.
+        extra = e["first_step_s"] - (eager["first_step_s"] if eager else 0.0)
+        gain = (eager["step_s_median"] - e["step_s_median"]) if eager else 0.0
+        if eager and name != "train-steps-eager" and extra > 5 * eager["step_s_median"]:
+            notes.append(f"`{label}` costs {extra:.0f} s once (first step), " + (
+                f"recovered after {extra / gain:.0f} steps" if gain > 0 else "never recovered (no faster per step)"))
+        if (e.get("loss_finite") and ratio and ratio >= 1.05 and best_sps is not None and e["samples_per_s"] > best_sps
+                and (gain > 0 and extra / gain < 90 * 5 * 21)):
             best_name, best_sps = label, e["samples_per_s"]
         L.append(f"| {label} | {e['threads']} | {_f(e['first_step_s'])} | {_f(e['step_s_median'])} | "
                  f"{_f(e['samples_per_s'])} | {_f(ratio)}x | {_f(e['epoch_s_extrapolated'])} | {_f(e['maxrss_mb'])} |")
     L.append("")
     L.append("Step times: median of the timed steps after the first (the first includes warm-up and, for `compile`, "
              "compilation). One epoch = ceil(660 / 32) = 21 steps x the median step. "
-             f"Fastest CPU path here: **{best_name or 'n/a'}**.")
+             f"Fastest CPU path here (>= 5 % faster per step than eager, one-off cost recovered in a 5-fold run): "
+             f"**{best_name}**." + (" " + "; ".join(notes) + "." if notes else ""))
     L.append("")
-    ep = _ok(r, "train-epoch-eager")
     L.append("### One real epoch of `nodulekit.training.train` (eager fp32, 1 fold)")
     L.append("")
     if ep:
@@ -242,7 +253,10 @@ def render(r: dict) -> str:
                  f"{ep['fold_s_extrapolated'] / 3600:.2f} h, 5-fold cross-validation {ep['cv5_s_extrapolated'] / 3600:.2f} h "
                  "on this CPU. This is an extrapolation from one epoch, not a measured full run.")
         if eager:
-            L.append(f"- the step benchmark predicted {eager['epoch_s_extrapolated']:.0f} s for the training pass alone.")
+            steps = -(-ep["n_train"] // 32)
+            L.append(f"- the step benchmark predicts {steps} steps x {eager['step_s_median']:.2f} s = "
+                     f"{steps * eager['step_s_median']:.0f} s for the training pass alone; the rest is evaluation, "
+                     "warm-up, model set-up and writes.")
     else:
         L.append(f"- {_status(r, 'train-epoch-eager')}")
     L.append("")
@@ -263,7 +277,8 @@ def render(r: dict) -> str:
         L.append("")
         L.append(f"Peak RSS: PyTorch {_f(ti and ti['maxrss_mb'])} MB, ONNX Runtime {_f(oi and oi['maxrss_mb'])} MB "
                  "(each process ran all batch sizes, so the peak is the largest batch). Median call time; batches "
-                 "<= 64 after one warm-up call and for at least 2 s, batch 1024 twice without warm-up.")
+                 "<= 64 after one warm-up call and timed for at least 2 s; larger batches timed once, after the "
+                 "smaller ones warmed the engine up.")
     L.append(f"Status: PyTorch {_status(r, 'infer-torch')}, ONNX Runtime {_status(r, 'infer-ort')}.")
     ex = _ok(r, "export")
     if ex:

@@ -373,7 +373,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=list(INFER_BATCHES))
     p.add_argument("--min-time", type=float, default=2.0,
                    help="keep timing (small inference batches, training steps) until this many seconds")
-    p.add_argument("--big-reps", type=int, default=2, help="timed calls at batch > 64")
+    p.add_argument("--big-reps", type=int, default=1, help="timed calls at batch > 64 (after the smaller batches warmed up)")
     args = p.parse_args(argv)
     t = time.perf_counter()
     result = BENCHES[args.bench](args)
