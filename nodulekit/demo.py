@@ -423,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.FileHandler(args.out / "demo.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+    try:
+        return _run(args, schedule, log)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(args, schedule: Schedule, log: logging.Logger) -> int:
     d = Demo(out=args.out, schedule=schedule, seed=args.seed, workers=max(1, args.workers), log=log)
     d.say(f"nodulekit demo -> {args.out.resolve()}\n{schedule.describe()}")
     try:
