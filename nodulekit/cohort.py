@@ -311,11 +311,14 @@ def _cluster(scans, workers: int, progress: bool, journal: Path | None = None) -
                 import multiprocessing as mp
 
                 # spawn: each worker opens its own database session
-                with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+                try:
                     futures = {pool.submit(_cluster_scans_worker, c): c for c in todo}
                     for fut in as_completed(futures):
                         done(futures[fut], fut.result())
                         bar.update(len(futures[fut]))
+                finally:  # on Ctrl-C do not wait for the queued chunks; the journal keeps the finished ones
+                    pool.shutdown(wait=True, cancel_futures=True)
     finally:
         if log is not None:
             log.close()

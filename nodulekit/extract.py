@@ -427,10 +427,13 @@ def extract_rois(
         else:
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+            try:
                 futures = [pool.submit(_run_unit, u, str(parts)) for u in todo]
                 for fut in as_completed(futures):
                     _handle(fut.result(), failed, report, bar)
+            finally:  # on Ctrl-C drop the queued units; finished ones are in the parts folder
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
 
