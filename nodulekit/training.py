@@ -804,6 +804,18 @@ def train(
     for k in wanted:
         fold_split(data, k, cfg)  # refuse degenerate folds before training anything
     device = resolve_device(cfg.device)
+    # input shapes are fixed (32x32, batch 32), so cuDNN's autotuner pays off; restored afterwards
+    benchmark_flag = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda" or benchmark_flag
+    try:
+        return _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoch_end)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_flag
+
+
+def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoch_end):
+    import torch
+
     # fork_rng: training seeds itself per fold and leaves the caller's random state alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # build one model now so an unknown --arch or bad --model-opt fails before anything is written
