@@ -348,3 +348,23 @@ def test_learns_the_synthetic_task(ds3, tmp_path):
     hist = read_result(tmp_path / "learn", 0)["history"]
     assert hist[-1, 1] < 0.5 * hist[0, 1]  # training cross-entropy at least halved
     assert out["folds"][0]["test_acc"] >= 7 / 8 and hist[-1, 4] >= 7 / 8
+
+
+def test_select_val_resume_equals_straight_run(ds3, tmp_path):
+    """Resuming a --select val run keeps the best-so-far model and the selector's state."""
+    straight_dir, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(ds3, straight_dir, folds=[0], epochs=3, select="val", val_fraction=0.25)
+
+    def interrupt(fold, epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25, on_epoch_end=interrupt)
+    run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25)
+    a, b = read_result(straight_dir, 0), read_result(resumed, 0)
+    assert a["attrs"]["selected_epoch"] == b["attrs"]["selected_epoch"]
+    assert np.array_equal(a["test_prob"], b["test_prob"]) and np.array_equal(a["val_history"], b["val_history"])
+    sa, sb = state_of(straight_dir, 0), state_of(resumed, 0)
+    assert all(torch.equal(sa["state_dict"][k], sb["state_dict"][k]) for k in sa["state_dict"])
+    assert all(torch.equal(sa["resume"]["model"][k], sb["resume"]["model"][k]) for k in sa["resume"]["model"])
