@@ -160,7 +160,7 @@ def test_select_val_uses_validation_only(ds3, tmp_path, monkeypatch):
 
     monkeypatch.setattr(T.ValidationSelector, "update", spy)
     rundir = tmp_path / "val"
-    run_train(ds3, rundir, folds=[0], epochs=3, select="val", val_fraction=0.25)
+    run_train(ds3, rundir, folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8)
     ds = load_dataset(ds3)
     res = read_result(rundir, 0)
     train_i, val_i, test_i = res["train_index"], res["val_index"], res["test_index"]
@@ -171,6 +171,7 @@ def test_select_val_uses_validation_only(ds3, tmp_path, monkeypatch):
     assert [(e, pytest.approx(l), pytest.approx(a)) for e, l, a in seen] == [tuple(r) for r in res["val_history"]]
     best = max(range(3), key=lambda i: (res["val_history"][i, 2], -res["val_history"][i, 1], -i))
     assert res["attrs"]["selected_epoch"] == best + 1
+    assert best + 1 < 3  # these settings overfit: the reported model is not the last one
     # the reported model is the one of the selected epoch: its validation metrics match
     model, ckpt = T.load_fold_model(rundir, 0)
     assert ckpt["selected_epoch"] == best + 1 and ckpt["epoch"] == 3
@@ -186,7 +187,7 @@ def test_select_val_uses_validation_only(ds3, tmp_path, monkeypatch):
         y = f["y"][()]
         y[f["fold"][()] == 0] ^= 1
         f["y"][...] = y
-    run_train(flipped, tmp_path / "val-flipped", folds=[0], epochs=3, select="val", val_fraction=0.25)
+    run_train(flipped, tmp_path / "val-flipped", folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8)
     res2 = read_result(tmp_path / "val-flipped", 0)
     assert res2["attrs"]["selected_epoch"] == res["attrs"]["selected_epoch"]
     assert np.array_equal(res2["test_prob"], res["test_prob"])
@@ -353,17 +354,17 @@ def test_learns_the_synthetic_task(ds3, tmp_path):
 def test_select_val_resume_equals_straight_run(ds3, tmp_path):
     """Resuming a --select val run keeps the best-so-far model and the selector's state."""
     straight_dir, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_train(ds3, straight_dir, folds=[0], epochs=3, select="val", val_fraction=0.25)
+    run_train(ds3, straight_dir, folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8)
 
     def interrupt(fold, epoch, metrics):
         if epoch == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25, on_epoch_end=interrupt)
-    run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25)
+        run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8, on_epoch_end=interrupt)
+    run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8)
     a, b = read_result(straight_dir, 0), read_result(resumed, 0)
-    assert a["attrs"]["selected_epoch"] == b["attrs"]["selected_epoch"]
+    assert a["attrs"]["selected_epoch"] == b["attrs"]["selected_epoch"] == 1  # best before the interruption
     assert np.array_equal(a["test_prob"], b["test_prob"]) and np.array_equal(a["val_history"], b["val_history"])
     sa, sb = state_of(straight_dir, 0), state_of(resumed, 0)
     assert all(torch.equal(sa["state_dict"][k], sb["state_dict"][k]) for k in sa["state_dict"])
