@@ -49,7 +49,7 @@ class Schedule:
                 f"{self.base_width}, {self.epochs} epochs (lr 5e-4, /10 every {self.lr_step}), device {self.device}")
 
 
-CPU_SCHEDULE = Schedule("short CPU schedule", nodules=200, n_folds=3, epochs=20, lr_step=15, base_width=8, device="cpu")
+CPU_SCHEDULE = Schedule("short CPU schedule", nodules=160, n_folds=3, epochs=15, lr_step=10, base_width=8, device="cpu")
 PAPER_SCHEDULE = Schedule("paper schedule (GPU)", nodules=300, n_folds=5, epochs=90, lr_step=30, base_width=64,
                           device="cuda")
 
@@ -76,6 +76,12 @@ class Demo:
     results: dict[str, Any] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
     log: logging.Logger | None = None
+    # True while running a stage whose inputs were (re)made in this run: its old output is stale.
+    fresh_inputs: bool = False
+
+    def reusable(self, ok: bool) -> bool:
+        """Reuse an existing output only if it is valid and nothing upstream was redone."""
+        return ok and not self.fresh_inputs
 
     # Where every artifact goes.
     @property
@@ -163,7 +169,7 @@ def _phantom_patients(d: Demo) -> list[str]:
 
 
 def stage_extract(d: Demo) -> str:
-    if _valid_artifact(d.rois, "rois"):
+    if d.reusable(_valid_artifact(d.rois, "rois")):
         return "reused"
     from nodulekit.extract import extract_rois
 
@@ -174,7 +180,7 @@ def stage_extract(d: Demo) -> str:
 
 
 def stage_build(d: Demo) -> str:
-    if _valid_artifact(d.dataset, "dataset"):
+    if d.reusable(_valid_artifact(d.dataset, "dataset")):
         return "reused"
     from nodulekit.datasets import build_dataset
 
@@ -183,18 +189,25 @@ def stage_build(d: Demo) -> str:
     return f"D11C, {d.schedule.n_folds} folds by patient -> {d.dataset}"
 
 
-def _run_finished(d: Demo) -> bool:
+def _same_run(d: Demo) -> bool:
+    """RUNDIR holds a run of this schedule (so it can be reused or resumed)."""
     run_json = d.rundir / "run.json"
     if not run_json.exists():
         return False
     run = json.loads(run_json.read_text())
-    if run.get("epochs") != d.schedule.epochs or run.get("model_options", {}).get("base_width") != d.schedule.base_width:
-        return False
-    return all(_valid_artifact(d.rundir / f"fold{k}" / "result.h5", "fold_result") for k in range(d.schedule.n_folds))
+    return (run.get("epochs") == d.schedule.epochs and run.get("seed") == d.seed
+            and run.get("model_options", {}).get("base_width") == d.schedule.base_width
+            and run.get("scheduler", {}).get("step_size") == d.schedule.lr_step
+            and run.get("n_folds") == d.schedule.n_folds)
+
+
+def _run_finished(d: Demo) -> bool:
+    return _same_run(d) and all(_valid_artifact(d.rundir / f"fold{k}" / "result.h5", "fold_result")
+                                for k in range(d.schedule.n_folds))
 
 
 def stage_train(d: Demo) -> str:
-    if _run_finished(d):
+    if d.reusable(_run_finished(d)):
         return "reused"
     import torch
 
@@ -205,22 +218,19 @@ def stage_train(d: Demo) -> str:
     cfg = TrainConfig(arch="hesam", model_options={"base_width": d.schedule.base_width}, epochs=d.schedule.epochs,
                       lr_step=d.schedule.lr_step, seed=d.seed, device=device)
     # The run resumes from its per-epoch checkpoints; other settings in RUNDIR are replaced.
-    stale = (d.rundir / "run.json").exists() and not _same_run(d, cfg)
+    # Resume a run of this schedule on this dataset from its checkpoints; replace anything else.
+    stale = (d.rundir / "run.json").exists() and (d.fresh_inputs or not _same_run(d))
     out = train(d.dataset, d.rundir, cfg, overwrite=stale, progress=True)
     accs = [f"{100 * s['test_acc']:.1f}%" for s in out["folds"] if "test_acc" in s]
     return f"{len(out['folds'])} folds trained on {device}; test accuracy per fold {', '.join(accs)} -> {d.rundir}"
-
-
-def _same_run(d: Demo, cfg) -> bool:
-    run = json.loads((d.rundir / "run.json").read_text())
-    return run.get("epochs") == cfg.epochs and run.get("model_options", {}).get("base_width") == d.schedule.base_width
 
 
 def stage_evaluate(d: Demo) -> str:
     from nodulekit.evaluation import evaluate_runs, load_run_results, summarise_run
 
     table = d.report_dir / "table2.md"
-    if not (table.exists() and table.stat().st_mtime >= (d.rundir / "run.json").stat().st_mtime):
+    reused = d.reusable(table.exists())
+    if not reused:
         evaluate_runs([d.rundir], d.report_dir, overwrite=True)
     s = summarise_run(load_run_results(d.rundir))
     pooled = s["pooled_nodule"]
@@ -229,7 +239,8 @@ def stage_evaluate(d: Demo) -> str:
         "auc_mean": s["summary"]["auc"]["mean"], "pooled_accuracy": pooled["accuracy"], "pooled_auc": pooled["auc"],
         "sensitivity": pooled["sensitivity"], "specificity": pooled["specificity"], "n": pooled["n"],
     }
-    return (f"accuracy {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_std']:.1f} % (mean over folds), "
+    return ("reused: " if reused else "") + (
+            f"accuracy {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_std']:.1f} % (mean over folds), "
             f"AUC {m['auc_mean']:.3f}; pooled over {m['n']} test nodules: accuracy {100 * m['pooled_accuracy']:.1f} %, "
             f"AUC {m['pooled_auc']:.3f} -> {d.report_dir}")
 
@@ -240,15 +251,16 @@ MAP_METHODS = ("hesam", "gradcam")
 def stage_maps(d: Demo) -> str:
     from nodulekit.maps import run_maps, write_run_maps
 
-    done = []
+    done, made = [], False
     for method in MAP_METHODS:
         path = d.maps_path(method)
-        if not _valid_artifact(path, "maps"):
+        if not d.reusable(_valid_artifact(path, "maps")):
+            made = True
             result = run_maps(d.rundir, method, dataset=d.dataset, device="cpu" if d.schedule.device == "cpu" else None,
                               progress=True)
             write_run_maps(result, path, rundir=d.rundir, overwrite=path.exists())
         done.append(str(path))
-    return "maps -> " + ", ".join(done)
+    return ("" if made else "reused: ") + "maps -> " + ", ".join(done)
 
 
 def stage_scores(d: Demo) -> str:
@@ -256,12 +268,12 @@ def stage_scores(d: Demo) -> str:
 
     from nodulekit.scores import score_maps, summarise_scores, write_scores
 
-    if d.scores_csv.exists():
+    if d.reusable(d.scores_csv.exists()):
         table = pd.read_csv(d.scores_csv)
-        status = "reused"
+        status = f"reused: {d.scores_csv}"
     else:
         table = score_maps([d.maps_path(m) for m in MAP_METHODS], d.dataset)
-        write_scores(table, d.scores_csv)
+        write_scores(table, d.scores_csv, overwrite=True)
         status = f"region scores -> {d.scores_csv}"
     try:
         d.results["score_summary"] = summarise_scores(table)
@@ -277,21 +289,23 @@ def stage_figures(d: Demo) -> str:
 
     d.figures_dir.mkdir(parents=True, exist_ok=True)
     grid = d.figures_dir / "map_grid.png"
-    if not grid.exists():
-        map_grid([d.maps_path(m) for m in MAP_METHODS], d.dataset, grid, n=6)
+    made = not d.reusable(grid.exists())
+    if made:
+        map_grid([d.maps_path(m) for m in MAP_METHODS], d.dataset, grid, n=6, overwrite=True)
     plot = d.figures_dir / "region_scores.png"
-    if not plot.exists() and d.scores_csv.exists():
-        region_score_plot(pd.read_csv(d.scores_csv), plot)
+    if not d.reusable(plot.exists()) and d.scores_csv.exists():
+        made = True
+        region_score_plot(pd.read_csv(d.scores_csv), plot, overwrite=True)
     d.results["figure"] = str(grid)
-    return f"figures -> {grid}" + (f", {plot}" if plot.exists() else "")
+    return ("" if made else "reused: ") + f"figures -> {grid}" + (f", {plot}" if plot.exists() else "")
 
 
 def stage_export(d: Demo) -> str:
-    if d.onnx.exists():
+    if d.reusable(d.onnx.exists()):
         return "reused"
     from nodulekit.export import export_onnx, load_model_source
 
-    meta = export_onnx(load_model_source(d.rundir, 0), d.onnx)
+    meta = export_onnx(load_model_source(d.rundir, 0), d.onnx, overwrite=True)
     return f"{meta.get('arch', 'hesam')} fold 0 -> {d.onnx} (verified against PyTorch with ONNX Runtime)"
 
 
@@ -301,7 +315,8 @@ def stage_infer(d: Demo) -> str:
 
     from nodulekit.artifacts import open_artifact, read_strings
 
-    if not _valid_artifact(d.onnx_maps, "maps"):
+    reused = d.reusable(_valid_artifact(d.onnx_maps, "maps"))
+    if not reused:
         from nodulekit.export import infer
 
         summary = infer(d.onnx, d.dataset, d.onnx_maps, provider="auto", overwrite=d.onnx_maps.exists(), progress=True)
@@ -317,7 +332,8 @@ def stage_infer(d: Demo) -> str:
     pairs = [(prob[where[n]], p) for n, p in zip(test_ids, test_prob) if n in where]
     diff = float(np.max(np.abs(np.subtract(*zip(*pairs))))) if pairs else float("nan")
     d.results["onnx_vs_torch_max_abs_prob_diff"] = diff
-    return (f"{len(ids)} nodules -> {d.onnx_maps}; fold-0 test nodules: max |p_onnx - p_torch| = {diff:.2g}")
+    return ("reused: " if reused else "") + (
+        f"{len(ids)} nodules -> {d.onnx_maps}; fold-0 test nodules: max |p_onnx - p_torch| = {diff:.2g}")
 
 
 STAGES: list[tuple[str, Callable[[Demo], str], tuple[str, ...]]] = [
@@ -341,6 +357,7 @@ def run_stage(d: Demo, name: str, fn: Callable[[Demo], str], needs: tuple[str, .
         d.say(f"[{name}] skipped: needs {', '.join(blocked)}")
         return
     d.say(f"[{name}] ...")
+    d.fresh_inputs = any(d.status.get(n) == "ok" for n in needs)
     start = time.time()
     try:
         message = fn(d)
@@ -363,7 +380,7 @@ def run_stage(d: Demo, name: str, fn: Callable[[Demo], str], needs: tuple[str, .
         if d.log:
             d.log.error(traceback.format_exc())
         return
-    d.status[name] = "reused" if message == "reused" else "ok"
+    d.status[name] = "reused" if message.startswith("reused") else "ok"
     d.say(f"[{name}] {message} ({time.time() - start:.0f} s)")
 
 

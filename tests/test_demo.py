@@ -72,3 +72,22 @@ def test_every_stage_exists_in_this_version(name):
     }
     module, function = needs[name]
     assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_a_redone_stage_makes_its_dependents_redo(tmp_path, monkeypatch):
+    seen = []
+    upstream = {"message": "made a"}
+
+    def a(d):
+        return upstream["message"]
+
+    def b(d):
+        seen.append(d.reusable(True))  # b's output exists and is valid: may it be reused?
+        return "reused" if d.reusable(True) else "made b"
+
+    monkeypatch.setattr(demo, "STAGES", [("a", a, ()), ("b", b, ("a",))])
+    out = ["--out", str(tmp_path / "out"), "--schedule", "cpu"]
+    demo.main(out)
+    upstream["message"] = "reused"
+    demo.main(out)
+    assert seen == [False, True]
