@@ -73,30 +73,35 @@ def git_info() -> dict:
             "note": "uncommitted changes under nodulekit/ or benchmarks/ at run time" if dirty else ""}
 
 
-def plan(args, tmp: Path) -> list[tuple[str, list[str], float]]:
-    """(name, speed.py arguments, time cap in seconds), most important first."""
+def plan(args, tmp: Path) -> list[tuple[str, object, float]]:
+    """(name, speed.py arguments or a function of the context giving them, time cap in s), most important first."""
     w = ["--width", str(args.width)]
     d = ["--d11c", args.d11c] if args.d11c else []
     onnx = ["--onnx", str(tmp / "hesam.onnx")]
     small = ["--n-train", "64", "--n-test", "16"] if args.smoke else []
-    t = ["--threads", "{threads}"]  # filled in after the thread probe
-    steps = ["--steps", "2" if args.smoke else "6", "--min-time", "1" if args.smoke else "20"]
-    items = [
+    steps = ["--steps", "2" if args.smoke else "6", "--min-time", "1" if args.smoke else "40"]
+    big = ["--batches", "1", "64", "256"] if args.smoke else []
+
+    def th(ctx):
+        return ["--threads", str(ctx["threads"])]
+
+    def step_variants(ctx):
+        # bf16 joins the interleaved run only if the probe saw it pay at all on this CPU.
+        extra = ["bf16"] if ctx.get("bf16_pays") else []
+        return ["train-steps", "--variants", "eager", "channels_last", *extra, *w, *d, *small, *th(ctx), *steps]
+
+    return [
         ("probe-threads", ["probe-threads", *w], 120),
         ("extract-nodulekit", ["extract-nodulekit", "--lidc-root", args.lidc_root], 240),
         ("extract-pylidc", ["extract-pylidc", "--lidc-root", args.lidc_root], 240),
-        ("export", ["export", *w, *onnx, *t], 240),
-        ("infer-ort", ["infer", "--engine", "ort", *w, *onnx, *t, *(["--batches", "1", "64", "256"] if args.smoke else [])], 300),
-        ("infer-torch", ["infer", "--engine", "torch", *w, *t, *(["--batches", "1", "64", "256"] if args.smoke else [])], 400),
-        ("train-steps-eager", ["train-steps", "--variant", "eager", *w, *d, *small, *t, *steps], 240),
-        ("train-steps-channels_last", ["train-steps", "--variant", "channels_last", *w, *d, *small, *t, *steps], 240),
-        ("train-epoch-eager", ["train-epoch", "--variant", "eager", *w, *d, *small, *t], 600),
-        ("train-steps-bf16", ["train-steps", "--variant", "bf16", *w, *d, *small, *t, "--steps", "2", "--min-time", "0"], 240),
-        ("train-steps-compile", ["train-steps", "--variant", "compile", *w, *d, *small, *t, *steps], 420),
-        ("train-steps-eager-other-threads", ["train-steps", "--variant", "eager", *w, *d, *small,
-                                             "--threads", "{other_threads}", "--steps", "2", "--min-time", "0"], 240),
+        ("export", lambda ctx: ["export", *w, *onnx, *th(ctx)], 240),
+        ("infer-ort", lambda ctx: ["infer", "--engine", "ort", *w, *onnx, *th(ctx), *big], 300),
+        ("infer-torch", lambda ctx: ["infer", "--engine", "torch", *w, *th(ctx), *big], 400),
+        ("train-steps", step_variants, 300),
+        ("train-epoch-eager", lambda ctx: ["train-epoch", "--variant", "eager", *w, *d, *small, *th(ctx)], 600),
+        ("train-steps-compile", lambda ctx: ["train-steps", "--variants", "eager", "compile", *w, *d, *small,
+                                             *th(ctx), "--steps", "2", "--min-time", "0"], 600),
     ]
-    return items
 
 
 def run_all(args) -> dict:
@@ -110,16 +115,14 @@ def run_all(args) -> dict:
     record = {"machine": machine, "git": git, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "budget_s": args.budget_s, "smoke": args.smoke, "d11c": args.d11c, "loadavg_start": os.getloadavg(),
               "results": {}}
-    threads = {"threads": str(os.cpu_count() or 1), "other_threads": "1"}
+    ctx = {"threads": os.cpu_count() or 1, "bf16_pays": False}
     for name, argv, cap in plan(args, tmp):
         remaining = deadline - time.time()
         entry: dict = {"machine": machine, "git": git}
-        if name.startswith("train-steps-eager-other") and threads["threads"] == threads["other_threads"]:
-            entry.update(status="skipped", reason="only one thread count on this machine")
-        elif remaining < min(cap, 45):
+        if remaining < min(cap, 60):
             entry.update(status="skipped", reason=f"time budget: {remaining:.0f} s of {args.budget_s:.0f} s left")
         else:
-            argv = [a.format(**threads) for a in argv]
+            argv = argv(ctx) if callable(argv) else argv
             json_path = out / f"{name}.json"
             json_path.unlink(missing_ok=True)
             cmd = [sys.executable, str(SPEED), *argv, "--json", str(json_path)]
@@ -139,15 +142,15 @@ def run_all(args) -> dict:
                 entry.update(status="failed" if rc is not None else "timeout", returncode=rc, stderr_tail=tail)
             print(f"[bench] {name}: {entry['status']} in {wall:.0f} s", flush=True)
         if name == "probe-threads" and entry.get("status") == "ok":
-            best = entry["best_threads"]
-            threads = {"threads": str(best),
-                       "other_threads": str(os.cpu_count() or 1) if best == 1 else "1"}
+            ctx["threads"] = entry["best_threads"]
+            ctx["bf16_pays"] = entry["bf16_vs_fp32"] > 1.0
         (out / f"{name}.json").write_text(json.dumps(entry, indent=2, default=str))
         record["results"][name] = entry
     shutil.rmtree(tmp, ignore_errors=True)
     record["wall_s"] = time.time() - started
     record["loadavg_end"] = os.getloadavg()
-    record["threads_used"] = int(threads["threads"])
+    record["threads_used"] = int(ctx["threads"])
+    record["bf16_in_step_run"] = bool(ctx["bf16_pays"])
     (out / "summary.json").write_text(json.dumps(record, indent=2, default=str))
     return record
 
@@ -199,49 +202,71 @@ def render(r: dict) -> str:
     L.append("")
 
     probe = _ok(r, "probe-threads")
-    L.append("## Threads")
+    L.append("## Threads and bf16 (probe)")
     L.append("")
     if probe:
         by = ", ".join(f"{k} thread(s): {v:.2f} s" for k, v in probe["step_s_by_threads"].items())
-        L.append(f"One HESAM training step at batch {probe['batch']}: {by}. All PyTorch and ONNX Runtime figures below use "
-                 f"**{r['threads_used']} intra-op thread(s)** (the faster here). With more threads than free cores, "
-                 "PyTorch's OpenMP workers wait on each other and can be several times slower than one thread.")
+        L.append(f"One HESAM training step (forward + backward) at batch {probe['batch']}: {by}. All PyTorch and ONNX "
+                 f"Runtime figures below use **{r['threads_used']} intra-op thread(s)** (the faster here). With more "
+                 "threads than free cores, PyTorch's OpenMP workers wait on each other and a step can be several times "
+                 "slower than with one thread.")
+        L.append("")
+        L.append(f"bf16 autocast, same step: {probe['bf16_step_s']:.2f} s, i.e. {probe['bf16_vs_fp32']:.2f}x the fp32 "
+                 f"speed; this CPU {'has' if probe['native_bf16'] else 'has no'} native bf16 instructions "
+                 f"(avx512_bf16/amx_bf16), so bf16 {'was' if r.get('bf16_in_step_run') else 'was not'} timed at full size "
+                 f"{'below' if r.get('bf16_in_step_run') else '(it does not pay here)'}.")
     else:
-        L.append(f"Thread probe: {_status(r, 'probe-threads')}; using {r['threads_used']} thread(s).")
+        L.append(f"Probe: {_status(r, 'probe-threads')}; using {r['threads_used']} thread(s).")
     L.append("")
 
     L.append("## Training throughput (HESAM, batch 32, SGD)")
     L.append("")
-    L.append("| variant | threads | first step (s) | median step (s) | samples/s | vs eager | one epoch (s, extrapolated) | peak RSS (MB) |")
-    L.append("|---|---|---|---|---|---|---|---|")
-    eager = _ok(r, "train-steps-eager")
-    best_name, best_sps = "eager", eager["samples_per_s"] if eager else None
-    notes = []
-    for name in ("train-steps-eager", "train-steps-channels_last", "train-steps-bf16", "train-steps-compile",
-                 "train-steps-eager-other-threads"):
+    L.append("| variant | threads | first step (s) | median step (s) | samples/s | vs eager (same run) | one epoch (s, extrapolated) |")
+    L.append("|---|---|---|---|---|---|---|")
+    rows = []
+    for name in ("train-steps", "train-steps-compile"):
         e = _ok(r, name)
-        label = name.replace("train-steps-", "")
         if not e:
-            L.append(f"| {label} | – | – | – | – | – | {_status(r, name)} | – |")
+            rows.append(f"| {name.replace('train-steps', 'variants') or name} | – | – | – | – | – | {_status(r, name)} |")
             continue
-        ratio = e["samples_per_s"] / eager["samples_per_s"] if eager else None
-        # A variant "pays" only if it is clearly (>= 5 %) faster per step and its one-off cost
-        # (compilation) is recovered within 90 epochs x 5 folds of 21 steps.
-        extra = e["first_step_s"] - (eager["first_step_s"] if eager else 0.0)
-        gain = (eager["step_s_median"] - e["step_s_median"]) if eager else 0.0
-        if eager and name != "train-steps-eager" and extra > 5 * eager["step_s_median"]:
-            notes.append(f"`{label}` costs {extra:.0f} s once (first step), " + (
-                f"recovered after {extra / gain:.0f} steps" if gain > 0 else "never recovered (no faster per step)"))
-        if (e.get("loss_finite") and ratio and ratio >= 1.05 and best_sps is not None and e["samples_per_s"] > best_sps
-                and (gain > 0 and extra / gain < 90 * 5 * 21)):
-            best_name, best_sps = label, e["samples_per_s"]
-        L.append(f"| {label} | {e['threads']} | {_f(e['first_step_s'])} | {_f(e['step_s_median'])} | "
-                 f"{_f(e['samples_per_s'])} | {_f(ratio)}x | {_f(e['epoch_s_extrapolated'])} | {_f(e['maxrss_mb'])} |")
+        base = e["variants"].get("eager")
+        for v, x in e["variants"].items():
+            if name == "train-steps-compile" and v == "eager":
+                continue
+            ratio = x["samples_per_s"] / base["samples_per_s"] if base else None
+            rows.append(f"| {v} | {e['threads']} | {_f(x['first_step_s'])} | {_f(x['step_s_median'])} | "
+                        f"{_f(x['samples_per_s'])} | {_f(ratio)}x | {_f(x['epoch_s_extrapolated'])} |")
+    L.extend(rows)
     L.append("")
-    L.append("Step times: median of the timed steps after the first (the first includes warm-up and, for `compile`, "
-             "compilation). One epoch = ceil(660 / 32) = 21 steps x the median step. "
-             f"Fastest CPU path here (>= 5 % faster per step than eager, one-off cost recovered in a 5-fold run): "
-             f"**{best_name}**." + (" " + "; ".join(notes) + "." if notes else ""))
+    st, cp = _ok(r, "train-steps"), _ok(r, "train-steps-compile")
+    best = "eager"
+    if st:
+        base = st["variants"]["eager"]
+        for v, x in st["variants"].items():
+            if x["loss_finite"] and x["samples_per_s"] >= 1.05 * base["samples_per_s"] and (
+                    best == "eager" or x["samples_per_s"] > st["variants"][best]["samples_per_s"]):
+                best = v
+    L.append("The variants are timed **round-robin in one process** (one step of each per round, same batches), "
+             "so they share the machine's load and their ratio is fair; compile is timed against eager the same "
+             "way in its own process. Median of the steps after the first; the first step includes warm-up and, "
+             "for `compile`, compilation. One epoch = ceil(660 / 32) = 21 steps x median step. "
+             f"Peak RSS: {_f(st and st['maxrss_mb'])} MB for the process holding all variants"
+             + (f", {_f(cp['maxrss_mb'])} MB with compile" if cp else "") + ".")
+    L.append("")
+    compile_note = ""
+    if cp:
+        c, e0 = cp["variants"]["compile"], cp["variants"]["eager"]
+        extra, gain = c["first_step_s"] - e0["first_step_s"], e0["step_s_median"] - c["step_s_median"]
+        speed = e0["step_s_median"] / c["step_s_median"]
+        best_speed = (st["variants"][best]["samples_per_s"] / st["variants"]["eager"]["samples_per_s"]) if st else 1.0
+        if speed >= 1.05 * best_speed and gain > 0 and extra / gain < 90 * 5 * 21:
+            best = "compile"
+        compile_note = (f"`torch.compile` costs {extra:.0f} s once (inductor's on-disk cache can make re-runs cheaper); "
+                        f"per step it is {speed:.2f}x eager"
+                        + (f", so it pays back after {extra / gain:.0f} steps ({extra / gain / 21:.1f} epochs)." if gain > 0
+                           else ", so it never pays back."))
+    L.append(f"**Fastest CPU path here: {best}** (>= 5 % more samples/s than eager in the same run; compile only if its "
+             "one-off cost is recovered within a 5-fold x 90-epoch run). " + compile_note)
     L.append("")
     L.append("### One real epoch of `nodulekit.training.train` (eager fp32, 1 fold)")
     L.append("")
@@ -252,11 +277,12 @@ def render(r: dict) -> str:
         L.append(f"- extrapolated (epoch wall x 90 epochs, the training default): one fold "
                  f"{ep['fold_s_extrapolated'] / 3600:.2f} h, 5-fold cross-validation {ep['cv5_s_extrapolated'] / 3600:.2f} h "
                  "on this CPU. This is an extrapolation from one epoch, not a measured full run.")
-        if eager:
+        if st:
+            eager = st["variants"]["eager"]
             steps = -(-ep["n_train"] // 32)
             L.append(f"- the step benchmark predicts {steps} steps x {eager['step_s_median']:.2f} s = "
-                     f"{steps * eager['step_s_median']:.0f} s for the training pass alone; the rest is evaluation, "
-                     "warm-up, model set-up and writes.")
+                     f"{steps * eager['step_s_median']:.0f} s for the training pass alone (measured at another "
+                     "moment on a shared machine, so the two can differ either way).")
     else:
         L.append(f"- {_status(r, 'train-epoch-eager')}")
     L.append("")

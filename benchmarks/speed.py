@@ -45,6 +45,7 @@ D11C_TRAIN = 660  # training samples of one fold in the D11C-sized benchmark inp
 D11C_TEST = 165
 PAPER_EPOCHS = 90  # nodulekit.training's default (three learning-rate steps of 30)
 INFER_BATCHES = (1, 64, 1024)
+VARIANTS = ["eager", "channels_last", "bf16", "compile"]
 
 
 def maxrss_mb() -> float:
@@ -84,31 +85,46 @@ def _train_data(args, n: int):
     return torch.rand(n, args.channels, 32, 32, generator=g), torch.randint(0, 2, (n,), generator=g), "synthetic"
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
 def bench_train_steps(args) -> dict:
+    """Training steps of several execution variants, interleaved round-robin in one process.
+
+    Interleaving (step of A, step of B, step of A, ...) on the same batches makes the
+    variants share whatever load the machine has, so their ratio is fair even on a busy
+    machine. Each variant has its own copy of the same initial model and optimiser.
+    """
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
     x, y, kind = _train_data(args, args.n_train)
-    model = _model(args.width, x.shape[1]).train()
-    variant = args.variant
-    if variant == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if variant == "compile" else model
-    opt = torch.optim.SGD(model.parameters(), lr=5e-4, momentum=0.9, weight_decay=1e-4)
+    variants = args.variants
+    state = {}
+    for v in variants:
+        model = _model(args.width, x.shape[1]).train()
+        if v == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        step_model = torch.compile(model) if v == "compile" else model
+        opt = torch.optim.SGD(model.parameters(), lr=5e-4, momentum=0.9, weight_decay=1e-4)
+        state[v] = (step_model, opt)
     gen = torch.Generator().manual_seed(1)
     order = torch.randperm(len(x), generator=gen)
-    cursor = [0]
+    n_batches = max(1, len(x) // BATCH)
 
-    def step():
-        i = cursor[0] % max(1, len(x) // BATCH)
-        cursor[0] += 1
-        idx = order[i * BATCH:(i + 1) * BATCH]
+    def step(v, i):
+        step_model, opt = state[v]
+        idx = order[(i % n_batches) * BATCH:((i % n_batches) + 1) * BATCH]
         xb, yb = x[idx], y[idx]
-        if variant == "channels_last":
+        if v == "channels_last":
             xb = xb.contiguous(memory_format=torch.channels_last)
-        if variant == "bf16":
+        if v == "bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = step_model(xb)
         else:
@@ -119,28 +135,33 @@ def bench_train_steps(args) -> dict:
         opt.step()
         return float(loss.detach())
 
-    t = time.perf_counter()
-    first_loss = step()
-    first = time.perf_counter() - t
-    times: list[float] = []
-    start = time.perf_counter()
-    last_loss = first_loss
-    # At least 2 timed steps; more while under --min-time, at most --steps.
-    while len(times) < args.steps and (len(times) < 2 or time.perf_counter() - start < args.min_time):
+    first, times, losses = {}, {v: [] for v in variants}, {v: [] for v in variants}
+    for v in variants:
         t = time.perf_counter()
-        last_loss = step()
-        times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
+        losses[v].append(step(v, 0))
+        first[v] = time.perf_counter() - t
+    start, rounds = time.perf_counter(), 0
+    # At least 2 rounds; more while under --min-time, at most --steps rounds.
+    while rounds < args.steps and (rounds < 2 or time.perf_counter() - start < args.min_time):
+        rounds += 1
+        for v in variants:
+            t = time.perf_counter()
+            losses[v].append(step(v, rounds))
+            times[v].append(time.perf_counter() - t)
     steps_per_epoch = math.ceil(D11C_TRAIN / BATCH)
+    out = {}
+    for v in variants:
+        step_s = statistics.median(times[v])
+        out[v] = {"first_step_s": first[v], "step_s_median": step_s, "step_s_all": times[v],
+                  "samples_per_s": BATCH / step_s, "epoch_s_extrapolated": steps_per_epoch * step_s,
+                  "loss_finite": bool(all(math.isfinite(l) for l in losses[v]))}
     return {
-        "variant": variant, "data": kind, "input": [len(x), int(x.shape[1]), 32, 32], "batch": BATCH,
-        "threads": torch.get_num_threads(), "base_width": args.width,
-        "first_step_s": first, "step_s_median": step_s, "step_s_all": times,
-        "samples_per_s": BATCH / step_s,
-        "epoch_s_extrapolated": steps_per_epoch * step_s,
+        "variants": out, "order": "round-robin, one step of each variant per round, same batches",
+        "data": kind, "input": [len(x), int(x.shape[1]), 32, 32], "batch": BATCH,
+        "threads": torch.get_num_threads(), "base_width": args.width, "rounds": rounds,
         "extrapolation": f"{steps_per_epoch} steps of {BATCH} ({D11C_TRAIN} training samples) x median step time",
-        "loss_finite": bool(math.isfinite(first_loss) and math.isfinite(last_loss)),
-        "maxrss_mb": maxrss_mb(),
+        "native_bf16": _cpu_has_native_bf16(),
+        "maxrss_mb": maxrss_mb(), "maxrss_note": "one process for all variants: the peak of the largest",
     }
 
 
@@ -248,7 +269,7 @@ def bench_infer(args) -> dict:
 
 
 def bench_probe_threads(args) -> dict:
-    """Training-step time of HESAM (batch 4) at 1..cores torch threads, to pick the thread count.
+    """Training-step time of HESAM (batch 4) at 1..cores torch threads (and bf16 autocast), to pick the set-up.
 
     On a shared machine more intra-op threads than free cores makes PyTorch's OpenMP
     workers wait on each other, and a step can be many times slower than with one thread.
@@ -270,7 +291,19 @@ def bench_probe_threads(args) -> dict:
         step()
         out[str(n)] = statistics.median(_timed_calls(step, 0.0, 2, 2))
     best = min(out, key=out.get)
+    # bf16 autocast at the best thread count: does it pay at all on this CPU?
+    torch.set_num_threads(int(best))
+
+    def bf16_step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        F.cross_entropy(logits.float(), y).backward()
+
+    bf16_step()
+    bf16 = statistics.median(_timed_calls(bf16_step, 0.0, 2, 2))
     return {"step_s_by_threads": out, "best_threads": int(best), "batch": 4, "base_width": args.width,
+            "bf16_step_s": bf16, "bf16_vs_fp32": out[best] / bf16, "native_bf16": _cpu_has_native_bf16(),
             "maxrss_mb": maxrss_mb()}
 
 
@@ -358,7 +391,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bench", choices=sorted(BENCHES))
     p.add_argument("--json", required=True, type=Path, help="where to write this measurement")
-    p.add_argument("--variant", default="eager", choices=["eager", "channels_last", "bf16", "compile"])
+    p.add_argument("--variant", default="eager", choices=VARIANTS, help="train-epoch: execution variant")
+    p.add_argument("--variants", nargs="+", default=["eager", "channels_last"], choices=VARIANTS,
+                   help="train-steps: variants timed round-robin in one process")
     p.add_argument("--engine", default="torch", choices=["torch", "ort"])
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     p.add_argument("--onnx", type=Path)
