@@ -43,8 +43,12 @@ def pylidc():
     """Import and return the ``pylidc`` module, patched for numpy 2."""
     _restore_numpy_aliases()
     _ensure_pkg_resources()
+    import logging
     import warnings
 
+    # An interrupted query makes sqlalchemy log a traceback while closing its cursor;
+    # the CLI already reports the interruption in one line.
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pylidc as pl

@@ -38,13 +38,20 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+INTERRUPTED = "interrupted; finished work is kept and a re-run resumes"
+
+
 def main() -> None:
     try:
         app()
     except NodulekitError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        fail("interrupted; finished work is kept and a re-run resumes", 130)
+        fail(INTERRUPTED, 130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130; say what happened
+            fail(INTERRUPTED, 130)
+        raise
     except OSError as exc:  # disk full, permissions, unreadable files: one line, not a traceback
         fail(f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc), 1)
 
