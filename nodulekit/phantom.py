@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -444,11 +445,22 @@ def _cluster_worker(scan_id: int) -> list[dict]:
     return [r.to_json() for r in cluster_scan(scan)]
 
 
+@contextmanager
 def _pool(workers: int):
+    """Spawned workers (own database sessions) that ignore Ctrl-C; on Ctrl-C or an error the
+    parent stops them at once (finished files are complete, an unfinished one is a temp file)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    from nodulekit.cohort import ignore_sigint, stop_pool
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=ignore_sigint)
+    try:
+        yield pool
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown()
 
 
 def _full_cohort_cached() -> bool:
@@ -708,8 +720,10 @@ def make_phantom_vois(
     else:
         records = select_nodules(int(nodules), seed=seed, rule=rule, workers=workers, progress=progress)
 
-    (out_dir / "image").mkdir(parents=True, exist_ok=True)
-    (out_dir / "mask").mkdir(parents=True, exist_ok=True)
+    for sub in ("image", "mask"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        for stray in (out_dir / sub).glob(".*.nii.gz"):  # temp files of a killed worker
+            stray.unlink()
     names = _voi_names(records)
     nodule_table = [
         {"name": name, "nodule_id": r.nodule_id, "patient_id": r.patient_id, "series_uid": r.series_uid,
