@@ -95,10 +95,13 @@ def plan(args, tmp: Path) -> list[tuple[str, object, float]]:
         ("extract-nodulekit", ["extract-nodulekit", "--lidc-root", args.lidc_root], 240),
         ("extract-pylidc", ["extract-pylidc", "--lidc-root", args.lidc_root], 240),
         ("export", lambda ctx: ["export", *w, *onnx, *th(ctx)], 240),
-        ("infer-ort", lambda ctx: ["infer", "--engine", "ort", *w, *onnx, *th(ctx), *big], 300),
-        ("infer-torch", lambda ctx: ["infer", "--engine", "torch", *w, *th(ctx), *big], 400),
+        ("infer", lambda ctx: ["infer", "--engines", "torch", "ort", *w, *onnx, *th(ctx), *big], 500),
         ("train-steps", step_variants, 300),
         ("train-epoch-eager", lambda ctx: ["train-epoch", "--variant", "eager", *w, *d, *small, *th(ctx)], 600),
+        ("infer-memory-torch", lambda ctx: ["infer", "--engines", "torch", *w, *th(ctx),
+                                            "--batches", "256" if args.smoke else "1024"], 200),
+        ("infer-memory-ort", lambda ctx: ["infer", "--engines", "ort", *w, *onnx, *th(ctx),
+                                          "--batches", "256" if args.smoke else "1024"], 200),
         ("train-steps-compile", lambda ctx: ["train-steps", "--variants", "eager", "compile", *w, *d, *small,
                                              *th(ctx), "--steps", "2", "--min-time", "0"], 600),
     ]
@@ -289,23 +292,30 @@ def render(r: dict) -> str:
 
     L.append("## Inference with maps (prob + map 16x16 + map_up 32x32), PyTorch eager vs ONNX Runtime (CPU)")
     L.append("")
-    ti, oi = _ok(r, "infer-torch"), _ok(r, "infer-ort")
-    if ti or oi:
-        L.append("| batch | PyTorch samples/s | ONNX Runtime samples/s | ORT / PyTorch | timed calls (torch / ORT) |")
+    inf = _ok(r, "infer")
+    if inf:
+        ti, oi = inf["batches"].get("torch"), inf["batches"].get("ort")
+        L.append("| batch | PyTorch samples/s | ONNX Runtime samples/s | ORT / PyTorch | timed calls (each) |")
         L.append("|---|---|---|---|---|")
-        batches = sorted({int(b) for e in (ti, oi) if e for b in e["batches"]})
-        for b in batches:
-            t = ti["batches"].get(str(b)) if ti else None
-            o = oi["batches"].get(str(b)) if oi else None
+        for b in sorted({int(b) for e in (ti, oi) if e for b in e}):
+            t = ti.get(str(b)) if ti else None
+            o = oi.get(str(b)) if oi else None
             ratio = o["samples_per_s"] / t["samples_per_s"] if (t and o) else None
             L.append(f"| {b} | {_f(t and t['samples_per_s'])} | {_f(o and o['samples_per_s'])} | "
-                     f"{_f(ratio)}{'x' if ratio else ''} | {t['reps'] if t else '–'} / {o['reps'] if o else '–'} |")
+                     f"{_f(ratio)}{'x' if ratio else ''} | {t['reps'] if t else o['reps']} |")
         L.append("")
-        L.append(f"Peak RSS: PyTorch {_f(ti and ti['maxrss_mb'])} MB, ONNX Runtime {_f(oi and oi['maxrss_mb'])} MB "
-                 "(each process ran all batch sizes, so the peak is the largest batch). Median call time; batches "
-                 "<= 64 after one warm-up call and timed for at least 2 s; larger batches timed once, after the "
-                 "smaller ones warmed the engine up.")
-    L.append(f"Status: PyTorch {_status(r, 'infer-torch')}, ONNX Runtime {_status(r, 'infer-ort')}.")
+        L.append(f"Both engines ran **round-robin in one process** ({inf['threads']} intra-op thread(s) each; one call "
+                 "of each per round on the same batch), so they share the machine's load. Median call time; batches "
+                 "<= 64 after one warm-up call each and timed for at least 2 s; larger batches timed once after the "
+                 "smaller ones warmed the engines up.")
+    else:
+        L.append(f"Status: {_status(r, 'infer')}.")
+    mt, mo = _ok(r, "infer-memory-torch"), _ok(r, "infer-memory-ort")
+    big_b = "256" if r["smoke"] else "1024"
+    L.append("")
+    L.append(f"Peak RSS at batch {big_b}, each engine alone in its own process (interpreter, model and one call): "
+             f"PyTorch {_f(mt and mt['maxrss_mb'])} MB, ONNX Runtime {_f(mo and mo['maxrss_mb'])} MB"
+             + ("" if (mt and mo) else f" (PyTorch {_status(r, 'infer-memory-torch')}, ORT {_status(r, 'infer-memory-ort')})") + ".")
     ex = _ok(r, "export")
     if ex:
         v = ex["verification"]

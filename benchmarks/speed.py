@@ -229,9 +229,15 @@ def bench_export(args) -> dict:
 
 
 def bench_infer(args) -> dict:
-    engine = args.engine
-    x_all = np.random.default_rng(0).random((max(INFER_BATCHES), args.channels, 32, 32), dtype=np.float32)
-    if engine == "torch":
+    """prob + map + map_up per batch size; several engines are timed round-robin in one process.
+
+    With ``--engines torch ort`` each round makes one call of each engine on the same batch,
+    so both see the same machine load and their ratio is fair. With one engine (and batch
+    1024 only) the process's peak RSS is that engine's memory.
+    """
+    x_all = np.random.default_rng(0).random((max(args.batches), args.channels, 32, 32), dtype=np.float32)
+    runners = {}
+    if "torch" in args.engines:
         import torch
 
         from nodulekit.export import _wrapper
@@ -239,11 +245,11 @@ def bench_infer(args) -> dict:
         torch.set_num_threads(args.threads)
         wrapper = _wrapper(_model(args.width, args.channels).eval())
 
-        def run(xb):
+        def run_torch(xb):
             with torch.inference_mode():
                 return [t.numpy() for t in wrapper(torch.from_numpy(xb))]
-        threads = torch.get_num_threads()
-    else:
+        runners["torch"] = run_torch
+    if "ort" in args.engines:
         import onnxruntime as ort
 
         from nodulekit.export import OUTPUT_NAMES
@@ -252,19 +258,33 @@ def bench_infer(args) -> dict:
         opts.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(args.onnx), sess_options=opts, providers=["CPUExecutionProvider"])
 
-        def run(xb):
+        def run_ort(xb):
             return session.run(list(OUTPUT_NAMES), {"x": xb})
-        threads = args.threads
-    results = {}
+        runners["ort"] = run_ort
+    results: dict = {e: {} for e in runners}
     for b in args.batches:
         xb = np.ascontiguousarray(x_all[:b])
-        if b <= 64:
-            run(xb)  # warm-up: first call allocates and picks kernels
-        reps = _timed_calls(lambda: run(xb), args.min_time, 3 if b <= 64 else args.big_reps, 200 if b <= 64 else args.big_reps)
-        med = statistics.median(reps)
-        results[str(b)] = {"batch": b, "reps": len(reps), "call_s_median": med, "samples_per_s": b / med,
-                           "warmup": b <= 64}
-    return {"engine": engine, "threads": threads, "base_width": args.width,
+        small = b <= 64
+        if small:
+            for run in runners.values():
+                run(xb)  # warm-up: first call allocates and picks kernels
+        times: dict = {e: [] for e in runners}
+        start = time.perf_counter()
+        min_reps, max_reps = (3, 200) if small else (args.big_reps, args.big_reps)
+        while True:
+            n = min(len(v) for v in times.values())
+            if n >= max_reps or (n >= min_reps and (not small or time.perf_counter() - start >= args.min_time)):
+                break
+            for e, run in runners.items():
+                t = time.perf_counter()
+                run(xb)
+                times[e].append(time.perf_counter() - t)
+        for e in runners:
+            med = statistics.median(times[e])
+            results[e][str(b)] = {"batch": b, "reps": len(times[e]), "call_s_median": med, "samples_per_s": b / med,
+                                  "warmup": small}
+    return {"engines": list(runners), "threads": args.threads, "base_width": args.width,
+            "order": "round-robin: one call of each engine per round, same batch",
             "outputs": "prob [B,2] + map [B,2,16,16] + map_up [B,2,32,32]", "batches": results, "maxrss_mb": maxrss_mb()}
 
 
@@ -394,7 +414,7 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="eager", choices=VARIANTS, help="train-epoch: execution variant")
     p.add_argument("--variants", nargs="+", default=["eager", "channels_last"], choices=VARIANTS,
                    help="train-steps: variants timed round-robin in one process")
-    p.add_argument("--engine", default="torch", choices=["torch", "ort"])
+    p.add_argument("--engines", nargs="+", default=["torch", "ort"], choices=["torch", "ort"])
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     p.add_argument("--onnx", type=Path)
     p.add_argument("--d11c", help="a real D11C dataset artifact instead of synthetic input")

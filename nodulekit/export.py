@@ -197,14 +197,23 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
     import torch
 
     if exporter == "dynamo":
+        import logging
+
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
-                external_data=False, verbose=False, optimize=True,
-            )
+        onnx_log = logging.getLogger("torch.onnx")
+        level = onnx_log.level
+        # The exporter logs optional-op registration notes (e.g. "torchvision is not installed") as warnings.
+        onnx_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                    external_data=False, verbose=False, optimize=True,
+                )
+        finally:
+            onnx_log.setLevel(level)
     elif exporter == "torchscript":
         axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
         with warnings.catch_warnings():
