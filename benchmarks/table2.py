@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select", default="last", choices=("last", "val"), help="reported epoch: last, or best on a validation split")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr-step", type=int, default=30, help="learning rate x0.1 every this many epochs (paper: 30)")
     parser.add_argument("--model-opt", action="append", default=[], metavar="[ARCH:]KEY=VALUE",
                         help="model option for one arch (ARCH:key=value) or every arch that takes it (key=value)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA only)")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in archs:
             rundir = args.output / "runs" / f"{arch}-{data.name.lower()}"
             cfg = TrainConfig(arch=arch, model_options=options[arch], epochs=args.epochs, batch_size=args.batch_size,
-                              lr=args.lr, seed=args.seed, select=args.select, device=args.device, amp=args.amp,
+                              lr=args.lr, lr_step=args.lr_step, seed=args.seed, select=args.select, device=args.device, amp=args.amp,
                               compile=args.compile)
             start = time.perf_counter()
             out = train(args.dataset, rundir, cfg, overwrite=args.overwrite, progress=not args.no_progress)
