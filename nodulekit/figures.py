@@ -19,7 +19,7 @@ import numpy as np
 
 from nodulekit.errors import NodulekitError
 
-THRESHOLD = 0.5  # fixed decision threshold on the malignant probability (never tuned)
+from nodulekit.training import THRESHOLD  # the one fixed decision threshold (never tuned)
 
 
 def _pyplot():

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from nodulekit.errors import NodulekitError
+from nodulekit.training import load_run
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -284,23 +285,11 @@ def compute_maps(
 # Cross-validation runs: every nodule mapped by the fold model that did not train on it.
 
 
-def read_run_json(rundir: str | Path) -> dict[str, Any]:
-    path = Path(rundir) / "run.json"
-    if not Path(rundir).is_dir():
-        raise NodulekitError(f"{rundir} is not a run folder (it does not exist)")
-    if not path.exists():
-        raise NodulekitError(f"{rundir} is not a run folder (no run.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NodulekitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-
-
 def run_dataset_path(rundir: str | Path, dataset: str | Path | None = None) -> Path:
     """The dataset given, else the one recorded in run.json."""
     if dataset is not None:
         return Path(dataset)
-    run = read_run_json(rundir)
+    run = load_run(rundir)
     recorded = run.get("dataset")
     if isinstance(recorded, dict):
         recorded = recorded.get("path")
@@ -340,7 +329,7 @@ def fold_test_rows(rundir: str | Path, nodule_id: Sequence[str], dataset_fold: n
     from nodulekit.artifacts import open_artifact, read_strings
 
     rundir = Path(rundir)
-    n_folds = int(read_run_json(rundir).get("n_folds", int(dataset_fold.max()) + 1))
+    n_folds = int(load_run(rundir).get("n_folds", int(dataset_fold.max()) + 1))
     rows: dict[int, np.ndarray] = {}
     for k in range(n_folds):
         result = rundir / f"fold{k}" / "result.h5"
@@ -391,7 +380,7 @@ def run_maps(
     from nodulekit.artifacts import open_artifact, read_strings
 
     rundir = Path(rundir)
-    run = read_run_json(rundir)
+    run = load_run(rundir)
     get_method(method)
     path = run_dataset_path(rundir, dataset)
     check_run_dataset(run, rundir, path)

@@ -23,18 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nodulekit.errors import NodulekitError
-
-THRESHOLD = 0.5  # the model's fixed decision threshold (never tuned on test data)
-
-
-def _run_json(rundir: Path) -> dict[str, Any]:
-    path = rundir / "run.json"
-    if not path.exists():
-        raise NodulekitError(f"{rundir} is not a nodulekit run folder (no run.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NodulekitError(f"{path} is not valid JSON ({exc.msg})") from None
+from nodulekit.training import THRESHOLD, load_run  # one run.json reader, one fixed threshold
 
 
 def run_fingerprint(run: dict[str, Any]) -> str | None:
@@ -51,7 +40,7 @@ def run_predictions(rundir: str | Path):
     from nodulekit.artifacts import open_artifact, read_strings
 
     rundir = Path(rundir)
-    run = _run_json(rundir)
+    run = load_run(rundir)
     n_folds = int(run.get("n_folds", 0))
     if n_folds < 1:
         raise NodulekitError(f"{rundir}/run.json records no n_folds")

@@ -296,6 +296,8 @@ def run_record(cfg: TrainConfig, data: TrainingData, device) -> dict[str, Any]:
 def load_run(rundir: str | os.PathLike) -> dict[str, Any]:
     """The run.json of a RUNDIR."""
     path = Path(rundir) / "run.json"
+    if not Path(rundir).is_dir():
+        raise NodulekitError(f"{rundir} is not a nodulekit run folder (it does not exist)")
     if not path.exists():
         raise NodulekitError(f"{rundir} is not a nodulekit run folder (no run.json)")
     try:
