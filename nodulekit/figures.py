@@ -18,7 +18,6 @@ from typing import Sequence
 import numpy as np
 
 from nodulekit.errors import NodulekitError
-
 from nodulekit.training import THRESHOLD  # the one fixed decision threshold (never tuned)
 
 
