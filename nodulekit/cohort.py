@@ -226,8 +226,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NODULEKIT_CACHE", Path.home() / ".cache" / "nodulekit"))
 
 
-def _cache_file() -> Path:
+def cache_file() -> Path:
+    """Where the full-database clustering is cached (it may not exist yet)."""
     return cache_dir() / f"cohort-{_database_key()}.json"
+
+
+def is_cached() -> bool:
+    """True when the whole database has been clustered and cached, so any cohort is instant."""
+    return cache_file().exists()
 
 
 def cluster_records(
@@ -264,7 +270,7 @@ def cluster_records(
         scans = scans[:limit]
     full = patients is None and limit is None
 
-    cache = _cache_file()
+    cache = cache_file()
     records: list[NoduleRecord] | None = None
     if use_cache and cache.exists():
         try:

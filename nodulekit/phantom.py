@@ -466,9 +466,8 @@ def _pool(workers: int):
 def _full_cohort_cached() -> bool:
     from nodulekit import cohort
 
-    cache_file = getattr(cohort, "_cache_file", None)  # the cohort's cache, if it exposes one
     try:
-        return bool(cache_file and cache_file().exists())
+        return cohort.is_cached()
     except Exception:  # noqa: BLE001 - a broken cache only means we cluster ourselves
         return False
 

@@ -108,7 +108,7 @@ def test_cache_is_used_and_subset_read_from_it(tmp_path, monkeypatch, two_patien
     monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path))
     fake = [r.to_json() for r in two_patients]
     fake[0]["reader_malignancy"] = [1.0, 1.0, 1.0, 1.0]  # proves the value came from the cache
-    cache = cohort._cache_file()
+    cache = cohort.cache_file()
     cache.write_text(json.dumps(fake))
 
     def no_clustering(*a, **k):
@@ -166,8 +166,8 @@ def test_cli_cohort(tmp_path, two_patients, monkeypatch):
 
     # A cache holding the two patients keeps the subprocess from clustering again.
     monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
-    cohort._cache_file().parent.mkdir()
-    cohort._cache_file().write_text(json.dumps([r.to_json() for r in two_patients]))
+    cohort.cache_file().parent.mkdir()
+    cohort.cache_file().write_text(json.dumps([r.to_json() for r in two_patients]))
     env = dict(os.environ)
     out = tmp_path / "c.csv"
     cmd = [sys.executable, "-m", "nodulekit", "cohort", "-o", str(out), "--patients", ",".join(TWO), "--min-readers", "1",
@@ -204,7 +204,7 @@ def test_default_rule_counts_match_the_paper_within_5_percent():
     """Paper: 635 benign / 510 malignant. Needs the full-database cache (`nodulekit cohort` once)."""
     import nodulekit.cohort as cohort
 
-    if not cohort._cache_file().exists():
+    if not cohort.cache_file().exists():
         pytest.skip("no full-database cohort cache yet; run `nodulekit cohort -o cohort.csv` once")
     counts = class_counts(load_cohort(progress=False))
     assert abs(counts["benign"] - 635) / 635 < 0.05, counts
