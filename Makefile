@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # onnxruntime-gpu carries the CPU provider too, but is 255 MB: take it only where a GPU is.
 ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint format demo bench clean
 
 $(BIN)/nodulekit: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,15 @@ install: $(BIN)/nodulekit
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# ruff is configured in pyproject.toml; `make format` applies the formatter and safe fixes.
+lint: install
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+format: install
+	$(BIN)/python -m ruff check --fix .
+	$(BIN)/python -m ruff format .
 
 demo: install
 	$(BIN)/python -m nodulekit.demo

@@ -16,12 +16,13 @@ Usage (from the repository root):
 Outputs in OUT: maps_<method>.h5 (kept and reused on a re-run: finished work is not redone),
 scores.csv/.md/.json, region_scores.png, map_grid.png, maps_report.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -68,8 +69,16 @@ def paired_band_tests(scores, reference: str, region: str = "margin_band"):
                 p = 1.0
             else:
                 p = float(wilcoxon(part[reference], part[method]).pvalue)
-            records.append({"class": cls, "reference": reference, "other": method, "n": len(part),
-                            "median_diff": float(np.median(diff)), "p_value": p})
+            records.append(
+                {
+                    "class": cls,
+                    "reference": reference,
+                    "other": method,
+                    "n": len(part),
+                    "median_diff": float(np.median(diff)),
+                    "p_value": p,
+                }
+            )
     return pd.DataFrame.from_records(records)
 
 
@@ -107,16 +116,24 @@ def report_markdown(scores, tests, accuracy: dict[str, float], runs: list[tuple[
             f"{_fmt(row['mean_enrichment_margin_band'])} | {_fmt(row['mean_enrichment_body'])} | "
             f"{_fmt(row['pointing_margin_band'])} | {_fmt(row['pointing_body'])} |"
         )
-    for by, title in (("spiculation", "By the readers' spiculation rating (mean)"),
-                      ("margin", "By the readers' margin rating (mean; 1 = poorly defined, 5 = sharp)")):
+    for by, title in (
+        ("spiculation", "By the readers' spiculation rating (mean)"),
+        ("margin", "By the readers' margin rating (mean; 1 = poorly defined, 5 = sharp)"),
+    ):
         if by not in scores.columns:
             continue
         strat = summarise_scores(scores, by)
-        lines += [f"\n## {title}\n", "| method | group | n | margin band | band enrichment | body | peak in band |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['group']} | {r['n']} | {_fmt(r['mean_share_margin_band'])} | "
-                  f"{_fmt(r['mean_enrichment_margin_band'])} | {_fmt(r['mean_share_body'])} | "
-                  f"{_fmt(r['pointing_margin_band'])} |" for _, r in strat.iterrows()]
+        lines += [
+            f"\n## {title}\n",
+            "| method | group | n | margin band | band enrichment | body | peak in band |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['method']} | {r['group']} | {r['n']} | {_fmt(r['mean_share_margin_band'])} | "
+            f"{_fmt(r['mean_enrichment_margin_band'])} | {_fmt(r['mean_share_body'])} | "
+            f"{_fmt(r['pointing_margin_band'])} |"
+            for _, r in strat.iterrows()
+        ]
     if len(tests):
         lines += [
             "\n## Paired tests of the margin-band share (same nodules)\n",
@@ -124,8 +141,11 @@ def report_markdown(scores, tests, accuracy: dict[str, float], runs: list[tuple[
             "(positive: the reference puts more of its energy in the margin band).\n",
             "| class | reference | other | n | median difference | p |",
             "|---|---|---|---|---|---|",
-            *[f"| {r['class']} | {r['reference']} | {r['other']} | {r['n']} | {_fmt(r['median_diff'])} | "
-              f"{r['p_value']:.3g} |" for _, r in tests.iterrows()],
+            *[
+                f"| {r['class']} | {r['reference']} | {r['other']} | {r['n']} | {_fmt(r['median_diff'])} | "
+                f"{r['p_value']:.3g} |"
+                for _, r in tests.iterrows()
+            ],
         ]
     empty = int(scores["empty_map"].sum())
     if empty:
@@ -140,13 +160,26 @@ def report_markdown(scores, tests, accuracy: dict[str, float], runs: list[tuple[
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--maps", action="append", default=[], metavar="METHOD=RUNDIR",
-                        help="a map method and the run to take it from (repeat)")
+    parser.add_argument(
+        "--maps",
+        action="append",
+        default=[],
+        metavar="METHOD=RUNDIR",
+        help="a map method and the run to take it from (repeat)",
+    )
     parser.add_argument("--dataset", help="dataset artifact [default: the one in the first run's run.json]")
-    parser.add_argument("--reference", default=None, help="method the others are tested against [default: hesam if given, else the first]")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="method the others are tested against [default: hesam if given, else the first]",
+    )
     parser.add_argument("--radius-mm", type=float, default=2.0, help="margin band half-width in mm [2.0]")
-    parser.add_argument("--radius-frac", type=float, default=None,
-                        help="instead: band half-width as a fraction of each nodule's equivalent radius")
+    parser.add_argument(
+        "--radius-frac",
+        type=float,
+        default=None,
+        help="instead: band half-width as a fraction of each nodule's equivalent radius",
+    )
     parser.add_argument("--device", default=None, help="cpu / cuda [default: cuda if available]")
     parser.add_argument("--n-figure", type=int, default=6, help="nodules in the map grid [6]")
     parser.add_argument("--skip-empty-masks", action="store_true", help="leave out nodules with an empty centre mask")
@@ -192,8 +225,9 @@ def _run(args) -> int:
             prob, y = f["prob"][()], f["y"][()]
         accuracy[method] = float(((prob >= 0.5) == (y == 1)).mean())
         paths.append(path)
-    scores = score_maps(paths, dataset, radius_mm=args.radius_mm, radius_frac=args.radius_frac,
-                        skip_empty_masks=args.skip_empty_masks)
+    scores = score_maps(
+        paths, dataset, radius_mm=args.radius_mm, radius_frac=args.radius_frac, skip_empty_masks=args.skip_empty_masks
+    )
     write_scores(scores, out / "scores.csv", overwrite=True)
     region_score_plot(scores, out / "region_scores.png", overwrite=True)
     map_grid(paths, dataset, out / "map_grid.png", n=args.n_figure, overwrite=True)

@@ -11,6 +11,7 @@ cores, GPU if any, load average) and the git commit.
     python benchmarks/run_all.py --d11c ../shared/d11c.h5
     python benchmarks/run_all.py --smoke              # tiny model, ~2 min: checks the harness only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,26 +53,53 @@ def machine_info() -> dict:
                 mem_gb = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    gpu = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]) if shutil.which("nvidia-smi") else ""
-    versions = json.loads(_run([sys.executable, "-c", (
-        "import json, torch, onnxruntime as o; print(json.dumps({'torch': torch.__version__, "
-        "'onnxruntime': o.__version__, 'ort_providers': o.get_available_providers(), "
-        "'torch_threads': torch.get_num_threads(), 'cuda': torch.cuda.is_available()}))")]) or "{}")
+    gpu = (
+        _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"])
+        if shutil.which("nvidia-smi")
+        else ""
+    )
+    versions = json.loads(
+        _run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import json, torch, onnxruntime as o; print(json.dumps({'torch': torch.__version__, "
+                    "'onnxruntime': o.__version__, 'ort_providers': o.get_available_providers(), "
+                    "'torch_threads': torch.get_num_threads(), 'cuda': torch.cuda.is_available()}))"
+                ),
+            ]
+        )
+        or "{}"
+    )
     return {
-        "cpu": cpu, "logical_cores": os.cpu_count(),
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gb": mem_gb, "gpu": gpu or "none",
-        "gpu_note": "" if gpu else "no GPU on this machine; the GPU machine was not available in this session, so no GPU figures",
-        "python": platform.python_version(), "platform": platform.platform(), **versions,
+        "memory_gb": mem_gb,
+        "gpu": gpu or "none",
+        "gpu_note": ""
+        if gpu
+        else "no GPU on this machine; the GPU machine was not available in this session, so no GPU figures",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **versions,
     }
 
 
 def git_info() -> dict:
     commit = _run(["git", "rev-parse", "HEAD"]) or "unknown"
-    dirty = [line[3:] for line in _run(["git", "status", "--porcelain", "--", "nodulekit", "benchmarks"]).splitlines()
-             if line[3:] not in ("benchmarks/RESULTS.md",)]
-    return {"commit": commit, "dirty": bool(dirty), "dirty_files": dirty,
-            "note": f"plus uncommitted changes at run time in {', '.join(dirty)}" if dirty else ""}
+    dirty = [
+        line[3:]
+        for line in _run(["git", "status", "--porcelain", "--", "nodulekit", "benchmarks"]).splitlines()
+        if line[3:] not in ("benchmarks/RESULTS.md",)
+    ]
+    return {
+        "commit": commit,
+        "dirty": bool(dirty),
+        "dirty_files": dirty,
+        "note": f"plus uncommitted changes at run time in {', '.join(dirty)}" if dirty else "",
+    }
 
 
 def plan(args, tmp: Path) -> list[tuple[str, object, float]]:
@@ -99,12 +127,43 @@ def plan(args, tmp: Path) -> list[tuple[str, object, float]]:
         ("infer", lambda ctx: ["infer", "--engines", "torch", "ort", *w, *onnx, *th(ctx), *big], 500),
         ("train-steps", step_variants, 300),
         ("train-epoch-eager", lambda ctx: ["train-epoch", "--variant", "eager", *w, *d, *small, *th(ctx)], 600),
-        ("infer-memory-torch", lambda ctx: ["infer", "--engines", "torch", *w, *th(ctx),
-                                            "--batches", "256" if args.smoke else "1024"], 200),
-        ("infer-memory-ort", lambda ctx: ["infer", "--engines", "ort", *w, *onnx, *th(ctx),
-                                          "--batches", "256" if args.smoke else "1024"], 200),
-        ("train-steps-compile", lambda ctx: ["train-steps", "--variants", "eager", "compile", *w, *d, *small,
-                                             *th(ctx), "--steps", "2", "--min-time", "0"], 600),
+        (
+            "infer-memory-torch",
+            lambda ctx: ["infer", "--engines", "torch", *w, *th(ctx), "--batches", "256" if args.smoke else "1024"],
+            200,
+        ),
+        (
+            "infer-memory-ort",
+            lambda ctx: [
+                "infer",
+                "--engines",
+                "ort",
+                *w,
+                *onnx,
+                *th(ctx),
+                "--batches",
+                "256" if args.smoke else "1024",
+            ],
+            200,
+        ),
+        (
+            "train-steps-compile",
+            lambda ctx: [
+                "train-steps",
+                "--variants",
+                "eager",
+                "compile",
+                *w,
+                *d,
+                *small,
+                *th(ctx),
+                "--steps",
+                "2",
+                "--min-time",
+                "0",
+            ],
+            600,
+        ),
     ]
 
 
@@ -116,9 +175,16 @@ def run_all(args) -> dict:
     machine, git = machine_info(), git_info()
     started = time.time()
     deadline = started + args.budget_s
-    record = {"machine": machine, "git": git, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "budget_s": args.budget_s, "smoke": args.smoke, "d11c": args.d11c, "loadavg_start": os.getloadavg(),
-              "results": {}}
+    record = {
+        "machine": machine,
+        "git": git,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "budget_s": args.budget_s,
+        "smoke": args.smoke,
+        "d11c": args.d11c,
+        "loadavg_start": os.getloadavg(),
+        "results": {},
+    }
     ctx = {"threads": os.cpu_count() or 1, "bf16_pays": False}
     for name, argv, cap in plan(args, tmp):
         remaining = deadline - time.time()
@@ -138,7 +204,9 @@ def run_all(args) -> dict:
                 # A fresh inductor cache: an earlier run's cached kernels would hide the compile cost.
                 env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor-{os.getpid()}")
             try:
-                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=min(cap, remaining), env=env)
+                proc = subprocess.run(
+                    cmd, cwd=REPO, capture_output=True, text=True, timeout=min(cap, remaining), env=env
+                )
                 rc, tail = proc.returncode, (proc.stderr or "").strip().splitlines()[-3:]
             except subprocess.TimeoutExpired:
                 rc, tail = None, [f"timed out after {min(cap, remaining):.0f} s"]
@@ -173,8 +241,9 @@ def _ok(r: dict, name: str) -> dict | None:
 
 def _status(r: dict, name: str) -> str:
     e = r["results"].get(name) or {}
-    return f"{e.get('status', 'not run')}" + (f" ({e.get('reason') or '; '.join(e.get('stderr_tail') or [])})"
-                                              if e.get("status") != "ok" else "")
+    return f"{e.get('status', 'not run')}" + (
+        f" ({e.get('reason') or '; '.join(e.get('stderr_tail') or [])})" if e.get("status") != "ok" else ""
+    )
 
 
 def _f(v, nd=2) -> str:
@@ -192,20 +261,34 @@ def render(r: dict) -> str:
     L = []
     L.append("# nodulekit speed benchmarks" + (" (SMOKE RUN: tiny model, harness check only)" if r["smoke"] else ""))
     L.append("")
-    L.append(f"Written by `make bench` (`benchmarks/run_all.py`) on {r['started']}; raw figures in `benchmarks/out/*.json`.")
+    L.append(
+        f"Written by `make bench` (`benchmarks/run_all.py`) on {r['started']}; raw figures in `benchmarks/out/*.json`."
+    )
     L.append("")
-    L.append(f"- **Machine**: {m['cpu']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
-             f"{m['memory_gb']} GB RAM; GPU: {m['gpu']}. {m['gpu_note']}.")
-    L.append(f"- **Software**: Python {m['python']}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')} "
-             f"(providers {', '.join(m.get('ort_providers', []))}).")
+    L.append(
+        f"- **Machine**: {m['cpu']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
+        f"{m['memory_gb']} GB RAM; GPU: {m['gpu']}. {m['gpu_note']}."
+    )
+    L.append(
+        f"- **Software**: Python {m['python']}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')} "
+        f"(providers {', '.join(m.get('ort_providers', []))})."
+    )
     L.append(f"- **Commit**: `{g['commit']}`" + (f" ({g['note']})" if g["dirty"] else ""))
-    L.append(f"- **Load**: 1-min load average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end "
-             f"(on a {m['logical_cores']}-core machine shared with other jobs, figures are lower bounds of what an idle "
-             "machine gives, and ratios measured in the same run are more meaningful than absolute numbers).")
+    L.append(
+        f"- **Load**: 1-min load average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end "
+        f"(on a {m['logical_cores']}-core machine shared with other jobs, figures are lower bounds of what an idle "
+        "machine gives, and ratios measured in the same run are more meaningful than absolute numbers)."
+    )
     ep = _ok(r, "train-epoch-eager")
-    sizes = f"{ep['n_train']} training + {ep['n_test_evaluated']} test samples in the real epoch" if ep else "660 + 165 samples"
-    L.append(f"- **Input**: {'real D11C `' + r['d11c'] + '`' if r['d11c'] else 'synthetic D11C-sized data (11 x 32 x 32; uniform [0, 1] tensors for the step and inference figures, the ring/blob test dataset for the real epoch)'}, "
-             f"{sizes}; model: HESAM, base_width {'8 (smoke)' if r['smoke'] else '64 (the paper model, 7.0 M parameters)'}.")
+    sizes = (
+        f"{ep['n_train']} training + {ep['n_test_evaluated']} test samples in the real epoch"
+        if ep
+        else "660 + 165 samples"
+    )
+    L.append(
+        f"- **Input**: {'real D11C `' + r['d11c'] + '`' if r['d11c'] else 'synthetic D11C-sized data (11 x 32 x 32; uniform [0, 1] tensors for the step and inference figures, the ring/blob test dataset for the real epoch)'}, "
+        f"{sizes}; model: HESAM, base_width {'8 (smoke)' if r['smoke'] else '64 (the paper model, 7.0 M parameters)'}."
+    )
     L.append(f"- Whole run: {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget.")
     L.append("")
 
@@ -214,36 +297,46 @@ def render(r: dict) -> str:
     L.append("")
     if probe:
         by = ", ".join(f"{k} thread(s): {v:.2f} s" for k, v in probe["step_s_by_threads"].items())
-        L.append(f"One HESAM training step (forward + backward) at batch {probe['batch']}: {by}. All PyTorch and ONNX "
-                 f"Runtime figures below use **{r['threads_used']} intra-op thread(s)** (the faster here). With more "
-                 "threads than free cores, PyTorch's OpenMP workers wait on each other and a step can be several times "
-                 "slower than with one thread.")
+        L.append(
+            f"One HESAM training step (forward + backward) at batch {probe['batch']}: {by}. All PyTorch and ONNX "
+            f"Runtime figures below use **{r['threads_used']} intra-op thread(s)** (the faster here). With more "
+            "threads than free cores, PyTorch's OpenMP workers wait on each other and a step can be several times "
+            "slower than with one thread."
+        )
         L.append("")
-        L.append(f"bf16 autocast, same step: {probe['bf16_step_s']:.2f} s, i.e. {probe['bf16_vs_fp32']:.2f}x the fp32 "
-                 f"speed; this CPU {'has' if probe['native_bf16'] else 'has no'} native bf16 instructions "
-                 f"(avx512_bf16/amx_bf16), so bf16 {'was' if r.get('bf16_in_step_run') else 'was not'} timed at full size "
-                 f"{'below' if r.get('bf16_in_step_run') else '(it does not pay here)'}.")
+        L.append(
+            f"bf16 autocast, same step: {probe['bf16_step_s']:.2f} s, i.e. {probe['bf16_vs_fp32']:.2f}x the fp32 "
+            f"speed; this CPU {'has' if probe['native_bf16'] else 'has no'} native bf16 instructions "
+            f"(avx512_bf16/amx_bf16), so bf16 {'was' if r.get('bf16_in_step_run') else 'was not'} timed at full size "
+            f"{'below' if r.get('bf16_in_step_run') else '(it does not pay here)'}."
+        )
     else:
         L.append(f"Probe: {_status(r, 'probe-threads')}; using {r['threads_used']} thread(s).")
     L.append("")
 
     L.append("## Training throughput (HESAM, batch 32, SGD)")
     L.append("")
-    L.append("| variant | threads | first step (s) | median step (s) | samples/s | vs eager (same run) | one epoch (s, extrapolated) |")
+    L.append(
+        "| variant | threads | first step (s) | median step (s) | samples/s | vs eager (same run) | one epoch (s, extrapolated) |"
+    )
     L.append("|---|---|---|---|---|---|---|")
     rows = []
     for name in ("train-steps", "train-steps-compile"):
         e = _ok(r, name)
         if not e:
-            rows.append(f"| {name.replace('train-steps', 'variants') or name} | – | – | – | – | – | {_status(r, name)} |")
+            rows.append(
+                f"| {name.replace('train-steps', 'variants') or name} | – | – | – | – | – | {_status(r, name)} |"
+            )
             continue
         base = e["variants"].get("eager")
         for v, x in e["variants"].items():
             if name == "train-steps-compile" and v == "eager":
                 continue
             ratio = x["samples_per_s"] / base["samples_per_s"] if base else None
-            rows.append(f"| {v} | {e['threads']} | {_f(x['first_step_s'])} | {_f(x['step_s_median'])} | "
-                        f"{_f(x['samples_per_s'])} | {_f(ratio)}x | {_f(x['epoch_s_extrapolated'])} |")
+            rows.append(
+                f"| {v} | {e['threads']} | {_f(x['first_step_s'])} | {_f(x['step_s_median'])} | "
+                f"{_f(x['samples_per_s'])} | {_f(ratio)}x | {_f(x['epoch_s_extrapolated'])} |"
+            )
     L.extend(rows)
     L.append("")
     st, cp = _ok(r, "train-steps"), _ok(r, "train-steps-compile")
@@ -251,15 +344,21 @@ def render(r: dict) -> str:
     if st:
         base = st["variants"]["eager"]
         for v, x in st["variants"].items():
-            if x["loss_finite"] and x["samples_per_s"] >= 1.05 * base["samples_per_s"] and (
-                    best == "eager" or x["samples_per_s"] > st["variants"][best]["samples_per_s"]):
+            if (
+                x["loss_finite"]
+                and x["samples_per_s"] >= 1.05 * base["samples_per_s"]
+                and (best == "eager" or x["samples_per_s"] > st["variants"][best]["samples_per_s"])
+            ):
                 best = v
-    L.append("The variants are timed **round-robin in one process** (one step of each per round, same batches), "
-             "so they share the machine's load and their ratio is fair; compile is timed against eager the same "
-             "way in its own process. Median of the steps after the first; the first step includes warm-up and, "
-             "for `compile`, compilation. One epoch = ceil(660 / 32) = 21 steps x median step. "
-             f"Peak RSS: {_f(st and st['maxrss_mb'])} MB for the process holding all variants"
-             + (f", {_f(cp['maxrss_mb'])} MB with compile" if cp else "") + ".")
+    L.append(
+        "The variants are timed **round-robin in one process** (one step of each per round, same batches), "
+        "so they share the machine's load and their ratio is fair; compile is timed against eager the same "
+        "way in its own process. Median of the steps after the first; the first step includes warm-up and, "
+        "for `compile`, compilation. One epoch = ceil(660 / 32) = 21 steps x median step. "
+        f"Peak RSS: {_f(st and st['maxrss_mb'])} MB for the process holding all variants"
+        + (f", {_f(cp['maxrss_mb'])} MB with compile" if cp else "")
+        + "."
+    )
     L.append("")
     compile_note = ""
     if cp:
@@ -269,28 +368,41 @@ def render(r: dict) -> str:
         best_speed = (st["variants"][best]["samples_per_s"] / st["variants"]["eager"]["samples_per_s"]) if st else 1.0
         if speed >= 1.05 * best_speed and gain > 0 and extra / gain < 90 * 5 * 21:
             best = "compile"
-        compile_note = (f"`torch.compile` costs {extra:.0f} s once (measured with an empty inductor cache); "
-                        f"per step it is {speed:.2f}x eager"
-                        + (f", so it pays back after {extra / gain:.0f} steps ({extra / gain / 21:.1f} epochs)." if gain > 0
-                           else ", so it never pays back."))
-    L.append(f"**Fastest CPU path here: {best}** (>= 5 % more samples/s than eager in the same run; compile only if its "
-             "one-off cost is recovered within a 5-fold x 90-epoch run). " + compile_note)
+        compile_note = (
+            f"`torch.compile` costs {extra:.0f} s once (measured with an empty inductor cache); "
+            f"per step it is {speed:.2f}x eager"
+            + (
+                f", so it pays back after {extra / gain:.0f} steps ({extra / gain / 21:.1f} epochs)."
+                if gain > 0
+                else ", so it never pays back."
+            )
+        )
+    L.append(
+        f"**Fastest CPU path here: {best}** (>= 5 % more samples/s than eager in the same run; compile only if its "
+        "one-off cost is recovered within a 5-fold x 90-epoch run). " + compile_note
+    )
     L.append("")
     L.append("### One real epoch of `nodulekit.training.train` (eager fp32, 1 fold)")
     L.append("")
     if ep:
-        L.append(f"- wall time {ep['epoch_wall_s']:.1f} s for {ep['n_train']} training samples "
-                 f"({ep['samples_per_s']:.2f} samples/s), including evaluation of {ep['n_test_evaluated']} test samples "
-                 f"and the checkpoint/result writes; threads {ep['threads']}; peak RSS {ep['maxrss_mb']:.0f} MB.")
-        L.append(f"- extrapolated (epoch wall x 90 epochs, the training default): one fold "
-                 f"{ep['fold_s_extrapolated'] / 3600:.2f} h, 5-fold cross-validation {ep['cv5_s_extrapolated'] / 3600:.2f} h "
-                 "on this CPU. This is an extrapolation from one epoch, not a measured full run.")
+        L.append(
+            f"- wall time {ep['epoch_wall_s']:.1f} s for {ep['n_train']} training samples "
+            f"({ep['samples_per_s']:.2f} samples/s), including evaluation of {ep['n_test_evaluated']} test samples "
+            f"and the checkpoint/result writes; threads {ep['threads']}; peak RSS {ep['maxrss_mb']:.0f} MB."
+        )
+        L.append(
+            f"- extrapolated (epoch wall x 90 epochs, the training default): one fold "
+            f"{ep['fold_s_extrapolated'] / 3600:.2f} h, 5-fold cross-validation {ep['cv5_s_extrapolated'] / 3600:.2f} h "
+            "on this CPU. This is an extrapolation from one epoch, not a measured full run."
+        )
         if st:
             eager = st["variants"]["eager"]
             steps = -(-ep["n_train"] // 32)
-            L.append(f"- the step benchmark predicts {steps} steps x {eager['step_s_median']:.2f} s = "
-                     f"{steps * eager['step_s_median']:.0f} s for the training pass alone (measured at another "
-                     "moment on a shared machine, so the two can differ either way).")
+            L.append(
+                f"- the step benchmark predicts {steps} steps x {eager['step_s_median']:.2f} s = "
+                f"{steps * eager['step_s_median']:.0f} s for the training pass alone (measured at another "
+                "moment on a shared machine, so the two can differ either way)."
+            )
     else:
         L.append(f"- {_status(r, 'train-epoch-eager')}")
     L.append("")
@@ -306,28 +418,41 @@ def render(r: dict) -> str:
             t = ti.get(str(b)) if ti else None
             o = oi.get(str(b)) if oi else None
             ratio = o["samples_per_s"] / t["samples_per_s"] if (t and o) else None
-            L.append(f"| {b} | {_f(t and t['samples_per_s'])} | {_f(o and o['samples_per_s'])} | "
-                     f"{_f(ratio)}{'x' if ratio else ''} | {t['reps'] if t else o['reps']} |")
+            L.append(
+                f"| {b} | {_f(t and t['samples_per_s'])} | {_f(o and o['samples_per_s'])} | "
+                f"{_f(ratio)}{'x' if ratio else ''} | {t['reps'] if t else o['reps']} |"
+            )
         L.append("")
-        L.append(f"Both engines ran **round-robin in one process** ({inf['threads']} intra-op thread(s) each; one call "
-                 "of each per round on the same batch), so they share the machine's load. Median call time; batches "
-                 "<= 64 after one warm-up call each and timed for at least 2 s; larger batches timed once after the "
-                 "smaller ones warmed the engines up.")
+        L.append(
+            f"Both engines ran **round-robin in one process** ({inf['threads']} intra-op thread(s) each; one call "
+            "of each per round on the same batch), so they share the machine's load. Median call time; batches "
+            "<= 64 after one warm-up call each and timed for at least 2 s; larger batches timed once after the "
+            "smaller ones warmed the engines up."
+        )
     else:
         L.append(f"Status: {_status(r, 'infer')}.")
     mt, mo = _ok(r, "infer-memory-torch"), _ok(r, "infer-memory-ort")
     big_b = "256" if r["smoke"] else "1024"
     L.append("")
-    L.append(f"Peak RSS at batch {big_b}, each engine alone in its own process (interpreter, model and one call): "
-             f"PyTorch {_f(mt and mt['maxrss_mb'])} MB, ONNX Runtime {_f(mo and mo['maxrss_mb'])} MB"
-             + ("" if (mt and mo) else f" (PyTorch {_status(r, 'infer-memory-torch')}, ORT {_status(r, 'infer-memory-ort')})") + ".")
+    L.append(
+        f"Peak RSS at batch {big_b}, each engine alone in its own process (interpreter, model and one call): "
+        f"PyTorch {_f(mt and mt['maxrss_mb'])} MB, ONNX Runtime {_f(mo and mo['maxrss_mb'])} MB"
+        + (
+            ""
+            if (mt and mo)
+            else f" (PyTorch {_status(r, 'infer-memory-torch')}, ORT {_status(r, 'infer-memory-ort')})"
+        )
+        + "."
+    )
     ex = _ok(r, "export")
     if ex:
         v = ex["verification"]
         worst = max(x["map_max_abs_diff"] for k, x in v.items() if k.startswith("batch"))
         L.append("")
-        L.append(f"Export (`export_onnx`, {ex['exporter']} exporter, including the ONNX Runtime check): {ex['export_and_check_s']:.1f} s, "
-                 f"{ex['onnx_bytes'] / 2**20:.1f} MiB, max |dmap| vs PyTorch {worst:.2g}.")
+        L.append(
+            f"Export (`export_onnx`, {ex['exporter']} exporter, including the ONNX Runtime check): {ex['export_and_check_s']:.1f} s, "
+            f"{ex['onnx_bytes'] / 2**20:.1f} MiB, max |dmap| vs PyTorch {worst:.2g}."
+        )
     else:
         L.append(f"Export: {_status(r, 'export')}.")
     L.append("")
@@ -338,57 +463,83 @@ def render(r: dict) -> str:
     L.append("| what | s / scan (first pass) | s / scan (second pass, page cache warm) | peak RSS (MB) |")
     L.append("|---|---|---|---|")
     if en:
-        L.append(f"| nodulekit `sources.read_scan` (volume only) | {_f(en['read_scan_s_per_scan_cold'])} | "
-                 f"{_f(en['read_scan_s_per_scan_warm'])} | {_f(en['maxrss_after_read_mb'])} |")
+        L.append(
+            f"| nodulekit `sources.read_scan` (volume only) | {_f(en['read_scan_s_per_scan_cold'])} | "
+            f"{_f(en['read_scan_s_per_scan_warm'])} | {_f(en['maxrss_after_read_mb'])} |"
+        )
     if epl:
-        L.append(f"| pylidc `Scan.to_volume()` (volume only) | {_f(epl['to_volume_s_per_scan_cold'])} | "
-                 f"{_f(epl['to_volume_s_per_scan_warm'])} | {_f(epl['maxrss_mb'])} |")
+        L.append(
+            f"| pylidc `Scan.to_volume()` (volume only) | {_f(epl['to_volume_s_per_scan_cold'])} | "
+            f"{_f(epl['to_volume_s_per_scan_warm'])} | {_f(epl['maxrss_mb'])} |"
+        )
     if en:
-        L.append(f"| `nodulekit extract` (`extract_rois`, whole stage) | {_f(en['extract_s_per_scan'])} | – | {_f(en['maxrss_mb'])} |")
+        L.append(
+            f"| `nodulekit extract` (`extract_rois`, whole stage) | {_f(en['extract_s_per_scan'])} | – | {_f(en['maxrss_mb'])} |"
+        )
     L.append("")
     if en and epl:
         ratio = epl["to_volume_s_per_scan_warm"] / en["read_scan_s_per_scan_warm"]
         same = all(epl["equal_to_read_scan"].values())
-        L.append(f"Volume reading: pylidc / nodulekit time = {ratio:.2f}x (warm). The two volumes are "
-                 f"{'identical (every HU voxel equal)' if same else 'NOT identical: ' + json.dumps(epl['equal_to_read_scan'])} "
-                 f"for {', '.join(epl['equal_to_read_scan'])}.")
+        L.append(
+            f"Volume reading: pylidc / nodulekit time = {ratio:.2f}x (warm). The two volumes are "
+            f"{'identical (every HU voxel equal)' if same else 'NOT identical: ' + json.dumps(epl['equal_to_read_scan'])} "
+            f"for {', '.join(epl['equal_to_read_scan'])}."
+        )
     L.append("")
-    L.append("What is compared: pylidc's own `Scan.to_volume()` (reads every `.dcm` of the series folder with pydicom, "
-             "drops duplicate z positions, sorts by z, stacks `pixel_array * RescaleSlope + RescaleIntercept` in float "
-             "and casts to int16) with only `get_path_to_dicom_files` pointed at the series folder (pylidc finds it "
-             "through `~/.pylidcrc`, which this machine does not have), against nodulekit's `sources.read_scan` (headers "
-             "first, series found by UID, the same duplicate rule, HU written slice by slice into an int16 volume). The "
-             "whole `extract` row adds pylidc's annotation queries and consensus masks, the 1 mm resampling of the "
-             "nodule windows and the HDF5 writes, for the labelled nodules of both scans "
-             f"({en['nodules_extracted'] if en else '?'} nodules). Status: nodulekit {_status(r, 'extract-nodulekit')}, "
-             f"pylidc {_status(r, 'extract-pylidc')}.")
+    L.append(
+        "What is compared: pylidc's own `Scan.to_volume()` (reads every `.dcm` of the series folder with pydicom, "
+        "drops duplicate z positions, sorts by z, stacks `pixel_array * RescaleSlope + RescaleIntercept` in float "
+        "and casts to int16) with only `get_path_to_dicom_files` pointed at the series folder (pylidc finds it "
+        "through `~/.pylidcrc`, which this machine does not have), against nodulekit's `sources.read_scan` (headers "
+        "first, series found by UID, the same duplicate rule, HU written slice by slice into an int16 volume). The "
+        "whole `extract` row adds pylidc's annotation queries and consensus masks, the 1 mm resampling of the "
+        "nodule windows and the HDF5 writes, for the labelled nodules of both scans "
+        f"({en['nodules_extracted'] if en else '?'} nodules). Status: nodulekit {_status(r, 'extract-nodulekit')}, "
+        f"pylidc {_status(r, 'extract-pylidc')}."
+    )
     L.append("")
     L.append("## Not measured")
     L.append("")
-    L.append("- GPU: " + (m["gpu_note"] or "see the GPU rows above") + ". `nodulekit infer --provider cuda` "
-             "(IO binding) and TensorRT are implemented but were not run here.")
+    L.append(
+        "- GPU: " + (m["gpu_note"] or "see the GPU rows above") + ". `nodulekit infer --provider cuda` "
+        "(IO binding) and TensorRT are implemented but were not run here."
+    )
     skipped = [n for n, e in r["results"].items() if e.get("status") != "ok"]
-    L.append("- Skipped or failed here: " + (", ".join(f"{n} ({_status(r, n)})" for n in skipped) if skipped else "none") + ".")
+    L.append(
+        "- Skipped or failed here: "
+        + (", ".join(f"{n} ({_status(r, n)})" for n in skipped) if skipped else "none")
+        + "."
+    )
     L.append("")
-    L.append("LIDC-IDRI data: Armato III et al. (2015), *Data From LIDC-IDRI*, The Cancer Imaging Archive, "
-             "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX, CC BY 3.0.")
+    L.append(
+        "LIDC-IDRI data: Armato III et al. (2015), *Data From LIDC-IDRI*, The Cancer Imaging Archive, "
+        "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX, CC BY 3.0."
+    )
     return "\n".join(L) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Run nodulekit's speed benchmarks (make bench).")
     p.add_argument("--out", default=str(HERE / "out"), help="folder for the JSON files [benchmarks/out]")
-    p.add_argument("--results", default=None, help="Markdown summary [benchmarks/RESULTS.md; smoke: OUT/RESULTS.smoke.md]")
+    p.add_argument(
+        "--results", default=None, help="Markdown summary [benchmarks/RESULTS.md; smoke: OUT/RESULTS.smoke.md]"
+    )
     p.add_argument("--d11c", default=None, help="real D11C dataset artifact for the training figures (else synthetic)")
     p.add_argument("--lidc-root", default=str(REPO.parent / "shared" / "data" / "lidc-dicom"))
     p.add_argument("--budget-s", type=float, default=840.0, help="wall-clock budget for the whole run [840 s]")
-    p.add_argument("--smoke", action="store_true", help="tiny HESAM (base_width 8) and data: checks the harness, not speed")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny HESAM (base_width 8) and data: checks the harness, not speed"
+    )
     args = p.parse_args(argv)
     args.width = 8 if args.smoke else 64
     if args.d11c and not Path(args.d11c).exists():
         p.error(f"--d11c {args.d11c} does not exist")
     record = run_all(args)
-    results = Path(args.results) if args.results else (Path(args.out) / "RESULTS.smoke.md" if args.smoke else HERE / "RESULTS.md")
+    results = (
+        Path(args.results)
+        if args.results
+        else (Path(args.out) / "RESULTS.smoke.md" if args.smoke else HERE / "RESULTS.md")
+    )
     results.write_text(render(record))
     print(f"[bench] wrote {results} and {args.out}/*.json in {record['wall_s']:.0f} s")
     return 0

@@ -21,6 +21,7 @@ Measurements:
   (``get_path_to_dicom_files``, which needs ``~/.pylidcrc``) is pointed at the series folder.
   The volumes are checked equal to ``read_scan``'s after the memory high-water mark is read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,7 +121,7 @@ def bench_train_steps(args) -> dict:
 
     def step(v, i):
         step_model, opt = state[v]
-        idx = order[(i % n_batches) * BATCH:((i % n_batches) + 1) * BATCH]
+        idx = order[(i % n_batches) * BATCH : ((i % n_batches) + 1) * BATCH]
         xb, yb = x[idx], y[idx]
         if v == "channels_last":
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -152,16 +153,27 @@ def bench_train_steps(args) -> dict:
     out = {}
     for v in variants:
         step_s = statistics.median(times[v])
-        out[v] = {"first_step_s": first[v], "step_s_median": step_s, "step_s_all": times[v],
-                  "samples_per_s": BATCH / step_s, "epoch_s_extrapolated": steps_per_epoch * step_s,
-                  "loss_finite": bool(all(math.isfinite(l) for l in losses[v]))}
+        out[v] = {
+            "first_step_s": first[v],
+            "step_s_median": step_s,
+            "step_s_all": times[v],
+            "samples_per_s": BATCH / step_s,
+            "epoch_s_extrapolated": steps_per_epoch * step_s,
+            "loss_finite": bool(all(math.isfinite(loss) for loss in losses[v])),
+        }
     return {
-        "variants": out, "order": "round-robin, one step of each variant per round, same batches",
-        "data": kind, "input": [len(x), int(x.shape[1]), 32, 32], "batch": BATCH,
-        "threads": torch.get_num_threads(), "base_width": args.width, "rounds": rounds,
+        "variants": out,
+        "order": "round-robin, one step of each variant per round, same batches",
+        "data": kind,
+        "input": [len(x), int(x.shape[1]), 32, 32],
+        "batch": BATCH,
+        "threads": torch.get_num_threads(),
+        "base_width": args.width,
+        "rounds": rounds,
         "extrapolation": f"{steps_per_epoch} steps of {BATCH} ({D11C_TRAIN} training samples) x median step time",
         "native_bf16": _cpu_has_native_bf16(),
-        "maxrss_mb": maxrss_mb(), "maxrss_note": "one process for all variants: the peak of the largest",
+        "maxrss_mb": maxrss_mb(),
+        "maxrss_note": "one process for all variants: the peak of the largest",
     }
 
 
@@ -181,10 +193,20 @@ def bench_train_epoch(args) -> dict:
         if args.d11c:
             ds, kind = Path(args.d11c), "real"
         else:
-            ds, kind = _synthetic_dataset(Path(tmp) / "d11c_like.h5", args.channels, args.n_train + args.n_test), "synthetic"
+            ds, kind = (
+                _synthetic_dataset(Path(tmp) / "d11c_like.h5", args.channels, args.n_train + args.n_test),
+                "synthetic",
+            )
         opts = {} if args.width == 64 else {"base_width": args.width}
-        cfg = TrainConfig(arch="hesam", model_options=opts, epochs=1, device="cpu", seed=0,
-                          amp=args.variant == "bf16", compile=args.variant == "compile")
+        cfg = TrainConfig(
+            arch="hesam",
+            model_options=opts,
+            epochs=1,
+            device="cpu",
+            seed=0,
+            amp=args.variant == "bf16",
+            compile=args.variant == "compile",
+        )
         rss0 = maxrss_mb()
         t = time.perf_counter()
         summary = train(ds, Path(tmp) / "run", cfg, folds=[0], progress=False)
@@ -200,15 +222,23 @@ def bench_train_epoch(args) -> dict:
             shape = list(f["x"].shape)
     n_train = n_total - n_test
     return {
-        "variant": args.variant, "data": kind, "input": shape, "threads": torch.get_num_threads(),
-        "base_width": args.width, "epoch_wall_s": wall, "n_train": n_train, "n_test_evaluated": n_test,
+        "variant": args.variant,
+        "data": kind,
+        "input": shape,
+        "threads": torch.get_num_threads(),
+        "base_width": args.width,
+        "epoch_wall_s": wall,
+        "n_train": n_train,
+        "n_test_evaluated": n_test,
         "samples_per_s": n_train / wall,
         "includes": "training pass, test-fold evaluation, checkpoint and result writes (nodulekit.training.train, 1 epoch, 1 fold)",
-        "fold_s_extrapolated": wall * PAPER_EPOCHS, "cv5_s_extrapolated": wall * PAPER_EPOCHS * 5,
+        "fold_s_extrapolated": wall * PAPER_EPOCHS,
+        "cv5_s_extrapolated": wall * PAPER_EPOCHS * 5,
         "extrapolation": f"one epoch's wall time x {PAPER_EPOCHS} epochs (x 5 folds); model building, "
-                         "first-epoch warm-up and resume bookkeeping are counted once per epoch, so this is an upper bound",
+        "first-epoch warm-up and resume bookkeeping are counted once per epoch, so this is an upper bound",
         "summary_keys": sorted(summary),
-        "maxrss_before_mb": rss0, "maxrss_mb": maxrss_mb(),
+        "maxrss_before_mb": rss0,
+        "maxrss_mb": maxrss_mb(),
     }
 
 
@@ -223,9 +253,15 @@ def bench_export(args) -> dict:
     meta = export_onnx(model, args.onnx, overwrite=True, exporter=args.exporter)
     wall = time.perf_counter() - t
     check = json.loads(meta["verification"])
-    return {"exporter": args.exporter, "export_and_check_s": wall, "onnx": str(args.onnx),
-            "onnx_bytes": Path(args.onnx).stat().st_size, "verification": check,
-            "base_width": args.width, "maxrss_mb": maxrss_mb()}
+    return {
+        "exporter": args.exporter,
+        "export_and_check_s": wall,
+        "onnx": str(args.onnx),
+        "onnx_bytes": Path(args.onnx).stat().st_size,
+        "verification": check,
+        "base_width": args.width,
+        "maxrss_mb": maxrss_mb(),
+    }
 
 
 def bench_infer(args) -> dict:
@@ -248,6 +284,7 @@ def bench_infer(args) -> dict:
         def run_torch(xb):
             with torch.inference_mode():
                 return [t.numpy() for t in wrapper(torch.from_numpy(xb))]
+
         runners["torch"] = run_torch
     if "ort" in args.engines:
         import onnxruntime as ort
@@ -260,6 +297,7 @@ def bench_infer(args) -> dict:
 
         def run_ort(xb):
             return session.run(list(OUTPUT_NAMES), {"x": xb})
+
         runners["ort"] = run_ort
     results: dict = {e: {} for e in runners}
     for b in args.batches:
@@ -281,11 +319,22 @@ def bench_infer(args) -> dict:
                 times[e].append(time.perf_counter() - t)
         for e in runners:
             med = statistics.median(times[e])
-            results[e][str(b)] = {"batch": b, "reps": len(times[e]), "call_s_median": med, "samples_per_s": b / med,
-                                  "warmup": small}
-    return {"engines": list(runners), "threads": args.threads, "base_width": args.width,
-            "order": "round-robin: one call of each engine per round, same batch",
-            "outputs": "prob [B,2] + map [B,2,16,16] + map_up [B,2,32,32]", "batches": results, "maxrss_mb": maxrss_mb()}
+            results[e][str(b)] = {
+                "batch": b,
+                "reps": len(times[e]),
+                "call_s_median": med,
+                "samples_per_s": b / med,
+                "warmup": small,
+            }
+    return {
+        "engines": list(runners),
+        "threads": args.threads,
+        "base_width": args.width,
+        "order": "round-robin: one call of each engine per round, same batch",
+        "outputs": "prob [B,2] + map [B,2,16,16] + map_up [B,2,32,32]",
+        "batches": results,
+        "maxrss_mb": maxrss_mb(),
+    }
 
 
 def bench_probe_threads(args) -> dict:
@@ -322,9 +371,16 @@ def bench_probe_threads(args) -> dict:
 
     bf16_step()
     bf16 = statistics.median(_timed_calls(bf16_step, 0.0, 2, 2))
-    return {"step_s_by_threads": out, "best_threads": int(best), "batch": 4, "base_width": args.width,
-            "bf16_step_s": bf16, "bf16_vs_fp32": out[best] / bf16, "native_bf16": _cpu_has_native_bf16(),
-            "maxrss_mb": maxrss_mb()}
+    return {
+        "step_s_by_threads": out,
+        "best_threads": int(best),
+        "batch": 4,
+        "base_width": args.width,
+        "bf16_step_s": bf16,
+        "bf16_vs_fp32": out[best] / bf16,
+        "native_bf16": _cpu_has_native_bf16(),
+        "maxrss_mb": maxrss_mb(),
+    }
 
 
 def _dicom_scans(root: Path):
@@ -354,13 +410,19 @@ def bench_extract_nodulekit(args) -> dict:
         t = time.perf_counter()
         result = extract_rois(Path(tmp) / "rois.h5", lidc_root=root, progress=False, report=lambda line: None)
         wall = time.perf_counter() - t
-    return {"scans": len(scans), "read_scan_s": {pid: read[pid] for pid, _, _ in scans},
-            "shapes": {pid: read[pid + ":shape"] for pid, _, _ in scans},
-            "read_scan_s_per_scan_warm": statistics.mean(read[pid][1] for pid, _, _ in scans),
-            "read_scan_s_per_scan_cold": statistics.mean(read[pid][0] for pid, _, _ in scans),
-            "extract_s": wall, "extract_s_per_scan": wall / max(1, len(scans)),
-            "nodules_extracted": int(result.n_nodules), "extract_errors": list(result.errors),
-            "maxrss_after_read_mb": rss_read, "maxrss_mb": maxrss_mb()}
+    return {
+        "scans": len(scans),
+        "read_scan_s": {pid: read[pid] for pid, _, _ in scans},
+        "shapes": {pid: read[pid + ":shape"] for pid, _, _ in scans},
+        "read_scan_s_per_scan_warm": statistics.mean(read[pid][1] for pid, _, _ in scans),
+        "read_scan_s_per_scan_cold": statistics.mean(read[pid][0] for pid, _, _ in scans),
+        "extract_s": wall,
+        "extract_s_per_scan": wall / max(1, len(scans)),
+        "nodules_extracted": int(result.n_nodules),
+        "extract_errors": list(result.errors),
+        "maxrss_after_read_mb": rss_read,
+        "maxrss_mb": maxrss_mb(),
+    }
 
 
 def bench_extract_pylidc(args) -> dict:
@@ -376,7 +438,7 @@ def bench_extract_pylidc(args) -> dict:
             if scan is None:
                 raise SystemExit(f"series {uid} is not in pylidc's database")
             # The only change to pylidc: its file lookup needs ~/.pylidcrc; point it at the folder.
-            scan.get_path_to_dicom_files = (lambda f=folder: str(f))
+            scan.get_path_to_dicom_files = lambda f=folder: str(f)
             t = time.perf_counter()
             vol = scan.to_volume(verbose=False)
             times.setdefault(pid, []).append(time.perf_counter() - t)
@@ -389,11 +451,15 @@ def bench_extract_pylidc(args) -> dict:
     for pid, uid, _ in scans:
         ours = read_scan(root, pid, uid).hu
         equal[pid] = bool(ours.shape == volumes[pid].shape and np.array_equal(ours, volumes[pid]))
-    return {"scans": len(scans), "to_volume_s": times,
-            "to_volume_s_per_scan_cold": statistics.mean(v[0] for v in times.values()),
-            "to_volume_s_per_scan_warm": statistics.mean(v[1] for v in times.values()),
-            "shapes": {pid: list(v.shape) for pid, v in volumes.items()},
-            "equal_to_read_scan": equal, "maxrss_mb": rss}
+    return {
+        "scans": len(scans),
+        "to_volume_s": times,
+        "to_volume_s_per_scan_cold": statistics.mean(v[0] for v in times.values()),
+        "to_volume_s_per_scan_warm": statistics.mean(v[1] for v in times.values()),
+        "shapes": {pid: list(v.shape) for pid, v in volumes.items()},
+        "equal_to_read_scan": equal,
+        "maxrss_mb": rss,
+    }
 
 
 BENCHES = {
@@ -412,8 +478,13 @@ def main(argv=None) -> int:
     p.add_argument("bench", choices=sorted(BENCHES))
     p.add_argument("--json", required=True, type=Path, help="where to write this measurement")
     p.add_argument("--variant", default="eager", choices=VARIANTS, help="train-epoch: execution variant")
-    p.add_argument("--variants", nargs="+", default=["eager", "channels_last"], choices=VARIANTS,
-                   help="train-steps: variants timed round-robin in one process")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["eager", "channels_last"],
+        choices=VARIANTS,
+        help="train-steps: variants timed round-robin in one process",
+    )
     p.add_argument("--engines", nargs="+", default=["torch", "ort"], choices=["torch", "ort"])
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     p.add_argument("--onnx", type=Path)
@@ -426,9 +497,15 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=D11C_TRAIN)
     p.add_argument("--n-test", type=int, default=D11C_TEST)
     p.add_argument("--batches", type=int, nargs="+", default=list(INFER_BATCHES))
-    p.add_argument("--min-time", type=float, default=2.0,
-                   help="keep timing (small inference batches, training steps) until this many seconds")
-    p.add_argument("--big-reps", type=int, default=1, help="timed calls at batch > 64 (after the smaller batches warmed up)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=2.0,
+        help="keep timing (small inference batches, training steps) until this many seconds",
+    )
+    p.add_argument(
+        "--big-reps", type=int, default=1, help="timed calls at batch > 64 (after the smaller batches warmed up)"
+    )
     args = p.parse_args(argv)
     t = time.perf_counter()
     result = BENCHES[args.bench](args)

@@ -15,16 +15,18 @@ Kinds and their required members (datasets ``/name``, groups ``/name/``):
 - ``fold_result``: one trained fold's per-epoch history and test-set probabilities.
 - ``maps``: activation maps per nodule (from ``maps`` or ``infer``).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -57,7 +59,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
     record = {
         "command": " ".join(sys.argv),
         "nodulekit_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     record.update(extra)
     return record
@@ -138,9 +140,7 @@ def open_artifact(path: str | os.PathLike, kind: str | tuple[str, ...]) -> h5py.
     version = int(f.attrs.get("schema_version", -1))
     if version != KINDS[found]:
         f.close()
-        raise ArtifactError(
-            f"{path} has {found} schema version {version}; this nodulekit reads version {KINDS[found]}"
-        )
+        raise ArtifactError(f"{path} has {found} schema version {version}; this nodulekit reads version {KINDS[found]}")
     missing = [m for m in REQUIRED[found] if m not in f]
     if missing:
         f.close()

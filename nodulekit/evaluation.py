@@ -10,6 +10,7 @@ scikit-learn at the fixed threshold 0.5 (decided before training, never tuned):
 - pooled patient level: a patient is malignant when any of their nodules is, with
   probability = the highest nodule probability, then scored the same way.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,13 +30,27 @@ from nodulekit.training import HISTORY_COLUMNS, THRESHOLD, load_run
 METRICS = ("accuracy", "sensitivity", "specificity", "auc")
 # Row names of the paper's Table 2 for our registry names; others are shown as they are.
 PAPER_NAMES = {
-    "hesam": "Ours-HESAM", "ours-hesam": "Ours-HESAM", "sam": "Ours-SAM", "ours-sam": "Ours-SAM",
-    "cam": "Ours-CAM", "ours-cam": "Ours-CAM", "baseline": "Baseline",
-    "resnet18": "ResNet18", "resnet34": "ResNet34", "vgg16": "VGG16", "densenet121": "DenseNet121",
-    "resnet18-cam": "ResNet18-CAM", "resnet18-sam": "ResNet18-SAM", "resnet34-cam": "ResNet34-CAM",
-    "resnet34-sam": "ResNet34-SAM", "vgg16-cam": "VGG16-CAM", "vgg16-sam": "VGG16-SAM",
-    "densenet121-cam": "DenseNet121-CAM", "densenet121-sam": "DenseNet121-SAM",
-    "pn-samp": "PN-SAMP", "sag-c": "SAG-C",
+    "hesam": "Ours-HESAM",
+    "ours-hesam": "Ours-HESAM",
+    "sam": "Ours-SAM",
+    "ours-sam": "Ours-SAM",
+    "cam": "Ours-CAM",
+    "ours-cam": "Ours-CAM",
+    "baseline": "Baseline",
+    "resnet18": "ResNet18",
+    "resnet34": "ResNet34",
+    "vgg16": "VGG16",
+    "densenet121": "DenseNet121",
+    "resnet18-cam": "ResNet18-CAM",
+    "resnet18-sam": "ResNet18-SAM",
+    "resnet34-cam": "ResNet34-CAM",
+    "resnet34-sam": "ResNet34-SAM",
+    "vgg16-cam": "VGG16-CAM",
+    "vgg16-sam": "VGG16-SAM",
+    "densenet121-cam": "DenseNet121-CAM",
+    "densenet121-sam": "DenseNet121-SAM",
+    "pn-samp": "PN-SAMP",
+    "sag-c": "SAG-C",
 }
 REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png")
 
@@ -60,7 +75,10 @@ def binary_metrics(y, prob, threshold: float = THRESHOLD) -> dict[str, float]:
         "sensitivity": float(tp / (tp + fn)) if tp + fn else math.nan,
         "specificity": float(tn / (tn + fp)) if tn + fp else math.nan,
         "auc": float(roc_auc_score(y, prob)) if both else math.nan,
-        "tp": int(tp), "tn": int(tn), "fp": int(fp), "fn": int(fn),
+        "tp": int(tp),
+        "tn": int(tn),
+        "fp": int(fp),
+        "fn": int(fn),
     }
 
 
@@ -134,23 +152,29 @@ def load_run_results(rundir: str | os.PathLike) -> RunResult:
             if done < epochs:
                 unfinished.append(f"{k} ({done} of {epochs} epochs)")
                 continue
-            nodule_id = read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else [str(i) for i in f["test_index"][()]]
-            patient_id = read_strings(f["test_patient_id"]) if "test_patient_id" in f else [_patient_of(n) for n in nodule_id]
+            nodule_id = (
+                read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else [str(i) for i in f["test_index"][()]]
+            )
+            patient_id = (
+                read_strings(f["test_patient_id"]) if "test_patient_id" in f else [_patient_of(n) for n in nodule_id]
+            )
             columns = list(f["history"].attrs.get("columns", HISTORY_COLUMNS))
-            folds.append(FoldResult(
-                fold=k,
-                history=np.asarray(f["history"][()], np.float64),
-                columns=[c.decode() if isinstance(c, bytes) else str(c) for c in columns],
-                test_index=np.asarray(f["test_index"][()], np.int64),
-                test_prob=np.asarray(f["test_prob"][()], np.float64),
-                test_y=np.asarray(f["test_y"][()], np.int64),
-                test_nodule_id=nodule_id,
-                test_patient_id=patient_id,
-                selected_epoch=int(f.attrs.get("selected_epoch", -1)),
-                epochs=done,
-                val_history=np.asarray(f["val_history"][()], np.float64) if "val_history" in f else None,
-                epoch_seconds=np.asarray(f["epoch_seconds"][()], np.float64) if "epoch_seconds" in f else None,
-            ))
+            folds.append(
+                FoldResult(
+                    fold=k,
+                    history=np.asarray(f["history"][()], np.float64),
+                    columns=[c.decode() if isinstance(c, bytes) else str(c) for c in columns],
+                    test_index=np.asarray(f["test_index"][()], np.int64),
+                    test_prob=np.asarray(f["test_prob"][()], np.float64),
+                    test_y=np.asarray(f["test_y"][()], np.int64),
+                    test_nodule_id=nodule_id,
+                    test_patient_id=patient_id,
+                    selected_epoch=int(f.attrs.get("selected_epoch", -1)),
+                    epochs=done,
+                    val_history=np.asarray(f["val_history"][()], np.float64) if "val_history" in f else None,
+                    epoch_seconds=np.asarray(f["epoch_seconds"][()], np.float64) if "epoch_seconds" in f else None,
+                )
+            )
     problems = []
     if missing:
         problems.append(f"fold(s) {', '.join(map(str, missing))} missing")
@@ -181,7 +205,9 @@ def summarise_run(result: RunResult) -> dict[str, Any]:
         m = binary_metrics(f.test_y, f.test_prob)
         m.update(fold=f.fold, selected_epoch=f.selected_epoch)
         per_fold.append(m)
-    summary = {name: dict(zip(("mean", "std"), _mean_std([m[name] for m in per_fold]))) for name in METRICS}
+    summary = {
+        name: dict(zip(("mean", "std"), _mean_std([m[name] for m in per_fold]), strict=True)) for name in METRICS
+    }
     y = np.concatenate([f.test_y for f in result.folds])
     prob = np.concatenate([f.test_prob for f in result.folds])
     patients = sum((f.test_patient_id for f in result.folds), [])
@@ -228,8 +254,10 @@ def _pm(stat: dict, percent: bool = False) -> str:
 def _row_labels(summaries: list[dict]) -> list[str]:
     # two runs of one method on one dataset (e.g. seeds) get their folder name appended
     keys = [(s["method"], s["dataset"]) for s in summaries]
-    return [s["method"] if keys.count((s["method"], s["dataset"])) == 1 else f"{s['method']} ({Path(s['rundir']).name})"
-            for s in summaries]
+    return [
+        s["method"] if keys.count((s["method"], s["dataset"])) == 1 else f"{s['method']} ({Path(s['rundir']).name})"
+        for s in summaries
+    ]
 
 
 def reference_dataset(summaries: list[dict]) -> str:
@@ -254,18 +282,20 @@ def markdown_report(summaries: list[dict]) -> str:
     for method in methods:
         cells = []
         for name in datasets:
-            match = [s for s, lab in zip(summaries, labels) if lab == method and s["dataset"] == name]
+            match = [s for s, lab in zip(summaries, labels, strict=True) if lab == method and s["dataset"] == name]
             cells.append(_pm(match[0]["summary"]["accuracy"], percent=True) if match else "–")
-        ref_run = [s for s, lab in zip(summaries, labels) if lab == method and s["dataset"] == ref]
+        ref_run = [s for s, lab in zip(summaries, labels, strict=True) if lab == method and s["dataset"] == ref]
         for metric in ("sensitivity", "specificity", "auc"):
             cells.append(_pm(ref_run[0]["summary"][metric]) if ref_run else "–")
         out.write(f"| {method} | " + " | ".join(cells) + " |\n")
 
     out.write("\n## Every run: fold mean ± std, and pooled over all test folds\n\n")
-    out.write("| Method | Dataset | Select | Epochs | Folds | Accuracy % | Sensitivity | Specificity | AUC | "
-              "Pooled nodules: n, acc %, sens, spec, AUC | Pooled patients: n, acc %, sens, spec, AUC |\n")
+    out.write(
+        "| Method | Dataset | Select | Epochs | Folds | Accuracy % | Sensitivity | Specificity | AUC | "
+        "Pooled nodules: n, acc %, sens, spec, AUC | Pooled patients: n, acc %, sens, spec, AUC |\n"
+    )
     out.write("|---" * 11 + "|\n")
-    for s, label in zip(summaries, labels):
+    for s, label in zip(summaries, labels, strict=True):
         pn, pp = s["pooled_nodule"], s["pooled_patient"]
         out.write(
             f"| {label} | {s['dataset']} | {s['select']} | {s['epochs']} | {s['n_folds']} | "
@@ -275,9 +305,11 @@ def markdown_report(summaries: list[dict]) -> str:
             f"{pp['n']}, {_fmt(pp['accuracy'], True)}, {_fmt(pp['sensitivity'])}, {_fmt(pp['specificity'])}, {_fmt(pp['auc'])} |\n"
         )
 
-    out.write("\n## Per fold\n\n| Method | Dataset | Fold | n | Malignant | Accuracy % | Sensitivity | Specificity | AUC | Reported epoch |\n")
+    out.write(
+        "\n## Per fold\n\n| Method | Dataset | Fold | n | Malignant | Accuracy % | Sensitivity | Specificity | AUC | Reported epoch |\n"
+    )
     out.write("|---" * 10 + "|\n")
-    for s, label in zip(summaries, labels):
+    for s, label in zip(summaries, labels, strict=True):
         for m in s["folds"]:
             out.write(
                 f"| {label} | {s['dataset']} | {m['fold']} | {m['n']} | {m['n_malignant']} | {_fmt(m['accuracy'], True)} | "
@@ -296,10 +328,18 @@ def _csv_text(rows: list[dict]) -> str:
 
 def summary_rows(summaries: list[dict]) -> list[dict]:
     rows = []
-    for s, label in zip(summaries, _row_labels(summaries)):
-        row = {"method": label, "arch": s["arch"], "dataset": s["dataset"], "select": s["select"],
-               "epochs": s["epochs"], "n_folds": s["n_folds"], "rundir": s["rundir"], "device": s["device"],
-               "median_epoch_seconds": s["median_epoch_seconds"]}
+    for s, label in zip(summaries, _row_labels(summaries), strict=True):
+        row = {
+            "method": label,
+            "arch": s["arch"],
+            "dataset": s["dataset"],
+            "select": s["select"],
+            "epochs": s["epochs"],
+            "n_folds": s["n_folds"],
+            "rundir": s["rundir"],
+            "device": s["device"],
+            "median_epoch_seconds": s["median_epoch_seconds"],
+        }
         for metric in METRICS:
             row[f"{metric}_mean"] = s["summary"][metric]["mean"]
             row[f"{metric}_std"] = s["summary"][metric]["std"]
@@ -314,7 +354,8 @@ def fold_rows(summaries: list[dict]) -> list[dict]:
     keys = ("fold", "n", "n_malignant") + METRICS + ("tp", "tn", "fp", "fn", "selected_epoch")
     return [
         {"method": label, "arch": s["arch"], "dataset": s["dataset"], **{k: m[k] for k in keys}}
-        for s, label in zip(summaries, _row_labels(summaries)) for m in s["folds"]
+        for s, label in zip(summaries, _row_labels(summaries), strict=True)
+        for m in s["folds"]
     ]
 
 
@@ -327,7 +368,7 @@ def plot_roc(results: list[RunResult], summaries: list[dict], path: Path) -> Non
     from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for result, s, label in zip(results, summaries, _row_labels(summaries)):
+    for result, s, label in zip(results, summaries, _row_labels(summaries), strict=True):
         y = np.concatenate([f.test_y for f in result.folds])
         prob = np.concatenate([f.test_prob for f in result.folds])
         if len(np.unique(y)) < 2:
@@ -358,7 +399,7 @@ def plot_curves(results: list[RunResult], summaries: list[dict], path: Path) -> 
         for row, part in enumerate(("train", "test")):
             ax = axes[row][col]
             ax_loss = ax.twinx()
-            for i, (result, s, label) in enumerate(zip(results, summaries, _row_labels(summaries))):
+            for i, (result, s, label) in enumerate(zip(results, summaries, _row_labels(summaries), strict=True)):
                 if s["dataset"] != name:
                     continue
                 length = min(len(f.history) for f in result.folds)
@@ -382,7 +423,9 @@ def plot_curves(results: list[RunResult], summaries: list[dict], path: Path) -> 
     plt.close(fig)
 
 
-def evaluate_runs(rundirs: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
+def evaluate_runs(
+    rundirs: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False
+) -> dict[str, Any]:
     """Score every RUNDIR and write table2.md/.csv/.json, folds.csv, roc.png and curves.png.
 
     Returns ``{"summaries": [...], "markdown": str, "files": [paths]}``. Existing report
@@ -403,14 +446,20 @@ def evaluate_runs(rundirs: list[str | os.PathLike], output_dir: str | os.PathLik
     summaries = [summarise_run(r) for r in results]
     markdown = markdown_report(summaries)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report = {"threshold": THRESHOLD, "std": "sample standard deviation over folds (ddof=1)",
-              "patient_rule": "patient malignant if any nodule is; probability = highest nodule probability",
-              "reference_dataset": reference_dataset(summaries), "runs": summaries}
+    report = {
+        "threshold": THRESHOLD,
+        "std": "sample standard deviation over folds (ddof=1)",
+        "patient_rule": "patient malignant if any nodule is; probability = highest nodule probability",
+        "reference_dataset": reference_dataset(summaries),
+        "runs": summaries,
+    }
     writers = {
         "table2.md": lambda p: p.write_text(markdown),
         "table2.csv": lambda p: p.write_text(_csv_text(summary_rows(summaries))),
         "folds.csv": lambda p: p.write_text(_csv_text(fold_rows(summaries))),
-        "table2.json": lambda p: p.write_text(json.dumps(_no_nan(report), indent=2, default=_json_default, allow_nan=False) + "\n"),
+        "table2.json": lambda p: p.write_text(
+            json.dumps(_no_nan(report), indent=2, default=_json_default, allow_nan=False) + "\n"
+        ),
         "roc.png": lambda p: plot_roc(results, summaries, p),
         "curves.png": lambda p: plot_curves(results, summaries, p),
     }

@@ -20,6 +20,7 @@ After export the file is run in ONNX Runtime (CPU) against PyTorch on real input
 run's dataset is reachable (else seeded uniform [0, 1] inputs) and is only moved into
 place when the outputs agree within ``PROB_ATOL`` / ``MAP_RTOL``.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,9 +117,7 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
         ckpt_path = path / f"fold{fold}" / "checkpoint.pt"
         if not ckpt_path.exists():
             folds = sorted(p.parent.name for p in path.glob("fold*/checkpoint.pt"))
-            raise NodulekitError(
-                f"{path} has no trained fold {fold} (found: {', '.join(folds) or 'no checkpoints'})"
-            )
+            raise NodulekitError(f"{path} has no trained fold {fold} (found: {', '.join(folds) or 'no checkpoints'})")
         from nodulekit.training import load_fold_model
 
         model, ckpt = load_fold_model(path, fold, device="cpu")
@@ -208,9 +207,17 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    wrapper, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
-                    external_data=False, verbose=False, optimize=True,
+                    wrapper,
+                    (example,),
+                    str(path),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_shapes=({0: batch},),
+                    opset_version=opset,
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                    optimize=True,
                 )
         finally:
             onnx_log.setLevel(level)
@@ -219,8 +226,14 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter warns about its own deprecation
             torch.onnx.export(
-                wrapper, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_axes=axes, opset_version=opset, dynamo=False,
+                wrapper,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
             )
     else:
         raise NodulekitError(f"unknown exporter {exporter!r} (choose {' or '.join(EXPORTERS)})")
@@ -257,8 +270,13 @@ def compare_outputs(got: tuple[np.ndarray, ...], ref: tuple[np.ndarray, ...]) ->
     prob_diff = float(np.max(np.abs(got[0] - ref[0])))
     scale = float(max(np.max(np.abs(ref[1])), np.max(np.abs(ref[2]))))
     map_diff = float(max(np.max(np.abs(got[1] - ref[1])), np.max(np.abs(got[2] - ref[2]))))
-    return {"prob_max_abs_diff": prob_diff, "map_max_abs_diff": map_diff, "map_scale": scale,
-            "map_tol": MAP_RTOL * scale + MAP_ATOL_FLOOR, "prob_tol": PROB_ATOL}
+    return {
+        "prob_max_abs_diff": prob_diff,
+        "map_max_abs_diff": map_diff,
+        "map_scale": scale,
+        "map_tol": MAP_RTOL * scale + MAP_ATOL_FLOOR,
+        "prob_tol": PROB_ATOL,
+    }
 
 
 def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> dict[str, Any]:
@@ -270,7 +288,7 @@ def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> 
     for label, batch in (("batch1", x[:1]), (f"batch{len(x)}", x)):
         got = tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
         ref = reference_outputs(model, batch)
-        shapes_ok = all(g.shape == r.shape for g, r in zip(got, ref))
+        shapes_ok = all(g.shape == r.shape for g, r in zip(got, ref, strict=True))
         if not shapes_ok:
             raise NodulekitError(
                 f"ONNX Runtime output shapes {[g.shape for g in got]} differ from PyTorch {[r.shape for r in ref]} at {label}"
@@ -305,11 +323,13 @@ def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str
         "num_classes": str(int(getattr(model, "num_classes", 2))),
         "class_names": json.dumps(["benign", "malignant"]),
         "input": f"{INPUT_NAME}: float32 [batch, {channels}, {INPUT_SIZE}, {INPUT_SIZE}] normalised as in 'normalisation'",
-        "outputs": json.dumps({
-            "prob": "softmax of the logits [batch, classes]; column 1 = malignant",
-            "map": "soft activation map on the final feature grid [batch, classes, h, w], raw (unnormalised)",
-            "map_up": f"'map' resized bilinearly (align_corners=False) to [batch, classes, {INPUT_SIZE}, {INPUT_SIZE}]",
-        }),
+        "outputs": json.dumps(
+            {
+                "prob": "softmax of the logits [batch, classes]; column 1 = malignant",
+                "map": "soft activation map on the final feature grid [batch, classes, h, w], raw (unnormalised)",
+                "map_up": f"'map' resized bilinearly (align_corners=False) to [batch, classes, {INPUT_SIZE}, {INPUT_SIZE}]",
+            }
+        ),
         "map_kind": str(model.map_kind),
         "map_definition": MAP_DEFINITIONS[model.map_kind],
         "normalisation": json.dumps(normalisation) if normalisation is not None else "unknown",
@@ -366,8 +386,15 @@ def export_onnx(
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise NodulekitError(f"torch.onnx.export ({exporter}) failed for {meta['arch']}: {first}") from None
         report = verify_against_torch(tmp, model, x_check)
-        meta["verification"] = json.dumps({"inputs": x_desc, "runtime": "onnxruntime CPUExecutionProvider",
-                                           "prob_atol": PROB_ATOL, "map_rtol": MAP_RTOL, **report})
+        meta["verification"] = json.dumps(
+            {
+                "inputs": x_desc,
+                "runtime": "onnxruntime CPUExecutionProvider",
+                "prob_atol": PROB_ATOL,
+                "map_rtol": MAP_RTOL,
+                **report,
+            }
+        )
         proto = onnx.load(str(tmp))
         del proto.metadata_props[:]
         for key, value in meta.items():
@@ -462,7 +489,7 @@ def run_session(session, x, batch: int = 256, binding_device: str | None = None,
     outs: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
     starts = range(0, n, batch)
     for start in tqdm(starts, desc="infer", unit="batch", disable=not progress):
-        xb = np.ascontiguousarray(x[start:start + batch], dtype=np.float32)
+        xb = np.ascontiguousarray(x[start : start + batch], dtype=np.float32)
         if binding_device is None:
             res = session.run(list(OUTPUT_NAMES), {INPUT_NAME: xb})
         else:
@@ -472,7 +499,7 @@ def run_session(session, x, batch: int = 256, binding_device: str | None = None,
                 binding.bind_output(name, binding_device)
             session.run_with_iobinding(binding)
             res = binding.copy_outputs_to_cpu()
-        for name, value in zip(OUTPUT_NAMES, res):
+        for name, value in zip(OUTPUT_NAMES, res, strict=True):
             outs[name].append(value)
     if n == 0:
         raise NodulekitError("the input has no samples")
@@ -495,8 +522,14 @@ def infer(
     """
     import time
 
-    from nodulekit.artifacts import (check_output_path, get_json_attr, open_artifact, provenance,
-                                     read_strings, write_maps)
+    from nodulekit.artifacts import (
+        check_output_path,
+        get_json_attr,
+        open_artifact,
+        provenance,
+        read_strings,
+        write_maps,
+    )
 
     if batch < 1:
         raise NodulekitError(f"--batch must be at least 1 (got {batch})")
@@ -531,13 +564,28 @@ def infer(
     seconds = time.perf_counter() - t0
     model_fold = int(meta["fold"]) if meta.get("fold", "unknown").lstrip("-").isdigit() else -1
     prov = provenance(
-        onnx=str(onnx_path), dataset=str(dataset_path), provider=ran, provider_note=note,
+        onnx=str(onnx_path),
+        dataset=str(dataset_path),
+        provider=ran,
+        provider_note=note,
         onnx_metadata={k: v for k, v in meta.items() if k != "verification"},
-        label_rule=label_rule, batch=batch, seconds=round(seconds, 4),
+        label_rule=label_rule,
+        batch=batch,
+        seconds=round(seconds, 4),
     )
     write_maps(
-        out, nodule_id=nodule_id, maps=maps, prob=prob[:, 1], method=meta["map_kind"], arch=meta["arch"],
-        source=f"onnx:{onnx_path}", prov=prov, y=y, fold=np.full(len(y), model_fold, np.int64),
-        maps_up=maps_up, extra={"dataset_fold": np.asarray(ds_fold, np.int64)}, overwrite=overwrite,
+        out,
+        nodule_id=nodule_id,
+        maps=maps,
+        prob=prob[:, 1],
+        method=meta["map_kind"],
+        arch=meta["arch"],
+        source=f"onnx:{onnx_path}",
+        prov=prov,
+        y=y,
+        fold=np.full(len(y), model_fold, np.int64),
+        maps_up=maps_up,
+        extra={"dataset_fold": np.asarray(ds_fold, np.int64)},
+        overwrite=overwrite,
     )
     return {"provider": ran, "note": note, "n": int(len(y)), "seconds": seconds, "out": str(out)}

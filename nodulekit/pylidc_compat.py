@@ -6,6 +6,7 @@ to locate its bundled SQLite file. We restore the three aliases and, where
 ``pkg_resources`` is missing, provide a minimal stand-in with ``resource_filename``.
 No ``~/.pylidcrc`` is needed: nodulekit never asks pylidc where the DICOM lives.
 """
+
 from __future__ import annotations
 
 import importlib.util

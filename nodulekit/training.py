@@ -18,6 +18,7 @@ Honesty rules enforced here:
 Paper defaults: SGD, learning rate 5e-4 divided by 10 every 30 epochs, mini-batch 32,
 weight decay 1e-4, cross-entropy loss. The paper does not state momentum; we use 0.9.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,11 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +55,16 @@ SELECT_MODES = ("last", "val")
 # run.json keys that define the experiment: every `train` writing into one RUNDIR must
 # agree on them. Device, AMP and compile are execution choices recorded per fold.
 SIGNATURE_KEYS = (
-    "arch", "model_options", "in_channels", "num_classes", "n_folds", "seed",
-    "batch_size", "optimiser", "scheduler", "selection",
+    "arch",
+    "model_options",
+    "in_channels",
+    "num_classes",
+    "n_folds",
+    "seed",
+    "batch_size",
+    "optimiser",
+    "scheduler",
+    "selection",
 )
 
 
@@ -157,11 +167,19 @@ def load_training_data(path: str | os.PathLike) -> TrainingData:
     characteristics = np.asarray(characteristics, np.float32) if characteristics is not None else None
     name = attrs.get("name", f"D{x.shape[1]}C")
     return TrainingData(
-        path=path, x=x, y=y, fold=fold, patient_id=patient_id, nodule_id=nodule_id,
-        mask=mask, characteristics=characteristics,
+        path=path,
+        x=x,
+        y=y,
+        fold=fold,
+        patient_id=patient_id,
+        nodule_id=nodule_id,
+        mask=mask,
+        characteristics=characteristics,
         name=name.decode() if isinstance(name, bytes) else str(name),
-        n_folds=n_folds, split=str(attr_json("split", "unknown")),
-        label_rule=attr_json("label_rule"), normalisation=attr_json("normalisation"),
+        n_folds=n_folds,
+        split=str(attr_json("split", "unknown")),
+        label_rule=attr_json("label_rule"),
+        normalisation=attr_json("normalisation"),
         fingerprint=fingerprint,
     )
 
@@ -182,9 +200,7 @@ def validation_split(y: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     n_splits = max(2, int(round(1.0 / fraction)))
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise NodulekitError(
-            f"--val-fraction {fraction} needs at least {n_splits} training patients, found {n_groups}"
-        )
+        raise NodulekitError(f"--val-fraction {fraction} needs at least {n_splits} training patients, found {n_groups}")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % (2**32))
     train_pos, val_pos = next(splitter.split(np.zeros(len(y)), y, groups))
     return np.sort(train_pos), np.sort(val_pos)
@@ -206,14 +222,20 @@ def fold_split(data: TrainingData, fold: int, cfg: TrainConfig) -> FoldSplit:
     train_index = np.flatnonzero(data.fold != fold)
     val_index = None
     if cfg.select == "val":
-        tr, va = validation_split(data.y[train_index], data.patient_id[train_index], cfg.val_fraction, fold_seed(cfg.seed, fold))
+        tr, va = validation_split(
+            data.y[train_index], data.patient_id[train_index], cfg.val_fraction, fold_seed(cfg.seed, fold)
+        )
         train_index, val_index = train_index[tr], train_index[va]
-    parts = [("training", train_index), ("test", test_index)] + ([("validation", val_index)] if val_index is not None else [])
+    parts = [("training", train_index), ("test", test_index)] + (
+        [("validation", val_index)] if val_index is not None else []
+    )
     for part, index in parts:
         classes = np.unique(data.y[index])
         if len(classes) < 2:
             what = "no nodules" if len(classes) == 0 else f"only {'malignant' if classes[0] == 1 else 'benign'} nodules"
-            raise NodulekitError(f"fold {fold}: the {part} part ({len(index)} rows) has {what}; both classes are needed")
+            raise NodulekitError(
+                f"fold {fold}: the {part} part ({len(index)} rows) has {what}; both classes are needed"
+            )
     return FoldSplit(fold, train_index, test_index, val_index)
 
 
@@ -273,13 +295,24 @@ def run_record(cfg: TrainConfig, data: TrainingData, device) -> dict[str, Any]:
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
-        "optimiser": {"name": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "nesterov": False},
+        "optimiser": {
+            "name": "SGD",
+            "lr": cfg.lr,
+            "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay,
+            "nesterov": False,
+        },
         "scheduler": {"name": "StepLR", "step_size": cfg.lr_step, "gamma": cfg.lr_gamma},
         "loss": "cross_entropy + model.auxiliary_loss",
         "selection": (
-            {"mode": "val", "val_fraction": cfg.val_fraction, "split": "StratifiedGroupKFold by patient",
-             "rule": "highest validation accuracy, then lowest validation loss, then earliest epoch"}
-            if cfg.select == "val" else {"mode": "last", "rule": "model after the last epoch"}
+            {
+                "mode": "val",
+                "val_fraction": cfg.val_fraction,
+                "split": "StratifiedGroupKFold by patient",
+                "rule": "highest validation accuracy, then lowest validation loss, then earliest epoch",
+            }
+            if cfg.select == "val"
+            else {"mode": "last", "rule": "model after the last epoch"}
         ),
         "threshold": THRESHOLD,
         "label_rule": data.label_rule,
@@ -353,7 +386,9 @@ def prepare_rundir(rundir: str | os.PathLike, record: dict, overwrite: bool = Fa
             )
         diff = _describe_difference(old, record)
         if diff:
-            raise NodulekitError(f"{rundir} was made with different settings ({diff}); use the same settings, a new -o RUNDIR, or --overwrite")
+            raise NodulekitError(
+                f"{rundir} was made with different settings ({diff}); use the same settings, a new -o RUNDIR, or --overwrite"
+            )
         if record["epochs"] < old.get("epochs", 0):
             raise NodulekitError(
                 f"{rundir} was configured for {old['epochs']} epochs; pass --epochs {old['epochs']} (or more to extend it)"
@@ -406,7 +441,9 @@ def load_fold_model(rundir: str | os.PathLike, fold: int, device: str = "cpu"):
     if not path.exists():
         raise NodulekitError(f"{path} does not exist: fold {fold} of {rundir} has not been trained")
     ckpt = load_checkpoint(path)
-    model = _create_model(ckpt["arch"], int(ckpt["in_channels"]), int(ckpt["num_classes"]), dict(ckpt.get("config") or {}))
+    model = _create_model(
+        ckpt["arch"], int(ckpt["in_channels"]), int(ckpt["num_classes"]), dict(ckpt.get("config") or {})
+    )
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model.to(resolve_device(device)), ckpt
@@ -506,7 +543,7 @@ def predict_logits(model, x, index: np.ndarray, batch_size: int = 512, amp: bool
     ctx = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if amp else nullcontext()
     with torch.no_grad(), ctx:
         for start in range(0, len(idx_all), batch_size):
-            out.append(model(x[idx_all[start:start + batch_size]]).float())
+            out.append(model(x[idx_all[start : start + batch_size]]).float())
     if not out:
         return torch.zeros((0, 2))
     return torch.cat(out).cpu()
@@ -522,8 +559,19 @@ def _score(logits, y) -> tuple[float, float]:
     return loss, acc
 
 
-def _train_epoch(model, train_model, optimizer, dd: _DeviceData, train_index, generator, cfg: TrainConfig,
-                 amp: bool, use_features: bool, fold: int, epoch: int):
+def _train_epoch(
+    model,
+    train_model,
+    optimizer,
+    dd: _DeviceData,
+    train_index,
+    generator,
+    cfg: TrainConfig,
+    amp: bool,
+    use_features: bool,
+    fold: int,
+    epoch: int,
+):
     import torch
     import torch.nn.functional as F
 
@@ -536,7 +584,7 @@ def _train_epoch(model, train_model, optimizer, dd: _DeviceData, train_index, ge
     seen = 0
     ctx = (lambda: torch.autocast(device_type=dd.device.type, dtype=torch.bfloat16)) if amp else nullcontext
     for start in range(0, len(order), cfg.batch_size):
-        idx = order[start:start + cfg.batch_size]
+        idx = order[start : start + cfg.batch_size]
         if len(idx) < 2:  # batch normalisation cannot train on a single sample
             continue
         batch = dd.batch(idx)
@@ -565,7 +613,9 @@ def _train_epoch(model, train_model, optimizer, dd: _DeviceData, train_index, ge
     total = float(total_sum) / max(seen, 1)
     if not math.isfinite(total):
         kept = f"the last good checkpoint (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
-        raise TrainingDiverged(f"fold {fold} diverged in epoch {epoch}: training loss is {total}; {kept}; try a lower --lr")
+        raise TrainingDiverged(
+            f"fold {fold} diverged in epoch {epoch}: training loss is {total}; {kept}; try a lower --lr"
+        )
     return float(ce_sum) / max(seen, 1), float(correct) / max(seen, 1)
 
 
@@ -624,8 +674,13 @@ def train_fold(
         resume = ckpt.get("resume") or {}
         done = int(ckpt.get("epoch", 0))
         if ckpt.get("finished") and done >= cfg.epochs and result_path.exists():
-            return {"fold": fold, "status": "skipped", "epochs": done, "epochs_run": 0,
-                    "selected_epoch": ckpt.get("selected_epoch")}
+            return {
+                "fold": fold,
+                "status": "skipped",
+                "epochs": done,
+                "epochs_run": 0,
+                "selected_epoch": ckpt.get("selected_epoch"),
+            }
         model.load_state_dict(resume.get("model") or ckpt["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -704,12 +759,16 @@ def train_fold(
             )
             scheduler.step()
             # test fold: for the learning curves only, never for a choice
-            test_loss, test_acc = _score(predict_logits(train_model, dd.x, split.test_index, cfg.eval_batch_size, amp), y_test)
+            test_loss, test_acc = _score(
+                predict_logits(train_model, dd.x, split.test_index, cfg.eval_batch_size, amp), y_test
+            )
             history.append([float(epoch), train_loss, train_acc, test_loss, test_acc])
             epoch_seconds.append(time.perf_counter() - started)
             metrics = {"train_loss": train_loss, "train_acc": train_acc}
             if selector is not None:
-                val_loss, val_acc = _score(predict_logits(train_model, dd.x, split.val_index, cfg.eval_batch_size, amp), y_val)
+                val_loss, val_acc = _score(
+                    predict_logits(train_model, dd.x, split.val_index, cfg.eval_batch_size, amp), y_val
+                )
                 val_history.append([float(epoch), val_loss, val_acc])
                 if selector.update(epoch, val_loss, val_acc):
                     best_state = _state_to_cpu(model.state_dict())
@@ -733,23 +792,59 @@ def train_fold(
     test_loss, test_acc = _score(logits, y_test)
     _save_checkpoint(ckpt_path, final_ckpt)
     write_fold_result(
-        result_path, data=data, split=split, cfg=cfg, run=run, history=history, val_history=val_history,
-        epoch_seconds=epoch_seconds, test_prob=test_prob, selected_epoch=final_ckpt["selected_epoch"], device=device, amp=amp,
+        result_path,
+        data=data,
+        split=split,
+        cfg=cfg,
+        run=run,
+        history=history,
+        val_history=val_history,
+        epoch_seconds=epoch_seconds,
+        test_prob=test_prob,
+        selected_epoch=final_ckpt["selected_epoch"],
+        device=device,
+        amp=amp,
     )
     return {
-        "fold": fold, "status": status, "epochs": cfg.epochs, "epochs_run": cfg.epochs - start_epoch,
+        "fold": fold,
+        "status": status,
+        "epochs": cfg.epochs,
+        "epochs_run": cfg.epochs - start_epoch,
         "selected_epoch": final_ckpt["selected_epoch"],
-        "test_acc": test_acc, "test_loss": test_loss,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
     }
 
 
-def write_fold_result(path, *, data: TrainingData, split: FoldSplit, cfg: TrainConfig, run: dict, history, val_history,
-                      epoch_seconds, test_prob, selected_epoch, device, amp) -> Path:
+def write_fold_result(
+    path,
+    *,
+    data: TrainingData,
+    split: FoldSplit,
+    cfg: TrainConfig,
+    run: dict,
+    history,
+    val_history,
+    epoch_seconds,
+    test_prob,
+    selected_epoch,
+    device,
+    amp,
+) -> Path:
     """Write ``fold<k>/result.h5`` (``fold_result`` kind) atomically."""
     prov = provenance(
-        stage="train", arch=cfg.arch, fold=split.fold, seed=cfg.seed, dataset=str(data.path),
-        dataset_fingerprint=data.fingerprint, label_rule=data.label_rule, device=str(device), amp=amp,
-        select=cfg.select, selected_epoch=selected_epoch, versions=_versions(),
+        stage="train",
+        arch=cfg.arch,
+        fold=split.fold,
+        seed=cfg.seed,
+        dataset=str(data.path),
+        dataset_fingerprint=data.fingerprint,
+        label_rule=data.label_rule,
+        device=str(device),
+        amp=amp,
+        select=cfg.select,
+        selected_epoch=selected_epoch,
+        versions=_versions(),
     )
     with write_artifact(path, "fold_result", prov, overwrite=True) as f:
         h = f.create_dataset("history", data=np.asarray(history, np.float64).reshape(-1, len(HISTORY_COLUMNS)))
@@ -773,7 +868,9 @@ def write_fold_result(path, *, data: TrainingData, split: FoldSplit, cfg: TrainC
         f.attrs["epochs"] = cfg.epochs
         f.attrs["threshold"] = THRESHOLD
         set_json_attr(f, "label_rule", data.label_rule)
-        set_json_attr(f, "run", {k: run.get(k) for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")})
+        set_json_attr(
+            f, "run", {k: run.get(k) for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")}
+        )
     return Path(path)
 
 
@@ -830,8 +927,19 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         summaries, failures = [], []
         for k in wanted:
             try:
-                summaries.append(train_fold(data, cfg, k, rundir, run=run, device=device, device_data=dd,
-                                            progress=progress, on_epoch_end=on_epoch_end))
+                summaries.append(
+                    train_fold(
+                        data,
+                        cfg,
+                        k,
+                        rundir,
+                        run=run,
+                        device=device,
+                        device_data=dd,
+                        progress=progress,
+                        on_epoch_end=on_epoch_end,
+                    )
+                )
             except TrainingDiverged as exc:
                 failures.append(str(exc))
     if failures:

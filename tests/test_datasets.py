@@ -1,4 +1,5 @@
 """`nodulekit build` / nodulekit.datasets on small synthetic `rois` artifacts."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,27 @@ import pytest
 
 from nodulekit.artifacts import provenance, set_json_attr, write_artifact, write_strings
 from nodulekit.datasets import (
-    assign_folds, build_dataset, channel_layout, dataset_fingerprint, load_dataset, normalise_hu,
+    assign_folds,
+    build_dataset,
+    channel_layout,
+    dataset_fingerprint,
+    load_dataset,
+    normalise_hu,
 )
 from nodulekit.errors import ArtifactError, DataError, NodulekitError
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_RULE = {"min_readers": 3, "malignant_above": 3.0, "benign_below": 3.0, "exclude": "mean == 3"}
-NAMES = ["subtlety", "internalStructure", "calcification", "sphericity",
-         "margin", "lobulation", "spiculation", "texture"]
+NAMES = [
+    "subtlety",
+    "internalStructure",
+    "calcification",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "texture",
+]
 
 
 def sphere_volume(diameter_mm: float, spacing_mm: float, side_px: int, rng=None, noise: float = 0.0):
@@ -60,7 +74,7 @@ def write_rois(path: Path, nodules: list[dict], label_rule=LABEL_RULE) -> Path:
         f["diameter_mm"] = np.array([d["diameter"] for d in nodules], np.float64)
         f["n_readers"] = np.full(n, 3, np.int64)
         group = f.create_group("nodules")
-        for nid, d in zip(ids, nodules):
+        for nid, d in zip(ids, nodules, strict=True):
             g = group.create_group(nid.replace(":", "_"))
             g["hu"] = np.asarray(d["hu"], np.int16)
             g["mask"] = np.asarray(d["mask"], np.uint8)
@@ -87,8 +101,17 @@ def sphere_nodules(n_patients: int = 10, per_patient: int = 2, seed: int = 0) ->
             spacing = float(rng.choice([0.6, 0.7, 0.8]))
             side = int(np.ceil(4.6 * diameter / spacing)) + int(rng.integers(0, 2))  # odd and even windows
             hu, mask = sphere_volume(diameter, spacing, side, rng, noise=30.0)
-            out.append(dict(patient=f"SYN-{p:04d}", cluster=k + 1, label=(p + k) % 2,
-                            diameter=diameter, spacing=spacing, hu=hu, mask=mask))
+            out.append(
+                dict(
+                    patient=f"SYN-{p:04d}",
+                    cluster=k + 1,
+                    label=(p + k) % 2,
+                    diameter=diameter,
+                    spacing=spacing,
+                    hu=hu,
+                    mask=mask,
+                )
+            )
     return out
 
 
@@ -100,8 +123,10 @@ def rois(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built(rois, tmp_path_factory) -> dict[int, Path]:
     folder = tmp_path_factory.mktemp("built")
-    return {c: build_dataset(rois, folder / f"d{c}c.h5", channels=c, n_folds=3, seed=0, progress=False)
-            for c in (1, 3, 11, 21)}
+    return {
+        c: build_dataset(rois, folder / f"d{c}c.h5", channels=c, n_folds=3, seed=0, progress=False)
+        for c in (1, 3, 11, 21)
+    }
 
 
 @pytest.mark.parametrize("channels", [1, 3, 11, 21])
@@ -148,12 +173,14 @@ def test_each_channel_takes_its_own_slice(tmp_path):
     side = 50
     hu = np.broadcast_to((-1000 + 60 * np.arange(21))[:, None, None], (21, side, side)).copy()
     mask = np.zeros_like(hu, np.uint8)
-    nodules = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=8.0, spacing=0.7, hu=hu, mask=mask)
-               for i in range(4)]
+    nodules = [
+        dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=8.0, spacing=0.7, hu=hu, mask=mask) for i in range(4)
+    ]
     rois = write_rois(tmp_path / "r.h5", nodules)
     for channels, first in ((21, 0), (11, 5), (1, 10)):
-        ds = load_dataset(build_dataset(rois, tmp_path / f"{channels}.h5", channels=channels,
-                                        n_folds=2, progress=False))
+        ds = load_dataset(
+            build_dataset(rois, tmp_path / f"{channels}.h5", channels=channels, n_folds=2, progress=False)
+        )
         expected = normalise_hu(-1000 + 60 * np.arange(first, first + channels))
         np.testing.assert_allclose(ds.x[0], np.broadcast_to(expected[:, None, None], (channels, 32, 32)), atol=1e-6)
 
@@ -167,8 +194,18 @@ def test_resampling_geometry_matches_an_analytic_ramp(tmp_path, side):
     rows, cols = np.mgrid[:side, :side]
     plane = -300.0 + 4.0 * (rows - c) * spacing - 7.0 * (cols - c) * spacing  # HU; stays in window
     hu = np.broadcast_to(plane, (21, side, side))
-    nodules = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing,
-                    hu=np.rint(hu), mask=np.zeros((21, side, side))) for i in range(4)]
+    nodules = [
+        dict(
+            patient=f"P{i}",
+            cluster=1,
+            label=i % 2,
+            diameter=diameter,
+            spacing=spacing,
+            hu=np.rint(hu),
+            mask=np.zeros((21, side, side)),
+        )
+        for i in range(4)
+    ]
     rois = write_rois(tmp_path / "r.h5", nodules)
     ds = load_dataset(build_dataset(rois, tmp_path / "d3.h5", channels=3, n_folds=2, progress=False))
     for ch, p in enumerate((2, 3, 4)):
@@ -184,8 +221,10 @@ def test_sphere_mask_area_matches_the_disk_fraction(tmp_path):
     diameter, spacing = 12.0, 0.5
     side = int(np.ceil(4.5 * diameter / spacing))
     hu, mask = sphere_volume(diameter, spacing, side)
-    nodules = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing, hu=hu, mask=mask)
-               for i in range(4)]
+    nodules = [
+        dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing, hu=hu, mask=mask)
+        for i in range(4)
+    ]
     rois = write_rois(tmp_path / "r.h5", nodules)
     ds = load_dataset(build_dataset(rois, tmp_path / "d3.h5", channels=3, n_folds=2, progress=False))
     for ch, p in enumerate((2, 3, 4)):
@@ -209,10 +248,13 @@ def test_sub_pixel_centre_and_filled_slices_from_extract_are_used(tmp_path):
     mask = (z**2 + yy**2 + xx**2 <= (diameter / 2) ** 2).astype(np.uint8)
     hu = np.where(mask, 40, -800).astype(np.int16)
     attrs = {"centre_in_window": list(centre), "z_filled_offsets_mm": [-10.0, -9.0, 8.0, 9.0, 10.0]}
-    nodules = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing,
-                    hu=hu, mask=mask, attrs=attrs) for i in range(4)]
+    nodules = [
+        dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing, hu=hu, mask=mask, attrs=attrs)
+        for i in range(4)
+    ]
     rois = write_rois(tmp_path / "r.h5", nodules)
     d21 = load_dataset(build_dataset(rois, tmp_path / "d21.h5", channels=21, n_folds=2, progress=False))
+
     def centroid(img):  # brightness-weighted, finer than the thresholded mask
         w = img - img.min()
         r, c = np.mgrid[:32, :32]
@@ -247,11 +289,21 @@ def test_inplane_edge_replicated_border_is_flagged_per_channel(tmp_path):
     padded = np.pad(core, ((0, 0), (10, 10), (10, 10)), mode="edge")
     assert padded.shape == hu.shape
     n_filled = side * side - core.shape[1] * core.shape[2]
-    good = dict(patient="P0", cluster=1, label=0, diameter=diameter, spacing=spacing, hu=padded, mask=mask,
-                attrs={"inplane_filled": n_filled})
+    good = dict(
+        patient="P0",
+        cluster=1,
+        label=0,
+        diameter=diameter,
+        spacing=spacing,
+        hu=padded,
+        mask=mask,
+        attrs={"inplane_filled": n_filled},
+    )
     wrong = {**good, "patient": "P1", "label": 1, "attrs": {"inplane_filled": n_filled + 7}}
-    others = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing, hu=hu, mask=mask)
-              for i in range(2, 4)]
+    others = [
+        dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=diameter, spacing=spacing, hu=hu, mask=mask)
+        for i in range(2, 4)
+    ]
     rois = write_rois(tmp_path / "r.h5", [good, wrong] + others)
     path = build_dataset(rois, tmp_path / "d3.h5", channels=3, n_folds=2, progress=False)
     ds = load_dataset(path)
@@ -285,8 +337,9 @@ def test_same_seed_builds_identical_files_and_split_is_recorded(rois, built, tmp
     first = load_dataset(built[11])
     np.testing.assert_array_equal(again.fold, first.fold)
     assert dataset_fingerprint(again) == dataset_fingerprint(first)
-    leaky = load_dataset(build_dataset(rois, tmp_path / "leaky.h5", channels=1, n_folds=3, split="nodule",
-                                       progress=False))
+    leaky = load_dataset(
+        build_dataset(rois, tmp_path / "leaky.h5", channels=1, n_folds=3, split="nodule", progress=False)
+    )
     assert leaky.attrs["split"] == "nodule" and "LEAKY" in leaky.attrs["split_note"]
 
 
@@ -336,8 +389,9 @@ def test_bad_requests_are_refused(rois, tmp_path):
 
 def test_window_too_small_and_bad_labels_are_data_errors(tmp_path):
     hu, mask = sphere_volume(10.0, 0.7, 40)  # 28 mm window < 40 mm needed by D3C (4 x 10 mm)
-    nodules = [dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=10.0, spacing=0.7, hu=hu, mask=mask)
-               for i in range(4)]
+    nodules = [
+        dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=10.0, spacing=0.7, hu=hu, mask=mask) for i in range(4)
+    ]
     rois = write_rois(tmp_path / "r.h5", nodules)
     build_dataset(rois, tmp_path / "d1.h5", channels=1, n_folds=2, progress=False)  # 20 mm fits
     with pytest.raises(DataError, match="smaller than the 40.0 mm patch"):
@@ -349,14 +403,20 @@ def test_window_too_small_and_bad_labels_are_data_errors(tmp_path):
     assert not (tmp_path / "d3.h5").exists() and not (tmp_path / "d1b.h5").exists()
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda f: f["y"].__setitem__(0, 2), "y holds values other than 0 and 1"),
-    (lambda f: f["x"].__setitem__((1, 0, 0, 0), np.nan), "non-finite"),
-    (lambda f: (f.__delitem__("pixel_mm"), f.create_dataset("pixel_mm", data=np.zeros((3, 11)))), "pixel_mm has shape"),
-    (lambda f: f.attrs.__delitem__("label_rule"), "'label_rule' is missing"),
-    (lambda f: f.attrs.__setitem__("channels", 3), "channels=3 but x has 11"),
-    (lambda f: f["fold"].__setitem__(0, 9), "outside 0..4"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda f: f["y"].__setitem__(0, 2), "y holds values other than 0 and 1"),
+        (lambda f: f["x"].__setitem__((1, 0, 0, 0), np.nan), "non-finite"),
+        (
+            lambda f: (f.__delitem__("pixel_mm"), f.create_dataset("pixel_mm", data=np.zeros((3, 11)))),
+            "pixel_mm has shape",
+        ),
+        (lambda f: f.attrs.__delitem__("label_rule"), "'label_rule' is missing"),
+        (lambda f: f.attrs.__setitem__("channels", 3), "channels=3 but x has 11"),
+        (lambda f: f["fold"].__setitem__(0, 9), "outside 0..4"),
+    ],
+)
 def test_load_dataset_rejects_inconsistent_files(tiny_dataset, corrupt, message):
     assert len(load_dataset(tiny_dataset)) == 40
     with h5py.File(tiny_dataset, "r+") as f:
@@ -381,8 +441,9 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def test_cli_builds_and_errors_in_one_line(rois, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli.h5"
-    code, stdout, stderr = _cli(monkeypatch, capsys, str(rois), "--channels", "11", "-o", str(out),
-                                "--folds", "2", "--no-progress")
+    code, stdout, stderr = _cli(
+        monkeypatch, capsys, str(rois), "--channels", "11", "-o", str(out), "--folds", "2", "--no-progress"
+    )
     assert code == 0, stderr
     assert "D11C x (20, 11, 32, 32)" in stdout and "fingerprint" in stdout
     assert load_dataset(out).n_folds == 2
@@ -402,8 +463,26 @@ def test_cli_builds_and_errors_in_one_line(rois, tmp_path, monkeypatch, capsys):
 def test_module_entry_point_runs_build(rois, tmp_path):
     # One real subprocess: `python -m nodulekit build` is wired up end to end.
     out = tmp_path / "sub.h5"
-    run = subprocess.run([sys.executable, "-m", "nodulekit", "build", str(rois), "-c", "1", "-o", str(out),
-                          "--folds", "2", "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nodulekit",
+            "build",
+            str(rois),
+            "-c",
+            "1",
+            "-o",
+            str(out),
+            "--folds",
+            "2",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert load_dataset(out).x.shape == (20, 1, 32, 32)
 

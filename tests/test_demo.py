@@ -1,4 +1,5 @@
 """`python -m nodulekit.demo`: stage bookkeeping (the full run is `make demo`, minutes)."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,14 @@ def _stages(record):
         record.append("d")
         return "done d"
 
-    return [("a", ok, ()), ("b", missing, ("a",)), ("c", broken, ("a",)), ("d", after, ("a",)),
-            ("e", after, ("b",)), ("f", after, ("c",))]
+    return [
+        ("a", ok, ()),
+        ("b", missing, ("a",)),
+        ("c", broken, ("a",)),
+        ("d", after, ("a",)),
+        ("e", after, ("b",)),
+        ("f", after, ("c",)),
+    ]
 
 
 def test_missing_or_failing_stages_never_crash_the_demo(tmp_path, monkeypatch, capsys):
@@ -64,11 +71,16 @@ def test_every_stage_exists_in_this_version(name):
     import importlib
 
     needs = {
-        "phantom": ("nodulekit.phantom", "make_phantom_vois"), "extract": ("nodulekit.extract", "extract_rois"),
-        "build": ("nodulekit.datasets", "build_dataset"), "train": ("nodulekit.training", "train"),
-        "evaluate": ("nodulekit.evaluation", "evaluate_runs"), "maps": ("nodulekit.maps", "run_maps"),
-        "scores": ("nodulekit.scores", "score_maps"), "figures": ("nodulekit.figures", "map_grid"),
-        "export-onnx": ("nodulekit.export", "export_onnx"), "infer": ("nodulekit.export", "infer"),
+        "phantom": ("nodulekit.phantom", "make_phantom_vois"),
+        "extract": ("nodulekit.extract", "extract_rois"),
+        "build": ("nodulekit.datasets", "build_dataset"),
+        "train": ("nodulekit.training", "train"),
+        "evaluate": ("nodulekit.evaluation", "evaluate_runs"),
+        "maps": ("nodulekit.maps", "run_maps"),
+        "scores": ("nodulekit.scores", "score_maps"),
+        "figures": ("nodulekit.figures", "map_grid"),
+        "export-onnx": ("nodulekit.export", "export_onnx"),
+        "infer": ("nodulekit.export", "infer"),
     }
     module, function = needs[name]
     assert callable(getattr(importlib.import_module(module), function))

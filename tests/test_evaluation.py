@@ -1,4 +1,5 @@
 """nodulekit evaluate: Table 2 numbers against scikit-learn, report files, incomplete runs."""
+
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_dataset
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
-from conftest import write_tiny_dataset
 from nodulekit.errors import NodulekitError
 
 torch.set_num_threads(1)
@@ -23,11 +24,21 @@ def fake_run(rundir, *, arch="hesam", name="D11C", n_folds=3, seed=0, epochs=4, 
 
     rng = np.random.default_rng(seed)
     rundir.mkdir(parents=True)
-    (rundir / "run.json").write_text(json.dumps({
-        "arch": arch, "n_folds": n_folds, "epochs": epochs, "seed": seed, "model_options": {},
-        "dataset": {"name": name, "path": "x.h5"}, "dataset_fingerprint": "f" * 16,
-        "label_rule": {"malignant_above": 3}, "selection": {"mode": "last"},
-    }))
+    (rundir / "run.json").write_text(
+        json.dumps(
+            {
+                "arch": arch,
+                "n_folds": n_folds,
+                "epochs": epochs,
+                "seed": seed,
+                "model_options": {},
+                "dataset": {"name": name, "path": "x.h5"},
+                "dataset_fingerprint": "f" * 16,
+                "label_rule": {"malignant_above": 3},
+                "selection": {"mode": "last"},
+            }
+        )
+    )
     truth = {}
     for k in range(n_folds):
         if k in skip:
@@ -90,8 +101,8 @@ def test_report_matches_sklearn_reference(tmp_path):
     assert run["pooled_nodule"]["accuracy"] == pytest.approx(accuracy_score(y, p > 0.5))
     # patients: any malignant nodule, highest probability
     pats = sum((t[2] for t in truth.values()), [])
-    py = {q: max(yy for pp_, yy in zip(pats, y) if pp_ == q) for q in set(pats)}
-    pp = {q: max(v for pp_, v in zip(pats, p) if pp_ == q) for q in set(pats)}
+    py = {q: max(yy for pp_, yy in zip(pats, y, strict=True) if pp_ == q) for q in set(pats)}
+    pp = {q: max(v for pp_, v in zip(pats, p, strict=True) if pp_ == q) for q in set(pats)}
     order = sorted(py)
     assert run["pooled_patient"]["n"] == len(order)
     assert run["pooled_patient"]["accuracy"] == pytest.approx(
@@ -158,10 +169,13 @@ def test_end_to_end_train_then_evaluate(tmp_path):
     assert s["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert s["summary"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
     assert s["pooled_nodule"]["n"] == 40
-    seconds = np.concatenate([h5py.File(tmp_path / "run" / f"fold{k}" / "result.h5", "r")["epoch_seconds"][()] for k in range(2)])
-    assert seconds.shape == (4,) and (seconds > 0).all() and s["median_epoch_seconds"] == pytest.approx(np.median(seconds))
+    seconds = np.concatenate(
+        [h5py.File(tmp_path / "run" / f"fold{k}" / "result.h5", "r")["epoch_seconds"][()] for k in range(2)]
+    )
+    assert (
+        seconds.shape == (4,) and (seconds > 0).all() and s["median_epoch_seconds"] == pytest.approx(np.median(seconds))
+    )
     assert (tmp_path / "rep" / "curves.png").exists() and (tmp_path / "rep" / "roc.png").exists()
-
 
 
 def test_table2_benchmark_script(tmp_path):
@@ -175,8 +189,26 @@ def test_table2_benchmark_script(tmp_path):
     spec.loader.exec_module(bench)
     ds = write_tiny_dataset(tmp_path / "d1c.h5", n=20, channels=1, folds=2)
     out = tmp_path / "bench"
-    rc = bench.main([str(ds), "-o", str(out), "--archs", "cam,sam", "--epochs", "1", "--device", "cpu",
-                     "--lr", "0.01", "--model-opt", "base_width=4", "--model-opt", "sam:fcf_pool=max", "--no-progress"])
+    rc = bench.main(
+        [
+            str(ds),
+            "-o",
+            str(out),
+            "--archs",
+            "cam,sam",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--lr",
+            "0.01",
+            "--model-opt",
+            "base_width=4",
+            "--model-opt",
+            "sam:fcf_pool=max",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     timing = json.loads((out / "timing.json").read_text())
     assert [t["arch"] for t in timing] == ["cam", "sam"] and all(t["s_per_fold_epoch"] > 0 for t in timing)

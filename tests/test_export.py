@@ -1,4 +1,5 @@
 """ONNX export with the soft activation map, ONNX Runtime inference, and their bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from nodulekit.errors import NodulekitError  # noqa: E402
 from nodulekit import export as ex  # noqa: E402
+from nodulekit.errors import NodulekitError  # noqa: E402
 from tests.conftest import write_tiny_dataset  # noqa: E402
 
 torch.set_num_threads(1)
@@ -79,8 +80,19 @@ def test_hesam_export_matches_torch_and_has_metadata(tiny_export):
     assert [i.name for i in proto.graph.input] == ["x"]
     assert [o.name for o in proto.graph.output] == ["prob", "map", "map_up"]
     stored = _meta(path)
-    for key in ("arch", "in_channels", "normalisation", "label_rule", "dataset_fingerprint",
-                "nodulekit_version", "fold", "map_definition", "map_kind", "verification", "model_config"):
+    for key in (
+        "arch",
+        "in_channels",
+        "normalisation",
+        "label_rule",
+        "dataset_fingerprint",
+        "nodulekit_version",
+        "fold",
+        "map_definition",
+        "map_kind",
+        "verification",
+        "model_config",
+    ):
         assert key in stored, key
     assert stored["nodulekit_format"] == ex.FORMAT and stored["arch"] == "hesam" and stored["in_channels"] == "3"
     assert stored["map_kind"] == "hesam" and json.loads(stored["model_config"])["base_width"] == 8
@@ -116,6 +128,7 @@ def test_mismatch_removes_file(tmp_path, monkeypatch):
     def skewed(m, x):
         p, a, b = real(m, x)
         return p, a + 0.01 * (np.abs(a).max() + 1), b
+
     monkeypatch.setattr(ex, "reference_outputs", skewed)
     with pytest.raises(NodulekitError, match="disagrees with PyTorch"):
         ex.export_onnx(model, tmp_path / "bad.onnx", exporter="torchscript")
@@ -153,7 +166,7 @@ def test_iobinding_path_matches_plain_run(tiny_export):
     x = np.random.default_rng(2).random((7, 3, 32, 32), dtype=np.float32)
     plain = ex.run_session(sess, x, batch=3)
     bound = ex.run_session(sess, x, batch=3, binding_device="cpu")
-    for a, b in zip(plain, bound):
+    for a, b in zip(plain, bound, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -192,7 +205,9 @@ def test_auto_provider_reports_what_ran(tiny_export):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "nodulekit", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nodulekit", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_infer_and_one_line_errors(tiny_export, tmp_path):
@@ -231,6 +246,7 @@ def test_export_trained_rundir_via_cli(tmp_path):
     assert json.loads(meta["verification"])["inputs"].startswith("dataset ")  # real inputs, not random
     # A checkpoint copied out of its RUNDIR still carries its provenance.
     import shutil
+
     lone = tmp_path / "lone.pt"
     shutil.copy(rundir / "fold1" / "checkpoint.pt", lone)
     src = ex.load_model_source(lone)

@@ -1,5 +1,6 @@
 """Nodule window extraction: sampling maths, the `rois` layout on real data, DICOM-vs-VOI
 agreement, refusal of existing output, skipping broken inputs, and resuming."""
+
 from __future__ import annotations
 
 import csv
@@ -90,7 +91,9 @@ def _check_layout(path: Path, source: str) -> None:
         np.testing.assert_allclose(f["malignancy_mean"][()], [4.75, 4.25, 3.25, 3.5])
         np.testing.assert_array_equal(f["n_readers"][()], [4, 4, 4, 4])
         assert f["reader_malignancy"].shape == (4, 4) and f["reader_characteristics"].shape == (4, 4, 8)
-        assert f["characteristics"].shape == (4, 8) and list(f["characteristics"].attrs["names"]) == list(CHARACTERISTICS)
+        assert f["characteristics"].shape == (4, 8) and list(f["characteristics"].attrs["names"]) == list(
+            CHARACTERISTICS
+        )
         np.testing.assert_allclose(f["characteristics"][()], np.nanmean(f["reader_characteristics"][()], axis=1))
         assert get_json_attr(f, "label_rule") == LabelRule().as_dict()
         assert f.attrs["source"] == source and Path(f.attrs["source_path"]).is_dir()
@@ -145,7 +148,7 @@ def _centre_patch(g, diameter: float) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.shared
 def test_dicom_and_voi_windows_agree(dicom_rois, voi_rois):
     with h5py.File(dicom_rois) as d, h5py.File(voi_rois) as v:
-        diam = dict(zip([s.decode() for s in d["nodule_id"][()]], d["diameter_mm"][()]))
+        diam = dict(zip([s.decode() for s in d["nodule_id"][()]], d["diameter_mm"][()], strict=True))
         for nid in IDS:
             key = nid.replace(":", "_")
             a, _ = _centre_patch(d["nodules"][key], diam[nid])
@@ -155,7 +158,9 @@ def test_dicom_and_voi_windows_agree(dicom_rois, voi_rois):
             mad = np.abs(a[valid] - b[valid]).mean()
             assert corr > 0.9 and mad < 80, f"{nid}: corr {corr:.3f}, mean |dHU| {mad:.0f}"
             # centres (consensus centroid vs VOI mask centroid) within a couple of millimetres
-            dist = np.linalg.norm(np.subtract(d["nodules"][key].attrs["centre_mm"], v["nodules"][key].attrs["centre_mm"]))
+            dist = np.linalg.norm(
+                np.subtract(d["nodules"][key].attrs["centre_mm"], v["nodules"][key].attrs["centre_mm"])
+            )
             assert dist < 3.0, f"{nid}: centres {dist:.1f} mm apart"
 
 
@@ -186,8 +191,17 @@ def _manifest(tmp_path: Path, rows: list[list[str]]) -> Path:
 
 def _rows_for(lidc_vois: Path, patients) -> list[list[str]]:
     with open(lidc_vois / "manifest.csv", newline="") as fh:
-        return [[r["patient_id"], r["series_uid"], r["nodule_index"], str(lidc_vois / r["image"]), str(lidc_vois / r["mask"])]
-                for r in csv.DictReader(fh) if r["patient_id"] in patients]
+        return [
+            [
+                r["patient_id"],
+                r["series_uid"],
+                r["nodule_index"],
+                str(lidc_vois / r["image"]),
+                str(lidc_vois / r["mask"]),
+            ]
+            for r in csv.DictReader(fh)
+            if r["patient_id"] in patients
+        ]
 
 
 @pytest.mark.shared

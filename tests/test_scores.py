@@ -1,4 +1,5 @@
 """Region scores (body / margin band / outside) with known answers."""
+
 from __future__ import annotations
 
 import h5py
@@ -93,8 +94,18 @@ def band_maps_file(tmp_path, dataset, name="band.h5", method="sam"):
         lab = S.region_labels(mask[i], pix[i], 2.0)
         maps[i, 1] = lab == 1
         maps[i, 0] = lab == 0
-    return write_maps(tmp_path / name, nodule_id=ids, maps=maps, maps_up=maps, prob=np.where(y == 1, 0.9, 0.1),
-                      method=method, arch="hand", source="test", prov=provenance(), y=y)
+    return write_maps(
+        tmp_path / name,
+        nodule_id=ids,
+        maps=maps,
+        maps_up=maps,
+        prob=np.where(y == 1, 0.9, 0.1),
+        method=method,
+        arch="hand",
+        source="test",
+        prov=provenance(),
+        y=y,
+    )
 
 
 def test_score_maps_end_to_end(tmp_path, tiny_dataset):
@@ -171,7 +182,7 @@ def test_regions_on_real_readers_contours_match_brute_force(lidc_vois, name):
     z = int(np.argmax(volume.sum(axis=(0, 1))))  # the slice with the largest contour
     mask = volume[:, :, z].astype(np.uint8)
     (r0, c0), (r1, c1) = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
-    mask = mask[max(r0 - 6, 0):r1 + 7, max(c0 - 6, 0):c1 + 7]  # keeps the brute force small
+    mask = mask[max(r0 - 6, 0) : r1 + 7, max(c0 - 6, 0) : c1 + 7]  # keeps the brute force small
     spacing = tuple(float(s) for s in img.header.get_zooms()[:2])
     for radius in (1.3, 2.0):
         lab = S.region_labels(mask, spacing, radius)

@@ -1,4 +1,5 @@
 """DICOM series and NIfTI VOI readers: geometry, HU conversion, and one-line errors."""
+
 from __future__ import annotations
 
 import csv
@@ -55,8 +56,16 @@ def make_series(folder, n=5, dz=2.5, shape=(8, 6), slope=1.0, intercept=-1024.0)
     order = np.random.default_rng(0).permutation(n)
     for name, k in enumerate(order):
         px = 100 * k + np.repeat(np.arange(shape[0])[:, None], shape[1], axis=1)
-        files.append(write_slice(folder / f"{name + 1:06d}.dcm", -50.0 + dz * k, px, instance=int(k) + 1,
-                                 slope=slope, intercept=intercept))
+        files.append(
+            write_slice(
+                folder / f"{name + 1:06d}.dcm",
+                -50.0 + dz * k,
+                px,
+                instance=int(k) + 1,
+                slope=slope,
+                intercept=intercept,
+            )
+        )
     return files
 
 
@@ -213,4 +222,4 @@ def test_real_voi_is_a_crop_of_the_real_dicom(lidc_dicom, lidc_vois):
     c0 = round((voi.origin_xy[0] - vol.origin_xy[0]) / vol.pixel_spacing[1])
     k0 = int(np.argmin(np.abs(vol.zvals - voi.zvals[0])))
     rows, cols, slices = voi.hu.shape
-    np.testing.assert_array_equal(vol.hu[r0:r0 + rows, c0:c0 + cols, k0:k0 + slices], voi.hu)
+    np.testing.assert_array_equal(vol.hu[r0 : r0 + rows, c0 : c0 + cols, k0 : k0 + slices], voi.hu)

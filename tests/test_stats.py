@@ -1,4 +1,5 @@
 """Paired Wilcoxon tests between runs and the reader comparison, on hand-made runs."""
+
 from __future__ import annotations
 
 import json
@@ -97,14 +98,17 @@ def test_reader_comparison_counts(tmp_path, tiny_dataset):
 
     # 6 nodules relabelled by hand; the rest of the tiny dataset is left unrated (NaN).
     y6 = np.array([1, 1, 1, 0, 0, 0])
-    r6 = np.array([
-        [4, 2, 3, np.nan],   # malignant: r1 right, r2 FN, r3 abstains
-        [5, 4, 4, 4],        # malignant: all right
-        [3, 3, 5, np.nan],   # malignant: r1, r2 abstain, r3 right
-        [2, 4, 1, np.nan],   # benign: r2 FP
-        [1, 1, 4, 5],        # benign: r3 FP, r4 FP
-        [2, 3, 2, np.nan],   # benign: r2 abstains
-    ], np.float32)
+    r6 = np.array(
+        [
+            [4, 2, 3, np.nan],  # malignant: r1 right, r2 FN, r3 abstains
+            [5, 4, 4, 4],  # malignant: all right
+            [3, 3, 5, np.nan],  # malignant: r1, r2 abstain, r3 right
+            [2, 4, 1, np.nan],  # benign: r2 FP
+            [1, 1, 4, 5],  # benign: r3 FP, r4 FP
+            [2, 3, 2, np.nan],  # benign: r2 abstains
+        ],
+        np.float32,
+    )
     with h5py.File(tiny_dataset, "a") as f:
         ratings = np.full(f["reader_malignancy"].shape, np.nan, np.float32)
         ratings[:6] = r6
@@ -130,9 +134,15 @@ def test_reader_comparison_counts(tmp_path, tiny_dataset):
     per = table.attrs["per_nodule"].set_index("nodule_id")
     first = per.loc[ids[0]]
     assert (first.reader1_call, first.reader2_call, first.reader3_call, first.reader4_call, first.model_call) == (
-        "malignant", "benign", "abstain", "not rated", "benign")
-    paths = St.write_report(table, tmp_path / "r.md", title="t", notes=St.READERS_NOTES, record={},
-                            per_nodule=table.attrs["per_nodule"])
+        "malignant",
+        "benign",
+        "abstain",
+        "not rated",
+        "benign",
+    )
+    paths = St.write_report(
+        table, tmp_path / "r.md", title="t", notes=St.READERS_NOTES, record={}, per_nodule=table.attrs["per_nodule"]
+    )
     assert paths["nodules"].name == "r_nodules.csv" and "circular" in paths["md"].read_text()
     wrong = fake_run(tmp_path / "run2", ids, y, prob, folds=5, fingerprint="nope")
     with pytest.raises(NodulekitError, match="not the dataset"):

@@ -1,15 +1,15 @@
 """nodulekit train: RUNDIR layout, resume, determinism, validation-only selection, bad input."""
+
 from __future__ import annotations
 
-import json
 import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_tiny_dataset
+
 from nodulekit.errors import NodulekitError
 
 torch.set_num_threads(1)
@@ -31,7 +31,9 @@ def run_train(dataset, rundir, folds=None, **kw):
 
     overwrite = kw.pop("overwrite", False)
     on_epoch_end = kw.pop("on_epoch_end", None)
-    return train(dataset, rundir, cfg(**kw), folds=folds, progress=False, overwrite=overwrite, on_epoch_end=on_epoch_end)
+    return train(
+        dataset, rundir, cfg(**kw), folds=folds, progress=False, overwrite=overwrite, on_epoch_end=on_epoch_end
+    )
 
 
 def read_result(rundir, fold):
@@ -168,7 +170,7 @@ def test_select_val_uses_validation_only(ds3, tmp_path, monkeypatch):
     assert not set(ds.patient_id[val_i]) & set(ds.patient_id[train_i])  # grouped by patient
     assert set(ds.y[val_i]) == {0, 1}
     # the selector saw exactly the validation metrics, nothing else
-    assert [(e, pytest.approx(l), pytest.approx(a)) for e, l, a in seen] == [tuple(r) for r in res["val_history"]]
+    assert [(e, pytest.approx(loss), pytest.approx(a)) for e, loss, a in seen] == [tuple(r) for r in res["val_history"]]
     best = max(range(3), key=lambda i: (res["val_history"][i, 2], -res["val_history"][i, 1], -i))
     assert res["attrs"]["selected_epoch"] == best + 1
     assert best + 1 < 3  # these settings overfit: the reported model is not the last one
@@ -187,7 +189,9 @@ def test_select_val_uses_validation_only(ds3, tmp_path, monkeypatch):
         y = f["y"][()]
         y[f["fold"][()] == 0] ^= 1
         f["y"][...] = y
-    run_train(flipped, tmp_path / "val-flipped", folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8)
+    run_train(
+        flipped, tmp_path / "val-flipped", folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8
+    )
     res2 = read_result(tmp_path / "val-flipped", 0)
     assert res2["attrs"]["selected_epoch"] == res["attrs"]["selected_epoch"]
     assert np.array_equal(res2["test_prob"], res["test_prob"])
@@ -282,14 +286,19 @@ def test_cli_bad_input_is_one_line(ds3, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"nodulekit: error: {tmp_path} is not a nodulekit run folder (no run.json)"
+    assert (
+        capsys.readouterr().err.strip() == f"nodulekit: error: {tmp_path} is not a nodulekit run folder (no run.json)"
+    )
 
 
 def test_parse_model_options():
     from nodulekit.cli.train import parse_model_options
 
     assert parse_model_options(["base_width=8", "fusion=sum", "flag=true", "r=0.5"]) == {
-        "base_width": 8, "fusion": "sum", "flag": True, "r": 0.5
+        "base_width": 8,
+        "fusion": "sum",
+        "flag": True,
+        "r": 0.5,
     }
     with pytest.raises(NodulekitError, match="key=value"):
         parse_model_options(["oops"])
@@ -361,7 +370,17 @@ def test_select_val_resume_equals_straight_run(ds3, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8, on_epoch_end=interrupt)
+        run_train(
+            ds3,
+            resumed,
+            folds=[0],
+            epochs=3,
+            select="val",
+            val_fraction=0.25,
+            lr=0.05,
+            batch_size=8,
+            on_epoch_end=interrupt,
+        )
     run_train(ds3, resumed, folds=[0], epochs=3, select="val", val_fraction=0.25, lr=0.05, batch_size=8)
     a, b = read_result(straight_dir, 0), read_result(resumed, 0)
     assert a["attrs"]["selected_epoch"] == b["attrs"]["selected_epoch"] == 1  # best before the interruption

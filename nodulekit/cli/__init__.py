@@ -4,6 +4,7 @@ Each stage registers its subcommands from its own module here (data, train, maps
 export, phantom); the commands only parse arguments and call library functions,
 importing heavy dependencies (torch, pylidc) lazily so `--help` stays fast.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,12 +26,12 @@ app = typer.Typer(
 )
 
 # Registration happens on import; keep this list in pipeline order.
-from nodulekit.cli import data as _data  # noqa: E402,F401
 from nodulekit.cli import build as _build  # noqa: E402,F401
-from nodulekit.cli import train as _train  # noqa: E402,F401
-from nodulekit.cli import maps as _maps  # noqa: E402,F401
+from nodulekit.cli import data as _data  # noqa: E402,F401
 from nodulekit.cli import export as _export  # noqa: E402,F401
+from nodulekit.cli import maps as _maps  # noqa: E402,F401
 from nodulekit.cli import phantom as _phantom  # noqa: E402,F401
+from nodulekit.cli import train as _train  # noqa: E402,F401
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -1,4 +1,5 @@
 """`nodulekit build`: the paper's D1C/D3C/D11C/D21C datasets from a `rois` artifact."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,9 @@ from nodulekit.cli import app
 def build(
     rois: Path = typer.Argument(..., help="The `rois` HDF5 artifact written by `nodulekit extract`."),
     channels: int = typer.Option(
-        11, "--channels", "-c",
+        11,
+        "--channels",
+        "-c",
         help="Input channels, one of 1, 3, 11, 21: D1C = centre slice; D3C = centre slice at "
         "2x, 3x, 4x the diameter; D11C/D21C = 11/21 adjacent 1 mm slices about the centre.",
     ),
@@ -20,7 +23,8 @@ def build(
     folds: int = typer.Option(5, "--folds", help="Number of cross-validation folds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled fold assignment."),
     split: str = typer.Option(
-        "patient", "--split",
+        "patient",
+        "--split",
         help="'patient' (default): stratified by label and grouped by patient, no patient in two "
         "folds. 'nodule': the paper's per-nodule stratified folds, LEAKY (one patient's nodules "
         "can be in both training and test); recorded in the file.",
@@ -37,13 +41,18 @@ def build(
     from nodulekit.datasets import build_dataset, dataset_fingerprint, load_dataset
 
     path = build_dataset(
-        rois, output, channels=channels, n_folds=folds, seed=seed, split=split,
-        overwrite=overwrite, progress=progress,
+        rois,
+        output,
+        channels=channels,
+        n_folds=folds,
+        seed=seed,
+        split=split,
+        overwrite=overwrite,
+        progress=progress,
     )
     ds = load_dataset(path)
     counts = ", ".join(
-        f"fold {k}: {int((ds.fold == k).sum())} ({int(ds.y[ds.fold == k].sum())} malignant)"
-        for k in range(ds.n_folds)
+        f"fold {k}: {int((ds.fold == k).sum())} ({int(ds.y[ds.fold == k].sum())} malignant)" for k in range(ds.n_folds)
     )
     typer.echo(
         f"wrote {path}: {ds.name} x {tuple(ds.x.shape)}, {int(ds.y.sum())} malignant / "

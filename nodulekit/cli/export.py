@@ -1,8 +1,8 @@
 """`nodulekit export-onnx` and `nodulekit infer`: ONNX export with the soft activation map, ORT inference."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,10 +13,11 @@ from nodulekit.cli import app
 def export_onnx_cmd(
     source: Path = typer.Argument(..., help="A RUNDIR (from `nodulekit train`) or a checkpoint.pt file."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .onnx file (one self-contained file)."),
-    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold's model of a RUNDIR \\[default: 0]."),
+    fold: int | None = typer.Option(None, "--fold", help="Which fold's model of a RUNDIR \\[default: 0]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset version (13..23)."),
     exporter: str = typer.Option(
-        "dynamo", "--exporter",
+        "dynamo",
+        "--exporter",
         help="torch.onnx exporter: 'dynamo' (torch.export based, default) or 'torchscript' (legacy, deprecated).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
@@ -47,10 +48,13 @@ def export_onnx_cmd(
 @app.command("infer")
 def infer_cmd(
     model: Path = typer.Argument(..., help="An ONNX file written by `nodulekit export-onnx`."),
-    dataset: Path = typer.Argument(..., help="A `dataset` artifact (from `nodulekit build`) with the model's channels."),
+    dataset: Path = typer.Argument(
+        ..., help="A `dataset` artifact (from `nodulekit build`) with the model's channels."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Output `maps` artifact (.h5), same layout as `nodulekit maps`."),
     provider: str = typer.Option(
-        "auto", "--provider",
+        "auto",
+        "--provider",
         help="ONNX Runtime execution provider: auto (CUDA if available, else CPU), cuda, tensorrt or cpu.",
     ),
     batch: int = typer.Option(256, "--batch", help="Samples per ONNX Runtime call."),

@@ -1,8 +1,8 @@
 """`nodulekit maps`, `scores`, `figures`, `wilcoxon`, `readers`: maps, region scores, figures, statistics."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -11,7 +11,7 @@ from nodulekit.cli import app
 METHODS = "cam, gradcam, sam, hesam, he-cam, he-gradcam"
 
 
-def _ids(text: Optional[str]) -> Optional[list[str]]:
+def _ids(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
@@ -29,14 +29,18 @@ def maps_cmd(
     rundir: Path = typer.Argument(..., help="A RUNDIR written by `nodulekit train` (all folds needed by the nodules)."),
     method: str = typer.Option(..., "--method", "-m", help=f"Map method: {METHODS}."),
     out: Path = typer.Option(..., "-o", "--out", help="Output `maps` artifact (.h5)."),
-    dataset: Optional[Path] = typer.Option(
-        None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."),
-    nodules: Optional[str] = typer.Option(
-        None, "--nodules", help="Comma-separated nodule ids (e.g. LIDC-IDRI-0001:1,LIDC-IDRI-0003:2) (default: all)."),
+    dataset: Path | None = typer.Option(
+        None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."
+    ),
+    nodules: str | None = typer.Option(
+        None, "--nodules", help="Comma-separated nodule ids (e.g. LIDC-IDRI-0001:1,LIDC-IDRI-0003:2) (default: all)."
+    ),
     per_slice: bool = typer.Option(
-        False, "--per-slice",
-        help="Also store Fig. 5's single-slice maps: each slice copied to all channels (slice_maps, slice_prob)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        False,
+        "--per-slice",
+        help="Also store Fig. 5's single-slice maps: each slice copied to all channels (slice_maps, slice_prob).",
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Nodules per forward/backward pass."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
@@ -51,26 +55,39 @@ def maps_cmd(
 
     get_method(method)
     check_output_path(out, overwrite)
-    result = run_maps(rundir, method, dataset=dataset, nodules=_ids(nodules), per_slice=per_slice,
-                      device=device, batch_size=batch_size, progress=True)
+    result = run_maps(
+        rundir,
+        method,
+        dataset=dataset,
+        nodules=_ids(nodules),
+        per_slice=per_slice,
+        device=device,
+        batch_size=batch_size,
+        progress=True,
+    )
     write_run_maps(result, out, rundir=rundir, overwrite=overwrite)
     acc = float(((result.prob >= 0.5) == (result.y == 1)).mean())
-    typer.echo(f"wrote {out}: {method} maps of {len(result.nodule_id)} nodules "
-               f"({result.arch}, grid {result.maps.shape[-2]}x{result.maps.shape[-1]}); test accuracy {acc:.4f}")
+    typer.echo(
+        f"wrote {out}: {method} maps of {len(result.nodule_id)} nodules "
+        f"({result.arch}, grid {result.maps.shape[-2]}x{result.maps.shape[-1]}); test accuracy {acc:.4f}"
+    )
 
 
 @app.command("scores")
 def scores_cmd(
-    maps_files: List[Path] = typer.Argument(..., help="One or more `maps` artifacts (one per method)."),
+    maps_files: list[Path] = typer.Argument(..., help="One or more `maps` artifacts (one per method)."),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact with the consensus `mask`."),
     out: Path = typer.Option(..., "-o", "--out", help="Per-nodule CSV; summary .md and .json are written beside it."),
     radius_mm: float = typer.Option(2.0, "--radius-mm", help="Half-width r of the margin band in mm."),
-    radius_frac: Optional[float] = typer.Option(
-        None, "--radius-frac",
-        help="Instead of --radius-mm: r = this fraction of each nodule's equivalent radius (size-independent regions)."),
+    radius_frac: float | None = typer.Option(
+        None,
+        "--radius-frac",
+        help="Instead of --radius-mm: r = this fraction of each nodule's equivalent radius (size-independent regions).",
+    ),
     map_class: str = typer.Option("malignant", "--map-class", help="Which class's map to score: malignant or benign."),
     skip_empty_masks: bool = typer.Option(
-        False, "--skip-empty-masks", help="Leave out nodules with an empty centre-slice mask (default: refuse)."),
+        False, "--skip-empty-masks", help="Leave out nodules with an empty centre-slice mask (default: refuse)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
 ) -> None:
     """Energy share, enrichment and pointing game of each map in body / margin band / outside.
@@ -81,21 +98,28 @@ def scores_cmd(
     """
     from nodulekit.scores import score_maps, write_scores
 
-    table = score_maps(maps_files, dataset, radius_mm=radius_mm, radius_frac=radius_frac,
-                       map_class=_map_class(map_class), skip_empty_masks=skip_empty_masks)
+    table = score_maps(
+        maps_files,
+        dataset,
+        radius_mm=radius_mm,
+        radius_frac=radius_frac,
+        map_class=_map_class(map_class),
+        skip_empty_masks=skip_empty_masks,
+    )
     paths = write_scores(table, out, overwrite=overwrite)
     typer.echo(f"wrote {paths['csv']}, {paths['md']}, {paths['json']} ({len(table)} maps scored)")
 
 
 @app.command("figures")
 def figures_cmd(
-    maps_files: List[Path] = typer.Argument(..., help="One or more `maps` artifacts (columns of the grid)."),
+    maps_files: list[Path] = typer.Argument(..., help="One or more `maps` artifacts (columns of the grid)."),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact (ROIs and contours)."),
     out_dir: Path = typer.Option(..., "-o", "--out-dir", help="Folder for the PNG files (created if missing)."),
-    nodules: Optional[str] = typer.Option(None, "--nodules", help="Comma-separated nodule ids (default: n picked)."),
+    nodules: str | None = typer.Option(None, "--nodules", help="Comma-separated nodule ids (default: n picked)."),
     n: int = typer.Option(6, "--n", help="How many nodules when --nodules is not given (half malignant)."),
-    scores_csv: Optional[Path] = typer.Option(
-        None, "--scores", help="A CSV from `nodulekit scores`: also draw the region-score box plots."),
+    scores_csv: Path | None = typer.Option(
+        None, "--scores", help="A CSV from `nodulekit scores`: also draw the region-score box plots."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNG files."),
 ) -> None:
     """Figures: map grid (Fig. 7 style), per-slice grid (Fig. 5, for --per-slice maps), region scores.
@@ -106,8 +130,8 @@ def figures_cmd(
     """
     import h5py
 
-    from nodulekit.figures import map_grid, region_score_plot, slice_grid
     from nodulekit.errors import NodulekitError
+    from nodulekit.figures import map_grid, region_score_plot, slice_grid
 
     if n < 1:
         raise NodulekitError(f"--n must be at least 1, got {n}")
@@ -122,8 +146,11 @@ def figures_cmd(
         with h5py.File(path, "r") as f:
             has_slices, method = "slice_maps" in f, str(f.attrs.get("method", Path(path).stem))
         if has_slices:
-            written.append(slice_grid(path, dataset, out_dir / f"slices_{method}.png", nodules=ids,
-                                      n=min(n, 4), overwrite=overwrite))
+            written.append(
+                slice_grid(
+                    path, dataset, out_dir / f"slices_{method}.png", nodules=ids, n=min(n, 4), overwrite=overwrite
+                )
+            )
     if scores_csv is not None:
         import pandas as pd
 
@@ -135,7 +162,9 @@ def figures_cmd(
 
 @app.command("wilcoxon")
 def wilcoxon_cmd(
-    rundirs: List[Path] = typer.Argument(..., help="Two or more RUNDIRs on the same dataset; the first is the reference."),
+    rundirs: list[Path] = typer.Argument(
+        ..., help="Two or more RUNDIRs on the same dataset; the first is the reference."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Markdown report (.md); .csv and .json are written beside it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
 ) -> None:
@@ -148,11 +177,19 @@ def wilcoxon_cmd(
     from nodulekit.stats import WILCOXON_NOTES, wilcoxon_runs, write_report
 
     table = wilcoxon_runs(rundirs)
-    paths = write_report(table, out, title="Paired Wilcoxon signed-rank tests", notes=WILCOXON_NOTES,
-                         record={"stage": "wilcoxon", "rundirs": [str(r) for r in rundirs]}, overwrite=overwrite)
+    paths = write_report(
+        table,
+        out,
+        title="Paired Wilcoxon signed-rank tests",
+        notes=WILCOXON_NOTES,
+        record={"stage": "wilcoxon", "rundirs": [str(r) for r in rundirs]},
+        overwrite=overwrite,
+    )
     for _, row in table.iterrows():
-        typer.echo(f"{row['run_a']} vs {row['run_b']}: n={row['n']} prob p={row['prob_p_value']:.3g}, "
-                   f"|error| p={row['error_p_value']:.3g} (median diff {row['median_error_diff']:+.3g})")
+        typer.echo(
+            f"{row['run_a']} vs {row['run_b']}: n={row['n']} prob p={row['prob_p_value']:.3g}, "
+            f"|error| p={row['error_p_value']:.3g} (median diff {row['median_error_diff']:+.3g})"
+        )
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -160,8 +197,9 @@ def wilcoxon_cmd(
 def readers_cmd(
     rundir: Path = typer.Argument(..., help="A finished RUNDIR (all folds)."),
     out: Path = typer.Option(..., "-o", "--out", help="Markdown report (.md); .csv and .json are written beside it."),
-    dataset: Optional[Path] = typer.Option(
-        None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."),
+    dataset: Path | None = typer.Option(
+        None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
 ) -> None:
     """Each reader's call vs the consensus label, beside the model's (Table 6, all test folds).
@@ -175,11 +213,18 @@ def readers_cmd(
     from nodulekit.stats import READERS_NOTES, reader_comparison, write_report
 
     table = reader_comparison(rundir, dataset)
-    paths = write_report(table, out, title=f"Readers vs model ({table.attrs['arch']}, {table.attrs['n']} test nodules)",
-                         notes=READERS_NOTES, record={"stage": "readers", "rundir": str(rundir),
-                                                      "dataset": table.attrs["dataset"]}, overwrite=overwrite,
-                         per_nodule=table.attrs["per_nodule"])
+    paths = write_report(
+        table,
+        out,
+        title=f"Readers vs model ({table.attrs['arch']}, {table.attrs['n']} test nodules)",
+        notes=READERS_NOTES,
+        record={"stage": "readers", "rundir": str(rundir), "dataset": table.attrs["dataset"]},
+        overwrite=overwrite,
+        per_nodule=table.attrs["per_nodule"],
+    )
     for _, row in table.iterrows():
-        typer.echo(f"{row['who']}: accuracy {row['accuracy']:.4f} on {row['n_called']} called, "
-                   f"FP {row['fp']}, FN {row['fn']}, abstained {row['n_abstained']}")
+        typer.echo(
+            f"{row['who']}: accuracy {row['accuracy']:.4f} on {row['n_called']} called, "
+            f"FP {row['fp']}, FN {row['fn']}, abstained {row['n_abstained']}"
+        )
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,8 +1,8 @@
 """`nodulekit phantom`: synthetic CT built from the real LIDC-IDRI annotations."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,18 +12,23 @@ from nodulekit.cli import app
 @app.command("phantom")
 def phantom_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (created; must be empty unless --overwrite)."),
-    nodules: Optional[int] = typer.Option(
-        None, "--nodules", "-n",
+    nodules: int | None = typer.Option(
+        None,
+        "--nodules",
+        "-n",
         help="How many nodules to draw, chosen among those the default label rule keeps, half malignant "
-             "and half benign, deterministic by --seed [default: 300].",
+        "and half benign, deterministic by --seed [default: 300].",
     ),
-    patients: Optional[str] = typer.Option(
-        None, "--patients", help="Comma-separated patient ids: draw every nodule cluster of these patients instead.",
+    patients: str | None = typer.Option(
+        None,
+        "--patients",
+        help="Comma-separated patient ids: draw every nodule cluster of these patients instead.",
     ),
-    dicom: Optional[str] = typer.Option(
-        None, "--dicom",
+    dicom: str | None = typer.Option(
+        None,
+        "--dicom",
         help="Comma-separated patient ids: write a full synthetic DICOM series of each of their scans "
-             "(TCIA layout, real UIDs and geometry) instead of VOIs.",
+        "(TCIA layout, real UIDs and geometry) instead of VOIs.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (choice of nodules and every drawn pixel)."),
     workers: int = typer.Option(1, "--workers", "-j", help="Worker processes for clustering and rendering."),
@@ -56,7 +61,12 @@ def phantom_cmd(
         if nodules is not None and patients is not None:
             raise NodulekitError("give either --nodules or --patients, not both")
         result = make_phantom_vois(
-            out, nodules=DEFAULT_NODULES if nodules is None else nodules, patients=patients, seed=seed,
-            workers=workers, overwrite=overwrite, progress=True,
+            out,
+            nodules=DEFAULT_NODULES if nodules is None else nodules,
+            patients=patients,
+            seed=seed,
+            workers=workers,
+            overwrite=overwrite,
+            progress=True,
         )
     typer.echo(result.summary())

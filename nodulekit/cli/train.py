@@ -1,9 +1,9 @@
 """`nodulekit train` and `nodulekit evaluate`: honest k-fold cross-validation and its Table 2 report."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,30 +29,49 @@ def parse_model_options(items: list[str] | None) -> dict:
 @app.command("train")
 def train_command(
     dataset: Path = typer.Argument(..., help="The `dataset` HDF5 artifact written by `nodulekit build`."),
-    output: Path = typer.Option(..., "--output", "-o", help="RUNDIR to create, or to resume/extend when it holds the same run."),
-    arch: str = typer.Option("hesam", "--arch", help="Architecture from the model registry (e.g. hesam, sam, cam, baseline)."),
-    model_opt: Optional[list[str]] = typer.Option(
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="RUNDIR to create, or to resume/extend when it holds the same run."
+    ),
+    arch: str = typer.Option(
+        "hesam", "--arch", help="Architecture from the model registry (e.g. hesam, sam, cam, baseline)."
+    ),
+    model_opt: list[str] | None = typer.Option(
         None, "--model-opt", help="Model option key=value (repeatable), e.g. --model-opt base_width=32."
     ),
-    folds: Optional[int] = typer.Option(None, "--folds", help="Expected number of folds; must match the dataset's split (default: the dataset's)."),
-    fold: Optional[list[int]] = typer.Option(None, "--fold", help="Train only this test fold (repeatable); several jobs may share one RUNDIR."),
+    folds: int | None = typer.Option(
+        None, "--folds", help="Expected number of folds; must match the dataset's split (default: the dataset's)."
+    ),
+    fold: list[int] | None = typer.Option(
+        None, "--fold", help="Train only this test fold (repeatable); several jobs may share one RUNDIR."
+    ),
     epochs: int = typer.Option(90, "--epochs", help="Epochs per fold (90 = three learning-rate steps of 30)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Mini-batch size (paper: 32)."),
     lr: float = typer.Option(5e-4, "--lr", help="Initial SGD learning rate (paper: 5e-4)."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (not stated in the paper; 0.9)."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="SGD weight decay (paper: 1e-4)."),
-    lr_step: int = typer.Option(30, "--lr-step", help="Divide the learning rate by 10 every this many epochs (paper: 30)."),
+    lr_step: int = typer.Option(
+        30, "--lr-step", help="Divide the learning rate by 10 every this many epochs (paper: 30)."
+    ),
     select: str = typer.Option(
-        "last", "--select",
+        "last",
+        "--select",
         help="Which epoch's model to report: 'last' (default) or 'val' = best accuracy on a validation split "
         "carved from the training folds (by patient, stratified). The test fold is never used to choose.",
     ),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of training patients held out for --select val."),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Share of training patients held out for --select val."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of model initialisation, batch order and validation split."),
     device: str = typer.Option("auto", "--device", help="cuda, cpu or auto (cuda when available)."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA, off for CPU)."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (for CUDA; on CPU the compile step can take many minutes)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing run in RUNDIR made with other settings."),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA, off for CPU)."),
+    compile: bool = typer.Option(
+        False,
+        "--compile/--no-compile",
+        help="torch.compile the model (for CUDA; on CPU the compile step can take many minutes).",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard an existing run in RUNDIR made with other settings."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per fold."),
 ) -> None:
     """Train ARCH with k-fold cross-validation on DATASET; every fold's model and test predictions go to RUNDIR.
@@ -66,9 +85,20 @@ def train_command(
     from nodulekit.training import TrainConfig, train
 
     cfg = TrainConfig(
-        arch=arch, model_options=parse_model_options(model_opt), epochs=epochs, batch_size=batch_size, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, lr_step=lr_step, seed=seed, select=select,
-        val_fraction=val_fraction, device=device, amp=amp, compile=compile,
+        arch=arch,
+        model_options=parse_model_options(model_opt),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        lr_step=lr_step,
+        seed=seed,
+        select=select,
+        val_fraction=val_fraction,
+        device=device,
+        amp=amp,
+        compile=compile,
     )
     out = train(dataset, output, cfg, folds=fold, n_folds=folds, overwrite=overwrite, progress=progress)
     for s in out["folds"]:
@@ -84,8 +114,12 @@ def train_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    rundirs: list[Path] = typer.Argument(..., help="One or more RUNDIRs written by `nodulekit train` (all folds finished)."),
-    output: Path = typer.Option(..., "--output", "-o", help="REPORT_DIR for table2.md/.csv/.json, folds.csv, roc.png, curves.png."),
+    rundirs: list[Path] = typer.Argument(
+        ..., help="One or more RUNDIRs written by `nodulekit train` (all folds finished)."
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="REPORT_DIR for table2.md/.csv/.json, folds.csv, roc.png, curves.png."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report files that exist."),
 ) -> None:
     """Merge the folds of each RUNDIR into a Table 2 style report (accuracy mean ± std, sensitivity, specificity, AUC).

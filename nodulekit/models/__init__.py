@@ -4,6 +4,7 @@
 >>> model = create_model("hesam", in_channels=11)
 >>> logits, maps = model.activation_map(x)  # x: [B, 11, 32, 32]
 """
+
 from nodulekit.models.base import NoduleClassifier
 from nodulekit.models.heads import ClassifierHead
 from nodulekit.models.registry import (

@@ -1,4 +1,5 @@
 """The interface every nodulekit classifier implements (docs/ARCHITECTURE.md, "Models")."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,8 +57,7 @@ class NoduleClassifier(nn.Module):
             return
         if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (INPUT_SIZE, INPUT_SIZE):
             raise NodulekitError(
-                f"{self.arch} expects input [B, {self.in_channels}, {INPUT_SIZE}, {INPUT_SIZE}], "
-                f"got {list(x.shape)}"
+                f"{self.arch} expects input [B, {self.in_channels}, {INPUT_SIZE}, {INPUT_SIZE}], got {list(x.shape)}"
             )
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:

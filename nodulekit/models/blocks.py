@@ -1,4 +1,5 @@
 """Small building blocks shared by several families (conv-BN-ReLU, UNet double conv, ResNet BasicBlock)."""
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ halve the maps (compression 0.5): 64 -> 256 -> 128 -> 512 -> 256 -> 1024 -> 512 
   stride 1 would shrink the maps by one pixel per transition, to 13x13); no GAP, the CAM or
   SAM head reads g = 1024 x 16 x 16.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,11 @@ class DenseLayer(nn.Module):
     def __init__(self, in_ch: int, growth: int, bn_size: int = 4):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True), nn.Conv2d(in_ch, bn_size * growth, 1, bias=False),
-            nn.BatchNorm2d(bn_size * growth), nn.ReLU(inplace=True),
+            nn.BatchNorm2d(in_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_ch, bn_size * growth, 1, bias=False),
+            nn.BatchNorm2d(bn_size * growth),
+            nn.ReLU(inplace=True),
             nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False),
         )
 
@@ -51,8 +55,7 @@ def transition(in_ch: int, out_ch: int, keep_size: bool) -> nn.Sequential:
 
 
 class DenseNet121(NoduleClassifier):
-    def __init__(self, in_channels: int, num_classes: int, *, variant: str, growth: int = 32,
-                 fcf_pool: str = "avg"):
+    def __init__(self, in_channels: int, num_classes: int, *, variant: str, growth: int = 32, fcf_pool: str = "avg"):
         super().__init__(in_channels, num_classes)
         plain = variant == "plain"
         ch = 2 * growth
@@ -85,7 +88,9 @@ class DenseNet121(NoduleClassifier):
 def _growth(name: str, base_width) -> int:
     check_positive_int(name, "base_width", base_width)
     if base_width % 2:
-        raise NodulekitError(f"model {name!r}: option base_width must be even (growth rate = base_width / 2), not {base_width}")
+        raise NodulekitError(
+            f"model {name!r}: option base_width must be even (growth rate = base_width / 2), not {base_width}"
+        )
     return base_width // 2
 
 
@@ -94,8 +99,11 @@ def densenet121(in_channels, num_classes=2, *, base_width=64):
     return DenseNet121(in_channels, num_classes, variant="plain", growth=_growth("densenet121", base_width))
 
 
-@register_model("densenet121-cam", "DenseNet-121-CAM: stride-1 transition pools, no final pooling, "
-                "1024x16x16 maps, CAM head", map_kind="cam")
+@register_model(
+    "densenet121-cam",
+    "DenseNet-121-CAM: stride-1 transition pools, no final pooling, 1024x16x16 maps, CAM head",
+    map_kind="cam",
+)
 def densenet121_cam(in_channels, num_classes=2, *, base_width=64):
     return DenseNet121(in_channels, num_classes, variant="cam", growth=_growth("densenet121-cam", base_width))
 
@@ -103,5 +111,6 @@ def densenet121_cam(in_channels, num_classes=2, *, base_width=64):
 @register_model("densenet121-sam", "DenseNet-121-SAM: as densenet121-cam with the SAM head", map_kind="sam")
 def densenet121_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     check_choice("densenet121-sam", "fcf_pool", fcf_pool, FCF_POOLS)
-    return DenseNet121(in_channels, num_classes, variant="sam", growth=_growth("densenet121-sam", base_width),
-                       fcf_pool=fcf_pool)
+    return DenseNet121(
+        in_channels, num_classes, variant="sam", growth=_growth("densenet121-sam", base_width), fcf_pool=fcf_pool
+    )

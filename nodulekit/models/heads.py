@@ -15,6 +15,7 @@ With ``concat`` gamma has 2K columns and the map uses only the first K (those th
 g); the d half has no spatial counterpart, so the map no longer decomposes the score
 (the paper, Sec. 4.5.2: concatenation "will lose the activation mapping function").
 """
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,9 @@ class ClassifierHead(nn.Module):
     ):
         super().__init__()
         if pool not in POOLS or fcf_pool not in FCF_POOLS or fusion not in FUSIONS or hf_pool not in HF_POOLS:
-            raise ValueError(f"bad head settings pool={pool!r} fcf_pool={fcf_pool!r} fusion={fusion!r} hf_pool={hf_pool!r}")
+            raise ValueError(
+                f"bad head settings pool={pool!r} fcf_pool={fcf_pool!r} fusion={fusion!r} hf_pool={hf_pool!r}"
+            )
         self.channels = channels
         self.num_classes = num_classes
         self.pool = pool

@@ -13,6 +13,7 @@ A 2-D version for 32x32 multi-slice patches on the same UNet as the paper's own 
 
 Training loss = cross-entropy + ``auxiliary_loss`` = seg_weight * BCE + attr_weight * MSE.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,16 @@ RATING_MIDPOINT = 3.0  # LIDC ratings run 1-5 (1-6 / 1-4 for two of them)
 
 
 class PNSAMP(NoduleClassifier):
-    def __init__(self, in_channels: int, num_classes: int, *, width: int = 64, attr_hidden: int = 64,
-                 seg_weight: float = 1.0, attr_weight: float = 0.1):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        width: int = 64,
+        attr_hidden: int = 64,
+        seg_weight: float = 1.0,
+        attr_weight: float = 0.1,
+    ):
         super().__init__(in_channels, num_classes)
         self.unet = UNet(in_channels, width)
         k = self.unet.bottleneck_channels
@@ -77,12 +86,15 @@ class PNSAMP(NoduleClassifier):
             ratings = ratings.to(outputs["attributes"].dtype)
             valid = torch.isfinite(ratings)
             err = torch.where(valid, outputs["attributes"] - torch.nan_to_num(ratings), torch.zeros_like(ratings))
-            loss = loss + self.attr_weight * (err ** 2).sum() / valid.sum().clamp(min=1)
+            loss = loss + self.attr_weight * (err**2).sum() / valid.sum().clamp(min=1)
         return loss
 
 
-@register_model("pn-samp", "PN-SAMP (Wu et al. 2018): UNet jointly predicting the nodule segmentation, the "
-                "8 LIDC characteristics and malignancy from bottleneck + attribute features")
+@register_model(
+    "pn-samp",
+    "PN-SAMP (Wu et al. 2018): UNet jointly predicting the nodule segmentation, the "
+    "8 LIDC characteristics and malignancy from bottleneck + attribute features",
+)
 def pn_samp(in_channels, num_classes=2, *, seg_weight=1.0, attr_weight=0.1, base_width=64):
     check_positive_int("pn-samp", "base_width", base_width)
     for name, value in (("seg_weight", seg_weight), ("attr_weight", attr_weight)):

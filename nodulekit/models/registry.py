@@ -6,13 +6,15 @@ so ``model.config`` always holds every option and ``create_model(arch, C, **conf
 rebuilds the same network. Family files are discovered automatically: adding an
 architecture is one new file in ``nodulekit/models/`` that registers itself.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from nodulekit.errors import NodulekitError
 
@@ -136,9 +138,7 @@ def create_model(name: str, in_channels: int, num_classes: int = 2, **options: A
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
         accepted = ", ".join(sorted(spec.defaults)) or "none"
-        raise NodulekitError(
-            f"model {name!r} does not take option(s) {', '.join(unknown)}; it accepts: {accepted}"
-        )
+        raise NodulekitError(f"model {name!r} does not take option(s) {', '.join(unknown)}; it accepts: {accepted}")
     in_channels = _count("in_channels", in_channels, 1)
     num_classes = _count("num_classes", num_classes, 2)
     config = {**spec.defaults, **options}

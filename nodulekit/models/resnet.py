@@ -8,6 +8,7 @@ because a 7x7/2 conv + pool would leave 8x8 after the stem), four BasicBlock sta
 residual block are set as 1"): the stem is 3x3 conv + 3x3/2 max-pool (32 -> 16), every stage
 has stride 1, and the final GAP+FC is replaced by the CAM or SAM head, so g is 512 x 16 x 16.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,9 @@ DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 class ResNet(NoduleClassifier):
     """ResNet with BasicBlocks; ``variant`` is ``"plain"``, ``"cam"`` or ``"sam"``."""
 
-    def __init__(self, in_channels: int, num_classes: int, *, depth: int, variant: str,
-                 width: int = 64, fcf_pool: str = "avg"):
+    def __init__(
+        self, in_channels: int, num_classes: int, *, depth: int, variant: str, width: int = 64, fcf_pool: str = "avg"
+    ):
         super().__init__(in_channels, num_classes)
         plain = variant == "plain"
         self.stem = conv_bn_relu(in_channels, width, 3)
@@ -33,7 +35,7 @@ class ResNet(NoduleClassifier):
             self.stem.append(nn.MaxPool2d(3, stride=2, padding=1))  # 32 -> 16, the only down-sampling
         stages, in_ch = [], width
         for i, blocks in enumerate(DEPTHS[depth]):
-            out_ch = width * 2 ** i
+            out_ch = width * 2**i
             stride = 2 if (plain and i > 0) else 1
             layers = [BasicBlock(in_ch, out_ch, stride)] + [BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
@@ -61,14 +63,20 @@ def _register(depth: int) -> None:
         check_positive_int(name, "base_width", base_width)
         return ResNet(in_channels, num_classes, depth=depth, variant="plain", width=base_width)
 
-    @register_model(f"{name}-cam", f"ResNet-{depth}-CAM: stem halves to 16x16, all stage strides 1, "
-                    "512x16x16 maps, CAM head (GAP + FC)", map_kind="cam")
+    @register_model(
+        f"{name}-cam",
+        f"ResNet-{depth}-CAM: stem halves to 16x16, all stage strides 1, 512x16x16 maps, CAM head (GAP + FC)",
+        map_kind="cam",
+    )
     def with_cam(in_channels, num_classes=2, *, base_width=64):
         check_positive_int(f"{name}-cam", "base_width", base_width)
         return ResNet(in_channels, num_classes, depth=depth, variant="cam", width=base_width)
 
-    @register_model(f"{name}-sam", f"ResNet-{depth}-SAM: as {name}-cam with the SAM head "
-                    "(AvgPool 5/2 -> per-map FC 36->1 -> FC)", map_kind="sam")
+    @register_model(
+        f"{name}-sam",
+        f"ResNet-{depth}-SAM: as {name}-cam with the SAM head (AvgPool 5/2 -> per-map FC 36->1 -> FC)",
+        map_kind="sam",
+    )
     def with_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
         check_positive_int(f"{name}-sam", "base_width", base_width)
         check_choice(f"{name}-sam", "fcf_pool", fcf_pool, FCF_POOLS)

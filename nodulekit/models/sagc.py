@@ -12,6 +12,7 @@ The attended vectors of scales 2 and 3 and the GAP of the coarsest maps are conc
 and classified by one FC (Schlemper's "concatenation" aggregation). The attention
 coefficients are returned as ``attention_16`` and ``attention_8`` by ``forward_features``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,11 @@ class SAGC(NoduleClassifier):
         return {"logits": logits, "features": g, "high_level": None, "attention_16": a2, "attention_8": a3}
 
 
-@register_model("sag-c", "SAG-C: simplified attention-gated classifier (Schlemper et al. 2019), one conv per "
-                "scale, attention gates at 16x16 and 8x8 gated by the 4x4 maps, concatenated -> FC")
+@register_model(
+    "sag-c",
+    "SAG-C: simplified attention-gated classifier (Schlemper et al. 2019), one conv per "
+    "scale, attention gates at 16x16 and 8x8 gated by the 4x4 maps, concatenated -> FC",
+)
 def sag_c(in_channels, num_classes=2, *, base_width=64):
     check_positive_int("sag-c", "base_width", base_width)
     return SAGC(in_channels, num_classes, width=base_width)

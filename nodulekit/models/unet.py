@@ -15,6 +15,7 @@ Shapes for a 32x32 input and the default ``base_width=64`` (w):
 Variants (Tables 2 and 4): ``hesam`` (= u-gmp-rb-sam), ``sam`` (= u-rb-sam), ``cam``,
 ``he-cam``, ``baseline``, ``u-sam`` and ``u-gmp-sam``; one implementation, :class:`UNetClassifier`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -108,7 +109,9 @@ class UNetClassifier(NoduleClassifier):
             raise ValueError(f"unknown stage {stage!r}")
         if fusion is not None and k != self.unet.bottleneck_channels:
             raise ValueError("high-level fusion needs as many final maps as bottleneck maps")
-        self.head = ClassifierHead(k, num_classes, pool=pool, feature_size=size, fcf_pool=fcf_pool, fusion=fusion, hf_pool=hf_pool)
+        self.head = ClassifierHead(
+            k, num_classes, pool=pool, feature_size=size, fcf_pool=fcf_pool, fusion=fusion, hf_pool=hf_pool
+        )
         self.map_kind = self.head.map_kind
 
     @property
@@ -139,8 +142,16 @@ def _check(name: str, width: int, fcf_pool: str = "avg", hf_pool: str = "max", f
 )
 def hesam(in_channels, num_classes=2, *, fcf_pool="avg", hf_pool="max", fusion="sum", base_width=64):
     _check("hesam", base_width, fcf_pool, hf_pool, fusion)
-    return UNetClassifier(in_channels, num_classes, stage="rb", pool="sam", fusion=fusion,
-                          fcf_pool=fcf_pool, hf_pool=hf_pool, width=base_width)
+    return UNetClassifier(
+        in_channels,
+        num_classes,
+        stage="rb",
+        pool="sam",
+        fusion=fusion,
+        fcf_pool=fcf_pool,
+        hf_pool=hf_pool,
+        width=base_width,
+    )
 
 
 @register_model(
@@ -151,8 +162,9 @@ def hesam(in_channels, num_classes=2, *, fcf_pool="avg", hf_pool="max", fusion="
 )
 def sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     _check("sam", base_width, fcf_pool)
-    return UNetClassifier(in_channels, num_classes, stage="rb", pool="sam", fusion=None,
-                          fcf_pool=fcf_pool, width=base_width)
+    return UNetClassifier(
+        in_channels, num_classes, stage="rb", pool="sam", fusion=None, fcf_pool=fcf_pool, width=base_width
+    )
 
 
 @register_model(
@@ -174,8 +186,9 @@ def cam(in_channels, num_classes=2, *, base_width=64):
 )
 def he_cam(in_channels, num_classes=2, *, hf_pool="max", fusion="sum", base_width=64):
     _check("he-cam", base_width, hf_pool=hf_pool, fusion=fusion)
-    return UNetClassifier(in_channels, num_classes, stage="rb", pool="gap", fusion=fusion,
-                          hf_pool=hf_pool, width=base_width)
+    return UNetClassifier(
+        in_channels, num_classes, stage="rb", pool="gap", fusion=fusion, hf_pool=hf_pool, width=base_width
+    )
 
 
 @register_model(
@@ -197,8 +210,9 @@ def baseline(in_channels, num_classes=2, *, base_width=64):
 )
 def u_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     _check("u-sam", base_width, fcf_pool)
-    return UNetClassifier(in_channels, num_classes, stage="conv", pool="sam", fusion=None,
-                          fcf_pool=fcf_pool, width=base_width)
+    return UNetClassifier(
+        in_channels, num_classes, stage="conv", pool="sam", fusion=None, fcf_pool=fcf_pool, width=base_width
+    )
 
 
 @register_model(
@@ -208,5 +222,13 @@ def u_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
 )
 def u_gmp_sam(in_channels, num_classes=2, *, fcf_pool="avg", hf_pool="max", fusion="sum", base_width=64):
     _check("u-gmp-sam", base_width, fcf_pool, hf_pool, fusion)
-    return UNetClassifier(in_channels, num_classes, stage="conv", pool="sam", fusion=fusion,
-                          fcf_pool=fcf_pool, hf_pool=hf_pool, width=base_width)
+    return UNetClassifier(
+        in_channels,
+        num_classes,
+        stage="conv",
+        pool="sam",
+        fusion=fusion,
+        fcf_pool=fcf_pool,
+        hf_pool=hf_pool,
+        width=base_width,
+    )

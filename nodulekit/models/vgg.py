@@ -12,6 +12,7 @@ each followed by a 2x2 max-pool.
 
 ``feature_layer`` is the fifth conv stage (before its pool in the plain model, 2x2 there).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,16 @@ STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
 class VGG16(NoduleClassifier):
-    def __init__(self, in_channels: int, num_classes: int, *, variant: str, width: int = 64,
-                 fc_width: int = 4096, fcf_pool: str = "avg"):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        variant: str,
+        width: int = 64,
+        fc_width: int = 4096,
+        fcf_pool: str = "avg",
+    ):
         super().__init__(in_channels, num_classes)
         plain = variant == "plain"
         self.stages = nn.ModuleList()
@@ -35,14 +44,20 @@ class VGG16(NoduleClassifier):
         in_ch = in_channels
         for i, (maps, convs) in enumerate(STAGES):
             out_ch = maps * width // 64
-            self.stages.append(nn.Sequential(*[conv_bn_relu(in_ch if j == 0 else out_ch, out_ch) for j in range(convs)]))
+            self.stages.append(
+                nn.Sequential(*[conv_bn_relu(in_ch if j == 0 else out_ch, out_ch) for j in range(convs)])
+            )
             self.pools.append(nn.MaxPool2d(2) if (plain or i == 0) else nn.Identity())
             in_ch = out_ch
         if plain:
             self.classifier = nn.Sequential(
                 nn.Flatten(),
-                nn.Linear(in_ch * (INPUT_SIZE // 32) ** 2, fc_width), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                nn.Linear(fc_width, fc_width), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                nn.Linear(in_ch * (INPUT_SIZE // 32) ** 2, fc_width),
+                nn.ReLU(inplace=True),
+                nn.Dropout(0.5),
+                nn.Linear(fc_width, fc_width),
+                nn.ReLU(inplace=True),
+                nn.Dropout(0.5),
                 nn.Linear(fc_width, num_classes),
             )
         else:
@@ -76,8 +91,9 @@ def vgg16(in_channels, num_classes=2, *, base_width=64, fc_width=4096):
     return VGG16(in_channels, num_classes, variant="plain", width=base_width, fc_width=fc_width)
 
 
-@register_model("vgg16-cam", "VGG-16-CAM: only the first pool kept, 512x16x16 maps, CAM head (GAP + one FC)",
-                map_kind="cam")
+@register_model(
+    "vgg16-cam", "VGG-16-CAM: only the first pool kept, 512x16x16 maps, CAM head (GAP + one FC)", map_kind="cam"
+)
 def vgg16_cam(in_channels, num_classes=2, *, base_width=64):
     check_positive_int("vgg16-cam", "base_width", base_width)
     return VGG16(in_channels, num_classes, variant="cam", width=base_width)
