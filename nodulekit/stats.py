@@ -1,18 +1,23 @@
-"""Statistics over trained runs: paired Wilcoxon tests (paper Table 5) and readers vs model (Table 6).
+"""The statistics stage: pure statistical methods, and the reports over trained runs that use them.
 
-``wilcoxon_runs``: for runs cross-validated on the same dataset, every nodule has exactly one
-test-set probability per run (from the fold model that did not train on it). The first run
-is compared with each other run by ``scipy.stats.wilcoxon`` on
+Pure methods (arrays in, numbers out; no files), every one checked against an independent
+computation in tests/test_stats.py:
 
-- the paired malignant probabilities (the paper's test: are the two output distributions
-  different?), and
-- the paired absolute errors |p - y| (the more useful question: is one run closer to the
-  labels than the other?).
+- ``weighted_roc``/``roc_auc``/``sensitivity_at_specificity``: the empirical ROC, with case
+  weights so a bootstrap resample is a weight vector (ties move together: the trapezoidal
+  area is the Mann-Whitney AUC with ties counted 1/2);
+- ``cluster_bootstrap``: percentile confidence intervals by resampling *patients* with
+  replacement (``scipy.stats.bootstrap`` over patient indices, seeded), so nodules of one
+  patient stay together; ``classification_cis`` applies it to accuracy, sensitivity,
+  specificity, AUC and sensitivity at 90 % specificity;
+- ``calibration``: Brier score and expected calibration error over equal-width bins;
+- ``delong_test``: DeLong, DeLong & Clarke-Pearson (1988) for two correlated AUCs;
+- ``cluster_sign_flip_test``: a paired permutation test of a per-nodule difference that
+  flips the sign of all of one patient's differences together (``scipy.stats.permutation_test``);
+- ``holm``: Holm's step-down adjustment for one run compared with several.
 
-``reader_comparison``: each LIDC reader's own call (rating > 3 malignant, < 3 benign, 3
-abstains) against the consensus label, beside the model's call (p >= 0.5), over all test
-folds. The consensus label is the mean of these very ratings, so readers are scored against
-a label they helped make (circular; it flatters readers, above all when few rated a nodule).
+Reports: ``wilcoxon_runs`` compares the first run with each other run on the same nodules;
+``reader_comparison`` is Table 6 (readers vs the model).
 """
 
 from __future__ import annotations
@@ -26,6 +31,285 @@ import numpy as np
 
 from nodulekit.errors import NodulekitError
 from nodulekit.training import THRESHOLD, load_run  # one run.json reader, one fixed threshold
+
+# --------------------------------------------------------------------------------------
+# Pure statistical methods.
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000  # patient resamples per interval (stated in every report)
+BOOTSTRAP_METHOD = "percentile"
+ECE_BINS = 10  # equal-width bins of the predicted probability on [0, 1]
+SPECIFICITY_TARGET = 0.90
+CLASSIFICATION_STATISTICS = ("accuracy", "sensitivity", "specificity", "auc", "sensitivity_at_90_specificity")
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    return np.ones((1, n)) if weights is None else np.atleast_2d(np.asarray(weights, np.float64))
+
+
+def weighted_roc(y, score, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical ROC points (fpr, tpr), each [B, m + 1], for B case-weight vectors.
+
+    One point per distinct score from the highest down (tied cases move together), starting at
+    (0, 0). ``weights`` [B, n] or [n] (default: 1 each) are case multiplicities, as one
+    bootstrap resample gives them. Rates are NaN where a class has no weight.
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, np.float64)
+    if len(y) == 0:
+        raise NodulekitError("no cases to compute a ROC curve from")
+    w = _weights(weights, len(y))
+    order = np.argsort(-score, kind="stable")
+    ends = np.r_[np.flatnonzero(np.diff(score[order]) != 0), len(y) - 1]  # last case of each tie group
+    w, y = w[:, order], y[order]
+    zero = np.zeros((len(w), 1))
+    tp = np.hstack([zero, np.cumsum(w * y, axis=1)[:, ends]])
+    fp = np.hstack([zero, np.cumsum(w * ~y, axis=1)[:, ends]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return fp / fp[:, -1:], tp / tp[:, -1:]
+
+
+def roc_auc(y, score, weights=None) -> np.ndarray:
+    """Area under the empirical ROC [B] (= Mann-Whitney U / (n1 n0), ties 1/2)."""
+    fpr, tpr = weighted_roc(y, score, weights)
+    return np.trapezoid(tpr, fpr, axis=1)
+
+
+def sensitivity_at_specificity(y, score, specificity: float = SPECIFICITY_TARGET, weights=None) -> np.ndarray:
+    """Highest sensitivity of any score threshold whose specificity is >= ``specificity`` [B].
+
+    A descriptive point of the empirical ROC: the threshold it implies is read off these very
+    cases, so on a test set it is not a validated operating point.
+    """
+    fpr, tpr = weighted_roc(y, score, weights)
+    allowed = fpr <= (1.0 - specificity) + 1e-12
+    best = np.where(allowed, tpr, -np.inf).max(axis=1)
+    return np.where(np.isnan(fpr[:, -1]) | np.isnan(tpr[:, -1]), np.nan, best)
+
+
+def threshold_rates(y, pred, weights=None) -> dict[str, np.ndarray]:
+    """Accuracy, sensitivity, specificity of fixed calls ``pred`` (0/1), each [B]."""
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(pred).astype(bool)
+    w = _weights(weights, len(y))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "accuracy": (w * (pred == y)).sum(1) / w.sum(1),
+            "sensitivity": (w * (pred & y)).sum(1) / (w * y).sum(1),
+            "specificity": (w * (~pred & ~y)).sum(1) / (w * ~y).sum(1),
+        }
+
+
+def classification_statistics(y, prob, pred, weights=None) -> np.ndarray:
+    """``CLASSIFICATION_STATISTICS`` as rows of a [5, B] array (calls ``pred`` made by the caller's rule)."""
+    rates = threshold_rates(y, pred, weights)
+    return np.stack(
+        [
+            rates["accuracy"],
+            rates["sensitivity"],
+            rates["specificity"],
+            roc_auc(y, prob, weights),
+            sensitivity_at_specificity(y, prob, SPECIFICITY_TARGET, weights),
+        ]
+    )
+
+
+def cluster_bootstrap(
+    groups,
+    statistic,
+    *,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> dict[str, np.ndarray]:
+    """Percentile intervals of ``statistic`` by resampling clusters (patients) with replacement.
+
+    ``groups`` [n] names each case's cluster; ``statistic(weights)`` gets case weights [B, n]
+    (how often each case's cluster was drawn) and returns [k, B]. ``scipy.stats.bootstrap``
+    draws the clusters (seeded). Returns ``estimate`` (on the data as they are), ``low``,
+    ``high`` [k] and ``n_invalid`` [k], the resamples where the statistic was undefined (any
+    makes that interval NaN rather than quietly conditional).
+    """
+    import warnings
+
+    from scipy.stats import DegenerateDataWarning, bootstrap
+
+    if n_resamples < 1:
+        raise NodulekitError(f"the number of bootstrap resamples must be at least 1, got {n_resamples}")
+    codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+    n_clusters = int(codes.max()) + 1
+
+    def on_clusters(idx, axis=-1):
+        idx = np.moveaxis(np.asarray(idx), axis, -1).astype(np.int64)
+        flat = idx.reshape(-1, n_clusters)
+        offsets = (np.arange(len(flat)) * n_clusters)[:, None]
+        counts = np.bincount((flat + offsets).ravel(), minlength=flat.size).reshape(flat.shape)
+        out = np.asarray(statistic(counts[:, codes].astype(np.float64)))
+        return out.reshape(out.shape[:-1] + idx.shape[:-1])
+
+    estimate = np.asarray(statistic(np.ones((1, len(codes)))))[..., 0]
+    with warnings.catch_warnings():  # undefined resamples are counted and reported below instead
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap(
+            (np.arange(n_clusters),),
+            on_clusters,
+            n_resamples=n_resamples,
+            batch=min(n_resamples, 500),
+            confidence_level=confidence,
+            method=BOOTSTRAP_METHOD,
+            rng=np.random.default_rng(seed),
+        )
+    invalid = np.isnan(res.bootstrap_distribution).sum(axis=-1)
+    low, high = np.asarray(res.confidence_interval.low, float), np.asarray(res.confidence_interval.high, float)
+    return {
+        "estimate": estimate,
+        "low": np.where(invalid > 0, np.nan, low),
+        "high": np.where(invalid > 0, np.nan, high),
+        "n_invalid": invalid,
+    }
+
+
+def bootstrap_note(n_resamples: int, seed: int, unit: str = "patients") -> str:
+    return (
+        f"{100 * CONFIDENCE:g} % intervals: {BOOTSTRAP_METHOD} bootstrap, {n_resamples} resamples of {unit} "
+        f"with replacement (all of a patient's nodules together), seed {seed}"
+    )
+
+
+def classification_cis(
+    y, prob, pred, groups, *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Each of ``CLASSIFICATION_STATISTICS`` with its patient-bootstrap interval: {name: {estimate, low, high}}."""
+    y, prob, pred = np.asarray(y), np.asarray(prob, np.float64), np.asarray(pred)
+    res = cluster_bootstrap(
+        groups, lambda w: classification_statistics(y, prob, pred, w), n_resamples=n_resamples, seed=seed
+    )
+    return {
+        name: {
+            "estimate": float(res["estimate"][i]),
+            "low": float(res["low"][i]),
+            "high": float(res["high"][i]),
+            "n_invalid_resamples": int(res["n_invalid"][i]),
+        }
+        for i, name in enumerate(CLASSIFICATION_STATISTICS)
+    }
+
+
+def calibration(y, prob, n_bins: int = ECE_BINS) -> dict[str, Any]:
+    """Brier score, expected calibration error and the reliability table (equal-width bins).
+
+    Bin b holds probabilities in [b/n_bins, (b+1)/n_bins) (the last bin includes 1).
+    ECE = sum_b (n_b / n) |observed malignant fraction_b - mean probability_b|.
+    """
+    from sklearn.metrics import brier_score_loss
+
+    y = np.asarray(y, np.int64)
+    prob = np.asarray(prob, np.float64)
+    if len(y) == 0:
+        raise NodulekitError("no predictions to assess calibration on")
+    which = np.minimum((prob * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(which, weights=prob, minlength=n_bins) / count
+        observed = np.bincount(which, weights=y, minlength=n_bins) / count
+    gap = np.where(count > 0, np.abs(observed - mean_prob), 0.0)
+    return {
+        "brier": float(brier_score_loss(y, prob, pos_label=1)),
+        "ece": float((count * gap).sum() / len(y)),
+        "n_bins": n_bins,
+        "binning": f"{n_bins} equal-width bins of the predicted malignant probability on [0, 1]",
+        "bins": [
+            {
+                "low": b / n_bins,
+                "high": (b + 1) / n_bins,
+                "n": int(count[b]),
+                "mean_prob": float(mean_prob[b]) if count[b] else None,
+                "observed": float(observed[b]) if count[b] else None,
+            }
+            for b in range(n_bins)
+        ],
+    }
+
+
+def delong_test(y, score_a, score_b, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """DeLong, DeLong & Clarke-Pearson (1988): are two AUCs on the same cases different?
+
+    Structural components from midranks (Sun & Xu 2014): for positive i, V10_i = fraction of
+    negatives it outscores (ties 1/2); for negative j, V01_j = fraction of positives that
+    outscore it. AUC = mean V10 = mean V01; Cov(AUC) = S10 / m + S01 / n with S the 2x2
+    sample covariances of the components over the m positives and n negatives. Two-sided
+    z test of AUC_a - AUC_b and its normal interval. Cases are treated as independent.
+    """
+    from scipy.stats import norm, rankdata
+
+    y = np.asarray(y).astype(bool)
+    scores = np.stack([np.asarray(score_a, np.float64), np.asarray(score_b, np.float64)])
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        raise NodulekitError(f"DeLong's test needs at least 2 cases of each class, got {m} positive and {n} negative")
+    v10 = np.empty((2, m))
+    v01 = np.empty((2, n))
+    for r, s in enumerate(scores):
+        ranks = rankdata(s)
+        v10[r] = (ranks[y] - rankdata(s[y])) / n
+        v01[r] = 1.0 - (ranks[~y] - rankdata(s[~y])) / m
+    auc = v10.mean(axis=1)
+    cov = np.cov(v10) / m + np.cov(v01) / n
+    diff = float(auc[0] - auc[1])
+    se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
+    z = diff / se if se > 0 else 0.0
+    half = norm.ppf(0.5 + confidence / 2) * se
+    return {
+        "auc_a": float(auc[0]),
+        "auc_b": float(auc[1]),
+        "auc_diff": diff,
+        "se": se,
+        "z": float(z),
+        "p_value": float(2 * norm.sf(abs(z))) if se > 0 else 1.0,
+        "diff_low": float(diff - half),
+        "diff_high": float(diff + half),
+    }
+
+
+def cluster_sign_flip_test(diff, groups, *, n_resamples: int = 9999, seed: int = 0) -> dict[str, float]:
+    """Two-sided paired permutation test of mean(diff) = 0 that keeps each patient's nodules together.
+
+    Under the null the two paired quantities are exchangeable within a patient, so the sign of
+    all of a patient's differences may flip at once: the test statistic is the mean nodule
+    difference, sum_p s_p D_p / n over patient sums D_p and signs s_p = +-1
+    (``scipy.stats.permutation_test``, ``permutation_type="samples"``; exact when 2^patients
+    <= ``n_resamples``, else ``n_resamples`` random sign patterns, seeded).
+    """
+    from scipy.stats import permutation_test
+
+    diff = np.asarray(diff, np.float64)
+    if len(diff) == 0:
+        raise NodulekitError("no paired differences to test")
+    codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+    sums = np.bincount(codes, weights=diff)
+    n = len(diff)
+    if np.all(sums == 0):
+        return {"mean_diff": float(diff.mean()), "p_value": 1.0, "n_patients": len(sums)}
+    res = permutation_test(
+        (sums, np.zeros_like(sums)),
+        lambda a, b, axis=-1: (a - b).sum(axis=axis) / n,
+        permutation_type="samples",
+        n_resamples=n_resamples,
+        rng=np.random.default_rng(seed),
+    )
+    return {"mean_diff": float(diff.mean()), "p_value": float(res.pvalue), "n_patients": len(sums)}
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error); NaN entries stay NaN and do not count."""
+    p = np.asarray(p_values, np.float64)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order]) if m else np.array([])
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
 
 
 def run_fingerprint(run: dict[str, Any]) -> str | None:
