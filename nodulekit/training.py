@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from nodulekit import __version__
+from nodulekit import __version__, claims
 from nodulekit.artifacts import (
     atomic_path,
     provenance,
@@ -922,26 +922,30 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         cfg.model_options = _model_config(probe, cfg)  # every option, defaults included
         use_features = _uses_features(probe)
         del probe
+        if overwrite:
+            claims.refuse_if_claimed(rundir)  # never discard folds another job is training
         run = prepare_rundir(rundir, run_record(cfg, data, device), overwrite=overwrite)
         dd = _DeviceData(data, device, use_features)  # once for all folds
         summaries, failures = [], []
-        for k in wanted:
-            try:
-                summaries.append(
-                    train_fold(
-                        data,
-                        cfg,
-                        k,
-                        rundir,
-                        run=run,
-                        device=device,
-                        device_data=dd,
-                        progress=progress,
-                        on_epoch_end=on_epoch_end,
+        # one job per fold: claim every requested fold before training any of them
+        with claims.claimed(Path(rundir) / f"fold{k}" for k in wanted):
+            for k in wanted:
+                try:
+                    summaries.append(
+                        train_fold(
+                            data,
+                            cfg,
+                            k,
+                            rundir,
+                            run=run,
+                            device=device,
+                            device_data=dd,
+                            progress=progress,
+                            on_epoch_end=on_epoch_end,
+                        )
                     )
-                )
-            except TrainingDiverged as exc:
-                failures.append(str(exc))
+                except TrainingDiverged as exc:
+                    failures.append(str(exc))
     if failures:
         raise TrainingDiverged(" | ".join(failures))
     return {"rundir": str(rundir), "run": run, "folds": summaries}

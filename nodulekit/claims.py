@@ -1,0 +1,186 @@
+"""Fold claims: at most one job trains a fold of a RUNDIR at a time.
+
+A job that trains fold k first creates ``fold<k>/claim.json`` atomically (the record is
+written to a private temporary file, then hard-linked to the claim name, which fails
+when the name exists: of two jobs racing, exactly one wins, and no reader ever sees a
+half-written claim) holding the host name, PID, the
+process's start tick (so a recycled PID is not taken for the old job) and the start
+time. A second job finding a live claim refuses in one line. A claim left by a dead
+process on the same host (killed job, crashed node) is stale: it is taken over, and
+the takeover is said on stderr. A claim from another host cannot be checked from
+here; it is respected, and the refusal says which file to delete if that job is gone.
+
+Takeovers are serialised by ``flock`` on ``fold<k>/.claim.lock`` (the kernel drops
+it when its holder dies), so two jobs finding the same stale claim do not both win.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from nodulekit.errors import NodulekitError
+
+CLAIM_FILE = "claim.json"
+_TAKEOVER_LOCK = ".claim.lock"
+
+
+class FoldClaimed(NodulekitError):
+    """Another live job is training this fold."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    host: str
+    pid: int
+    started: str
+    pid_start: str | None = None  # the process's start time in clock ticks since boot (Linux)
+
+    def alive(self) -> bool | None:
+        """True/False for a claim made on this host; None when made elsewhere (cannot tell)."""
+        if self.host != socket.gethostname():
+            return None
+        if self.pid <= 0:  # an unreadable claim file
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            pass
+        start = _process_start(self.pid)
+        return self.pid_start is None or start is None or start == self.pid_start
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host} since {self.started}"
+
+
+def _process_start(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in ticks); None where /proc is absent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_process() -> Claim:
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return Claim(socket.gethostname(), os.getpid(), now, _process_start(os.getpid()))
+
+
+def read_claim(fold_dir: str | os.PathLike) -> Claim | None:
+    """The claim on a fold folder, or None. An unreadable claim file counts as stale."""
+    path = Path(fold_dir) / CLAIM_FILE
+    try:
+        raw = json.loads(path.read_text())
+        return Claim(str(raw["host"]), int(raw["pid"]), str(raw["started"]), raw.get("pid_start"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # claims appear complete (see _create), so this one is damaged: nobody holds it
+        return Claim(host=socket.gethostname(), pid=-1, started="unknown")
+
+
+def _create(path: Path, claim: Claim) -> bool:
+    """Create the claim file with ``claim``'s record; False when it exists already."""
+    tmp = path.with_name(f".{path.name}.{claim.pid}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(claim)) + "\n")
+        os.link(tmp, path)  # atomic, and fails when the name exists (also on NFS)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _refusal(fold_dir: Path, holder: Claim) -> FoldClaimed:
+    where = "" if holder.alive() else f"; if that job is gone, delete {fold_dir / CLAIM_FILE}"
+    return FoldClaimed(f"{fold_dir} is being trained by another job ({holder.describe()}){where}")
+
+
+@contextmanager
+def _takeover_lock(fold_dir: Path) -> Iterator[None]:
+    with open(fold_dir / _TAKEOVER_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def acquire(fold_dir: str | os.PathLike) -> Claim:
+    """Claim a fold folder for this process; FoldClaimed when a live job holds it."""
+    fold_dir = Path(fold_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    path, mine = fold_dir / CLAIM_FILE, this_process()
+    if _create(path, mine):
+        return mine
+    with _takeover_lock(fold_dir):
+        holder = read_claim(fold_dir)
+        if holder is not None and holder.alive() is not False:
+            raise _refusal(fold_dir, holder)
+        if holder is not None:
+            path.unlink(missing_ok=True)
+        if not _create(path, mine):  # someone created a fresh claim between our read and now
+            raise _refusal(fold_dir, read_claim(fold_dir) or mine)
+    if holder is not None:
+        print(
+            f"nodulekit: taking over {path}: its job ({holder.describe()}) is no longer running",
+            file=sys.stderr,
+        )
+    return mine
+
+
+def release(fold_dir: str | os.PathLike, claim: Claim) -> None:
+    """Remove the claim if it is still ours (never someone else's)."""
+    path = Path(fold_dir) / CLAIM_FILE
+    if read_claim(fold_dir) == claim:
+        try:
+            path.unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+
+@contextmanager
+def claimed(fold_dirs: Iterable[str | os.PathLike]) -> Iterator[dict[Path, Claim]]:
+    """Claim every fold folder (all or none), release them all on exit.
+
+    Yields ``{fold_dir: claim}``; a caller may release a finished fold early with
+    :func:`release` (releasing twice is harmless).
+    """
+    with ExitStack() as stack:
+        held: dict[Path, Claim] = {}
+        for fold_dir in map(Path, fold_dirs):
+            claim = acquire(fold_dir)
+            held[fold_dir] = claim
+            stack.callback(release, fold_dir, claim)
+        yield held
+
+
+def live_claim(fold_dir: str | os.PathLike) -> Claim | None:
+    """The claim on a fold unless it is stale (None: unclaimed or its job is dead)."""
+    claim = read_claim(fold_dir)
+    return claim if claim is not None and claim.alive() is not False else None
+
+
+def refuse_if_claimed(rundir: str | os.PathLike) -> None:
+    """FoldClaimed when a live job holds any fold of RUNDIR (before discarding the run)."""
+    for fold_dir in sorted(Path(rundir).glob("fold*")):
+        holder = live_claim(fold_dir)
+        if holder is not None:
+            raise _refusal(fold_dir, holder)

@@ -1,0 +1,268 @@
+"""Fold claims (one job per fold, stale claims taken over) and `nodulekit status`, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, write_tiny_dataset
+
+from nodulekit import claims
+from nodulekit.claims import CLAIM_FILE, FoldClaimed
+from nodulekit.status import run_status
+
+torch.set_num_threads(1)
+PY = sys.executable
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+TRAIN_OPTS = ["--arch", "cam", "--model-opt", "base_width=4", "--lr", "0.01", "--device", "cpu", "--no-progress"]
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def holder_process(fold_dir: Path) -> subprocess.Popen:
+    """A separate process that claims ``fold_dir`` and then sleeps until killed."""
+    code = f"from nodulekit import claims; import time; claims.acquire({str(fold_dir)!r}); print('held', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def nodulekit(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run([PY, "-m", "nodulekit", *map(str, args)], env=ENV, capture_output=True, text=True)
+    if check_rc is not None:
+        assert out.returncode == check_rc, out.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("ds") / "d1c.h5", n=40, channels=1, folds=5)
+
+
+def test_claim_records_who_and_a_live_claim_from_another_process_is_refused(tmp_path):
+    fold_dir = tmp_path / "fold0"
+    proc = holder_process(fold_dir)
+    try:
+        record = json.loads((fold_dir / CLAIM_FILE).read_text())
+        assert record["pid"] == proc.pid and record["host"] == socket.gethostname() and record["started"]
+        with pytest.raises(FoldClaimed, match=f"being trained by another job \\(pid {proc.pid} on "):
+            claims.acquire(fold_dir)
+        assert claims.live_claim(fold_dir).pid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stale_claim_of_a_killed_process_is_taken_over_and_said(tmp_path, capsys):
+    fold_dir = tmp_path / "fold0"
+    proc = holder_process(fold_dir)
+    proc.send_signal(signal.SIGKILL)  # the claim file stays behind, like after a node crash
+    proc.wait()
+    assert claims.read_claim(fold_dir).pid == proc.pid and claims.live_claim(fold_dir) is None
+    mine = claims.acquire(fold_dir)
+    assert mine.pid == os.getpid() and claims.read_claim(fold_dir) == mine
+    err = capsys.readouterr().err
+    assert f"taking over {fold_dir / CLAIM_FILE}: its job (pid {proc.pid} on" in err
+    claims.release(fold_dir, mine)
+    assert not (fold_dir / CLAIM_FILE).exists()
+
+
+def test_recycled_pid_and_foreign_host(tmp_path):
+    fold_dir = tmp_path / "fold0"
+    fold_dir.mkdir()
+    # our own (live) PID, but a different process start tick: the PID was recycled, the claim is stale
+    me = claims.this_process()
+    assert me.pid_start is not None and me.alive() is True
+    (fold_dir / CLAIM_FILE).write_text(json.dumps(dict(me.__dict__, pid_start="1")))
+    assert claims.read_claim(fold_dir).alive() is False
+    # another host's claim cannot be checked: respected, and the refusal says what to delete
+    (fold_dir / CLAIM_FILE).write_text(json.dumps({"host": "node-x", "pid": 1, "started": "t0"}))
+    with pytest.raises(FoldClaimed, match=f"pid 1 on node-x since t0\\); if that job is gone, delete {fold_dir}"):
+        claims.acquire(fold_dir)
+    # a damaged claim file holds nothing
+    (fold_dir / CLAIM_FILE).write_text("{")
+    assert claims.live_claim(fold_dir) is None
+
+
+def test_racing_takeovers_have_exactly_one_winner(tmp_path):
+    fold_dir = tmp_path / "fold0"
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    fold_dir.mkdir()
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "t0"}
+    (fold_dir / CLAIM_FILE).write_text(json.dumps(stale))
+    go = tmp_path / "go"
+    code = textwrap.dedent(f"""
+        import os, time
+        from nodulekit import claims
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.005)
+        try:
+            claims.acquire({str(fold_dir)!r})
+            print("won", flush=True)
+            time.sleep(600)
+        except claims.FoldClaimed:
+            print("refused", flush=True)
+    """)
+    procs = [subprocess.Popen([PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        time.sleep(1.0)  # let them all import and wait
+        go.touch()
+        results = [p.stdout.readline().strip() for p in procs]
+        assert sorted(results) == ["refused"] * 3 + ["won"]
+        winner = procs[results.index("won")]
+        assert claims.read_claim(fold_dir).pid == winner.pid
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path):
+    """Job A trains fold 0 and is held inside training; job B on fold 0 refuses; A still finishes."""
+    rundir, release = tmp_path / "run", tmp_path / "release"
+    code = textwrap.dedent(f"""
+        import os, time
+        from nodulekit.training import TrainConfig, train
+        def hold(fold, epoch, metrics):
+            print("epoch", epoch, flush=True)
+            while not os.path.exists({str(release)!r}):
+                time.sleep(0.02)
+        cfg = TrainConfig(arch="cam", model_options={{"base_width": 4}}, epochs=1, lr=0.01, device="cpu")
+        train({str(ds)!r}, {str(rundir)!r}, cfg, folds=[0], progress=False, on_epoch_end=hold)
+        print("done", flush=True)
+    """)
+    job_a = subprocess.Popen([PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job_a.stdout.readline().strip() == "epoch 1"  # A holds fold 0's claim now
+        job_b = nodulekit("train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS, check_rc=2)
+        lines = job_b.stderr.strip().splitlines()
+        assert len(lines) == 1
+        assert lines[0] == (
+            f"nodulekit: error: {rundir / 'fold0'} is being trained by another job "
+            f"(pid {job_a.pid} on {socket.gethostname()} since {claims.read_claim(rundir / 'fold0').started})"
+        )
+        rows = [s.as_dict() for s in run_status(rundir)]
+        assert [r["state"] for r in rows] == ["running", "missing", "missing", "missing", "missing"]
+        assert rows[0]["claim"]["pid"] == job_a.pid
+        # B on another fold is not blocked by A
+        nodulekit("train", ds, "-o", rundir, "--fold", "1", "--epochs", "1", *TRAIN_OPTS, check_rc=0)
+        release.touch()
+        assert job_a.stdout.readline().strip() == "done" and job_a.wait() == 0
+    finally:
+        job_a.kill()
+        job_a.wait()
+    assert not (rundir / "fold0" / CLAIM_FILE).exists()  # released after training
+    rows = run_status(rundir)
+    assert [(r.state, r.epochs_done) for r in rows[:2]] == [("finished", 1), ("finished", 1)]
+
+
+def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """`nodulekit ARGS` in this process: (exit status, stdout, stderr)."""
+    from nodulekit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
+    capsys.readouterr()
+    try:
+        main()
+        rc = 0
+    except SystemExit as exc:
+        rc = exc.code or 0
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_status_states_and_exit_codes(ds, tmp_path, capsys, monkeypatch):
+    from nodulekit.training import TrainConfig, train
+
+    rundir = tmp_path / "run"
+    cfg = TrainConfig(arch="cam", model_options={"base_width": 4}, epochs=2, lr=0.01, device="cpu")
+    train(ds, rundir, cfg, folds=[0, 1, 2, 3, 4], progress=False)
+    rc, out, _ = cli(capsys, monkeypatch, "status", rundir)
+    assert rc == 0 and out.strip().splitlines()[-1] == "5 finished"
+
+    # fold 3 interrupted after its first epoch (Ctrl-C): its checkpoint says 1 of 2 epochs
+    def stop(fold, epoch, metrics):
+        raise KeyboardInterrupt
+
+    (rundir / "fold3" / "result.h5").unlink()
+    (rundir / "fold3" / "checkpoint.pt").unlink()
+    (rundir / "fold4" / "result.h5").unlink()
+    (rundir / "fold4" / "checkpoint.pt").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        train(ds, rundir, cfg, folds=[3], progress=False, on_epoch_end=stop)
+    # fold 2: a stale claim left by a dead process over a finished fold changes nothing
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (rundir / "fold2" / CLAIM_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "t0"})
+    )
+    # fold 1 is being trained again from scratch by a live job
+    (rundir / "fold1" / "result.h5").unlink()
+    (rundir / "fold1" / "checkpoint.pt").unlink()
+    holder = holder_process(rundir / "fold1")
+    try:
+        rc, out, _ = cli(capsys, monkeypatch, "status", rundir, tmp_path / "not-yet", "--json")
+        rc_table, table, _ = cli(capsys, monkeypatch, "status", rundir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == rc_table == 3
+    rows = {(Path(r["rundir"]).name, r["fold"]): r for r in json.loads(out)}
+    assert rows["run", 0]["state"] == "finished" and rows["run", 0]["epochs_done"] == 2
+    assert rows["run", 1]["state"] == "running" and rows["run", 1]["claim"]["pid"] == holder.pid
+    assert rows["run", 2]["state"] == "finished"
+    assert (rows["run", 3]["state"], rows["run", 3]["epochs_done"]) == ("interrupted", 1)
+    assert (rows["run", 4]["state"], rows["run", 4]["epochs_done"]) == ("missing", 0)
+    assert rows["not-yet", None]["state"] == "missing"
+    # the table shows the same, one line per fold and a count
+    table = table.splitlines()
+    assert "running" in table[2] and f"pid {holder.pid}" in table[2]
+    assert "interrupted" in table[4] and "1/2" in table[4]
+    assert table[-1] == "2 finished, 1 running, 1 interrupted, 1 missing"
+
+    # a finished run extended to more epochs is not finished any more
+    run_json = json.loads((rundir / "run.json").read_text())
+    (rundir / "run.json").write_text(json.dumps(dict(run_json, epochs=3)))
+    rc, out, _ = cli(capsys, monkeypatch, "status", rundir, "--json")
+    rows = json.loads(out)
+    assert rc == 3 and (rows[0]["state"], rows[0]["epochs_done"], rows[0]["epochs"]) == ("interrupted", 2, 3)
+
+
+def test_status_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    rc, _, err = cli(capsys, monkeypatch, "status", tmp_path / "junk")
+    assert (
+        rc == 2 and err.strip() == f"nodulekit: error: {tmp_path / 'junk'} is not a nodulekit run folder (no run.json)"
+    )
+
+
+def test_overwrite_refused_while_another_job_trains(ds, tmp_path):
+    from nodulekit.errors import NodulekitError
+    from nodulekit.training import TrainConfig, train
+
+    rundir = tmp_path / "run"
+    cfg = TrainConfig(arch="cam", model_options={"base_width": 4}, epochs=1, lr=0.01, device="cpu")
+    train(ds, rundir, cfg, folds=[0], progress=False)
+    holder = holder_process(rundir / "fold2")
+    try:
+        with pytest.raises(NodulekitError, match="fold2 is being trained by another job"):
+            train(ds, rundir, TrainConfig(**{**cfg.__dict__, "seed": 1}), folds=[0], progress=False, overwrite=True)
+        assert (rundir / "fold0" / "result.h5").exists()  # nothing discarded
+    finally:
+        holder.kill()
+        holder.wait()
