@@ -10,6 +10,12 @@ high-level feature (global pooling of the UNet bottleneck).
 - HESAM (SAM + ``fusion="sum"``): S_c = sum_k gamma_k^c (H_k + d_k) + b_c          (Eq. 12)
 - any of them with ``fusion="concat"``: S = gamma [v; d] + b (Wu et al. 2018's fusion).
 - the activation map is always M_c = sum_k gamma_k^c g_k (Eq. 2, 7, 11).
+- the *faithful* map of an average-pooled SAM/HESAM head (``faithful_map``): AvgPool, the
+  per-map FC and gamma are linear in g, so S_c = sum_{x,y} F_c(x, y) + offset_c exactly, with
+  F_c(x, y) = sum_k gamma_k^c w_k(x, y) g_k(x, y) and w_k = beta_k spread back through the
+  pooling windows (``pooling_weights``); offset_c = sum_k gamma_k^c beta0_k + b_c (+ the d term).
+  Eq. 7/11 leave out w, so they do not sum to the score; positions no window reaches (the
+  last row and column of a 16x16 g with kernel 5, stride 2) get exactly 0 in F.
 
 With ``concat`` gamma has 2K columns and the map uses only the first K (those that weigh
 g); the d half has no spatial counterpart, so the map no longer decomposes the score
@@ -73,6 +79,7 @@ class ClassifierHead(nn.Module):
                 raise ValueError(f"SAM needs feature maps of at least {sam_kernel} px, got {feature_size}")
             grid = (feature_size - sam_kernel) // sam_stride + 1
             self.grid = grid
+            self.sam_kernel, self.sam_stride = sam_kernel, sam_stride
             pool_cls = nn.AvgPool2d if fcf_pool == "avg" else nn.MaxPool2d
             self.minor_pool = pool_cls(sam_kernel, stride=sam_stride, padding=0)
             # beta: one separate weight vector (and bias) per feature map, i.e. K FC layers h_k
@@ -125,3 +132,37 @@ class ClassifierHead(nn.Module):
     def activation_map(self, g: torch.Tensor) -> torch.Tensor:
         """M_c = sum_k gamma_k^c g_k (Eq. 2/7/11): [B, classes, h, w], no bias, no upsampling."""
         return torch.einsum("ck,bkhw->bchw", self.gamma, g)
+
+    def pooling_weights(self) -> torch.Tensor:
+        """w [K, h, w]: each map's FC weights beta spread back through the AvgPool windows.
+
+        w_k(x, y) = (1 / kernel^2) sum over the windows l that contain (x, y) of beta_{k,l}, so
+        H_k = sum_{x,y} w_k(x, y) g_k(x, y) + beta0_k exactly (Eq. 5-6, 9). Positions no window
+        reaches get 0. Only an average-pooled SAM head is linear in g like this.
+        """
+        if self.pool != "sam" or self.fcf_pool != "avg":
+            raise ValueError(f"a {self.pool}/{self.fcf_pool}-pooled head is not a linear function of g per position")
+        beta = self.beta.view(self.channels, 1, self.grid, self.grid)
+        box = beta.new_full((1, 1, self.sam_kernel, self.sam_kernel), 1.0 / self.sam_kernel**2)
+        # The adjoint of average pooling: every window hands its weight back to its pixels.
+        w = torch.nn.functional.conv_transpose2d(beta, box, stride=self.sam_stride)[:, 0]
+        pad = self.feature_size - w.shape[-1]
+        return torch.nn.functional.pad(w, (0, pad, 0, pad))
+
+    def faithful_map(self, g: torch.Tensor, high: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F [B, classes, h, w], offset [B, classes]) with logit_c = sum_{x,y} F_c(x, y) + offset_c.
+
+        F_c = sum_k gamma_k^c w_k g_k; offset_c = sum_k gamma_k^c beta0_k + b_c, plus for a fused
+        high-level feature the d term (sum_k gamma_k^c d_k for ``sum``; the d half of the
+        classifier times d for ``concat``).
+        """
+        gamma = self.gamma
+        maps = torch.einsum("ck,khw,bkhw->bchw", gamma, self.pooling_weights(), g)
+        offset = (gamma @ self.beta_bias + self.fc.bias).expand(g.shape[0], -1)
+        if self.fusion is not None:
+            if high is None:
+                raise ValueError("this head fuses a high-level feature but none was given")
+            d = self.high_level_feature(high)
+            d_weights = gamma if self.fusion == "sum" else self.fc.weight[:, self.channels :]
+            offset = offset + d @ d_weights.T
+        return maps, offset
