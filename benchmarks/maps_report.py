@@ -100,7 +100,7 @@ def report_markdown(scores, tests, accuracy: dict[str, float], runs: list[tuple[
         "(both sides), outside = the rest. Share = fraction of the map's positive energy in a region; "
         "enrichment = share / area fraction (1 = no preference); pointing = how often the map's peak is in the region.\n",
         "\n## Runs\n",
-        "| method | RUNDIR | test accuracy (all folds, p >= 0.5) |",
+        "| method | RUNDIR | test accuracy (all folds, p > 0.5) |",
         "|---|---|---|",
         *[f"| {m} | `{r}` | {_fmt(accuracy.get(m, float('nan')))} |" for m, r in runs],
         "\n## Energy share by region (mean; median in brackets)\n",
@@ -197,10 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from nodulekit.artifacts import atomic_path, check_output_path, open_artifact
+    from nodulekit.artifacts import atomic_path, check_output_path, read_maps
+    from nodulekit.constants import predict_label
     from nodulekit.errors import NodulekitError
     from nodulekit.figures import map_grid, region_score_plot
-    from nodulekit.maps import run_dataset_path, run_maps, write_run_maps
+    from nodulekit.maps import run_maps, write_run_maps
+    from nodulekit.run import Run
     from nodulekit.scores import score_maps, write_scores
 
     runs = parse_maps_specs(args.maps)
@@ -211,7 +213,7 @@ def _run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = out / "maps_report.md"
     check_output_path(report, args.overwrite)
-    dataset = run_dataset_path(runs[0][1], args.dataset)
+    dataset = Run(runs[0][1]).dataset_path(args.dataset)
     paths, accuracy = [], {}
     for method, rundir in runs:
         path = out / f"maps_{method}.h5"
@@ -221,9 +223,9 @@ def _run(args) -> int:
             print(f"wrote {path}", file=sys.stderr)
         else:
             print(f"reusing {path}", file=sys.stderr)
-        with open_artifact(path, "maps") as f:
-            prob, y = f["prob"][()], f["y"][()]
-        accuracy[method] = float(((prob >= 0.5) == (y == 1)).mean())
+        written = read_maps(path)
+        prob, y = written.prob, written.y
+        accuracy[method] = float((predict_label(prob) == y).mean())
         paths.append(path)
     scores = score_maps(
         paths, dataset, radius_mm=args.radius_mm, radius_frac=args.radius_frac, skip_empty_masks=args.skip_empty_masks

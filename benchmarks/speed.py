@@ -211,15 +211,12 @@ def bench_train_epoch(args) -> dict:
         t = time.perf_counter()
         summary = train(ds, Path(tmp) / "run", cfg, folds=[0], progress=False)
         wall = time.perf_counter() - t
-        from nodulekit.artifacts import open_artifact
+        from nodulekit.datasets import load_dataset
+        from nodulekit.run import Run
 
-        with open_artifact(Path(tmp) / "run" / "fold0" / "result.h5", "fold_result") as f:
-            n_test = int(len(f["test_index"]))
-        import h5py
-
-        with h5py.File(ds, "r") as f:
-            n_total = int(f["x"].shape[0])
-            shape = list(f["x"].shape)
+        n_test = int(len(Run(Path(tmp) / "run").fold_result(0).test_index))
+        shape = list(load_dataset(ds).x.shape)
+        n_total = shape[0]
     n_train = n_total - n_test
     return {
         "variant": args.variant,

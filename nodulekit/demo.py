@@ -349,10 +349,10 @@ def stage_export(d: Demo) -> str:
 
 
 def stage_infer(d: Demo) -> str:
-    import h5py
     import numpy as np
 
-    from nodulekit.artifacts import open_artifact, read_strings
+    from nodulekit.artifacts import read_maps
+    from nodulekit.run import Run
 
     reused = d.reusable(_valid_artifact(d.onnx_maps, "maps"))
     if not reused:
@@ -361,12 +361,10 @@ def stage_infer(d: Demo) -> str:
         summary = infer(d.onnx, d.dataset, d.onnx_maps, provider="auto", overwrite=d.onnx_maps.exists(), progress=True)
         d.results["infer"] = {k: summary.get(k) for k in ("provider", "n", "seconds")}
     # ONNX Runtime vs the PyTorch fold-0 model on fold 0's test nodules (probabilities from training).
-    with open_artifact(d.onnx_maps, "maps") as f:
-        ids = read_strings(f["nodule_id"])
-        prob = f["prob"][()]
-    with h5py.File(d.rundir / "fold0" / "result.h5", "r") as f:
-        test_ids = read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else []
-        test_prob = f["test_prob"][()]
+    onnx_maps = read_maps(d.onnx_maps)
+    ids, prob = onnx_maps.nodule_id, onnx_maps.prob
+    fold0 = Run(d.rundir).fold_result(0)
+    test_ids, test_prob = fold0.test_nodule_id, fold0.test_prob
     where = {nid: i for i, nid in enumerate(ids)}
     pairs = [(prob[where[n]], p) for n, p in zip(test_ids, test_prob, strict=True) if n in where]
     diff = float(np.max(np.abs(np.subtract(*zip(*pairs, strict=True))))) if pairs else float("nan")

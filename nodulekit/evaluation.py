@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from nodulekit.constants import THRESHOLD, predict_label
 from nodulekit.errors import NodulekitError
-from nodulekit.training import HISTORY_COLUMNS, THRESHOLD, load_run
+from nodulekit.run import FoldResult, Run
 
 METRICS = ("accuracy", "sensitivity", "specificity", "auc")
 # Row names of the paper's Table 2 for our registry names; others are shown as they are.
@@ -55,17 +56,17 @@ PAPER_NAMES = {
 REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png")
 
 
-def binary_metrics(y, prob, threshold: float = THRESHOLD) -> dict[str, float]:
-    """Accuracy, sensitivity, specificity, AUC and the confusion counts at ``threshold``.
+def binary_metrics(y, prob) -> dict[str, float]:
+    """Accuracy, sensitivity, specificity, AUC and the confusion counts at the fixed threshold.
 
-    Malignant is predicted when ``prob > threshold`` (= argmax of the two softmax
-    outputs). AUC is NaN when only one class is present.
+    Malignant is predicted by :func:`nodulekit.constants.predict_label` (``prob > 0.5``,
+    = argmax of the two softmax outputs). AUC is NaN when only one class is present.
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
     y = np.asarray(y, np.int64)
     prob = np.asarray(prob, np.float64)
-    pred = (prob > threshold).astype(np.int64)
+    pred = predict_label(prob)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
     both = len(np.unique(y)) == 2
     return {
@@ -94,22 +95,6 @@ def patient_level(patient_id, y, prob) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 @dataclass
-class FoldResult:
-    fold: int
-    history: np.ndarray
-    columns: list[str]
-    test_index: np.ndarray
-    test_prob: np.ndarray
-    test_y: np.ndarray
-    test_nodule_id: list[str]
-    test_patient_id: list[str]
-    selected_epoch: int
-    epochs: int
-    val_history: np.ndarray | None = None
-    epoch_seconds: np.ndarray | None = None
-
-
-@dataclass
 class RunResult:
     rundir: Path
     run: dict[str, Any]
@@ -128,67 +113,10 @@ class RunResult:
         return PAPER_NAMES.get(self.arch, self.arch)
 
 
-def _patient_of(nodule_id: str) -> str:
-    # nodule_id is "<patient_id>:<cluster index>" (docs/ARCHITECTURE.md)
-    return nodule_id.rsplit(":", 1)[0]
-
-
 def load_run_results(rundir: str | os.PathLike) -> RunResult:
     """Every fold's test predictions of a RUNDIR; refuses a run with missing or unfinished folds."""
-    from nodulekit.artifacts import open_artifact, read_strings
-
-    rundir = Path(rundir)
-    run = load_run(rundir)
-    n_folds = int(run["n_folds"])
-    epochs = int(run.get("epochs", 0))
-    missing, unfinished, folds = [], [], []
-    for k in range(n_folds):
-        path = rundir / f"fold{k}" / "result.h5"
-        if not path.exists():
-            missing.append(k)
-            continue
-        with open_artifact(path, "fold_result") as f:
-            done = int(f.attrs.get("epochs", epochs))
-            if done < epochs:
-                unfinished.append(f"{k} ({done} of {epochs} epochs)")
-                continue
-            nodule_id = (
-                read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else [str(i) for i in f["test_index"][()]]
-            )
-            patient_id = (
-                read_strings(f["test_patient_id"]) if "test_patient_id" in f else [_patient_of(n) for n in nodule_id]
-            )
-            columns = list(f["history"].attrs.get("columns", HISTORY_COLUMNS))
-            folds.append(
-                FoldResult(
-                    fold=k,
-                    history=np.asarray(f["history"][()], np.float64),
-                    columns=[c.decode() if isinstance(c, bytes) else str(c) for c in columns],
-                    test_index=np.asarray(f["test_index"][()], np.int64),
-                    test_prob=np.asarray(f["test_prob"][()], np.float64),
-                    test_y=np.asarray(f["test_y"][()], np.int64),
-                    test_nodule_id=nodule_id,
-                    test_patient_id=patient_id,
-                    selected_epoch=int(f.attrs.get("selected_epoch", -1)),
-                    epochs=done,
-                    val_history=np.asarray(f["val_history"][()], np.float64) if "val_history" in f else None,
-                    epoch_seconds=np.asarray(f["epoch_seconds"][()], np.float64) if "epoch_seconds" in f else None,
-                )
-            )
-    problems = []
-    if missing:
-        problems.append(f"fold(s) {', '.join(map(str, missing))} missing")
-    if unfinished:
-        problems.append(f"fold(s) {', '.join(unfinished)} unfinished")
-    if problems:
-        raise NodulekitError(
-            f"{rundir} is incomplete: {'; '.join(problems)} of {n_folds}; finish them with "
-            f"`nodulekit train {run.get('dataset', {}).get('path', 'DATASET')} ... -o {rundir}` (same settings)"
-        )
-    indices = np.concatenate([f.test_index for f in folds])
-    if len(np.unique(indices)) != len(indices):
-        raise NodulekitError(f"{rundir}: the test folds overlap (a nodule is tested twice); the run is corrupt")
-    return RunResult(rundir, run, folds)
+    run = Run(rundir)
+    return RunResult(run.path, run.record, run.fold_results())
 
 
 def _mean_std(values) -> tuple[float, float]:

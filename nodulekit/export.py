@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 
 from nodulekit import __version__
+from nodulekit.constants import CLASS_NAMES, INPUT_SIZE, MALIGNANT
 from nodulekit.errors import NodulekitError
 
 FORMAT = "nodulekit-onnx/1"
 INPUT_NAME = "x"
 OUTPUT_NAMES = ("prob", "map", "map_up")
-INPUT_SIZE = 32
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -79,56 +79,25 @@ class ModelSource:
     run: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NodulekitError(f"cannot read {path}: {exc}") from None
-
-
-def _model_from_checkpoint(ckpt: dict[str, Any], path: Path):
-    from nodulekit.models import create_model
-
-    needed = ("state_dict", "arch", "in_channels")
-    missing = [k for k in needed if k not in ckpt]
-    if missing:
-        raise NodulekitError(f"{path} is not a nodulekit checkpoint (missing {', '.join(missing)})")
-    model = create_model(
-        ckpt["arch"], int(ckpt["in_channels"]), int(ckpt.get("num_classes", 2)), **dict(ckpt.get("config") or {})
-    )
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise NodulekitError(f"{path}: weights do not fit a {ckpt['arch']} model ({first})") from None
-    return model
-
-
 def load_model_source(path: str | os.PathLike, fold: int | None = None) -> ModelSource:
     """Load a model from a RUNDIR (``fold`` defaults to 0) or a ``checkpoint.pt`` file, on CPU."""
+    from nodulekit.run import Run, load_checkpoint, model_from_checkpoint
+
     path = Path(path)
     if not path.exists():
         raise NodulekitError(f"{path} does not exist")
     if path.is_dir():
-        run_json = path / "run.json"
-        if not run_json.exists():
-            raise NodulekitError(f"{path} is not a RUNDIR (no run.json); pass a RUNDIR or a checkpoint.pt")
+        run = Run(path)
         fold = 0 if fold is None else int(fold)
-        ckpt_path = path / f"fold{fold}" / "checkpoint.pt"
-        if not ckpt_path.exists():
+        if not run.checkpoint_path(fold).exists():
             folds = sorted(p.parent.name for p in path.glob("fold*/checkpoint.pt"))
             raise NodulekitError(f"{path} has no trained fold {fold} (found: {', '.join(folds) or 'no checkpoints'})")
-        from nodulekit.training import load_fold_model
-
-        model, ckpt = load_fold_model(path, fold, device="cpu")
-        return ModelSource(model, str(ckpt_path), fold, ckpt.get("epoch"), _read_json(run_json))
-    from nodulekit.training import load_checkpoint
-
+        model, ckpt = run.load_model(fold, device="cpu")
+        return ModelSource(model, str(run.checkpoint_path(fold)), fold, ckpt.get("epoch"), run.record)
     ckpt = load_checkpoint(path)
-    model = _model_from_checkpoint(ckpt, path)
+    model = model_from_checkpoint(ckpt, path)
     # A checkpoint inside a RUNDIR (RUNDIR/fold<k>/checkpoint.pt) still finds its run.json.
-    run_json = path.parent.parent / "run.json"
-    run = _read_json(run_json) if run_json.exists() else {}
+    run = Run(path.parent.parent).record if (path.parent.parent / "run.json").exists() else {}
     # Training also stores provenance in the checkpoint: use it for a checkpoint copied out of its RUNDIR.
     for key in ("label_rule", "normalisation", "dataset_fingerprint"):
         if run.get(key) is None and ckpt.get(key) is not None:
@@ -239,26 +208,18 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
         raise NodulekitError(f"unknown exporter {exporter!r} (choose {' or '.join(EXPORTERS)})")
 
 
-def _run_dataset(run: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(path, fingerprint) of the training dataset recorded in run.json (``dataset`` may be a dict)."""
-    ds = run.get("dataset")
-    path = ds.get("path") if isinstance(ds, dict) else ds
-    fingerprint = run.get("dataset_fingerprint") or (ds.get("fingerprint") if isinstance(ds, dict) else None)
-    return (str(path) if path else None), (str(fingerprint) if fingerprint else None)
-
-
 def _export_inputs(run: dict[str, Any], channels: int, n: int, seed: int) -> tuple[np.ndarray, str]:
     """Real inputs from the run's dataset when it can be read, else seeded uniform [0, 1]."""
-    ds_path, _ = _run_dataset(run)
-    if ds_path and Path(ds_path).exists():
-        from nodulekit.artifacts import open_artifact
+    from nodulekit.datasets import load_dataset
+    from nodulekit.run import recorded_dataset
 
+    ds_path, _ = recorded_dataset(run)
+    if ds_path and Path(ds_path).exists():
         try:
-            with open_artifact(ds_path, "dataset") as f:
-                total = f["x"].shape[0]
-                if f["x"].shape[1] == channels and total:
-                    rows = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))
-                    return f["x"][rows.tolist()].astype(np.float32), f"dataset {ds_path} rows {rows.tolist()}"
+            ds = load_dataset(ds_path)
+            if ds.channels == channels:
+                rows = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
+                return ds.x[rows], f"dataset {ds_path} rows {rows.tolist()}"
         except NodulekitError:
             pass
     rng = np.random.default_rng(seed)
@@ -307,11 +268,13 @@ def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> 
 def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str]:
     import torch
 
+    from nodulekit.run import recorded_dataset
+
     model, run = src.model, src.run
     channels = int(getattr(model, "in_channels"))
     label_rule = run.get("label_rule")
     normalisation = run.get("normalisation")
-    ds_path, fingerprint = _run_dataset(run)
+    ds_path, fingerprint = recorded_dataset(run)
     meta = {
         "nodulekit_format": FORMAT,
         "nodulekit_version": __version__,
@@ -321,7 +284,7 @@ def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str
         "model_config": json.dumps(getattr(model, "config", {}) or {}, default=str, sort_keys=True),
         "in_channels": str(channels),
         "num_classes": str(int(getattr(model, "num_classes", 2))),
-        "class_names": json.dumps(["benign", "malignant"]),
+        "class_names": json.dumps(list(CLASS_NAMES)),
         "input": f"{INPUT_NAME}: float32 [batch, {channels}, {INPUT_SIZE}, {INPUT_SIZE}] normalised as in 'normalisation'",
         "outputs": json.dumps(
             {
@@ -522,40 +485,16 @@ def infer(
     """
     import time
 
-    from nodulekit.artifacts import (
-        check_output_path,
-        get_json_attr,
-        open_artifact,
-        provenance,
-        read_strings,
-        write_maps,
-    )
+    from nodulekit.artifacts import check_output_path, provenance, write_maps
+    from nodulekit.datasets import load_dataset
 
     if batch < 1:
         raise NodulekitError(f"--batch must be at least 1 (got {batch})")
     meta = read_metadata(onnx_path)
     check_output_path(out, overwrite)
-    channels = int(meta["in_channels"])
-    with open_artifact(dataset_path, "dataset") as f:
-        shape = f["x"].shape
-        if len(shape) != 4 or tuple(shape[2:]) != (INPUT_SIZE, INPUT_SIZE):
-            raise NodulekitError(f"{dataset_path}: x has shape {shape}, expected [N, C, {INPUT_SIZE}, {INPUT_SIZE}]")
-        if shape[1] != channels:
-            raise NodulekitError(
-                f"channel mismatch: {onnx_path} expects {channels} channels, {dataset_path} has {shape[1]}"
-            )
-        norm = get_json_attr(f, "normalisation")
-        if norm is not None and meta.get("normalisation", "unknown") != "unknown":
-            if json.loads(meta["normalisation"]) != norm:
-                raise NodulekitError(
-                    f"normalisation mismatch: model trained with {meta['normalisation']}, "
-                    f"{dataset_path} uses {json.dumps(norm)}"
-                )
-        x = f["x"][()]
-        y = f["y"][()]
-        ds_fold = f["fold"][()]
-        nodule_id = read_strings(f["nodule_id"])
-        label_rule = get_json_attr(f, "label_rule")
+    ds = load_dataset(dataset_path)
+    _check_inputs_match(meta, ds, onnx_path)
+    x, y, ds_fold, nodule_id, label_rule = ds.x, ds.y, ds.fold, ds.nodule_id, ds.label_rule
     session, ran, note = make_session(onnx_path, provider)
     t0 = time.perf_counter()
     prob, maps, maps_up = run_session(
@@ -577,7 +516,7 @@ def infer(
         out,
         nodule_id=nodule_id,
         maps=maps,
-        prob=prob[:, 1],
+        prob=prob[:, MALIGNANT],
         method=meta["map_kind"],
         arch=meta["arch"],
         source=f"onnx:{onnx_path}",
@@ -589,3 +528,17 @@ def infer(
         overwrite=overwrite,
     )
     return {"provider": ran, "note": note, "n": int(len(y)), "seconds": seconds, "out": str(out)}
+
+
+def _check_inputs_match(meta: dict[str, str], ds, onnx_path) -> None:
+    """The dataset has the channels and normalisation the exported model was trained with."""
+    if ds.channels != int(meta["in_channels"]):
+        raise NodulekitError(
+            f"channel mismatch: {onnx_path} expects {meta['in_channels']} channels, {ds.path} has {ds.channels}"
+        )
+    norm = ds.normalisation
+    if norm is not None and meta.get("normalisation", "unknown") != "unknown":
+        if json.loads(meta["normalisation"]) != norm:
+            raise NodulekitError(
+                f"normalisation mismatch: model trained with {meta['normalisation']}, {ds.path} uses {json.dumps(norm)}"
+            )

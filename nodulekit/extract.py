@@ -19,7 +19,6 @@ import math
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +28,11 @@ from nodulekit.cohort import (
     CHARACTERISTICS,
     LabelRule,
     NoduleRecord,
-    ignore_sigint,
     load_cohort,
     reader_arrays,
-    stop_pool,
 )
 from nodulekit.errors import DataError, NodulekitError
+from nodulekit.workers import run_tasks
 
 Z_OFFSETS_MM = np.arange(-10, 11, dtype=float)  # 21 slices, 1 mm apart
 WINDOW_DIAMETERS = 4.5  # window side in nodule diameters (room for a 4x ROI at any sub-pixel centre)
@@ -478,24 +476,9 @@ def extract_rois(
         unit="scan" if source == "dicom" else "voi",
         disable=not progress,
     )
-    try:
-        if workers <= 1 or len(todo) <= 1:
-            for u in todo:
-                _handle(_run_unit(u, str(parts)), failed, report, bar)
-        else:
-            import multiprocessing as mp
-
-            pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=mp.get_context("spawn"), initializer=ignore_sigint
-            )
-            try:
-                futures = [pool.submit(_run_unit, u, str(parts)) for u in todo]
-                for fut in as_completed(futures):
-                    _handle(fut.result(), failed, report, bar)
-            except BaseException:  # Ctrl-C: stop now; finished units are in the parts folder
-                stop_pool(pool)
-                raise
-            pool.shutdown()
+    try:  # on Ctrl-C the pool stops at once; finished units are in the parts folder
+        for _, result in run_tasks(_run_unit, todo, workers, args=(str(parts),)):
+            _handle(result, failed, report, bar)
     finally:
         bar.close()
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulekit.artifacts import read_maps
+from nodulekit.constants import MALIGNANT, predict_label
 from nodulekit.errors import NodulekitError
-from nodulekit.training import THRESHOLD  # the one fixed decision threshold (never tuned)
 
 
 def _pyplot():
@@ -47,29 +48,8 @@ def _display(m: np.ndarray) -> np.ndarray:
     return m / top if top > 0 else m
 
 
-def _read_maps(path: str | Path) -> dict:
-    from nodulekit.artifacts import open_artifact, read_strings
-
-    with open_artifact(path, "maps") as f:
-        out = {
-            "nodule_id": read_strings(f["nodule_id"]),
-            "maps_up": f["maps_up"][()] if "maps_up" in f else None,
-            "maps": f["maps"][()],
-            "prob": f["prob"][()],
-            "y": f["y"][()] if "y" in f else None,
-            "method": str(f.attrs.get("method", Path(path).stem)),
-        }
-        for name in ("slice_maps", "slice_prob"):
-            out[name] = f[name][()] if name in f else None
-    if out["maps_up"] is None:
-        from nodulekit.maps import upsample
-
-        out["maps_up"] = upsample(out["maps"])
-    return out
-
-
 def _prob_label(ax, prob: float, y: int | None) -> None:
-    wrong = y is not None and y >= 0 and (prob >= THRESHOLD) != (y == 1)
+    wrong = y is not None and y >= 0 and predict_label(prob) != y
     ax.set_xlabel(f"{prob:.3f}", color="red" if wrong else "black", fontsize=9)
 
 
@@ -99,8 +79,8 @@ def map_grid(
     if not maps_paths:
         raise NodulekitError("give at least one maps file")
     ds = load_dataset(dataset)
-    runs = [_read_maps(p) for p in maps_paths]
-    common = [i for i in runs[0]["nodule_id"] if all(i in set(r["nodule_id"]) for r in runs[1:])]
+    runs = [read_maps(p) for p in maps_paths]
+    common = [i for i in runs[0].nodule_id if all(i in set(r.nodule_id) for r in runs[1:])]
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     if nodules:
         missing = [i for i in nodules if i not in common or i not in row_of]
@@ -130,13 +110,13 @@ def map_grid(
         if r == 0:
             ax.set_title("ROI", fontsize=9)
         for c, run in enumerate(runs, start=1):
-            i = run["nodule_id"].index(nid)
+            i = run.nodule_id.index(nid)
             ax = axes[r, c]
             ax.imshow(roi, cmap="gray", vmin=0, vmax=1)
-            ax.imshow(_display(run["maps_up"][i, map_class]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            _prob_label(ax, float(run["prob"][i]), y)
+            ax.imshow(_display(run.maps_up[i, map_class]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            _prob_label(ax, float(run.prob[i]), y)
             if r == 0:
-                ax.set_title(run["method"].upper(), fontsize=9)
+                ax.set_title(run.method.upper(), fontsize=9)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -157,12 +137,12 @@ def slice_grid(
     """Fig. 5-style grid from a ``maps --per-slice`` file: single-slice maps, then the full-volume map."""
     from nodulekit.datasets import load_dataset
 
-    run = _read_maps(maps_path)
-    if run["slice_maps"] is None:
+    run = read_maps(maps_path)
+    if "slice_maps" not in run.extra:
         raise NodulekitError(f"{maps_path} has no slice_maps; make it with `nodulekit maps --per-slice`")
     ds = load_dataset(dataset)
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
-    ids = [i for i in run["nodule_id"] if i in row_of]
+    ids = [i for i in run.nodule_id if i in row_of]
     if nodules:
         missing = [i for i in nodules if i not in ids]
         if missing:
@@ -172,7 +152,7 @@ def slice_grid(
         chosen = _pick_nodules(ids, ds.y[[row_of[i] for i in ids]], n)
     from nodulekit.maps import upsample
 
-    channels = run["slice_maps"].shape[1]
+    channels = run.extra["slice_maps"].shape[1]
     shown = np.unique(np.linspace(0, channels - 1, min(slices, channels)).round().astype(int))
     plt = _pyplot()
     cols = len(shown) + 1
@@ -180,27 +160,27 @@ def slice_grid(
         len(chosen), cols, figsize=(1.8 * cols, 2.0 * len(chosen)), squeeze=False, layout="constrained"
     )
     for r, nid in enumerate(chosen):
-        i, row = run["nodule_id"].index(nid), row_of[nid]
+        i, row = run.nodule_id.index(nid), row_of[nid]
         y = int(ds.y[row])
-        up = upsample(run["slice_maps"][i : i + 1])[0]
+        up = upsample(run.extra["slice_maps"][i : i + 1])[0]
         for c, s in enumerate(shown):
             ax = axes[r, c]
             ax.imshow(ds.x[row, s], cmap="gray", vmin=0, vmax=1)
             ax.imshow(_display(up[s]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            _prob_label(ax, float(run["slice_prob"][i, s]), y)
+            _prob_label(ax, float(run.extra["slice_prob"][i, s]), y)
             if r == 0:
                 ax.set_title(f"slice {s}", fontsize=9)
         ax = axes[r, -1]
         ax.imshow(ds.x[row, channels // 2], cmap="gray", vmin=0, vmax=1)
-        ax.imshow(_display(run["maps_up"][i, 1]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        _prob_label(ax, float(run["prob"][i]), y)
+        ax.imshow(_display(run.maps_up[i, MALIGNANT]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        _prob_label(ax, float(run.prob[i]), y)
         axes[r, 0].set_ylabel(f"{nid}\n{'M' if y == 1 else 'B'}", fontsize=7)
         if r == 0:
             ax.set_title("all slices", fontsize=9)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{run['method'].upper()}: single slices copied to all channels, then the real volume", fontsize=9)
+    fig.suptitle(f"{run.method.upper()}: single slices copied to all channels, then the real volume", fontsize=9)
     return _save(fig, out, overwrite)
 
 

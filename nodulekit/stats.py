@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from nodulekit.constants import predict_label
 from nodulekit.errors import NodulekitError
-from nodulekit.training import THRESHOLD, load_run  # one run.json reader, one fixed threshold
+from nodulekit.run import Run
 
 # --------------------------------------------------------------------------------------
 # Pure statistical methods.
@@ -312,55 +313,32 @@ def holm(p_values) -> np.ndarray:
     return out
 
 
-def run_fingerprint(run: dict[str, Any]) -> str | None:
-    fp = run.get("dataset_fingerprint")
-    if not fp and isinstance(run.get("dataset"), dict):
-        fp = run["dataset"].get("fingerprint")
-    return fp
-
-
 def run_predictions(rundir: str | Path):
     """Test-set predictions of every fold of a run: DataFrame nodule_id, index, fold, prob, y."""
     import pandas as pd
 
-    from nodulekit.artifacts import open_artifact, read_strings
-
-    rundir = Path(rundir)
-    run = load_run(rundir)
-    n_folds = int(run.get("n_folds", 0))
-    if n_folds < 1:
-        raise NodulekitError(f"{rundir}/run.json records no n_folds")
-    missing = [k for k in range(n_folds) if not (rundir / f"fold{k}" / "result.h5").exists()]
-    if missing:
-        raise NodulekitError(
-            f"{rundir} lacks finished fold(s) {', '.join(f'fold{k}' for k in missing)} (no result.h5); "
-            "finish training them first"
+    run = Run(rundir)
+    frames = [
+        pd.DataFrame(
+            {
+                "nodule_id": r.test_nodule_id,
+                "index": r.test_index,
+                "fold": r.fold,
+                "prob": r.test_prob,
+                "y": r.test_y.astype(int),
+            }
         )
-    frames = []
-    for k in range(n_folds):
-        with open_artifact(rundir / f"fold{k}" / "result.h5", "fold_result") as f:
-            if "test_nodule_id" not in f or "test_y" not in f:
-                raise NodulekitError(f"{rundir}/fold{k}/result.h5 lacks test_nodule_id or test_y")
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "nodule_id": read_strings(f["test_nodule_id"]),
-                        "index": f["test_index"][()],
-                        "fold": k,
-                        "prob": f["test_prob"][()].astype(float),
-                        "y": f["test_y"][()].astype(int),
-                    }
-                )
-            )
+        for r in run.fold_results()
+    ]
     df = pd.concat(frames, ignore_index=True)
     dup = df["nodule_id"][df["nodule_id"].duplicated()]
     if len(dup):
         raise NodulekitError(f"{rundir}: nodule {dup.iloc[0]} is in the test set of more than one fold")
     df.attrs.update(
         rundir=str(rundir),
-        arch=run.get("arch", "?"),
-        fingerprint=run_fingerprint(run),
-        label=rundir.name or str(rundir),
+        arch=run.arch,
+        fingerprint=run.dataset_fingerprint,
+        label=run.path.name or str(rundir),
     )
     return df
 
@@ -447,16 +425,11 @@ def reader_comparison(rundir: str | Path, dataset: str | Path | None = None):
     """Per reader position (1..4, pylidc order) and the model: accuracy, FP, FN, abstentions (DataFrame)."""
     import pandas as pd
 
-    from nodulekit.datasets import dataset_fingerprint, load_dataset
-    from nodulekit.maps import run_dataset_path
-
     rundir = Path(rundir)
     preds = run_predictions(rundir)
-    path = run_dataset_path(rundir, dataset)
-    ds = load_dataset(path)
-    fp = preds.attrs["fingerprint"]
-    if fp and dataset_fingerprint(ds) != fp:
-        raise NodulekitError(f"{path} is not the dataset {rundir} was trained on (fingerprints differ)")
+    run = Run(rundir)
+    path = run.dataset_path(dataset)
+    ds = run.load_dataset(dataset)
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     unknown = [n for n in preds["nodule_id"] if n not in row_of]
     if unknown:
@@ -464,7 +437,7 @@ def reader_comparison(rundir: str | Path, dataset: str | Path | None = None):
     rows = np.array([row_of[n] for n in preds["nodule_id"]])
     y = ds.y[rows]
     calls = reader_calls(ds.reader_malignancy[rows])
-    model_call = (preds["prob"].to_numpy() >= THRESHOLD).astype(int)
+    model_call = predict_label(preds["prob"].to_numpy())
     records = []
     for j in range(calls.shape[1]):
         rec = {"who": f"reader {j + 1}", **_counts(calls[:, j], y)}
@@ -544,7 +517,7 @@ WILCOXON_NOTES = (
 READERS_NOTES = (
     "Reader calls: rating > 3 malignant, < 3 benign, 3 abstains (left out of that reader's accuracy); "
     "reader positions follow pylidc's annotation order, so 'reader 1' is not the same person across nodules. "
-    "The model calls malignant at p >= 0.5, over all test folds. `model_accuracy_same_nodules`: the model on "
+    "The model calls malignant at p > 0.5, over all test folds. `model_accuracy_same_nodules`: the model on "
     "exactly the nodules that reader called. Caution: the consensus label is the mean of these readers' ratings, "
     "so readers are scored against a label they helped define (circular; it flatters them)."
 )

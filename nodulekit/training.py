@@ -35,37 +35,24 @@ from typing import Any
 import numpy as np
 
 from nodulekit import __version__, claims
-from nodulekit.artifacts import (
-    atomic_path,
-    provenance,
-    set_json_attr,
-    write_artifact,
-    write_strings,
-)
+from nodulekit.artifacts import provenance
+from nodulekit.constants import MALIGNANT, THRESHOLD
+from nodulekit.datasets import Dataset, load_dataset
 from nodulekit.errors import NodulekitError
-
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
-VAL_COLUMNS = ("epoch", "val_loss", "val_acc")
-RUN_FORMAT = 1
-CHECKPOINT_FORMAT = 1
-# Decision threshold on the malignant probability, fixed before any training (= argmax
-# of two softmax outputs); never tuned on test data.
-THRESHOLD = 0.5
-SELECT_MODES = ("last", "val")
-# run.json keys that define the experiment: every `train` writing into one RUNDIR must
-# agree on them. Device, AMP and compile are execution choices recorded per fold.
-SIGNATURE_KEYS = (
-    "arch",
-    "model_options",
-    "in_channels",
-    "num_classes",
-    "n_folds",
-    "seed",
-    "batch_size",
-    "optimiser",
-    "scheduler",
-    "selection",
+from nodulekit.run import (  # noqa: F401 - load_run, load_fold_model: the public names of the RUNDIR readers
+    CHECKPOINT_FORMAT,
+    HISTORY_COLUMNS,
+    RUN_FORMAT,
+    build_model,
+    load_checkpoint,
+    load_fold_model,
+    load_run,
+    prepare_rundir,
+    save_checkpoint,
+    write_fold_result,
 )
+
+SELECT_MODES = ("last", "val")
 
 
 class TrainingDiverged(NodulekitError):
@@ -115,75 +102,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class TrainingData:
-    """The parts of a ``dataset`` artifact that training needs, validated."""
-
-    path: Path
-    x: np.ndarray
-    y: np.ndarray
-    fold: np.ndarray
-    patient_id: np.ndarray
-    nodule_id: np.ndarray
-    mask: np.ndarray | None
-    characteristics: np.ndarray | None
-    name: str
-    n_folds: int
-    split: str
-    label_rule: Any
-    normalisation: Any
-    fingerprint: str
-
-    @property
-    def channels(self) -> int:
-        return int(self.x.shape[1])
-
-
-def load_training_data(path: str | os.PathLike) -> TrainingData:
-    """Read and check a ``dataset`` artifact via ``nodulekit.datasets.load_dataset``."""
-    from nodulekit.datasets import dataset_fingerprint, load_dataset
-
-    path = Path(path)
-    ds = load_dataset(path)
-    attrs = dict(ds.attrs)
-    x = np.asarray(ds.x, np.float32)
-    y, fold = np.asarray(ds.y, np.int64), np.asarray(ds.fold, np.int64)
-    patient_id = np.asarray([str(p) for p in ds.patient_id])
-    nodule_id = np.asarray([str(n) for n in ds.nodule_id])
-    mask, characteristics = ds.mask, ds.characteristics
-    fingerprint = str(dataset_fingerprint(ds))
-
-    def attr_json(name, default=None):
-        value = attrs.get(name, default)
-        if isinstance(value, (bytes, str)):
-            try:
-                return json.loads(value)
-            except (TypeError, ValueError):
-                return value.decode() if isinstance(value, bytes) else value
-        return value
-
-    # load_dataset has checked shapes, labels in {0, 1}, finite x and fold range
-    n_folds = int(attrs["n_folds"])
-    characteristics = np.asarray(characteristics, np.float32) if characteristics is not None else None
-    name = attrs.get("name", f"D{x.shape[1]}C")
-    return TrainingData(
-        path=path,
-        x=x,
-        y=y,
-        fold=fold,
-        patient_id=patient_id,
-        nodule_id=nodule_id,
-        mask=mask,
-        characteristics=characteristics,
-        name=name.decode() if isinstance(name, bytes) else str(name),
-        n_folds=n_folds,
-        split=str(attr_json("split", "unknown")),
-        label_rule=attr_json("label_rule"),
-        normalisation=attr_json("normalisation"),
-        fingerprint=fingerprint,
-    )
-
-
 def fold_seed(seed: int, fold: int) -> int:
     """Independent, reproducible seed for one fold (same whether trained alone or not)."""
     return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
@@ -214,7 +132,7 @@ class FoldSplit:
     val_index: np.ndarray | None
 
 
-def fold_split(data: TrainingData, fold: int, cfg: TrainConfig) -> FoldSplit:
+def fold_split(data: Dataset, fold: int, cfg: TrainConfig) -> FoldSplit:
     """Rows of the dataset used to train, validate and test one fold; refuses degenerate folds."""
     if not 0 <= fold < data.n_folds:
         raise NodulekitError(f"fold {fold} does not exist: {data.path} has folds 0..{data.n_folds - 1}")
@@ -272,7 +190,7 @@ def resolve_device(name: str):
     return device
 
 
-def run_record(cfg: TrainConfig, data: TrainingData, device) -> dict[str, Any]:
+def run_record(cfg: TrainConfig, data: Dataset, device) -> dict[str, Any]:
     """Everything run.json records (see docs/ARCHITECTURE.md)."""
     prov = provenance()
     return {
@@ -326,127 +244,7 @@ def run_record(cfg: TrainConfig, data: TrainingData, device) -> dict[str, Any]:
     }
 
 
-def load_run(rundir: str | os.PathLike) -> dict[str, Any]:
-    """The run.json of a RUNDIR."""
-    path = Path(rundir) / "run.json"
-    if not Path(rundir).is_dir():
-        raise NodulekitError(f"{rundir} is not a nodulekit run folder (it does not exist)")
-    if not path.exists():
-        raise NodulekitError(f"{rundir} is not a nodulekit run folder (no run.json)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise NodulekitError(f"{path} is not valid JSON: {exc}") from None
-
-
-def _write_json(path: Path, record: dict) -> None:
-    with atomic_path(path, suffix=".json.part") as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _describe_difference(old: dict, new: dict) -> str:
-    diffs = []
-    for key in SIGNATURE_KEYS:
-        if old.get(key) != new.get(key):
-            diffs.append(f"{key} {json.dumps(old.get(key), default=str)} vs {json.dumps(new.get(key), default=str)}")
-    return "; ".join(diffs)
-
-
-def prepare_rundir(rundir: str | os.PathLike, record: dict, overwrite: bool = False) -> dict:
-    """Create RUNDIR with run.json, or check that an existing one is the same experiment.
-
-    Re-running the same command resumes. More epochs than recorded extends the run
-    (the step schedule does not depend on the total); fewer, or any other change,
-    is refused unless ``overwrite`` (which deletes the old run's files only).
-    """
-    rundir = Path(rundir)
-    run_json = rundir / "run.json"
-    if rundir.exists() and not rundir.is_dir():
-        raise NodulekitError(f"{rundir} exists and is not a folder")
-    if rundir.is_dir() and not run_json.exists() and any(rundir.iterdir()):
-        raise NodulekitError(f"{rundir} is a non-empty folder without run.json; choose a new or empty -o RUNDIR")
-    if run_json.exists() and overwrite:
-        for fold_dir in rundir.glob("fold*"):
-            for name in ("checkpoint.pt", "result.h5"):
-                if (fold_dir / name).exists():
-                    (fold_dir / name).unlink()
-        run_json.unlink()
-    if run_json.exists():
-        old = load_run(rundir)
-        if old.get("in_channels") != record["in_channels"]:
-            raise NodulekitError(
-                f"{rundir} holds models for {old.get('in_channels')}-channel input but {record['dataset']['path']} has "
-                f"{record['in_channels']} channels; use a new -o RUNDIR or --overwrite"
-            )
-        if old.get("dataset_fingerprint") != record["dataset_fingerprint"]:
-            raise NodulekitError(
-                f"{rundir} was trained on a different dataset ({old.get('dataset', {}).get('path')}, fingerprint "
-                f"{str(old.get('dataset_fingerprint'))[:12]}) than {record['dataset']['path']} "
-                f"({record['dataset_fingerprint'][:12]}); use a new -o RUNDIR or --overwrite"
-            )
-        diff = _describe_difference(old, record)
-        if diff:
-            raise NodulekitError(
-                f"{rundir} was made with different settings ({diff}); use the same settings, a new -o RUNDIR, or --overwrite"
-            )
-        if record["epochs"] < old.get("epochs", 0):
-            raise NodulekitError(
-                f"{rundir} was configured for {old['epochs']} epochs; pass --epochs {old['epochs']} (or more to extend it)"
-            )
-        if record["epochs"] > old.get("epochs", 0):
-            old["epochs"] = record["epochs"]
-            _write_json(run_json, old)
-        return old
-    rundir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_json, record)
-    return record
-
-
 # --------------------------------------------------------------------------- model I/O
-
-
-def _create_model(arch: str, in_channels: int, num_classes: int, options: dict):
-    try:
-        from nodulekit.models import create_model
-    except ImportError as exc:
-        raise NodulekitError(f"the model registry (nodulekit.models) is not available: {exc}") from None
-    try:
-        return create_model(arch, in_channels, num_classes=num_classes, **options)
-    except NodulekitError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise NodulekitError(f"cannot build model {arch!r} with options {options}: {exc}") from None
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise NodulekitError(f"{path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: one line for the user
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(exc).__name__)
-        raise NodulekitError(f"{path} is not a readable nodulekit checkpoint: {reason}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
-        raise NodulekitError(f"{path} is not a nodulekit checkpoint (no state_dict/arch)")
-    return ckpt
-
-
-def load_fold_model(rundir: str | os.PathLike, fold: int, device: str = "cpu"):
-    """The trained model of one fold, in eval mode, and its checkpoint dict."""
-    path = Path(rundir) / f"fold{int(fold)}" / "checkpoint.pt"
-    if not path.exists():
-        raise NodulekitError(f"{path} does not exist: fold {fold} of {rundir} has not been trained")
-    ckpt = load_checkpoint(path)
-    model = _create_model(
-        ckpt["arch"], int(ckpt["in_channels"]), int(ckpt["num_classes"]), dict(ckpt.get("config") or {})
-    )
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model.to(resolve_device(device)), ckpt
 
 
 def _model_config(model, cfg: TrainConfig) -> dict:
@@ -456,14 +254,6 @@ def _model_config(model, cfg: TrainConfig) -> dict:
 
 def _state_to_cpu(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def _save_checkpoint(path: Path, ckpt: dict) -> None:
-    import torch
-
-    # temp file + os.replace: an interrupted save leaves the previous checkpoint intact
-    with atomic_path(path, suffix=".pt.part") as tmp:
-        torch.save(ckpt, tmp)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -510,7 +300,7 @@ class ValidationSelector:
 class _DeviceData:
     """The whole dataset as tensors on the training device (no DataLoader, no copies per batch)."""
 
-    def __init__(self, data: TrainingData, device, with_targets: bool):
+    def __init__(self, data: Dataset, device, with_targets: bool):
         import torch
 
         self.device = device
@@ -620,7 +410,7 @@ def _train_epoch(
 
 
 def train_fold(
-    data: TrainingData,
+    data: Dataset,
     cfg: TrainConfig,
     fold: int,
     rundir: str | os.PathLike,
@@ -651,7 +441,7 @@ def train_fold(
     seed = fold_seed(cfg.seed, fold)
 
     torch.manual_seed(seed)  # model initialisation
-    model = _create_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
+    model = build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
     config = _model_config(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -773,7 +563,7 @@ def train_fold(
                 if selector.update(epoch, val_loss, val_acc):
                     best_state = _state_to_cpu(model.state_dict())
                 metrics.update(val_loss=val_loss, val_acc=val_acc)
-            _save_checkpoint(ckpt_path, checkpoint(epoch, finished=False))
+            save_checkpoint(ckpt_path, checkpoint(epoch, finished=False))
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
                 bar.update(1)
@@ -785,13 +575,13 @@ def train_fold(
 
     # Final model: the last epoch, or the best-validation epoch.
     final_ckpt = checkpoint(cfg.epochs, finished=True)
-    eval_model = _create_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
+    eval_model = build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
     eval_model.load_state_dict(final_ckpt["state_dict"])
     logits = predict_logits(eval_model, dd.x, split.test_index, cfg.eval_batch_size, amp)
-    test_prob = torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64)
+    test_prob = torch.softmax(logits, dim=1)[:, MALIGNANT].numpy().astype(np.float64)
     test_loss, test_acc = _score(logits, y_test)
-    _save_checkpoint(ckpt_path, final_ckpt)
-    write_fold_result(
+    save_checkpoint(ckpt_path, final_ckpt)
+    write_result(
         result_path,
         data=data,
         split=split,
@@ -816,10 +606,10 @@ def train_fold(
     }
 
 
-def write_fold_result(
+def write_result(
     path,
     *,
-    data: TrainingData,
+    data: Dataset,
     split: FoldSplit,
     cfg: TrainConfig,
     run: dict,
@@ -831,7 +621,7 @@ def write_fold_result(
     device,
     amp,
 ) -> Path:
-    """Write ``fold<k>/result.h5`` (``fold_result`` kind) atomically."""
+    """Write one finished fold's ``result.h5`` with its provenance."""
     prov = provenance(
         stage="train",
         arch=cfg.arch,
@@ -846,32 +636,31 @@ def write_fold_result(
         selected_epoch=selected_epoch,
         versions=_versions(),
     )
-    with write_artifact(path, "fold_result", prov, overwrite=True) as f:
-        h = f.create_dataset("history", data=np.asarray(history, np.float64).reshape(-1, len(HISTORY_COLUMNS)))
-        h.attrs["columns"] = list(HISTORY_COLUMNS)
-        f["epoch_seconds"] = np.asarray(epoch_seconds, np.float64)
-        f["test_index"] = split.test_index.astype(np.int64)
-        f["test_prob"] = np.asarray(test_prob, np.float64)
-        f["test_y"] = data.y[split.test_index].astype(np.int64)
-        write_strings(f, "test_nodule_id", data.nodule_id[split.test_index])
-        write_strings(f, "test_patient_id", data.patient_id[split.test_index])
-        f["train_index"] = split.train_index.astype(np.int64)
-        if split.val_index is not None:
-            f["val_index"] = split.val_index.astype(np.int64)
-            v = f.create_dataset("val_history", data=np.asarray(val_history, np.float64).reshape(-1, len(VAL_COLUMNS)))
-            v.attrs["columns"] = list(VAL_COLUMNS)
-        f.attrs["fold"] = split.fold
-        f.attrs["arch"] = cfg.arch
-        f.attrs["dataset_name"] = data.name
-        f.attrs["select"] = cfg.select
-        f.attrs["selected_epoch"] = -1 if selected_epoch is None else int(selected_epoch)
-        f.attrs["epochs"] = cfg.epochs
-        f.attrs["threshold"] = THRESHOLD
-        set_json_attr(f, "label_rule", data.label_rule)
-        set_json_attr(
-            f, "run", {k: run.get(k) for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")}
-        )
-    return Path(path)
+    test = split.test_index
+    return write_fold_result(
+        path,
+        prov=prov,
+        history=history,
+        test_index=test,
+        test_prob=test_prob,
+        test_y=data.y[test],
+        test_nodule_id=data.nodule_id[test],
+        test_patient_id=data.patient_id[test],
+        train_index=split.train_index,
+        val_index=split.val_index,
+        val_history=val_history,
+        epoch_seconds=epoch_seconds,
+        attrs={
+            "fold": split.fold,
+            "arch": cfg.arch,
+            "dataset_name": data.name,
+            "select": cfg.select,
+            "selected_epoch": -1 if selected_epoch is None else int(selected_epoch),
+            "epochs": cfg.epochs,
+            "label_rule": data.label_rule,
+            "run": {k: run.get(k) for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")},
+        },
+    )
 
 
 def train(
@@ -896,7 +685,7 @@ def train(
     import torch
 
     cfg.validate()
-    data = load_training_data(dataset)
+    data = load_dataset(dataset)
     if n_folds is not None and n_folds != data.n_folds:
         raise NodulekitError(f"--folds {n_folds} does not match {dataset}, which was split into {data.n_folds} folds")
     wanted = sorted(set(range(data.n_folds) if not folds else folds))
@@ -918,7 +707,7 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
     # fork_rng: training seeds itself per fold and leaves the caller's random state alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # build one model now so an unknown --arch or bad --model-opt fails before anything is written
-        probe = _create_model(cfg.arch, data.channels, 2, cfg.model_options)
+        probe = build_model(cfg.arch, data.channels, 2, cfg.model_options)
         cfg.model_options = _model_config(probe, cfg)  # every option, defaults included
         use_features = _uses_features(probe)
         del probe

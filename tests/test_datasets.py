@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nodulekit.artifacts import provenance, set_json_attr, write_artifact, write_strings
+from nodulekit.constants import CHARACTERISTICS
 from nodulekit.datasets import (
     assign_folds,
     build_dataset,
@@ -24,16 +25,7 @@ from nodulekit.errors import ArtifactError, DataError, NodulekitError
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_RULE = {"min_readers": 3, "malignant_above": 3.0, "benign_below": 3.0, "exclude": "mean == 3"}
-NAMES = [
-    "subtlety",
-    "internalStructure",
-    "calcification",
-    "sphericity",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-]
+NAMES = list(CHARACTERISTICS)
 
 
 def sphere_volume(diameter_mm: float, spacing_mm: float, side_px: int, rng=None, noise: float = 0.0):

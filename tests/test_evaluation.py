@@ -19,8 +19,8 @@ torch.set_num_threads(1)
 
 def fake_run(rundir, *, arch="hesam", name="D11C", n_folds=3, seed=0, epochs=4, per_fold=10, skip=()):
     """A RUNDIR as `train` writes it, with random predictions (no training needed)."""
-    from nodulekit.artifacts import provenance, write_artifact, write_strings
-    from nodulekit.training import HISTORY_COLUMNS
+    from nodulekit.artifacts import provenance
+    from nodulekit.run import write_fold_result
 
     rng = np.random.default_rng(seed)
     rundir.mkdir(parents=True)
@@ -48,13 +48,16 @@ def fake_run(rundir, *, arch="hesam", name="D11C", n_folds=3, seed=0, epochs=4, 
         index = np.arange(k * per_fold, (k + 1) * per_fold)
         patients = [f"P{k}-{i // 2}" for i in range(per_fold)]
         (rundir / f"fold{k}").mkdir()
-        with write_artifact(rundir / f"fold{k}" / "result.h5", "fold_result", provenance()) as f:
-            hist = np.column_stack([np.arange(1, epochs + 1), rng.uniform(0.2, 0.7, (epochs, 4))])
-            f.create_dataset("history", data=hist).attrs["columns"] = list(HISTORY_COLUMNS)
-            f["test_index"], f["test_prob"], f["test_y"] = index, prob, y
-            write_strings(f, "test_nodule_id", [f"{p}:{i % 2 + 1}" for i, p in enumerate(patients)])
-            f.attrs["epochs"] = epochs
-            f.attrs["selected_epoch"] = epochs
+        write_fold_result(
+            rundir / f"fold{k}" / "result.h5",
+            prov=provenance(),
+            history=np.column_stack([np.arange(1, epochs + 1), rng.uniform(0.2, 0.7, (epochs, 4))]),
+            test_index=index,
+            test_prob=prob,
+            test_y=y,
+            test_nodule_id=[f"{p}:{i % 2 + 1}" for i, p in enumerate(patients)],
+            attrs={"epochs": epochs, "selected_epoch": epochs},
+        )
         truth[k] = (y, prob, patients)
     return truth
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from nodulekit import maps as M
 from nodulekit.errors import NodulekitError
+from nodulekit.run import Run
 
 torch.set_num_threads(1)
 
@@ -186,26 +187,29 @@ def test_upsample_keeps_constants_and_shape():
 
 def fake_run(tmp_path, dataset, folds=(0, 1, 2, 3, 4), head="cam"):
     """A RUNDIR with run.json and per-fold result.h5 (models come from ``models``)."""
-    from nodulekit.artifacts import open_artifact, provenance, read_strings, write_artifact, write_strings
+    from nodulekit.artifacts import provenance
+    from nodulekit.datasets import load_dataset
+    from nodulekit.run import write_fold_result
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"arch": f"tiny-{head}", "dataset": str(dataset), "n_folds": 5}))
-    with open_artifact(dataset, "dataset") as f:
-        fold = f["fold"][()]
-        ids = read_strings(f["nodule_id"])
-        y = f["y"][()]
+    ds = load_dataset(dataset)
+    fold, ids, y = ds.fold, ds.nodule_id, ds.y
     models = {}
     for k in folds:
         (run / f"fold{k}").mkdir()
         (run / f"fold{k}" / "checkpoint.pt").write_bytes(b"")
         index = np.flatnonzero(fold == k)
-        with write_artifact(run / f"fold{k}" / "result.h5", "fold_result", provenance()) as f:
-            f["history"] = np.zeros((1, 5))
-            f["test_index"] = index
-            f["test_prob"] = np.full(len(index), 0.5)
-            f["test_y"] = y[index]
-            write_strings(f, "test_nodule_id", [ids[i] for i in index])
+        write_fold_result(
+            run / f"fold{k}" / "result.h5",
+            prov=provenance(),
+            history=np.zeros((1, 5)),
+            test_index=index,
+            test_prob=np.full(len(index), 0.5),
+            test_y=y[index],
+            test_nodule_id=[ids[i] for i in index],
+        )
         torch.manual_seed(10 + k)
         models[k] = trained_like(TinyNet(channels=11, head=head), seed=k)
     return run, models
@@ -213,7 +217,7 @@ def fake_run(tmp_path, dataset, folds=(0, 1, 2, 3, 4), head="cam"):
 
 def test_run_maps_uses_each_nodules_test_fold_model(tmp_path, tiny_dataset, monkeypatch):
     run, models = fake_run(tmp_path, tiny_dataset)
-    monkeypatch.setattr(M, "_load_fold_model", lambda rundir, k, device: models[k])
+    monkeypatch.setattr(Run, "load_model", lambda self, k, device="cpu": (models[k], {}))
     res = M.run_maps(run, "cam", nodules=["SYN-0003:2", "SYN-0000:1", "SYN-0007:1"], progress=False, device="cpu")
     assert res.nodule_id == ["SYN-0003:2", "SYN-0000:1", "SYN-0007:1"]
     with h5py.File(tiny_dataset) as f:
@@ -236,7 +240,7 @@ def test_run_maps_uses_each_nodules_test_fold_model(tmp_path, tiny_dataset, monk
 
 def test_run_maps_names_missing_folds_and_bad_ids(tmp_path, tiny_dataset, monkeypatch):
     run, models = fake_run(tmp_path, tiny_dataset, folds=(0, 1, 3))
-    monkeypatch.setattr(M, "_load_fold_model", lambda rundir, k, device: models[k])
+    monkeypatch.setattr(Run, "load_model", lambda self, k, device="cpu": (models[k], {}))
     with pytest.raises(NodulekitError, match=r"lacks finished fold\(s\) fold2, fold4 "):
         M.run_maps(run, "cam", progress=False, device="cpu")
     with pytest.raises(NodulekitError, match="not in .*: NOPE:1"):

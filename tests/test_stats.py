@@ -10,8 +10,9 @@ import pytest
 from scipy.stats import wilcoxon
 
 from nodulekit import stats as St
-from nodulekit.artifacts import provenance, write_artifact, write_strings
+from nodulekit.artifacts import provenance
 from nodulekit.errors import NodulekitError
+from nodulekit.run import write_fold_result
 
 
 def fake_run(path, ids, y, prob, folds=3, fingerprint="abc", arch="hesam", order_seed=None, skip_fold=None):
@@ -25,12 +26,15 @@ def fake_run(path, ids, y, prob, folds=3, fingerprint="abc", arch="hesam", order
         if order_seed is not None:
             idx = np.random.default_rng(order_seed + k).permutation(idx)
         (path / f"fold{k}").mkdir()
-        with write_artifact(path / f"fold{k}" / "result.h5", "fold_result", provenance()) as f:
-            f["history"] = np.zeros((1, 5))
-            f["test_index"] = idx
-            f["test_prob"] = np.asarray(prob, float)[idx]
-            f["test_y"] = np.asarray(y)[idx]
-            write_strings(f, "test_nodule_id", [ids[i] for i in idx])
+        write_fold_result(
+            path / f"fold{k}" / "result.h5",
+            prov=provenance(),
+            history=np.zeros((1, 5)),
+            test_index=idx,
+            test_prob=np.asarray(prob, float)[idx],
+            test_y=np.asarray(y)[idx],
+            test_nodule_id=[ids[i] for i in idx],
+        )
     return path
 
 

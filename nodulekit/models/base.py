@@ -7,9 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nodulekit.constants import INPUT_SIZE
 from nodulekit.errors import NodulekitError
-
-INPUT_SIZE = 32  # every dataset is 32x32 patches (paper, Table 1)
 
 
 def _exporting() -> bool:

@@ -1,0 +1,511 @@
+"""A RUNDIR, read and written in one place: :class:`Run`, ``run.json``, checkpoints, fold results.
+
+Layout (docs/ARCHITECTURE.md, "RUNDIR")::
+
+    RUNDIR/run.json               the settings every fold shares (written by ``train``)
+    RUNDIR/fold<k>/checkpoint.pt  the fold's model, rewritten atomically after every epoch
+    RUNDIR/fold<k>/result.h5      ``fold_result`` artifact, written once the fold is finished
+
+Every stage that reads a run (evaluate, maps, wilcoxon, readers, export-onnx, the demo)
+goes through :class:`Run`: one reader of ``run.json``, one of ``fold_result``, one way to
+rebuild a fold's model from its checkpoint, one dataset check. A fold is *finished* when
+its ``result.h5`` exists and covers every epoch run.json asks for, *unfinished* when it
+has a checkpoint but no result (or a result of fewer epochs), *missing* otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nodulekit.constants import THRESHOLD
+from nodulekit.errors import ArtifactError, NodulekitError
+
+RUN_FORMAT = 1
+CHECKPOINT_FORMAT = 1
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+VAL_COLUMNS = ("epoch", "val_loss", "val_acc")
+FOLD_STATUSES = ("finished", "unfinished", "missing")
+# run.json keys that define the experiment: every `train` writing into one RUNDIR must
+# agree on them. Device, AMP and compile are execution choices recorded per fold.
+SIGNATURE_KEYS = (
+    "arch",
+    "model_options",
+    "in_channels",
+    "num_classes",
+    "n_folds",
+    "seed",
+    "batch_size",
+    "optimiser",
+    "scheduler",
+    "selection",
+)
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def read_run_json(rundir: str | os.PathLike) -> dict[str, Any]:
+    """The run.json of a RUNDIR (the one reader), or a one-line error."""
+    path = Path(rundir) / "run.json"
+    if not Path(rundir).is_dir():
+        raise NodulekitError(f"{rundir} is not a nodulekit run folder (it does not exist)")
+    if not path.exists():
+        raise NodulekitError(f"{rundir} is not a nodulekit run folder (no run.json)")
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as exc:
+        raise NodulekitError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise NodulekitError(f"{path} is not a run record (a JSON object)")
+    return record
+
+
+def write_run_json(rundir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write RUNDIR/run.json atomically (the one writer)."""
+    from nodulekit.artifacts import atomic_path
+
+    with atomic_path(Path(rundir) / "run.json", suffix=".json.part") as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def recorded_dataset(record: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(path, fingerprint) of the training dataset a run record names (``dataset`` may be a
+    dict or, in older records, the path itself)."""
+    ds = record.get("dataset")
+    path = ds.get("path") if isinstance(ds, dict) else ds
+    fingerprint = record.get("dataset_fingerprint") or (ds.get("fingerprint") if isinstance(ds, dict) else None)
+    return (str(path) if path else None), (str(fingerprint) if fingerprint else None)
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    diffs = []
+    for key in SIGNATURE_KEYS:
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key} {json.dumps(old.get(key), default=str)} vs {json.dumps(new.get(key), default=str)}")
+    return "; ".join(diffs)
+
+
+def _check_same_experiment(rundir: Path, old: dict, record: dict) -> None:
+    if old.get("in_channels") != record["in_channels"]:
+        raise NodulekitError(
+            f"{rundir} holds models for {old.get('in_channels')}-channel input but {record['dataset']['path']} has "
+            f"{record['in_channels']} channels; use a new -o RUNDIR or --overwrite"
+        )
+    if old.get("dataset_fingerprint") != record["dataset_fingerprint"]:
+        raise NodulekitError(
+            f"{rundir} was trained on a different dataset ({old.get('dataset', {}).get('path')}, fingerprint "
+            f"{str(old.get('dataset_fingerprint'))[:12]}) than {record['dataset']['path']} "
+            f"({record['dataset_fingerprint'][:12]}); use a new -o RUNDIR or --overwrite"
+        )
+    diff = _describe_difference(old, record)
+    if diff:
+        raise NodulekitError(
+            f"{rundir} was made with different settings ({diff}); use the same settings, a new -o RUNDIR, or --overwrite"
+        )
+    if record["epochs"] < old.get("epochs", 0):
+        raise NodulekitError(
+            f"{rundir} was configured for {old['epochs']} epochs; pass --epochs {old['epochs']} (or more to extend it)"
+        )
+
+
+def prepare_rundir(rundir: str | os.PathLike, record: dict, overwrite: bool = False) -> dict:
+    """Create RUNDIR with run.json, or check that an existing one is the same experiment.
+
+    Re-running the same command resumes. More epochs than recorded extends the run
+    (the step schedule does not depend on the total); fewer, or any other change,
+    is refused unless ``overwrite`` (which deletes the old run's files only).
+    """
+    rundir = Path(rundir)
+    run_json = rundir / "run.json"
+    if rundir.exists() and not rundir.is_dir():
+        raise NodulekitError(f"{rundir} exists and is not a folder")
+    if rundir.is_dir() and not run_json.exists() and any(rundir.iterdir()):
+        raise NodulekitError(f"{rundir} is a non-empty folder without run.json; choose a new or empty -o RUNDIR")
+    if run_json.exists() and overwrite:
+        for fold_dir in rundir.glob("fold*"):
+            for name in ("checkpoint.pt", "result.h5"):
+                if (fold_dir / name).exists():
+                    (fold_dir / name).unlink()
+        run_json.unlink()
+    if run_json.exists():
+        old = read_run_json(rundir)
+        _check_same_experiment(rundir, old, record)
+        if record["epochs"] > old.get("epochs", 0):
+            old["epochs"] = record["epochs"]
+            write_run_json(rundir, old)
+        return old
+    rundir.mkdir(parents=True, exist_ok=True)
+    write_run_json(rundir, record)
+    return record
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def build_model(arch: str, in_channels: int, num_classes: int, options: dict):
+    """A registry model, with bad options as a one-line error."""
+    from nodulekit.models import create_model
+
+    try:
+        return create_model(arch, in_channels, num_classes=num_classes, **options)
+    except NodulekitError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NodulekitError(f"cannot build model {arch!r} with options {options}: {exc}") from None
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write a checkpoint; temp file + rename, so an interrupted save keeps the previous one."""
+    import torch
+
+    from nodulekit.artifacts import atomic_path
+
+    with atomic_path(path, suffix=".pt.part") as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint dict (``weights_only``), or a one-line error for a missing, corrupt or foreign file."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise NodulekitError(f"{path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file: one line for the user
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(exc).__name__)
+        raise NodulekitError(f"{path} is not a readable nodulekit checkpoint: {reason}") from None
+    missing = [k for k in ("state_dict", "arch", "in_channels") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise NodulekitError(f"{path} is not a nodulekit checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike):
+    """The model a checkpoint describes, with its weights, in eval mode (on CPU).
+
+    Weights that do not fit the recorded architecture are a one-line error.
+    """
+    model = build_model(
+        ckpt["arch"], int(ckpt["in_channels"]), int(ckpt.get("num_classes", 2)), dict(ckpt.get("config") or {})
+    )
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise NodulekitError(f"{path}: weights do not fit a {ckpt['arch']} model ({first})") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- fold_result
+
+
+@dataclass
+class FoldResult:
+    """One finished fold: its learning curves and test-set predictions (``fold_result`` artifact)."""
+
+    fold: int
+    history: np.ndarray  # [epochs, len(columns)]
+    columns: list[str]
+    test_index: np.ndarray  # dataset rows of the test fold
+    test_prob: np.ndarray  # malignant probability of each test row
+    test_y: np.ndarray
+    test_nodule_id: list[str]
+    test_patient_id: list[str]
+    selected_epoch: int
+    epochs: int | None  # epochs the fold was trained for (None: not recorded)
+    val_history: np.ndarray | None = None
+    epoch_seconds: np.ndarray | None = None
+    train_index: np.ndarray | None = None
+    val_index: np.ndarray | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _patient_of(nodule_id: str) -> str:
+    # nodule_id is "<patient_id>:<cluster index>" (docs/ARCHITECTURE.md)
+    return nodule_id.rsplit(":", 1)[0]
+
+
+def check_predictions(path: str | os.PathLike, prob: np.ndarray) -> None:
+    """Refuse probabilities that are not numbers in [0, 1] (a NaN is no prediction)."""
+    bad = ~(np.isfinite(prob) & (prob >= 0) & (prob <= 1))
+    if bad.any():
+        raise ArtifactError(
+            f"{path}: test_prob holds {int(bad.sum())} value(s) that are not probabilities "
+            f"(first {prob[bad][0]!r}); the fold's result is unusable, retrain it"
+        )
+
+
+def read_fold_result(path: str | os.PathLike, fold: int | None = None) -> FoldResult:
+    """Read one ``fold_result`` artifact (the one reader)."""
+    from nodulekit.artifacts import open_artifact, read_strings
+
+    with open_artifact(path, "fold_result") as f:
+        nodule_id = read_strings(f["test_nodule_id"])
+        patient_id = read_strings(f["test_patient_id"]) if "test_patient_id" in f else None
+        columns = list(f["history"].attrs.get("columns", HISTORY_COLUMNS))
+        optional = {
+            name: np.asarray(f[name][()], dtype)
+            for name, dtype in (
+                ("val_history", np.float64),
+                ("epoch_seconds", np.float64),
+                ("train_index", np.int64),
+                ("val_index", np.int64),
+            )
+            if name in f
+        }
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        result = FoldResult(
+            fold=int(attrs.get("fold", -1 if fold is None else fold)),
+            history=np.asarray(f["history"][()], np.float64),
+            columns=[c.decode() if isinstance(c, bytes) else str(c) for c in columns],
+            test_index=np.asarray(f["test_index"][()], np.int64),
+            test_prob=np.asarray(f["test_prob"][()], np.float64),
+            test_y=np.asarray(f["test_y"][()], np.int64),
+            test_nodule_id=nodule_id,
+            test_patient_id=patient_id if patient_id is not None else [_patient_of(n) for n in nodule_id],
+            selected_epoch=int(attrs.get("selected_epoch", -1)),
+            epochs=int(attrs["epochs"]) if "epochs" in attrs else None,
+            attrs=attrs,
+            **optional,
+        )
+    if fold is not None:
+        result.fold = int(fold)
+    n = len(result.test_index)
+    if not (len(result.test_prob) == len(result.test_y) == len(result.test_nodule_id) == n):
+        raise ArtifactError(f"{path}: test_index, test_prob, test_y and test_nodule_id differ in length")
+    check_predictions(path, result.test_prob)
+    return result
+
+
+def write_fold_result(
+    path: str | os.PathLike,
+    *,
+    prov: dict[str, Any],
+    history,
+    test_index,
+    test_prob,
+    test_y,
+    test_nodule_id: Sequence[str],
+    test_patient_id: Sequence[str] | None = None,
+    train_index=None,
+    val_index=None,
+    val_history=None,
+    epoch_seconds=None,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``fold<k>/result.h5`` (``fold_result`` kind) atomically (the one writer).
+
+    ``attrs``: plain attributes (fold, arch, epochs, selected_epoch, ...); dict or list
+    values are stored as JSON. The decision threshold is always recorded.
+    """
+    from nodulekit.artifacts import set_json_attr, write_artifact, write_strings
+
+    with write_artifact(path, "fold_result", prov, overwrite=overwrite) as f:
+        h = f.create_dataset("history", data=np.asarray(history, np.float64).reshape(-1, len(HISTORY_COLUMNS)))
+        h.attrs["columns"] = list(HISTORY_COLUMNS)
+        if epoch_seconds is not None:
+            f["epoch_seconds"] = np.asarray(epoch_seconds, np.float64)
+        f["test_index"] = np.asarray(test_index, np.int64)
+        f["test_prob"] = np.asarray(test_prob, np.float64)
+        f["test_y"] = np.asarray(test_y, np.int64)
+        write_strings(f, "test_nodule_id", test_nodule_id)
+        if test_patient_id is not None:
+            write_strings(f, "test_patient_id", test_patient_id)
+        if train_index is not None:
+            f["train_index"] = np.asarray(train_index, np.int64)
+        if val_index is not None:
+            f["val_index"] = np.asarray(val_index, np.int64)
+            v = f.create_dataset("val_history", data=np.asarray(val_history, np.float64).reshape(-1, len(VAL_COLUMNS)))
+            v.attrs["columns"] = list(VAL_COLUMNS)
+        for name, value in {"threshold": THRESHOLD, **(attrs or {})}.items():
+            if isinstance(value, (dict, list)):
+                set_json_attr(f, name, value)
+            else:
+                f.attrs[name] = value
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- the Run
+
+
+class Run:
+    """A RUNDIR: its paths, run.json, training dataset, folds and their models.
+
+    ``Run(rundir)`` reads and checks run.json at once (a one-line error if it is not a
+    run folder); everything else is read when asked for.
+    """
+
+    def __init__(self, rundir: str | os.PathLike):
+        self.path = Path(rundir)
+        self.record: dict[str, Any] = read_run_json(self.path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    # -- paths ------------------------------------------------------------------------
+    def fold_dir(self, k: int) -> Path:
+        return self.path / f"fold{int(k)}"
+
+    def checkpoint_path(self, k: int) -> Path:
+        return self.fold_dir(k) / "checkpoint.pt"
+
+    def result_path(self, k: int) -> Path:
+        return self.fold_dir(k) / "result.h5"
+
+    # -- what run.json says -------------------------------------------------------------
+    @property
+    def n_folds(self) -> int:
+        n = self.record.get("n_folds")
+        if not isinstance(n, int) or n < 1:
+            raise NodulekitError(f"{self.path}/run.json records no n_folds")
+        return n
+
+    @property
+    def arch(self) -> str:
+        return str(self.record.get("arch", "?"))
+
+    @property
+    def epochs(self) -> int:
+        return int(self.record.get("epochs", 0))
+
+    # -- the dataset it was trained on ---------------------------------------------------
+    @property
+    def dataset_fingerprint(self) -> str | None:
+        return recorded_dataset(self.record)[1]
+
+    def dataset_path(self, override: str | os.PathLike | None = None) -> Path:
+        """The dataset given, else the one recorded in run.json."""
+        if override is not None:
+            return Path(override)
+        path = recorded_dataset(self.record)[0]
+        if not path:
+            raise NodulekitError(f"{self.path}/run.json records no dataset path; pass --dataset")
+        return Path(path)
+
+    def check_dataset(self, ds, path: str | os.PathLike | None = None) -> None:
+        """Refuse a loaded dataset that is not the one this run was trained on.
+
+        Runs whose run.json records no fingerprint (older or foreign) are not checked here;
+        the per-fold nodule-id check of :meth:`test_rows` still applies.
+        """
+        from nodulekit.datasets import dataset_fingerprint
+
+        expected = self.dataset_fingerprint
+        if not expected:
+            return
+        found = dataset_fingerprint(ds)
+        if found != expected:
+            raise NodulekitError(
+                f"{path or ds.path} (fingerprint {found}) is not the dataset {self.path} was trained on "
+                f"(fingerprint {expected})"
+            )
+
+    def load_dataset(self, override: str | os.PathLike | None = None):
+        """The training dataset (or ``override``), read and checked against run.json."""
+        from nodulekit.datasets import load_dataset
+
+        path = self.dataset_path(override)
+        ds = load_dataset(path)
+        self.check_dataset(ds, path)
+        return ds
+
+    # -- folds ----------------------------------------------------------------------------
+    def fold_status(self, k: int) -> str:
+        """``finished``, ``unfinished`` or ``missing`` (see the module docstring)."""
+        return self._status(k)[0]
+
+    def _status(self, k: int) -> tuple[str, str]:
+        """(status, why) of fold ``k``; reads only the result's attributes."""
+        from nodulekit.artifacts import open_artifact
+
+        result = self.result_path(k)
+        if result.exists():
+            with open_artifact(result, "fold_result") as f:
+                done = int(f.attrs.get("epochs", self.epochs))
+            if done < self.epochs:
+                return "unfinished", f"{k} ({done} of {self.epochs} epochs)"
+            return "finished", ""
+        if self.checkpoint_path(k).exists():
+            return "unfinished", f"{k} (in training, no result yet)"
+        return "missing", str(k)
+
+    def require_finished(self, folds: Iterable[int], purpose: str = "") -> None:
+        """Raise one line naming every fold of ``folds`` that is not finished."""
+        states = {k: self._status(k) for k in sorted(set(folds))}
+        missing = [why for status, why in states.values() if status == "missing"]
+        unfinished = [why for status, why in states.values() if status == "unfinished"]
+        if not missing and not unfinished:
+            return
+        lacking = [f"fold{k}" for k, (status, _) in states.items() if status != "finished"]
+        problems = [f"fold(s) {', '.join(missing)} missing"] if missing else []
+        problems += [f"fold(s) {', '.join(unfinished)} unfinished"] if unfinished else []
+        dataset = recorded_dataset(self.record)[0] or "DATASET"
+        raise NodulekitError(
+            f"{self.path} lacks finished fold(s) {', '.join(lacking)} ({'; '.join(problems)} of {self.n_folds})"
+            f"{purpose}; finish them with `nodulekit train {dataset} ... -o {self.path}` (same settings)"
+        )
+
+    def finished_folds(self) -> list[int]:
+        return [k for k in range(self.n_folds) if self.fold_status(k) == "finished"]
+
+    def fold_result(self, k: int) -> FoldResult:
+        """Fold ``k``'s ``fold_result`` (test predictions, curves); the fold must be finished."""
+        self.require_finished([k])
+        return read_fold_result(self.result_path(k), k)
+
+    def fold_results(self) -> list[FoldResult]:
+        """Every fold's result; refuses a run with a missing or unfinished fold, or overlapping tests."""
+        self.require_finished(range(self.n_folds))
+        folds = [read_fold_result(self.result_path(k), k) for k in range(self.n_folds)]
+        indices = np.concatenate([f.test_index for f in folds])
+        if len(np.unique(indices)) != len(indices):
+            raise NodulekitError(f"{self.path}: the test folds overlap (a nodule is tested twice); the run is corrupt")
+        return folds
+
+    def test_rows(self, nodule_id: Sequence[str]) -> dict[int, np.ndarray]:
+        """Dataset rows each finished fold tested on, checked against the dataset's ``nodule_id``."""
+        rows: dict[int, np.ndarray] = {}
+        for k in self.finished_folds():
+            result = read_fold_result(self.result_path(k), k)
+            index = result.test_index
+            if index.size and (index.min() < 0 or index.max() >= len(nodule_id)):
+                raise NodulekitError(
+                    f"{self.result_path(k)} indexes rows beyond the dataset's {len(nodule_id)}; wrong --dataset?"
+                )
+            if [nodule_id[i] for i in index] != result.test_nodule_id:
+                raise NodulekitError(
+                    f"{self.result_path(k)} tested other nodules than the dataset has at those rows; wrong --dataset?"
+                )
+            rows[k] = index
+        return rows
+
+    def load_model(self, k: int, device: str = "cpu"):
+        """Fold ``k``'s trained model in eval mode on ``device``, and its checkpoint dict."""
+        from nodulekit.training import resolve_device
+
+        path = self.checkpoint_path(k)
+        if not path.exists():
+            raise NodulekitError(f"{path} does not exist: fold {k} of {self.path} has not been trained")
+        ckpt = load_checkpoint(path)
+        return model_from_checkpoint(ckpt, path).to(resolve_device(device)), ckpt
+
+
+def load_run(rundir: str | os.PathLike) -> dict[str, Any]:
+    """The run.json record of a RUNDIR (shorthand for ``Run(rundir).record``)."""
+    return Run(rundir).record
+
+
+def load_fold_model(rundir: str | os.PathLike, fold: int, device: str = "cpu"):
+    """The trained model of one fold, in eval mode, and its checkpoint dict."""
+    return Run(rundir).load_model(fold, device)

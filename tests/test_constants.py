@@ -1,0 +1,16 @@
+"""The one decision rule: malignant when p > 0.5, exactly argmax of the two softmax outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nodulekit.constants import MALIGNANT, predict_label
+
+
+def test_predict_label_is_the_argmax_of_the_logits_ties_included():
+    logits = torch.cat([torch.zeros(3, 2), torch.randn(200, 2, generator=torch.Generator().manual_seed(0))])
+    prob = torch.softmax(logits, dim=1)[:, MALIGNANT].numpy()
+    assert prob[0] == 0.5  # an exact tie: argmax says benign (the first maximum)
+    np.testing.assert_array_equal(predict_label(prob), logits.argmax(1).numpy())
+    assert predict_label(0.5) == 0 and predict_label(0.5000001) == 1 and isinstance(predict_label(0.7), int)
