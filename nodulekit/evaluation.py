@@ -8,7 +8,13 @@ scikit-learn at the fixed threshold 0.5 (decided before training, never tuned):
 - summary: mean ± sample standard deviation (ddof=1) of each over the folds (Table 2);
 - pooled nodule level: all folds' test predictions concatenated and scored once;
 - pooled patient level: a patient is malignant when any of their nodules is, with
-  probability = the highest nodule probability, then scored the same way.
+  probability = the highest nodule probability, then scored the same way;
+- uncertainty of the pooled numbers: 95 % intervals by a seeded bootstrap over patients
+  (``nodulekit.stats.classification_cis``), for accuracy, sensitivity, specificity, AUC and
+  the sensitivity at 90 % specificity, a descriptive point of the pooled ROC (the threshold
+  it implies is read off the test predictions, so it is not a validated operating point);
+- calibration of the pooled probabilities: Brier score, expected calibration error over 10
+  equal-width bins, and a reliability diagram.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ PAPER_NAMES = {
     "pn-samp": "PN-SAMP",
     "sag-c": "SAG-C",
 }
-REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png")
+REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png", "reliability.png")
+CI_METRICS = ("accuracy", "sensitivity", "specificity", "auc", "sensitivity_at_90_specificity")
 
 
 def binary_metrics(y, prob) -> dict[str, float]:
@@ -126,8 +133,15 @@ def _mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarise_run(result: RunResult) -> dict[str, Any]:
-    """Per-fold, mean ± std, pooled nodule-level and patient-level metrics of one run."""
+def summarise_run(result: RunResult, *, n_resamples: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Per-fold, mean ± std, pooled nodule-level and patient-level metrics of one run.
+
+    Pooled numbers carry patient-bootstrap intervals (``n_resamples`` draws, default
+    ``stats.BOOTSTRAP_RESAMPLES``, ``seed``); the pooled probabilities' calibration is added.
+    """
+    from nodulekit import stats
+
+    n_resamples = stats.BOOTSTRAP_RESAMPLES if n_resamples is None else n_resamples
     per_fold = []
     for f in result.folds:
         m = binary_metrics(f.test_y, f.test_prob)
@@ -139,7 +153,8 @@ def summarise_run(result: RunResult) -> dict[str, Any]:
     y = np.concatenate([f.test_y for f in result.folds])
     prob = np.concatenate([f.test_prob for f in result.folds])
     patients = sum((f.test_patient_id for f in result.folds), [])
-    _, py, pp = patient_level(patients, y, prob)
+    ids, py, pp = patient_level(patients, y, prob)
+    ci = {"n_resamples": n_resamples, "seed": seed}  # the same draws for every run: stated once per report
     selection = result.run.get("selection", {})
     seconds = [f.epoch_seconds for f in result.folds if f.epoch_seconds is not None and len(f.epoch_seconds)]
     return {
@@ -159,6 +174,10 @@ def summarise_run(result: RunResult) -> dict[str, Any]:
         "summary": summary,
         "pooled_nodule": binary_metrics(y, prob),
         "pooled_patient": binary_metrics(py, pp),
+        "pooled_nodule_ci": stats.classification_cis(y, prob, prob > THRESHOLD, patients, **ci),
+        "pooled_patient_ci": stats.classification_cis(py, pp, pp > THRESHOLD, ids, **ci),
+        "pooled_nodule_ci_settings": ci,
+        "calibration": stats.calibration(y, prob),
         # training + per-epoch scoring, as timed by `train` (median over all fold-epochs)
         "median_epoch_seconds": float(np.median(np.concatenate(seconds))) if seconds else math.nan,
         "device": result.run.get("device"),
@@ -194,6 +213,41 @@ def reference_dataset(summaries: list[dict]) -> str:
     return "D11C" if "D11C" in names else names[0]
 
 
+def _ci(stat: dict, percent: bool = False) -> str:
+    """``estimate [low, high]``; n/a where undefined."""
+    scale, digits = (100, 2) if percent else (1, 3)
+    values = [stat.get(k) for k in ("estimate", "low", "high")]
+    text = ["n/a" if v is None or math.isnan(v) else f"{scale * v:.{digits}f}" for v in values]
+    return f"{text[0]} [{text[1]}, {text[2]}]"
+
+
+def uncertainty_markdown(summaries: list[dict]) -> str:
+    """Pooled numbers of every run with their patient-bootstrap intervals, and calibration."""
+    from nodulekit.stats import ECE_BINS, bootstrap_note
+
+    first = summaries[0]["pooled_nodule_ci_settings"]
+    lines = [
+        "\n## Pooled over all test folds, with 95 % confidence intervals\n",
+        f"Every nodule's probability comes from the fold model that did not train on it. {bootstrap_note(**first)}. "
+        "Sens. @ 90 % spec. is a *descriptive* point of the pooled ROC: the highest sensitivity of any threshold "
+        "with specificity >= 0.90 on these same predictions, so that threshold was read off the test set and is "
+        f"not a validated operating point. Calibration: Brier score and expected calibration error (ECE, {ECE_BINS} "
+        "equal-width probability bins; reliability.png).\n",
+        "| Method | Dataset | Nodules / patients | Accuracy % | Sensitivity | Specificity | AUC | "
+        "Sens. @ 90 % spec. | Patient-level AUC | Brier | ECE |",
+        "|---" * 11 + "|",
+    ]
+    for s, label in zip(summaries, _row_labels(summaries), strict=True):
+        ci, cal = s["pooled_nodule_ci"], s["calibration"]
+        cells = [_ci(ci["accuracy"], True)] + [_ci(ci[m]) for m in CI_METRICS[1:]]
+        lines.append(
+            f"| {label} | {s['dataset']} | {s['pooled_nodule']['n']} / {s['pooled_patient']['n']} | "
+            + " | ".join(cells)
+            + f" | {_ci(s['pooled_patient_ci']['auc'])} | {cal['brier']:.4f} | {cal['ece']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown_report(summaries: list[dict]) -> str:
     """The Table 2 layout: accuracy per dataset, sensitivity/specificity/AUC on the reference dataset."""
     labels = _row_labels(summaries)
@@ -216,6 +270,7 @@ def markdown_report(summaries: list[dict]) -> str:
         for metric in ("sensitivity", "specificity", "auc"):
             cells.append(_pm(ref_run[0]["summary"][metric]) if ref_run else "–")
         out.write(f"| {method} | " + " | ".join(cells) + " |\n")
+    out.write(uncertainty_markdown(summaries))
 
     out.write("\n## Every run: fold mean ± std, and pooled over all test folds\n\n")
     out.write(
@@ -274,6 +329,14 @@ def summary_rows(summaries: list[dict]) -> list[dict]:
         for level in ("pooled_nodule", "pooled_patient"):
             for key in ("n",) + METRICS:
                 row[f"{level}_{key}"] = s[level][key]
+            for key in CI_METRICS:
+                ci = s[f"{level}_ci"][key]
+                if key not in METRICS:
+                    row[f"{level}_{key}"] = ci["estimate"]
+                row[f"{level}_{key}_low"], row[f"{level}_{key}_high"] = ci["low"], ci["high"]
+        row["bootstrap_resamples"] = s["pooled_nodule_ci_settings"]["n_resamples"]
+        row["bootstrap_seed"] = s["pooled_nodule_ci_settings"]["seed"]
+        row["brier"], row["ece"] = s["calibration"]["brier"], s["calibration"]["ece"]
         rows.append(row)
     return rows
 
@@ -309,6 +372,41 @@ def plot_roc(results: list[RunResult], summaries: list[dict], path: Path) -> Non
     ax.set_title("ROC, test folds pooled")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def plot_reliability(summaries: list[dict], path: Path) -> None:
+    """Reliability diagram of the pooled probabilities (observed malignant fraction per bin), with bin counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_n) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, layout="constrained"
+    )
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    for s, label in zip(summaries, _row_labels(summaries), strict=True):
+        cal = s["calibration"]
+        bins = [b for b in cal["bins"] if b["n"]]
+        line = ax.plot(
+            [b["mean_prob"] for b in bins],
+            [b["observed"] for b in bins],
+            marker="o",
+            ms=3,
+            label=f"{label} {s['dataset']} (ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f})",
+        )[0]
+        centres = [(b["low"] + b["high"]) / 2 for b in cal["bins"]]
+        ax_n.plot(centres, [b["n"] for b in cal["bins"]], color=line.get_color(), marker=".", lw=0.8)
+    n_bins = summaries[0]["calibration"]["n_bins"]
+    ax.set_ylabel("observed malignant fraction")
+    ax.set_title(f"Reliability, test folds pooled ({n_bins} equal-width bins)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    ax_n.set_xlabel("predicted malignant probability")
+    ax_n.set_ylabel("nodules per bin")
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
@@ -352,14 +450,21 @@ def plot_curves(results: list[RunResult], summaries: list[dict], path: Path) -> 
 
 
 def evaluate_runs(
-    rundirs: list[str | os.PathLike], output_dir: str | os.PathLike, overwrite: bool = False
+    rundirs: list[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    n_resamples: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Score every RUNDIR and write table2.md/.csv/.json, folds.csv, roc.png and curves.png.
+    """Score every RUNDIR and write table2.md/.csv/.json, folds.csv, roc.png, curves.png, reliability.png.
 
-    Returns ``{"summaries": [...], "markdown": str, "files": [paths]}``. Existing report
+    Pooled numbers get patient-bootstrap intervals from ``n_resamples`` draws (default
+    ``stats.BOOTSTRAP_RESAMPLES``) seeded with ``seed``. Returns ``{"summaries": [...], "markdown": str, "files": [paths]}``. Existing report
     files are refused unless ``overwrite``; each file appears only when complete.
     """
     from nodulekit.artifacts import atomic_path
+    from nodulekit.stats import bootstrap_note
 
     if not rundirs:
         raise NodulekitError("give at least one RUNDIR to evaluate")
@@ -371,7 +476,7 @@ def evaluate_runs(
     if existing and not overwrite:
         raise NodulekitError(f"{existing[0]} already exists (pass --overwrite to replace the report)")
     results = [load_run_results(r) for r in rundirs]  # all inputs checked before anything is written
-    summaries = [summarise_run(r) for r in results]
+    summaries = [summarise_run(r, n_resamples=n_resamples, seed=seed) for r in results]
     markdown = markdown_report(summaries)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {
@@ -379,6 +484,9 @@ def evaluate_runs(
         "std": "sample standard deviation over folds (ddof=1)",
         "patient_rule": "patient malignant if any nodule is; probability = highest nodule probability",
         "reference_dataset": reference_dataset(summaries),
+        "confidence_intervals": bootstrap_note(**summaries[0]["pooled_nodule_ci_settings"]),
+        "sensitivity_at_90_specificity": "descriptive: highest sensitivity of any threshold with specificity >= 0.90 "
+        "on the pooled test predictions (that threshold is read off the test set; not a validated operating point)",
         "runs": summaries,
     }
     writers = {
@@ -390,6 +498,7 @@ def evaluate_runs(
         ),
         "roc.png": lambda p: plot_roc(results, summaries, p),
         "curves.png": lambda p: plot_curves(results, summaries, p),
+        "reliability.png": lambda p: plot_reliability(summaries, p),
     }
     for target in targets:
         with atomic_path(target, suffix=target.suffix + ".part") as tmp:

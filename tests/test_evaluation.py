@@ -220,3 +220,39 @@ def test_table2_benchmark_script(tmp_path):
     rows = list(csv.DictReader((out / "report" / "table2.csv").open()))
     assert [r["method"] for r in rows] == ["Ours-CAM", "Ours-SAM"] and rows[0]["dataset"] == "D1C"
     assert bench.main([str(ds), "-o", str(tmp_path / "b2"), "--archs", "nope"]) == 2
+
+
+def test_pooled_intervals_calibration_and_reliability_diagram(tmp_path):
+    """Pooled numbers carry patient-bootstrap intervals (seeded, draws stated) and calibration."""
+    from nodulekit import stats
+    from nodulekit.evaluation import evaluate_runs
+
+    truth = fake_run(tmp_path / "hesam", arch="hesam", seed=4, per_fold=40)
+    out = evaluate_runs([tmp_path / "hesam"], tmp_path / "rep", n_resamples=300, seed=3)
+    s = out["summaries"][0]
+    y = np.concatenate([t[0] for t in truth.values()])
+    p = np.concatenate([t[1] for t in truth.values()])
+    patients = sum((t[2] for t in truth.values()), [])
+    ci = s["pooled_nodule_ci"]
+    assert ci["auc"]["estimate"] == pytest.approx(roc_auc_score(y, p))
+    assert ci["accuracy"]["estimate"] == pytest.approx(accuracy_score(y, p > 0.5))
+    ref = stats.classification_cis(y, p, p > 0.5, patients, n_resamples=300, seed=3)
+    assert ci == ref
+    assert ci["auc"]["low"] < ci["auc"]["estimate"] < ci["auc"]["high"]
+    # ECE over 10 equal-width bins, written out
+    which = np.minimum((p * 10).astype(int), 9)
+    ece = sum(np.sum(which == b) / len(p) * abs(y[which == b].mean() - p[which == b].mean()) for b in set(which))
+    assert s["calibration"]["ece"] == pytest.approx(ece) and s["calibration"]["brier"] == pytest.approx(
+        np.mean((p - y) ** 2)
+    )
+    md = (tmp_path / "rep" / "table2.md").read_text()
+    assert "300 resamples of patients" in md and "seed 3" in md and "descriptive" in md
+    a = ci["accuracy"]
+    assert f"{100 * a['estimate']:.2f} [{100 * a['low']:.2f}, {100 * a['high']:.2f}]" in md
+    report = json.loads((tmp_path / "rep" / "table2.json").read_text())
+    assert "300 resamples" in report["confidence_intervals"]
+    assert report["runs"][0]["pooled_nodule_ci_settings"] == {"n_resamples": 300, "seed": 3}
+    row = next(csv.DictReader((tmp_path / "rep" / "table2.csv").open()))
+    assert float(row["pooled_nodule_auc_low"]) == pytest.approx(ci["auc"]["low"])
+    assert int(row["bootstrap_resamples"]) == 300
+    assert (tmp_path / "rep" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

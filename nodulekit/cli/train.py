@@ -118,19 +118,28 @@ def evaluate_command(
         ..., help="One or more RUNDIRs written by `nodulekit train` (all folds finished)."
     ),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="REPORT_DIR for table2.md/.csv/.json, folds.csv, roc.png, curves.png."
+        ...,
+        "--output",
+        "-o",
+        help="REPORT_DIR for table2.md/.csv/.json, folds.csv, roc.png, curves.png, reliability.png.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report files that exist."),
+    bootstrap: int = typer.Option(
+        2000, "--bootstrap", min=1, help="Patient resamples for the 95 % confidence intervals of pooled numbers."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
 ) -> None:
     """Merge the folds of each RUNDIR into a Table 2 style report (accuracy mean ± std, sensitivity, specificity, AUC).
 
     Threshold 0.5 is fixed in advance. Also writes pooled nodule- and patient-level
-    numbers, the pooled ROC curves and Fig. 4 style training curves.
+    numbers with 95 % confidence intervals (bootstrap over patients), sensitivity at 90 %
+    specificity (descriptive), calibration (Brier, ECE, reliability.png), the pooled ROC
+    curves and Fig. 4 style training curves.
 
     Example: nodulekit evaluate runs/hesam-d11c runs/sam-d11c runs/cam-d11c -o reports/table2
     """
     from nodulekit.evaluation import evaluate_runs
 
-    out = evaluate_runs(rundirs, output, overwrite=overwrite)
+    out = evaluate_runs(rundirs, output, overwrite=overwrite, n_resamples=bootstrap, seed=seed)
     typer.echo(out["markdown"])
     typer.echo(f"wrote {', '.join(out['files'])}")
