@@ -75,7 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         help="model option for one arch (ARCH:key=value) or every arch that takes it (key=value)",
     )
     parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA only)"
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: auto, measured per run, see docs/training.md)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: auto, measured with --amp's probe)",
     )
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the models"
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 select=args.select,
                 device=args.device,
                 amp=args.amp,
+                channels_last=args.channels_last,
                 compile=args.compile,
             )
             start = time.perf_counter()
@@ -125,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dataset": data.name,
                 "model_options": out["run"]["model_options"],
                 "device": out["run"]["device"],
+                "execution": out["execution"]["variant"],
                 "folds": len(out["folds"]),
                 "folds_trained": sum(s["status"] != "skipped" for s in out["folds"]),
                 "epochs": args.epochs,
@@ -144,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"table2: error: {exc}", file=sys.stderr)
         return 2
     lines = [
-        "| Arch | Dataset | Device | Folds trained | Epochs | Wall (s) | s per fold-epoch (wall) | median epoch (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Arch | Dataset | Device | Execution | Folds trained | Epochs | Wall (s) | s per fold-epoch (wall) | median epoch (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {t['arch']} | {t['dataset']} | {t['device']} | {t['folds_trained']} | {t['epochs']} | {t['wall_s']} | "
+        f"| {t['arch']} | {t['dataset']} | {t['device']} | {t['execution']} | {t['folds_trained']} | {t['epochs']} | {t['wall_s']} | "
         f"{t['s_per_fold_epoch'] if t['s_per_fold_epoch'] is not None else 'n/a (nothing trained)'} | "
         f"{t['median_epoch_s']:.3f} |"
         for t in timing

@@ -21,6 +21,7 @@ result as a ``maps`` artifact.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,10 +228,12 @@ def compute_maps(
     device: str | None = None,
     per_slice: bool = False,
     progress: bool = False,
+    execution=None,
 ) -> dict[str, np.ndarray]:
     """Maps of one model for inputs ``x`` [N, C, 32, 32], in batches.
 
-    Returns ``logits`` [N, classes], ``prob`` [N] (softmax, malignant), ``maps``
+    ``execution``: a ``nodulekit.execution.ExecutionChoice`` (bf16 autocast, channels_last);
+    default plain fp32. Returns ``logits`` [N, classes], ``prob`` [N] (softmax, malignant), ``maps``
     [N, classes, h, w]; with ``per_slice`` also ``slice_maps`` [N, C, h, w] (malignant
     class, each slice duplicated to all channels) and ``slice_prob`` [N, C].
     """
@@ -242,6 +245,9 @@ def compute_maps(
     method = check_method(model, method) if isinstance(method, str) else method
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
+    if execution is not None:
+        model = execution.apply(model)
+    autocast = execution.autocast if execution is not None else nullcontext
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or x.shape[1] != getattr(model, "in_channels", x.shape[1]):
         raise NodulekitError(
@@ -251,7 +257,8 @@ def compute_maps(
     starts = range(0, len(x), batch_size)
     for start in tqdm(starts, desc=f"{method.name} maps", unit="batch", disable=not progress):
         xb = torch.from_numpy(x[start : start + batch_size]).to(device)
-        logits, maps = method(model, xb)
+        with autocast():
+            logits, maps = method(model, xb)
         logits_all.append(logits.float().cpu())
         maps_all.append(maps.float().cpu())
         if per_slice:
@@ -259,7 +266,8 @@ def compute_maps(
             s_logits, s_maps = [], []
             # Duplicated inputs are C times larger: chunk them to keep memory bounded.
             for chunk in torch.split(dup, batch_size):
-                lg, mp = method(model, chunk)
+                with autocast():
+                    lg, mp = method(model, chunk)
                 s_logits.append(lg.float().cpu())
                 s_maps.append(mp[:, MALIGNANT].float().cpu())
             n, c = xb.shape[:2]
@@ -301,6 +309,7 @@ class RunMaps:
     dataset: Path
     label_rule: Any = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)  # ExecutionChoice.as_dict()
 
 
 def run_maps(
@@ -313,8 +322,14 @@ def run_maps(
     device: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    amp: bool | str | None = "auto",
+    channels_last: bool | str | None = "auto",
 ) -> RunMaps:
-    """Maps of ``method`` for the dataset's nodules (all, or ``nodules``), each by its test-fold model."""
+    """Maps of ``method`` for the dataset's nodules (all, or ``nodules``), each by its test-fold model.
+
+    ``amp``/``channels_last``: forced, or "auto" = ``nodulekit.execution.choose_execution``
+    on the first fold's model and batch (probed only when the work is large enough).
+    """
     import torch
 
     run = Run(rundir)
@@ -335,13 +350,25 @@ def run_maps(
     fold = row_fold[rows]
     results: dict[str, np.ndarray] = {}
     arch = ""
+    execution = None
     for k in sorted(set(fold.tolist())):
         sel = np.flatnonzero(fold == k)
         model, _ = run.load_model(k, device)
         arch = getattr(model, "arch", type(model).__name__)
         check_method(model, method)
+        if execution is None:  # once: every fold model has the same architecture
+            steps = -(-len(rows) // batch_size) * (1 + (ds.x.shape[1] if per_slice else 0))
+            first = ds.x[rows[sel[:batch_size]]]
+            execution = _choose_execution(model, first, method, device, amp, channels_last, steps)
         out = compute_maps(
-            model, ds.x[rows[sel]], method, batch_size=batch_size, device=device, per_slice=per_slice, progress=progress
+            model,
+            ds.x[rows[sel]],
+            method,
+            batch_size=batch_size,
+            device=device,
+            per_slice=per_slice,
+            progress=progress,
+            execution=execution,
         )
         for name, value in out.items():
             if name not in results:
@@ -365,6 +392,23 @@ def run_maps(
         dataset=ds.path,
         label_rule=ds.label_rule,
         extra=extra,
+        execution=execution.as_dict() if execution is not None else {},
+    )
+
+
+def _choose_execution(model, x, method: str, device, amp, channels_last, steps: int):
+    """bf16 / channels_last for map computation, probed on this model with the method itself."""
+    import torch
+
+    from nodulekit.execution import choose_execution
+
+    def forward(m, xb):  # what is compared with fp32: logits and maps
+        logits, maps = METHODS[method](m, xb)
+        return torch.cat([logits.flatten(), maps.flatten()])
+
+    example = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    return choose_execution(
+        model, example, device, amp, channels_last, train=False, forward_fn=forward, workload_steps=steps
     )
 
 
@@ -395,6 +439,7 @@ def write_run_maps(result: RunMaps, out: str | Path, *, rundir: str | Path, over
         class_index={name: i for i, name in enumerate(CLASS_NAMES)},
         map_model="each nodule's map comes from the fold model that had it in its test fold",
         per_slice="slice_maps" in result.extra,
+        execution=result.execution,
     )
     return write_maps(
         out,

@@ -78,7 +78,10 @@ class TrainConfig:
     select: str = "last"
     val_fraction: float = 0.1
     device: str = "auto"
-    amp: bool | None = None  # None: bf16 autocast on CUDA, off on CPU
+    # bf16 autocast and channels_last: True/False force, "auto" (or None) = measured before
+    # training by nodulekit.execution.choose_execution (fastest variant that agrees with fp32)
+    amp: bool | str | None = "auto"
+    channels_last: bool | str | None = "auto"
     compile: bool = False
     eval_batch_size: int = 512
 
@@ -190,8 +193,11 @@ def resolve_device(name: str):
     return device
 
 
-def run_record(cfg: TrainConfig, data: Dataset, device) -> dict[str, Any]:
+def run_record(cfg: TrainConfig, data: Dataset, device, execution=None) -> dict[str, Any]:
     """Everything run.json records (see docs/ARCHITECTURE.md)."""
+    from nodulekit.execution import default_execution
+
+    execution = execution or default_execution(device, cfg.amp, cfg.channels_last)
     prov = provenance()
     return {
         "format": RUN_FORMAT,
@@ -236,7 +242,9 @@ def run_record(cfg: TrainConfig, data: Dataset, device) -> dict[str, Any]:
         "label_rule": data.label_rule,
         "normalisation": data.normalisation,
         "device": str(device),
-        "amp": _resolve_amp(cfg.amp, device),
+        "amp": execution.amp,
+        "channels_last": execution.channels_last,
+        "execution": execution.as_dict(),
         "compile": cfg.compile,
         "versions": _versions(),
         "command": prov["command"],
@@ -257,11 +265,6 @@ def _state_to_cpu(state: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the loop
-
-
-def _resolve_amp(amp: bool | None, device) -> bool:
-    # bf16 autocast pays on CUDA; on CPU only with AMX, which we cannot detect reliably, so opt-in.
-    return (device.type == "cuda") if amp is None else bool(amp)
 
 
 def _uses_features(model) -> bool:
@@ -349,6 +352,25 @@ def _score(logits, y) -> tuple[float, float]:
     return loss, acc
 
 
+def _batch_loss(model, train_model, batch: dict, use_features: bool):
+    """(logits, cross-entropy, training loss = cross-entropy + the model's auxiliary loss) of one batch."""
+    import torch.nn.functional as F
+
+    if use_features:
+        outputs = train_model.forward_features(batch["x"])
+        logits = outputs["logits"]
+    else:
+        logits = train_model(batch["x"])
+        outputs = {"logits": logits}
+    ce = F.cross_entropy(logits.float(), batch["y"])
+    loss = ce
+    if use_features:
+        aux = model.auxiliary_loss(outputs, batch)
+        if aux is not None:
+            loss = loss + aux.float()
+    return logits, ce, loss
+
+
 def _train_epoch(
     model,
     train_model,
@@ -363,7 +385,6 @@ def _train_epoch(
     epoch: int,
 ):
     import torch
-    import torch.nn.functional as F
 
     model.train()
     order = torch.from_numpy(np.asarray(train_index, np.int64))[torch.randperm(len(train_index), generator=generator)]
@@ -379,18 +400,7 @@ def _train_epoch(
             continue
         batch = dd.batch(idx)
         with ctx():
-            if use_features:
-                outputs = train_model.forward_features(batch["x"])
-                logits = outputs["logits"]
-            else:
-                logits = train_model(batch["x"])
-                outputs = {"logits": logits}
-            ce = F.cross_entropy(logits.float(), batch["y"])
-            loss = ce
-            if use_features:
-                aux = model.auxiliary_loss(outputs, batch)
-                if aux is not None:
-                    loss = loss + aux.float()
+            logits, ce, loss = _batch_loss(model, train_model, batch, use_features)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -418,21 +428,27 @@ def train_fold(
     run: dict | None = None,
     device=None,
     device_data: _DeviceData | None = None,
+    execution=None,
     progress: bool = True,
     on_epoch_end: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or skip if finished) one fold; returns a short summary.
 
-    ``on_epoch_end(fold, epoch, metrics)`` is called after each epoch's checkpoint is
-    saved (an exception from it interrupts training like Ctrl-C would).
+    ``execution``: a ``nodulekit.execution.ExecutionChoice`` (bf16 autocast, memory
+    format); default: the options of ``cfg`` without probing. ``on_epoch_end(fold,
+    epoch, metrics)`` is called after each epoch's checkpoint is saved (an exception
+    from it interrupts training like Ctrl-C would).
     """
     import torch
+
+    from nodulekit.execution import default_execution
 
     cfg.validate()
     rundir = Path(rundir)
     run = run if run is not None else load_run(rundir)
     device = device if device is not None else resolve_device(cfg.device)
-    amp = _resolve_amp(cfg.amp, device)
+    execution = execution or default_execution(device, cfg.amp, cfg.channels_last)
+    amp = execution.amp
     split = fold_split(data, fold, cfg)
     fold_dir = rundir / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +457,7 @@ def train_fold(
     seed = fold_seed(cfg.seed, fold)
 
     torch.manual_seed(seed)  # model initialisation
-    model = build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
+    model = execution.apply(build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device))
     config = _model_config(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -521,6 +537,8 @@ def train_fold(
             "normalisation": json.dumps(data.normalisation, default=str),
             "device": str(device),
             "amp": amp,
+            "channels_last": execution.channels_last,
+            "execution": execution.as_dict(),
             "versions": _versions(),
             "resume": {
                 "model": current if selector is not None else None,
@@ -575,7 +593,7 @@ def train_fold(
 
     # Final model: the last epoch, or the best-validation epoch.
     final_ckpt = checkpoint(cfg.epochs, finished=True)
-    eval_model = build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device)
+    eval_model = execution.apply(build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device))
     eval_model.load_state_dict(final_ckpt["state_dict"])
     logits = predict_logits(eval_model, dd.x, split.test_index, cfg.eval_batch_size, amp)
     test_prob = torch.softmax(logits, dim=1)[:, MALIGNANT].numpy().astype(np.float64)
@@ -594,6 +612,7 @@ def train_fold(
         selected_epoch=final_ckpt["selected_epoch"],
         device=device,
         amp=amp,
+        execution=execution,
     )
     return {
         "fold": fold,
@@ -620,6 +639,7 @@ def write_result(
     selected_epoch,
     device,
     amp,
+    execution=None,
 ) -> Path:
     """Write one finished fold's ``result.h5`` with its provenance."""
     prov = provenance(
@@ -673,6 +693,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, int, dict], None] | None = None,
+    on_execution: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Cross-validate ``cfg.arch`` on a ``dataset`` artifact into RUNDIR.
 
@@ -680,7 +701,8 @@ def train(
     ``n_folds`` must match the dataset's fold count when given. Every requested fold is
     checked before any training starts. A fold whose loss diverges stops with its last
     good checkpoint kept; the other folds still train, then a ``TrainingDiverged``
-    error names the failed folds.
+    error names the failed folds. ``on_execution(choice)`` gets the execution choice
+    (``ExecutionChoice.as_dict()``) before the first fold trains.
     """
     import torch
 
@@ -696,25 +718,34 @@ def train(
     benchmark_flag = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda" or benchmark_flag
     try:
-        return _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoch_end)
+        return _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoch_end, on_execution)
     finally:
         torch.backends.cudnn.benchmark = benchmark_flag
 
 
-def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoch_end):
+def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoch_end, on_execution=None):
     import torch
 
     # fork_rng: training seeds itself per fold and leaves the caller's random state alone
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # build one model now so an unknown --arch or bad --model-opt fails before anything is written
+        torch.manual_seed(cfg.seed)  # the probe model (below) is the same every time
         probe = build_model(cfg.arch, data.channels, 2, cfg.model_options)
         cfg.model_options = _model_config(probe, cfg)  # every option, defaults included
         use_features = _uses_features(probe)
-        del probe
         if overwrite:
             claims.refuse_if_claimed(rundir)  # never discard folds another job is training
-        run = prepare_rundir(rundir, run_record(cfg, data, device), overwrite=overwrite)
         dd = _DeviceData(data, device, use_features)  # once for all folds
+        # bf16 / channels_last: a bad forced option fails here, before anything is written
+        recorded = load_run(rundir).get("execution") if (Path(rundir) / "run.json").exists() else None
+        execution = _choose_execution(probe, data, cfg, dd, wanted, None if overwrite else recorded, use_features)
+        run = prepare_rundir(rundir, run_record(cfg, data, device, execution), overwrite=overwrite)
+        if execution.how == "probed" and run.get("execution", {}).get("variant") not in (None, execution.variant):
+            # a concurrent job created run.json first: run as it does, one choice per RUNDIR
+            execution = _choose_execution(probe, data, cfg, dd, wanted, run["execution"], use_features)
+        del probe
+        if on_execution is not None:
+            on_execution(execution.as_dict())
         summaries, failures = [], []
         # one job per fold: claim every requested fold before training any of them
         with claims.claimed(Path(rundir) / f"fold{k}" for k in wanted):
@@ -729,6 +760,7 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
                             run=run,
                             device=device,
                             device_data=dd,
+                            execution=execution,
                             progress=progress,
                             on_epoch_end=on_epoch_end,
                         )
@@ -737,4 +769,26 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
                     failures.append(str(exc))
     if failures:
         raise TrainingDiverged(" | ".join(failures))
-    return {"rundir": str(rundir), "run": run, "folds": summaries}
+    return {"rundir": str(rundir), "run": run, "folds": summaries, "execution": execution.as_dict()}
+
+
+def _choose_execution(model, data, cfg, dd, wanted, recorded, use_features):
+    """Probe the execution variants on this run's model and first training batch, or reuse ``recorded``."""
+    import torch
+
+    from nodulekit.execution import choose_execution
+
+    train_index = fold_split(data, wanted[0], cfg).train_index
+    example = dd.batch(torch.from_numpy(train_index[: cfg.batch_size]).to(dd.device))
+    steps = cfg.epochs * math.ceil(len(train_index) / cfg.batch_size) * len(wanted)
+    return choose_execution(
+        model,
+        example,
+        dd.device,
+        cfg.amp,
+        cfg.channels_last,
+        loss_fn=lambda m, batch: _batch_loss(m, m, batch, use_features)[2],
+        lr=cfg.lr,
+        workload_steps=steps,
+        recorded=recorded,
+    )

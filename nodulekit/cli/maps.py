@@ -42,6 +42,12 @@ def maps_cmd(
     ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Nodules per forward/backward pass."),
+    amp: bool | None = typer.Option(
+        None, "--amp/--no-amp", help="bf16 autocast on or off (default: auto, see `train --help`)."
+    ),
+    channels_last: bool | None = typer.Option(
+        None, "--channels-last/--no-channels-last", help="channels_last memory format (default: auto)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Activation maps of every nodule from the fold model that did not train on it.
@@ -65,6 +71,8 @@ def maps_cmd(
         device=device,
         batch_size=batch_size,
         progress=True,
+        amp=amp,
+        channels_last=channels_last,
     )
     write_run_maps(result, out, rundir=rundir, overwrite=overwrite)
     acc = float((predict_label(result.prob) == result.y).mean())

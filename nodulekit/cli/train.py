@@ -26,6 +26,14 @@ def parse_model_options(items: list[str] | None) -> dict:
     return options
 
 
+def describe_execution(execution: dict) -> str:
+    """One line: the variant used, how it was chosen, and the probe's step times."""
+    times = ", ".join(f"{k} {v:.3g} s" for k, v in execution.get("step_seconds", {}).items())
+    return f"execution: {execution['variant']} on {execution['device']} ({execution['how']}: {execution['reason']})" + (
+        f"; step times {times}" if times else ""
+    )
+
+
 @app.command("train")
 def train_command(
     dataset: Path = typer.Argument(..., help="The `dataset` HDF5 artifact written by `nodulekit build`."),
@@ -63,7 +71,17 @@ def train_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of model initialisation, batch order and validation split."),
     device: str = typer.Option("auto", "--device", help="cuda, cpu or auto (cuda when available)."),
-    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast (default: on for CUDA, off for CPU)."),
+    amp: bool | None = typer.Option(
+        None,
+        "--amp/--no-amp",
+        help="bf16 autocast on or off (default: auto = time a few steps of each variant before training and keep "
+        "the fastest that agrees with fp32; see docs/training.md).",
+    ),
+    channels_last: bool | None = typer.Option(
+        None,
+        "--channels-last/--no-channels-last",
+        help="channels_last memory format on or off (default: auto, chosen with --amp's probe).",
+    ),
     compile: bool = typer.Option(
         False,
         "--compile/--no-compile",
@@ -98,9 +116,19 @@ def train_command(
         val_fraction=val_fraction,
         device=device,
         amp=amp,
+        channels_last=channels_last,
         compile=compile,
     )
-    out = train(dataset, output, cfg, folds=fold, n_folds=folds, overwrite=overwrite, progress=progress)
+    out = train(
+        dataset,
+        output,
+        cfg,
+        folds=fold,
+        n_folds=folds,
+        overwrite=overwrite,
+        progress=progress,
+        on_execution=lambda choice: typer.echo(describe_execution(choice)),
+    )
     for s in out["folds"]:
         if s["status"] == "skipped":
             typer.echo(f"fold {s['fold']}: already finished ({s['epochs']} epochs), skipped")
