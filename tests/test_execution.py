@@ -162,6 +162,23 @@ def test_rundir_reuses_its_choice_and_tiny_workloads_are_not_probed(ds3, tmp_pat
     assert rec["how"] == "default" and rec["variant"] == "fp32" and len(probing) == n
 
 
+def test_a_job_that_created_the_rundir_first_sets_the_choice(ds3, tmp_path, probing, monkeypatch):
+    """Parallel --fold jobs on a fresh RUNDIR: whoever writes run.json first decides for all."""
+    import nodulekit.training as training
+
+    original = training.prepare_rundir
+
+    def race(rundir, record, overwrite=False):
+        theirs = dict(record["execution"], amp=False, channels_last=True, variant="fp32+channels_last")
+        original(rundir, dict(record, execution=theirs))  # the other job's run.json lands first
+        return original(rundir, record, overwrite)
+
+    monkeypatch.setattr(training, "prepare_rundir", race)
+    train(ds3, tmp_path / "r")
+    rec, _ = fold_execution(tmp_path / "r")
+    assert rec["variant"] == "fp32+channels_last" and rec["how"] == "recorded"
+
+
 def test_bf16_and_fp32_losses_of_the_first_steps_agree_within_tolerance():
     """Independent of the probe: three SGD steps of a small HESAM in fp32 and in bf16 autocast."""
     model, b = small_model(), batch(n=32)
