@@ -33,7 +33,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 VAL_COLUMNS = ("epoch", "val_loss", "val_acc")
 FOLD_STATUSES = ("finished", "unfinished", "missing")
 # run.json keys that define the experiment: every `train` writing into one RUNDIR must
-# agree on them. Device, AMP and compile are execution choices recorded per fold.
+# agree on them. Device, AMP, channels_last and compile are execution choices recorded per fold.
 SIGNATURE_KEYS = (
     "arch",
     "model_options",

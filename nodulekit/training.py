@@ -679,7 +679,9 @@ def write_result(
             "epochs": cfg.epochs,
             "label_rule": data.label_rule,
             "run": {k: run.get(k) for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")},
-        },
+        }
+        # the variant this fold ran, how it was chosen, the probe's step times
+        | ({"execution": execution.as_dict()} if execution is not None else {}),
     )
 
 
