@@ -174,8 +174,8 @@ def summarise_run(result: RunResult, *, n_resamples: int | None = None, seed: in
         "summary": summary,
         "pooled_nodule": binary_metrics(y, prob),
         "pooled_patient": binary_metrics(py, pp),
-        "pooled_nodule_ci": stats.classification_cis(y, prob, prob > THRESHOLD, patients, **ci),
-        "pooled_patient_ci": stats.classification_cis(py, pp, pp > THRESHOLD, ids, **ci),
+        "pooled_nodule_ci": stats.classification_cis(y, prob, predict_label(prob), patients, **ci),
+        "pooled_patient_ci": stats.classification_cis(py, pp, predict_label(pp), ids, **ci),
         "pooled_nodule_ci_settings": ci,
         "calibration": stats.calibration(y, prob),
         # training + per-epoch scoring, as timed by `train` (median over all fold-epochs)

