@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu / cuda [default: cuda if available]")
     parser.add_argument("--n-figure", type=int, default=6, help="nodules in the map grid [6]")
     parser.add_argument("--skip-empty-masks", action="store_true", help="leave out nodules with an empty centre mask")
-    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="recompute maps and replace every output")
     args = parser.parse_args(argv)
 
@@ -209,7 +209,7 @@ def _run(args) -> int:
     reference = args.reference or ("hesam" if "hesam" in dict(runs) else runs[0][0])
     if reference not in dict(runs):
         raise NodulekitError(f"--reference {reference!r} is not one of the --maps methods")
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     report = out / "maps_report.md"
     check_output_path(report, args.overwrite)

@@ -168,7 +168,7 @@ def plan(args, tmp: Path) -> list[tuple[str, object, float]]:
 
 
 def run_all(args) -> dict:
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tmp"
     tmp.mkdir(exist_ok=True)
@@ -520,7 +520,7 @@ def render(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Run nodulekit's speed benchmarks (make bench).")
-    p.add_argument("--out", default=str(HERE / "out"), help="folder for the JSON files [benchmarks/out]")
+    p.add_argument("-o", "--output", default=str(HERE / "out"), help="folder for the JSON files [benchmarks/out]")
     p.add_argument(
         "--results", default=None, help="Markdown summary [benchmarks/RESULTS.md; smoke: OUT/RESULTS.smoke.md]"
     )
@@ -538,10 +538,10 @@ def main(argv=None) -> int:
     results = (
         Path(args.results)
         if args.results
-        else (Path(args.out) / "RESULTS.smoke.md" if args.smoke else HERE / "RESULTS.md")
+        else (Path(args.output) / "RESULTS.smoke.md" if args.smoke else HERE / "RESULTS.md")
     )
     results.write_text(render(record))
-    print(f"[bench] wrote {results} and {args.out}/*.json in {record['wall_s']:.0f} s")
+    print(f"[bench] wrote {results} and {args.output}/*.json in {record['wall_s']:.0f} s")
     return 0
 
 

@@ -7,7 +7,7 @@ the library (no subprocesses):
 phantom -> extract -> build D11C -> train HESAM -> evaluate -> maps (HESAM, Grad-CAM)
 -> region scores -> figures -> export-onnx -> infer (ONNX Runtime) -> summary.
 
-Everything goes under ``demo-output/`` (``--out`` to change). A re-run reuses every
+Everything goes under ``demo-output/`` (``-o/--output`` to change). A re-run reuses every
 stage whose output already exists and is a valid artifact, so an interrupted demo
 continues where it stopped. On a CPU a short schedule runs (a narrow HESAM, few
 epochs, 3 folds; minutes on 2 cores); with a CUDA GPU the paper's schedule runs
@@ -475,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nodulekit.demo",
         description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m nodulekit.demo --out demo-output",
+        epilog="Example: python -m nodulekit.demo -o demo-output",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: demo-output)")
+    # argparse accepts unambiguous prefixes, so the old spelling --out still works
+    parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUT, help="output folder (default: demo-output)")
     parser.add_argument(
         "--schedule",
         choices=("auto", "cpu", "paper"),
@@ -495,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         schedule = replace(schedule, nodules=args.nodules or schedule.nodules, epochs=args.epochs or schedule.epochs)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("nodulekit.demo")
     log.setLevel(logging.INFO)
-    handler = logging.FileHandler(args.out / "demo.log")
+    handler = logging.FileHandler(args.output / "demo.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
@@ -509,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, schedule: Schedule, log: logging.Logger) -> int:
-    d = Demo(out=args.out, schedule=schedule, seed=args.seed, workers=max(1, args.workers), log=log)
-    d.say(f"nodulekit demo -> {args.out.resolve()}\n{schedule.describe()}")
+    d = Demo(out=args.output, schedule=schedule, seed=args.seed, workers=max(1, args.workers), log=log)
+    d.say(f"nodulekit demo -> {args.output.resolve()}\n{schedule.describe()}")
     try:
         import torch
 
@@ -527,7 +528,7 @@ def _run(args, schedule: Schedule, log: logging.Logger) -> int:
     text = summary(d) + f"\ntotal time: {time.time() - start:.0f} s"
     d.say(text)
     try:
-        (args.out / "SUMMARY.md").write_text(text + "\n")
+        (args.output / "SUMMARY.md").write_text(text + "\n")
     except OSError:
         pass
     failed = [n for n, s in d.status.items() if s in ("failed", "unavailable", "skipped")]

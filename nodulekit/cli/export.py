@@ -12,19 +12,19 @@ from nodulekit.cli import app
 @app.command("export-onnx")
 def export_onnx_cmd(
     source: Path = typer.Argument(..., help="A RUNDIR (from `nodulekit train`) or a checkpoint.pt file."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output .onnx file (one self-contained file)."),
-    fold: int | None = typer.Option(None, "--fold", help="Which fold's model of a RUNDIR \\[default: 0]."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .onnx file (one self-contained file)."),
+    fold: int | None = typer.Option(None, "--fold", help="Which fold's model of a RUNDIR [default: 0]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset version (13..23)."),
     exporter: str = typer.Option(
         "dynamo",
         "--exporter",
         help="torch.onnx exporter: 'dynamo' (torch.export based, default) or 'torchscript' (legacy, deprecated).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Export a trained CAM/SAM/HESAM model to ONNX with its map computed inside the graph.
 
-    Input `x` \\[batch, C, 32, 32] (dynamic batch); outputs `prob` \\[batch, 2] (softmax), `map` \\[batch, 2, h, w] (the model's own soft activation map, raw) and `map_up` \\[batch, 2, 32, 32] (bilinear). Architecture, channels, normalisation, label rule, data fingerprint, fold and map definition go into the model's metadata.
+    Input `x` [batch, C, 32, 32] (dynamic batch); outputs `prob` [batch, 2] (softmax), `map` [batch, 2, h, w] (the model's own soft activation map, raw) and `map_up` [batch, 2, 32, 32] (bilinear). Architecture, channels, normalisation, label rule, data fingerprint, fold and map definition go into the model's metadata.
 
     The file is written only after ONNX Runtime (CPU) reproduces PyTorch on the run's data: max |dprob| <= 1e-4 and max |dmap| <= 1e-4 x map scale. Grad-CAM-only models cannot be exported (an inference graph has no gradients).
 
@@ -35,12 +35,12 @@ def export_onnx_cmd(
     from nodulekit.export import export_onnx, load_model_source
 
     src = load_model_source(source, fold)
-    meta = export_onnx(src, out, opset=opset, exporter=exporter, overwrite=overwrite)
+    meta = export_onnx(src, output, opset=opset, exporter=exporter, overwrite=overwrite)
     check = json.loads(meta["verification"])
     worst_p = max(v["prob_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
     worst_m = max(v["map_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
     typer.echo(
-        f"wrote {out} ({meta['arch']}, map {meta['map_kind']}, {meta['in_channels']} channels, fold {meta['fold']}); "
+        f"wrote {output} ({meta['arch']}, map {meta['map_kind']}, {meta['in_channels']} channels, fold {meta['fold']}); "
         f"ONNX Runtime vs PyTorch on {check['inputs']}: max |dprob| {worst_p:.2g}, max |dmap| {worst_m:.2g}"
     )
 
@@ -51,14 +51,16 @@ def infer_cmd(
     dataset: Path = typer.Argument(
         ..., help="A `dataset` artifact (from `nodulekit build`) with the model's channels."
     ),
-    out: Path = typer.Option(..., "-o", "--out", help="Output `maps` artifact (.h5), same layout as `nodulekit maps`."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Output `maps` artifact (.h5), same layout as `nodulekit maps`."
+    ),
     provider: str = typer.Option(
         "auto",
         "--provider",
         help="ONNX Runtime execution provider: auto (CUDA if available, else CPU), cuda, tensorrt or cpu.",
     ),
     batch: int = typer.Option(256, "--batch", help="Samples per ONNX Runtime call."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Run an exported model with ONNX Runtime over a dataset; write probabilities and maps.
 
@@ -68,11 +70,11 @@ def infer_cmd(
     """
     from nodulekit.export import infer
 
-    summary = infer(model, dataset, out, provider=provider, batch=batch, overwrite=overwrite, progress=True)
+    summary = infer(model, dataset, output, provider=provider, batch=batch, overwrite=overwrite, progress=True)
     if summary["note"]:
         typer.echo(summary["note"], err=True)
     rate = summary["n"] / summary["seconds"] if summary["seconds"] > 0 else float("inf")
     typer.echo(
-        f"wrote {out}: {summary['n']} nodules on {summary['provider']} "
+        f"wrote {output}: {summary['n']} nodules on {summary['provider']} "
         f"in {summary['seconds']:.2f} s ({rate:.0f} samples/s)"
     )

@@ -28,7 +28,7 @@ def _map_class(name: str) -> int:
 def maps_cmd(
     rundir: Path = typer.Argument(..., help="A RUNDIR written by `nodulekit train` (all folds needed by the nodules)."),
     method: str = typer.Option(..., "--method", "-m", help=f"Map method: {METHODS}."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output `maps` artifact (.h5)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output `maps` artifact (.h5)."),
     dataset: Path | None = typer.Option(
         None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."
     ),
@@ -48,7 +48,7 @@ def maps_cmd(
     channels_last: bool | None = typer.Option(
         None, "--channels-last/--no-channels-last", help="channels_last memory format (default: auto)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Activation maps of every nodule from the fold model that did not train on it.
 
@@ -61,7 +61,7 @@ def maps_cmd(
     from nodulekit.maps import get_method, run_maps, write_run_maps
 
     get_method(method)
-    check_output_path(out, overwrite)
+    check_output_path(output, overwrite)
     result = run_maps(
         rundir,
         method,
@@ -74,10 +74,10 @@ def maps_cmd(
         amp=amp,
         channels_last=channels_last,
     )
-    write_run_maps(result, out, rundir=rundir, overwrite=overwrite)
+    write_run_maps(result, output, rundir=rundir, overwrite=overwrite)
     acc = float((predict_label(result.prob) == result.y).mean())
     typer.echo(
-        f"wrote {out}: {method} maps of {len(result.nodule_id)} nodules "
+        f"wrote {output}: {method} maps of {len(result.nodule_id)} nodules "
         f"({result.arch}, grid {result.maps.shape[-2]}x{result.maps.shape[-1]}); test accuracy {acc:.4f}"
     )
 
@@ -86,7 +86,9 @@ def maps_cmd(
 def scores_cmd(
     maps_files: list[Path] = typer.Argument(..., help="One or more `maps` artifacts (one per method)."),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact with the consensus `mask`."),
-    out: Path = typer.Option(..., "-o", "--out", help="Per-nodule CSV; summary .md and .json are written beside it."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Per-nodule CSV; summary .md and .json are written beside it."
+    ),
     radius_mm: float = typer.Option(2.0, "--radius-mm", help="Half-width r of the margin band in mm."),
     radius_frac: float | None = typer.Option(
         None,
@@ -115,7 +117,7 @@ def scores_cmd(
         map_class=_map_class(map_class),
         skip_empty_masks=skip_empty_masks,
     )
-    paths = write_scores(table, out, overwrite=overwrite)
+    paths = write_scores(table, output, overwrite=overwrite)
     typer.echo(f"wrote {paths['csv']}, {paths['md']}, {paths['json']} ({len(table)} maps scored)")
 
 
@@ -123,7 +125,7 @@ def scores_cmd(
 def figures_cmd(
     maps_files: list[Path] = typer.Argument(..., help="One or more `maps` artifacts (columns of the grid)."),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact (ROIs and contours)."),
-    out_dir: Path = typer.Option(..., "-o", "--out-dir", help="Folder for the PNG files (created if missing)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the PNG files (created if missing)."),
     nodules: str | None = typer.Option(None, "--nodules", help="Comma-separated nodule ids (default: n picked)."),
     n: int = typer.Option(6, "--n", help="How many nodules when --nodules is not given (half malignant)."),
     scores_csv: Path | None = typer.Option(
@@ -131,9 +133,9 @@ def figures_cmd(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNG files."),
 ) -> None:
-    """Figures: map grid (Fig. 7 style), per-slice grid (Fig. 5, for --per-slice maps), region scores.
+    """Figures as PNG: map grid (like Figure 7), per-slice grid (Figure 5, for --per-slice maps), region scores.
 
-    Writes OUT_DIR/map_grid.png, OUT_DIR/slices_<method>.png for each maps file holding slice_maps, and OUT_DIR/region_scores.png with --scores. Probabilities under the maps are red for false positives / false negatives at p = 0.5.
+    Writes OUTPUT/map_grid.png, OUTPUT/slices_<method>.png for each maps file holding slice_maps, and OUTPUT/region_scores.png with --scores. Probabilities under the maps are red for false positives / false negatives at p = 0.5.
 
     Example: nodulekit figures cam_maps.h5 hesam_maps.h5 -d d11c.h5 --scores scores.csv -o figs
     """
@@ -145,17 +147,17 @@ def figures_cmd(
         raise NodulekitError(f"--n must be at least 1, got {n}")
     from nodulekit.artifacts import check_output_path
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     for name in ["map_grid.png"] + (["region_scores.png"] if scores_csv is not None else []):
-        check_output_path(out_dir / name, overwrite)  # refuse before any work
+        check_output_path(output / name, overwrite)  # refuse before any work
     ids = _ids(nodules)
-    written = [map_grid(maps_files, dataset, out_dir / "map_grid.png", nodules=ids, n=n, overwrite=overwrite)]
+    written = [map_grid(maps_files, dataset, output / "map_grid.png", nodules=ids, n=n, overwrite=overwrite)]
     for path in maps_files:
         maps = read_maps(path)
         if "slice_maps" in maps.extra:
             written.append(
                 slice_grid(
-                    path, dataset, out_dir / f"slices_{maps.method}.png", nodules=ids, n=min(n, 4), overwrite=overwrite
+                    path, dataset, output / f"slices_{maps.method}.png", nodules=ids, n=min(n, 4), overwrite=overwrite
                 )
             )
     if scores_csv is not None:
@@ -163,7 +165,7 @@ def figures_cmd(
 
         if not scores_csv.exists():
             raise NodulekitError(f"{scores_csv} does not exist")
-        written.append(region_score_plot(pd.read_csv(scores_csv), out_dir / "region_scores.png", overwrite=overwrite))
+        written.append(region_score_plot(pd.read_csv(scores_csv), output / "region_scores.png", overwrite=overwrite))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -172,7 +174,9 @@ def wilcoxon_cmd(
     rundirs: list[Path] = typer.Argument(
         ..., help="Two or more RUNDIRs on the same dataset; the first is the reference."
     ),
-    out: Path = typer.Option(..., "-o", "--out", help="Markdown report (.md); .csv and .json are written beside it."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Markdown report (.md); .csv and .json are written beside it."
+    ),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
     permutations: int = typer.Option(
         9999, "--permutations", min=1, help="Random patient sign patterns of the permutation test."
@@ -191,7 +195,7 @@ def wilcoxon_cmd(
     table = wilcoxon_runs(rundirs, n_resamples=bootstrap, seed=seed, n_permutations=permutations)
     paths = write_report(
         table,
-        out,
+        output,
         title=f"{rundirs[0]} against each other run, same nodules",
         notes=wilcoxon_notes(bootstrap, seed, permutations),
         record={
@@ -217,7 +221,9 @@ def wilcoxon_cmd(
 @app.command("readers")
 def readers_cmd(
     rundir: Path = typer.Argument(..., help="A finished RUNDIR (all folds)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Markdown report (.md); .csv and .json are written beside it."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Markdown report (.md); .csv and .json are written beside it."
+    ),
     dataset: Path | None = typer.Option(
         None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."
     ),
@@ -238,7 +244,7 @@ def readers_cmd(
     table = reader_comparison(rundir, dataset, n_resamples=bootstrap, seed=seed)
     paths = write_report(
         table,
-        out,
+        output,
         title=f"Readers vs the other readers' consensus, and the model ({table.attrs['arch']}, {table.attrs['n']} test nodules)",
         notes=readers_notes(table.attrs["rule"], bootstrap, seed),
         record={

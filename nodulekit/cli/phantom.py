@@ -11,7 +11,9 @@ from nodulekit.cli import app
 
 @app.command("phantom")
 def phantom_cmd(
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder (created; must be empty unless --overwrite)."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Output folder (created; must be empty unless --overwrite)."
+    ),
     nodules: int | None = typer.Option(
         None,
         "--nodules",
@@ -41,10 +43,10 @@ def phantom_cmd(
     its look follows the texture, calcification, internal-structure and margin ratings.
     Malignancy ratings are never used for drawing; labels come from the cohort's rule.
 
-    Writes image/<patient>_R_<k>.nii.gz, mask/..., manifest.csv (read by
-    `nodulekit extract --vois OUT`) and phantom.json (request, label rule, provenance).
-    With --dicom: OUT/<patient>/<study uid>/<series uid>/000001.dcm ... (read by
-    `nodulekit extract --lidc-root OUT`). An interrupted run resumes when repeated.
+    Writes OUTPUT/image/<patient>_R_<k>.nii.gz, mask/..., manifest.csv (read by
+    `nodulekit extract --vois OUTPUT`) and phantom.json (request, label rule, provenance).
+    With --dicom: OUTPUT/<patient>/<study uid>/<series uid>/000001.dcm ... (read by
+    `nodulekit extract --lidc-root OUTPUT`). An interrupted run resumes when repeated.
 
     Example: nodulekit phantom -o phantom-vois --nodules 300 --seed 0 -j 2
 
@@ -56,12 +58,12 @@ def phantom_cmd(
     if dicom is not None:
         if nodules is not None or patients is not None:
             raise NodulekitError("--dicom takes its own patient list; do not combine it with --nodules or --patients")
-        result = make_phantom_dicom(out, dicom, seed=seed, overwrite=overwrite, progress=True)
+        result = make_phantom_dicom(output, dicom, seed=seed, overwrite=overwrite, progress=True)
     else:
         if nodules is not None and patients is not None:
             raise NodulekitError("give either --nodules or --patients, not both")
         result = make_phantom_vois(
-            out,
+            output,
             nodules=DEFAULT_NODULES if nodules is None else nodules,
             patients=patients,
             seed=seed,

@@ -1,0 +1,132 @@
+"""Command-line conventions: -h/--help, --version, shell completion, one output option
+(-o/--output) everywhere with the old spellings as deprecated aliases, flags shown as flags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nodulekit import __version__
+
+# Every command that writes something, and so must take -o/--output.
+WRITERS = (
+    "cohort",
+    "extract",
+    "build",
+    "train",
+    "evaluate",
+    "maps",
+    "scores",
+    "figures",
+    "wilcoxon",
+    "readers",
+    "export-onnx",
+    "infer",
+    "phantom",
+)
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`nodulekit ARGS` through the real entry point, in this process: (exit status, stdout, stderr)."""
+    from nodulekit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def commands() -> dict:
+    import typer
+
+    from nodulekit.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def test_version(monkeypatch, capsys):
+    code, out, _ = run_main(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"nodulekit {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["maps"], ["status"]])
+def test_short_help_is_the_long_help(monkeypatch, capsys, command):
+    code_h, out_h, _ = run_main(monkeypatch, capsys, *command, "-h")
+    code_help, out_help, _ = run_main(monkeypatch, capsys, *command, "--help")
+    assert code_h == code_help == 0
+    assert out_h == out_help and "Usage: nodulekit" in out_h
+
+
+def test_every_writer_names_its_output_dash_o_output():
+    cmds = commands()
+    for name in WRITERS:
+        opts = {o for p in cmds[name].params for o in getattr(p, "opts", [])}
+        assert {"-o", "--output"} <= opts, f"{name}: {sorted(opts)}"
+        assert not opts & {"--out", "--out-dir"}, f"{name} still has an old output spelling"
+
+
+def test_flags_are_shown_as_flags_and_take_no_value(monkeypatch, capsys):
+    for name in commands():
+        code, out, _ = run_main(monkeypatch, capsys, name, "--help")
+        assert code == 0 and "<bool>" not in out, name
+    _, out, _ = run_main(monkeypatch, capsys, "maps", "--help")
+    assert "--overwrite " in out and "--overwrite <" not in out
+    # a flag followed by a word: the word is an unexpected argument, a usage error (2)
+    code, _, err = run_main(monkeypatch, capsys, "cohort", "-o", "x.csv", "--overwrite", "true")
+    assert code == 2 and "unexpected extra argument" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["maps", "R", "--out", "m.h5"], ["maps", "R", "--output", "m.h5"]),
+        (["figures", "m.h5", "--out-dir=figs"], ["figures", "m.h5", "--output=figs"]),
+        (["scores", "--", "--out"], ["scores", "--", "--out"]),  # after --, a file named --out
+        (["maps", "R", "--output", "m.h5"], ["maps", "R", "--output", "m.h5"]),
+    ],
+)
+def test_old_output_spellings_are_rewritten(argv, expected, capsys):
+    from nodulekit.cli import modern_argv
+
+    assert modern_argv(argv) == expected
+    err = capsys.readouterr().err
+    assert ("deprecated" in err) == (argv != expected)
+
+
+def test_old_output_spelling_still_reaches_the_command(tmp_path, monkeypatch, capsys):
+    # `--out` is accepted by the entry point and lands on -o/--output: the command's own
+    # error (not "no such option") proves it parsed.
+    code, _, err = run_main(monkeypatch, capsys, "evaluate", tmp_path / "nope", "--out", tmp_path / "rep")
+    assert code == 2
+    assert "is not a nodulekit run folder" in err and "No such option" not in err
+
+
+def _nodulekit(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nodulekit", *map(str, args)], capture_output=True, text=True, env=env, timeout=120, **kw
+    )
+
+
+def test_shell_completion_installs_and_completes(tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path), SHELL="/bin/bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    res = _nodulekit("--install-completion", "bash", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "nodulekit" in (tmp_path / ".bashrc").read_text() or "nodulekit" in "".join(
+        p.read_text() for p in (tmp_path / ".bash_completions").glob("*")
+    )
+    # what bash asks when the user types `nodulekit ma<TAB>` and `nodulekit maps x --ou<TAB>`
+    for words, cword, expected in (
+        ("nodulekit ma", "1", {"maps"}),
+        ("nodulekit maps x --ou", "3", {"--output"}),
+    ):
+        env_c = dict(env, _NODULEKIT_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=cword)
+        res = _nodulekit(env=env_c)
+        assert set(res.stdout.split()) == expected, (words, res.stdout, res.stderr)
