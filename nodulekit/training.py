@@ -28,7 +28,7 @@ import platform
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -267,19 +267,6 @@ def _state_to_cpu(state: dict) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 
-def _uses_features(model) -> bool:
-    """Whether training must call forward_features (the model has an auxiliary loss)."""
-    aux = getattr(type(model), "auxiliary_loss", None)
-    if aux is None:
-        return False
-    try:
-        from nodulekit.models import NoduleClassifier  # type: ignore
-
-        return aux is not getattr(NoduleClassifier, "auxiliary_loss", None)
-    except ImportError:
-        return True
-
-
 class ValidationSelector:
     """Chooses the reported epoch from validation metrics only (never sees test data)."""
 
@@ -301,29 +288,29 @@ class ValidationSelector:
 
 
 class _DeviceData:
-    """The whole dataset as tensors on the training device (no DataLoader, no copies per batch)."""
+    """The whole dataset as tensors on the training device (no DataLoader, no copies per batch).
 
-    def __init__(self, data: Dataset, device, with_targets: bool):
+    Batches carry the targets of multi-task models too (``mask``, ``characteristics``); a
+    model's ``training_forward`` uses what it needs.
+    """
+
+    def __init__(self, data: Dataset, device):
         import torch
 
         self.device = device
         self.x = torch.from_numpy(data.x).to(device)
         self.y = torch.from_numpy(data.y).to(device)
-        self.mask = None
-        self.characteristics = None
-        if with_targets:
-            if data.mask is not None:
-                self.mask = torch.from_numpy(np.ascontiguousarray(data.mask)).to(device)
-            if data.characteristics is not None:
-                self.characteristics = torch.from_numpy(data.characteristics).to(device)
+        self.mask = torch.from_numpy(np.ascontiguousarray(data.mask)).to(device)
+        self.characteristics = torch.from_numpy(data.characteristics).to(device)
 
     def batch(self, idx) -> dict:
-        out = {"x": self.x[idx], "y": self.y[idx], "index": idx}
-        if self.mask is not None:
-            out["mask"] = self.mask[idx]
-        if self.characteristics is not None:
-            out["characteristics"] = self.characteristics[idx]
-        return out
+        return {
+            "x": self.x[idx],
+            "y": self.y[idx],
+            "index": idx,
+            "mask": self.mask[idx],
+            "characteristics": self.characteristics[idx],
+        }
 
 
 def predict_logits(model, x, index: np.ndarray, batch_size: int = 512, amp: bool = False):
@@ -333,8 +320,7 @@ def predict_logits(model, x, index: np.ndarray, batch_size: int = 512, amp: bool
     model.eval()
     idx_all = torch.from_numpy(np.asarray(index, np.int64)).to(x.device)
     out = []
-    ctx = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), _autocast(x.device, amp):
         for start in range(0, len(idx_all), batch_size):
             out.append(model(x[idx_all[start : start + batch_size]]).float())
     if not out:
@@ -352,38 +338,24 @@ def _score(logits, y) -> tuple[float, float]:
     return loss, acc
 
 
-def _batch_loss(model, train_model, batch: dict, use_features: bool):
-    """(logits, cross-entropy, training loss = cross-entropy + the model's auxiliary loss) of one batch."""
+def batch_loss(forward, batch: dict):
+    """(loss, cross-entropy, logits) of one batch: cross-entropy + the model's auxiliary loss.
+
+    ``forward`` is a model's ``training_forward`` (or its compiled version); every model
+    goes through it, multi-task or not.
+    """
     import torch.nn.functional as F
 
-    if use_features:
-        outputs = train_model.forward_features(batch["x"])
-        logits = outputs["logits"]
-    else:
-        logits = train_model(batch["x"])
-        outputs = {"logits": logits}
+    logits, aux = forward(batch)
     ce = F.cross_entropy(logits.float(), batch["y"])
-    loss = ce
-    if use_features:
-        aux = model.auxiliary_loss(outputs, batch)
-        if aux is not None:
-            loss = loss + aux.float()
-    return logits, ce, loss
+    return ce + aux.float(), ce, logits
 
 
-def _train_epoch(
-    model,
-    train_model,
-    optimizer,
-    dd: _DeviceData,
-    train_index,
-    generator,
-    cfg: TrainConfig,
-    amp: bool,
-    use_features: bool,
-    fold: int,
-    epoch: int,
-):
+def _train_epoch(model, forward, optimizer, dd: _DeviceData, train_index, generator, batch_size, amp, fold, epoch):
+    """One pass over the fold's training rows in the generator's order; (train loss, train accuracy).
+
+    A NaN/inf loss raises :class:`TrainingDiverged` before anything is saved.
+    """
     import torch
 
     model.train()
@@ -393,14 +365,13 @@ def _train_epoch(
     total_sum = torch.zeros((), device=dd.device)
     correct = torch.zeros((), device=dd.device)
     seen = 0
-    ctx = (lambda: torch.autocast(device_type=dd.device.type, dtype=torch.bfloat16)) if amp else nullcontext
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
         if len(idx) < 2:  # batch normalisation cannot train on a single sample
             continue
         batch = dd.batch(idx)
-        with ctx():
-            logits, ce, loss = _batch_loss(model, train_model, batch, use_features)
+        with _autocast(dd.device, amp):
+            loss, ce, logits = batch_loss(forward, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -417,6 +388,291 @@ def _train_epoch(
             f"fold {fold} diverged in epoch {epoch}: training loss is {total}; {kept}; try a lower --lr"
         )
     return float(ce_sum) / max(seen, 1), float(correct) / max(seen, 1)
+
+
+def _autocast(device, amp: bool):
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+# --------------------------------------------------------------------------- one fold, step by step
+
+
+@dataclass
+class TrainContext:
+    """What every fold of one ``train`` call shares: data on the device, settings, run.json.
+
+    Built once by :func:`train_context`. ``execution`` (a ``nodulekit.execution.ExecutionChoice``:
+    bf16 autocast, memory format) is chosen before training by ``_choose_execution``.
+    """
+
+    data: Dataset
+    cfg: TrainConfig
+    rundir: Path
+    run: dict
+    device: Any
+    execution: Any
+    device_data: _DeviceData
+
+    @property
+    def amp(self) -> bool:
+        return bool(self.execution.amp)
+
+
+def train_context(
+    data: Dataset, cfg: TrainConfig, rundir, *, run=None, device=None, device_data=None, execution=None
+) -> TrainContext:
+    """The shared set-up; ``execution`` defaults to ``cfg``'s options without probing."""
+    from nodulekit.execution import default_execution
+
+    device = device if device is not None else resolve_device(cfg.device)
+    return TrainContext(
+        data=data,
+        cfg=cfg,
+        rundir=Path(rundir),
+        run=run if run is not None else load_run(rundir),
+        device=device,
+        execution=execution or default_execution(device, cfg.amp, cfg.channels_last),
+        device_data=device_data if device_data is not None else _DeviceData(data, device),
+    )
+
+
+@dataclass
+class FoldState:
+    """Everything that changes while one fold trains; saved in its checkpoint after every epoch."""
+
+    fold: int
+    split: FoldSplit
+    seed: int
+    fold_dir: Path  # RUNDIR/fold<k>
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    generator: Any  # batch order
+    forward: Any = None  # the training forward (compiled with --compile)
+    eval_model: Any = None  # the model scoring the test/validation rows each epoch (compiled with --compile)
+    selector: ValidationSelector | None = None
+    best_state: dict | None = None  # weights of the best validation epoch (select="val")
+    epoch: int = 0  # epochs done
+    history: list = field(default_factory=list)
+    val_history: list = field(default_factory=list)
+    epoch_seconds: list = field(default_factory=list)  # wall time of each epoch (training + scoring)
+    status: str = "trained"  # trained, resumed or finalised
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.fold_dir / "checkpoint.pt"
+
+    @property
+    def result_path(self) -> Path:
+        return self.fold_dir / "result.h5"
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """The paper's SGD (momentum 0.9, weight decay) for ``model``."""
+    import torch
+
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig):
+    """The paper's step schedule: learning rate / 10 every ``lr_step`` epochs."""
+    import torch
+
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+
+def new_fold_state(ctx: TrainContext, fold: int) -> FoldState:
+    """A fresh fold: model initialised, optimiser, schedule and batch order seeded from (seed, fold)."""
+    import torch
+
+    cfg, seed = ctx.cfg, fold_seed(ctx.cfg.seed, fold)
+    torch.manual_seed(seed)  # model initialisation
+    model = ctx.execution.apply(build_model(cfg.arch, ctx.data.channels, 2, cfg.model_options).to(ctx.device))
+    optimizer = make_optimizer(model, cfg)
+    torch.manual_seed(seed)  # dropout etc. start from the same state whether fresh or resumed
+    return FoldState(
+        fold=fold,
+        split=fold_split(ctx.data, fold, cfg),
+        seed=seed,
+        model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg),
+        generator=torch.Generator().manual_seed(seed),
+        fold_dir=ctx.rundir / f"fold{fold}",
+        selector=ValidationSelector() if cfg.select == "val" else None,
+    )
+
+
+def restore_fold_state(ctx: TrainContext, state: FoldState, ckpt: dict) -> None:
+    """Continue ``state`` from a checkpoint written by :func:`checkpoint_dict`."""
+    import torch
+
+    resume = ckpt.get("resume") or {}
+    state.model.load_state_dict(resume.get("model") or ckpt["state_dict"])
+    state.optimizer.load_state_dict(resume["optimizer"])
+    state.scheduler.load_state_dict(resume["scheduler"])
+    state.generator.set_state(resume["generator"])
+    torch.set_rng_state(resume["torch_rng"])
+    if ctx.device.type == "cuda" and resume.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(resume["cuda_rng"], ctx.device)
+    state.history = [list(map(float, row)) for row in resume.get("history", [])]
+    state.val_history = [list(map(float, row)) for row in resume.get("val_history", [])]
+    state.epoch_seconds = [float(t) for t in resume.get("epoch_seconds", [])]
+    if state.selector is not None:
+        state.selector = ValidationSelector(resume.get("selector"))
+        state.best_state = ckpt["state_dict"] if state.selector.best_epoch is not None else None
+    state.epoch = int(ckpt.get("epoch", 0))
+    state.status = "resumed" if state.epoch < ctx.cfg.epochs else "finalised"
+
+
+def _check_checkpoint_fits(ctx: TrainContext, path: Path, ckpt: dict) -> None:
+    if ckpt.get("arch") != ctx.cfg.arch or int(ckpt.get("in_channels", -1)) != ctx.data.channels:
+        raise NodulekitError(
+            f"{path} is a {ckpt.get('arch')} model for {ckpt.get('in_channels')}-channel input, "
+            f"not {ctx.cfg.arch} for {ctx.data.channels} channels; use a new -o RUNDIR or --overwrite"
+        )
+
+
+def start_fold(ctx: TrainContext, fold: int) -> FoldState | dict:
+    """The fold's state, fresh or resumed from its checkpoint; a finished fold's summary instead."""
+    import torch
+
+    state = new_fold_state(ctx, fold)
+    state.fold_dir.mkdir(parents=True, exist_ok=True)
+    if state.checkpoint_path.exists():
+        ckpt = load_checkpoint(state.checkpoint_path)
+        _check_checkpoint_fits(ctx, state.checkpoint_path, ckpt)
+        done = int(ckpt.get("epoch", 0))
+        if ckpt.get("finished") and done >= ctx.cfg.epochs and state.result_path.exists():
+            return {
+                "fold": fold,
+                "status": "skipped",
+                "epochs": done,
+                "epochs_run": 0,
+                "selected_epoch": ckpt.get("selected_epoch"),
+            }
+        restore_fold_state(ctx, state, ckpt)
+    state.forward = torch.compile(state.model.training_forward) if ctx.cfg.compile else state.model.training_forward
+    state.eval_model = torch.compile(state.model) if ctx.cfg.compile else state.model
+    return state
+
+
+def checkpoint_dict(ctx: TrainContext, state: FoldState, finished: bool) -> dict:
+    """The checkpoint of ``state`` (format ``CHECKPOINT_FORMAT``, read by :func:`nodulekit.run.load_checkpoint`)."""
+    import torch
+
+    cfg, data, device = ctx.cfg, ctx.data, ctx.device
+    current = _state_to_cpu(state.model.state_dict())
+    if state.selector is not None:
+        reported = state.best_state if state.best_state is not None else current
+        selected = state.selector.best_epoch
+    else:
+        reported, selected = current, state.epoch
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": reported,
+        "arch": cfg.arch,
+        "in_channels": data.channels,
+        "num_classes": 2,
+        "config": _model_config(state.model, cfg),
+        "epoch": state.epoch,
+        "selected_epoch": selected,
+        "select": cfg.select,
+        "finished": finished,
+        "fold": state.fold,
+        "seed": cfg.seed,
+        "fold_seed": state.seed,
+        "dataset_fingerprint": data.fingerprint,
+        "dataset_name": data.name,
+        "label_rule": json.dumps(data.label_rule, default=str),
+        "normalisation": json.dumps(data.normalisation, default=str),
+        "device": str(device),
+        "amp": ctx.amp,
+        "channels_last": ctx.execution.channels_last,
+        "execution": ctx.execution.as_dict(),
+        "versions": _versions(),
+        "resume": {
+            "model": current if state.selector is not None else None,
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "generator": state.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "history": state.history,
+            "val_history": state.val_history,
+            "epoch_seconds": state.epoch_seconds,
+            "selector": state.selector.state() if state.selector is not None else None,
+        },
+    }
+
+
+def _evaluate(ctx: TrainContext, model, rows) -> tuple[float, float]:
+    """(loss, accuracy) of ``model`` on dataset rows ``rows``."""
+    logits = predict_logits(model, ctx.device_data.x, rows, ctx.cfg.eval_batch_size, ctx.amp)
+    return _score(logits, ctx.data.y[rows])
+
+
+def run_epoch(ctx: TrainContext, state: FoldState) -> dict[str, float]:
+    """Train one epoch, score it, save the checkpoint; returns the epoch's metrics."""
+    started = time.perf_counter()
+    epoch = state.epoch + 1
+    args = (state.optimizer, ctx.device_data, state.split.train_index, state.generator, ctx.cfg.batch_size, ctx.amp)
+    train_loss, train_acc = _train_epoch(state.model, state.forward, *args, state.fold, epoch)
+    state.scheduler.step()
+    # test fold: for the learning curves only, never for a choice
+    test_loss, test_acc = _evaluate(ctx, state.eval_model, state.split.test_index)
+    state.history.append([float(epoch), train_loss, train_acc, test_loss, test_acc])
+    state.epoch_seconds.append(time.perf_counter() - started)
+    metrics = {"train_loss": train_loss, "train_acc": train_acc}
+    if state.selector is not None:
+        val_loss, val_acc = _evaluate(ctx, state.eval_model, state.split.val_index)
+        state.val_history.append([float(epoch), val_loss, val_acc])
+        if state.selector.update(epoch, val_loss, val_acc):
+            state.best_state = _state_to_cpu(state.model.state_dict())
+        metrics.update(val_loss=val_loss, val_acc=val_acc)
+    state.epoch = epoch
+    save_checkpoint(state.checkpoint_path, checkpoint_dict(ctx, state, finished=False))
+    return metrics
+
+
+def finish_fold(ctx: TrainContext, state: FoldState, epochs_before: int) -> dict[str, Any]:
+    """Score the reported model (last or best-validation epoch) on the test fold, save the final
+    checkpoint and ``result.h5``; returns the fold's summary."""
+    import torch
+
+    cfg = ctx.cfg
+    final_ckpt = checkpoint_dict(ctx, state, finished=True)
+    model = ctx.execution.apply(build_model(cfg.arch, ctx.data.channels, 2, cfg.model_options).to(ctx.device))
+    model.load_state_dict(final_ckpt["state_dict"])
+    logits = predict_logits(model, ctx.device_data.x, state.split.test_index, cfg.eval_batch_size, ctx.amp)
+    test_loss, test_acc = _score(logits, ctx.data.y[state.split.test_index])
+    save_checkpoint(state.checkpoint_path, final_ckpt)
+    write_result(
+        state.result_path,
+        data=ctx.data,
+        split=state.split,
+        cfg=cfg,
+        run=ctx.run,
+        history=state.history,
+        val_history=state.val_history,
+        epoch_seconds=state.epoch_seconds,
+        test_prob=torch.softmax(logits, dim=1)[:, MALIGNANT].numpy().astype(np.float64),
+        selected_epoch=final_ckpt["selected_epoch"],
+        device=ctx.device,
+        amp=ctx.amp,
+        execution=ctx.execution,
+    )
+    return {
+        "fold": state.fold,
+        "status": state.status,
+        "epochs": cfg.epochs,
+        "epochs_run": cfg.epochs - epochs_before,
+        "selected_epoch": final_ckpt["selected_epoch"],
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+    }
 
 
 def train_fold(
@@ -439,190 +695,29 @@ def train_fold(
     epoch, metrics)`` is called after each epoch's checkpoint is saved (an exception
     from it interrupts training like Ctrl-C would).
     """
-    import torch
-
-    from nodulekit.execution import default_execution
-
     cfg.validate()
-    rundir = Path(rundir)
-    run = run if run is not None else load_run(rundir)
-    device = device if device is not None else resolve_device(cfg.device)
-    execution = execution or default_execution(device, cfg.amp, cfg.channels_last)
-    amp = execution.amp
-    split = fold_split(data, fold, cfg)
-    fold_dir = rundir / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = fold_dir / "checkpoint.pt"
-    result_path = fold_dir / "result.h5"
-    seed = fold_seed(cfg.seed, fold)
-
-    torch.manual_seed(seed)  # model initialisation
-    model = execution.apply(build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device))
-    config = _model_config(model, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    generator = torch.Generator().manual_seed(seed)  # batch order
-    history: list[list[float]] = []
-    val_history: list[list[float]] = []
-    epoch_seconds: list[float] = []  # wall time of each epoch (training + scoring), for cost estimates
-    selector = ValidationSelector() if cfg.select == "val" else None
-    best_state = None
-    start_epoch = 0
-    status = "trained"
-
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("arch") != cfg.arch or int(ckpt.get("in_channels", -1)) != data.channels:
-            raise NodulekitError(
-                f"{ckpt_path} is a {ckpt.get('arch')} model for {ckpt.get('in_channels')}-channel input, "
-                f"not {cfg.arch} for {data.channels} channels; use a new -o RUNDIR or --overwrite"
-            )
-        resume = ckpt.get("resume") or {}
-        done = int(ckpt.get("epoch", 0))
-        if ckpt.get("finished") and done >= cfg.epochs and result_path.exists():
-            return {
-                "fold": fold,
-                "status": "skipped",
-                "epochs": done,
-                "epochs_run": 0,
-                "selected_epoch": ckpt.get("selected_epoch"),
-            }
-        model.load_state_dict(resume.get("model") or ckpt["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
-        history = [list(map(float, row)) for row in resume.get("history", [])]
-        val_history = [list(map(float, row)) for row in resume.get("val_history", [])]
-        epoch_seconds = [float(t) for t in resume.get("epoch_seconds", [])]
-        if selector is not None:
-            selector = ValidationSelector(resume.get("selector"))
-            best_state = ckpt["state_dict"] if selector.best_epoch is not None else None
-        start_epoch = done
-        status = "resumed" if done < cfg.epochs else "finalised"
-    else:
-        torch.manual_seed(seed)  # dropout etc. start from the same state whether fresh or not
-
-    train_model = torch.compile(model) if cfg.compile else model
-    use_features = _uses_features(model)
-    dd = device_data if device_data is not None else _DeviceData(data, device, use_features)
-    y_test = data.y[split.test_index]
-    y_val = data.y[split.val_index] if split.val_index is not None else None
-
-    def checkpoint(epoch: int, finished: bool) -> dict:
-        current = _state_to_cpu(model.state_dict())
-        if selector is not None:
-            reported, selected = (best_state if best_state is not None else current), selector.best_epoch
-        else:
-            reported, selected = current, epoch
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "state_dict": reported,
-            "arch": cfg.arch,
-            "in_channels": data.channels,
-            "num_classes": 2,
-            "config": config,
-            "epoch": epoch,
-            "selected_epoch": selected,
-            "select": cfg.select,
-            "finished": finished,
-            "fold": fold,
-            "seed": cfg.seed,
-            "fold_seed": seed,
-            "dataset_fingerprint": data.fingerprint,
-            "dataset_name": data.name,
-            "label_rule": json.dumps(data.label_rule, default=str),
-            "normalisation": json.dumps(data.normalisation, default=str),
-            "device": str(device),
-            "amp": amp,
-            "channels_last": execution.channels_last,
-            "execution": execution.as_dict(),
-            "versions": _versions(),
-            "resume": {
-                "model": current if selector is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "history": history,
-                "val_history": val_history,
-                "epoch_seconds": epoch_seconds,
-                "selector": selector.state() if selector is not None else None,
-            },
-        }
-
+    ctx = train_context(data, cfg, rundir, run=run, device=device, device_data=device_data, execution=execution)
+    state = start_fold(ctx, fold)
+    if isinstance(state, dict):
+        return state  # finished earlier: skipped
+    epochs_before = state.epoch
     bar = None
-    if progress and start_epoch < cfg.epochs:
+    if progress and state.epoch < cfg.epochs:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"{cfg.arch} fold {fold}", unit="epoch", leave=True)
+        bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=f"{cfg.arch} fold {fold}", unit="epoch", leave=True)
     try:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            started = time.perf_counter()
-            train_loss, train_acc = _train_epoch(
-                model, train_model, optimizer, dd, split.train_index, generator, cfg, amp, use_features, fold, epoch
-            )
-            scheduler.step()
-            # test fold: for the learning curves only, never for a choice
-            test_loss, test_acc = _score(
-                predict_logits(train_model, dd.x, split.test_index, cfg.eval_batch_size, amp), y_test
-            )
-            history.append([float(epoch), train_loss, train_acc, test_loss, test_acc])
-            epoch_seconds.append(time.perf_counter() - started)
-            metrics = {"train_loss": train_loss, "train_acc": train_acc}
-            if selector is not None:
-                val_loss, val_acc = _score(
-                    predict_logits(train_model, dd.x, split.val_index, cfg.eval_batch_size, amp), y_val
-                )
-                val_history.append([float(epoch), val_loss, val_acc])
-                if selector.update(epoch, val_loss, val_acc):
-                    best_state = _state_to_cpu(model.state_dict())
-                metrics.update(val_loss=val_loss, val_acc=val_acc)
-            save_checkpoint(ckpt_path, checkpoint(epoch, finished=False))
+        while state.epoch < cfg.epochs:
+            metrics = run_epoch(ctx, state)
             if bar is not None:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
                 bar.update(1)
             if on_epoch_end is not None:
-                on_epoch_end(fold, epoch, dict(metrics, epoch=epoch))
+                on_epoch_end(fold, state.epoch, dict(metrics, epoch=state.epoch))
     finally:
         if bar is not None:
             bar.close()
-
-    # Final model: the last epoch, or the best-validation epoch.
-    final_ckpt = checkpoint(cfg.epochs, finished=True)
-    eval_model = execution.apply(build_model(cfg.arch, data.channels, 2, cfg.model_options).to(device))
-    eval_model.load_state_dict(final_ckpt["state_dict"])
-    logits = predict_logits(eval_model, dd.x, split.test_index, cfg.eval_batch_size, amp)
-    test_prob = torch.softmax(logits, dim=1)[:, MALIGNANT].numpy().astype(np.float64)
-    test_loss, test_acc = _score(logits, y_test)
-    save_checkpoint(ckpt_path, final_ckpt)
-    write_result(
-        result_path,
-        data=data,
-        split=split,
-        cfg=cfg,
-        run=run,
-        history=history,
-        val_history=val_history,
-        epoch_seconds=epoch_seconds,
-        test_prob=test_prob,
-        selected_epoch=final_ckpt["selected_epoch"],
-        device=device,
-        amp=amp,
-        execution=execution,
-    )
-    return {
-        "fold": fold,
-        "status": status,
-        "epochs": cfg.epochs,
-        "epochs_run": cfg.epochs - start_epoch,
-        "selected_epoch": final_ckpt["selected_epoch"],
-        "test_acc": test_acc,
-        "test_loss": test_loss,
-    }
+    return finish_fold(ctx, state, epochs_before)
 
 
 def write_result(
@@ -733,18 +828,17 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         # build one model now so an unknown --arch or bad --model-opt fails before anything is written
         torch.manual_seed(cfg.seed)  # the probe model (below) is the same every time
         probe = build_model(cfg.arch, data.channels, 2, cfg.model_options)
-        cfg.model_options = _model_config(probe, cfg)  # every option, defaults included
-        use_features = _uses_features(probe)
+        cfg = replace(cfg, model_options=_model_config(probe, cfg))  # every option, defaults included
         if overwrite:
             claims.refuse_if_claimed(rundir)  # never discard folds another job is training
-        dd = _DeviceData(data, device, use_features)  # once for all folds
+        dd = _DeviceData(data, device)  # once for all folds
         # bf16 / channels_last: a bad forced option fails here, before anything is written
         recorded = load_run(rundir).get("execution") if (Path(rundir) / "run.json").exists() else None
-        execution = _choose_execution(probe, data, cfg, dd, wanted, None if overwrite else recorded, use_features)
+        execution = _choose_execution(probe, data, cfg, dd, wanted, None if overwrite else recorded)
         run = prepare_rundir(rundir, run_record(cfg, data, device, execution), overwrite=overwrite)
         if execution.how == "probed" and run.get("execution", {}).get("variant") not in (None, execution.variant):
             # a concurrent job created run.json first: run as it does, one choice per RUNDIR
-            execution = _choose_execution(probe, data, cfg, dd, wanted, run["execution"], use_features)
+            execution = _choose_execution(probe, data, cfg, dd, wanted, run["execution"])
         del probe
         if on_execution is not None:
             on_execution(execution.as_dict())
@@ -774,7 +868,7 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
     return {"rundir": str(rundir), "run": run, "folds": summaries, "execution": execution.as_dict()}
 
 
-def _choose_execution(model, data, cfg, dd, wanted, recorded, use_features):
+def _choose_execution(model, data, cfg, dd, wanted, recorded):
     """Probe the execution variants on this run's model and first training batch, or reuse ``recorded``."""
     import torch
 
@@ -789,7 +883,7 @@ def _choose_execution(model, data, cfg, dd, wanted, recorded, use_features):
         dd.device,
         cfg.amp,
         cfg.channels_last,
-        loss_fn=lambda m, batch: _batch_loss(m, m, batch, use_features)[2],
+        loss_fn=lambda m, batch: batch_loss(m.training_forward, batch)[0],
         lr=cfg.lr,
         workload_steps=steps,
         recorded=recorded,

@@ -388,3 +388,54 @@ def test_select_val_resume_equals_straight_run(ds3, tmp_path):
     sa, sb = state_of(straight_dir, 0), state_of(resumed, 0)
     assert all(torch.equal(sa["state_dict"][k], sb["state_dict"][k]) for k in sa["state_dict"])
     assert all(torch.equal(sa["resume"]["model"][k], sb["resume"]["model"][k]) for k in sa["resume"]["model"])
+
+
+def test_compile_goes_through_the_one_training_forward_for_every_model(ds3, tmp_path, monkeypatch):
+    """--compile compiles each model's training_forward, so a multi-task model (pn-samp) is
+    compiled too instead of silently training uncompiled."""
+    from nodulekit.models import NoduleClassifier
+    from nodulekit.models.pnsamp import PNSAMP
+
+    compiled = []
+
+    def fake_compile(fn, *args, **kwargs):  # records what would be compiled; runs it eagerly
+        if isinstance(fn, torch.nn.Module):
+            return fn  # the model scoring the test rows
+        calls = []
+        compiled.append((fn, calls))
+
+        def run(*a, **k):
+            calls.append(1)
+            return fn(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    aux_calls = []
+    original = PNSAMP.auxiliary_loss
+    monkeypatch.setattr(PNSAMP, "auxiliary_loss", lambda self, o, b: aux_calls.append(1) or original(self, o, b))
+    run_train(
+        ds3,
+        tmp_path / "pn",
+        folds=[0],
+        epochs=1,
+        arch="pn-samp",
+        model_options={"base_width": 4},
+        batch_size=8,
+        compile=True,
+    )
+    forwards = [
+        (fn, calls) for fn, calls in compiled if getattr(fn, "__func__", None) is NoduleClassifier.training_forward
+    ]
+    assert len(forwards) == 1 and isinstance(forwards[0][0].__self__, PNSAMP)
+    assert len(forwards[0][1]) == 4 and len(aux_calls) == 4  # 32 training rows in batches of 8
+
+
+def test_train_leaves_the_callers_config_alone(ds3, tmp_path):
+    config = cfg(arch="hesam", model_options={"base_width": 4}, epochs=1)
+    before = repr(config)
+    from nodulekit.training import train
+
+    out = train(ds3, tmp_path / "r", config, folds=[0], progress=False)
+    assert repr(config) == before and config.model_options == {"base_width": 4}
+    assert out["run"]["model_options"]["base_width"] == 4 and len(out["run"]["model_options"]) > 1

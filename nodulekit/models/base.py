@@ -79,6 +79,16 @@ class NoduleClassifier(nn.Module):
         out = self.forward_features(x)
         return out["logits"], self.head.activation_map(out["features"])
 
+    def training_forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, auxiliary loss) of a training batch: the one forward training calls.
+
+        ``batch`` holds ``x`` [B, C, 32, 32], ``y`` and, for multi-task models, ``mask`` and
+        ``characteristics``. Training adds the auxiliary loss (0 for single-task models) to the
+        cross-entropy; ``--compile`` compiles this method, so every model is compiled the same way.
+        """
+        outputs = self.forward_features(batch["x"])
+        return outputs["logits"], self.auxiliary_loss(outputs, batch)
+
     def auxiliary_loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         """Extra training loss of multi-task models (added to the cross-entropy); 0 here.
 
