@@ -28,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SPEED = HERE / "speed.py"
+EXECUTION_COST = HERE / "execution_cost.py"
 
 
 def _run(cmd: list[str]) -> str:
@@ -119,14 +120,17 @@ def plan(args, tmp: Path) -> list[tuple[str, object, float]]:
         extra = ["bf16"] if ctx.get("bf16_pays") else []
         return ["train-steps", "--variants", "eager", "channels_last", *extra, *w, *d, *small, *th(ctx), *steps]
 
+    # execution variants and real epochs of `nodulekit train` (refuses to start on a busy machine)
+    cost = [str(EXECUTION_COST), *(["--d11c", args.d11c] if args.d11c else [])]
+    cost += ["--width", "8", "--n", "96", "--epochs", "1", "--steps", "1", "--allow-busy"] if args.smoke else []
     return [
         ("probe-threads", ["probe-threads", *w], 120),
+        ("execution-cost", cost, 480),
         ("extract-nodulekit", ["extract-nodulekit", "--lidc-root", args.lidc_root], 240),
         ("extract-pylidc", ["extract-pylidc", "--lidc-root", args.lidc_root], 240),
         ("export", lambda ctx: ["export", *w, *onnx, *th(ctx)], 240),
         ("infer", lambda ctx: ["infer", "--engines", "torch", "ort", *w, *onnx, *th(ctx), *big], 500),
         ("train-steps", step_variants, 300),
-        ("train-epoch-eager", lambda ctx: ["train-epoch", "--variant", "eager", *w, *d, *small, *th(ctx)], 600),
         (
             "infer-memory-torch",
             lambda ctx: ["infer", "--engines", "torch", *w, *th(ctx), "--batches", "256" if args.smoke else "1024"],
@@ -195,7 +199,8 @@ def run_all(args) -> dict:
             argv = argv(ctx) if callable(argv) else argv
             json_path = out / f"{name}.json"
             json_path.unlink(missing_ok=True)
-            cmd = [sys.executable, str(SPEED), *argv, "--json", str(json_path)]
+            script, argv = (argv[0], argv[1:]) if argv[0].endswith(".py") else (str(SPEED), argv)
+            cmd = [sys.executable, script, *argv, "--json", str(json_path)]
             print(f"[bench] {name} (cap {min(cap, remaining):.0f} s) ...", flush=True)
             t0 = time.time()
             load0 = os.getloadavg()
@@ -279,15 +284,8 @@ def render(r: dict) -> str:
         f"(on a {m['logical_cores']}-core machine shared with other jobs, figures are lower bounds of what an idle "
         "machine gives, and ratios measured in the same run are more meaningful than absolute numbers)."
     )
-    ep = _ok(r, "train-epoch-eager")
-    sizes = (
-        f"{ep['n_train']} training + {ep['n_test_evaluated']} test samples in the real epoch"
-        if ep
-        else "660 + 165 samples"
-    )
     L.append(
-        f"- **Input**: {'real D11C `' + r['d11c'] + '`' if r['d11c'] else 'synthetic D11C-sized data (11 x 32 x 32; uniform [0, 1] tensors for the step and inference figures, the ring/blob test dataset for the real epoch)'}, "
-        f"{sizes}; model: HESAM, base_width {'8 (smoke)' if r['smoke'] else '64 (the paper model, 7.0 M parameters)'}."
+        f"- **Input**: {'real D11C `' + r['d11c'] + '`' if r['d11c'] else 'synthetic D11C-sized data (11 x 32 x 32; uniform [0, 1] tensors for the step and inference figures, the ring/blob test dataset for the real epochs)'}; model: HESAM, base_width {'8 (smoke)' if r['smoke'] else '64 (the paper model, 7.0 M parameters)'}."
     )
     L.append(f"- Whole run: {r['wall_s']:.0f} s of a {r['budget_s']:.0f} s budget.")
     L.append("")
@@ -298,17 +296,18 @@ def render(r: dict) -> str:
     if probe:
         by = ", ".join(f"{k} thread(s): {v:.2f} s" for k, v in probe["step_s_by_threads"].items())
         L.append(
-            f"One HESAM training step (forward + backward) at batch {probe['batch']}: {by}. All PyTorch and ONNX "
-            f"Runtime figures below use **{r['threads_used']} intra-op thread(s)** (the faster here). With more "
+            f"One HESAM training step (forward + backward) at batch {probe['batch']}: {by}. The PyTorch and ONNX "
+            f"Runtime figures below use **{r['threads_used']} intra-op thread(s)** (the faster here), except "
+            "*Execution variants*, which uses torch's default as `nodulekit train` does. With more "
             "threads than free cores, PyTorch's OpenMP workers wait on each other and a step can be several times "
             "slower than with one thread."
         )
         L.append("")
         L.append(
-            f"bf16 autocast, same step: {probe['bf16_step_s']:.2f} s, i.e. {probe['bf16_vs_fp32']:.2f}x the fp32 "
-            f"speed; this CPU {'has' if probe['native_bf16'] else 'has no'} native bf16 instructions "
-            f"(avx512_bf16/amx_bf16), so bf16 {'was' if r.get('bf16_in_step_run') else 'was not'} timed at full size "
-            f"{'below' if r.get('bf16_in_step_run') else '(it does not pay here)'}."
+            f"bf16 autocast, same step at batch {probe['batch']}: {probe['bf16_step_s']:.2f} s, i.e. "
+            f"{probe['bf16_vs_fp32']:.2f}x the fp32 speed; this CPU {'has' if probe['native_bf16'] else 'has no'} "
+            "native bf16 instructions (avx512_bf16/amx_bf16). bf16 at batch 32 and in real epochs, every variant "
+            "at the thread count `nodulekit train` uses: *Execution variants* below."
         )
     else:
         L.append(f"Probe: {_status(r, 'probe-threads')}; using {r['threads_used']} thread(s).")
@@ -378,33 +377,19 @@ def render(r: dict) -> str:
             )
         )
     L.append(
-        f"**Fastest CPU path here: {best}** (>= 5 % more samples/s than eager in the same run; compile only if its "
+        f"**Fastest of these fp32 variants here: {best}** (>= 5 % more samples/s than eager in the same run; compile only if its "
         "one-off cost is recovered within a 5-fold x 90-epoch run). " + compile_note
     )
     L.append("")
-    L.append("### One real epoch of `nodulekit.training.train` (eager fp32, 1 fold)")
-    L.append("")
-    if ep:
-        L.append(
-            f"- wall time {ep['epoch_wall_s']:.1f} s for {ep['n_train']} training samples "
-            f"({ep['samples_per_s']:.2f} samples/s), including evaluation of {ep['n_test_evaluated']} test samples "
-            f"and the checkpoint/result writes; threads {ep['threads']}; peak RSS {ep['maxrss_mb']:.0f} MB."
-        )
-        L.append(
-            f"- extrapolated (epoch wall x 90 epochs, the training default): one fold "
-            f"{ep['fold_s_extrapolated'] / 3600:.2f} h, 5-fold cross-validation {ep['cv5_s_extrapolated'] / 3600:.2f} h "
-            "on this CPU. This is an extrapolation from one epoch, not a measured full run."
-        )
-        if st:
-            eager = st["variants"]["eager"]
-            steps = -(-ep["n_train"] // 32)
-            L.append(
-                f"- the step benchmark predicts {steps} steps x {eager['step_s_median']:.2f} s = "
-                f"{steps * eager['step_s_median']:.0f} s for the training pass alone (measured at another "
-                "moment on a shared machine, so the two can differ either way)."
-            )
+    cost = _ok(r, "execution-cost")
+    if cost:
+        import execution_cost
+
+        L.append(execution_cost.render(cost))
     else:
-        L.append(f"- {_status(r, 'train-epoch-eager')}")
+        L.append("## Execution variants and the cost of the paper's schedule (`execution_cost.py`)")
+        L.append("")
+        L.append(f"Status: {_status(r, 'execution-cost')}.")
     L.append("")
 
     L.append("## Inference with maps (prob + map 16x16 + map_up 32x32), PyTorch eager vs ONNX Runtime (CPU)")

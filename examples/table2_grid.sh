@@ -15,8 +15,8 @@
 # its RUNDIR (`nodulekit train --fold K`), so they can run at the same time on different
 # GPUs/nodes; each resumes from its per-epoch checkpoint when re-run. When all jobs are
 # done, `--report` writes one table per dataset.
-# 18 architectures x 4 datasets x 5 folds = 360 jobs; about 22-51 CPU hours per
-# architecture and dataset, minutes on a GPU (see benchmarks/README.md).
+# 18 architectures x 4 datasets x 5 folds = 360 jobs; for the cost per job on a CPU see
+# benchmarks/execution_cost.py in benchmarks/README.md.
 set -euo pipefail
 
 ROIS=${ROIS:?set ROIS to the rois.h5 written by nodulekit extract}

@@ -397,6 +397,23 @@ def _probe_and_pick(model, batch, device, amp, channels_last, step, time_step) -
     results = probe_variants(
         model, batch, device, variants, step, steps=WARMUP_STEPS + TIMED_STEPS, time_step=time_step
     )
+    choice = select_variant(results, device, amp, channels_last)
+    probe = {"warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS, "batch": int(len(batch["x"]))}
+    return replace(choice, probe=dict(probe, seconds=time.perf_counter() - started))
+
+
+def select_variant(results: dict[str, dict], device, amp=AUTO, channels_last=AUTO) -> ExecutionChoice:
+    """The choice from ``probe_variants`` results (which must include fp32, the reference).
+
+    Fastest (the quickest timed step after ``WARMUP_STEPS``) of the variants the options
+    allow whose outputs lie within ``TOLERANCE`` of fp32's; a forced option wins over the
+    tolerance but not over an error; the default stays unless another is ``MIN_GAIN`` faster.
+    """
+    import torch
+
+    device = torch.device(device)
+    amp, channels_last = _option("--amp", amp), _option("--channels-last", channels_last)
+    allowed = [v for v in VARIANTS if amp in (AUTO, v[0]) and channels_last in (AUTO, v[1])]
     reference = results["fp32"].get("outputs")
     if reference is None or not bool(reference.isfinite().all()):
         raise NodulekitError(
@@ -412,7 +429,6 @@ def _probe_and_pick(model, batch, device, amp, channels_last, step, time_step) -
         if not diffs[name] <= TOLERANCE:
             rejected[name] = f"outputs differ from fp32 by {diffs[name]:.3g} (tolerance {TOLERANCE})"
     ran = [v for v in allowed if variant_name(*v) in seconds]
-    # a forced option wins over the tolerance, but not over an error
     eligible = [v for v in ran if variant_name(*v) not in rejected] or (ran if True in (amp, channels_last) else [])
     if not eligible:
         option = "--amp" if amp is True else "--channels-last"
@@ -436,11 +452,5 @@ def _probe_and_pick(model, batch, device, amp, channels_last, step, time_step) -
         step_seconds=seconds,
         rel_diff=diffs,
         rejected=rejected,
-        probe={
-            "warmup_steps": WARMUP_STEPS,
-            "timed_steps": TIMED_STEPS,
-            "batch": int(len(batch["x"])),
-            "seconds": time.perf_counter() - started,
-        },
         machine=machine_info(device),
     )

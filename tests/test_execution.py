@@ -289,3 +289,16 @@ def test_maps_apply_and_record_the_choice(ds3, tmp_path):
     write_run_maps(bf16, tmp_path / "m.h5", rundir=tmp_path / "run")
     with h5py.File(tmp_path / "m.h5", "r") as f:
         assert get_provenance(f)["execution"]["variant"] == "bf16+channels_last"
+
+
+def test_cost_benchmark_refuses_a_busy_machine(tmp_path, monkeypatch, capsys):
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import execution_cost
+
+    monkeypatch.setattr(execution_cost.os, "getloadavg", lambda: (5.0, 4.0, 3.0))
+    out = tmp_path / "cost.json"
+    tiny = ["--width", "4", "--n", "40", "--epochs", "1", "--steps", "1", "--json", str(out)]
+    assert execution_cost.main([*tiny, "--max-load", "1.5"]) == 2
+    assert "refused: 1-min load average 5.00 is above 1.5" in capsys.readouterr().err and not out.exists()
