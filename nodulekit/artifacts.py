@@ -208,11 +208,15 @@ def write_maps(
     extra: dict[str, np.ndarray] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a ``maps`` artifact (shared by ``nodulekit maps`` and ``nodulekit infer``)."""
+    """Write a ``maps`` artifact (shared by ``nodulekit maps`` and ``nodulekit infer``).
+
+    Non-finite maps or probabilities (a diverged model) are refused before anything is written.
+    """
     import torch
     import torch.nn.functional as F
 
     maps = np.asarray(maps, np.float32)
+    check_finite_maps(path, maps=maps, prob=prob, maps_up=maps_up)
     n = maps.shape[0]
     if maps_up is None:
         maps_up = F.interpolate(
@@ -252,11 +256,27 @@ class MapsArtifact:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
+def check_finite_maps(path: str | os.PathLike, **arrays) -> None:
+    """Refuse maps or probabilities holding NaN or inf: they come from a failed (diverged) model."""
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        bad = int(np.size(value) - np.isfinite(np.asarray(value, np.float64)).sum())
+        if bad:
+            raise ArtifactError(
+                f"{path}: {name} holds {bad} NaN or infinite value(s); the model that made them failed "
+                "(diverged?), so there is nothing to score; retrain it"
+            )
+
+
 def read_maps(path: str | os.PathLike) -> MapsArtifact:
-    """Read a ``maps`` artifact (the one reader; :func:`write_maps` is the writer)."""
+    """Read a ``maps`` artifact (the one reader; :func:`write_maps` is the writer).
+
+    Maps or probabilities that are not finite are refused in one line naming the file.
+    """
     core = ("nodule_id", "maps", "maps_up", "prob", "y", "fold")
     with open_artifact(path, "maps") as f:
-        return MapsArtifact(
+        out = MapsArtifact(
             path=Path(path),
             nodule_id=read_strings(f["nodule_id"]),
             maps=f["maps"][()],
@@ -270,3 +290,5 @@ def read_maps(path: str | os.PathLike) -> MapsArtifact:
             extra={name: f[name][()] for name in f if name not in core and isinstance(f[name], h5py.Dataset)},
             provenance=get_provenance(f),
         )
+    check_finite_maps(path, maps=out.maps, maps_up=out.maps_up, prob=out.prob)
+    return out

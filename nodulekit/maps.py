@@ -370,6 +370,10 @@ def run_maps(
             progress=progress,
             execution=execution,
         )
+        # A diverged fold model gives NaN: say which fold, and write nothing.
+        from nodulekit.artifacts import check_finite_maps
+
+        check_finite_maps(run.checkpoint_path(k), **out)
         for name, value in out.items():
             if name not in results:
                 results[name] = np.zeros((len(rows),) + value.shape[1:], value.dtype)
