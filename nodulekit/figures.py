@@ -1,7 +1,7 @@
 """Figures of the maps stage (matplotlib, Agg backend, PNG).
 
-- ``map_grid``: like the paper's Fig. 7: one row per nodule, the ROI centre slice with the
-  readers' contour, then each method's map overlaid; the malignant probability under each
+- ``map_grid``: like the paper's Fig. 7: one row per nodule, the ROI with the readers' contour
+  (the channel ``scores`` measures against, ``scores.map_channel``), then each method's map overlaid; the malignant probability under each
   map, in red for a false positive / false negative.
 - ``slice_grid``: like Fig. 5: per nodule, maps of single slices duplicated to all channels
   (``maps --per-slice``) and, last, the map of the real multi-slice input.
@@ -72,9 +72,13 @@ def map_grid(
     n: int = 6,
     map_class: int = 1,
     overwrite: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> Path:
-    """Fig. 7-style grid: ROI centre slice + each method's map for the chosen nodules."""
+    """Fig. 7-style grid: the ROI (the channel maps are scored against) + each method's map for the chosen nodules.
+
+    Column titles are ``labels`` if given, else :func:`nodulekit.scores.map_labels`."""
     from nodulekit.datasets import load_dataset
+    from nodulekit.scores import map_channel, map_labels
 
     if not maps_paths:
         raise NodulekitError("give at least one maps file")
@@ -97,15 +101,16 @@ def map_grid(
     fig, axes = plt.subplots(
         len(chosen), cols, figsize=(1.9 * cols, 2.0 * len(chosen)), squeeze=False, layout="constrained"
     )
-    centre = ds.channels // 2
+    shown = map_channel(ds)  # the same channel (and scale) `scores` measures against
+    titles = list(labels) if labels is not None else map_labels(runs)
     for r, nid in enumerate(chosen):
         row = row_of[nid]
-        roi = ds.x[row, centre]
+        roi = ds.x[row, shown]
         y = int(ds.y[row])
         ax = axes[r, 0]
         ax.imshow(roi, cmap="gray", vmin=0, vmax=1)
-        if ds.mask[row, centre].any():
-            ax.contour(ds.mask[row, centre], levels=[0.5], colors="lime", linewidths=0.8)
+        if ds.mask[row, shown].any():
+            ax.contour(ds.mask[row, shown], levels=[0.5], colors="lime", linewidths=0.8)
         ax.set_ylabel(f"{nid}\n{'M' if y == 1 else 'B'}", fontsize=7)
         if r == 0:
             ax.set_title("ROI", fontsize=9)
@@ -116,7 +121,7 @@ def map_grid(
             ax.imshow(_display(run.maps_up[i, map_class]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             _prob_label(ax, float(run.prob[i]), y)
             if r == 0:
-                ax.set_title(run.method.upper(), fontsize=9)
+                ax.set_title(titles[c - 1].upper(), fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -136,6 +141,7 @@ def slice_grid(
 ) -> Path:
     """Fig. 5-style grid from a ``maps --per-slice`` file: single-slice maps, then the full-volume map."""
     from nodulekit.datasets import load_dataset
+    from nodulekit.scores import map_channel
 
     run = read_maps(maps_path)
     if "slice_maps" not in run.extra:
@@ -171,7 +177,7 @@ def slice_grid(
             if r == 0:
                 ax.set_title(f"slice {s}", fontsize=9)
         ax = axes[r, -1]
-        ax.imshow(ds.x[row, channels // 2], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(ds.x[row, map_channel(ds)], cmap="gray", vmin=0, vmax=1)
         ax.imshow(_display(run.maps_up[i, MALIGNANT]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
         _prob_label(ax, float(run.prob[i]), y)
         axes[r, 0].set_ylabel(f"{nid}\n{'M' if y == 1 else 'B'}", fontsize=7)
@@ -189,7 +195,8 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
     if len(scores) == 0:
         raise NodulekitError("no region scores to plot")
     plt = _pyplot()
-    methods = sorted(scores["method"].unique())
+    key = "map" if "map" in scores else "method"
+    methods = list(dict.fromkeys(scores[key]))
     classes = [c for c in ("malignant", "benign") if c in set(scores["class"])]
     colours = {"malignant": "#d62728", "benign": "#1f77b4"}
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(methods) * 2), 3.6), sharey=True)
@@ -197,7 +204,7 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
         width = 0.8 / max(1, len(classes))
         for j, cls in enumerate(classes):
             data = [
-                scores.loc[(scores["method"] == m) & (scores["class"] == cls), f"share_{region}"].dropna().to_numpy()
+                scores.loc[(scores[key] == m) & (scores["class"] == cls), f"share_{region}"].dropna().to_numpy()
                 for m in methods
             ]
             pos = np.arange(len(methods)) + (j - (len(classes) - 1) / 2) * width
@@ -214,7 +221,7 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
                     patch.set_facecolor(colours.get(cls, "grey"))
                     patch.set_alpha(0.6)
             ax.plot([], [], color=colours.get(cls, "grey"), lw=6, alpha=0.6, label=cls)
-        ax.set_xticks(range(len(methods)), [m.upper() for m in methods], fontsize=8)
+        ax.set_xticks(range(len(methods)), [m.upper().replace(" ", "\n") for m in methods], fontsize=7)
         ax.set_title(f"energy share in the {title}", fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)

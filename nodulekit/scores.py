@@ -1,7 +1,8 @@
 """Region scores: where an activation map puts its energy relative to the readers' contour.
 
-On the 32x32 input grid, from the consensus mask of the centre slice and a physical
-radius r (mm; pixel size from the dataset's ``pixel_mm``):
+On the 32x32 input grid, from the consensus mask of one input channel (``map_channel``: the
+centre slice at ROI side 2 x diameter, channel 0 of D3C) and a physical radius r (mm; that
+channel's pixel size from the dataset's ``pixel_mm``):
 
 - *body*        = mask eroded by r  (pixels deeper than r inside the contour),
 - *margin band* = (mask dilated by r) minus body (within r of the contour, either side),
@@ -17,6 +18,7 @@ negative where a feature speaks against the class). For each map m and region R:
 - pointing game  the region holding argmax_p m(p) ("none" for a constant map)
 
 A map that is zero everywhere after clipping has undefined shares (NaN, ``empty_map``).
+Summaries give each mean with a 95 % interval from a bootstrap over patients.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from nodulekit.constants import CLASS_NAMES, MALIGNANT, predict_label
 from nodulekit.errors import NodulekitError
+from nodulekit.stats import BOOTSTRAP_RESAMPLES
 
 REGIONS = ("body", "margin_band", "outside")
 CLASS_NAME = {-1: "unknown", **dict(enumerate(CLASS_NAMES))}
@@ -93,6 +96,57 @@ def _stratum(values: np.ndarray, threshold: float, high: str, low: str, high_if_
     return np.where(np.isnan(values), "unrated", np.where(hi, high, low))
 
 
+def map_channel(ds) -> int:
+    """The input channel whose consensus mask and pixel size maps are scored against (and figures show).
+
+    A map lies on the same 32x32 grid as every input channel, so each channel's pixels line up
+    with it; what differs between channels is the anatomy and the physical scale. We use the
+    centre slice at ROI side p = 2 x diameter: that is the field of view of D1C, D11C and D21C,
+    so scores compare across datasets. For D3C (the centre slice at p = 2, 3, 4) it is channel
+    0, not the middle channel (p = 3).
+    """
+    from nodulekit.datasets import CHANNEL_CHOICES, channel_layout
+
+    layout = ds.attrs.get("channel_layout")
+    if not layout and ds.channels in CHANNEL_CHOICES:
+        layout = [{"z_offset_mm": c.z_offset_mm, "p": c.p} for c in channel_layout(ds.channels)]
+    centre = [i for i, c in enumerate(layout or []) if c["z_offset_mm"] == 0]
+    return min(centre, key=lambda i: layout[i]["p"]) if centre else ds.channels // 2
+
+
+def map_labels(maps) -> list[str]:
+    """One name per maps artifact: its method, or ``arch method`` where methods repeat (e.g. Grad-CAM of two runs)."""
+    methods = [m.method for m in maps]
+    labels = [m.method if methods.count(m.method) == 1 else f"{m.arch} {m.method}" for m in maps]
+    return [
+        lab if labels.count(lab) == 1 else f"{lab} ({Path(m.path).stem})" for lab, m in zip(labels, maps, strict=True)
+    ]
+
+
+def _nodule_regions(ds, rows, ids, channel, radius_mm, radius_frac, skip_empty_masks, path):
+    """(kept positions, region labels [n, 32, 32], radius per nodule, pixel size) on ``channel``'s mask."""
+    masks = ds.mask[rows, channel] > 0
+    empty = ~masks.any(axis=(1, 2))
+    if empty.any() and not skip_empty_masks:
+        bad = [ids[i] for i in np.flatnonzero(empty)]
+        raise NodulekitError(
+            f"{len(bad)} nodule(s) have an empty consensus mask on channel {channel} ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}, maps of {path}); pass --skip-empty-masks to leave them out"
+        )
+    keep = np.flatnonzero(~empty)
+    pix = ds.pixel_mm[rows[keep], channel].astype(float)
+    if radius_frac is not None:
+        radius = radius_frac * np.sqrt(masks[keep].sum(axis=(1, 2)) * pix**2 / np.pi)
+    else:
+        radius = np.full(len(keep), float(radius_mm))
+    labels = (
+        np.stack([region_labels(masks[i], p, r) for i, p, r in zip(keep, pix, radius, strict=True)])
+        if keep.size
+        else np.zeros((0,) + masks.shape[1:], np.int8)
+    )
+    return keep, labels, radius, pix
+
+
 def score_maps(
     maps_paths: Sequence[str | Path],
     dataset: str | Path,
@@ -101,14 +155,17 @@ def score_maps(
     radius_frac: float | None = None,
     map_class: int = MALIGNANT,
     skip_empty_masks: bool = False,
+    channel: int | None = None,
+    labels: Sequence[str] | None = None,
 ):
-    """Per-nodule region scores of one or more ``maps`` artifacts (a pandas DataFrame).
+    """Per-nodule region scores of one or more ``maps`` artifacts (a pandas DataFrame, one row per map).
 
-    ``map_class`` picks which class's map is scored (1 = malignant, 0 = benign). The
-    mask is the dataset's consensus mask on the centre channel. The band half-width is
-    ``radius_mm``, or with ``radius_frac`` that fraction of each nodule's equivalent radius
-    sqrt(mask area / pi) in mm (ROIs are cut at twice the nodule diameter, so a fixed mm
-    radius is a larger share of a small nodule than of a large one).
+    ``map_class`` picks which class's map is scored (1 = malignant, 0 = benign). The mask is
+    the dataset's consensus mask on ``channel`` (default :func:`map_channel`). The band
+    half-width is ``radius_mm``, or with ``radius_frac`` that fraction of each nodule's
+    equivalent radius sqrt(mask area / pi) in mm (ROIs are cut at twice the nodule diameter,
+    so a fixed mm radius is a larger share of a small nodule than of a large one). Column
+    ``map`` names each maps file: ``labels`` if given, else :func:`map_labels`.
     """
     import pandas as pd
 
@@ -123,81 +180,101 @@ def score_maps(
         raise NodulekitError(f"radius must be >= 0 mm, got {radius_mm}")
     rule = f"r = {radius_frac:g} x equivalent radius" if radius_frac is not None else f"r = {radius_mm:g} mm"
     ds = load_dataset(dataset)
-    centre = ds.channels // 2
-    names = list(ds.attrs.get("characteristic_names", []))
+    channel = map_channel(ds) if channel is None else int(channel)
+    if not 0 <= channel < ds.channels:
+        raise NodulekitError(f"--channel {channel} does not exist; {dataset} has channels 0..{ds.channels - 1}")
+    maps = [read_maps(p) for p in maps_paths]
+    if labels is not None and (len(labels) != len(maps) or len(set(labels)) != len(labels)):
+        raise NodulekitError(f"give one distinct label per maps file ({len(maps)}), got {list(labels)}")
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     frames = []
-    for path in maps_paths:
-        m = read_maps(path)
-        ids, up, prob, fold, method, arch = m.nodule_id, m.maps_up, m.prob, m.fold, m.method, m.arch
-        if up.shape[-2:] != ds.mask.shape[-2:]:
+    for m, label in zip(maps, map_labels(maps) if labels is None else labels, strict=True):
+        if m.maps_up.shape[-2:] != ds.mask.shape[-2:]:
             raise NodulekitError(
-                f"{path}: maps_up grid {up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"
+                f"{m.path}: maps_up grid {m.maps_up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"
             )
-        if not 0 <= map_class < up.shape[1]:
-            raise NodulekitError(f"{path} has {up.shape[1]} class maps; class {map_class} does not exist")
-        unknown = [n for n in ids if n not in row_of]
+        if not 0 <= map_class < m.maps_up.shape[1]:
+            raise NodulekitError(f"{m.path} has {m.maps_up.shape[1]} class maps; class {map_class} does not exist")
+        unknown = [n for n in m.nodule_id if n not in row_of]
         if unknown:
             raise NodulekitError(
-                f"{path}: {len(unknown)} nodule(s) not in {dataset}, e.g. {unknown[0]}; wrong --dataset?"
+                f"{m.path}: {len(unknown)} nodule(s) not in {dataset}, e.g. {unknown[0]}; wrong --dataset?"
             )
-        rows = np.array([row_of[n] for n in ids], np.int64)
-        masks = ds.mask[rows, centre] > 0
-        empty = ~masks.any(axis=(1, 2))
-        if empty.any() and not skip_empty_masks:
-            bad = [ids[i] for i in np.flatnonzero(empty)]
-            raise NodulekitError(
-                f"{len(bad)} nodule(s) have an empty consensus mask on the centre slice ({', '.join(bad[:3])}"
-                f"{' ...' if len(bad) > 3 else ''}); pass --skip-empty-masks to leave them out"
-            )
-        keep = np.flatnonzero(~empty)
-        rows = rows[keep]
-        pix = ds.pixel_mm[rows, centre].astype(float)
-        if radius_frac is not None:
-            radius = radius_frac * np.sqrt(masks[keep].sum(axis=(1, 2)) * pix**2 / np.pi)
-        else:
-            radius = np.full(len(keep), float(radius_mm))
-        labels = (
-            np.stack([region_labels(masks[i], p, r) for i, p, r in zip(keep, pix, radius, strict=True)])
-            if keep.size
-            else np.zeros((0,) + masks.shape[1:], np.int8)
+        rows = np.array([row_of[n] for n in m.nodule_id], np.int64)
+        keep, labels, radius, pix = _nodule_regions(
+            ds, rows, m.nodule_id, channel, radius_mm, radius_frac, skip_empty_masks, m.path
         )
-        scores = map_region_scores(up[keep, map_class], labels)
-        y = ds.y[rows]
-        frame = pd.DataFrame(
-            {
-                "method": method,
-                "arch": arch,
-                "maps_file": str(path),
-                "nodule_id": [ids[i] for i in keep],
-                "fold": np.asarray(fold)[keep],
-                "y": y,
-                "class": [CLASS_NAME[int(v)] for v in y],
-                "prob": np.asarray(prob)[keep],
-                "correct": predict_label(np.asarray(prob)[keep]) == y,
-                "map_class": CLASS_NAME[map_class],
-                "band_rule": rule,
-                "radius_mm": radius,
-                "pixel_mm": pix,
-                "diameter_mm": ds.diameter_mm[rows],
-                **scores,
-            }
-        )
-        for name in ("spiculation", "margin", "lobulation"):
-            if name in names:
-                frame[name] = ds.characteristics[rows, names.index(name)]
-        frame.attrs["skipped_empty_masks"] = int(empty.sum())
+        frame = _score_frame(ds, m, label, keep, rows[keep], labels, map_class)
+        frame["band_rule"], frame["radius_mm"], frame["pixel_mm"], frame["mask_channel"] = rule, radius, pix, channel
+        frame.attrs["skipped_empty_masks"] = int(len(rows) - len(keep))
         frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
     out.attrs["skipped_empty_masks"] = {
         str(p): fr.attrs["skipped_empty_masks"] for p, fr in zip(maps_paths, frames, strict=True)
     }
     out.attrs["band_rule"] = rule
+    out.attrs["mask_channel"] = channel
     return out
 
 
-def summarise_scores(scores, by: str = "class"):
-    """Mean/median energy share, mean enrichment and pointing-game rates per method x group.
+def _score_frame(ds, m, label, keep, rows, labels, map_class):
+    import pandas as pd
+
+    y = ds.y[rows]
+    prob = np.asarray(m.prob)[keep]
+    frame = pd.DataFrame(
+        {
+            "map": label,
+            "method": m.method,
+            "arch": m.arch,
+            "maps_file": str(m.path),
+            "nodule_id": [m.nodule_id[i] for i in keep],
+            "patient_id": np.asarray(ds.patient_id[rows]).astype(str),
+            "fold": np.asarray(m.fold)[keep],
+            "y": y,
+            "class": [CLASS_NAME[int(v)] for v in y],
+            "prob": prob,
+            "correct": predict_label(prob) == y,
+            "map_class": CLASS_NAME[map_class],
+            "diameter_mm": ds.diameter_mm[rows],
+            **map_region_scores(m.maps_up[keep, map_class], labels),
+        }
+    )
+    names = list(ds.attrs.get("characteristic_names", []))
+    for name in ("spiculation", "margin", "lobulation"):
+        if name in names:
+            frame[name] = ds.characteristics[rows, names.index(name)]
+    return frame
+
+
+SUMMARISED = tuple(f"{kind}_{r}" for kind in ("share", "enrichment") for r in REGIONS)
+
+
+def _patients(df) -> np.ndarray:
+    if "patient_id" in df:
+        return df["patient_id"].astype(str).to_numpy()
+    return np.array([str(n).rsplit(":", 1)[0] for n in df["nodule_id"]])  # nodule_id = <patient>:<k>
+
+
+def mean_intervals(values, patients, *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
+    """Means of the columns of ``values`` [n, k] over their finite entries, with patient-bootstrap intervals.
+
+    Returns (mean, low, high), each [k]; NaN entries (e.g. the enrichment of an empty region)
+    are left out of the mean, as ``np.nanmean`` does.
+    """
+    from nodulekit.stats import cluster_bootstrap
+
+    x = np.asarray(values, np.float64)
+    ok = np.isfinite(x)
+    x0 = np.where(ok, x, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        res = cluster_bootstrap(patients, lambda w: ((w @ x0) / (w @ ok)).T, n_resamples=n_resamples, seed=seed)
+    return res["estimate"], res["low"], res["high"]
+
+
+def summarise_scores(scores, by: str = "class", *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
+    """Mean (95 % patient-bootstrap interval) and median energy share and enrichment of each region,
+    and pointing-game rates, per map x group.
 
     ``by`` = ``class`` (malignant/benign), ``spiculation`` (mean rating >= 3 vs < 3) or
     ``margin`` (mean rating <= 3 "poorly defined" vs > 3 "sharp").
@@ -205,6 +282,7 @@ def summarise_scores(scores, by: str = "class"):
     import pandas as pd
 
     df = scores.copy()
+    key = "map" if "map" in df else "method"
     if by == "class":
         group = "class"
     elif by == "spiculation":
@@ -216,28 +294,22 @@ def summarise_scores(scores, by: str = "class"):
     else:
         raise NodulekitError(f"unknown grouping {by!r}; use class, spiculation or margin")
     records = []
-    for (method, value), part in df.groupby(["method", group], sort=True):
-        rec: dict[str, Any] = {
-            "method": method,
-            "group_by": by,
-            "group": value,
-            "n": len(part),
-            "n_empty_maps": int(part["empty_map"].sum()),
-        }
+    for (name, value), part in df.groupby([key, group], sort=False):
+        rec: dict[str, Any] = {"map": name, "group_by": by, "group": value, "n": len(part)}
+        rec["n_patients"] = len(set(_patients(part)))
+        rec["n_empty_maps"] = int(part["empty_map"].sum())
+        mean, low, high = mean_intervals(part[list(SUMMARISED)], _patients(part), n_resamples=n_resamples, seed=seed)
+        for i, column in enumerate(SUMMARISED):
+            rec[f"mean_{column}"], rec[f"mean_{column}_low"], rec[f"mean_{column}_high"] = mean[i], low[i], high[i]
+            values = part[column].to_numpy(float)
+            rec[f"median_{column}"] = float(np.nanmedian(values)) if np.isfinite(values).any() else np.nan
         for r in REGIONS:
-            rec[f"mean_share_{r}"] = (
-                float(np.nanmean(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
-            )
-            rec[f"median_share_{r}"] = (
-                float(np.nanmedian(part[f"share_{r}"])) if part[f"share_{r}"].notna().any() else np.nan
-            )
-            rec[f"mean_enrichment_{r}"] = (
-                float(np.nanmean(part[f"enrichment_{r}"])) if part[f"enrichment_{r}"].notna().any() else np.nan
-            )
             rec[f"pointing_{r}"] = float((part["pointing"] == r).mean())
         rec["mean_area_margin_band"] = float(part["area_margin_band"].mean())
         records.append(rec)
-    return pd.DataFrame.from_records(records)
+    out = pd.DataFrame.from_records(records)
+    out.attrs.update(n_resamples=n_resamples, seed=seed)
+    return out
 
 
 def _markdown_table(df, columns: Sequence[str], floatfmt: str = "{:.3f}") -> str:
@@ -250,19 +322,32 @@ def _markdown_table(df, columns: Sequence[str], floatfmt: str = "{:.3f}") -> str
 
 
 SUMMARY_COLUMNS = (
-    "method",
+    "map",
     "group",
     "n",
-    "mean_share_body",
-    "mean_share_margin_band",
-    "mean_share_outside",
-    "mean_enrichment_body",
-    "mean_enrichment_margin_band",
-    "mean_enrichment_outside",
+    "share_body",
+    "share_margin_band",
+    "share_outside",
+    "enrichment_body",
+    "enrichment_margin_band",
+    "enrichment_outside",
     "pointing_body",
     "pointing_margin_band",
     "pointing_outside",
 )
+
+
+def with_intervals(table):
+    """Summary columns as ``mean [low, high]`` text for the Markdown (share_*, enrichment_*)."""
+    out = table.copy()
+    for column in SUMMARISED:
+        out[column] = [
+            "n/a" if np.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+            for m, lo, hi in zip(
+                table[f"mean_{column}"], table[f"mean_{column}_low"], table[f"mean_{column}_high"], strict=True
+            )
+        ]
+    return out
 
 
 def band_rule(scores) -> str:
@@ -272,13 +357,19 @@ def band_rule(scores) -> str:
 
 
 def scores_markdown(scores, summaries: dict[str, Any]) -> str:
+    from nodulekit.stats import bootstrap_note
+
     map_class = scores["map_class"].iloc[0] if len(scores) else "malignant"
+    first = next(iter(summaries.values()))
     parts = [
         "# Region scores of activation maps\n",
-        f"Map of the **{map_class}** class, clipped at 0; regions from the consensus mask (centre slice), "
+        f"Map of the **{map_class}** class, clipped at 0; regions from the consensus mask of input channel "
+        f"{scores.attrs.get('mask_channel', '?')} (the centre slice at ROI side 2 x diameter), "
         f"{band_rule(scores)}: body = mask eroded by r, margin band = mask dilated by r minus body, "
-        "outside = the rest. Share = fraction of map energy in the region; enrichment = share / area "
-        "fraction (1 = no preference); pointing = fraction of nodules whose map peak lies in the region.\n",
+        "outside = the rest. Share = fraction of map energy in the region (mean over nodules); enrichment = "
+        "share / area fraction (1 = no preference; mean over nodules with a non-empty region); pointing = "
+        "fraction of nodules whose map peak lies in the region. "
+        f"Intervals: {bootstrap_note(first.attrs['n_resamples'], first.attrs['seed'])}.\n",
     ]
     titles = {
         "class": "By nodule class",
@@ -287,7 +378,7 @@ def scores_markdown(scores, summaries: dict[str, Any]) -> str:
     }
     for by, table in summaries.items():
         parts.append(f"\n## {titles[by]}\n\n")
-        parts.append(_markdown_table(table, SUMMARY_COLUMNS) if len(table) else "(no rated nodules)\n")
+        parts.append(_markdown_table(with_intervals(table), SUMMARY_COLUMNS) if len(table) else "(no rated nodules)\n")
     empty = int(scores["empty_map"].sum()) if len(scores) else 0
     if empty:
         parts.append(f"\n{empty} map(s) were zero everywhere after clipping; their shares are left out.\n")
@@ -297,7 +388,9 @@ def scores_markdown(scores, summaries: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_scores(scores, out_csv: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+def write_scores(
+    scores, out_csv: str | Path, *, overwrite: bool = False, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, Path]:
     """Write per-nodule CSV plus summary Markdown and JSON beside it (same stem); all atomic."""
     from nodulekit.artifacts import atomic_path, check_output_path, provenance
 
@@ -306,7 +399,7 @@ def write_scores(scores, out_csv: str | Path, *, overwrite: bool = False) -> dic
     for p in paths.values():
         check_output_path(p, overwrite)
     summaries = {
-        by: summarise_scores(scores, by)
+        by: summarise_scores(scores, by, n_resamples=n_resamples, seed=seed)
         for by in ("class", "spiculation", "margin")
         if by == "class" or by in scores.columns
     }
@@ -314,6 +407,8 @@ def write_scores(scores, out_csv: str | Path, *, overwrite: bool = False) -> dic
         "provenance": provenance(
             stage="scores",
             band_rule=band_rule(scores),
+            mask_channel=scores.attrs.get("mask_channel"),
+            bootstrap={"n_resamples": n_resamples, "seed": seed, "unit": "patient"},
             maps_files=sorted(set(scores["maps_file"])) if len(scores) else [],
             clipping="maps clipped at 0 (positive evidence for the class)",
         ),

@@ -430,57 +430,6 @@ def test_cli_errors_are_one_line(tiny_runs, tmp_path, monkeypatch, capsys):
     assert "no run.json" in str(res.exception)
 
 
-def _benchmark_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "maps_report.py"
-    spec = importlib.util.spec_from_file_location("maps_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_maps_report_benchmark_on_tiny_run(tiny_runs, tmp_path):
-    import pandas as pd
-    from scipy.stats import wilcoxon
-
-    bench = _benchmark_module()
-    ds, runs = tiny_runs
-    out = tmp_path / "report"
-    args = [
-        "--maps",
-        f"hesam={runs['hesam']}",
-        "--maps",
-        f"he-gradcam={runs['hesam']}",
-        "--device",
-        "cpu",
-        "--n-figure",
-        "2",
-        "-o",
-        str(out),
-    ]
-    assert bench.main(args) == 0
-    text = (out / "maps_report.md").read_text()
-    assert "| hesam | malignant | 20 |" in text and "LIDC-IDRI" in text and (out / "map_grid.png").exists()
-    assert "spiculation rating" in text and "| he-gradcam | sharp (>3) |" in text
-    assert bench.main(args) == 2  # the report exists: refused without --overwrite
-    scores = pd.read_csv(out / "scores.csv")
-    tests = bench.paired_band_tests(scores, "hesam")
-    row = tests[tests["class"] == "malignant"].iloc[0]
-    wide = (
-        scores[scores["class"] == "malignant"]
-        .pivot(index="nodule_id", columns="method", values="share_margin_band")
-        .dropna()
-    )
-    assert row["p_value"] == pytest.approx(wilcoxon(wide["hesam"], wide["he-gradcam"]).pvalue)
-    assert row["n"] == len(wide)
-    with pytest.raises(NodulekitError, match="given twice"):
-        bench.parse_maps_specs(["cam=a", "cam=b"])
-    with pytest.raises(NodulekitError, match="METHOD=RUNDIR"):
-        bench.parse_maps_specs(["cam"])
-
-
 def test_plain_resnet_refuses_sam_with_the_supported_list():
     from nodulekit.models import create_model
 

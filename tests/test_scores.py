@@ -157,6 +157,79 @@ def test_radius_as_fraction_of_equivalent_radius(tmp_path, tiny_dataset):
         S.score_maps([path], tiny_dataset, radius_frac=-1)
 
 
+def test_map_channel_is_the_centre_slice_at_twice_the_diameter(tmp_path):
+    from conftest import write_tiny_dataset
+
+    from nodulekit.datasets import load_dataset
+
+    expected = {1: 0, 3: 0, 11: 5, 21: 10}  # D3C: channel 0 is p = 2 (channels 1, 2 are p = 3, 4)
+    for channels, index in expected.items():
+        ds = load_dataset(write_tiny_dataset(tmp_path / f"d{channels}.h5", n=4, channels=channels, folds=2))
+        assert S.map_channel(ds) == index
+
+
+def test_d3c_is_scored_against_the_mask_and_pixel_size_of_its_p2_channel(tmp_path):
+    """Each D3C channel shows the nodule at another scale: only channel 0's mask gives the map's answer."""
+    from conftest import write_tiny_dataset
+
+    ds_path = write_tiny_dataset(tmp_path / "d3c.h5", n=6, channels=3, folds=2)
+    with h5py.File(ds_path, "a") as f:
+        n = len(f["y"])
+        for c, radius in enumerate((8.0, 16 / 3, 4.0)):  # the same nodule at ROI side 2, 3, 4 x diameter
+            f["mask"][:, c] = disc(radius)
+            f["pixel_mm"][:, c] = 0.5 * (c + 2) / 2
+        y, ids = f["y"][()], [v.decode() for v in f["nodule_id"][()]]
+    band = (S.region_labels(disc(8.0), 0.5, 1.0) == 1).astype(np.float32)
+    maps = np.repeat(band[None, None], n, 0).repeat(2, 1)
+    path = write_maps(
+        tmp_path / "m.h5",
+        nodule_id=ids,
+        maps=maps,
+        maps_up=maps,
+        prob=np.full(n, 0.7),
+        method="cam",
+        arch="hand",
+        source="test",
+        prov=provenance(),
+        y=y,
+    )
+    df = S.score_maps([path], ds_path, radius_mm=1.0)
+    assert (df["mask_channel"] == 0).all() and np.allclose(df["pixel_mm"], 0.5)
+    assert np.allclose(df["share_margin_band"], 1.0)  # the map is channel 0's band exactly
+    other = S.score_maps([path], ds_path, radius_mm=1.0, channel=2)
+    assert np.allclose(other["pixel_mm"], 1.0) and (other["share_margin_band"] < 0.5).all()
+    with pytest.raises(NodulekitError, match="--channel 3 does not exist"):
+        S.score_maps([path], ds_path, channel=3)
+
+
+def test_summaries_report_every_region_with_patient_intervals(tmp_path, tiny_dataset):
+    from nodulekit.stats import cluster_bootstrap
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tiny_dataset) as f:
+        y, ids = f["y"][()], [v.decode() for v in f["nodule_id"][()]]
+    maps = rng.random((len(ids), 2, 32, 32)).astype(np.float32) ** 4
+    kwargs = dict(nodule_id=ids, maps=maps, maps_up=maps, prob=np.full(len(ids), 0.6), arch="hand", source="t", y=y)
+    a = write_maps(tmp_path / "a.h5", method="gradcam", prov=provenance(), **kwargs)
+    b = write_maps(tmp_path / "b.h5", method="gradcam", prov=provenance(), **{**kwargs, "arch": "other"})
+    df = S.score_maps([a, b], tiny_dataset, radius_mm=1.0)
+    assert set(df["map"]) == {"hand gradcam", "other gradcam"}  # same method, two runs: told apart
+    summary = S.summarise_scores(df, "class", n_resamples=300, seed=1)
+    row = summary[(summary["map"] == "hand gradcam") & (summary["group"] == "malignant")].iloc[0]
+    part = df[(df["map"] == "hand gradcam") & (df["class"] == "malignant")]
+    for r in S.REGIONS:
+        assert row[f"mean_enrichment_{r}"] == pytest.approx(np.nanmean(part[f"enrichment_{r}"]))
+        assert row[f"mean_share_{r}"] == pytest.approx(part[f"share_{r}"].mean())
+    values = part["enrichment_outside"].to_numpy()
+    ref = cluster_bootstrap(part["patient_id"], lambda w: (w @ values / w.sum(1))[None], n_resamples=300, seed=1)
+    assert row["mean_enrichment_outside_low"] == pytest.approx(ref["low"][0])
+    assert row["n_patients"] == len(set(part["patient_id"])) == 20
+    out = S.write_scores(df, tmp_path / "s.csv", n_resamples=300, seed=1)
+    md = out["md"].read_text()
+    assert "enrichment_body" in md and "enrichment_outside" in md and "300 resamples of patients" in md
+    assert f"{row['mean_enrichment_body']:.3f} [{row['mean_enrichment_body_low']:.3f}, " in md
+
+
 def brute_force_regions(mask, spacing, radius_mm):
     """Reference: exact pairwise distances (mm) between pixel centres, no distance transform."""
     coords = np.argwhere(np.ones_like(mask, bool)) * np.asarray(spacing, float)

@@ -84,7 +84,9 @@ def maps_cmd(
 
 @app.command("scores")
 def scores_cmd(
-    maps_files: list[Path] = typer.Argument(..., help="One or more `maps` artifacts (one per method)."),
+    maps_files: list[Path] = typer.Argument(
+        ..., help="One or more `maps` artifacts (e.g. one per method; the same method of two runs is labelled by arch)."
+    ),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact with the consensus `mask`."),
     output: Path = typer.Option(
         ..., "-o", "--output", help="Per-nodule CSV; summary .md and .json are written beside it."
@@ -97,18 +99,31 @@ def scores_cmd(
     ),
     map_class: str = typer.Option("malignant", "--map-class", help="Which class's map to score: malignant or benign."),
     skip_empty_masks: bool = typer.Option(
-        False, "--skip-empty-masks", help="Leave out nodules with an empty centre-slice mask (default: refuse)."
+        False,
+        "--skip-empty-masks",
+        help="Leave out nodules with an empty mask on the scored channel (default: refuse).",
     ),
+    channel: int | None = typer.Option(
+        None,
+        "--channel",
+        help="Input channel whose mask and pixel size define the regions (default: the centre slice at ROI side "
+        "2 x diameter; channel 0 of D3C).",
+    ),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
 ) -> None:
     """Energy share, enrichment and pointing game of each map in body / margin band / outside.
 
-    Regions on the 32x32 grid from the centre-slice consensus mask: body = mask eroded by r mm, margin band = mask dilated by r mm minus body, outside = the rest (distances in mm from the dataset's pixel size). Maps are clipped at 0 (positive evidence). Summaries per method x nodule class, and by the readers' spiculation and margin ratings.
+    Regions on the 32x32 grid from the consensus mask of one input channel (the centre slice at ROI side 2 x diameter unless --channel): body = mask eroded by r mm, margin band = mask dilated by r mm minus body, outside = the rest (distances in mm from that channel's pixel size). Maps are clipped at 0 (positive evidence). Summaries (means with patient-bootstrap 95 % intervals) per map x nodule class, and by the readers' spiculation and margin ratings.
 
     Example: nodulekit scores cam_maps.h5 sam_maps.h5 hesam_maps.h5 -d d11c.h5 -o scores.csv
     """
+    from nodulekit.artifacts import check_output_path
     from nodulekit.scores import score_maps, write_scores
 
+    for path in (output, output.with_suffix(".md"), output.with_suffix(".json")):
+        check_output_path(path, overwrite)  # refuse before any work
     table = score_maps(
         maps_files,
         dataset,
@@ -116,8 +131,9 @@ def scores_cmd(
         radius_frac=radius_frac,
         map_class=_map_class(map_class),
         skip_empty_masks=skip_empty_masks,
+        channel=channel,
     )
-    paths = write_scores(table, output, overwrite=overwrite)
+    paths = write_scores(table, output, overwrite=overwrite, n_resamples=bootstrap, seed=seed)
     typer.echo(f"wrote {paths['csv']}, {paths['md']}, {paths['json']} ({len(table)} maps scored)")
 
 
