@@ -273,10 +273,10 @@ def bench_infer(args) -> dict:
     if "torch" in args.engines:
         import torch
 
-        from nodulekit.export import _wrapper
+        from nodulekit.export import inference_module
 
         torch.set_num_threads(args.threads)
-        wrapper = _wrapper(_model(args.width, args.channels).eval())
+        wrapper = inference_module(_model(args.width, args.channels).eval())
 
         def run_torch(xb):
             with torch.inference_mode():

@@ -36,9 +36,12 @@ from nodulekit import __version__
 from nodulekit.constants import CLASS_NAMES, INPUT_SIZE, MALIGNANT
 from nodulekit.errors import NodulekitError
 
-FORMAT = "nodulekit-onnx/1"
+# Version 2 carries the model description (nodulekit.modelcard) and no local paths.
+FORMAT = "nodulekit-onnx/2"
+READABLE_FORMATS = ("nodulekit-onnx/1", FORMAT)
 INPUT_NAME = "x"
 OUTPUT_NAMES = ("prob", "map", "map_up")
+MEMBER_OUTPUT = "member_prob"  # ensembles only: [batch, members] malignant probability of each fold model
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -70,13 +73,30 @@ PROVIDERS = {
 
 @dataclass
 class ModelSource:
-    """A model ready for export plus what is known about how it was trained."""
+    """A model (or the fold models of an ensemble) ready for export, plus what is known about its training.
+
+    ``source`` names where it came from without a local path (it goes into the model file).
+    """
 
     model: Any
     source: str
     fold: int | None = None
     epoch: int | None = None
     run: dict[str, Any] = field(default_factory=dict)
+    members: list[Any] = field(default_factory=list)  # fold models of an ensemble (empty: just `model`)
+    member_info: list[dict[str, Any]] = field(default_factory=list)  # [{fold, epoch}] per member
+    rundir: Path | None = None
+
+    @property
+    def models(self) -> list[Any]:
+        return self.members or [self.model]
+
+    @property
+    def ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    def info(self) -> list[dict[str, Any]]:
+        return self.member_info or [{"fold": self.fold, "epoch": self.epoch}]
 
 
 def load_model_source(path: str | os.PathLike, fold: int | None = None) -> ModelSource:
@@ -93,7 +113,8 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
             folds = sorted(p.parent.name for p in path.glob("fold*/checkpoint.pt"))
             raise NodulekitError(f"{path} has no trained fold {fold} (found: {', '.join(folds) or 'no checkpoints'})")
         model, ckpt = run.load_model(fold, device="cpu")
-        return ModelSource(model, str(run.checkpoint_path(fold)), fold, ckpt.get("epoch"), run.record)
+        source = f"fold{fold}/checkpoint.pt of a nodulekit RUNDIR"
+        return ModelSource(model, source, fold, ckpt.get("epoch"), run.record, rundir=path)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)
     # A checkpoint inside a RUNDIR (RUNDIR/fold<k>/checkpoint.pt) still finds its run.json.
@@ -108,9 +129,29 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
                 except json.JSONDecodeError:
                     pass
             run[key] = value
+    if fold is None and ckpt.get("fold") is not None:
+        fold = int(ckpt["fold"])
     if fold is None and path.parent.name.startswith("fold") and path.parent.name[4:].isdigit():
         fold = int(path.parent.name[4:])
-    return ModelSource(model, str(path), fold, ckpt.get("epoch"), run)
+    rundir = path.parent.parent if run else None
+    return ModelSource(model, f"checkpoint file {path.name}", fold, ckpt.get("epoch"), run, rundir=rundir)
+
+
+def load_ensemble_source(rundir: str | os.PathLike) -> ModelSource:
+    """Every fold model of a RUNDIR, for one graph that averages them; every fold must be finished."""
+    from nodulekit.run import Run
+
+    run = Run(rundir)
+    if run.n_folds < 2:
+        raise NodulekitError(f"{run.path} has {run.n_folds} fold; an ensemble needs at least 2")
+    run.require_finished(range(run.n_folds), " for an ensemble of every fold")
+    members, info = [], []
+    for k in range(run.n_folds):
+        model, ckpt = run.load_model(k, device="cpu")
+        members.append(model.eval())
+        info.append({"fold": k, "epoch": ckpt.get("epoch")})
+    source = f"all {run.n_folds} fold models of a nodulekit RUNDIR (mean of their probabilities and maps)"
+    return ModelSource(members[0], source, None, None, run.record, members=members, member_info=info, rundir=run.path)
 
 
 # --------------------------------------------------------------------------------------
@@ -118,32 +159,52 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
 # --------------------------------------------------------------------------------------
 
 
-def _wrapper(model):
-    """nn.Module whose forward is exactly what the ONNX graph computes."""
+def inference_module(model):
+    """nn.Module whose forward is exactly what the ONNX graph computes.
+
+    ``model`` is one classifier, or a list of fold models: then the probabilities and the
+    maps are the members' means (``map_up`` of the mean = mean of the ``map_up``s, the resize
+    being linear), and a fourth output holds each member's malignant probability.
+    """
     import torch
     import torch.nn.functional as F
 
     class SoftActivationMapExport(torch.nn.Module):
-        def __init__(self, inner):
+        def __init__(self, members):
             super().__init__()
-            self.inner = inner
+            self.members = torch.nn.ModuleList(members)
+            self.ensemble = len(members) > 1
 
         def forward(self, x):
-            logits, soft_activation_map = self.inner.activation_map(x)
-            prob = torch.softmax(logits, dim=1)
+            probs, maps = [], []
+            for member in self.members:
+                logits, soft_activation_map = member.activation_map(x)
+                probs.append(torch.softmax(logits, dim=1))
+                maps.append(soft_activation_map)
+            prob = torch.stack(probs).mean(0) if self.ensemble else probs[0]
+            soft_activation_map = torch.stack(maps).mean(0) if self.ensemble else maps[0]
             map_up = F.interpolate(
                 soft_activation_map, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False
             )
+            if self.ensemble:
+                return prob, soft_activation_map, map_up, torch.stack([p[:, 1] for p in probs], dim=1)
             return prob, soft_activation_map, map_up
 
-    return SoftActivationMapExport(model).eval()
+    return SoftActivationMapExport(list(model) if isinstance(model, (list, tuple)) else [model]).eval()
 
 
-def reference_outputs(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """PyTorch (prob, map, map_up) for ``x``: the reference the ONNX graph must reproduce."""
+def output_names(ensemble: bool) -> tuple[str, ...]:
+    return (*OUTPUT_NAMES, MEMBER_OUTPUT) if ensemble else OUTPUT_NAMES
+
+
+def reference_outputs(model, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """PyTorch (prob, map, map_up[, member_prob]) for ``x``: the reference the ONNX graph must reproduce.
+
+    ``model``: one classifier or a list of fold models (see :func:`inference_module`).
+    """
     import torch
 
-    wrapper = _wrapper(model)
+    wrapper = inference_module(model)
     with torch.inference_mode():
         out = wrapper(torch.as_tensor(np.asarray(x, np.float32)))
     return tuple(t.detach().cpu().numpy() for t in out)
@@ -164,6 +225,8 @@ def check_exportable(model) -> None:
 def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> None:
     import torch
 
+    names = list(output_names(wrapper.ensemble))
+
     if exporter == "dynamo":
         import logging
 
@@ -180,7 +243,7 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
                     (example,),
                     str(path),
                     input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES),
+                    output_names=names,
                     dynamic_shapes=({0: batch},),
                     opset_version=opset,
                     dynamo=True,
@@ -191,7 +254,7 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
         finally:
             onnx_log.setLevel(level)
     elif exporter == "torchscript":
-        axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+        axes = {name: {0: "batch"} for name in (INPUT_NAME, *names)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter warns about its own deprecation
             torch.onnx.export(
@@ -199,7 +262,7 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
                 (example,),
                 str(path),
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=names,
                 dynamic_axes=axes,
                 opset_version=opset,
                 dynamo=False,
@@ -219,7 +282,7 @@ def _export_inputs(run: dict[str, Any], channels: int, n: int, seed: int) -> tup
             ds = load_dataset(ds_path)
             if ds.channels == channels:
                 rows = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
-                return ds.x[rows], f"dataset {ds_path} rows {rows.tolist()}"
+                return ds.x[rows], f"dataset {ds.name} rows {rows.tolist()}"  # no local path: it goes in the file
         except NodulekitError:
             pass
     rng = np.random.default_rng(seed)
@@ -228,7 +291,8 @@ def _export_inputs(run: dict[str, Any], channels: int, n: int, seed: int) -> tup
 
 def compare_outputs(got: tuple[np.ndarray, ...], ref: tuple[np.ndarray, ...]) -> dict[str, float]:
     """Max absolute differences and the map scale, as stored in metadata and checked."""
-    prob_diff = float(np.max(np.abs(got[0] - ref[0])))
+    # probabilities: `prob` and, for an ensemble, each member's (`member_prob`)
+    prob_diff = float(max(np.max(np.abs(g - r)) for g, r in zip([got[0], *got[3:]], [ref[0], *ref[3:]], strict=True)))
     scale = float(max(np.max(np.abs(ref[1])), np.max(np.abs(ref[2]))))
     map_diff = float(max(np.max(np.abs(got[1] - ref[1])), np.max(np.abs(got[2] - ref[2]))))
     return {
@@ -241,13 +305,17 @@ def compare_outputs(got: tuple[np.ndarray, ...], ref: tuple[np.ndarray, ...]) ->
 
 
 def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> dict[str, Any]:
-    """Run the ONNX file in ONNX Runtime (CPU) at batch 1 and batch len(x); raise if it disagrees."""
+    """Run the ONNX file in ONNX Runtime (CPU) at batch 1 and batch len(x); raise if it disagrees.
+
+    ``model``: one classifier or the list of an ensemble's fold models.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = list(output_names(isinstance(model, (list, tuple)) and len(model) > 1))
     report: dict[str, Any] = {}
     for label, batch in (("batch1", x[:1]), (f"batch{len(x)}", x)):
-        got = tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
+        got = tuple(session.run(names, {INPUT_NAME: batch}))
         ref = reference_outputs(model, batch)
         shapes_ok = all(g.shape == r.shape for g, r in zip(got, ref, strict=True))
         if not shapes_ok:
@@ -266,44 +334,57 @@ def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> 
 
 
 def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str]:
+    """Everything the file says about itself (no local paths): legacy keys plus the model description."""
     import torch
 
+    from nodulekit import modelcard
     from nodulekit.run import recorded_dataset
 
     model, run = src.model, src.run
     channels = int(getattr(model, "in_channels"))
     label_rule = run.get("label_rule")
     normalisation = run.get("normalisation")
-    ds_path, fingerprint = recorded_dataset(run)
+    _, fingerprint = recorded_dataset(run)
+    card = modelcard.build_card(src.models, run, src.info(), src.rundir)
+    outputs = {
+        "prob": "softmax of the logits [batch, classes]; column 1 = malignant",
+        "map": "soft activation map on the final feature grid [batch, classes, h, w], raw (unnormalised)",
+        "map_up": f"'map' resized bilinearly (align_corners=False) to [batch, classes, {INPUT_SIZE}, {INPUT_SIZE}]",
+    }
+    if src.ensemble:
+        outputs = {k: f"mean over the {len(src.models)} fold models of: {v}" for k, v in outputs.items()}
+        outputs[MEMBER_OUTPUT] = "malignant probability of each fold model [batch, members], in 'members' order"
     meta = {
         "nodulekit_format": FORMAT,
         "nodulekit_version": __version__,
         "torch_version": torch.__version__,
         "exporter": f"torch.onnx.export ({exporter}), opset {opset}",
-        "arch": str(getattr(model, "arch", type(model).__name__)),
-        "model_config": json.dumps(getattr(model, "config", {}) or {}, default=str, sort_keys=True),
+        "arch": card["arch"],
+        "model_config": card["model_config"],
         "in_channels": str(channels),
         "num_classes": str(int(getattr(model, "num_classes", 2))),
         "class_names": json.dumps(list(CLASS_NAMES)),
-        "input": f"{INPUT_NAME}: float32 [batch, {channels}, {INPUT_SIZE}, {INPUT_SIZE}] normalised as in 'normalisation'",
-        "outputs": json.dumps(
-            {
-                "prob": "softmax of the logits [batch, classes]; column 1 = malignant",
-                "map": "soft activation map on the final feature grid [batch, classes, h, w], raw (unnormalised)",
-                "map_up": f"'map' resized bilinearly (align_corners=False) to [batch, classes, {INPUT_SIZE}, {INPUT_SIZE}]",
-            }
-        ),
+        "input": f"{INPUT_NAME}: float32 [batch, {channels}, {INPUT_SIZE}, {INPUT_SIZE}] built as in 'preprocessing'",
+        "outputs": json.dumps(outputs),
         "map_kind": str(model.map_kind),
         "map_definition": MAP_DEFINITIONS[model.map_kind],
         "normalisation": json.dumps(normalisation) if normalisation is not None else "unknown",
         "label_rule": json.dumps(label_rule) if label_rule is not None else "unknown",
-        "dataset": ds_path or "unknown",
+        "dataset_name": str(card["training_data"]["dataset_name"]),
         "dataset_fingerprint": fingerprint or "unknown",
-        "fold": str(src.fold) if src.fold is not None else "unknown",
-        "epoch": str(src.epoch) if src.epoch is not None else "unknown",
+        "fold": "ensemble" if src.ensemble else (str(src.fold) if src.fold is not None else "unknown"),
+        "epoch": "ensemble" if src.ensemble else (str(src.epoch) if src.epoch is not None else "unknown"),
         "source": src.source,
+        **modelcard.to_metadata(card),
     }
     return meta
+
+
+def graph_digest(proto) -> str:
+    """sha256 of the serialised graph (metadata excluded): ties the description to this graph."""
+    import hashlib
+
+    return hashlib.sha256(proto.graph.SerializeToString()).hexdigest()
 
 
 def export_onnx(
@@ -316,39 +397,39 @@ def export_onnx(
     n_check: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Export ``source`` (a ModelSource or a bare NoduleClassifier) to one self-contained ONNX file.
+    """Export ``source`` (a ModelSource, possibly an ensemble, or a bare NoduleClassifier) to one ONNX file.
 
     Returns the metadata written (including the verification report). The file appears at
     ``out`` only after ONNX Runtime reproduced PyTorch within the tolerances.
     """
-    import onnx
     import torch
 
     from nodulekit.artifacts import atomic_path, check_output_path
 
     if not isinstance(source, ModelSource):
         source = ModelSource(source, source=f"in-memory {type(source).__name__}")
-    model = source.model.eval().to("cpu")
-    check_exportable(model)
+    models = [m.eval().to("cpu") for m in source.models]
+    for m in models:
+        check_exportable(m)
     if exporter not in EXPORTERS:
         raise NodulekitError(f"unknown exporter {exporter!r} (choose {' or '.join(EXPORTERS)})")
     if not 13 <= int(opset) <= 23:
         raise NodulekitError(f"opset {opset} not supported (use 13..23; default {DEFAULT_OPSET})")
     out = check_output_path(out, overwrite)
-    channels = int(model.in_channels)
+    channels = int(models[0].in_channels)
     x_check, x_desc = _export_inputs(source.run, channels, max(2, n_check), seed)
     meta = build_metadata(source, opset, exporter)
     # Batch 2 as the traced example so no dimension is specialised to 1.
     example = torch.as_tensor(x_check[:2])
     with atomic_path(out, suffix=".part.onnx") as tmp:
         try:
-            _torch_export(_wrapper(model), example, tmp, int(opset), exporter)
+            _torch_export(inference_module(models), example, tmp, int(opset), exporter)
         except NodulekitError:
             raise
         except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise NodulekitError(f"torch.onnx.export ({exporter}) failed for {meta['arch']}: {first}") from None
-        report = verify_against_torch(tmp, model, x_check)
+        report = verify_against_torch(tmp, models, x_check)
         meta["verification"] = json.dumps(
             {
                 "inputs": x_desc,
@@ -358,16 +439,24 @@ def export_onnx(
                 **report,
             }
         )
-        proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "nodulekit"
-        proto.producer_version = __version__
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp), save_as_external_data=False)
+        _write_metadata(tmp, meta)
     return meta
+
+
+def _write_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Store ``meta`` (plus the graph's digest) in the ONNX file at ``path``, checked."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    meta["graph_sha256"] = graph_digest(proto)
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "nodulekit"
+    proto.producer_version = __version__
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path), save_as_external_data=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -376,7 +465,11 @@ def export_onnx(
 
 
 def read_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
-    """The nodulekit metadata of an exported file; error if it is not a nodulekit export."""
+    """The nodulekit metadata of an exported file, checked against its graph.
+
+    One-line errors: not ONNX, not written by nodulekit, or a graph that is not the one the
+    metadata describes (another input or outputs, or a graph changed after export).
+    """
     import onnx
 
     path = Path(onnx_path)
@@ -387,13 +480,42 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - protobuf decode errors
         raise NodulekitError(f"{path} is not an ONNX model") from None
     meta = {p.key: p.value for p in proto.metadata_props}
-    if meta.get("nodulekit_format") != FORMAT:
+    if meta.get("nodulekit_format") not in READABLE_FORMATS:
         found = meta.get("nodulekit_format", "no nodulekit_format metadata")
         raise NodulekitError(f"{path} is not a nodulekit ONNX export ({found}); make one with `nodulekit export-onnx`")
     missing = [k for k in ("in_channels", "map_kind", "arch") if k not in meta]
     if missing:
         raise NodulekitError(f"{path} lacks nodulekit metadata {', '.join(missing)}")
+    check_graph(proto, meta, path)
     return meta
+
+
+def _dims(value_info) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
+
+
+def check_graph(proto, meta: dict[str, str], path: Path) -> None:
+    """The graph's input, outputs and digest must be what the metadata says."""
+    why = None
+    inputs = {i.name: _dims(i) for i in proto.graph.input}
+    outputs = [o.name for o in proto.graph.output]
+    expected_in = [int(meta["in_channels"]), INPUT_SIZE, INPUT_SIZE] if meta["in_channels"].isdigit() else None
+    if INPUT_NAME not in inputs or expected_in is None or inputs[INPUT_NAME][1:] != expected_in:
+        why = f"input {INPUT_NAME} is {inputs.get(INPUT_NAME)}, the metadata says [batch, {meta['in_channels']}, {INPUT_SIZE}, {INPUT_SIZE}]"
+    elif outputs[:3] != list(OUTPUT_NAMES) or (meta.get("fold") == "ensemble") != (MEMBER_OUTPUT in outputs):
+        why = f"outputs are {outputs}"
+    elif "graph_sha256" in meta and graph_digest(proto) != meta["graph_sha256"]:
+        why = "the graph was changed after export (its digest differs from graph_sha256)"
+    if why:
+        raise NodulekitError(f"{path}: the graph does not match its nodulekit metadata: {why}")
+
+
+def read_model_card(onnx_path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, model description) of an exported file, for predict and describe."""
+    from nodulekit.modelcard import from_metadata
+
+    meta = read_metadata(onnx_path)
+    return meta, from_metadata(meta, str(onnx_path))
 
 
 def make_session(onnx_path: str | os.PathLike, provider: str = "auto"):
@@ -438,7 +560,9 @@ def make_session(onnx_path: str | os.PathLike, provider: str = "auto"):
     return session, ran, note
 
 
-def run_session(session, x, batch: int = 256, binding_device: str | None = None, progress: bool = False):
+def run_session(
+    session, x, batch: int = 256, binding_device: str | None = None, progress: bool = False, names=OUTPUT_NAMES
+):
     """Run an exported model over ``x`` (array-like [N, C, 32, 32]) in batches.
 
     With ``binding_device`` ("cuda" on GPU providers) inputs and outputs go through IO
@@ -449,24 +573,25 @@ def run_session(session, x, batch: int = 256, binding_device: str | None = None,
     from tqdm import tqdm
 
     n = len(x)
-    outs: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
+    names = tuple(names)
+    outs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     starts = range(0, n, batch)
     for start in tqdm(starts, desc="infer", unit="batch", disable=not progress):
         xb = np.ascontiguousarray(x[start : start + batch], dtype=np.float32)
         if binding_device is None:
-            res = session.run(list(OUTPUT_NAMES), {INPUT_NAME: xb})
+            res = session.run(list(names), {INPUT_NAME: xb})
         else:
             binding = session.io_binding()
             binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(xb, binding_device, 0))
-            for name in OUTPUT_NAMES:
+            for name in names:
                 binding.bind_output(name, binding_device)
             session.run_with_iobinding(binding)
             res = binding.copy_outputs_to_cpu()
-        for name, value in zip(OUTPUT_NAMES, res, strict=True):
+        for name, value in zip(names, res, strict=True):
             outs[name].append(value)
     if n == 0:
         raise NodulekitError("the input has no samples")
-    return tuple(np.concatenate(outs[name]) for name in OUTPUT_NAMES)
+    return tuple(np.concatenate(outs[name]) for name in names)
 
 
 def infer(
@@ -495,6 +620,7 @@ def infer(
     ds = load_dataset(dataset_path)
     _check_inputs_match(meta, ds, onnx_path)
     x, y, ds_fold, nodule_id, label_rule = ds.x, ds.y, ds.fold, ds.nodule_id, ds.label_rule
+    trained, overlap = training_rows(meta, ds)
     session, ran, note = make_session(onnx_path, provider)
     t0 = time.perf_counter()
     prob, maps, maps_up = run_session(
@@ -524,10 +650,24 @@ def infer(
         y=y,
         fold=np.full(len(y), model_fold, np.int64),
         maps_up=maps_up,
-        extra={"dataset_fold": np.asarray(ds_fold, np.int64)},
+        extra={"dataset_fold": np.asarray(ds_fold, np.int64), "trained_on": trained.astype(np.uint8)},
         overwrite=overwrite,
     )
-    return {"provider": ran, "note": note, "n": int(len(y)), "seconds": seconds, "out": str(out)}
+    warning = (
+        f"{int(trained.sum())} of {len(y)} nodules were in the model's training data ({overlap}); their "
+        "probabilities are not held-out estimates (the maps file marks them in `trained_on`)"
+        if trained.any()
+        else ""
+    )
+    return {
+        "provider": ran,
+        "note": note,
+        "n": int(len(y)),
+        "seconds": seconds,
+        "out": str(out),
+        "trained_on": int(trained.sum()),
+        "warning": warning,
+    }
 
 
 def _check_inputs_match(meta: dict[str, str], ds, onnx_path) -> None:
@@ -542,3 +682,26 @@ def _check_inputs_match(meta: dict[str, str], ds, onnx_path) -> None:
             raise NodulekitError(
                 f"normalisation mismatch: model trained with {meta['normalisation']}, {ds.path} uses {json.dumps(norm)}"
             )
+
+
+def training_rows(meta: dict[str, str], ds) -> tuple[np.ndarray, str]:
+    """Which rows of a dataset the model was trained on, and how that is known.
+
+    The training dataset itself (same fingerprint): every row outside the model's test fold
+    (an ensemble: every row). Another dataset: the rows whose nodule id is one the model
+    description lists as a training nodule.
+    """
+    from nodulekit.datasets import dataset_fingerprint
+
+    fingerprint = meta.get("dataset_fingerprint", "unknown")
+    if fingerprint != "unknown" and dataset_fingerprint(ds) == fingerprint:
+        fold = meta.get("fold", "unknown")
+        if fold.isdigit():
+            return ds.fold != int(fold), f"this is its training dataset; rows outside test fold {fold}"
+        what = "an ensemble of every fold" if fold == "ensemble" else "a model of unknown fold"
+        return np.ones(len(ds), bool), f"this is its training dataset and the model is {what}"
+    try:
+        ids = json.loads(meta.get("training_data", "{}")).get("nodule_ids") or []
+    except ValueError:
+        ids = []
+    return np.isin(np.asarray(ds.nodule_id, dtype=object), list(ids)), "by nodule id"

@@ -14,6 +14,9 @@ def export_onnx_cmd(
     source: Path = typer.Argument(..., help="A RUNDIR (from `nodulekit train`) or a checkpoint.pt file."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .onnx file (one self-contained file)."),
     fold: int | None = typer.Option(None, "--fold", help="Which fold's model of a RUNDIR [default: 0]."),
+    ensemble: bool = typer.Option(
+        False, "--ensemble", help="One graph averaging every fold model of the RUNDIR (probability and map)."
+    ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset version (13..23)."),
     exporter: str = typer.Option(
         "dynamo",
@@ -28,19 +31,28 @@ def export_onnx_cmd(
 
     The file is written only after ONNX Runtime (CPU) reproduces PyTorch on the run's data: max |dprob| <= 1e-4 and max |dmap| <= 1e-4 x map scale. Grad-CAM-only models cannot be exported (an inference graph has no gradients).
 
-    Example: nodulekit export-onnx runs/hesam-d11c --fold 0 -o hesam_fold0.onnx
+    With --ensemble the graph runs every fold model of the RUNDIR and outputs the mean probability and mean map, plus `member_prob` \\[batch, folds]: each fold model's malignant probability. An ensemble has seen every nodule of its dataset in training: it is for new data, not for evaluation.
+
+    The metadata hold the model description (`nodulekit describe FILE` prints it): everything needed to build the input from a CT, and no local paths.
+
+    Examples: nodulekit export-onnx runs/hesam-d11c --fold 0 -o hesam_fold0.onnx ; nodulekit export-onnx runs/hesam-d11c --ensemble -o hesam.onnx
     """
     import json
 
-    from nodulekit.export import export_onnx, load_model_source
+    from nodulekit.export import export_onnx, load_ensemble_source, load_model_source
 
-    src = load_model_source(source, fold)
+    if ensemble and fold is not None:
+        from nodulekit.errors import NodulekitError
+
+        raise NodulekitError("--ensemble uses every fold; drop --fold")
+    src = load_ensemble_source(source) if ensemble else load_model_source(source, fold)
     meta = export_onnx(src, output, opset=opset, exporter=exporter, overwrite=overwrite)
     check = json.loads(meta["verification"])
     worst_p = max(v["prob_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
     worst_m = max(v["map_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
     typer.echo(
-        f"wrote {output} ({meta['arch']}, map {meta['map_kind']}, {meta['in_channels']} channels, fold {meta['fold']}); "
+        f"wrote {output} ({meta['arch']}, map {meta['map_kind']}, {meta['in_channels']} channels, "
+        f"{'ensemble of ' + str(len(src.models)) + ' folds' if src.ensemble else 'fold ' + meta['fold']}); "
         f"ONNX Runtime vs PyTorch on {check['inputs']}: max |dprob| {worst_p:.2g}, max |dmap| {worst_m:.2g}"
     )
 
@@ -73,6 +85,8 @@ def infer_cmd(
     summary = infer(model, dataset, output, provider=provider, batch=batch, overwrite=overwrite, progress=True)
     if summary["note"]:
         typer.echo(summary["note"], err=True)
+    if summary["warning"]:
+        typer.echo(f"nodulekit: warning: {summary['warning']}", err=True)
     rate = summary["n"] / summary["seconds"] if summary["seconds"] > 0 else float("inf")
     typer.echo(
         f"wrote {output}: {summary['n']} nodules on {summary['provider']} "

@@ -1,0 +1,121 @@
+"""`nodulekit predict` (a model on your own CT) and `nodulekit describe` (what a model file needs and says)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import typer
+
+from nodulekit.cli import app
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Path = typer.Argument(
+        ..., help="An ONNX file from `export-onnx` (ONNX Runtime), or a RUNDIR / checkpoint.pt (PyTorch)."
+    ),
+    scan: Path = typer.Argument(..., help="The CT: a NIfTI file (.nii/.nii.gz), or a folder holding one DICOM series."),
+    mask: Path | None = typer.Option(
+        None,
+        "--mask",
+        help="Label image (NIfTI) on the scan's grid: one nodule per label value or connected component.",
+    ),
+    mask_nodules: Literal["auto", "components", "labels"] = typer.Option(
+        "auto",
+        "--mask-nodules",
+        help="auto: per label value when the mask has several, else per 26-connected component.",
+    ),
+    centre: str | None = typer.Option(None, "--centre", help="One nodule's centre X,Y,Z (frame: --coords)."),
+    diameter: float | None = typer.Option(None, "--diameter", help="Its diameter in mm (with --centre), 0 < d <= 100."),
+    nodules: Path | None = typer.Option(
+        None, "--nodules", help="CSV with columns x, y, z, diameter_mm and optionally id; one nodule per row."
+    ),
+    coords: Literal["lps", "ras", "voxel"] = typer.Option(
+        "lps",
+        "--coords",
+        help="Frame of --centre and the CSV: lps = DICOM patient mm (x left, y posterior, z superior), ras = NIfTI/Slicer world mm, voxel = the scan's own 0-based voxel indices as stored.",
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Also write per-nodule overlay PNGs and maps (NIfTI on the scan's grid) to this new folder.",
+    ),
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = typer.Option(
+        "auto", "--provider", help="ONNX Runtime provider (ONNX models)."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="PyTorch device for a RUNDIR/checkpoint: auto, cpu, cuda, cuda:1, ..."
+    ),
+    fold: int | None = typer.Option(None, "--fold", help="One fold of a RUNDIR (default: every fold, averaged)."),
+    batch: int = typer.Option(256, "--batch", min=1, help="Nodules per model call."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o folder if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors on stderr."),
+) -> None:
+    """Score nodules of your own chest CT: one JSON line per nodule on stdout.
+
+    Each line: id, centre (mm and voxel), diameter, malignant probability, label at the model's threshold and, for a fold ensemble, each member's probability and their spread. Messages go to stderr, so the output pipes into jq or a file. The input of each nodule is built exactly as `extract` + `build` build it for LIDC nodules, with the channel layout the model file describes (`nodulekit describe MODEL`). Research use only; not a medical device.
+
+    Examples:
+      nodulekit predict model.onnx scan.nii.gz --mask nodules.nii.gz -o out/
+      nodulekit predict model.onnx LIDC-IDRI-0001/.../<series>/ --centre -62.1,-41.3,-180.4 --diameter 24
+      nodulekit predict runs/hesam-d11c ct.nii.gz --nodules nodules.csv --coords ras > results.jsonl
+    """
+    from nodulekit.predict import predict
+
+    def say(line: str) -> None:
+        if not quiet:
+            typer.echo(f"nodulekit: {line}", err=True)
+
+    result = predict(
+        model,
+        scan,
+        mask=mask,
+        mask_mode=mask_nodules,
+        centre=centre,
+        diameter=diameter,
+        nodules=nodules,
+        coords=coords,
+        output=output,
+        overwrite=overwrite,
+        provider=provider,
+        device=device,
+        fold=fold,
+        batch=batch,
+        progress=progress and not quiet,
+        report=say,
+    )
+    for rec in result.records:
+        sys.stdout.write(json.dumps(rec) + "\n")
+    sys.stdout.flush()
+    for line in result.warnings:
+        typer.echo(f"nodulekit: warning: {line}", err=True)
+    t = result.timings
+    say(
+        f"scored {len(result.records)} nodule(s): read {t['read_s']:.2f} s, inputs {t['inputs_s']:.2f} s, model {t['model_s']:.2f} s"
+    )
+    if result.output is not None:
+        say(f"wrote {result.output}")
+
+
+@app.command("describe")
+def describe_cmd(
+    model: Path = typer.Argument(..., help="An ONNX file from `export-onnx`, a RUNDIR or a checkpoint.pt."),
+    fold: int | None = typer.Option(None, "--fold", help="One fold of a RUNDIR (default: the ensemble of every fold)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole description as JSON."),
+) -> None:
+    """Print what a model needs as input and what it outputs: its model description.
+
+    Channel layout (z offsets in mm), crop rule, resampling, HU window and scaling, input and output names and meanings, threshold, label rule, training data (fingerprint, size), nodulekit version, intended use. The same record is stored in every exported ONNX file (docs/model-description.md).
+
+    Example: nodulekit describe hesam.onnx
+    """
+    from nodulekit.engines import load_card
+    from nodulekit.modelcard import render
+
+    card = load_card(model, fold)
+    typer.echo(json.dumps(card, indent=2) if as_json else render(card))

@@ -1,0 +1,188 @@
+"""The model description in exported ONNX files, `describe`, fold ensembles, and training-data warnings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from nodulekit import export as ex  # noqa: E402
+from nodulekit import modelcard  # noqa: E402
+from nodulekit.errors import NodulekitError  # noqa: E402
+from tests.conftest import write_tiny_dataset  # noqa: E402
+from tests.model_fixtures import export, trained_run  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("desc")
+    dataset, rundir = trained_run(folder)
+    return {
+        "folder": folder,
+        "dataset": dataset,
+        "rundir": rundir,
+        "ensemble": export(rundir, folder / "ensemble.onnx"),
+        "fold0": export(rundir, folder / "fold0.onnx", fold=0),
+    }
+
+
+def _meta(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "nodulekit", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_description_says_how_to_build_the_input(run):
+    _, card = ex.read_model_card(run["fold0"])
+    pre = card["preprocessing"]
+    # D11C: planes -5..+5 mm, each a 2 x diameter square; HU window -1000..400 scaled to 0..1.
+    assert [c["z_offset_mm"] for c in pre["channels"]] == list(range(-5, 6))
+    assert {c["p"] for c in pre["channels"]} == {2.0}
+    assert pre["intensity_scaling"]["hu_window"] == [-1000.0, 400.0]
+    assert pre["z_resampling"]["step_mm"] == 1.0
+    x = card["network_data_format"]["inputs"]["x"]
+    assert x["num_channels"] == 11 and x["spatial_shape"] == [32, 32] and x["modality"] == "CT"
+    assert set(card["network_data_format"]["outputs"]) == {"prob", "map", "map_up"}
+    assert card["decision"]["threshold"] == 0.5 and "not a medical device" in card["intended_use"]
+    td = card["training_data"]
+    assert td["n_nodules"] == 20 and td["n_malignant"] == 10 and td["fingerprint"] != "unknown"
+    # fold 0's model was trained on the fold-1 rows only
+    with h5py.File(run["dataset"]) as f:
+        ids = np.array([v.decode() for v in f["nodule_id"][()]])
+        fold = f["fold"][()]
+    assert td["nodule_ids"] == sorted(ids[fold == 1].tolist())
+
+
+def test_no_local_paths_in_the_model_file(run):
+    for path in (run["fold0"], run["ensemble"]):
+        for key, value in _meta(path).items():
+            assert str(run["folder"]) not in value, f"{key} holds a local path: {value[:120]}"
+            assert "/tmp" not in value and str(run["folder"].parent) not in value, key
+
+
+def test_describe_onnx_equals_describe_rundir(run):
+    r = _cli("describe", run["ensemble"], "--json")
+    assert r.returncode == 0, r.stderr
+    from_onnx = json.loads(r.stdout)
+    r = _cli("describe", run["rundir"], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == from_onnx  # one description, whichever file carries the model
+    assert len(from_onnx["members"]) == 2 and from_onnx["training_data"]["nodule_ids"]
+    text = _cli("describe", run["fold0"]).stdout
+    assert "z offsets -5, -4" in text and "2 x diameter" in text and "HU [-1000.0, 400.0]" in text
+
+
+def test_ensemble_graph_averages_the_fold_models(run):
+    from nodulekit.training import load_fold_model
+
+    members = [load_fold_model(run["rundir"], k)[0] for k in range(2)]
+    x = np.random.default_rng(4).random((5, 11, 32, 32), dtype=np.float32)
+    sess = ort.InferenceSession(str(run["ensemble"]), providers=["CPUExecutionProvider"])
+    prob, amap, map_up, member_prob = sess.run(None, {"x": x})
+    with torch.no_grad():
+        probs = [torch.softmax(m(torch.as_tensor(x)), 1).numpy() for m in members]
+        maps = [m.activation_map(torch.as_tensor(x))[1].numpy() for m in members]
+    np.testing.assert_allclose(member_prob, np.stack([p[:, 1] for p in probs], 1), atol=1e-5)
+    np.testing.assert_allclose(prob, (probs[0] + probs[1]) / 2, atol=1e-5)
+    np.testing.assert_allclose(amap, (maps[0] + maps[1]) / 2, atol=1e-5 * np.abs(amap).max())
+    assert np.abs(member_prob[:, 0] - member_prob[:, 1]).max() > 1e-3, "members identical: the mean proves nothing"
+    meta = _meta(run["ensemble"])
+    assert meta["fold"] == "ensemble" and json.loads(meta["members"]) == [
+        {"fold": 0, "epoch": 1},
+        {"fold": 1, "epoch": 1},
+    ]
+
+
+def test_ensemble_needs_every_fold_finished(run, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run["rundir"], partial)
+    (partial / "fold1" / "result.h5").unlink()  # fold 1 still training
+    with pytest.raises(NodulekitError, match=r"lacks finished fold\(s\) fold1 .* for an ensemble of every fold"):
+        ex.load_ensemble_source(partial)
+    r = _cli("export-onnx", run["rundir"], "--ensemble", "--fold", "0", "-o", tmp_path / "x.onnx")
+    assert r.returncode == 2 and "drop --fold" in r.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def _rewrite(src, dst, change):
+    proto = onnx.load(str(src))
+    change(proto)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_foreign_or_altered_onnx_is_refused(run, tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 11, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 11, 32, 32])],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "foreign.onnx"))
+    with pytest.raises(NodulekitError, match="not a nodulekit ONNX export"):
+        ex.read_metadata(tmp_path / "foreign.onnx")
+
+    def claim_3_channels(proto):
+        next(p for p in proto.metadata_props if p.key == "in_channels").value = "3"
+
+    def change_a_weight(proto):
+        init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        arr = onnx.numpy_helper.to_array(init).copy()
+        arr.flat[0] += 1.0
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+
+    for name, change, why in (
+        ("channels.onnx", claim_3_channels, "input x is"),
+        ("weights.onnx", change_a_weight, "the graph was changed after export"),
+    ):
+        path = _rewrite(run["fold0"], tmp_path / name, change)
+        with pytest.raises(NodulekitError, match=f"does not match its nodulekit metadata: {why}"):
+            ex.read_metadata(path)
+
+
+def test_infer_warns_about_training_rows(run, tmp_path):
+    # The training dataset: the fold-0 model saw the fold-1 rows; the ensemble saw every row.
+    r = _cli("infer", run["fold0"], run["dataset"], "-o", tmp_path / "f0.h5", "--provider", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 10 of 20 nodules were in the model's training data" in r.stderr
+    with h5py.File(tmp_path / "f0.h5") as f, h5py.File(run["dataset"]) as d:
+        np.testing.assert_array_equal(f["trained_on"][()], d["fold"][()] != 0)
+    summary = ex.infer(run["ensemble"], run["dataset"], tmp_path / "e.h5", provider="cpu")
+    assert summary["trained_on"] == 20
+    # Another dataset (other pixels, so another fingerprint) that reuses nodule ids: found by id.
+    other = write_tiny_dataset(tmp_path / "other.h5", n=20, channels=11, folds=2, seed=7)
+    summary = ex.infer(run["fold0"], other, tmp_path / "o.h5", provider="cpu")
+    assert summary["trained_on"] == 10 and "by nodule id" in summary["warning"]
+    # Held-out data: no warning.
+    fresh = write_tiny_dataset(tmp_path / "fresh.h5", n=20, channels=11, folds=2, seed=8)
+    with h5py.File(fresh, "a") as f:
+        del f["nodule_id"]
+        f["nodule_id"] = np.array([f"NEW-{i}".encode() for i in range(20)])
+    summary = ex.infer(run["fold0"], fresh, tmp_path / "n.h5", provider="cpu")
+    assert summary["trained_on"] == 0 and summary["warning"] == ""
+
+
+def test_layout_refusals():
+    card = {"preprocessing": None, "network_data_format": {"inputs": {"x": {"num_channels": 5}}}}
+    with pytest.raises(NodulekitError, match="does not say how its 5 input channels are made"):
+        modelcard.require_layout(card, "m.onnx")
+    assert modelcard.layout_from_channels(5) is None
+    layout = modelcard.layout_from_channels(3)
+    assert [(c["z_offset_mm"], c["p"]) for c in layout] == [(0.0, 2.0), (0.0, 3.0), (0.0, 4.0)]
