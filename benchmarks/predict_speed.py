@@ -1,0 +1,166 @@
+"""Speed of ``nodulekit predict`` on one scan: nodules per second for 1, 100 and 1,000 nodules.
+
+Each run is one ``nodulekit.predict.predict`` call (the library function behind the
+command, in this process) on one DICOM series with N nodules from a CSV, split into
+reading the scan, building the N inputs (extract's window + build's resampling) and running
+the model (ONNX Runtime). Models: the paper's HESAM (base_width 64, D11C input) as one
+model and as a 5-fold ensemble in one graph (``export-onnx --ensemble``); random weights,
+since speed does not depend on them. Centres are drawn uniformly inside the scan (seeded),
+diameters uniformly in 4..30 mm.
+
+    python benchmarks/predict_speed.py                         # ../shared/data LIDC-IDRI-0001, CPU
+    python benchmarks/predict_speed.py --provider cuda         # on a machine with onnxruntime-gpu
+    python benchmarks/predict_speed.py --counts 1,100 --members 1 --width 8   # quick check
+
+Writes ``benchmarks/out/predict.json`` (with the machine, its load and the git commit) and
+prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def default_scan() -> Path | None:
+    root = Path(os.environ.get("NODULEKIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "lidc-dicom"
+    found = sorted(root.glob("LIDC-IDRI-0001/*/*"))
+    return found[0] if found else None
+
+
+def make_models(folder: Path, width: int, members: list[int]) -> dict[int, Path]:
+    """One ONNX file per ensemble size (1 = a single model), seeded random HESAM weights."""
+    import torch
+
+    from nodulekit.export import ModelSource, export_onnx
+    from nodulekit.models import create_model
+
+    out = {}
+    for k in members:
+        models = []
+        for i in range(k):
+            torch.manual_seed(i)
+            models.append(create_model("hesam", 11, base_width=width).eval())
+        info = [{"fold": i, "epoch": None} for i in range(k)]
+        src = ModelSource(
+            models[0], "benchmark: random weights", 0, None, {}, members=models if k > 1 else [], member_info=info
+        )
+        path = folder / f"hesam{width}-x{k}.onnx"
+        export_onnx(src, path, exporter="torchscript", n_check=2)
+        out[k] = path
+    return out
+
+
+def write_nodules(scan_path: Path, n: int, seed: int, path: Path) -> Path:
+    """N nodules: centres uniform over the scan's central 80 % (LPS mm), diameters uniform 4..30 mm."""
+    from nodulekit.scans import read_scan
+
+    scan = read_scan(scan_path)
+    rng = np.random.default_rng(seed)
+    shape = np.array(scan.volume.shape, float)
+    lines = ["id,x,y,z,diameter_mm"]
+    for i in range(n):
+        rck = (0.1 + 0.8 * rng.random(3)) * (shape - 1)
+        x, y, z = scan.voxel_to_lps(rck)
+        lines.append(f"n{i},{x:.3f},{y:.3f},{z:.3f},{rng.uniform(4, 30):.2f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measure(model: Path, scan: Path, csv: Path, provider: str, repeats: int) -> dict:
+    from nodulekit.predict import predict
+
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = predict(model, scan, nodules=csv, provider=provider)
+        total = time.perf_counter() - t0
+        runs.append({**res.timings, "total_s": total, "engine": res.engine})
+    med = {k: statistics.median(r[k] for r in runs) for k in ("read_s", "inputs_s", "model_s", "total_s")}
+    return {**med, "engine": runs[0]["engine"], "repeats": repeats}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--scan", type=Path, default=None, help="DICOM series folder or NIfTI (default: shared LIDC-IDRI-0001)"
+    )
+    ap.add_argument("--counts", default="1,100,1000")
+    ap.add_argument("--members", default="1,5", help="ensemble sizes to time (1 = one model)")
+    ap.add_argument("--width", type=int, default=64, help="HESAM base_width (64 = the paper's)")
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per count below 1000 (1000: one run)")
+    ap.add_argument("--out", type=Path, default=HERE / "out" / "predict.json")
+    args = ap.parse_args(argv)
+    scan = args.scan or default_scan()
+    if scan is None:
+        print("no scan: pass --scan or put the shared data in ../shared/data", file=sys.stderr)
+        return 2
+    from run_all import git_info, machine_info
+
+    counts = [int(c) for c in args.counts.split(",")]
+    members = [int(m) for m in args.members.split(",")]
+    results = []
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        models = make_models(tmp, args.width, members)
+        for k, model in models.items():
+            for n in counts:
+                csv = write_nodules(scan, n, seed=n, path=tmp / f"n{n}.csv")
+                r = measure(model, scan, csv, args.provider, 1 if n >= 1000 else args.repeats)
+                r.update(members=k, nodules=n, nodules_per_s=n / r["total_s"], model_nodules_per_s=n / r["model_s"])
+                results.append(r)
+                print(json.dumps(r), file=sys.stderr)
+    record = {
+        "benchmark": "predict",
+        "scan": scan.name,
+        "width": args.width,
+        "provider": args.provider,
+        "machine": machine_info(),
+        "git": git_info(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(render(record))
+    return 0
+
+
+def render(record: dict) -> str:
+    m = record["machine"]
+    lines = [
+        f"`predict` on {record['scan']} ({record['provider']}, HESAM base_width {record['width']}, D11C), "
+        f"{m.get('cpu')}, {m.get('usable_cores')} usable cores, 1-min load {record['loadavg_start'][0]:.1f} at start / "
+        f"{record['loadavg_end'][0]:.1f} at end, commit {record['git'].get('commit', '?')[:10]}"
+        + (" (+ uncommitted changes)" if record["git"].get("dirty") else ""),
+        "",
+        "| models | nodules | read scan (s) | build inputs (s) | run model (s) | total (s) | nodules/s | model only, nodules/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['members']} | {r['nodules']} | {r['read_s']:.2f} | {r['inputs_s']:.2f} | {r['model_s']:.2f} | "
+            f"{r['total_s']:.2f} | {r['nodules_per_s']:.1f} | {r['model_nodules_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
