@@ -25,6 +25,7 @@ WRITERS = (
     "readers",
     "export-onnx",
     "infer",
+    "predict",
     "phantom",
 )
 

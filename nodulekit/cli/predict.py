@@ -61,8 +61,10 @@ def predict_cmd(
     Each line: id, centre (mm and voxel), diameter, malignant probability, label at the model's threshold and, for a fold ensemble, each member's probability and their spread. Messages go to stderr, so the output pipes into jq or a file. The input of each nodule is built exactly as `extract` + `build` build it for LIDC nodules, with the channel layout the model file describes (`nodulekit describe MODEL`). Research use only; not a medical device.
 
     Examples:
+
+    \b
       nodulekit predict model.onnx scan.nii.gz --mask nodules.nii.gz -o out/
-      nodulekit predict model.onnx LIDC-IDRI-0001/.../<series>/ --centre -62.1,-41.3,-180.4 --diameter 24
+      nodulekit predict model.onnx LIDC-IDRI-0001/.../<series>/ --centre 56.4,86.3,-116.0 --diameter 23.4
       nodulekit predict runs/hesam-d11c ct.nii.gz --nodules nodules.csv --coords ras > results.jsonl
     """
     from nodulekit.predict import predict
