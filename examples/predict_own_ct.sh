@@ -9,8 +9,9 @@
 # 2. prints that description;
 # 3. scores the nodules of a DICOM series given as centres + diameters (a CSV), and a NIfTI
 #    volume given with a nodule mask, writing overlays and maps.
-# The shared scans are LIDC cases the model was trained on, so predict warns that their
-# probabilities are not held-out estimates; on your own CT it would not.
+# The shared scans are LIDC cases the ensemble was trained on, so predict warns that their
+# probabilities are not held-out estimates; the fold model whose test fold holds the scan
+# gives held-out ones (3b). On your own CT neither warning would appear.
 set -euo pipefail
 
 DATA=${DATA:-../shared/data}
@@ -39,6 +40,13 @@ $NK predict "$OUT/hesam-d11c.onnx" "$SERIES" --nodules "$OUT/nodules.csv" -o "$O
     > "$OUT/dicom.jsonl"
 cat "$OUT/dicom.jsonl"
 
-# 3b. A NIfTI volume and a mask of the nodule on its grid (a VOI and its outline).
+# 3b. Held out: the fold model whose test fold holds LIDC-IDRI-0003 never saw this scan.
+FOLD=$($PY -c "from nodulekit.datasets import load_dataset; ds = load_dataset('$OUT/d11c.h5'); \
+print(int(ds.fold[list(ds.patient_id).index('LIDC-IDRI-0003')]))")
+[ -e "$OUT/hesam-d11c-fold$FOLD.onnx" ] || $NK export-onnx "$OUT/run" --fold "$FOLD" -o "$OUT/hesam-d11c-fold$FOLD.onnx"
+$NK predict "$OUT/hesam-d11c-fold$FOLD.onnx" "$SERIES" --nodules "$OUT/nodules.csv" > "$OUT/dicom-heldout.jsonl"
+cat "$OUT/dicom-heldout.jsonl"
+
+# 3c. A NIfTI volume and a mask of the nodule on its grid (a VOI and its outline).
 $NK predict "$OUT/hesam-d11c.onnx" "$DATA/lidc-vois/image/LIDC-IDRI-0001_R_1.nii.gz" \
     --mask "$DATA/lidc-vois/mask/LIDC-IDRI-0001_R_1.nii.gz" -o "$OUT/nifti" --overwrite

@@ -42,7 +42,9 @@ class OnnxEngine:
         from nodulekit.export import run_session
 
         binding = None if self.provider == "cpu" else "cuda"
-        out = run_session(self.session, x, batch, binding_device=binding, progress=progress, names=self.names)
+        out = run_session(
+            self.session, x, batch, binding_device=binding, progress=progress, names=self.names, desc="model"
+        )
         members = out[3] if self.ensemble else None
         return Scores(out[0][:, MALIGNANT], out[2][:, MALIGNANT], members)
 

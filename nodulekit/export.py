@@ -561,7 +561,13 @@ def make_session(onnx_path: str | os.PathLike, provider: str = "auto"):
 
 
 def run_session(
-    session, x, batch: int = 256, binding_device: str | None = None, progress: bool = False, names=OUTPUT_NAMES
+    session,
+    x,
+    batch: int = 256,
+    binding_device: str | None = None,
+    progress: bool = False,
+    names=OUTPUT_NAMES,
+    desc: str = "infer",
 ):
     """Run an exported model over ``x`` (array-like [N, C, 32, 32]) in batches.
 
@@ -576,7 +582,7 @@ def run_session(
     names = tuple(names)
     outs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     starts = range(0, n, batch)
-    for start in tqdm(starts, desc="infer", unit="batch", disable=not progress):
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
         xb = np.ascontiguousarray(x[start : start + batch], dtype=np.float32)
         if binding_device is None:
             res = session.run(list(names), {INPUT_NAME: xb})
