@@ -59,12 +59,12 @@ def parse_runs(specs: Sequence[str]) -> list[tuple[str, Path]]:
 
 def methods_for(model, only: Sequence[str] | None = None) -> list[str]:
     """The maps to compute for one run's model: its own head map, its faithful map, Grad-CAM."""
-    from nodulekit.maps import METHODS
+    from nodulekit.maps import supported_methods
 
     kind = getattr(model, "map_kind", None)
     wanted = [kind, f"{kind}-faithful", "gradcam"] if kind else ["gradcam"]
-    chosen = [m for m in wanted if m in METHODS and METHODS[m].supports(model) is None]
-    return [m for m in chosen if not only or m in only]
+    supported = supported_methods(model)
+    return [m for m in wanted if m in supported and (not only or m in only)]
 
 
 def paired_region_tests(scores, reference: str, *, n_resamples: int = 2000, seed: int = 0, n_permutations: int = 9999):
