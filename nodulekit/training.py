@@ -83,6 +83,8 @@ class TrainConfig:
     amp: bool | str | None = "auto"
     channels_last: bool | str | None = "auto"
     compile: bool = False
+    # all requested folds in one batched computation (nodulekit.concurrent_folds); same numbers
+    concurrent_folds: bool = False
     eval_batch_size: int = 512
 
     def validate(self) -> None:
@@ -351,6 +353,11 @@ def batch_loss(forward, batch: dict):
     return ce + aux.float(), ce, logits
 
 
+def divergence_message(fold: int, epoch: int, total: float) -> str:
+    kept = f"the last good checkpoint (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
+    return f"fold {fold} diverged in epoch {epoch}: training loss is {total}; {kept}; try a lower --lr"
+
+
 def _train_epoch(model, forward, optimizer, dd: _DeviceData, train_index, generator, batch_size, amp, fold, epoch):
     """One pass over the fold's training rows in the generator's order; (train loss, train accuracy).
 
@@ -383,10 +390,7 @@ def _train_epoch(model, forward, optimizer, dd: _DeviceData, train_index, genera
     # one host sync per epoch (cheap on GPU); a NaN step is caught here before any save
     total = float(total_sum) / max(seen, 1)
     if not math.isfinite(total):
-        kept = f"the last good checkpoint (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
-        raise TrainingDiverged(
-            f"fold {fold} diverged in epoch {epoch}: training loss is {total}; {kept}; try a lower --lr"
-        )
+        raise TrainingDiverged(divergence_message(fold, epoch, total))
     return float(ce_sum) / max(seen, 1), float(correct) / max(seen, 1)
 
 
@@ -617,9 +621,14 @@ def _evaluate(ctx: TrainContext, model, rows) -> tuple[float, float]:
 def run_epoch(ctx: TrainContext, state: FoldState) -> dict[str, float]:
     """Train one epoch, score it, save the checkpoint; returns the epoch's metrics."""
     started = time.perf_counter()
-    epoch = state.epoch + 1
     args = (state.optimizer, ctx.device_data, state.split.train_index, state.generator, ctx.cfg.batch_size, ctx.amp)
-    train_loss, train_acc = _train_epoch(state.model, state.forward, *args, state.fold, epoch)
+    train_loss, train_acc = _train_epoch(state.model, state.forward, *args, state.fold, state.epoch + 1)
+    return end_epoch(ctx, state, train_loss, train_acc, started)
+
+
+def end_epoch(ctx: TrainContext, state: FoldState, train_loss: float, train_acc: float, started: float):
+    """After an epoch's training pass (started at ``started``): step the schedule, score, save the checkpoint."""
+    epoch = state.epoch + 1
     state.scheduler.step()
     # test fold: for the learning curves only, never for a choice
     test_loss, test_acc = _evaluate(ctx, state.eval_model, state.split.test_index)
@@ -843,9 +852,15 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         if on_execution is not None:
             on_execution(execution.as_dict())
         summaries, failures = [], []
+        side_by_side = cfg.concurrent_folds and _side_by_side_possible(cfg, run)
         # one job per fold: claim every requested fold before training any of them
         with claims.claimed(Path(rundir) / f"fold{k}" for k in wanted):
-            for k in wanted:
+            if side_by_side:
+                from nodulekit.concurrent_folds import train_side_by_side
+
+                ctx = train_context(data, cfg, rundir, run=run, device=device, device_data=dd, execution=execution)
+                summaries, failures = train_side_by_side(ctx, wanted, progress=progress, on_epoch_end=on_epoch_end)
+            for k in [] if side_by_side else wanted:
                 try:
                     summaries.append(
                         train_fold(
@@ -866,6 +881,21 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
     if failures:
         raise TrainingDiverged(" | ".join(failures))
     return {"rundir": str(rundir), "run": run, "folds": summaries, "execution": execution.as_dict()}
+
+
+def _side_by_side_possible(cfg: TrainConfig, run: dict) -> bool:
+    """Whether ``cfg.arch`` can train side by side; if not, say why on stderr (its folds then run in turn)."""
+    import sys
+
+    import torch
+
+    from nodulekit.concurrent_folds import refusal
+
+    with torch.device("meta"):  # structure only, no memory
+        reason = refusal(build_model(cfg.arch, run["in_channels"], 2, cfg.model_options))
+    if reason is not None:
+        print(f"nodulekit: {reason}; its folds train one after another", file=sys.stderr)
+    return reason is None
 
 
 def _choose_execution(model, data, cfg, dd, wanted, recorded):

@@ -87,6 +87,12 @@ def train_command(
         "--compile/--no-compile",
         help="torch.compile the model (for CUDA; on CPU the compile step can take many minutes).",
     ),
+    concurrent_folds: bool = typer.Option(
+        False,
+        "--concurrent-folds/--sequential-folds",
+        help="Train all requested folds side by side in one batched computation (same numbers as one after "
+        "another; for GPUs). Models with dropout (vgg16) train their folds one after another, said on stderr.",
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Discard an existing run in RUNDIR made with other settings."
     ),
@@ -118,6 +124,7 @@ def train_command(
         amp=amp,
         channels_last=channels_last,
         compile=compile,
+        concurrent_folds=concurrent_folds,
     )
     out = train(
         dataset,

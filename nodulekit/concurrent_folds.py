@@ -1,0 +1,365 @@
+"""Folds side by side: the folds of one architecture trained together as one batched computation.
+
+A 32x32 model of a few million parameters cannot fill a GPU with a batch of 32; five of
+them can. Here the F fold models' parameters and buffers are stacked on a leading fold
+axis (``torch.func.stack_module_state``) and one step runs all of them at once with
+``torch.func.vmap`` over ``functional_call`` (for convolutions vmap issues one grouped
+convolution). Each fold still has its own everything:
+
+- its own batches, drawn from its own training rows by its own generator (the same
+  permutations as sequential training, since the generators are the same);
+- its own forward pass, loss and auxiliary loss: nothing is reduced across folds; the
+  gradient of the summed losses with respect to fold f's weights is fold f's gradient;
+- its own batch statistics: batch normalisation normalises over the fold's own batch
+  and updates the fold's own running statistics (stacked buffers, updated in place);
+- its own optimiser state: SGD is elementwise, so one SGD over stacked tensors is F
+  SGDs; its momentum is copied from and back to each fold's own ``torch.optim.SGD``.
+
+Folds with fewer training rows run out of batches first. A step where only some folds
+have a batch (or their last batches differ in size) runs those folds alone, on slices
+of the stacked weights, and leaves the others exactly as they were: their weights and
+momentum are put back after the optimiser step, which would otherwise move them by
+weight decay and momentum.
+
+Models that draw random numbers in their forward pass (dropout) are refused: vmap would
+draw one tensor for all folds from one generator, so the folds could not get the same
+numbers as when trained alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+from nodulekit.errors import NodulekitError
+
+
+def refusal(model) -> str | None:
+    """Why ``model`` cannot be trained side by side, or None when it can."""
+    from torch import nn
+
+    random = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)})
+    if random:
+        return (
+            f"{getattr(model, 'arch', type(model).__name__)} draws random numbers in training ({', '.join(random)}), "
+            "so its folds side by side could not match folds trained alone"
+        )
+    return None
+
+
+def _fold_loss_module(model):
+    """A module computing one fold's training loss on one batch with ``training.batch_loss``.
+
+    A module (not a function) so ``functional_call`` can run it with one fold's slice of the
+    stacked weights; its own copy of ``model`` only provides structure, modes and settings.
+    """
+    import copy
+
+    from torch import nn
+
+    from nodulekit.training import batch_loss
+
+    class FoldLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = copy.deepcopy(model)
+
+        def forward(self, x, y, index, mask, characteristics):
+            """(loss, cross-entropy, correct count) of one fold on one batch."""
+            batch = {"x": x, "y": y, "index": index}
+            batch.update({k: v for k, v in (("mask", mask), ("characteristics", characteristics)) if v is not None})
+            loss, ce, logits = batch_loss(self.model.training_forward, batch)
+            return loss, ce.detach(), (logits.detach().argmax(1) == y).sum()
+
+    return FoldLoss()
+
+
+class StackedFolds:
+    """F fold models as stacked tensors (weights, buffers, SGD momentum), stepped as one.
+
+    Built from the folds' own models and optimisers at the start of an epoch and written
+    back into them by :meth:`unstack` at its end, so checkpoints stay per fold.
+    """
+
+    def __init__(self, folds: Sequence):
+        import torch
+        from torch.func import stack_module_state
+
+        self.folds = list(folds)
+        params, buffers = stack_module_state([f.model for f in self.folds])
+        self.params = {f"model.{k}": v for k, v in params.items()}
+        self.buffers = {f"model.{k}": v for k, v in buffers.items()}
+        self.module = _fold_loss_module(self.folds[0].model)
+        self.module.train()
+        hyper = _shared_hyperparameters([f.optimizer for f in self.folds])
+        self.optimizer = torch.optim.SGD([{**hyper, "params": list(self.params.values())}])
+        for name, stacked in self.params.items():
+            buffers = [_momentum(f, name) for f in self.folds]
+            if any(b is not None for b in buffers):
+                # a fold without momentum yet starts from zeros: SGD's first step makes it the step itself
+                rows = [b if b is not None else torch.zeros_like(stacked[0]) for b in buffers]
+                self.optimizer.state[stacked]["momentum_buffer"] = torch.stack(rows)
+
+    def step(self, rows: list[int], batch: dict, amp: bool):
+        """One optimiser step of the folds at positions ``rows`` on their batches ``batch`` [len(rows), B, ...].
+
+        Returns (loss, cross-entropy, correct count), one value per row.
+        """
+        import torch
+        from torch.func import functional_call, vmap
+
+        whole = len(rows) == len(self.folds)
+        sel = None if whole else torch.tensor(rows, device=batch["x"].device)
+        params = self.params if whole else {k: v.index_select(0, sel) for k, v in self.params.items()}
+        buffers = self.buffers if whole else {k: v.index_select(0, sel) for k, v in self.buffers.items()}
+
+        def one(p, b, x, y, index, mask, characteristics):
+            return functional_call(self.module, (p, b), (x, y, index, mask, characteristics), strict=True)
+
+        ctx = torch.autocast(device_type=batch["x"].device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        args = (
+            params,
+            buffers,
+            batch["x"],
+            batch["y"],
+            batch["index"],
+            batch.get("mask"),
+            batch.get("characteristics"),
+        )
+        in_dims = tuple(None if a is None else 0 for a in args)
+        with ctx:
+            loss, ce, correct = vmap(one, in_dims=in_dims, randomness="error")(*args)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # folds share no weights: each fold's gradient is its own loss's
+        if whole:
+            self.optimizer.step()
+        else:
+            self._step_only(sel)
+            with torch.no_grad():
+                for k, v in buffers.items():  # running statistics were updated on the slices
+                    self.buffers[k].index_copy_(0, sel, v)
+        return loss.detach(), ce, correct
+
+    def _step_only(self, sel) -> None:
+        """Optimiser step for the rows ``sel``; every other fold's weights and momentum stay as they were."""
+        import torch
+
+        keep = torch.tensor(
+            [i for i in range(len(self.folds)) if i not in set(sel.tolist())], device=sel.device, dtype=torch.long
+        )
+        saved = {k: v.detach().index_select(0, keep) for k, v in self.params.items()}
+        momentum = {}
+        for k, v in self.params.items():
+            buf = self.optimizer.state.get(v, {}).get("momentum_buffer")
+            momentum[k] = buf.index_select(0, keep) if buf is not None else None
+        self.optimizer.step()
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.index_copy_(0, keep, saved[k])
+                buf = self.optimizer.state.get(v, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.index_copy_(0, keep, momentum[k] if momentum[k] is not None else torch.zeros_like(saved[k]))
+
+    def unstack(self) -> None:
+        """Write the stacked weights, buffers and momentum back into each fold's model and optimiser."""
+        import torch
+
+        with torch.no_grad():
+            for i, fold in enumerate(self.folds):
+                named = dict(fold.model.named_parameters(prefix="model"))
+                for k, v in self.params.items():
+                    named[k].copy_(v[i])
+                    buf = self.optimizer.state.get(v, {}).get("momentum_buffer")
+                    if buf is not None:
+                        fold.optimizer.state[named[k]]["momentum_buffer"] = buf[i].clone()
+                own = dict(fold.model.named_buffers(prefix="model"))
+                for k, v in self.buffers.items():
+                    own[k].copy_(v[i])
+
+
+def _momentum(fold, name: str):
+    param = dict(fold.model.named_parameters(prefix="model"))[name]
+    return fold.optimizer.state.get(param, {}).get("momentum_buffer")
+
+
+def _shared_hyperparameters(optimizers) -> dict:
+    """The one param group's settings (lr, momentum, ...), which every fold must share this epoch."""
+    groups = [opt.param_groups for opt in optimizers]
+    if any(len(g) != 1 for g in groups):
+        raise NodulekitError("internal: side-by-side folds expect one parameter group per optimiser")
+    hyper = [{k: v for k, v in g[0].items() if k != "params"} for g in groups]
+    if any(h != hyper[0] for h in hyper[1:]):
+        raise NodulekitError("internal: folds side by side must be at the same epoch (same learning rate)")
+    return hyper[0]
+
+
+@dataclass
+class EpochResult:
+    """One fold's training metrics of one epoch, as ``training._train_epoch`` reports them."""
+
+    train_loss: float  # mean cross-entropy
+    train_acc: float
+    total_loss: float  # mean of cross-entropy + auxiliary loss (NaN/inf: the fold diverged)
+
+
+def train_epoch_side_by_side(folds: Sequence, dd, batch_size: int, amp: bool):
+    """One epoch of every fold in ``folds`` as one batched computation; a list of :class:`EpochResult`.
+
+    Each fold draws its batch order from its own generator exactly as sequential training
+    does; on return each fold's model and optimiser hold the state after its epoch.
+    """
+    import torch
+
+    for fold in folds:
+        fold.model.train()
+    batches = [_fold_batches(f, dd.device, batch_size) for f in folds]
+    stacked = StackedFolds(folds)
+    n = len(folds)
+    ce_sum, total_sum, correct = (torch.zeros(n, device=dd.device) for _ in range(3))
+    seen = torch.zeros(n, dtype=torch.long)
+    for step in range(max(len(b) for b in batches)):
+        for rows in _rows_by_batch_size(batches, step):
+            idx = torch.stack([batches[i][step] for i in rows])
+            loss, ce, right = stacked.step(rows, dd.batch(idx), amp)
+            sel = torch.tensor(rows, device=dd.device)
+            size = idx.shape[1]
+            ce_sum.index_add_(0, sel, (ce * size).to(ce_sum.dtype))
+            total_sum.index_add_(0, sel, (loss * size).to(total_sum.dtype))
+            correct.index_add_(0, sel, right.to(correct.dtype))
+            seen[rows] += size
+    stacked.unstack()
+    ce_sum, total_sum, correct = ce_sum.cpu(), total_sum.cpu(), correct.cpu()  # one sync per epoch
+    return [
+        EpochResult(
+            float(ce_sum[i]) / max(int(seen[i]), 1),
+            float(correct[i]) / max(int(seen[i]), 1),
+            float(total_sum[i]) / max(int(seen[i]), 1),
+        )
+        for i in range(n)
+    ]
+
+
+def _fold_batches(fold, device, batch_size: int) -> list:
+    """The fold's batches of this epoch: the same permutation and slicing as sequential training."""
+    import torch
+
+    index = np.asarray(fold.split.train_index, np.int64)
+    order = torch.from_numpy(index)[torch.randperm(len(index), generator=fold.generator)].to(device)
+    slices = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return [idx for idx in slices if len(idx) >= 2]  # batch normalisation cannot train on one sample
+
+
+def _rows_by_batch_size(batches: list[list], step: int) -> list[list[int]]:
+    """Fold positions that have a batch at ``step``, grouped by batch size (one vmap per group)."""
+    groups: dict[int, list[int]] = {}
+    for i, fold_batches in enumerate(batches):
+        if step < len(fold_batches):
+            groups.setdefault(len(fold_batches[step]), []).append(i)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------- the folds of one train call
+
+
+class _FoldRng:
+    """Each fold's own global random state, as sequential training leaves it for that fold's checkpoints."""
+
+    def __init__(self, device):
+        self.device = device
+        self.states: dict[int, tuple] = {}
+
+    def save(self, fold: int) -> None:
+        import torch
+
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.states[fold] = (torch.get_rng_state(), cuda)
+
+    def load(self, fold: int) -> None:
+        import torch
+
+        cpu, cuda = self.states[fold]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+
+def train_side_by_side(ctx, folds: Sequence[int], *, progress: bool = True, on_epoch_end=None):
+    """Train ``folds`` of one run side by side; (per-fold summaries, divergence messages).
+
+    The training steps (``nodulekit.training``: start_fold, end_epoch, finish_fold) are the
+    sequential ones, so checkpoints, resume and results stay per fold and unchanged. Folds
+    resumed at different epochs catch up: each joint epoch trains the folds that are furthest
+    behind, until all are at the same epoch and train together.
+    """
+    from nodulekit.training import finish_fold, start_fold
+
+    rng, summaries, pending = _FoldRng(ctx.device), [], []
+    for k in folds:
+        state = start_fold(ctx, k)
+        if isinstance(state, dict):
+            summaries.append(state)  # finished earlier: skipped
+        else:
+            rng.save(k)
+            pending.append(state)
+    before = {s.fold: s.epoch for s in pending}
+    bars = _bars(ctx, pending) if progress else {}
+    failures = []
+    try:
+        while pending:
+            group = [s for s in pending if s.epoch == min(p.epoch for p in pending)]
+            if group[0].epoch >= ctx.cfg.epochs:  # resumed after its last epoch: only the results are missing
+                done = group
+            else:
+                done, failed = _joint_epoch(ctx, group, rng, bars, on_epoch_end)
+                failures += failed
+                pending = [s for s in pending if s.fold not in {f for f, _ in failed}]
+            for state in [s for s in done if s.epoch >= ctx.cfg.epochs]:
+                rng.load(state.fold)
+                summaries.append(finish_fold(ctx, state, before[state.fold]))
+                pending.remove(state)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return sorted(summaries, key=lambda s: s["fold"]), [message for _, message in failures]
+
+
+def _joint_epoch(ctx, group, rng, bars, on_epoch_end):
+    """One epoch of ``group`` side by side, then each fold's scoring and checkpoint; (trained, [(fold, why)])."""
+    import math
+    import time
+    import warnings
+
+    from nodulekit.training import divergence_message, end_epoch
+
+    started = time.perf_counter()
+    results = train_epoch_side_by_side(group, ctx.device_data, ctx.cfg.batch_size, ctx.amp)
+    trained, failed = [], []
+    for state, result in zip(group, results, strict=True):
+        if not math.isfinite(result.total_loss):
+            failed.append((state.fold, divergence_message(state.fold, state.epoch + 1, result.total_loss)))
+            continue
+        rng.load(state.fold)
+        with warnings.catch_warnings():
+            # the fold's own SGD did not step (the stacked one did, for it): not the misuse torch warns of
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            metrics = end_epoch(ctx, state, result.train_loss, result.train_acc, started)
+        trained.append(state)
+        if state.fold in bars:
+            bars[state.fold].set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+            bars[state.fold].update(1)
+        if on_epoch_end is not None:
+            on_epoch_end(state.fold, state.epoch, dict(metrics, epoch=state.epoch))
+    return trained, failed
+
+
+def _bars(ctx, states) -> dict:
+    from tqdm.auto import tqdm
+
+    return {
+        s.fold: tqdm(total=ctx.cfg.epochs, initial=s.epoch, desc=f"{ctx.cfg.arch} fold {s.fold} (side by side)",
+                     unit="epoch", leave=True, position=i)
+        for i, s in enumerate(states)
+    }  # fmt: skip
