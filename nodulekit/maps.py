@@ -1,8 +1,8 @@
 """Activation maps of trained nodule classifiers: CAM, Grad-CAM, SAM, HESAM (paper Eq. 1-4, 7, 11).
 
-Each method is a small class with ``supports(model)`` (``None`` or the reason it cannot
-be used) and ``__call__(model, x) -> (logits [B, classes], maps [B, classes, h, w])``
-computed for a whole batch at once. Maps live on the final feature grid ``g``
+The methods are small classes over one base, registered by name, in
+:mod:`nodulekit.map_methods`: ``method(model, x) -> (logits [B, classes], maps [B, classes, h, w])``
+for a whole batch at once. Maps live on the final feature grid ``g``
 (``model.feature_layer``); ``upsample`` brings them to the 32x32 input grid.
 
 - ``cam``: M_c = sum_k w_k^c g_k (Eq. 2) from a GAP head (``map_kind == "cam"``).
@@ -30,176 +30,21 @@ import numpy as np
 
 from nodulekit.constants import CLASS_NAMES, INPUT_SIZE, MALIGNANT
 from nodulekit.errors import NodulekitError
+from nodulekit.map_methods import (  # noqa: F401 - the registry's names, as maps.* too
+    MapMethod,
+    check_method,
+    get_method,
+    has_high_level,
+    map_methods,
+    method_names,
+    supported_methods,
+)
+from nodulekit.map_methods.gradcam import GradCAM  # noqa: F401
 from nodulekit.run import Run
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
-
-
-def has_high_level(model: nn.Module) -> bool:
-    """Whether the model adds a high-level feature d (GMP of the encoder) to its head.
-
-    Models may say so with a ``high_level`` attribute/config entry; otherwise one probe
-    forward on a zero input tells (``forward_features(x)["high_level"]`` is not None).
-    """
-    import torch
-
-    flag = getattr(model, "high_level", None)
-    if isinstance(flag, bool):
-        return flag
-    head = getattr(model, "head", None)
-    if head is not None and hasattr(head, "fusion"):  # nodulekit's ClassifierHead
-        return head.fusion is not None
-    config = getattr(model, "config", None) or {}
-    for key in ("high_level", "high_level_feature"):
-        if isinstance(config.get(key), bool):
-            return config[key]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        with torch.no_grad():
-            out = model.forward_features(torch.zeros(1, model.in_channels, INPUT_SIZE, INPUT_SIZE, device=device))
-    finally:
-        model.train(was_training)
-    return out.get("high_level") is not None
-
-
-class MapMethod:
-    """One way of turning a classifier and a batch into class activation maps."""
-
-    name: str = ""
-    description: str = ""
-
-    def supports(self, model: nn.Module) -> str | None:
-        """``None`` if the method applies to ``model``, else why not (one phrase)."""
-        raise NotImplementedError
-
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-
-class HeadMap(MapMethod):
-    """Maps defined by the model's own head: M_c = sum_k gamma_k^c g_k (CAM, SAM, HESAM)."""
-
-    map_kind: str = ""
-    high_level: bool | None = None  # None: either; True: only models with the high-level feature
-
-    def supports(self, model):
-        kind = getattr(model, "map_kind", None)
-        if kind != self.map_kind:
-            return f"its head defines {'no' if kind is None else repr(kind)} activation map, {self.name} needs map_kind {self.map_kind!r}"
-        if self.high_level and not has_high_level(model):
-            return f"{self.name} needs a model with the high-level feature (it has none)"
-        return None
-
-    def __call__(self, model, x):
-        import torch
-
-        with torch.no_grad():
-            logits, maps = model.activation_map(x)
-        return logits, maps
-
-
-class CAM(HeadMap):
-    name = "cam"
-    description = "class activation map of a GAP head, Eq. 1-2"
-    map_kind = "cam"
-
-
-class HECAM(CAM):
-    name = "he-cam"
-    description = "CAM of a GAP head fed with the high-level feature too (Fig. 6)"
-    high_level = True
-
-
-class SAM(HeadMap):
-    name = "sam"
-    description = "soft activation map, Eq. 7"
-    map_kind = "sam"
-
-
-class HESAM(HeadMap):
-    name = "hesam"
-    description = "high-level enhanced soft activation map, Eq. 11"
-    map_kind = "hesam"
-
-
-class GradCAM(MapMethod):
-    """Grad-CAM on ``model.feature_layer`` for every class, one backward per class per batch.
-
-    The gradient of the *batch sum* of a class score with respect to the batched
-    features is each sample's own gradient, because in eval mode (BatchNorm running
-    statistics, no dropout) samples do not interact; the model is put in eval mode here.
-    """
-
-    name = "gradcam"
-    description = "gradient-weighted class activation map, Eq. 3-4"
-    high_level = False
-
-    def supports(self, model):
-        if not hasattr(model, "feature_layer"):
-            return "it has no feature_layer to take gradients at"
-        if self.high_level and not has_high_level(model):
-            return f"{self.name} needs a model with the high-level feature (it has none)"
-        return None
-
-    def __call__(self, model, x):
-        import torch
-
-        if model.training:
-            raise NodulekitError("internal: Grad-CAM needs the model in eval mode (BatchNorm would mix samples)")
-        captured: list[torch.Tensor] = []
-        handle = model.feature_layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            with torch.enable_grad():
-                # The input requires grad so g is part of the graph even with frozen weights.
-                logits = model(x.detach().requires_grad_(True))
-                g = captured[-1]
-                n_classes = logits.shape[1]
-                maps = []
-                for c in range(n_classes):
-                    (grad,) = torch.autograd.grad(logits[:, c].sum(), g, retain_graph=c < n_classes - 1)
-                    alpha = grad.mean(dim=(2, 3))  # Eq. 3: GAP of the gradients
-                    maps.append(torch.relu(torch.einsum("bk,bkhw->bhw", alpha, g.detach())))  # Eq. 4
-        finally:
-            handle.remove()
-        return logits.detach(), torch.stack(maps, dim=1)
-
-
-class HEGradCAM(GradCAM):
-    name = "he-gradcam"
-    description = "Grad-CAM of a model with the high-level feature (Fig. 6)"
-    high_level = True
-
-
-METHODS: dict[str, MapMethod] = {m.name: m for m in (CAM(), GradCAM(), SAM(), HESAM(), HECAM(), HEGradCAM())}
-
-
-def get_method(name: str) -> MapMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise NodulekitError(f"unknown map method {name!r}; choose one of {', '.join(METHODS)}") from None
-
-
-def supported_methods(model: nn.Module) -> list[str]:
-    return [name for name, method in METHODS.items() if method.supports(model) is None]
-
-
-def check_method(model: nn.Module, name: str) -> MapMethod:
-    """The method, or a one-line error naming the methods this model does support."""
-    method = get_method(name)
-    reason = method.supports(model)
-    if reason is not None:
-        arch = getattr(model, "arch", type(model).__name__)
-        raise NodulekitError(
-            f"method {name!r} does not apply to model {arch!r}: {reason}; "
-            f"it supports: {', '.join(supported_methods(model)) or 'none'}"
-        )
-    return method
 
 
 def upsample(maps, size: int = INPUT_SIZE):
@@ -407,7 +252,7 @@ def _choose_execution(model, x, method: str, device, amp, channels_last, steps: 
     from nodulekit.execution import choose_execution
 
     def forward(m, xb):  # what is compared with fp32: logits and maps
-        logits, maps = METHODS[method](m, xb)
+        logits, maps = get_method(method)(m, xb)
         return torch.cat([logits.flatten(), maps.flatten()])
 
     example = torch.from_numpy(np.ascontiguousarray(x, np.float32))
@@ -438,7 +283,7 @@ def write_run_maps(result: RunMaps, out: str | Path, *, rundir: str | Path, over
         rundir=str(Path(rundir).resolve()),
         dataset=str(Path(result.dataset).resolve()),
         method=result.method,
-        description=METHODS[result.method].description,
+        description=get_method(result.method).description,
         label_rule=result.label_rule,
         class_index={name: i for i, name in enumerate(CLASS_NAMES)},
         map_model="each nodule's map comes from the fold model that had it in its test fold",

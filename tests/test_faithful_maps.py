@@ -69,7 +69,7 @@ def test_pooling_weights_are_the_gradient_of_the_pooled_vector():
     """w_k(x, y) = dH_k / dg_k(x, y), by autograd through the head's own AvgPool + per-map FC."""
     head = random_model("sam", seed=3).head
     g = torch.rand(1, head.channels, 16, 16, dtype=torch.float64, requires_grad=True)
-    h = head.map_vector(g)[0]
+    h = head.final_feature_vector(g)[0]
     for k in (0, head.channels // 2, head.channels - 1):
         (grad,) = torch.autograd.grad(h[k], g, retain_graph=True)
         torch.testing.assert_close(head.pooling_weights()[k], grad[0, k], rtol=0, atol=1e-14)

@@ -288,7 +288,7 @@ def test_registry_gradcam_equals_per_image_reference(arch, x):
     np.testing.assert_allclose(out["maps"], one["maps"], rtol=1e-4, atol=1e-6)
     for i in range(4):
         xi = torch.from_numpy(x[i : i + 1])
-        g, high = model.extract(xi)
+        g, high = model.backbone(xi)
         g = g.detach().requires_grad_(True)
         logits = model.head(g, high)["logits"]
         for c in (0, 1):

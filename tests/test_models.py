@@ -123,7 +123,7 @@ def test_hesam_shapes(hesam):
     with torch.no_grad():
         out = hesam.forward_features(x)
         hook.remove()
-        H = hesam.head.map_vector(out["features"])
+        H = hesam.head.final_feature_vector(out["features"])
     assert out["features"].shape == (2, 256, 16, 16)
     assert bottleneck["b"].shape == (2, 256, 4, 4)
     assert out["high_level"].shape == (2, 256)
@@ -139,14 +139,14 @@ def test_sam_has_separate_per_map_fc(hesam):
     g = torch.rand(2, 256, 16, 16, generator=torch.Generator().manual_seed(1))
     head = hesam.head
     with torch.no_grad():
-        H0 = head.map_vector(g)
+        H0 = head.final_feature_vector(g)
         # reference: AvgPool(5, 2, 0) -> 6x6, then the k-th FC 36 -> 1 on the k-th map
         A = nn.functional.avg_pool2d(g, 5, 2, 0).flatten(2)
         ref = torch.stack([A[:, k] @ head.beta[k] + head.beta_bias[k] for k in range(256)], dim=1)
         torch.testing.assert_close(H0, ref)
         saved = head.beta[7].clone()
         head.beta[7] += 1.0
-        H1 = head.map_vector(g)
+        H1 = head.final_feature_vector(g)
         head.beta[7] = saved
     changed = (H1 - H0).abs().amax(dim=0) > 1e-6
     assert changed.nonzero().flatten().tolist() == [7]
@@ -156,7 +156,7 @@ def test_hesam_logits_follow_eq12(hesam):
     x = _x(11)
     with torch.no_grad():
         out = hesam.forward_features(x)
-        H = hesam.head.map_vector(out["features"])
+        H = hesam.head.final_feature_vector(out["features"])
         S = (H + out["high_level"]) @ hesam.head.gamma.T + hesam.head.fc.bias
     torch.testing.assert_close(out["logits"], S)
 
@@ -435,7 +435,7 @@ def test_classifier_head_standalone():
     g, d = torch.rand(2, 4, 16, 16), torch.rand(2, 4)
     out = head(g, d)  # d may be given as a vector instead of bottleneck maps
     torch.testing.assert_close(out["high_level"], d)
-    torch.testing.assert_close(out["logits"], head.fc(head.map_vector(g) + d))
+    torch.testing.assert_close(out["logits"], head.fc(head.final_feature_vector(g) + d))
     assert ClassifierHead(4, 2, pool="gap").map_kind == "cam"
     assert ClassifierHead(4, 2, pool="sam").map_kind == "sam"
     with pytest.raises(ValueError, match="at least 5 px"):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import typer
 
 from nodulekit.cli import app
+from nodulekit.map_methods import method_names
 
-METHODS = "cam, gradcam, sam, hesam, he-cam, he-gradcam"
+# The --method choices come from the registry: a new map method file shows up here by itself.
+MapMethodName = enum.Enum("MapMethodName", {name: name for name in method_names()}, type=str)
 
 
 def _ids(text: str | None) -> list[str] | None:
@@ -27,7 +30,9 @@ def _map_class(name: str) -> int:
 @app.command("maps")
 def maps_cmd(
     rundir: Path = typer.Argument(..., help="A RUNDIR written by `nodulekit train` (all folds needed by the nodules)."),
-    method: str = typer.Option(..., "--method", "-m", help=f"Map method: {METHODS}."),
+    method: MapMethodName = typer.Option(
+        ..., "--method", "-m", help="Map method (the paper's equations are listed above)."
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="Output `maps` artifact (.h5)."),
     dataset: Path | None = typer.Option(
         None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."
@@ -58,9 +63,9 @@ def maps_cmd(
     """
     from nodulekit.artifacts import check_output_path
     from nodulekit.constants import predict_label
-    from nodulekit.maps import get_method, run_maps, write_run_maps
+    from nodulekit.maps import run_maps, write_run_maps
 
-    get_method(method)
+    method = method.value
     check_output_path(output, overwrite)
     result = run_maps(
         rundir,

@@ -21,7 +21,7 @@ class NoduleClassifier(nn.Module):
     """Base class: a malignancy classifier over [B, C, 32, 32] patches.
 
     Subclasses set ``map_kind`` and ``head`` (a :class:`~nodulekit.models.heads.ClassifierHead`
-    or ``None``), and implement :meth:`extract` (backbone: x -> g, bottleneck maps or None)
+    or ``None``), and implement :meth:`backbone` (x -> g, bottleneck maps or None)
     and the ``feature_layer`` property, or override :meth:`forward_features` entirely.
     ``arch`` and ``config`` are filled in by :func:`~nodulekit.models.create_model`.
     """
@@ -46,8 +46,8 @@ class NoduleClassifier(nn.Module):
         """The module whose output is the final conv feature maps g (Grad-CAM hooks it)."""
         raise NotImplementedError
 
-    def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Backbone: (g [B, K, h, w], bottleneck maps for the high-level feature or None)."""
+    def backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(final conv feature maps g [B, K, h, w], bottleneck maps for the high-level feature d or None)."""
         raise NotImplementedError
 
     # -- the interface ----------------------------------------------------------------------
@@ -62,7 +62,7 @@ class NoduleClassifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """``logits``, ``features`` (g), ``high_level`` (d or None), plus model-specific outputs."""
         self.check_input(x)
-        g, high = self.extract(x)
+        g, high = self.backbone(x)
         out = self.head(g, high)
         return {"logits": out["logits"], "features": g, "high_level": out["high_level"]}
 
@@ -70,7 +70,7 @@ class NoduleClassifier(nn.Module):
         return self.forward_features(x)["logits"]
 
     def activation_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, classes], maps [B, classes, h, w]) with M_c = sum_k gamma_k^c g_k."""
+        """(logits [B, classes], maps [B, classes, h, w]) with M_c = sum_k gamma_k^c g_k (Eq. 2, 7 or 11)."""
         if self.map_kind is None:
             raise NodulekitError(
                 f"model {self.arch!r} has no class activation map of its own (map_kind None); "

@@ -81,7 +81,7 @@ class DenseNet121(NoduleClassifier):
     def feature_layer(self) -> nn.Module:
         return self.stage4
 
-    def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.stage4(self.body(self.stem(x))), None
 
 

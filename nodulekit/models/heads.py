@@ -4,12 +4,17 @@ Notation follows the paper (Sec. 3.1): g [B, K, h, w] are the final conv feature
 gamma (``fc.weight``) the classifier weights, beta the per-map FC weights of SAM, d the
 high-level feature (global pooling of the UNet bottleneck).
 
-- CAM  (``pool="gap"``):  v_k = mean(g_k);                 S_c = sum_k gamma_k^c v_k + b_c
-- SAM  (``pool="sam"``):  A^k = AvgPool(5, 2)(g_k);  H_k = <beta_k, A^k> + beta0_k   (Eq. 5-6, 9)
-                          S_c = sum_k gamma_k^c H_k + b_c                         (Eq. 8)
-- HESAM (SAM + ``fusion="sum"``): S_c = sum_k gamma_k^c (H_k + d_k) + b_c          (Eq. 12)
+- CAM  (``pool="gap"``):  v_k = mean(g_k);  S_c = sum_k gamma_k^c v_k + b_c              (Eq. 1)
+- SAM  (``pool="sam"``):  minor features A^k = AvgPool(5, 2)(g_k)                      (Eq. 5)
+                          H_k = h_k(A^k) = <beta_k, A^k> + beta0_k                     (Eq. 6)
+                          S'_c = sum_k gamma_k^c H_k + b_c                             (Eq. 8-10)
+- HESAM (SAM + ``fusion="sum"``): S^h_c = sum_k gamma_k^c (H_k + d_k) + b_c              (Eq. 12)
 - any of them with ``fusion="concat"``: S = gamma [v; d] + b (Wu et al. 2018's fusion).
-- the activation map is always M_c = sum_k gamma_k^c g_k (Eq. 2, 7, 11).
+- the activation map is always M_c = sum_k gamma_k^c g_k: CAM (Eq. 2), SAM (Eq. 7), HESAM (Eq. 11).
+
+The paper's names: v (CAM) or H (SAM) is the *final feature vector*
+(:meth:`ClassifierHead.final_feature_vector`), d the *high-level feature* (HF,
+:meth:`ClassifierHead.high_level_feature`), S_c the class score (:meth:`ClassifierHead.forward`).
 - the *faithful* map of an average-pooled SAM/HESAM head (``faithful_map``): AvgPool, the
   per-map FC and gamma are linear in g, so S_c = sum_{x,y} F_c(x, y) + offset_c exactly, with
   F_c(x, y) = sum_k gamma_k^c w_k(x, y) g_k(x, y) and w_k = beta_k spread back through the
@@ -104,23 +109,26 @@ class ClassifierHead(nn.Module):
         return self.fc.weight[:, : self.channels]
 
     def minor_features(self, g: torch.Tensor) -> torch.Tensor:
-        """A^k: the SAM-pooled maps, flattened to [B, K, grid*grid]."""
+        """A^k = a(g_k) (Eq. 5): the SAM-pooled maps, flattened to [B, K, grid*grid]."""
         return self.minor_pool(g).flatten(2)
 
-    def map_vector(self, g: torch.Tensor) -> torch.Tensor:
-        """The per-map vector fed to gamma before fusion: GAP(g) for CAM, H for SAM. [B, K]"""
+    def final_feature_vector(self, g: torch.Tensor) -> torch.Tensor:
+        """The vector fed to gamma before fusion [B, K]: v_k = GAP(g_k) for CAM (Eq. 1),
+        H_k = h_k(A^k) for SAM (Eq. 6, the inner sum of Eq. 9)."""
         if self.pool == "gap":
             return g.mean(dim=(2, 3))
         return torch.einsum("bkl,kl->bk", self.minor_features(g), self.beta) + self.beta_bias
 
     def high_level_feature(self, high: torch.Tensor) -> torch.Tensor:
-        """d [B, K]: global ``hf_pool`` pooling of bottleneck maps [B, K, h, w] (or d itself)."""
+        """d [B, K] (the d_k of Eq. 12): global ``hf_pool`` pooling of bottleneck maps [B, K, h, w] (or d itself)."""
         if high.dim() == 2:
             return high
         return high.amax(dim=(2, 3)) if self.hf_pool == "max" else high.mean(dim=(2, 3))
 
     def forward(self, g: torch.Tensor, high: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-        vector = self.map_vector(g)
+        """Class scores ``logits``: S_c (Eq. 1), S'_c (Eq. 8-10) or S^h_c (Eq. 12); also the
+        fused final feature ``vector`` and the high-level feature d (or None)."""
+        vector = self.final_feature_vector(g)
         d = None
         if self.fusion is not None:
             if high is None:
@@ -130,7 +138,9 @@ class ClassifierHead(nn.Module):
         return {"logits": self.fc(vector), "vector": vector, "high_level": d}
 
     def activation_map(self, g: torch.Tensor) -> torch.Tensor:
-        """M_c = sum_k gamma_k^c g_k (Eq. 2/7/11): [B, classes, h, w], no bias, no upsampling."""
+        """M_c = sum_k gamma_k^c g_k: CAM (Eq. 2), SAM M'_c (Eq. 7), HESAM M^h_c (Eq. 11).
+
+        [B, classes, h, w], no bias, no up-sampling."""
         return torch.einsum("ck,bkhw->bchw", self.gamma, g)
 
     def pooling_weights(self) -> torch.Tensor:

@@ -50,7 +50,7 @@ class ResNet(NoduleClassifier):
     def feature_layer(self) -> nn.Module:
         return self.layer4
 
-    def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x)))), None
 

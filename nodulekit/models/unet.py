@@ -118,7 +118,7 @@ class UNetClassifier(NoduleClassifier):
     def feature_layer(self) -> nn.Module:
         return self._feature_layer
 
-    def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, bottleneck = self.unet(x)
         g = self.out(y)
         if self.stage == "rb":
@@ -136,7 +136,7 @@ def _check(name: str, width: int, fcf_pool: str = "avg", hf_pool: str = "max", f
 @register_model(
     "hesam",
     "Ours-HESAM: UNet + residual blocks + SAM head, high-level feature (GMP of the 256x4x4 "
-    "bottleneck) summed into the SAM vector (Eq. 11-12); g 256x16x16",
+    "bottleneck) summed into the SAM vector (score Eq. 12, map Eq. 11); g 256x16x16",
     map_kind="hesam",
     aliases=("ours-hesam", "u-gmp-rb-sam"),
 )

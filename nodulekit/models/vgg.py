@@ -69,7 +69,7 @@ class VGG16(NoduleClassifier):
     def feature_layer(self) -> nn.Module:
         return self.stages[-1]
 
-    def extract(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i < len(self.stages) - 1:
@@ -80,7 +80,7 @@ class VGG16(NoduleClassifier):
         if self.head is not None:
             return super().forward_features(x)
         self.check_input(x)
-        g, _ = self.extract(x)
+        g, _ = self.backbone(x)
         return {"logits": self.classifier(self.pools[-1](g)), "features": g, "high_level": None}
 
 
