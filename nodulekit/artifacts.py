@@ -207,10 +207,13 @@ def write_maps(
     maps_up: np.ndarray | None = None,
     extra: dict[str, np.ndarray] | None = None,
     overwrite: bool = False,
+    dataset_identity: dict[str, Any] | None = None,
 ) -> Path:
     """Write a ``maps`` artifact (shared by ``nodulekit maps`` and ``nodulekit infer``).
 
     Non-finite maps or probabilities (a diverged model) are refused before anything is written.
+    ``dataset_identity``: that of the dataset the maps were computed on, so ``scores`` and
+    ``figures`` refuse another one.
     """
     import torch
     import torch.nn.functional as F
@@ -234,6 +237,8 @@ def write_maps(
         f.attrs["method"] = method
         f.attrs["arch"] = arch
         f.attrs["source"] = source
+        if dataset_identity is not None:
+            set_json_attr(f, "dataset_identity", dataset_identity)
     return Path(path)
 
 
@@ -254,6 +259,13 @@ class MapsArtifact:
     # optional members present in the file: logits, slice_maps, slice_prob, dataset_fold, ...
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    dataset_identity: dict[str, Any] | None = None  # of the dataset the maps were computed on
+
+    def check_dataset(self, ds) -> None:
+        """Refuse, in one line saying what differs, a dataset these maps were not computed on."""
+        from nodulekit.datasets import check_identity
+
+        check_identity(self.dataset_identity, ds, str(self.path), ds.path, remedy="re-make it with this version")
 
 
 def check_finite_maps(path: str | os.PathLike, **arrays) -> None:
@@ -289,6 +301,7 @@ def read_maps(path: str | os.PathLike) -> MapsArtifact:
             source=str(f.attrs.get("source", "")),
             extra={name: f[name][()] for name in f if name not in core and isinstance(f[name], h5py.Dataset)},
             provenance=get_provenance(f),
+            dataset_identity=get_json_attr(f, "dataset_identity"),
         )
     check_finite_maps(path, maps=out.maps, maps_up=out.maps_up, prob=out.prob)
     return out

@@ -628,9 +628,14 @@ class Dataset:
         return self.attrs.get("normalisation")
 
     @cached_property
+    def identity(self) -> dict[str, Any]:
+        """:func:`dataset_identity` of this dataset (computed once)."""
+        return dataset_identity(self)
+
+    @property
     def fingerprint(self) -> str:
-        """:func:`dataset_fingerprint` of this dataset (computed once)."""
-        return dataset_fingerprint(self)
+        """:func:`dataset_fingerprint` of this dataset."""
+        return self.identity["fingerprint"]
 
     def split_indices(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(train rows, test rows) for test fold ``k``."""
@@ -810,9 +815,87 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     )
 
 
-def dataset_fingerprint(ds: Dataset) -> str:
-    """First 16 hex chars of sha256(x as C-contiguous float32 bytes + y as int64 bytes)."""
+IDENTITY_FORMAT = 1
+
+
+def _sha16(*arrays: np.ndarray) -> str:
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(ds.x, np.float32).tobytes())
-    digest.update(np.ascontiguousarray(ds.y, np.int64).tobytes())
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()[:16]
+
+
+def dataset_identity(ds: Dataset) -> dict[str, Any]:
+    """What makes a dataset the one a model was trained and tested on, as a JSON-able record.
+
+    ``content``: sha256 of x (float32) and y (int64); ``mask``: of the consensus masks;
+    ``folds``: of the fold assignment (int64), which ``split``, ``seed`` and ``n_folds``
+    produced; ``fingerprint``: of all of these together. Runs, checkpoints, fold results,
+    maps and ONNX exports record it; :func:`identity_difference` names what differs.
+    """
+    fields = {
+        "content": _sha16(np.asarray(ds.x, np.float32), np.asarray(ds.y, np.int64)),
+        "mask": _sha16(np.asarray(ds.mask, np.uint8)),
+        "folds": _sha16(np.asarray(ds.fold, np.int64)),
+        "split": str(ds.attrs.get("split", "unknown")),
+        "seed": int(ds.attrs["seed"]) if ds.attrs.get("seed") is not None else None,
+        "n_folds": int(ds.attrs["n_folds"]),
+    }
+    fingerprint = hashlib.sha256(json.dumps({"format": IDENTITY_FORMAT, **fields}, sort_keys=True).encode())
+    return {"fingerprint": fingerprint.hexdigest()[:16], "format": IDENTITY_FORMAT, "n": len(ds.y), **fields}
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """16 hex chars covering images, labels, masks and the fold assignment (split, seed,
+    folds): the ``fingerprint`` of :func:`dataset_identity`."""
+    return dataset_identity(ds)["fingerprint"]
+
+
+def _split_text(identity: dict[str, Any]) -> str:
+    return f"{identity.get('split')}/seed {identity.get('seed')}, {identity.get('n_folds')} folds"
+
+
+def identity_difference(recorded: dict[str, Any] | None, found: Dataset | dict[str, Any]) -> str | None:
+    """What differs between a recorded dataset identity and a dataset (or its identity), in
+    one line, or None when it is the same dataset.
+
+    A missing record (from before fold assignments were part of a dataset's identity) is a
+    difference too: what it was trained on cannot be checked.
+    """
+    found = found if isinstance(found, dict) else dataset_identity(found)
+    if not isinstance(recorded, dict) or "fingerprint" not in recorded:
+        return "it records no dataset identity (made before fold assignments were part of it), so its folds cannot be checked"
+    if recorded.get("fingerprint") == found["fingerprint"]:
+        return None
+    if recorded.get("content") != found["content"]:
+        return (
+            f"images or labels differ: dataset content {found['content']} ({found['n']} nodules), "
+            f"trained on {recorded.get('content')} ({recorded.get('n')} nodules)"
+        )
+    if recorded.get("mask") != found["mask"]:
+        return f"consensus masks differ: dataset masks {found['mask']}, trained on {recorded.get('mask')}"
+    if any(recorded.get(k) != found[k] for k in ("split", "seed", "n_folds")):
+        return f"fold assignment differs: dataset split {_split_text(found)}, trained on {_split_text(recorded)}"
+    if recorded.get("folds") != found["folds"]:
+        return (
+            f"fold assignment differs: same split {_split_text(found)} but other folds "
+            f"(dataset {found['folds']}, trained on {recorded.get('folds')})"
+        )
+    return f"dataset fingerprint {found['fingerprint']} differs from the recorded {recorded.get('fingerprint')}"
+
+
+def check_identity(
+    recorded: dict[str, Any] | None,
+    ds: Dataset,
+    owner: str,
+    path: str | os.PathLike | None = None,
+    remedy: str = "re-train it with this version",
+) -> None:
+    """Refuse, in one line, a dataset that is not the one ``owner`` (a RUNDIR, a checkpoint,
+    a maps or ONNX file) records; ``remedy`` is appended when nothing is recorded."""
+    diff = identity_difference(recorded, ds)
+    if diff is None:
+        return
+    if not isinstance(recorded, dict) or "fingerprint" not in recorded:
+        raise NodulekitError(f"{owner}: {diff}; {remedy}")
+    raise NodulekitError(f"{path or ds.path} is not the dataset of {owner}: {diff}")

@@ -114,13 +114,13 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
             raise NodulekitError(f"{path} has no trained fold {fold} (found: {', '.join(folds) or 'no checkpoints'})")
         model, ckpt = run.load_model(fold, device="cpu")
         source = f"fold{fold}/checkpoint.pt of a nodulekit RUNDIR"
-        return ModelSource(model, source, fold, ckpt.get("epoch"), run.record, rundir=path)
+        return _identified(ModelSource(model, source, fold, ckpt.get("epoch"), run.record, rundir=path))
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)
     # A checkpoint inside a RUNDIR (RUNDIR/fold<k>/checkpoint.pt) still finds its run.json.
     run = Run(path.parent.parent).record if (path.parent.parent / "run.json").exists() else {}
     # Training also stores provenance in the checkpoint: use it for a checkpoint copied out of its RUNDIR.
-    for key in ("label_rule", "normalisation", "dataset_fingerprint"):
+    for key in ("label_rule", "normalisation", "dataset_fingerprint", "dataset_identity"):
         if run.get(key) is None and ckpt.get(key) is not None:
             value = ckpt[key]
             if isinstance(value, str):
@@ -134,7 +134,7 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
     if fold is None and path.parent.name.startswith("fold") and path.parent.name[4:].isdigit():
         fold = int(path.parent.name[4:])
     rundir = path.parent.parent if run else None
-    return ModelSource(model, f"checkpoint file {path.name}", fold, ckpt.get("epoch"), run, rundir=rundir)
+    return _identified(ModelSource(model, f"checkpoint file {path.name}", fold, ckpt.get("epoch"), run, rundir=rundir))
 
 
 def load_ensemble_source(rundir: str | os.PathLike) -> ModelSource:
@@ -151,7 +151,20 @@ def load_ensemble_source(rundir: str | os.PathLike) -> ModelSource:
         members.append(model.eval())
         info.append({"fold": k, "epoch": ckpt.get("epoch")})
     source = f"all {run.n_folds} fold models of a nodulekit RUNDIR (mean of their probabilities and maps)"
-    return ModelSource(members[0], source, None, None, run.record, members=members, member_info=info, rundir=run.path)
+    return _identified(
+        ModelSource(members[0], source, None, None, run.record, members=members, member_info=info, rundir=run.path)
+    )
+
+
+def _identified(src: ModelSource) -> ModelSource:
+    """A trained model must say which dataset (and folds) it was trained on: older runs and
+    checkpoints, which do not, are refused in one line."""
+    if not isinstance(src.run.get("dataset_identity"), dict):
+        raise NodulekitError(
+            f"{src.source} records no dataset identity (trained before fold assignments were part of it), "
+            "so the data it was trained on cannot be checked; re-train it with this version"
+        )
+    return src
 
 
 # --------------------------------------------------------------------------------------
@@ -271,20 +284,27 @@ def _torch_export(wrapper, example, path: Path, opset: int, exporter: str) -> No
         raise NodulekitError(f"unknown exporter {exporter!r} (choose {' or '.join(EXPORTERS)})")
 
 
-def _export_inputs(run: dict[str, Any], channels: int, n: int, seed: int) -> tuple[np.ndarray, str]:
-    """Real inputs from the run's dataset when it can be read, else seeded uniform [0, 1]."""
-    from nodulekit.datasets import load_dataset
+def _export_inputs(src: ModelSource, channels: int, n: int, seed: int) -> tuple[np.ndarray, str]:
+    """Real inputs from the run's dataset when it can be read, else seeded uniform [0, 1].
+
+    A dataset at the recorded path that is not the one the model was trained on (rebuilt
+    with other folds, say) is refused: the metadata would name the wrong data.
+    """
+    from nodulekit.datasets import check_identity, load_dataset
     from nodulekit.run import recorded_dataset
 
-    ds_path, _ = recorded_dataset(run)
+    ds_path, _ = recorded_dataset(src.run)
+    ds = None
     if ds_path and Path(ds_path).exists():
         try:
             ds = load_dataset(ds_path)
-            if ds.channels == channels:
-                rows = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
-                return ds.x[rows], f"dataset {ds.name} rows {rows.tolist()}"  # no local path: it goes in the file
         except NodulekitError:
-            pass
+            ds = None  # unreadable: verify on uniform inputs instead
+    if ds is not None and src.run.get("dataset_identity") is not None:
+        check_identity(src.run["dataset_identity"], ds, src.source, ds_path)
+    if ds is not None and ds.channels == channels:
+        rows = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
+        return ds.x[rows], f"dataset {ds.name} rows {rows.tolist()}"  # no local path: it goes in the file
     rng = np.random.default_rng(seed)
     return rng.random((n, channels, INPUT_SIZE, INPUT_SIZE), dtype=np.float32), f"uniform [0,1) seed {seed}"
 
@@ -372,6 +392,7 @@ def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str
         "label_rule": json.dumps(label_rule) if label_rule is not None else "unknown",
         "dataset_name": str(card["training_data"]["dataset_name"]),
         "dataset_fingerprint": fingerprint or "unknown",
+        "dataset_identity": json.dumps(run["dataset_identity"]) if run.get("dataset_identity") else "unknown",
         "fold": "ensemble" if src.ensemble else (str(src.fold) if src.fold is not None else "unknown"),
         "epoch": "ensemble" if src.ensemble else (str(src.epoch) if src.epoch is not None else "unknown"),
         "source": src.source,
@@ -417,7 +438,7 @@ def export_onnx(
         raise NodulekitError(f"opset {opset} not supported (use 13..23; default {DEFAULT_OPSET})")
     out = check_output_path(out, overwrite)
     channels = int(models[0].in_channels)
-    x_check, x_desc = _export_inputs(source.run, channels, max(2, n_check), seed)
+    x_check, x_desc = _export_inputs(source, channels, max(2, n_check), seed)
     meta = build_metadata(source, opset, exporter)
     # Batch 2 as the traced example so no dimension is specialised to 1.
     example = torch.as_tensor(x_check[:2])
@@ -658,6 +679,7 @@ def infer(
         maps_up=maps_up,
         extra={"dataset_fold": np.asarray(ds_fold, np.int64), "trained_on": trained.astype(np.uint8)},
         overwrite=overwrite,
+        dataset_identity=ds.identity,
     )
     warning = (
         f"{int(trained.sum())} of {len(y)} nodules were in the model's training data ({overlap}); their "

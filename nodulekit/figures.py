@@ -84,6 +84,8 @@ def map_grid(
         raise NodulekitError("give at least one maps file")
     ds = load_dataset(dataset)
     runs = [read_maps(p) for p in maps_paths]
+    for r in runs:
+        r.check_dataset(ds)
     common = [i for i in runs[0].nodule_id if all(i in set(r.nodule_id) for r in runs[1:])]
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     if nodules:
@@ -147,6 +149,7 @@ def slice_grid(
     if "slice_maps" not in run.extra:
         raise NodulekitError(f"{maps_path} has no slice_maps; make it with `nodulekit maps --per-slice`")
     ds = load_dataset(dataset)
+    run.check_dataset(ds)
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     ids = [i for i in run.nodule_id if i in row_of]
     if nodules:

@@ -155,6 +155,7 @@ class RunMaps:
     label_rule: Any = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     execution: dict[str, Any] = field(default_factory=dict)  # ExecutionChoice.as_dict()
+    dataset_identity: dict[str, Any] | None = None  # of the dataset mapped (the run's)
 
 
 def run_maps(
@@ -242,6 +243,7 @@ def run_maps(
         label_rule=ds.label_rule,
         extra=extra,
         execution=execution.as_dict() if execution is not None else {},
+        dataset_identity=ds.identity,
     )
 
 
@@ -304,4 +306,5 @@ def write_run_maps(result: RunMaps, out: str | Path, *, rundir: str | Path, over
         fold=result.fold,
         extra=result.extra,
         overwrite=overwrite,
+        dataset_identity=result.dataset_identity,
     )

@@ -98,11 +98,12 @@ def _check_same_experiment(rundir: Path, old: dict, record: dict) -> None:
             f"{rundir} holds models for {old.get('in_channels')}-channel input but {record['dataset']['path']} has "
             f"{record['in_channels']} channels; use a new -o RUNDIR or --overwrite"
         )
-    if old.get("dataset_fingerprint") != record["dataset_fingerprint"]:
+    from nodulekit.datasets import identity_difference
+
+    diff = identity_difference(old.get("dataset_identity"), record["dataset_identity"])
+    if diff is not None:
         raise NodulekitError(
-            f"{rundir} was trained on a different dataset ({old.get('dataset', {}).get('path')}, fingerprint "
-            f"{str(old.get('dataset_fingerprint'))[:12]}) than {record['dataset']['path']} "
-            f"({record['dataset_fingerprint'][:12]}); use a new -o RUNDIR or --overwrite"
+            f"{rundir} was not trained on {record['dataset']['path']}: {diff}; use a new -o RUNDIR or --overwrite"
         )
     diff = _describe_difference(old, record)
     if diff:
@@ -384,6 +385,12 @@ class Run:
     def dataset_fingerprint(self) -> str | None:
         return recorded_dataset(self.record)[1]
 
+    @property
+    def dataset_identity(self) -> dict[str, Any] | None:
+        """The identity (:func:`nodulekit.datasets.dataset_identity`) of the training dataset."""
+        identity = self.record.get("dataset_identity")
+        return identity if isinstance(identity, dict) else None
+
     def dataset_path(self, override: str | os.PathLike | None = None) -> Path:
         """The dataset given, else the one recorded in run.json."""
         if override is not None:
@@ -394,22 +401,12 @@ class Run:
         return Path(path)
 
     def check_dataset(self, ds, path: str | os.PathLike | None = None) -> None:
-        """Refuse a loaded dataset that is not the one this run was trained on.
+        """Refuse, in one line saying what differs, a loaded dataset that is not the one this
+        run was trained on (images, labels, masks, or the fold assignment). A run.json from
+        before dataset identities records none and is refused: re-train it."""
+        from nodulekit.datasets import check_identity
 
-        Runs whose run.json records no fingerprint (older or foreign) are not checked here;
-        the per-fold nodule-id check of :meth:`test_rows` still applies.
-        """
-        from nodulekit.datasets import dataset_fingerprint
-
-        expected = self.dataset_fingerprint
-        if not expected:
-            return
-        found = dataset_fingerprint(ds)
-        if found != expected:
-            raise NodulekitError(
-                f"{path or ds.path} (fingerprint {found}) is not the dataset {self.path} was trained on "
-                f"(fingerprint {expected})"
-            )
+        check_identity(self.dataset_identity, ds, str(self.path), path)
 
     def load_dataset(self, override: str | os.PathLike | None = None):
         """The training dataset (or ``override``), read and checked against run.json."""
@@ -467,7 +464,7 @@ class Run:
     def fold_results(self) -> list[FoldResult]:
         """Every fold's result; refuses a run with a missing or unfinished fold, or overlapping tests."""
         self.require_finished(range(self.n_folds))
-        folds = [read_fold_result(self.result_path(k), k) for k in range(self.n_folds)]
+        folds = [self._checked(read_fold_result(self.result_path(k), k)) for k in range(self.n_folds)]
         indices = np.concatenate([f.test_index for f in folds])
         if len(np.unique(indices)) != len(indices):
             raise NodulekitError(f"{self.path}: the test folds overlap (a nodule is tested twice); the run is corrupt")
@@ -477,7 +474,7 @@ class Run:
         """Dataset rows each finished fold tested on, checked against the dataset's ``nodule_id``."""
         rows: dict[int, np.ndarray] = {}
         for k in self.finished_folds():
-            result = read_fold_result(self.result_path(k), k)
+            result = self._checked(read_fold_result(self.result_path(k), k))
             index = result.test_index
             if index.size and (index.min() < 0 or index.max() >= len(nodule_id)):
                 raise NodulekitError(
@@ -489,6 +486,27 @@ class Run:
                 )
             rows[k] = index
         return rows
+
+    def _checked(self, result: FoldResult) -> FoldResult:
+        """A fold result whose recorded dataset is this run's (a fold trained on another
+        dataset, or before identities were recorded, is refused in one line)."""
+        from nodulekit.datasets import identity_difference
+
+        path = self.result_path(result.fold)
+        if self.dataset_identity is None:
+            raise NodulekitError(
+                f"{self.path}: run.json records no dataset identity (trained before fold assignments were part of "
+                "it), so its folds cannot be checked; re-train it with this version"
+            )
+        recorded = result.attrs.get("dataset_identity")
+        try:
+            recorded = json.loads(recorded) if isinstance(recorded, (str, bytes)) else None
+        except ValueError:
+            recorded = None
+        if recorded is None or recorded.get("fingerprint") != self.dataset_identity["fingerprint"]:
+            diff = identity_difference(recorded, self.dataset_identity) if recorded else "it records none"
+            raise NodulekitError(f"{path} was not trained on this run's dataset ({diff}); re-train fold {result.fold}")
+        return result
 
     def load_model(self, k: int, device: str = "cpu"):
         """Fold ``k``'s trained model in eval mode on ``device``, and its checkpoint dict."""

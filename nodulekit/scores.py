@@ -189,6 +189,7 @@ def score_maps(
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     frames = []
     for m, label in zip(maps, map_labels(maps) if labels is None else labels, strict=True):
+        m.check_dataset(ds)
         if m.maps_up.shape[-2:] != ds.mask.shape[-2:]:
             raise NodulekitError(
                 f"{m.path}: maps_up grid {m.maps_up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"

@@ -37,7 +37,7 @@ import numpy as np
 from nodulekit import __version__, claims
 from nodulekit.artifacts import provenance
 from nodulekit.constants import MALIGNANT, THRESHOLD
-from nodulekit.datasets import Dataset, load_dataset
+from nodulekit.datasets import Dataset, identity_difference, load_dataset
 from nodulekit.errors import NodulekitError
 from nodulekit.run import (  # noqa: F401 - load_run, load_fold_model: the public names of the RUNDIR readers
     CHECKPOINT_FORMAT,
@@ -215,7 +215,10 @@ def run_record(cfg: TrainConfig, data: Dataset, device, execution=None) -> dict[
             "n": int(len(data.y)),
             "n_malignant": int(data.y.sum()),
             "split": data.split,
+            "seed": data.identity["seed"],
         },
+        # images, labels, masks and fold assignment: resume, --fold jobs and every consumer check it
+        "dataset_identity": data.identity,
         "dataset_fingerprint": data.fingerprint,
         "n_folds": data.n_folds,
         "seed": cfg.seed,
@@ -537,6 +540,9 @@ def _check_checkpoint_fits(ctx: TrainContext, path: Path, ckpt: dict) -> None:
             f"{path} is a {ckpt.get('arch')} model for {ckpt.get('in_channels')}-channel input, "
             f"not {ctx.cfg.arch} for {ctx.data.channels} channels; use a new -o RUNDIR or --overwrite"
         )
+    diff = identity_difference(ckpt.get("dataset_identity"), ctx.data.identity)
+    if diff is not None:
+        raise NodulekitError(f"{path} was not trained on {ctx.data.path}: {diff}; use a new -o RUNDIR or --overwrite")
 
 
 def start_fold(ctx: TrainContext, fold: int) -> FoldState | dict:
@@ -589,6 +595,7 @@ def checkpoint_dict(ctx: TrainContext, state: FoldState, finished: bool) -> dict
         "seed": cfg.seed,
         "fold_seed": state.seed,
         "dataset_fingerprint": data.fingerprint,
+        "dataset_identity": data.identity,
         "dataset_name": data.name,
         "label_rule": json.dumps(data.label_rule, default=str),
         "normalisation": json.dumps(data.normalisation, default=str),
@@ -753,6 +760,7 @@ def write_result(
         seed=cfg.seed,
         dataset=str(data.path),
         dataset_fingerprint=data.fingerprint,
+        dataset_identity=data.identity,
         label_rule=data.label_rule,
         device=str(device),
         amp=amp,
@@ -782,6 +790,7 @@ def write_result(
             "selected_epoch": -1 if selected_epoch is None else int(selected_epoch),
             "epochs": cfg.epochs,
             "label_rule": data.label_rule,
+            "dataset_identity": data.identity,
             "run": {k: run.get(k) for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")},
         }
         # the variant this fold ran, how it was chosen, the probe's step times

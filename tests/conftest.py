@@ -82,6 +82,22 @@ def write_tiny_dataset(path: Path, n: int = 40, channels: int = 11, folds: int =
     return path
 
 
+def fake_identity(fingerprint: str = "f" * 16) -> dict:
+    """A dataset identity record (``nodulekit.datasets.dataset_identity``) for hand-made runs
+    that have no dataset file; runs record it in run.json and every fold result."""
+    return {
+        "fingerprint": fingerprint,
+        "format": 1,
+        "n": 0,
+        "content": fingerprint,
+        "mask": fingerprint,
+        "folds": fingerprint,
+        "split": "patient",
+        "seed": 0,
+        "n_folds": 5,
+    }
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "tiny_d11c.h5")

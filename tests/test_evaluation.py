@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_dataset
+from conftest import fake_identity, write_tiny_dataset
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 
 from nodulekit.errors import NodulekitError
@@ -34,6 +34,7 @@ def fake_run(rundir, *, arch="hesam", name="D11C", n_folds=3, seed=0, epochs=4, 
                 "model_options": {},
                 "dataset": {"name": name, "path": "x.h5"},
                 "dataset_fingerprint": "f" * 16,
+                "dataset_identity": fake_identity(),
                 "label_rule": {"malignant_above": 3},
                 "selection": {"mode": "last"},
             }
@@ -56,7 +57,7 @@ def fake_run(rundir, *, arch="hesam", name="D11C", n_folds=3, seed=0, epochs=4, 
             test_prob=prob,
             test_y=y,
             test_nodule_id=[f"{p}:{i % 2 + 1}" for i, p in enumerate(patients)],
-            attrs={"epochs": epochs, "selected_epoch": epochs},
+            attrs={"epochs": epochs, "selected_epoch": epochs, "dataset_identity": fake_identity()},
         )
         truth[k] = (y, prob, patients)
     return truth

@@ -193,8 +193,9 @@ def fake_run(tmp_path, dataset, folds=(0, 1, 2, 3, 4), head="cam"):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"arch": f"tiny-{head}", "dataset": str(dataset), "n_folds": 5}))
     ds = load_dataset(dataset)
+    record = {"arch": f"tiny-{head}", "dataset": str(dataset), "n_folds": 5, "dataset_identity": ds.identity}
+    (run / "run.json").write_text(json.dumps(record))
     fold, ids, y = ds.fold, ds.nodule_id, ds.y
     models = {}
     for k in folds:
@@ -209,6 +210,7 @@ def fake_run(tmp_path, dataset, folds=(0, 1, 2, 3, 4), head="cam"):
             test_prob=np.full(len(index), 0.5),
             test_y=y[index],
             test_nodule_id=[ids[i] for i in index],
+            attrs={"dataset_identity": ds.identity},
         )
         torch.manual_seed(10 + k)
         models[k] = trained_like(TinyNet(channels=11, head=head), seed=k)

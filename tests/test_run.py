@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import fake_identity
 
 from nodulekit.artifacts import provenance
 from nodulekit.errors import ArtifactError, NodulekitError
@@ -24,7 +25,7 @@ def _result(run_dir, k, epochs, prob=(0.2, 0.9)):
         test_prob=np.asarray(prob, float),
         test_y=[0, 1],
         test_nodule_id=[f"P{k}:1", f"P{k}:2"],
-        attrs={"epochs": epochs, "fold": k},
+        attrs={"epochs": epochs, "fold": k, "dataset_identity": fake_identity()},
     )
 
 
@@ -43,7 +44,8 @@ def rundir(tmp_path):
     run = tmp_path / "run"
     for k in range(4):
         (run / f"fold{k}").mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"arch": "cam", "n_folds": 4, "epochs": 2, "dataset": "d.h5"}))
+    record = {"arch": "cam", "n_folds": 4, "epochs": 2, "dataset": "d.h5", "dataset_identity": fake_identity()}
+    (run / "run.json").write_text(json.dumps(record))
     _result(run, 0, epochs=2)
     _checkpoint(run / "fold1" / "checkpoint.pt")  # training started, no result yet
     _result(run, 3, epochs=1)  # result of a shorter schedule than run.json asks for
@@ -111,10 +113,14 @@ def test_dataset_check_is_a_call_into_datasets(tmp_path, tiny_dataset):
     from nodulekit.datasets import dataset_fingerprint, load_dataset
 
     ds = load_dataset(tiny_dataset)
-    record = {"n_folds": 5, "dataset": {"path": str(tiny_dataset), "fingerprint": dataset_fingerprint(ds)}}
+    record = {"n_folds": 5, "dataset": {"path": str(tiny_dataset)}, "dataset_identity": ds.identity}
     (tmp_path / "run.json").write_text(json.dumps(record))
     assert Run(tmp_path).load_dataset().fingerprint == dataset_fingerprint(ds)
-    record["dataset"]["fingerprint"] = "0" * 16
+    record["dataset_identity"] = {**ds.identity, "fingerprint": "0" * 16, "seed": 3}
     (tmp_path / "run.json").write_text(json.dumps(record))
-    with pytest.raises(NodulekitError, match="is not the dataset .* was trained on"):
+    with pytest.raises(NodulekitError, match="is not the dataset of .*: fold assignment differs"):
+        Run(tmp_path).load_dataset()
+    del record["dataset_identity"]  # a run.json from before dataset identities
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(NodulekitError, match="records no dataset identity .* re-train it"):
         Run(tmp_path).load_dataset()

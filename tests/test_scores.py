@@ -8,6 +8,7 @@ import pytest
 
 from nodulekit import scores as S
 from nodulekit.artifacts import provenance, write_maps
+from nodulekit.datasets import load_dataset
 from nodulekit.errors import NodulekitError
 
 
@@ -105,6 +106,7 @@ def band_maps_file(tmp_path, dataset, name="band.h5", method="sam"):
         source="test",
         prov=provenance(),
         y=y,
+        dataset_identity=load_dataset(dataset).identity,
     )
 
 
@@ -130,9 +132,16 @@ def test_score_maps_end_to_end(tmp_path, tiny_dataset):
 
 
 def test_score_maps_refuses_empty_masks_and_maskless_dataset(tmp_path, tiny_dataset):
+    from nodulekit.artifacts import set_json_attr
+
     path = band_maps_file(tmp_path, tiny_dataset)
     with h5py.File(tiny_dataset, "a") as f:
         f["mask"][3] = 0
+    # maps computed before the masks changed are refused, saying what differs
+    with pytest.raises(NodulekitError, match=r"is not the dataset of .*band.h5: consensus masks differ"):
+        S.score_maps([path], tiny_dataset)
+    with h5py.File(path, "a") as f:  # as if the maps had been computed on the changed dataset
+        set_json_attr(f, "dataset_identity", load_dataset(tiny_dataset).identity)
     with pytest.raises(NodulekitError, match=r"1 nodule\(s\) have an empty consensus mask .*skip-empty-masks"):
         S.score_maps([path], tiny_dataset)
     df = S.score_maps([path], tiny_dataset, skip_empty_masks=True)

@@ -7,6 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+from conftest import fake_identity
 from scipy.stats import wilcoxon
 from sklearn.metrics import roc_auc_score
 
@@ -16,10 +17,14 @@ from nodulekit.errors import NodulekitError
 from nodulekit.run import write_fold_result
 
 
-def fake_run(path, ids, y, prob, folds=3, fingerprint="abc", arch="hesam", order_seed=None, skip_fold=None):
+def fake_run(
+    path, ids, y, prob, folds=3, fingerprint="abc", arch="hesam", order_seed=None, skip_fold=None, identity=None
+):
     """A RUNDIR whose fold k tested nodules i with i % folds == k (rows permuted by order_seed)."""
     path.mkdir()
-    (path / "run.json").write_text(json.dumps({"arch": arch, "n_folds": folds, "dataset_fingerprint": fingerprint}))
+    identity = identity or fake_identity(fingerprint)
+    record = {"arch": arch, "n_folds": folds, "dataset_fingerprint": fingerprint, "dataset_identity": identity}
+    (path / "run.json").write_text(json.dumps(record))
     for k in range(folds):
         if k == skip_fold:
             continue
@@ -35,6 +40,7 @@ def fake_run(path, ids, y, prob, folds=3, fingerprint="abc", arch="hesam", order
             test_prob=np.asarray(prob, float)[idx],
             test_y=np.asarray(y)[idx],
             test_nodule_id=[ids[i] for i in idx],
+            attrs={"dataset_identity": identity},
         )
     return path
 
@@ -181,7 +187,7 @@ def test_reader_comparison_against_the_other_readers(tmp_path, tiny_dataset):
     ds = load_dataset(tiny_dataset)
     prob = np.where(y == 1, 0.8, 0.2)
     prob[0], prob[3] = 0.3, 0.6  # model calls: nodules 0..5 = B, M, M, M, B, B
-    run = fake_run(tmp_path / "run", ids, y, prob, folds=5, fingerprint=dataset_fingerprint(ds))
+    run = fake_run(tmp_path / "run", ids, y, prob, folds=5, fingerprint=dataset_fingerprint(ds), identity=ds.identity)
     table = St.reader_comparison(run, tiny_dataset, n_resamples=200).set_index("who")
     r1, r2, r3, r4, pooled, model = (
         table.loc[w] for w in ("reader 1", "reader 2", "reader 3", "reader 4", "all readers", "model")
