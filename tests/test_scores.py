@@ -201,6 +201,7 @@ def test_d3c_is_scored_against_the_mask_and_pixel_size_of_its_p2_channel(tmp_pat
         source="test",
         prov=provenance(),
         y=y,
+        dataset_identity=load_dataset(ds_path).identity,
     )
     df = S.score_maps([path], ds_path, radius_mm=1.0)
     assert (df["mask_channel"] == 0).all() and np.allclose(df["pixel_mm"], 0.5)
@@ -219,6 +220,7 @@ def test_summaries_report_every_region_with_patient_intervals(tmp_path, tiny_dat
         y, ids = f["y"][()], [v.decode() for v in f["nodule_id"][()]]
     maps = rng.random((len(ids), 2, 32, 32)).astype(np.float32) ** 4
     kwargs = dict(nodule_id=ids, maps=maps, maps_up=maps, prob=np.full(len(ids), 0.6), arch="hand", source="t", y=y)
+    kwargs["dataset_identity"] = load_dataset(tiny_dataset).identity
     a = write_maps(tmp_path / "a.h5", method="gradcam", prov=provenance(), **kwargs)
     b = write_maps(tmp_path / "b.h5", method="gradcam", prov=provenance(), **{**kwargs, "arch": "other"})
     df = S.score_maps([a, b], tiny_dataset, radius_mm=1.0)
