@@ -24,9 +24,10 @@ def _restore_numpy_aliases() -> None:
             setattr(np, name, builtin)
 
 
-def _ensure_pkg_resources() -> None:
+def _ensure_pkg_resources() -> types.ModuleType | None:
+    """Install the stand-in if there is no real ``pkg_resources``; returns it (or None)."""
     if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources"):
-        return
+        return None
     shim = types.ModuleType("pkg_resources")
 
     def resource_filename(package: str, resource: str) -> str:
@@ -37,13 +38,14 @@ def _ensure_pkg_resources() -> None:
 
     shim.resource_filename = resource_filename  # type: ignore[attr-defined]
     sys.modules["pkg_resources"] = shim
+    return shim
 
 
 @lru_cache(maxsize=1)
 def pylidc():
     """Import and return the ``pylidc`` module, patched for numpy 2."""
     _restore_numpy_aliases()
-    _ensure_pkg_resources()
+    shim = _ensure_pkg_resources()
     import logging
     import warnings
 
@@ -53,4 +55,8 @@ def pylidc():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pylidc as pl
+    # pylidc needs it only while importing; left in sys.modules, the stand-in would be taken
+    # for the real package by others (pytest's syspath_prepend calls into it).
+    if shim is not None and sys.modules.get("pkg_resources") is shim:
+        del sys.modules["pkg_resources"]
     return pl
