@@ -3,7 +3,7 @@
 Each run is one ``nodulekit.predict.predict`` call (the library function behind the
 command, in this process) on one DICOM series with N nodules from a CSV, split into
 reading the scan, building the N inputs (extract's window + build's resampling) and running
-the model (ONNX Runtime). Models: the paper's HESAM (base_width 64, D11C input) as one
+the model (ONNX Runtime), after loading the model (session creation and the file's checks). Models: the paper's HESAM (base_width 64, D11C input) as one
 model and as a 5-fold ensemble in one graph (``export-onnx --ensemble``); random weights,
 since speed does not depend on them. Centres are drawn uniformly inside the scan (seeded),
 diameters uniformly in 4..30 mm.
@@ -89,7 +89,9 @@ def measure(model: Path, scan: Path, csv: Path, provider: str, repeats: int) -> 
         res = predict(model, scan, nodules=csv, provider=provider)
         total = time.perf_counter() - t0
         runs.append({**res.timings, "total_s": total, "engine": res.engine})
-    med = {k: statistics.median(r[k] for r in runs) for k in ("read_s", "inputs_s", "model_s", "total_s")}
+    med = {
+        k: statistics.median(r[k] for r in runs) for k in ("load_model_s", "read_s", "inputs_s", "model_s", "total_s")
+    }
     return {**med, "engine": runs[0]["engine"], "repeats": repeats}
 
 
@@ -150,12 +152,12 @@ def render(record: dict) -> str:
         f"{record['loadavg_end'][0]:.1f} at end, commit {record['git'].get('commit', '?')[:10]}"
         + (" (+ uncommitted changes)" if record["git"].get("dirty") else ""),
         "",
-        "| models | nodules | read scan (s) | build inputs (s) | run model (s) | total (s) | nodules/s | model only, nodules/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| models | nodules | load model (s) | read scan (s) | build inputs (s) | run model (s) | total (s) | nodules/s | run model only, nodules/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["results"]:
         lines.append(
-            f"| {r['members']} | {r['nodules']} | {r['read_s']:.2f} | {r['inputs_s']:.2f} | {r['model_s']:.2f} | "
+            f"| {r['members']} | {r['nodules']} | {r['load_model_s']:.2f} | {r['read_s']:.2f} | {r['inputs_s']:.2f} | {r['model_s']:.2f} | "
             f"{r['total_s']:.2f} | {r['nodules_per_s']:.1f} | {r['model_nodules_per_s']:.1f} |"
         )
     return "\n".join(lines)

@@ -277,6 +277,7 @@ def predict(
         from nodulekit.predict_output import check_output_dir
 
         check_output_dir(output, overwrite)
+    t_open = time.perf_counter()
     engine = open_engine(model, provider=provider, device=device, fold=fold)
     layout = require_layout(engine.card, str(model))
     t0 = time.perf_counter()
@@ -299,7 +300,7 @@ def predict(
         extra = {"filled_planes_mm": inp.filled_offsets_mm, "seen_in_training": overlap[i]}
         records.append(record(spec, scan, coords, float(scores.prob[i]), members, decision, extra))
     warnings = _warnings(records, scan)
-    timings = {"read_s": t1 - t0, "inputs_s": t2 - t1, "model_s": t3 - t2}
+    timings = {"load_model_s": t0 - t_open, "read_s": t1 - t0, "inputs_s": t2 - t1, "model_s": t3 - t2}
     out = None
     if output is not None:
         from nodulekit.predict_output import write_outputs

@@ -98,7 +98,8 @@ def predict_cmd(
         typer.echo(f"nodulekit: warning: {line}", err=True)
     t = result.timings
     say(
-        f"scored {len(result.records)} nodule(s): read {t['read_s']:.2f} s, inputs {t['inputs_s']:.2f} s, model {t['model_s']:.2f} s"
+        f"scored {len(result.records)} nodule(s): load model {t['load_model_s']:.2f} s, read scan {t['read_s']:.2f} s, "
+        f"inputs {t['inputs_s']:.2f} s, run model {t['model_s']:.2f} s"
     )
     if result.output is not None:
         say(f"wrote {result.output}")
