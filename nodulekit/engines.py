@@ -50,9 +50,13 @@ class OnnxEngine:
 
 
 class TorchEngine:
-    """A RUNDIR (every finished fold, averaged; or one ``fold``) or a checkpoint file, run with PyTorch."""
+    """A RUNDIR (every finished fold, averaged; or one ``fold``) or a checkpoint file, run with PyTorch.
 
-    def __init__(self, path: Path, fold: int | None = None, device: str = "auto"):
+    bf16 autocast and channels_last follow ``nodulekit.execution`` (``amp``/``channels_last``:
+    True/False force, "auto" chooses; probed only when there is enough work).
+    """
+
+    def __init__(self, path: Path, fold: int | None = None, device: str = "auto", amp="auto", channels_last="auto"):
         from nodulekit import modelcard
         from nodulekit.export import check_exportable, load_ensemble_source, load_model_source
         from nodulekit.training import resolve_device
@@ -69,6 +73,7 @@ class TorchEngine:
         self.ensemble = len(self.models) > 1
         self.provider = str(self.device)
         self.note = ""
+        self.amp, self.channels_last = amp, channels_last
         what = f"{len(self.models)} fold models" if self.ensemble else "1 model"
         self.name = f"PyTorch on {self.device} ({what})"
 
@@ -78,16 +83,49 @@ class TorchEngine:
         from nodulekit.export import inference_module
 
         wrapper = inference_module(self.models).to(self.device)
+        choice = self._execution(wrapper, x, batch)
+        wrapper = choice.apply(wrapper)
+        self.note = f"{choice.variant}: {choice.reason}"
         outs: list[list[np.ndarray]] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), choice.autocast():
             for start in range(0, len(x), batch):
                 xb = torch.as_tensor(np.ascontiguousarray(x[start : start + batch], np.float32), device=self.device)
-                outs.append([t.float().cpu().numpy() for t in wrapper(xb)])
+                outs.append([t.float().cpu().numpy() for t in wrapper(choice.input(xb))])
         cat = [np.concatenate(parts) for parts in zip(*outs, strict=True)]
         return Scores(cat[0][:, MALIGNANT], cat[2][:, MALIGNANT], cat[3] if self.ensemble else None)
 
+    def _execution(self, wrapper, x: np.ndarray, batch: int):
+        """bf16 / channels_last for this run, compared with fp32 on the graph's own outputs."""
+        import torch
 
-def open_engine(model: str | Path, *, provider: str = "auto", device: str = "auto", fold: int | None = None) -> Any:
+        from nodulekit.execution import choose_execution
+
+        def forward(m, xb):
+            return torch.cat([t.flatten() for t in m(xb)])
+
+        example = torch.from_numpy(np.ascontiguousarray(x[:batch], np.float32))
+        steps = -(-len(x) // batch)
+        return choose_execution(
+            wrapper,
+            example,
+            self.device,
+            self.amp,
+            self.channels_last,
+            train=False,
+            forward_fn=forward,
+            workload_steps=steps,
+        )
+
+
+def open_engine(
+    model: str | Path,
+    *,
+    provider: str = "auto",
+    device: str = "auto",
+    fold: int | None = None,
+    amp="auto",
+    channels_last="auto",
+) -> Any:
     """The engine for a model file: ``.onnx`` -> ONNX Runtime; RUNDIR or checkpoint -> PyTorch."""
     path = Path(model)
     if not path.exists():
@@ -96,7 +134,7 @@ def open_engine(model: str | Path, *, provider: str = "auto", device: str = "aut
         if fold is not None:
             raise NodulekitError("--fold applies to a RUNDIR; an ONNX file is one model (or one ensemble)")
         return OnnxEngine(path, provider)
-    return TorchEngine(path, fold, device)
+    return TorchEngine(path, fold, device, amp, channels_last)
 
 
 def load_card(model: str | Path, fold: int | None = None) -> dict[str, Any]:

@@ -223,7 +223,7 @@ def record(spec: NoduleSpec, scan, coords: str, prob: float, members, decision: 
 @dataclass
 class PredictResult:
     records: list[dict]
-    engine: str
+    engine: str  # what ran: runtime, provider or device, and for PyTorch the execution variant
     timings: dict[str, float]
     warnings: list[str]
     output: Path | None = None
@@ -262,6 +262,8 @@ def predict(
     device: str = "auto",
     fold: int | None = None,
     batch: int = 256,
+    amp="auto",
+    channels_last="auto",
     progress: bool = False,
     report: Callable[[str], None] | None = None,
 ) -> PredictResult:
@@ -278,7 +280,7 @@ def predict(
 
         check_output_dir(output, overwrite)
     t_open = time.perf_counter()
-    engine = open_engine(model, provider=provider, device=device, fold=fold)
+    engine = open_engine(model, provider=provider, device=device, fold=fold, amp=amp, channels_last=channels_last)
     layout = require_layout(engine.card, str(model))
     t0 = time.perf_counter()
     scan = read_scan(scan_path)
@@ -289,9 +291,10 @@ def predict(
     report(f"read {scan.describe()} in {t1 - t0:.2f} s")
     inputs = [nodule_input(scan, s, layout) for s in specs]
     t2 = time.perf_counter()
-    report(f"{len(specs)} nodule(s); model: {engine.name}" + (f" ({engine.note})" if engine.note else ""))
     scores = engine.run(np.stack([i.x for i in inputs]), batch=batch, progress=progress)
     t3 = time.perf_counter()
+    engine_text = engine.name + (f" ({engine.note})" if engine.note else "")
+    report(f"{len(specs)} nodule(s); model: {engine_text}")
     decision = engine.card["decision"]
     overlap = training_overlap(engine.card, scan, specs)
     records = []
@@ -306,7 +309,7 @@ def predict(
         from nodulekit.predict_output import write_outputs
 
         out = write_outputs(output, scan, specs, inputs, scores, records, engine.card, overwrite=overwrite)
-    return PredictResult(records, engine.name, timings, warnings, out, inputs)
+    return PredictResult(records, engine_text, timings, warnings, out, inputs)
 
 
 def _warnings(records: list[dict], scan) -> list[str]:

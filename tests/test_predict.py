@@ -167,6 +167,9 @@ def test_pytorch_rundir_and_onnx_ensemble_agree(env):
     m = np.array(onnx_rec["members"])
     assert onnx_rec["probability"] == pytest.approx(m.mean(), abs=1e-6)
     assert onnx_rec["spread"] == pytest.approx({"sd": m.std(), "min": m.min(), "max": m.max()})
+    bf16 = _predict(env, model=env["rundir"], centre=centre, diameter=10.0, device="cpu", amp=True, channels_last=False)
+    assert "PyTorch" in bf16.engine and "bf16" in bf16.engine
+    assert bf16.records[0]["probability"] == pytest.approx(onnx_rec["probability"], abs=0.05)  # bf16 rounding only
     fold0 = _predict(env, model=env["fold0"], centre=centre, diameter=10.0).records[0]
     assert "members" not in fold0 and fold0["probability"] == pytest.approx(m[0], abs=1e-5)
     assert fold0["label"] == ("malignant" if fold0["probability"] > 0.5 else "benign")

@@ -52,6 +52,12 @@ def predict_cmd(
     ),
     fold: int | None = typer.Option(None, "--fold", help="One fold of a RUNDIR (default: every fold, averaged)."),
     batch: int = typer.Option(256, "--batch", min=1, help="Nodules per model call."),
+    amp: bool | None = typer.Option(
+        None, "--amp/--no-amp", help="PyTorch only: bf16 autocast on or off (default: auto, see `train --help`)."
+    ),
+    channels_last: bool | None = typer.Option(
+        None, "--channels-last/--no-channels-last", help="PyTorch only: channels_last memory format (default: auto)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o folder if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors on stderr."),
@@ -88,6 +94,8 @@ def predict_cmd(
         device=device,
         fold=fold,
         batch=batch,
+        amp="auto" if amp is None else amp,
+        channels_last="auto" if channels_last is None else channels_last,
         progress=progress and not quiet,
         report=say,
     )
