@@ -199,6 +199,8 @@ def _load_nifti(path: Path, what: str = "scan"):
         data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises assorted errors for foreign or truncated files
         raise DataError(f"{what} {path} is not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    if not np.issubdtype(data.dtype, np.integer) and not np.all(np.isfinite(data)):
+        raise DataError(f"{what} {path} holds {int(np.sum(~np.isfinite(data)))} NaN or infinite voxel value(s)")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 4:

@@ -205,6 +205,14 @@ def test_output_folder_overlays_and_maps_on_the_scan_grid(env, tmp_path):
     assert centre[:2] == pytest.approx(lps_of(NODULE)[:2], abs=max(SPACING[:2]))
     assert np.ptp(world[:, 0]) == pytest.approx(20.0, abs=2 * SPACING[1])  # side 2 x diameter
     assert not (tmp_path / "out").with_name(".out.old").exists()
+    # From a DICOM series: the map is written on the series' (column, row, slice) grid, in place.
+    write_dicom_series(tmp_path / "dcm", env["hu"], order=np.random.default_rng(2).permutation(SHAPE[2]))
+    _predict(env, scan=tmp_path / "dcm", centre=_centre_arg(lps_of(NODULE)), diameter=10.0, output=tmp_path / "o2")
+    img = nib.load(str(tmp_path / "o2" / "1_map.nii.gz"))
+    assert img.shape == (SHAPE[1], SHAPE[0], SHAPE[2])
+    idx = np.argwhere(np.asarray(img.dataobj) != 0)
+    world = nib.affines.apply_affine(img.affine, idx) * [-1, -1, 1]
+    assert ((world.min(0) + world.max(0)) / 2)[:2] == pytest.approx(lps_of(NODULE)[:2], abs=max(SPACING[:2]))
 
 
 def test_map_volume_places_each_map_pixel(env):
@@ -257,8 +265,10 @@ def test_cli_json_lines_on_stdout_messages_on_stderr(env, tmp_path, monkeypatch,
     assert code == 0 and err == "" and json.loads(out)["probability"] == rec["probability"]
 
 
-def _bad_inputs(env, tmp):
-    """(name, extra args, expected message) for every bad input the issue lists."""
+@pytest.fixture(scope="module")
+def bad_inputs(env, tmp_path_factory):
+    """{name: (predict args, expected message)} for every bad input the issue lists (files made once)."""
+    tmp = tmp_path_factory.mktemp("bad")
     hu = env["hu"]
     stored, affine = stored_variant(hu, *LAYOUT)
     write_nifti(tmp / "flat.nii", stored[:, :, 5], affine)
@@ -287,7 +297,7 @@ def _bad_inputs(env, tmp):
     onnx.save(proto, str(tmp / "mismatch.onnx"))
     centre = ["--centre", _centre_arg(lps_of(NODULE)), "--diameter", "10"]
     ct, model = env["ct"], env["ensemble"]
-    return [
+    cases = [
         ("outside", [model, ct, "--centre", "500,0,0", "--diameter", "10"], "lies outside the scan"),
         ("zero diameter", [model, ct, "--centre", "0,0,-50", "--diameter", "0"], "diameter 0 mm is not in (0, 100]"),
         ("huge diameter", [model, ct, *centre[:2], "--diameter", "120"], "diameter 120 mm is not in (0, 100]"),
@@ -308,17 +318,41 @@ def _bad_inputs(env, tmp):
         ("no diameter", [model, ct, "--centre", "0,0,-50"], "--centre needs --diameter"),
         ("bad centre", [model, ct, "--centre", "1,2", "--diameter", "5"], "is not X,Y,Z"),
     ]
+    return {name: (args, message) for name, args, message in cases}
 
 
-def test_every_bad_input_is_one_line_and_writes_nothing(env, tmp_path, monkeypatch, capsys):
-    for name, args, message in _bad_inputs(env, tmp_path):
-        out = tmp_path / f"out-{name.replace(' ', '_')}"
-        code, stdout, stderr = _main(monkeypatch, capsys, "predict", *args, "-o", out, "--provider", "cpu")
-        lines = stderr.strip().splitlines()
-        assert code == 2, (name, stderr)
-        assert len(lines) == 1 and lines[0].startswith("nodulekit: error:") and message in lines[0], (name, stderr)
-        assert stdout == "" and not out.exists(), name
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+BAD_INPUTS = (
+    "outside",
+    "zero diameter",
+    "huge diameter",
+    "empty mask",
+    "other grid",
+    "2-D",
+    "not HU",
+    "csv column",
+    "csv value",
+    "channels",
+    "foreign onnx",
+    "mismatch",
+    "no nodules",
+    "no diameter",
+    "bad centre",
+)
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, name, tmp_path, monkeypatch, capsys):
+    args, message = bad_inputs[name]
+    out = tmp_path / "out"
+    code, stdout, stderr = _main(monkeypatch, capsys, "predict", *args, "-o", out, "--provider", "cpu")
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("nodulekit: error:") and message in lines[0], stderr
+    assert stdout == "" and list(tmp_path.iterdir()) == []  # no output folder, no temporary one
+
+
+def test_every_bad_input_has_a_case(bad_inputs):
+    assert sorted(bad_inputs) == sorted(BAD_INPUTS)
 
 
 def test_existing_output_is_refused_before_any_work(env, tmp_path):

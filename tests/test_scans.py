@@ -106,6 +106,9 @@ def test_refuses_2d_4d_oblique_and_non_ct(tmp_path):
     # An MR-like volume (all positive) and raw stored CT values (air near 0, no rescale applied).
     _refused(write_nifti(tmp_path / "mr.nii", np.abs(stored) // 3, affine), "Hounsfield")
     _refused(write_nifti(tmp_path / "raw.nii", (stored + 1024).astype(np.int16), affine), "Hounsfield")
+    holes = stored.astype(np.float32)
+    holes[3, 4, 5] = np.nan
+    _refused(write_nifti(tmp_path / "nan.nii", holes, affine), "1 NaN or infinite voxel")
     (tmp_path / "junk.nii").write_bytes(b"not a nifti")
     _refused(tmp_path / "junk.nii", "not a readable NIfTI")
     _refused(tmp_path / "missing.nii", "does not exist")
@@ -128,6 +131,9 @@ def test_refuses_bad_dicom_series(tmp_path):
     paths = write_dicom_series(tmp_path / "gap", hu)
     paths[5].unlink()
     _refused(tmp_path / "gap", "slice is missing")
+    write_dicom_series(tmp_path / "two" / "a", hu)
+    write_dicom_series(tmp_path / "two" / "b", hu)
+    _refused(tmp_path / "two", "holds 2 DICOM series")
     (tmp_path / "empty").mkdir()
     _refused(tmp_path / "empty", "no DICOM images")
 
