@@ -330,7 +330,8 @@ def read_dicom_folder(folder: str | Path) -> Scan:
     orient, normal, (row_sp, col_sp) = _slice_geometry(items)
     _check_axis_aligned(np.vstack([orient[0], orient[1], normal]).T, folder)
     ordered, pos = _sorted_slices(items, normal, folder)
-    stack = np.stack([_modality_hu(p, ds) for p, ds in ordered], axis=-1)  # [rows, cols, slices]
+    # Slice-major in memory, like extraction's reader: cutting a nodule's window reads whole slices.
+    stack = np.stack([_modality_hu(p, ds) for p, ds in ordered])  # [slices, rows, cols]
     step = (pos[-1] - pos[0]) / (len(pos) - 1)
     affine_lps = np.eye(4)
     # Stored index (i, j, k) = (column, row, slice): column steps along the first cosine.
@@ -339,7 +340,7 @@ def read_dicom_folder(folder: str | Path) -> Scan:
     affine_lps[:3, 2] = normal * step
     affine_lps[:3, 3] = [float(v) for v in ordered[0][1].ImagePositionPatient]
     affine_ras = LPS_FROM_RAS @ affine_lps
-    data = stack.transpose(1, 0, 2)  # stored grid in (column, row, slice) order, as ITK and NIfTI converters do
+    data = stack.transpose(2, 1, 0)  # stored grid in (column, row, slice) order, as ITK and NIfTI converters do
     is_axial = np.allclose(normal, [0, 0, 1], atol=AXIS_TOL)
     zvals = pos if is_axial else None  # exact slice positions where they are z
     uid = str(getattr(ordered[0][1], "SeriesInstanceUID", "")).strip()
