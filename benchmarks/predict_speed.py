@@ -13,7 +13,8 @@ diameters uniformly in 4..30 mm.
     python benchmarks/predict_speed.py --counts 1,100 --members 1 --width 8   # quick check
 
 Writes ``benchmarks/out/predict.json`` (with the machine, its load and the git commit) and
-prints a Markdown table.
+prints a Markdown table. Like ``execution_cost.py`` it refuses to start on a busy machine
+(1-min load above 0.75 x cores) unless ``--allow-busy``, which flags the figures.
 """
 
 from __future__ import annotations
@@ -106,17 +107,28 @@ def main(argv=None) -> int:
     ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     ap.add_argument("--repeats", type=int, default=3, help="runs per count below 1000 (1000: one run)")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "predict.json")
+    ap.add_argument("--max-load", type=float, default=None, help="refuse above this 1-min load [0.75 x cores]")
+    ap.add_argument("--allow-busy", action="store_true", help="run on a busy machine anyway; figures are flagged")
     args = ap.parse_args(argv)
     scan = args.scan or default_scan()
     if scan is None:
         print("no scan: pass --scan or put the shared data in ../shared/data", file=sys.stderr)
         return 2
+    from execution_cost import LoadWatch
     from run_all import git_info, machine_info
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    max_load = args.max_load if args.max_load is not None else 0.75 * cores
+    watch, flags, git = LoadWatch(), [], git_info()  # the commit measured is the one at the start
+    if watch.load_before[0] > max_load:
+        message = f"1-min load average {watch.load_before[0]:.2f} is above {max_load:g} on {cores} cores"
+        if not args.allow_busy:
+            print(f"predict_speed: refused: {message}; wait for an idle machine or pass --allow-busy", file=sys.stderr)
+            return 2
+        flags.append(message)
     counts = [int(c) for c in args.counts.split(",")]
     members = [int(m) for m in args.members.split(",")]
     results = []
-    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         models = make_models(tmp, args.width, members)
@@ -127,15 +139,18 @@ def main(argv=None) -> int:
                 r.update(members=k, nodules=n, nodules_per_s=n / r["total_s"], model_nodules_per_s=n / r["model_s"])
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr)
+    load = watch.finish()
+    if load["other_processes_cores"] is not None and load["other_processes_cores"] > 0.25:
+        flags.append(f"other processes used {load['other_processes_cores']:.2f} cores on average during the run")
     record = {
         "benchmark": "predict",
         "scan": scan.name,
         "width": args.width,
         "provider": args.provider,
         "machine": machine_info(),
-        "git": git_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
+        "git": git,
+        "load": load,
+        "flags": flags,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +163,10 @@ def render(record: dict) -> str:
     m = record["machine"]
     lines = [
         f"`predict` on {record['scan']} ({record['provider']}, HESAM base_width {record['width']}, D11C), "
-        f"{m.get('cpu')}, {m.get('usable_cores')} usable cores, 1-min load {record['loadavg_start'][0]:.1f} at start / "
-        f"{record['loadavg_end'][0]:.1f} at end, commit {record['git'].get('commit', '?')[:10]}"
+        f"{m.get('cpu')}, {m.get('usable_cores')} usable cores, 1-min load {record['load']['loadavg_before'][0]:.1f} "
+        f"before / {record['load']['loadavg_after'][0]:.1f} after, commit {record['git'].get('commit', '?')[:10]}"
         + (" (+ uncommitted changes)" if record["git"].get("dirty") else ""),
+        *(f"**Not publishable: {f}.**" for f in record["flags"]),
         "",
         "| models | nodules | load model (s) | read scan (s) | build inputs (s) | run model (s) | total (s) | nodules/s | run model only, nodules/s |",
         "|---|---|---|---|---|---|---|---|---|",
