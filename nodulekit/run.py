@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ CHECKPOINT_FORMAT = 1
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 VAL_COLUMNS = ("epoch", "val_loss", "val_acc")
 FOLD_STATUSES = ("finished", "unfinished", "missing")
+# Where a fold stands for `nodulekit status`: unfinished splits into running (claimed by a
+# live job) and interrupted (a checkpoint, no live job).
+FOLD_STATES = ("finished", "running", "interrupted", "missing")
 # run.json keys that define the experiment: every `train` writing into one RUNDIR must
 # agree on them. Device, AMP, channels_last and compile are execution choices recorded per fold.
 SIGNATURE_KEYS = (
@@ -340,6 +343,30 @@ def write_fold_result(
 # --------------------------------------------------------------------------- the Run
 
 
+@dataclass
+class FoldProgress:
+    """One fold's state for ``nodulekit status`` (see :meth:`Run.fold_progress`)."""
+
+    fold: int
+    state: str  # one of FOLD_STATES
+    epochs_done: int  # from the checkpoint
+    epochs: int  # what run.json asks for
+    claim: dict[str, Any] | None = None
+    note: str = ""
+
+
+def _epochs_done(checkpoint: Path) -> int:
+    """Epochs a checkpoint has done (0 when absent or unreadable); memory-mapped, so only that field is read."""
+    import torch
+
+    if not checkpoint.exists():
+        return 0
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0))
+    except Exception:  # a damaged checkpoint: training refuses it with its own message
+        return 0
+
+
 class Run:
     """A RUNDIR: its paths, run.json, training dataset, folds and their models.
 
@@ -436,6 +463,24 @@ class Run:
         if self.checkpoint_path(k).exists():
             return "unfinished", f"{k} (in training, no result yet)"
         return "missing", str(k)
+
+    def fold_progress(self, k: int) -> FoldProgress:
+        """Where fold ``k`` stands (``FOLD_STATES``), with epochs done and the claim of the job training it."""
+        from nodulekit.claims import read_claim
+
+        status, _ = self._status(k)
+        claim = read_claim(self.fold_dir(k))
+        alive = claim.alive() if claim is not None else False
+        progress = FoldProgress(k, "missing", _epochs_done(self.checkpoint_path(k)), self.epochs)
+        if status == "finished":
+            progress.state = "finished"
+        elif alive is not False:  # a live job here, or a job on another host (cannot be checked)
+            progress.state, progress.claim = "running", asdict(claim)
+            progress.note = claim.describe() + ("" if alive else " (other host: not checked)")
+        elif status == "unfinished":
+            progress.state = "interrupted"
+            progress.note = f"stale claim: {claim.describe()} is not running" if claim is not None else ""
+        return progress
 
     def require_finished(self, folds: Iterable[int], purpose: str = "") -> None:
         """Raise one line naming every fold of ``folds`` that is not finished."""

@@ -156,7 +156,7 @@ def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path):
             f"nodulekit: error: {rundir / 'fold0'} is being trained by another job "
             f"(pid {job_a.pid} on {socket.gethostname()} since {claims.read_claim(rundir / 'fold0').started})"
         )
-        rows = [s.as_dict() for s in run_status(rundir)]
+        rows = run_status(rundir)
         assert [r["state"] for r in rows] == ["running", "missing", "missing", "missing", "missing"]
         assert rows[0]["claim"]["pid"] == job_a.pid
         # B on another fold is not blocked by A
@@ -168,7 +168,7 @@ def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path):
         job_a.wait()
     assert not (rundir / "fold0" / CLAIM_FILE).exists()  # released after training
     rows = run_status(rundir)
-    assert [(r.state, r.epochs_done) for r in rows[:2]] == [("finished", 1), ("finished", 1)]
+    assert [(r["state"], r["epochs_done"]) for r in rows[:2]] == [("finished", 1), ("finished", 1)]
 
 
 def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:

@@ -28,7 +28,7 @@ def status_command(
 
     rows = [row for rundir in rundirs for row in run_status(rundir)]
     if as_json:
-        typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+        typer.echo(json.dumps(rows, indent=2))
     else:
         typer.echo(status_table(rows))
     if not all_finished(rows):
