@@ -5,8 +5,9 @@
 #
 #   D=table2/d11c.h5 RUNS=table2/runs OUT=maps ./examples/maps_and_wilcoxon.sh
 #
-# Needs trained RUNDIRs of cam, sam and hesam on the same dataset (e.g. from
-# examples/table2_grid.sh with ARCHS="cam sam hesam resnet18 vgg16" CHANNELS=11).
+# Needs trained RUNDIRs of cam, sam and hesam on the same dataset, named $RUNS/<arch>-$TAG
+# (`nodulekit train ... -o runs/hesam-d11c`). The grid (`nodulekit grid`, examples/grid/)
+# runs these maps, scores, figures and tests itself, as part of the whole experiment.
 set -euo pipefail
 
 D=${D:?set D to the dataset artifact, e.g. table2/d11c.h5}

@@ -79,9 +79,9 @@ def this_process() -> Claim:
     return Claim(socket.gethostname(), os.getpid(), now, _process_start(os.getpid()))
 
 
-def read_claim(fold_dir: str | os.PathLike) -> Claim | None:
+def read_claim(fold_dir: str | os.PathLike, name: str = CLAIM_FILE) -> Claim | None:
     """The claim on a fold folder, or None. An unreadable claim file counts as stale."""
-    path = Path(fold_dir) / CLAIM_FILE
+    path = Path(fold_dir) / name
     try:
         raw = json.loads(path.read_text())
         return Claim(str(raw["host"]), int(raw["pid"]), str(raw["started"]), raw.get("pid_start"))
@@ -107,9 +107,9 @@ def _create(path: Path, claim: Claim) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def _refusal(fold_dir: Path, holder: Claim) -> FoldClaimed:
-    where = "" if holder.alive() else f"; if that job is gone, delete {fold_dir / CLAIM_FILE}"
-    return FoldClaimed(f"{fold_dir} is being trained by another job ({holder.describe()}){where}")
+def _refusal(fold_dir: Path, holder: Claim, name: str = CLAIM_FILE, doing: str = "trained") -> FoldClaimed:
+    where = "" if holder.alive() else f"; if that job is gone, delete {fold_dir / name}"
+    return FoldClaimed(f"{fold_dir} is being {doing} by another job ({holder.describe()}){where}")
 
 
 @contextmanager
@@ -122,21 +122,21 @@ def _takeover_lock(fold_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def acquire(fold_dir: str | os.PathLike) -> Claim:
-    """Claim a fold folder for this process; FoldClaimed when a live job holds it."""
+def acquire(fold_dir: str | os.PathLike, name: str = CLAIM_FILE, doing: str = "trained") -> Claim:
+    """Claim a fold folder (or any folder, under ``name``) for this process; FoldClaimed when a live job holds it."""
     fold_dir = Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    path, mine = fold_dir / CLAIM_FILE, this_process()
+    path, mine = fold_dir / name, this_process()
     if _create(path, mine):
         return mine
     with _takeover_lock(fold_dir):
-        holder = read_claim(fold_dir)
+        holder = read_claim(fold_dir, name)
         if holder is not None and holder.alive() is not False:
-            raise _refusal(fold_dir, holder)
+            raise _refusal(fold_dir, holder, name, doing)
         if holder is not None:
             path.unlink(missing_ok=True)
         if not _create(path, mine):  # someone created a fresh claim between our read and now
-            raise _refusal(fold_dir, read_claim(fold_dir) or mine)
+            raise _refusal(fold_dir, read_claim(fold_dir, name) or mine, name, doing)
     if holder is not None:
         print(
             f"nodulekit: taking over {path}: its job ({holder.describe()}) is no longer running",
@@ -145,10 +145,10 @@ def acquire(fold_dir: str | os.PathLike) -> Claim:
     return mine
 
 
-def release(fold_dir: str | os.PathLike, claim: Claim) -> None:
+def release(fold_dir: str | os.PathLike, claim: Claim, name: str = CLAIM_FILE) -> None:
     """Remove the claim if it is still ours (never someone else's)."""
-    path = Path(fold_dir) / CLAIM_FILE
-    if read_claim(fold_dir) == claim:
+    path = Path(fold_dir) / name
+    if read_claim(fold_dir, name) == claim:
         try:
             path.unlink()
         except OSError as exc:

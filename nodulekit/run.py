@@ -119,6 +119,21 @@ def _check_same_experiment(rundir: Path, old: dict, record: dict) -> None:
         )
 
 
+def _fresh(rundir: Path) -> bool:
+    """Nothing trained in RUNDIR yet: only ``fold<k>`` folders holding nothing but claims (a
+    workflow engine makes the folders of its outputs before the job runs; another job may
+    have claimed a fold) and hidden temporary files (another job writing run.json)."""
+    from nodulekit.claims import CLAIM_FILE
+
+    for entry in rundir.iterdir():
+        fold = entry.is_dir() and entry.name.startswith("fold")
+        if fold and all(p.name == CLAIM_FILE or p.name.startswith(".") for p in entry.iterdir()):
+            continue
+        if not entry.name.startswith("."):
+            return False
+    return True
+
+
 def prepare_rundir(rundir: str | os.PathLike, record: dict, overwrite: bool = False) -> dict:
     """Create RUNDIR with run.json, or check that an existing one is the same experiment.
 
@@ -130,7 +145,7 @@ def prepare_rundir(rundir: str | os.PathLike, record: dict, overwrite: bool = Fa
     run_json = rundir / "run.json"
     if rundir.exists() and not rundir.is_dir():
         raise NodulekitError(f"{rundir} exists and is not a folder")
-    if rundir.is_dir() and not run_json.exists() and any(rundir.iterdir()):
+    if rundir.is_dir() and not run_json.exists() and not _fresh(rundir):
         raise NodulekitError(f"{rundir} is a non-empty folder without run.json; choose a new or empty -o RUNDIR")
     if run_json.exists() and overwrite:
         for fold_dir in rundir.glob("fold*"):

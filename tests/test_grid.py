@@ -1,0 +1,230 @@
+"""`nodulekit grid`: the config is checked before any job, and a tiny grid runs end to end with Snakemake."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_datasets import sphere_nodules, write_rois
+
+from nodulekit.errors import NodulekitError
+from nodulekit.grid import GRID_CLAIM, load_grid, run_grid
+
+PY = sys.executable
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+TINY = """
+output: out
+rois: rois.h5
+datasets: {d1c: 1, d3c: 3}
+folds: 2
+epochs: 1
+train: {lr: 0.01, device: cpu, threads: 1}
+model_options: {base_width: 4}
+bootstrap: 50
+table2:
+  architectures: [cam, hesam]
+  sensitivity_dataset: d3c
+ablations:
+  table3:
+    title: "Table 3: pooling of HF / FCF"
+    datasets: [d3c]
+    variants:
+      GAP / GAP: {arch: hesam, options: {hf_pool: avg}}
+      GMP / GAP: hesam
+table5: {reference: hesam, against: [cam], datasets: [d3c]}
+maps: {dataset: d3c, methods: {hesam: hesam}}
+"""
+
+
+def write_config(folder: Path, text: str = TINY, rois: bool = True) -> Path:
+    if rois and not (folder / "rois.h5").exists():
+        write_rois(folder / "rois.h5", sphere_nodules(n_patients=12))
+    path = folder / "grid.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def edit(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_plan_runs_each_experiment_once(tmp_path):
+    plan = load_grid(write_config(tmp_path))
+    assert plan.root == tmp_path / "out"
+    # Table 2 (2 x 2) + Table 3's GAP / GAP; Table 3's GMP / GAP is Table 2's HESAM on D3C
+    assert sorted(plan.runs) == [
+        "runs/d1c/seed0/cam+base_width=4",
+        "runs/d1c/seed0/hesam+base_width=4",
+        "runs/d3c/seed0/cam+base_width=4",
+        "runs/d3c/seed0/hesam+base_width=4",
+        "runs/d3c/seed0/hesam+base_width=4+hf_pool=avg",
+    ]
+    table3 = next(t for t in plan.tables if t.name == "table3")
+    assert table3.rows == {"GAP / GAP": "hesam+base_width=4+hf_pool=avg", "GMP / GAP": "hesam+base_width=4"}
+    assert plan.label("hesam+base_width=4+hf_pool=avg", "d3c", 0) == "Ours-HESAM (hf_pool=avg)"
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("[cam, hesam]", "[cam, hesamm]", "table2.architectures[1]: unknown model architecture 'hesamm'"),
+        (
+            "datasets: [d3c]\n    variants",
+            "datasets: [d11c]\n    variants",
+            "ablations.table3.datasets: unknown dataset 'd11c'",
+        ),
+        ("{hf_pool: avg}", "{hf_pol: avg}", "model 'hesam' does not take option(s) hf_pol"),
+        ("{hf_pool: avg}", "{hf_pool: mean}", "option hf_pool='mean' is not one of 'max', 'avg'"),
+        (
+            "methods: {hesam: hesam}",
+            "methods: {sam: cam}",
+            "maps.methods.sam: method 'sam' does not apply to model 'cam'",
+        ),
+        ("epochs: 1", "epochs: 1\nepoch: 2", "unknown key(s) epoch"),
+        ("threads: 1}", "threads: 1, lr_steps: 3}", "train.lr_steps: unknown option"),
+        ("d3c: 3}", "d3c: 4}", "datasets.d3c: must be a channel count (1, 3, 11, 21)"),
+        ("rois: rois.h5", "rois: missing.h5", "rois: "),
+    ],
+)
+def test_bad_config_is_one_line_before_any_job(tmp_path, old, new, message):
+    path = write_config(tmp_path, edit(TINY, old, new))
+    with pytest.raises(NodulekitError) as info:
+        run_grid(path, cores=1)
+    text = str(info.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_cli_bad_config_and_missing_profile_exit_2(tmp_path):
+    path = write_config(tmp_path)
+    out = subprocess.run(
+        [PY, "-m", "nodulekit", "grid", path, "--profile", "no-such-cluster"], env=ENV, capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("nodulekit: error: cluster profile 'no-such-cluster' not found")
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_second_grid_on_the_same_output_refuses(tmp_path):
+    path = write_config(tmp_path)
+    code = f"from nodulekit import claims; import time; claims.acquire({str(tmp_path / 'out')!r}, {GRID_CLAIM!r}); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(NodulekitError, match=f"out is being run by another job \\(pid {holder.pid} on"):
+            run_grid(path, cores=1)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def grid(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-m", "nodulekit", "grid", config, "--cores", "2", "--quiet"], env=ENV, capture_output=True, text=True
+    )
+
+
+def test_tiny_grid_end_to_end_survives_a_failed_job(tmp_path):
+    """2 architectures x 2 datasets x 1 epoch (+ an ablation, Table 5, maps), locally.
+
+    One training is blocked by a live claim on one of its folds (as if another job trained
+    it): the first run finishes everything that does not depend on it and exits 1; the
+    second run trains only what is missing, keeps every finished artifact, and writes
+    the report with the numbers evaluate and wilcoxon wrote.
+    """
+    config = write_config(tmp_path)
+    root = tmp_path / "out"
+    blocked = root / "runs/d1c/seed0/cam+base_width=4"
+    code = f"from nodulekit import claims; import time; claims.acquire({str(blocked / 'fold0')!r}); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        first = grid(config)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "runs/d1c/seed0/cam+base_width=4/fold0 is being trained by another job" in first.stderr
+    assert not (root / "report.md").exists() and not (root / "reports/table2/d1c-seed0").exists()
+    finished = {p: p.stat().st_mtime_ns for p in root.glob("runs/d3c/**/result.h5")}
+    finished |= {p: p.stat().st_mtime_ns for p in (root / "reports").rglob("*.json")}
+    assert len(finished) == 3 * 2 + 3  # 3 runs x 2 folds on D3C; Table 2 and 3 on D3C, Table 5
+
+    second = grid(config)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # kept, not redone
+    assert sorted(p.name for p in (root / "runs/d3c/seed0").iterdir()) == [
+        "cam+base_width=4",
+        "hesam+base_width=4",
+        "hesam+base_width=4+hf_pool=avg",
+    ]
+    check_report(root)
+    status = subprocess.run(
+        [PY, "-m", "nodulekit", "status", *sorted(map(str, root.glob("runs/*/seed0/*")))],
+        env=ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    assert status.returncode == 0 and status.stdout.strip().endswith("10 finished")
+
+
+def check_report(root: Path) -> None:
+    """The report's cells are evaluate's and wilcoxon's numbers for the right run."""
+    report = (root / "report.md").read_text()
+    record = json.loads((root / "report.json").read_text())
+    for dataset in ("d1c", "d3c"):
+        runs = json.loads((root / f"reports/table2/{dataset}-seed0/table2.json").read_text())["runs"]
+        hesam = next(r for r in runs if r["rundir"].endswith("/hesam+base_width=4"))
+        acc = hesam["summary"]["accuracy"]
+        assert record["tables"]["table2"]["0"]["Ours-HESAM"][dataset]["summary"]["accuracy"] == acc
+        ci = hesam["pooled_nodule_ci"]["accuracy"]
+        cell = f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+        assert cell in report.split("## Table 3")[0]
+    table3 = json.loads((root / "reports/table3/d3c-seed0/table2.json").read_text())["runs"]
+    gap = next(r for r in table3 if r["rundir"].endswith("hf_pool=avg"))
+    assert record["tables"]["table3"]["0"]["GAP / GAP"]["d3c"]["model_options"]["hf_pool"] == "avg"
+    sens = gap["pooled_nodule_ci"]["sensitivity"]
+    assert "| GAP / GAP | " in report and f"{sens['estimate']:.4f} [{sens['low']:.3f}, {sens['high']:.3f}]" in report
+    wilcoxon = json.loads((root / "reports/table5/d3c-seed0.json").read_text())["rows"]
+    (row,) = wilcoxon
+    assert row["run_b"].endswith("cam+base_width=4")
+    p = row["prob_p_value"]
+    assert f"| Ours-CAM | {'<0.001' if p < 0.001 else f'{p:.3g}'} |" in report
+    assert (root / "maps/d3c-seed0/figures").is_dir() and "### By nodule class" in report
+
+
+@pytest.mark.parametrize("name, runs", [("paper.yaml", 18 * 4 + 3 + 1 + 2 * 4), ("try.yaml", 3 * 2 + 1)])
+def test_the_example_configs_are_valid(tmp_path, name, runs):
+    """examples/grid/*.yaml plan without error; the paper's grid trains each distinct run once."""
+    (tmp_path / "rois.h5").write_bytes(b"")  # only its existence is checked before the jobs
+    config = tmp_path / name
+    config.write_text((REPO / "examples" / "grid" / name).read_text())
+    plan = load_grid(config)
+    assert len(plan.runs) == runs
+    if name == "paper.yaml":
+        assert [t.name for t in plan.tables] == ["table2", "table3", "fusion", "table4"]
+        assert plan.table5["against"] == ["pn-samp", "sag-c", "resnet18", "resnet34", "vgg16", "densenet121"]
+        assert sorted(plan.maps["methods"]) == ["cam", "gradcam", "hesam", "sam"]
+
+
+def test_dry_run_lists_one_job_per_fold_when_folds_are_not_side_by_side(tmp_path):
+    config = write_config(tmp_path, edit(TINY, "threads: 1}", "threads: 1, concurrent_folds: false}"))
+    out = subprocess.run([PY, "-m", "nodulekit", "grid", config, "--dry-run"], env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout.split("Job stats:")[-1].split("Reasons:")[0]  # "rule  count" lines
+    counts = dict(line.split() for line in table.splitlines() if len(line.split()) == 2 and line.split()[1].isdigit())
+    # 5 runs x 2 folds; 2 datasets built; Table 2 on 2 datasets + Table 3; Table 5 on D3C; 1 map method
+    assert counts == {"build": "2", "train_fold": "10", "evaluate": "3", "wilcoxon": "1", "maps": "1",
+                      "scores": "1", "figures": "1", "report": "1", "all": "1", "total": "21"}  # fmt: skip
+    assert not (tmp_path / "out" / "runs").exists()  # a dry run trains nothing
