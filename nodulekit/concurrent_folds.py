@@ -294,7 +294,7 @@ def train_side_by_side(ctx, folds: Sequence[int], *, progress: bool = True, on_e
     resumed at different epochs catch up: each joint epoch trains the folds that are furthest
     behind, until all are at the same epoch and train together.
     """
-    from nodulekit.training import finish_fold, start_fold
+    from nodulekit.training import TrainingDiverged, finish_fold, start_fold
 
     rng, summaries, pending = _FoldRng(ctx.device), [], []
     for k in folds:
@@ -318,8 +318,11 @@ def train_side_by_side(ctx, folds: Sequence[int], *, progress: bool = True, on_e
                 pending = [s for s in pending if s.fold not in {f for f, _ in failed}]
             for state in [s for s in done if s.epoch >= ctx.cfg.epochs]:
                 rng.load(state.fold)
-                summaries.append(finish_fold(ctx, state, before[state.fold]))
                 pending.remove(state)
+                try:
+                    summaries.append(finish_fold(ctx, state, before[state.fold]))
+                except TrainingDiverged as exc:  # non-finite final outputs: this fold fails alone
+                    failures.append((state.fold, str(exc)))
     finally:
         for bar in bars.values():
             bar.close()
@@ -332,7 +335,7 @@ def _joint_epoch(ctx, group, rng, bars, on_epoch_end):
     import time
     import warnings
 
-    from nodulekit.training import divergence_message, end_epoch
+    from nodulekit.training import TrainingDiverged, divergence_message, end_epoch
 
     started = time.perf_counter()
     results = train_epoch_side_by_side(group, ctx.device_data, ctx.cfg.batch_size, ctx.amp)
@@ -345,7 +348,11 @@ def _joint_epoch(ctx, group, rng, bars, on_epoch_end):
         with warnings.catch_warnings():
             # the fold's own SGD did not step (the stacked one did, for it): not the misuse torch warns of
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            metrics = end_epoch(ctx, state, result.train_loss, result.train_acc, started)
+            try:
+                metrics = end_epoch(ctx, state, result.train_loss, result.train_acc, started)
+            except TrainingDiverged as exc:  # non-finite outputs: nothing saved for this epoch
+                failed.append((state.fold, str(exc)))
+                continue
         trained.append(state)
         if state.fold in bars:
             bars[state.fold].set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})

@@ -56,7 +56,10 @@ SELECT_MODES = ("last", "val")
 
 
 class TrainingDiverged(NodulekitError):
-    """The loss became NaN/inf; the fold stops and its last good checkpoint is kept."""
+    """The loss or the model's outputs became NaN/inf; the fold stops, its last good
+    checkpoint is kept and no result is written. A run-time failure (exit status 1)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -619,10 +622,25 @@ def checkpoint_dict(ctx: TrainContext, state: FoldState, finished: bool) -> dict
     }
 
 
-def _evaluate(ctx: TrainContext, model, rows) -> tuple[float, float]:
-    """(loss, accuracy) of ``model`` on dataset rows ``rows``."""
+def _evaluate(ctx: TrainContext, model, rows, fold: int, epoch: int, part: str) -> tuple[float, float]:
+    """(loss, accuracy) of ``model`` on dataset rows ``rows``; non-finite outputs fail the fold."""
     logits = predict_logits(model, ctx.device_data.x, rows, ctx.cfg.eval_batch_size, ctx.amp)
+    check_outputs(logits, fold, epoch, part)
     return _score(logits, ctx.data.y[rows])
+
+
+def check_outputs(logits, fold: int, epoch: int, part: str) -> None:
+    """A model whose outputs are NaN/inf (e.g. batch-norm statistics overflowed by a too large
+    learning rate, while the training loss stayed finite) has failed: no result may claim it."""
+    import torch
+
+    bad = int((~torch.isfinite(logits).all(dim=1)).sum())
+    if bad:
+        kept = f"the last good checkpoint (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"fold {fold} failed in epoch {epoch}: its model's outputs on {bad} of {len(logits)} {part} rows are "
+            f"not finite (NaN/inf); {kept} and no result is written; try a lower --lr"
+        )
 
 
 def run_epoch(ctx: TrainContext, state: FoldState) -> dict[str, float]:
@@ -638,12 +656,12 @@ def end_epoch(ctx: TrainContext, state: FoldState, train_loss: float, train_acc:
     epoch = state.epoch + 1
     state.scheduler.step()
     # test fold: for the learning curves only, never for a choice
-    test_loss, test_acc = _evaluate(ctx, state.eval_model, state.split.test_index)
+    test_loss, test_acc = _evaluate(ctx, state.eval_model, state.split.test_index, state.fold, epoch, "test")
     state.history.append([float(epoch), train_loss, train_acc, test_loss, test_acc])
     state.epoch_seconds.append(time.perf_counter() - started)
     metrics = {"train_loss": train_loss, "train_acc": train_acc}
     if state.selector is not None:
-        val_loss, val_acc = _evaluate(ctx, state.eval_model, state.split.val_index)
+        val_loss, val_acc = _evaluate(ctx, state.eval_model, state.split.val_index, state.fold, epoch, "validation")
         state.val_history.append([float(epoch), val_loss, val_acc])
         if state.selector.update(epoch, val_loss, val_acc):
             state.best_state = _state_to_cpu(state.model.state_dict())
@@ -663,6 +681,7 @@ def finish_fold(ctx: TrainContext, state: FoldState, epochs_before: int) -> dict
     model = ctx.execution.apply(build_model(cfg.arch, ctx.data.channels, 2, cfg.model_options).to(ctx.device))
     model.load_state_dict(final_ckpt["state_dict"])
     logits = predict_logits(model, ctx.device_data.x, state.split.test_index, cfg.eval_batch_size, ctx.amp)
+    check_outputs(logits, state.fold, state.epoch, "test")  # before the final checkpoint and result
     test_loss, test_acc = _score(logits, ctx.data.y[state.split.test_index])
     save_checkpoint(state.checkpoint_path, final_ckpt)
     write_result(

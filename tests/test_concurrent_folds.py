@@ -244,6 +244,30 @@ def test_one_fold_diverging_side_by_side_keeps_the_others(paths, monkeypatch):
     assert_same_folds(paths["together"], rundir, folds=range(1, 5), tol=1e-9)  # NaN did not reach them
 
 
+def test_one_fold_with_non_finite_outputs_side_by_side_keeps_the_others(paths, monkeypatch):
+    """Finite training loss but NaN batch-norm statistics (eval outputs NaN) in fold 0's
+    second epoch: that fold fails alone, keeps its epoch-1 checkpoint, writes no result."""
+    import nodulekit.concurrent_folds as C
+
+    original = C.train_epoch_side_by_side
+
+    def poisoned(folds, *args):
+        results = original(folds, *args)
+        for state in folds:
+            if state.fold == 0 and state.epoch == 1:  # after fold 0's second training pass
+                bn = next(m for m in state.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+                bn.running_var.fill_(float("nan"))
+        return results
+
+    monkeypatch.setattr(C, "train_epoch_side_by_side", poisoned)
+    rundir = paths["tmp"] / "nan-outputs"
+    with pytest.raises(T.TrainingDiverged, match="fold 0 failed in epoch 2: its model's outputs .* not finite"):
+        run_train(paths["dataset"], rundir, True)
+    assert torch.load(rundir / "fold0" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (rundir / "fold0" / "result.h5").exists()
+    assert_same_folds(paths["together"], rundir, folds=range(1, 5), tol=1e-9)
+
+
 def test_dropout_model_falls_back_to_folds_in_turn(uneven, tmp_path, capfd):
     options = {"base_width": 4, "fc_width": 8}
     out = run_train(uneven.path, tmp_path / "vgg", True, arch="vgg16", model_options=options, epochs=1)

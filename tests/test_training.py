@@ -221,6 +221,33 @@ def test_divergence_stops_fold_keeps_last_good_checkpoint(ds3, tmp_path, monkeyp
     assert (rundir / "fold1" / "result.h5").exists()  # the other fold still finished
 
 
+def test_non_finite_test_outputs_fail_the_fold(ds3, tmp_path, monkeypatch, capsys):
+    """`train --lr 10 --epochs 2` on HESAM: the training loss stays finite but batch-norm
+    statistics overflow, so the model's outputs are NaN. The fold fails (exit 1, one line),
+    keeps the epoch-1 checkpoint, whose outputs are finite, and writes no result."""
+    from nodulekit.cli import main
+    from nodulekit.run import Run
+    from nodulekit.training import predict_logits
+
+    rundir = tmp_path / "lr10"
+    args = ["train", ds3, "-o", rundir, "--arch", "hesam", "--model-opt", "base_width=8", "--lr", "10"]
+    args += ["--epochs", "2", "--device", "cpu", "--fold", "0", "--no-progress"]
+    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1, err
+    assert "fold 0 failed in epoch 2: its model's outputs on 8 of 8 test rows are not finite" in err
+    assert "epoch 1) is kept" in err and "accuracy" not in err
+    assert not (rundir / "fold0" / "result.h5").exists()
+    ckpt = state_of(rundir, 0)
+    assert ckpt["epoch"] == 1 and not ckpt["finished"]
+    model, _ = Run(rundir).load_model(0)
+    with h5py.File(ds3, "r") as f:
+        x = torch.from_numpy(f["x"][()])
+    assert torch.isfinite(predict_logits(model, x, np.arange(len(x)))).all()  # the kept model is a good one
+
+
 def test_channel_mismatch_and_changed_settings_refused(ds3, tmp_path):
     rundir = tmp_path / "run"
     run_train(ds3, rundir, folds=[0], epochs=1)
