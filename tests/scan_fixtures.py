@@ -76,14 +76,29 @@ def write_dicom_series(
     orientation=(1, 0, 0, 0, 1, 0),
     tilt_mm: float = 0.0,
     order=None,
+    coronal: bool = False,
 ) -> list[Path]:
-    """Axial slices of ``hu`` [row, col, slice] as a CT series; files named and written in ``order``."""
+    """Axial slices of ``hu`` [row, col, slice] as a CT series; files named and written in ``order``.
+
+    ``coronal``: one slice per canonical row instead, image rows running towards the feet and
+    columns towards the patient's left (ImageOrientationPatient 1,0,0,0,0,-1), as a coronal
+    reformat is stored.
+    """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     series, frame = generate_uid(), generate_uid()
-    n = hu.shape[2]
+    if coronal:
+        orientation = (1, 0, 0, 0, 0, -1)
+        images = [hu[r, :, ::-1].T for r in range(hu.shape[0])]  # [i, j] = hu[r, j, last - i]
+        positions = [lps_of((r, 0, hu.shape[2] - 1)) for r in range(hu.shape[0])]
+        spacing = (SPACING[2], SPACING[1])
+    else:
+        images = [hu[:, :, k] for k in range(hu.shape[2])]
+        positions = [lps_of((0, 0, k)) + [tilt_mm * k, 0, 0] for k in range(hu.shape[2])]
+        spacing = SPACING[:2]
+    n = len(images)
     order = list(range(n)) if order is None else list(order)
     paths = []
     for pos, k in enumerate(order):
@@ -99,12 +114,10 @@ def write_dicom_series(
         ds.SeriesInstanceUID = series
         ds.FrameOfReferenceUID = frame
         ds.InstanceNumber = k + 1
-        x, y, z = lps_of((0, 0, k))
-        ds.ImagePositionPatient = [f"{x + tilt_mm * k:.4f}", f"{y:.4f}", f"{z:.4f}"]
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in positions[k]]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
-        ds.PixelSpacing = [f"{SPACING[0]:.4f}", f"{SPACING[1]:.4f}"]
-        ds.SliceThickness = f"{SPACING[2]:.4f}"
-        ds.Rows, ds.Columns = hu.shape[0], hu.shape[1]
+        ds.PixelSpacing = [f"{spacing[0]:.4f}", f"{spacing[1]:.4f}"]
+        ds.Rows, ds.Columns = images[k].shape
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 16
@@ -112,7 +125,7 @@ def write_dicom_series(
         ds.PixelRepresentation = 0
         ds.RescaleSlope = f"{slope:g}"
         ds.RescaleIntercept = f"{intercept:g}"
-        stored = np.rint((hu[:, :, k].astype(np.float64) - intercept) / slope).astype(np.uint16)
+        stored = np.rint((images[k].astype(np.float64) - intercept) / slope).astype(np.uint16)
         ds.PixelData = stored.tobytes()
         ds.save_as(str(path), enforce_file_format=True)
         paths.append(path)

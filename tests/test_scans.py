@@ -76,6 +76,16 @@ def test_dicom_any_file_order_and_modality_lut(tmp_path):
     np.testing.assert_allclose(scan.src_to_voxel([4, 9, 2]), [9, 4, 2])
 
 
+def test_dicom_coronal_series_is_reoriented_without_interpolation(tmp_path):
+    hu = canonical_ct()
+    write_dicom_series(tmp_path / "coronal", hu, coronal=True, order=np.random.default_rng(5).permutation(SHAPE[0]))
+    scan = scans.read_scan(tmp_path / "coronal")
+    np.testing.assert_array_equal(scan.volume.hu, hu)  # axial rows/columns/slices, as extraction expects
+    assert scan.volume.pixel_spacing == pytest.approx(SPACING[:2], abs=1e-4)
+    np.testing.assert_allclose(scan.volume.zvals, ORIGIN[2] + SPACING[2] * np.arange(SHAPE[2]), atol=1e-3)
+    np.testing.assert_allclose(scan.voxel_to_lps([5, 7, 3]), lps_of([5, 7, 3]), atol=1e-3)
+
+
 def test_lidc_dicom_series_reads_as_extraction_reads_it(lidc_dicom):
     from nodulekit.sources import read_dicom_series
 
