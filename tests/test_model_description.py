@@ -186,3 +186,19 @@ def test_layout_refusals():
     assert modelcard.layout_from_channels(5) is None
     layout = modelcard.layout_from_channels(3)
     assert [(c["z_offset_mm"], c["p"]) for c in layout] == [(0.0, 2.0), (0.0, 3.0), (0.0, 4.0)]
+
+
+def test_older_export_still_infers_but_predict_asks_for_a_new_one(run, tmp_path):
+    def as_version_1(proto):
+        keep = [
+            p for p in proto.metadata_props if p.key not in (*modelcard.CARD_KEYS, "description_schema", "graph_sha256")
+        ]
+        del proto.metadata_props[:]
+        for p in keep:
+            proto.metadata_props.add().CopyFrom(p)
+        next(p for p in proto.metadata_props if p.key == "nodulekit_format").value = "nodulekit-onnx/1"
+
+    old = _rewrite(run["fold0"], tmp_path / "v1.onnx", as_version_1)
+    assert ex.infer(old, run["dataset"], tmp_path / "m.h5", provider="cpu")["n"] == 20
+    with pytest.raises(NodulekitError, match="carries no nodulekit model description .* re-export it"):
+        ex.read_model_card(old)
