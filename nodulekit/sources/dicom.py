@@ -1,9 +1,4 @@
-"""Reading CT sources: DICOM series in the TCIA layout, and NIfTI volumes of interest.
-
-Both readers return a :class:`Volume` on one convention, the one pylidc's voxel
-coordinates use: ``hu[row, col, slice]`` in Hounsfield units, slices sorted by
-increasing patient z, world coordinates in DICOM patient space (LPS, mm). Rows run
-along +y (posterior), columns along +x (left).
+"""DICOM series in the TCIA layout (``extract --lidc-root``): the reader and :class:`DicomSource`.
 
 DICOM file names in a TCIA download are not the names pylidc recorded, so a series is
 found by reading headers (SeriesInstanceUID, ImagePositionPatient) rather than by
@@ -14,44 +9,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from nodulekit.errors import DataError
+from nodulekit.sources import (
+    DataSource,
+    SourceNodule,
+    Unit,
+    Volume,
+    lidc_annotations,
+    lidc_scan,
+    record_of,
+    safe_key,
+    unit_record,
+)
 
 Z_TOL_MM = 0.01  # two z positions closer than this are the same slice
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-
-
-@dataclass
-class Volume:
-    """A CT volume ``hu[row, col, slice]`` with its geometry (LPS millimetres)."""
-
-    hu: np.ndarray  # int16 [rows, cols, slices]
-    zvals: np.ndarray  # float [slices], increasing
-    pixel_spacing: tuple[float, float]  # (row spacing, col spacing) in mm
-    origin_xy: tuple[float, float]  # (x, y) of pixel (row 0, col 0) in mm
-    patient_id: str = ""
-    series_uid: str = ""
-    mask: np.ndarray | None = None  # same shape as hu, for VOIs
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)  # type: ignore[return-value]
-
-    @property
-    def slice_spacing(self) -> float:
-        return float(np.median(np.diff(self.zvals))) if len(self.zvals) > 1 else float("nan")
-
-    def voxel_to_mm(self, row: float, col: float, slice_: float) -> tuple[float, float, float]:
-        """World (x, y, z) of a fractional voxel position (z interpolated between slices)."""
-        x = self.origin_xy[0] + col * self.pixel_spacing[1]
-        y = self.origin_xy[1] + row * self.pixel_spacing[0]
-        z = float(np.interp(slice_, np.arange(len(self.zvals)), self.zvals))
-        return float(x), float(y), z
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -136,7 +112,29 @@ def read_dicom_series(
         raise DataError(f"files of patient {patient_id or '?'} mix {len(uids)} series")
     series_uid = uids.pop()
     where = f"series {series_uid}" + (f" of patient {patient_id}" if patient_id else "")
+    shape, spacing = _check_same_geometry(headers, where)
+    by_z = _slices_by_z(headers)
+    zs = np.array(sorted(by_z))
+    _check_slice_positions(zs, expected_zvals, where)
+    # Filled slice-major (contiguous writes), exposed as a [row, col, slice] view.
+    stack = np.empty((len(zs),) + shape, np.int16)
+    for k, z in enumerate(zs):
+        path, ds = by_z[z]
+        stack[k] = _to_hu(path, ds)
+    first = by_z[zs[0]][1]
+    return Volume(
+        hu=stack.transpose(1, 2, 0),
+        zvals=zs.astype(float),
+        pixel_spacing=spacing,
+        origin_xy=(float(first.ImagePositionPatient[0]), float(first.ImagePositionPatient[1])),
+        patient_id=patient_id,
+        series_uid=series_uid,
+        files=[str(by_z[z][0]) for z in zs],
+    )
 
+
+def _check_same_geometry(headers, where: str) -> tuple[tuple[int, int], tuple[float, float]]:
+    """(rows, cols) and pixel spacing shared by every slice, all axial; else a one-line error."""
     first = headers[0][1]
     shape = (int(first.Rows), int(first.Columns))
     spacing = tuple(float(v) for v in first.PixelSpacing)
@@ -152,13 +150,19 @@ def read_dicom_series(
         orient = np.asarray([float(v) for v in getattr(h, "ImageOrientationPatient", AXIAL)])
         if not np.allclose(orient, AXIAL, atol=1e-3):
             raise DataError(f"{where}: {path.name} is not an axial slice (ImageOrientationPatient {orient.tolist()})")
+    return shape, spacing  # type: ignore[return-value]
 
-    # Drop duplicate z positions, keeping the lower InstanceNumber (pylidc's choice).
+
+def _slices_by_z(headers) -> dict[float, tuple[Path, object]]:
+    """One slice per z position: of duplicates the lower InstanceNumber is kept (pylidc's choice)."""
     by_z: dict[float, tuple[Path, object]] = {}
     for path, h in sorted(headers, key=lambda ph: float(getattr(ph[1], "InstanceNumber", 0) or 0)):
-        z = round(float(h.ImagePositionPatient[2]), 4)
-        by_z.setdefault(z, (path, h))
-    zs = np.array(sorted(by_z))
+        by_z.setdefault(round(float(h.ImagePositionPatient[2]), 4), (path, h))
+    return by_z
+
+
+def _check_slice_positions(zs: np.ndarray, expected_zvals, where: str) -> None:
+    """Exactly pylidc's slices when it knows them; else no gap over 1.5x the median spacing."""
     if expected_zvals is not None:
         expected = np.sort(np.asarray(expected_zvals, float))
         missing = [z for z in expected if np.min(np.abs(zs - z)) > Z_TOL_MM]
@@ -176,24 +180,6 @@ def read_dicom_series(
             raise DataError(
                 f"{where} has a missing slice between z={zs[i]:.2f} and z={zs[i + 1]:.2f} mm (spacing {step:.2f} mm)"
             )
-
-    # Filled slice-major (contiguous writes), exposed as a [row, col, slice] view.
-    stack = np.empty((len(zs),) + shape, np.int16)
-    for k, z in enumerate(zs):
-        path, ds = by_z[z]
-        stack[k] = _to_hu(path, ds)
-    hu = stack.transpose(1, 2, 0)
-    first = by_z[zs[0]][1]
-    origin = (float(first.ImagePositionPatient[0]), float(first.ImagePositionPatient[1]))
-    return Volume(
-        hu=hu,
-        zvals=zs.astype(float),
-        pixel_spacing=spacing,
-        origin_xy=origin,  # type: ignore[arg-type]
-        patient_id=patient_id,
-        series_uid=series_uid,
-        files=[str(by_z[z][0]) for z in zs],
-    )
 
 
 def _to_hu(path: Path, ds) -> np.ndarray:
@@ -217,102 +203,63 @@ def read_scan(
     return read_dicom_series(series_files(root, patient_id, series_uid), expected_zvals, patient_id)
 
 
-# ----------------------------------------------------------------------------- NIfTI VOIs
+# ----------------------------------------------------------------------------- the source
 
 
-def read_voi(image_path: str | Path, mask_path: str | Path, patient_id: str = "", series_uid: str = "") -> Volume:
-    """A NIfTI VOI and its mask, reoriented to ``[row, col, slice]`` (LPS, z increasing).
+class DicomSource(DataSource):
+    """``--lidc-root DIR``: the scans of a TCIA-layout download, one unit per scan (all its nodules)."""
 
-    The affine must be axis-aligned (no oblique rotation); image and mask must have the
-    same shape and affine.
-    """
-    import nibabel as nib
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+    name = "dicom"
+    unit_name = "scan"
 
-    image_path, mask_path = Path(image_path), Path(mask_path)
-    imgs = []
-    for p, what in ((image_path, "image"), (mask_path, "mask")):
-        if not p.is_file():
-            raise DataError(f"VOI {what} {p} does not exist")
-        try:
-            img = nib.load(str(p))
-            img.get_fdata(caching="unchanged")  # force reading so truncated files fail here
-        except Exception as exc:
-            raise DataError(f"VOI {what} {p} is not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
-        if len(img.shape) != 3:
-            raise DataError(f"VOI {what} {p} is not a 3-D volume (shape {img.shape})")
-        imgs.append(img)
-    image, mask = imgs
-    if image.shape != mask.shape:
-        raise DataError(f"VOI mask {mask_path.name} has shape {mask.shape}, image {image_path.name} has {image.shape}")
-    if not np.allclose(image.affine, mask.affine, atol=1e-3):
-        raise DataError(f"VOI mask {mask_path.name} and image {image_path.name} have different affines")
-    rot = image.affine[:3, :3]
-    if np.count_nonzero(np.abs(rot) > 1e-6) != 3:
-        raise DataError(f"VOI {image_path.name} has an oblique affine; only axis-aligned VOIs are supported")
-    # nibabel axis codes name the direction an axis increases towards (RAS world):
-    # rows towards posterior, columns towards patient left, slices towards superior.
-    transform = ornt_transform(io_orientation(image.affine), axcodes2ornt(("P", "L", "S")))
-    image = image.as_reoriented(transform)
-    mask = mask.as_reoriented(transform)
-    aff = image.affine
-    hu = np.asarray(image.dataobj)
-    if not np.issubdtype(hu.dtype, np.integer):
-        hu = np.rint(hu)
-    hu = np.clip(hu, -32768, 32767).astype(np.int16)
-    m = np.asarray(mask.dataobj) > 0
-    if not m.any():
-        raise DataError(f"VOI mask {mask_path} is empty")
-    row_sp, col_sp, z_sp = abs(aff[1, 0]), abs(aff[0, 1]), abs(aff[2, 2])
-    # RAS -> LPS: x and y change sign.
-    origin_xy = (-float(aff[0, 3]), -float(aff[1, 3]))
-    zvals = aff[2, 3] + z_sp * np.arange(hu.shape[2])
-    return Volume(
-        hu=hu,
-        zvals=zvals,
-        pixel_spacing=(float(row_sp), float(col_sp)),
-        origin_xy=origin_xy,
-        patient_id=patient_id,
-        series_uid=series_uid,
-        mask=m,
-        files=[str(image_path), str(mask_path)],
-    )
+    def _patients(self, patients: Sequence[str] | None) -> list[str]:
+        root = self.path
+        if not root.is_dir():
+            raise DataError(f"DICOM root {root} does not exist or is not a folder")
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not present:
+            raise DataError(f"DICOM root {root} has no patient folders")
+        if patients:
+            absent = [p for p in patients if p not in present]
+            if absent:
+                raise DataError(f"patient folder(s) not under {root}: {', '.join(absent)}")
+            present = list(patients)
+        return present
 
+    def plan(self, rule, patients=None, workers=1, progress=True):
+        """One unit per scan of the patient folders under the root (or ``patients``)."""
+        from nodulekit.cohort import class_counts, load_cohort
+        from nodulekit.pylidc_compat import pylidc
 
-def read_manifest(vois_dir: str | Path) -> list[dict]:
-    """Rows of ``<vois_dir>/manifest.csv`` with image/mask paths resolved."""
-    import csv
+        present = self._patients(patients)
+        pl = pylidc()
+        known = {s.patient_id for s in pl.query(pl.Scan).all()}
+        errors = [f"{p}: not a patient in pylidc's database" for p in present if p not in known]
+        wanted = [p for p in present if p in known]
+        records = load_cohort(rule, patients=wanted, workers=workers, progress=progress) if wanted else []
+        units: dict[str, Unit] = {}
+        for r in records:
+            if r.label is not None:
+                key = safe_key(f"{r.patient_id}_{r.series_uid}")
+                units.setdefault(key, Unit(key, self, r.patient_id, r.series_uid, [])).records.append(unit_record(r))
+        return list(units.values()), errors, class_counts(records)
 
-    vois_dir = Path(vois_dir)
-    if not vois_dir.is_dir():
-        raise DataError(f"VOI folder {vois_dir} does not exist or is not a folder")
-    manifest = vois_dir / "manifest.csv"
-    if not manifest.is_file():
-        raise DataError(f"{vois_dir} has no manifest.csv")
-    need = ("patient_id", "series_uid", "nodule_index", "image", "mask")
-    with open(manifest, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{manifest} lacks column(s) {', '.join(missing)}")
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            try:
-                index = int(row["nodule_index"])
-            except (TypeError, ValueError):
-                raise DataError(
-                    f"{manifest} line {i}: nodule_index {row['nodule_index']!r} is not an integer"
-                ) from None
-            rows.append(
-                {
-                    "line": i,
-                    "patient_id": row["patient_id"].strip(),
-                    "series_uid": row["series_uid"].strip(),
-                    "nodule_index": index,
-                    "image": vois_dir / row["image"].strip(),
-                    "mask": vois_dir / row["mask"].strip(),
-                }
+    def read(self, unit):
+        from nodulekit.consensus import reader_masks
+        from nodulekit.pylidc_compat import pylidc
+
+        pl = pylidc()
+        scan = lidc_scan(pl, unit.series_uid)
+        vol = read_scan(self.path, unit.patient_id, unit.series_uid, scan.slice_zvals)
+        if abs(vol.pixel_spacing[0] - float(scan.pixel_spacing)) > 1e-3:
+            raise DataError(
+                f"series {unit.series_uid}: DICOM pixel spacing {vol.pixel_spacing[0]} differs from pylidc's {scan.pixel_spacing}"
             )
-    if not rows:
-        raise DataError(f"{manifest} has no rows")
-    return rows
+        nodules = []
+        for raw in unit.records:
+            rec = record_of(raw)
+            readers = reader_masks(lidc_annotations(pl, rec))
+            nodules.append(
+                SourceNodule(raw["nodule_id"], rec, readers.agreement, readers.start, float(scan.slice_spacing))
+            )
+        return vol, nodules
