@@ -10,6 +10,8 @@ for a whole batch at once. Maps live on the final feature grid ``g``
   works on any model with a ``feature_layer``.
 - ``sam``: M'_c = sum_k gamma_k^c g_k (Eq. 7), ``map_kind == "sam"``.
 - ``hesam``: M^h_c = sum_k gamma_k^ch g_k (Eq. 11), ``map_kind == "hesam"``.
+- ``sam-faithful`` / ``hesam-faithful``: F_c = sum_k gamma_k^c w_k g_k with the per-map FC
+  weights spread back through AvgPool, so sum_{x,y} F_c + constants = the class score.
 - ``he-cam`` / ``he-gradcam``: CAM / Grad-CAM of a model that adds the high-level
   feature d (Fig. 6); refused for models without one.
 

@@ -80,3 +80,42 @@ def test_max_pooled_head_has_no_faithful_map():
     model = random_model("sam", seed=4, fcf_pool="max")
     with pytest.raises(ValueError, match="not a linear function"):
         model.head.pooling_weights()
+
+
+# ---- as map methods: `sam-faithful`, `hesam-faithful` ---------------------------------
+
+
+@pytest.mark.parametrize("arch", ["sam", "hesam"])
+def test_faithful_map_method_decomposes_the_logits(arch):
+    import numpy as np
+
+    from nodulekit.maps import compute_maps
+
+    model = random_model(arch, seed=5, dtype=torch.float32)
+    x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    out = compute_maps(model, x, f"{arch}-faithful", batch_size=2, device="cpu")
+    head = model.head
+    with torch.no_grad():
+        feats = model.forward_features(torch.from_numpy(x))
+        gamma = head.fc.weight[:, : head.channels]
+        offset = gamma @ head.beta_bias + head.fc.bias
+        if head.fusion is not None:  # HESAM's high-level term, sum_k gamma_k^c d_k
+            offset = offset + feats["high_level"] @ gamma.T
+    np.testing.assert_allclose(out["maps"].sum(axis=(2, 3)) + offset.numpy(), out["logits"], rtol=0, atol=1e-5)
+    paper = compute_maps(model, x, arch, device="cpu")  # Eq. 7 / 11, kept as it was
+    np.testing.assert_allclose(paper["logits"], out["logits"], rtol=1e-6, atol=1e-6)
+    assert np.abs(paper["maps"] - out["maps"]).max() > 1e-3
+
+
+def test_faithful_map_methods_apply_only_to_average_pooled_sam_heads():
+    from nodulekit.errors import NodulekitError
+    from nodulekit.maps import check_method, supported_methods
+
+    assert "sam-faithful" in supported_methods(random_model("sam")) and "hesam-faithful" not in supported_methods(
+        random_model("sam")
+    )
+    assert "hesam-faithful" in supported_methods(random_model("hesam"))
+    assert not {"sam-faithful", "hesam-faithful"} & set(supported_methods(random_model("cam")))
+    with pytest.raises(NodulekitError, match=r"fcf_pool=max\), which is not linear in g") as info:
+        check_method(random_model("sam", fcf_pool="max"), "sam-faithful")
+    assert "\n" not in str(info.value)

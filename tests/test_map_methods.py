@@ -17,7 +17,8 @@ def test_builtin_methods_are_registered_and_the_cli_offers_exactly_them():
     from nodulekit.cli.maps import MapMethodName
 
     names = mm.method_names()
-    assert names == ["cam", "gradcam", "sam", "hesam", "he-cam", "he-gradcam"]  # the paper's order
+    # the paper's order; each faithful map follows the map of the same head (Eq. 8 after 7, 12 after 11)
+    assert names == ["cam", "gradcam", "sam", "sam-faithful", "hesam", "hesam-faithful", "he-cam", "he-gradcam"]
     assert [m.value for m in MapMethodName] == names
     assert all(mm.get_method(n).description for n in names)
 

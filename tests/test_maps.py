@@ -300,9 +300,9 @@ def test_registry_gradcam_equals_per_image_reference(arch, x):
 
 
 def test_registry_methods_supported():
-    assert M.supported_methods(registry_model("hesam")) == ["gradcam", "hesam", "he-gradcam"]
+    assert M.supported_methods(registry_model("hesam")) == ["gradcam", "hesam", "hesam-faithful", "he-gradcam"]
     assert M.supported_methods(registry_model("he-cam")) == ["cam", "gradcam", "he-cam", "he-gradcam"]
-    assert M.supported_methods(registry_model("sam")) == ["gradcam", "sam"]
+    assert M.supported_methods(registry_model("sam")) == ["gradcam", "sam", "sam-faithful"]
 
 
 # ---- end to end: tiny trained runs through the CLI -----------------------------------
@@ -415,7 +415,7 @@ def test_cli_errors_are_one_line(tiny_runs, tmp_path, monkeypatch, capsys):
     ds, runs = tiny_runs
     res = invoke(["maps", runs["hesam"], "-m", "sam", "--device", "cpu", "-o", tmp_path / "x.h5"])
     assert isinstance(res.exception, NodulekitError)
-    assert "supports: gradcam, hesam, he-gradcam" in str(res.exception) and not (tmp_path / "x.h5").exists()
+    assert "supports: gradcam, hesam, hesam-faithful, he-gradcam" in str(res.exception) and not (tmp_path / "x.h5").exists()
     monkeypatch.setattr(
         "sys.argv",
         ["nodulekit", "maps", str(runs["hesam"]), "-m", "cam", "--device", "cpu", "-o", str(tmp_path / "x.h5")],

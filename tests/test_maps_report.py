@@ -51,8 +51,8 @@ def test_maps_report_maps_each_run_with_its_own_model(two_runs, tmp_path):
     args += ["--bootstrap", "200", "--permutations", "499", "-o", str(out)]
     assert bench.main(args) == 0
     made = sorted(p.name for p in out.glob("maps_*.h5"))
-    expected = {"maps_hesam_hesam.h5", "maps_hesam_gradcam.h5", "maps_cam_cam.h5", "maps_cam_gradcam.h5"}
-    assert expected <= set(made)
+    expected = {"maps_hesam_hesam.h5", "maps_hesam_hesam-faithful.h5", "maps_hesam_gradcam.h5"}
+    assert set(made) == expected | {"maps_cam_cam.h5", "maps_cam_gradcam.h5"}  # no faithful map of a CAM head
     # Grad-CAM of each run is computed on that run's own fold models (not borrowed from the CAM run)
     x = __import__("h5py").File(ds)["x"][()]
     for rundir, name in ((hesam, "maps_hesam_gradcam.h5"), (cam, "maps_cam_gradcam.h5")):
@@ -62,6 +62,16 @@ def test_maps_report_maps_each_run_with_its_own_model(two_runs, tmp_path):
         ref = compute_maps(model, x[rows], "gradcam", device="cpu")
         np.testing.assert_allclose(m.maps[rows], ref["maps"], rtol=1e-4, atol=1e-6)
         assert m.arch == Run(rundir).arch
+    # the faithful HESAM map of the trained run sums (+ the head's constants) to the stored logits
+    faithful = read_maps(out / "maps_hesam_hesam-faithful.h5")
+    model, _ = Run(hesam).load_model(0)
+    rows = np.flatnonzero(faithful.fold == 0)
+    with torch.no_grad():
+        feats = model.forward_features(torch.from_numpy(x[rows]))
+        _, offset = model.head.faithful_map(feats["features"], feats["high_level"])
+    np.testing.assert_allclose(
+        faithful.maps[rows].sum(axis=(2, 3)) + offset.numpy(), faithful.extra["logits"][rows], atol=1e-4
+    )
     text = (out / "maps_report.md").read_text()
     assert "| hesam:hesam | malignant | 20 |" in text and "LIDC-IDRI" in text and (out / "map_grid.png").exists()
     assert "outside enrichment" in text and "200 resamples of patients" in text and "spiculation rating" in text

@@ -57,7 +57,7 @@ def maps_cmd(
 ) -> None:
     """Activation maps of every nodule from the fold model that did not train on it.
 
-    Stores both classes' maps on the feature grid (`maps` [N, 2, h, w]) and bilinear on the 32x32 input grid (`maps_up`), the malignant probability `prob`, label `y`, `fold`, and the `logits`. cam = Eq. 1-2 (GAP head), gradcam = Eq. 3-4 (any model), sam = Eq. 7, hesam = Eq. 11, he-cam / he-gradcam = CAM / Grad-CAM of a model with the high-level feature (Fig. 6). A method the model cannot give is refused with the list it supports.
+    Stores both classes' maps on the feature grid (`maps` [N, 2, h, w]) and bilinear on the 32x32 input grid (`maps_up`), the malignant probability `prob`, label `y`, `fold`, and the `logits`. cam = Eq. 1-2 (GAP head), gradcam = Eq. 3-4 (any model), sam = Eq. 7, hesam = Eq. 11 (the paper's maps), sam-faithful / hesam-faithful = the maps whose sum plus constants is the class score (docs/maps.md), he-cam / he-gradcam = CAM / Grad-CAM of a model with the high-level feature (Fig. 6). A method the model cannot give is refused with the list it supports.
 
     Example: nodulekit maps runs/hesam-d11c --method hesam -o hesam_maps.h5
     """
