@@ -119,3 +119,22 @@ def test_faithful_map_methods_apply_only_to_average_pooled_sam_heads():
     with pytest.raises(NodulekitError, match=r"fcf_pool=max\), which is not linear in g") as info:
         check_method(random_model("sam", fcf_pool="max"), "sam-faithful")
     assert "\n" not in str(info.value)
+
+
+def test_faithful_map_adds_up_under_bf16_autocast():
+    """The head runs in fp32 even when the backbone runs in bf16: the decomposition stays exact."""
+    import numpy as np
+
+    from nodulekit.execution import ExecutionChoice
+    from nodulekit.maps import compute_maps
+
+    model = random_model("sam", seed=6, dtype=torch.float32)
+    x = np.random.default_rng(1).random((4, 3, 32, 32), dtype=np.float32)
+    bf16 = ExecutionChoice(device="cpu", amp=True, channels_last=False, how="forced", reason="test")
+    out = compute_maps(model, x, "sam-faithful", device="cpu", execution=bf16)
+    head = model.head
+    with torch.no_grad():
+        offset = (head.fc.weight[:, : head.channels] @ head.beta_bias + head.fc.bias).numpy()
+    np.testing.assert_allclose(out["maps"].sum(axis=(2, 3)) + offset, out["logits"], rtol=0, atol=1e-5)
+    fp32 = compute_maps(model, x, "sam-faithful", device="cpu")
+    assert np.abs(out["logits"] - fp32["logits"]).max() > 0  # the backbone did run in bf16

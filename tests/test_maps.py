@@ -415,7 +415,10 @@ def test_cli_errors_are_one_line(tiny_runs, tmp_path, monkeypatch, capsys):
     ds, runs = tiny_runs
     res = invoke(["maps", runs["hesam"], "-m", "sam", "--device", "cpu", "-o", tmp_path / "x.h5"])
     assert isinstance(res.exception, NodulekitError)
-    assert "supports: gradcam, hesam, hesam-faithful, he-gradcam" in str(res.exception) and not (tmp_path / "x.h5").exists()
+    assert (
+        "supports: gradcam, hesam, hesam-faithful, he-gradcam" in str(res.exception)
+        and not (tmp_path / "x.h5").exists()
+    )
     monkeypatch.setattr(
         "sys.argv",
         ["nodulekit", "maps", str(runs["hesam"]), "-m", "cam", "--device", "cpu", "-o", str(tmp_path / "x.h5")],

@@ -30,9 +30,17 @@ class FaithfulMap(MapMethod):
         return None
 
     def maps(self, model, x):
+        import torch
+
         out = model.forward_features(x)
-        maps, _offset = model.head.faithful_map(out["features"], out["high_level"])
-        return out["logits"], maps
+        g = out["features"].float()
+        d = out["high_level"].float() if out["high_level"] is not None else None
+        # The head again in fp32 even under bf16 autocast (cheap next to the backbone), so the
+        # map and the logits it returns add up exactly for the features g the backbone gave.
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            logits = model.head(g, d)["logits"]
+            maps, _offset = model.head.faithful_map(g, d)
+        return logits, maps
 
 
 @register_map_method
