@@ -77,6 +77,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 STR = h5py.string_dtype(encoding="utf-8")
 
 
+def rois_group(nodule_id: str) -> str:
+    """The name of a nodule's group under ``/nodules`` in a ``rois`` artifact."""
+    return str(nodule_id).replace(":", "_")
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     """The standard provenance record, plus stage-specific fields."""
     record = {

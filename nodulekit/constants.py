@@ -31,6 +31,11 @@ CHARACTERISTICS: tuple[str, ...] = (
 )
 
 
+def patient_of(nodule_id: str) -> str:
+    """The patient of a nodule id: ``"<patient_id>:<cluster index>"`` (or ``":s<scan>.<k>"``)."""
+    return str(nodule_id).rsplit(":", 1)[0]
+
+
 def predict_label(prob):
     """The called class (1 malignant, 0 benign) of malignant probabilities: ``prob > THRESHOLD``.
 

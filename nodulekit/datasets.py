@@ -350,88 +350,103 @@ def _inplane_filled_channels(coords: np.ndarray, rect: tuple[int, int, int, int]
     return (out_y | out_x).astype(np.uint8)
 
 
+def _nodule_group(nodules, nid: str, path: str):
+    """A rois nodule's group, checked: hu, mask and the readers' agreement, 21 slices 1 mm apart."""
+    from nodulekit.artifacts import rois_group
+
+    key = rois_group(nid)
+    if key not in nodules:
+        raise ArtifactError(f"{path}: group /nodules/{key} for nodule {nid} is missing")
+    g = nodules[key]
+    if "hu" not in g or "mask" not in g:
+        raise ArtifactError(f"{path}: /nodules/{key} lacks hu or mask")
+    if "agreement" not in g or "consensus_min_readers" not in g.attrs:
+        raise ArtifactError(
+            f"{path}: nodule {nid} has no readers' agreement map (a rois file from before the readers' "
+            "consensus); re-run nodulekit extract"
+        )
+    if g["hu"].ndim != 3 or g["hu"].shape[0] != N_Z:
+        raise DataError(f"nodule {nid}: hu has shape {g['hu'].shape}, expected [{N_Z}, S, S]")
+    z_step = float(g.attrs.get("z_step_mm", 1.0))
+    if abs(z_step - 1.0) > 1e-6:
+        raise DataError(f"nodule {nid}: z_step_mm is {z_step}, the datasets need 1 mm slices")
+    return g
+
+
+def _centre_yx(g, nid: str) -> tuple[float, float] | None:
+    """The nodule centre in window pixels (attr ``centre_in_window``), or None when not recorded."""
+    centre = g.attrs.get("centre_in_window")
+    if centre is None:
+        return None
+    centre = np.asarray(centre, np.float64).ravel()
+    if centre.shape != (2,) or not np.all(np.isfinite(centre)):
+        raise DataError(f"nodule {nid}: invalid centre_in_window {g.attrs['centre_in_window']!r}")
+    return float(centre[0]), float(centre[1])
+
+
+def _resample_group(g, nid: str, diameter: float, layout: list[ChannelSpec], path: str) -> dict[str, Any]:
+    """One rois nodule on the dataset grid: x, mask, agreement, pixel_mm and its fill flags."""
+    spacing = _spacing_yx(g.attrs.get("pixel_spacing_mm"), nid)
+    centre_yx = _centre_yx(g, nid)
+    z_lo, z_hi = min(s.z_index for s in layout), max(s.z_index for s in layout) + 1
+    # Read only the slices this layout uses (one for D1C/D3C).
+    hu, m, agree = g["hu"][z_lo:z_hi], g["mask"][z_lo:z_hi], g["agreement"][z_lo:z_hi]
+    min_readers = int(g.attrs["consensus_min_readers"])
+    if agree.shape != m.shape or not np.array_equal(m > 0, agree >= min_readers):
+        raise ArtifactError(f"{path}: nodule {nid}: mask is not agreement >= {min_readers}; a corrupt rois file")
+    out: dict[str, Any] = {"min_readers": min_readers, "undetermined": False}
+    out["x"], out["mask"], out["pixel_mm"] = resample_nodule(
+        hu, m, spacing, diameter, layout, nid, z_first=z_lo, centre_yx=centre_yx
+    )
+    coords, _ = sample_grid(hu.shape[1:], spacing, layout, diameter, nid, centre_yx)
+    coords[0] -= z_lo
+    out["agreement"] = resample_levels(agree, coords)
+    # Channels whose slice lay outside the source (edge-replicated by extract) are flagged,
+    # so a tight-in-z VOI's D21C is not mistaken for 21 real slices.
+    offsets = np.array([s.z_offset_mm for s in layout], np.float64)
+    z_filled = g.attrs.get("z_filled_offsets_mm")
+    out["filled"] = np.zeros(len(layout), np.uint8)
+    if z_filled is not None and np.size(z_filled):
+        out["filled"] = np.isin(offsets, np.round(np.asarray(z_filled, np.float64).ravel())).astype(np.uint8)
+    # In-plane fill: only where extract says it filled pixels; the detected border must
+    # account for exactly that many pixels, otherwise the flags are left unknown (0).
+    out["inplane"] = np.zeros(len(layout), np.uint8)
+    n_filled = int(g.attrs.get("inplane_filled", 0))
+    if n_filled > 0:
+        rect = replicated_border(hu)
+        h, w = hu.shape[1:]
+        if h * w - (rect[1] - rect[0] + 1) * (rect[3] - rect[2] + 1) == n_filled:
+            coords, _ = sample_grid((h, w), spacing, layout, diameter, nid, centre_yx)
+            out["inplane"] = _inplane_filled_channels(coords, rect)
+        else:
+            out["undetermined"] = True
+    return out
+
+
 def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: bool) -> dict[str, Any]:
-    """Resample every nodule of an open rois file: x [N,C,32,32], mask, pixel_mm [N,C] and
-    the per-channel fill flags."""
+    """Resample every nodule of an open rois file: x [N,C,32,32], mask, agreement, pixel_mm [N,C],
+    the consensus' minimum reader count [N] and the per-channel fill flags."""
     from tqdm import tqdm
 
-    path = f.filename
-    n, n_channels = len(nodule_id), len(layout)
-    x = np.empty((n, n_channels, PATCH, PATCH), np.float32)
-    mask = np.empty((n, n_channels, PATCH, PATCH), np.uint8)
-    agreement = np.empty((n, n_channels, PATCH, PATCH), np.uint8)
-    min_readers = np.empty(n, np.int64)
-    pixel_mm = np.empty((n, n_channels), np.float32)
-    filled = np.zeros((n, n_channels), np.uint8)
-    inplane = np.zeros((n, n_channels), np.uint8)
-    undetermined: list[str] = []
-    offsets = np.array([s.z_offset_mm for s in layout], np.float64)
-    z_lo = min(s.z_index for s in layout)
-    z_hi = max(s.z_index for s in layout) + 1
-    nodules = f["nodules"]
-    for i in tqdm(range(n), desc="build", unit="nodule", disable=not progress):
-        nid = nodule_id[i]
-        key = nid.replace(":", "_")
-        if key not in nodules:
-            raise ArtifactError(f"{path}: group /nodules/{key} for nodule {nid} is missing")
-        g = nodules[key]
-        if "hu" not in g or "mask" not in g:
-            raise ArtifactError(f"{path}: /nodules/{key} lacks hu or mask")
-        if "agreement" not in g or "consensus_min_readers" not in g.attrs:
-            raise ArtifactError(
-                f"{path}: nodule {nid} has no readers' agreement map (a rois file from before the readers' "
-                "consensus); re-run nodulekit extract"
-            )
-        if g["hu"].ndim != 3 or g["hu"].shape[0] != N_Z:
-            raise DataError(f"nodule {nid}: hu has shape {g['hu'].shape}, expected [{N_Z}, S, S]")
-        z_step = float(g.attrs.get("z_step_mm", 1.0))
-        if abs(z_step - 1.0) > 1e-6:
-            raise DataError(f"nodule {nid}: z_step_mm is {z_step}, the datasets need 1 mm slices")
-        spacing = _spacing_yx(g.attrs.get("pixel_spacing_mm"), nid)
-        centre = g.attrs.get("centre_in_window")
-        if centre is not None:
-            centre = np.asarray(centre, np.float64).ravel()
-            if centre.shape != (2,) or not np.all(np.isfinite(centre)):
-                raise DataError(f"nodule {nid}: invalid centre_in_window {g.attrs['centre_in_window']!r}")
-        # Channels whose slice lay outside the source (edge-replicated by extract) are flagged,
-        # so a tight-in-z VOI's D21C is not mistaken for 21 real slices.
-        z_filled = g.attrs.get("z_filled_offsets_mm")
-        if z_filled is not None and np.size(z_filled):
-            filled[i] = np.isin(offsets, np.round(np.asarray(z_filled, np.float64).ravel()))
-        # Read only the slices this layout uses (one for D1C/D3C).
-        hu = g["hu"][z_lo:z_hi]
-        m = g["mask"][z_lo:z_hi]
-        agree, min_readers[i] = g["agreement"][z_lo:z_hi], int(g.attrs["consensus_min_readers"])
-        if agree.shape != m.shape or not np.array_equal(m > 0, agree >= min_readers[i]):
-            raise ArtifactError(f"{path}: nodule {nid}: mask is not agreement >= {min_readers[i]}; a corrupt rois file")
-        centre_yx = None if centre is None else (centre[0], centre[1])
-        x[i], mask[i], pixel_mm[i] = resample_nodule(
-            hu, m, spacing, float(diameter[i]), layout, nid, z_first=z_lo, centre_yx=centre_yx
-        )
-        coords, _ = sample_grid(hu.shape[1:], spacing, layout, float(diameter[i]), nid, centre_yx)
-        coords[0] -= z_lo
-        agreement[i] = resample_levels(agree, coords)
-        # In-plane fill: only where extract says it filled pixels; the detected border must
-        # account for exactly that many pixels, otherwise the flags are left unknown (0).
-        n_filled = int(g.attrs.get("inplane_filled", 0))
-        if n_filled > 0:
-            rect = replicated_border(hu)
-            h, w = hu.shape[1:]
-            if h * w - (rect[1] - rect[0] + 1) * (rect[3] - rect[2] + 1) == n_filled:
-                coords, _ = sample_grid((h, w), spacing, layout, float(diameter[i]), nid, centre_yx)
-                inplane[i] = _inplane_filled_channels(coords, rect)
-            else:
-                undetermined.append(nid)
-    return {
-        "x": x,
-        "mask": mask,
-        "agreement": agreement,
-        "min_readers": min_readers,
-        "pixel_mm": pixel_mm,
-        "filled": filled,
-        "inplane": inplane,
-        "undetermined": undetermined,
+    n, c = len(nodule_id), len(layout)
+    out: dict[str, Any] = {
+        "x": np.empty((n, c, PATCH, PATCH), np.float32),
+        "mask": np.empty((n, c, PATCH, PATCH), np.uint8),
+        "agreement": np.empty((n, c, PATCH, PATCH), np.uint8),
+        "min_readers": np.empty(n, np.int64),
+        "pixel_mm": np.empty((n, c), np.float32),
+        "filled": np.zeros((n, c), np.uint8),
+        "inplane": np.zeros((n, c), np.uint8),
     }
+    undetermined: list[str] = []
+    for i in tqdm(range(n), desc="build", unit="nodule", disable=not progress):
+        g = _nodule_group(f["nodules"], nodule_id[i], f.filename)
+        one = _resample_group(g, nodule_id[i], float(diameter[i]), layout, f.filename)
+        for name, array in out.items():
+            array[i] = one[name]
+        if one["undetermined"]:
+            undetermined.append(nodule_id[i])
+    return {**out, "undetermined": undetermined}
 
 
 def dataset_name(channels: int) -> str:
@@ -445,6 +460,54 @@ def _check_build_options(channels: int, n_folds: int, split: str) -> list[Channe
     if n_folds < 2:
         raise NodulekitError(f"--folds must be at least 2 (got {n_folds})")
     return layout
+
+
+def _dataset_attrs(channels, n_folds, split, seed, layout, table, consensus, rois_path, rois_source) -> dict:
+    """The attributes of a dataset built from a rois file (see :class:`Dataset`)."""
+    attrs = {
+        "name": dataset_name(channels),
+        "channels": channels,
+        "n_folds": n_folds,
+        "split": split,
+        "split_note": SPLIT_NOTES[split],
+        "seed": seed,
+        "label_rule": json.loads(table["label_rule"]),
+        "normalisation": NORMALISATION,
+        "consensus_level": float(consensus["consensus_level"]),
+        "consensus_definition": str(consensus["consensus_definition"]),
+        "channel_layout": [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout],
+        "source": str(rois_path),
+        "characteristic_names": table["characteristic_names"],
+    }
+    if rois_source is not None:
+        attrs["rois_source"] = str(rois_source)
+    return attrs
+
+
+def _built_dataset(table: dict, images: dict, fold: np.ndarray, attrs: dict) -> Dataset:
+    """The :class:`Dataset` of the rois table and its resampled images."""
+    extras = dict(table["extras"])
+    if table["series_uid"] is not None:
+        extras["series_uid"] = np.asarray(table["series_uid"], dtype=object)
+    return Dataset(
+        x=images["x"],
+        y=table["y"],
+        fold=fold,
+        patient_id=table["patient_id"],
+        nodule_id=table["nodule_id"],
+        mask=images["mask"],
+        pixel_mm=images["pixel_mm"],
+        characteristics=table["characteristics"],
+        reader_malignancy=table["reader_malignancy"],
+        malignancy_mean=table["malignancy_mean"],
+        diameter_mm=table["diameter_mm"].astype(np.float32),
+        attrs=attrs,
+        filled_channels=images["filled"],
+        inplane_filled_channels=images["inplane"],
+        extras=extras,
+        agreement=images["agreement"],
+        consensus_min_readers=images["min_readers"],
+    )
 
 
 def build_dataset(
@@ -478,45 +541,8 @@ def build_dataset(
         # Folds need only labels and patients: refuse an impossible split before the slow part.
         fold = assign_folds(table["y"], table["patient_id"], n_folds, seed, split)
         images = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
-    attrs = {
-        "name": dataset_name(channels),
-        "channels": channels,
-        "n_folds": n_folds,
-        "split": split,
-        "split_note": SPLIT_NOTES[split],
-        "seed": seed,
-        "label_rule": json.loads(table["label_rule"]),
-        "normalisation": NORMALISATION,
-        "consensus_level": float(consensus["consensus_level"]),
-        "consensus_definition": str(consensus["consensus_definition"]),
-        "channel_layout": [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout],
-        "source": str(rois_path),
-        "characteristic_names": table["characteristic_names"],
-    }
-    if rois_source is not None:
-        attrs["rois_source"] = str(rois_source)
-    extras = dict(table["extras"])
-    if table["series_uid"] is not None:
-        extras["series_uid"] = np.asarray(table["series_uid"], dtype=object)
-    ds = Dataset(
-        x=images["x"],
-        y=table["y"],
-        fold=fold,
-        patient_id=table["patient_id"],
-        nodule_id=table["nodule_id"],
-        mask=images["mask"],
-        pixel_mm=images["pixel_mm"],
-        characteristics=table["characteristics"],
-        reader_malignancy=table["reader_malignancy"],
-        malignancy_mean=table["malignancy_mean"],
-        diameter_mm=table["diameter_mm"].astype(np.float32),
-        attrs=attrs,
-        filled_channels=images["filled"],
-        inplane_filled_channels=images["inplane"],
-        extras=extras,
-        agreement=images["agreement"],
-        consensus_min_readers=images["min_readers"],
-    )
+    attrs = _dataset_attrs(channels, n_folds, split, seed, layout, table, consensus, rois_path, rois_source)
+    ds = _built_dataset(table, images, fold, attrs)
     prov = provenance(
         stage="build",
         name=attrs["name"],

@@ -637,7 +637,7 @@ def infer(
     """
     import time
 
-    from nodulekit.artifacts import check_output_path, provenance, write_maps
+    from nodulekit.artifacts import check_output_path
     from nodulekit.datasets import load_dataset
 
     if batch < 1:
@@ -646,43 +646,14 @@ def infer(
     check_output_path(out, overwrite)
     ds = load_dataset(dataset_path)
     _check_inputs_match(meta, ds, onnx_path)
-    x, y, ds_fold, nodule_id, label_rule = ds.x, ds.y, ds.fold, ds.nodule_id, ds.label_rule
     trained, overlap = training_rows(meta, ds)
     session, ran, note = make_session(onnx_path, provider)
     t0 = time.perf_counter()
-    prob, maps, maps_up = run_session(
-        session, x, batch, binding_device=None if ran == "cpu" else "cuda", progress=progress
-    )
+    outputs = run_session(session, ds.x, batch, binding_device=None if ran == "cpu" else "cuda", progress=progress)
     seconds = time.perf_counter() - t0
-    model_fold = int(meta["fold"]) if meta.get("fold", "unknown").lstrip("-").isdigit() else -1
-    prov = provenance(
-        onnx=str(onnx_path),
-        dataset=str(dataset_path),
-        provider=ran,
-        provider_note=note,
-        onnx_metadata={k: v for k, v in meta.items() if k != "verification"},
-        label_rule=label_rule,
-        batch=batch,
-        seconds=round(seconds, 4),
-    )
-    write_maps(
-        out,
-        nodule_id=nodule_id,
-        maps=maps,
-        prob=prob[:, MALIGNANT],
-        method=meta["map_kind"],
-        arch=meta["arch"],
-        source=f"onnx:{onnx_path}",
-        prov=prov,
-        y=y,
-        fold=np.full(len(y), model_fold, np.int64),
-        maps_up=maps_up,
-        extra={"dataset_fold": np.asarray(ds_fold, np.int64), "trained_on": trained.astype(np.uint8)},
-        overwrite=overwrite,
-        dataset_identity=ds.identity,
-    )
+    _write_inferred_maps(out, onnx_path, meta, ds, outputs, trained, ran, note, batch, seconds, overwrite)
     warning = (
-        f"{int(trained.sum())} of {len(y)} nodules were in the model's training data ({overlap}); their "
+        f"{int(trained.sum())} of {len(ds)} nodules were in the model's training data ({overlap}); their "
         "probabilities are not held-out estimates (the maps file marks them in `trained_on`)"
         if trained.any()
         else ""
@@ -690,12 +661,46 @@ def infer(
     return {
         "provider": ran,
         "note": note,
-        "n": int(len(y)),
+        "n": len(ds),
         "seconds": seconds,
         "out": str(out),
         "trained_on": int(trained.sum()),
         "warning": warning,
     }
+
+
+def _write_inferred_maps(out, onnx_path, meta, ds, outputs, trained, ran, note, batch, seconds, overwrite) -> None:
+    """The ``maps`` artifact of ``infer``: ONNX Runtime's outputs for every row of ``ds``."""
+    from nodulekit.artifacts import provenance, write_maps
+
+    prob, maps, maps_up = outputs
+    model_fold = int(meta["fold"]) if meta.get("fold", "unknown").lstrip("-").isdigit() else -1
+    prov = provenance(
+        onnx=str(onnx_path),
+        dataset=str(ds.path),
+        provider=ran,
+        provider_note=note,
+        onnx_metadata={k: v for k, v in meta.items() if k != "verification"},
+        label_rule=ds.label_rule,
+        batch=batch,
+        seconds=round(seconds, 4),
+    )
+    write_maps(
+        out,
+        nodule_id=ds.nodule_id,
+        maps=maps,
+        prob=prob[:, MALIGNANT],
+        method=meta["map_kind"],
+        arch=meta["arch"],
+        source=f"onnx:{onnx_path}",
+        prov=prov,
+        y=ds.y,
+        fold=np.full(len(ds), model_fold, np.int64),
+        maps_up=maps_up,
+        extra={"dataset_fold": np.asarray(ds.fold, np.int64), "trained_on": trained.astype(np.uint8)},
+        overwrite=overwrite,
+        dataset_identity=ds.identity,
+    )
 
 
 def _check_inputs_match(meta: dict[str, str], ds, onnx_path) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nodulekit.artifacts import rois_group
 from nodulekit.cohort import LabelRule, write_nodule_table
 from nodulekit.consensus import DEFAULT_LEVEL, check_level, min_agreement
 from nodulekit.consensus import DEFINITION as CONSENSUS_DEFINITION
@@ -42,6 +43,7 @@ from nodulekit.workers import run_tasks
 Z_OFFSETS_MM = np.arange(-10, 11, dtype=float)  # 21 slices, 1 mm apart
 WINDOW_DIAMETERS = 4.5  # window side in nodule diameters (room for a 4x ROI at any sub-pixel centre)
 MIN_WINDOW_MM = 16.0
+Z_MATCH_MM = 1e-3  # a target z this close to the first/last slice is inside the source
 FILL_METHOD = (
     "edge replication of the nearest source slice (z) and nearest source pixel (in-plane); "
     "mask and agreement 0 outside the source"
@@ -100,44 +102,14 @@ def sample_window(
     c0 = int(round(centre_rc[1])) - half
     rows, row_in = _index_with_fill(n_rows, r0 + np.arange(side_px))
     cols, col_in = _index_with_fill(n_cols, c0 + np.arange(side_px))
-
     targets = centre_z_mm + Z_OFFSETS_MM
-    tol = 1e-3
-    z_outside = (targets < zvals[0] - tol) | (targets > zvals[-1] + tol)
+    z_outside = (targets < zvals[0] - Z_MATCH_MM) | (targets > zvals[-1] + Z_MATCH_MM)
     # np.interp clamps outside the source: edge replication of the first/last slice.
     kf = np.interp(targets, zvals, np.arange(n_slices, dtype=float)) if n_slices > 1 else np.zeros_like(targets)
-    k_lo = np.floor(kf).astype(int)
-    k_hi = np.minimum(k_lo + 1, n_slices - 1)
-    w = kf - k_lo
-
-    plane = np.ix_(rows, cols)
-    out = np.empty((len(targets), side_px, side_px), np.float64)
-    for t in range(len(targets)):
-        lo = hu[:, :, k_lo[t]][plane].astype(np.float64)
-        hi = hu[:, :, k_hi[t]][plane].astype(np.float64)
-        out[t] = (1 - w[t]) * lo + w[t] * hi
-    hu_win = np.clip(np.rint(out), -32768, 32767).astype(np.int16)
-
+    hu_win = _interpolate_slices(hu, np.ix_(rows, cols), kf)
     label_win = np.zeros((len(targets), side_px, side_px), np.uint8)
     if labels is not None:
-        m = np.asarray(labels, np.uint8)
-        mr, mc, mk = labels_offset
-        mrows = rows - mr
-        mcols = cols - mc
-        ok_r = row_in & (mrows >= 0) & (mrows < m.shape[0])
-        ok_c = col_in & (mcols >= 0) & (mcols < m.shape[1])
-        sub_plane = np.ix_(np.clip(mrows, 0, m.shape[0] - 1), np.clip(mcols, 0, m.shape[1] - 1))
-        valid_plane = np.outer(ok_r, ok_c)
-        k_near = np.floor(kf + 0.5).astype(int)
-        # the nearest slice counts while it is nearer than half a slice step (as inside the source)
-        step_lo, step_hi = (zvals[1] - zvals[0], zvals[-1] - zvals[-2]) if n_slices > 1 else (0.0, 0.0)
-        near = (targets >= zvals[0] - step_lo / 2 - tol) & (targets < zvals[-1] + step_hi / 2 - tol)
-        for t in range(len(targets)):
-            kk = k_near[t] - mk
-            if not near[t] or kk < 0 or kk >= m.shape[2]:
-                continue
-            label_win[t] = np.where(valid_plane, m[:, :, kk][sub_plane], 0)
-
+        label_win = _nearest_label_slices(labels, labels_offset, (rows, row_in), (cols, col_in), kf, targets, zvals)
     info = {
         "z_filled": int(z_outside.sum()),
         "z_filled_offsets_mm": [float(v) for v in Z_OFFSETS_MM[z_outside]],
@@ -151,11 +123,42 @@ def sample_window(
     return hu_win, label_win, info
 
 
+def _interpolate_slices(hu: np.ndarray, plane, kf: np.ndarray) -> np.ndarray:
+    """HU at fractional slice indices ``kf`` on the in-plane index grid ``plane``: int16 [len(kf), S, S]."""
+    k_lo = np.floor(kf).astype(int)
+    k_hi = np.minimum(k_lo + 1, hu.shape[2] - 1)
+    w = kf - k_lo
+    out = np.empty((len(kf),) + (len(plane[0]), plane[1].shape[1]), np.float64)
+    for t in range(len(kf)):
+        lo = hu[:, :, k_lo[t]][plane].astype(np.float64)
+        hi = hu[:, :, k_hi[t]][plane].astype(np.float64)
+        out[t] = (1 - w[t]) * lo + w[t] * hi
+    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+
+
+def _nearest_label_slices(labels, offset, row_index, col_index, kf, targets, zvals) -> np.ndarray:
+    """Labels (at ``offset`` in the volume) on the window: nearest slice, 0 outside the source."""
+    m = np.asarray(labels, np.uint8)
+    (rows, row_in), (cols, col_in) = row_index, col_index
+    mr, mc, mk = offset
+    mrows, mcols = rows - mr, cols - mc
+    ok_r = row_in & (mrows >= 0) & (mrows < m.shape[0])
+    ok_c = col_in & (mcols >= 0) & (mcols < m.shape[1])
+    sub_plane = np.ix_(np.clip(mrows, 0, m.shape[0] - 1), np.clip(mcols, 0, m.shape[1] - 1))
+    valid_plane = np.outer(ok_r, ok_c)
+    k_near = np.floor(kf + 0.5).astype(int)
+    # the nearest slice counts while it is nearer than half a slice step (as inside the source)
+    step_lo, step_hi = (zvals[1] - zvals[0], zvals[-1] - zvals[-2]) if len(zvals) > 1 else (0.0, 0.0)
+    near = (targets >= zvals[0] - step_lo / 2 - Z_MATCH_MM) & (targets < zvals[-1] + step_hi / 2 - Z_MATCH_MM)
+    out = np.zeros((len(targets), len(rows), len(cols)), np.uint8)
+    for t in range(len(targets)):
+        kk = k_near[t] - mk
+        if near[t] and 0 <= kk < m.shape[2]:
+            out[t] = np.where(valid_plane, m[:, :, kk][sub_plane], 0)
+    return out
+
+
 # ----------------------------------------------------------------------------- units of work
-
-
-def _group_name(nodule_id: str) -> str:
-    return nodule_id.replace(":", "_")
 
 
 def _nodule_payload(nodule: SourceNodule, vol: Volume, level: float) -> dict:
@@ -218,7 +221,7 @@ def _run_unit(unit: Unit, parts_dir: str, level: float) -> tuple[str, int, str |
         with h5py.File(tmp, "w") as f:
             for raw in unit.records:
                 nid = raw["nodule_id"]
-                g = f.create_group(_group_name(nid))
+                g = f.create_group(rois_group(nid))
                 for name in ("hu", "mask", "agreement"):
                     g.create_dataset(name, data=payload[nid][name], compression="gzip", compression_opts=4)
                 g.attrs["record"] = json.dumps(raw)
@@ -412,7 +415,7 @@ def _assemble(
         f.attrs["mask_sampling"] = MASK_SAMPLING
         nodules = _copy_parts(f, [u for u, _ in order], ids, parts)
         # The diameter that scaled each window: the consensus mask's (see nodulekit.geometry).
-        f["diameter_mm"] = np.array([nodules[_group_name(n)].attrs["diameter_mm"] for n in ids], np.float64)
+        f["diameter_mm"] = np.array([nodules[rois_group(n)].attrs["diameter_mm"] for n in ids], np.float64)
         f["diameter_mm"].attrs["meaning"] = "equivalent diameter of the consensus mask; " + GEOMETRY_DEFINITION
 
 
@@ -426,9 +429,9 @@ def _copy_parts(f, units: list[Unit], ids: list[str], parts: Path):
         for unit, nid in zip(units, ids, strict=True):
             if unit.key not in open_parts:
                 open_parts[unit.key] = h5py.File(parts / f"{unit.key}.h5", "r")
-            src = open_parts[unit.key][_group_name(nid)]
-            src.file.copy(src, nodules, name=_group_name(nid))
-            del nodules[_group_name(nid)].attrs["record"]
+            src = open_parts[unit.key][rois_group(nid)]
+            src.file.copy(src, nodules, name=rois_group(nid))
+            del nodules[rois_group(nid)].attrs["record"]
     finally:
         for pf in open_parts.values():
             pf.close()

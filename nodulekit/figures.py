@@ -63,6 +63,20 @@ def _pick_nodules(ids: list[str], y: np.ndarray, n: int) -> list[str]:
     return chosen or ids[:n]
 
 
+def _grid_nodules(runs, ds, row_of: dict, nodules: Sequence[str] | None, n: int) -> list[str]:
+    """``nodules`` (each in every maps file and the dataset), else ``n`` picked among those shared."""
+    common = [i for i in runs[0].nodule_id if all(i in set(r.nodule_id) for r in runs[1:])]
+    if nodules:
+        missing = [i for i in nodules if i not in common or i not in row_of]
+        if missing:
+            raise NodulekitError(f"nodule(s) not in every maps file and the dataset: {', '.join(missing[:5])}")
+        return list(nodules)
+    common = [i for i in common if i in row_of]
+    if not common:
+        raise NodulekitError("the maps files share no nodule with each other and the dataset")
+    return _pick_nodules(common, ds.y[[row_of[i] for i in common]], n)
+
+
 def map_grid(
     maps_paths: Sequence[str | Path],
     dataset: str | Path,
@@ -86,18 +100,8 @@ def map_grid(
     runs = [read_maps(p) for p in maps_paths]
     for r in runs:
         r.check_dataset(ds)
-    common = [i for i in runs[0].nodule_id if all(i in set(r.nodule_id) for r in runs[1:])]
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
-    if nodules:
-        missing = [i for i in nodules if i not in common or i not in row_of]
-        if missing:
-            raise NodulekitError(f"nodule(s) not in every maps file and the dataset: {', '.join(missing[:5])}")
-        chosen = list(nodules)
-    else:
-        common = [i for i in common if i in row_of]
-        if not common:
-            raise NodulekitError("the maps files share no nodule with each other and the dataset")
-        chosen = _pick_nodules(common, ds.y[[row_of[i] for i in common]], n)
+    chosen = _grid_nodules(runs, ds, row_of, nodules, n)
     plt = _pyplot()
     cols = 1 + len(runs)
     fig, axes = plt.subplots(

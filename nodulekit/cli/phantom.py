@@ -9,6 +9,7 @@ import typer
 from nodulekit.cli import app
 
 
+# Long only by its typer option declarations: the body parses and calls the library.
 @app.command("phantom")
 def phantom_cmd(
     output: Path = typer.Option(

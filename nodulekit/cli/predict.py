@@ -12,6 +12,7 @@ import typer
 from nodulekit.cli import app
 
 
+# Long only by its typer option declarations: the body parses and calls the library.
 @app.command("predict")
 def predict_cmd(
     model: Path = typer.Argument(

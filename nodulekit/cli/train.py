@@ -34,6 +34,7 @@ def describe_execution(execution: dict) -> str:
     )
 
 
+# Long only by its typer option declarations: the body parses and calls the library.
 @app.command("train")
 def train_command(
     dataset: Path = typer.Argument(..., help="The `dataset` HDF5 artifact written by `nodulekit build`."),
