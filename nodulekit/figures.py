@@ -206,7 +206,13 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
     methods = list(dict.fromkeys(scores[key]))
     classes = [c for c in ("malignant", "benign") if c in set(scores["class"])]
     colours = {"malignant": "#d62728", "benign": "#1f77b4"}
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(methods) * 2), 3.6), sharey=True)
+    # Side by side for a few maps; one above the other when many would make the figure too wide.
+    stacked = len(methods) > 4
+    shape, size = (
+        ((2, 1), (max(6, 1.2 * len(methods)), 6.4)) if stacked else ((1, 2), (max(6, 3.2 * len(methods)), 3.6))
+    )
+    fig, axes = plt.subplots(*shape, figsize=size, sharey=True, squeeze=False, layout="constrained")
+    axes = axes.ravel()
     for ax, region, title in zip(axes, ("margin_band", "body"), ("margin band", "body"), strict=True):
         width = 0.8 / max(1, len(classes))
         for j, cls in enumerate(classes):
@@ -228,7 +234,8 @@ def region_score_plot(scores, out: str | Path, *, overwrite: bool = False) -> Pa
                     patch.set_facecolor(colours.get(cls, "grey"))
                     patch.set_alpha(0.6)
             ax.plot([], [], color=colours.get(cls, "grey"), lw=6, alpha=0.6, label=cls)
-        ax.set_xticks(range(len(methods)), [m.upper().replace(" ", "\n") for m in methods], fontsize=7)
+        ticks = [m.upper().replace(" ", "\n").replace(":", "\n") for m in methods]
+        ax.set_xticks(range(len(methods)), ticks, fontsize=7)
         ax.set_title(f"energy share in the {title}", fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
