@@ -215,7 +215,7 @@ def test_the_example_configs_are_valid(tmp_path, name, runs):
     if name == "paper.yaml":
         assert [t.name for t in plan.tables] == ["table2", "table3", "fusion", "table4"]
         assert plan.table5["against"] == ["pn-samp", "sag-c", "resnet18", "resnet34", "vgg16", "densenet121"]
-        assert sorted(plan.maps["methods"]) == ["cam", "gradcam", "hesam", "sam"]
+        assert sorted(plan.maps["methods"]) == ["cam", "gradcam", "hesam", "hesam-faithful", "sam", "sam-faithful"]
 
 
 def test_dry_run_lists_one_job_per_fold_when_folds_are_not_side_by_side(tmp_path):
