@@ -6,9 +6,12 @@ when the name exists: of two jobs racing, exactly one wins, and no reader ever s
 half-written claim) holding the host name, PID, the
 process's start tick (so a recycled PID is not taken for the old job) and the start
 time. A second job finding a live claim refuses in one line. A claim left by a dead
-process on the same host (killed job, crashed node) is stale: it is taken over, and
-the takeover is said on stderr. A claim from another host cannot be checked from
-here; it is respected, and the refusal says which file to delete if that job is gone.
+process on the same host (killed job) is stale: it is taken over, and the takeover is
+said on stderr. A process on another host cannot be checked from here, so a job keeps
+its claims fresh instead: a thread touches them every ``HEARTBEAT_S`` seconds, and a
+claim from another host not touched for ``STALE_S`` seconds (its node crashed, or its
+job was killed by the scheduler) is stale too. A fresh one is respected, and the
+refusal says which file to delete if that job is known to be gone.
 
 Takeovers are serialised by ``flock`` on ``fold<k>/.claim.lock`` (the kernel drops
 it when its holder dies), so two jobs finding the same stale claim do not both win.
@@ -22,9 +25,11 @@ import json
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,6 +37,10 @@ from nodulekit.errors import NodulekitError
 
 CLAIM_FILE = "claim.json"
 _TAKEOVER_LOCK = ".claim.lock"
+HEARTBEAT_S = 60.0  # a job touches its claims this often
+# A claim from another host untouched this long is stale: 10 heartbeats, far above the
+# attribute caching of network file systems (NFS: up to 60 s) and usual clock skew.
+STALE_S = 600.0
 
 
 class FoldClaimed(NodulekitError):
@@ -44,11 +53,13 @@ class Claim:
     pid: int
     started: str
     pid_start: str | None = None  # the process's start time in clock ticks since boot (Linux)
+    touched: float | None = field(default=None, compare=False)  # the claim file's mtime (not written in it)
 
     def alive(self) -> bool | None:
-        """True/False for a claim made on this host; None when made elsewhere (cannot tell)."""
+        """True/False for a claim made on this host, or from another host untouched for ``STALE_S``;
+        None for a fresh claim from another host (its process cannot be checked from here)."""
         if self.host != socket.gethostname():
-            return None
+            return False if self.silent_for() > STALE_S else None
         if self.pid <= 0:  # an unreadable claim file
             return False
         try:
@@ -60,8 +71,17 @@ class Claim:
         start = _process_start(self.pid)
         return self.pid_start is None or start is None or start == self.pid_start
 
+    def silent_for(self) -> float:
+        """Seconds since the holder last touched the claim (0 when unknown)."""
+        return max(0.0, time.time() - self.touched) if self.touched is not None else 0.0
+
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} since {self.started}"
+
+    def why_stale(self) -> str:
+        if self.host != socket.gethostname():
+            return f"has not refreshed its claim for {self.silent_for() / 60:.0f} min"
+        return "is no longer running"
 
 
 def _process_start(pid: int) -> str | None:
@@ -84,7 +104,8 @@ def read_claim(fold_dir: str | os.PathLike, name: str = CLAIM_FILE) -> Claim | N
     path = Path(fold_dir) / name
     try:
         raw = json.loads(path.read_text())
-        return Claim(str(raw["host"]), int(raw["pid"]), str(raw["started"]), raw.get("pid_start"))
+        touched = path.stat().st_mtime
+        return Claim(str(raw["host"]), int(raw["pid"]), str(raw["started"]), raw.get("pid_start"), touched)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -97,8 +118,9 @@ def _create(path: Path, claim: Claim) -> bool:
     tmp = path.with_name(f".{path.name}.{claim.pid}.{os.urandom(4).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        record = {k: v for k, v in asdict(claim).items() if k != "touched"}
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(claim)) + "\n")
+            f.write(json.dumps(record) + "\n")
         os.link(tmp, path)  # atomic, and fails when the name exists (also on NFS)
         return True
     except FileExistsError:
@@ -108,7 +130,13 @@ def _create(path: Path, claim: Claim) -> bool:
 
 
 def _refusal(fold_dir: Path, holder: Claim, name: str = CLAIM_FILE, doing: str = "trained") -> FoldClaimed:
-    where = "" if holder.alive() else f"; if that job is gone, delete {fold_dir / name}"
+    where = (
+        ""
+        if holder.alive()
+        else (
+            f"; it is taken over once untouched for {STALE_S / 60:.0f} min, or delete {fold_dir / name} if that job is gone"
+        )
+    )
     return FoldClaimed(f"{fold_dir} is being {doing} by another job ({holder.describe()}){where}")
 
 
@@ -138,10 +166,7 @@ def acquire(fold_dir: str | os.PathLike, name: str = CLAIM_FILE, doing: str = "t
         if not _create(path, mine):  # someone created a fresh claim between our read and now
             raise _refusal(fold_dir, read_claim(fold_dir, name) or mine, name, doing)
     if holder is not None:
-        print(
-            f"nodulekit: taking over {path}: its job ({holder.describe()}) is no longer running",
-            file=sys.stderr,
-        )
+        print(f"nodulekit: taking over {path}: its job ({holder.describe()}) {holder.why_stale()}", file=sys.stderr)
     return mine
 
 
@@ -169,7 +194,29 @@ def claimed(fold_dirs: Iterable[str | os.PathLike]) -> Iterator[dict[Path, Claim
             claim = acquire(fold_dir)
             held[fold_dir] = claim
             stack.callback(release, fold_dir, claim)
+        stack.enter_context(heartbeat(held))
         yield held
+
+
+@contextmanager
+def heartbeat(held: dict[Path, Claim], name: str = CLAIM_FILE) -> Iterator[None]:
+    """Touch the claims in ``held`` every ``HEARTBEAT_S`` seconds (a daemon thread) while in the block."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            for folder, claim in held.items():
+                if read_claim(folder, name) == claim:  # never refresh someone else's claim
+                    with suppress(OSError):
+                        os.utime(Path(folder) / name)
+
+    thread = threading.Thread(target=beat, name="nodulekit-claims", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def live_claim(fold_dir: str | os.PathLike) -> Claim | None:

@@ -604,6 +604,24 @@ def run_grid(config: str | os.PathLike, *, cores: int | None = None, profile: st
         return subprocess.run(cmd).returncode
     mine = claims.acquire(plan.root, GRID_CLAIM, doing="run")
     try:
-        return subprocess.run(cmd).returncode
+        with claims.heartbeat({plan.root: mine}, GRID_CLAIM):
+            return _run_snakemake(cmd)
     finally:
         claims.release(plan.root, mine, GRID_CLAIM)
+
+
+def _run_snakemake(cmd: list[str]) -> int:
+    """Run Snakemake; when this process is interrupted or terminated, let Snakemake stop its jobs first."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: Snakemake cancels its running jobs, then we go
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except BaseException:
+            proc.kill()
+        raise

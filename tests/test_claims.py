@@ -92,7 +92,10 @@ def test_recycled_pid_and_foreign_host(tmp_path):
     assert claims.read_claim(fold_dir).alive() is False
     # another host's claim cannot be checked: respected, and the refusal says what to delete
     (fold_dir / CLAIM_FILE).write_text(json.dumps({"host": "node-x", "pid": 1, "started": "t0"}))
-    with pytest.raises(FoldClaimed, match=f"pid 1 on node-x since t0\\); if that job is gone, delete {fold_dir}"):
+    with pytest.raises(
+        FoldClaimed,
+        match=f"pid 1 on node-x since t0\\); it is taken over once untouched for 10 min, or delete {fold_dir}",
+    ):
         claims.acquire(fold_dir)
     # a damaged claim file holds nothing
     (fold_dir / CLAIM_FILE).write_text("{")
@@ -266,3 +269,50 @@ def test_overwrite_refused_while_another_job_trains(ds, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_claim_from_a_silent_host_is_taken_over(tmp_path, capsys):
+    """A claim from another host that nobody touched for STALE_S (its node crashed) is stale."""
+    fold_dir = tmp_path / "fold0"
+    fold_dir.mkdir()
+    path = fold_dir / CLAIM_FILE
+    path.write_text(json.dumps({"host": "node-x", "pid": 1, "started": "t0"}))
+    assert claims.read_claim(fold_dir).alive() is None  # fresh: respected
+    old = time.time() - claims.STALE_S - 60
+    os.utime(path, (old, old))
+    assert claims.read_claim(fold_dir).alive() is False
+    mine = claims.acquire(fold_dir)
+    assert claims.read_claim(fold_dir) == mine
+    assert "its job (pid 1 on node-x since t0) has not refreshed its claim for 11 min" in capsys.readouterr().err
+
+
+def test_a_job_keeps_its_claims_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
+    folders = [tmp_path / "fold0", tmp_path / "fold1"]
+    with claims.claimed(folders) as held:
+        for folder in folders:
+            os.utime(folder / CLAIM_FILE, (0, 0))  # as if last touched in 1970
+        wait_for(lambda: all((f / CLAIM_FILE).stat().st_mtime > time.time() - 60 for f in folders), "a heartbeat")
+        assert set(held) == set(folders)
+    assert not any((f / CLAIM_FILE).exists() for f in folders)
+
+
+def test_sigterm_releases_the_claims_and_keeps_the_checkpoint(ds, tmp_path):
+    """A scheduler's SIGTERM (time limit) unwinds like Ctrl-C: exit 143, claim gone, checkpoint kept, rerun resumes."""
+    rundir = tmp_path / "run"
+    cmd = [PY, "-m", "nodulekit", "train", ds, "-o", rundir, "--fold", "0", "--epochs", "400", *TRAIN_OPTS]
+    job = subprocess.Popen(list(map(str, cmd)), env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (rundir / "fold0" / "checkpoint.pt").exists(), "the first checkpoint")
+        assert (rundir / "fold0" / CLAIM_FILE).exists()
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == 143
+    finally:
+        job.kill()
+    assert (
+        job.stderr.read().strip().splitlines()[-1]
+        == "nodulekit: error: terminated; finished work is kept and a re-run resumes"
+    )
+    assert not (rundir / "fold0" / CLAIM_FILE).exists()
+    (row,) = [r for r in run_status(rundir) if r["fold"] == 0]
+    assert row["state"] == "interrupted" and 1 <= row["epochs_done"] < 400

@@ -6,7 +6,7 @@ importing heavy dependencies (torch, pylidc) lazily so `--help` stays fast.
 
 Conventions every command follows (README, "Subcommands"): `-o/--output` names the output,
 `-h/--help`, flags are flags, allowed values are choices, and the exit status is
-0 success, 1 run-time failure, 2 bad input or usage, 130 interrupted.
+0 success, 1 run-time failure, 2 bad input or usage, 130 interrupted, 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # the inputs were fine but the run could not finish (disk full, a broken unit, ...)
 EXIT_USAGE = 2  # bad input or usage: nothing was attempted, or the input itself is unusable
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15), e.g. a scheduler's time limit
 
 
 def _version(value: bool) -> None:
@@ -37,7 +38,7 @@ app = typer.Typer(
         "(soft activation mapping, SAM/HESAM, on LIDC-IDRI). Each subcommand is one "
         "pipeline stage that reads and writes HDF5 artifacts.\n\n"
         "Exit status: 0 success, 1 run-time failure (e.g. disk full), 2 bad input or usage, "
-        "130 interrupted."
+        "130 interrupted, 143 terminated."
     ),
     no_args_is_help=True,
     add_completion=True,
@@ -94,9 +95,22 @@ def modern_argv(argv: list[str]) -> list[str]:
     return out
 
 
+class Terminated(BaseException):
+    """SIGTERM (e.g. a cluster job at its time limit): unwinds like Ctrl-C, so claims are released."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=modern_argv(sys.argv[1:]), prog_name="nodulekit")
+    except Terminated:
+        fail("terminated; finished work is kept and a re-run resumes", EXIT_TERMINATED)
     except NodulekitError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
