@@ -19,7 +19,6 @@ from nodulekit.datasets import (
     channel_layout,
     dataset_fingerprint,
     load_dataset,
-    normalise_hu,
 )
 from nodulekit.errors import ArtifactError, DataError, NodulekitError
 
@@ -137,7 +136,8 @@ def test_each_channel_setting_has_the_contract_shapes(built, channels):
     assert ds.y.dtype == np.int64 and set(ds.y.tolist()) == {0, 1}
     assert ds.x.min() >= 0.0 and ds.x.max() <= 1.0
     assert ds.name == f"D{channels}C" and ds.channels == channels and ds.n_folds == 3
-    p = np.array([s.p for s in channel_layout(channels)])
+    # Table 1: ROI side p x diameter, p = 2 except D3C's multi-scale 2, 3, 4.
+    p = np.array({1: [2.0], 3: [2.0, 3.0, 4.0], 11: [2.0] * 11, 21: [2.0] * 21}[channels])
     np.testing.assert_allclose(ds.pixel_mm, ds.diameter_mm[:, None] * p[None, :] / 32, rtol=1e-5)
     assert ds.attrs["label_rule"] == LABEL_RULE
     assert ds.attrs["normalisation"]["hu_window"] == [-1000.0, 400.0]
@@ -148,6 +148,19 @@ def test_each_channel_setting_has_the_contract_shapes(built, channels):
         prov = json.loads(f.attrs["provenance"])
     assert prov["source_provenance"]["source"] == "synthetic rois for tests"
     assert len(prov["source_sha256"]) == 64 and prov["name"] == f"D{channels}C"
+
+
+def test_channel_layout_is_table_1():
+    # (slice index into the 21 one-mm slices, 10 = centre; ROI side factor p)
+    expected = {
+        1: [(10, 2.0)],
+        3: [(10, 2.0), (10, 3.0), (10, 4.0)],
+        11: [(z, 2.0) for z in range(5, 16)],
+        21: [(z, 2.0) for z in range(21)],
+    }
+    for channels, layout in expected.items():
+        assert [(c.z_index, c.p) for c in channel_layout(channels)] == layout
+        assert [c.z_offset_mm for c in channel_layout(channels)] == [z - 10 for z, _ in layout]
 
 
 def test_channel_sets_nest_as_in_the_paper(built):
@@ -179,7 +192,7 @@ def test_each_channel_takes_its_own_slice(tmp_path):
         ds = load_dataset(
             build_dataset(rois, tmp_path / f"{channels}.h5", channels=channels, n_folds=2, progress=False)
         )
-        expected = normalise_hu(-1000 + 60 * np.arange(first, first + channels))
+        expected = 60 * np.arange(first, first + channels) / 1400  # (HU + 1000) / 1400, all in the window
         np.testing.assert_allclose(ds.x[0], np.broadcast_to(expected[:, None, None], (channels, 32, 32)), atol=1e-6)
 
 
@@ -210,7 +223,7 @@ def test_resampling_geometry_matches_an_analytic_ramp(tmp_path, side):
         mm = (np.arange(32) + 0.5 - 16) * p * diameter / 32
         ref = -300.0 + 4.0 * mm[:, None] - 7.0 * mm[None, :]
         # Tolerance: the int16 rounding of the HU input (0.5 HU).
-        np.testing.assert_allclose(ds.x[0, ch], normalise_hu(ref), atol=0.6 / 1400)
+        np.testing.assert_allclose(ds.x[0, ch], (ref + 1000) / 1400, atol=0.6 / 1400)
 
 
 def test_sphere_mask_area_matches_the_disk_fraction(tmp_path):
@@ -229,7 +242,7 @@ def test_sphere_mask_area_matches_the_disk_fraction(tmp_path):
         fraction = ds.mask[0, ch].mean()
         assert fraction == pytest.approx(np.pi / (4 * p * p), rel=0.05), (p, fraction)
         inside = ds.x[0, ch][ds.mask[0, ch] == 1]
-        assert inside.min() > normalise_hu(-400)  # the nodule is bright where the mask is
+        assert inside.min() > 600 / 1400  # the nodule is bright where the mask is: above -400 HU
     # The disk is centred: its centroid is the patch centre (15.5, 15.5).
     yy, xx = np.nonzero(ds.mask[0, 0])
     assert abs(yy.mean() - 15.5) < 0.1 and abs(xx.mean() - 15.5) < 0.1
@@ -390,12 +403,17 @@ def test_fingerprint_tracks_x_and_y(built):
     ds = load_dataset(built[1])
     fp = dataset_fingerprint(ds)
     assert len(fp) == 16 and int(fp, 16) >= 0
-    ds.x[0, 0, 0, 0] += 0.5
+    # The original value is put back exactly: x + 0.5 - 0.5 is not x in float32 for every x.
+    original = ds.x[0, 0, 0, 0].copy()
+    ds.x[0, 0, 0, 0] = np.nextafter(original, np.float32(2))  # the smallest change a float32 can make
     assert dataset_fingerprint(ds) != fp
-    ds.x[0, 0, 0, 0] -= 0.5
+    ds.x[0, 0, 0, 0] = original
     assert dataset_fingerprint(ds) == fp
     ds.y[0] = 1 - ds.y[0]
     assert dataset_fingerprint(ds) != fp
+    ds.y[0] = 1 - ds.y[0]
+    ds.fold[0] = (ds.fold[0] + 1) % ds.n_folds
+    assert dataset_fingerprint(ds) != fp  # the fold assignment is part of the identity
 
 
 def test_refuses_existing_output_unless_overwrite(rois, built):
