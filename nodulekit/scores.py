@@ -53,7 +53,12 @@ def region_labels(mask: np.ndarray, pixel_mm: float | Sequence[float], radius_mm
     if not np.all(sampling > 0):
         raise NodulekitError(f"pixel size must be positive, got {pixel_mm} mm")
     # Erosion by a disc of radius r keeps pixels whose nearest background pixel is farther than r.
-    body = ndimage.distance_transform_edt(mask, sampling=sampling) > radius_mm
+    # A mask filling the grid has no contour on it (scipy would measure to a phantom background
+    # pixel beyond a corner): all of it is body.
+    if mask.all():
+        body = np.ones(mask.shape, bool)
+    else:
+        body = ndimage.distance_transform_edt(mask, sampling=sampling) > radius_mm
     # Dilation by r adds pixels whose nearest mask pixel is within r.
     dilated = ndimage.distance_transform_edt(~mask, sampling=sampling) <= radius_mm
     labels = np.full(mask.shape, 2, np.int8)
