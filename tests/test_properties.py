@@ -214,7 +214,40 @@ def test_weighted_roc_auc_is_the_mann_whitney_count_of_the_repeated_cases(data, 
         assert math.isnan(got)
     assume(len(ry) > 0)
     rates = threshold_rates(y, p > 0.5, w)
-    assert rates["accuracy"][0] == pytest.approx(np.mean((rp > 0.5) == ry))
+    called = rp > 0.5
+    assert rates["accuracy"][0] == pytest.approx(np.mean(called == ry))
+    for name, cls in (("sensitivity", 1), ("specificity", 0)):
+        if (ry == cls).any():
+            assert rates[name][0] == pytest.approx(np.mean(called[ry == cls] == cls))
+        else:
+            assert math.isnan(rates[name][0])
+
+
+@st.composite
+def ten_benign_multiples(draw):
+    """Benign counts of 10 or 20, so a threshold of exactly 90 % specificity exists."""
+    n_neg = draw(st.sampled_from([10, 20]))
+    n_pos = draw(st.integers(1, 15))
+    score = np.asarray(draw(st.lists(st.integers(0, 12), min_size=n_neg + n_pos, max_size=n_neg + n_pos))) / 12
+    return np.r_[np.zeros(n_neg, int), np.ones(n_pos, int)], score
+
+
+@FAST
+@given(data=ten_benign_multiples() | labelled_scores(min_size=4))
+def test_sensitivity_at_90_specificity_is_the_best_allowed_threshold(data):
+    """Best sensitivity over thresholds "malignant when score >= t" whose specificity is at
+    least 90 % (exactly 90 % allowed), by counting."""
+    from nodulekit.stats import sensitivity_at_specificity
+
+    y, score = data
+    assume(0 < y.sum() < len(y))
+    pos, neg = score[y == 1], score[y == 0]
+    best = 0.0
+    for t in np.r_[np.unique(score), np.inf]:
+        false_pos = int((neg >= t).sum())
+        if 10 * false_pos <= len(neg):  # specificity >= 0.9, in integers
+            best = max(best, float((pos >= t).mean()))
+    assert sensitivity_at_specificity(y, score, 0.9)[0] == pytest.approx(best)
 
 
 # --------------------------------------------------------------------------- region scores

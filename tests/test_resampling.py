@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from nodulekit import maps as M
 from nodulekit.datasets import channel_layout, normalise_hu, resample_nodule
+from nodulekit.errors import DataError
 
 torch.set_num_threads(1)
 
@@ -98,3 +99,29 @@ def test_resampling_clips_before_interpolating(hot, cold):
     expected = (1 - frac) * left + frac * right
     np.testing.assert_allclose(x[0], np.broadcast_to(expected, (32, 32)), atol=1e-6)
     assert x.min() >= 0 and x.max() <= 1
+
+
+def test_mask_is_kept_where_the_resampled_mask_reaches_one_half():
+    """docs/build.md: the mask is resampled linearly and kept where >= 0.5. With a 16 mm nodule
+    at 1 mm pixels, D1C's output column j samples input column j + 4.5; the mask holds
+    columns 0..19, so column 15 samples exactly half mask, half background, and is kept."""
+    side = 41
+    mask = np.zeros((21, side, side), np.uint8)
+    mask[:, :, :20] = 1
+    _, m, _ = resample_nodule(np.zeros(mask.shape), mask, (1.0, 1.0), 16.0, channel_layout(1))
+    expected = np.zeros((32, 32), np.uint8)
+    expected[:, :16] = 1
+    np.testing.assert_array_equal(m[0], expected)
+
+
+@pytest.mark.parametrize("diameter, fits", [(17.0, True), (17.5, False)])
+def test_a_window_even_half_a_pixel_too_small_is_refused(diameter, fits):
+    """33 px window at 1 mm, centre 16: D1C's outermost sample lies 15.5 x 2d/32 px from the
+    centre, and may reach at most half a pixel beyond the last pixel (32.5): d <= 17.03 mm."""
+    hu = np.zeros((21, 33, 33))
+    args = (hu, np.zeros(hu.shape, np.uint8), (1.0, 1.0), diameter, channel_layout(1))
+    if fits:
+        resample_nodule(*args)
+    else:
+        with pytest.raises(DataError, match="smaller than the 35.0 mm patch"):
+            resample_nodule(*args)
