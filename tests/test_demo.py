@@ -7,6 +7,17 @@ import pytest
 from nodulekit import demo
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """demo.main sets torch to every core for `make demo`; in a test process that setting would
+    leak into later tests (the fp32 parity of concurrent folds is tuned for one thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _stages(record):
     def ok(d):
         record.append("a")
