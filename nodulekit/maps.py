@@ -180,6 +180,8 @@ def run_maps(
     """
     import torch
 
+    from nodulekit.artifacts import check_finite_maps
+
     run = Run(rundir)
     get_method(method)
     ds = run.load_dataset(dataset)
@@ -194,15 +196,13 @@ def run_maps(
         arch = getattr(model, "arch", type(model).__name__)
         check_method(model, method)
         if execution is None:  # once: every fold model has the same architecture
-            steps = -(-len(rows) // batch_size) * (1 + (ds.x.shape[1] if per_slice else 0))
-            first = ds.x[rows[sel[:batch_size]]]
-            execution = _choose_execution(model, first, method, device, amp, channels_last, steps)
+            steps = -(-len(rows) // batch_size) * (1 + (ds.channels if per_slice else 0))
+            execution = _choose_execution(
+                model, ds.x[rows[sel[:batch_size]]], method, device, amp, channels_last, steps
+            )
         kw = dict(batch_size=batch_size, device=device, per_slice=per_slice, progress=progress, execution=execution)
         out = compute_maps(model, ds.x[rows[sel]], method, **kw)
-        # A diverged fold model gives NaN: say which fold, and write nothing.
-        from nodulekit.artifacts import check_finite_maps
-
-        check_finite_maps(run.checkpoint_path(k), **out)
+        check_finite_maps(run.checkpoint_path(k), **out)  # a diverged fold model: say which, write nothing
         for name, value in out.items():
             results.setdefault(name, np.zeros((len(rows),) + value.shape[1:], value.dtype))[sel] = value
         del model
