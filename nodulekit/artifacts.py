@@ -5,7 +5,8 @@ Every artifact is one HDF5 file whose root attributes say what it is
 string with the command line, nodulekit version, creation time, and whatever the stage
 adds: label rule, source, seed, ...). Files are written to a temporary name in the
 same folder and renamed into place only when complete, so a crashed or interrupted
-run never leaves a half-written file under the final name.
+run never leaves a half-written file under the final name (``nodulekit.outputs``:
+links written through, streams refused, a full disk reported in one line).
 
 Kinds and their required members (datasets ``/name``, groups ``/name/``):
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ import numpy as np
 from nodulekit import __version__
 from nodulekit.constants import INPUT_SIZE
 from nodulekit.errors import ArtifactError, NodulekitError
+from nodulekit.outputs import atomic_path, check_output_path, hdf5_file  # noqa: F401 - re-exported
 
 # Bump a kind's version when its layout changes incompatibly.
 KINDS: dict[str, int] = {
@@ -93,35 +94,6 @@ def provenance(**extra: Any) -> dict[str, Any]:
     return record
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to clobber an existing output unless asked to."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise NodulekitError(f"{path} already exists (pass --overwrite to replace it)")
-    if not path.parent.exists():
-        raise NodulekitError(f"output folder {path.parent} does not exist")
-    return path
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        # mkstemp makes the file 0600; give the artifact the usual umask-based permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @contextmanager
 def write_artifact(
     path: str | os.PathLike,
@@ -133,8 +105,8 @@ def write_artifact(
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     path = check_output_path(path, overwrite)
-    with atomic_path(path, suffix=".h5.part") as tmp:
-        with h5py.File(tmp, "w") as f:
+    with atomic_path(path, suffix=".h5.part", overwrite=overwrite) as tmp:
+        with hdf5_file(tmp) as f:
             f.attrs["nodulekit_kind"] = kind
             f.attrs["schema_version"] = KINDS[kind]
             f.attrs["provenance"] = json.dumps(prov, default=str)
@@ -144,27 +116,59 @@ def write_artifact(
                 raise ArtifactError(f"internal: {kind} artifact lacks {', '.join(missing)}")
 
 
+def unreadable(path: str | os.PathLike, exc: BaseException) -> ArtifactError:
+    """The one-line error for an HDF5 file the library cannot read (h5py's own names no file)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    why = "truncated (an interrupted copy or write?)" if "truncated file" in first else f"corrupt ({first})"
+    return ArtifactError(f"{path} is not a readable HDF5 file: {why}")
+
+
+class ArtifactFile(h5py.File):
+    """An artifact open for reading: an error while reading it names the file (ArtifactError)."""
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            super().__init__(path, "r")
+        except OSError as exc:
+            raise unreadable(path, exc) from None
+        self.artifact_path = Path(path)
+
+    def __exit__(self, exc_type, exc, tb):
+        super().__exit__(exc_type, exc, tb)
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, NodulekitError):
+            raise unreadable(self.artifact_path, exc) from None
+
+
 def read_kind(path: str | os.PathLike) -> str:
     """The kind of an artifact, or an ArtifactError saying why it is not one."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path} does not exist")
-    if not h5py.is_hdf5(path):
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not an artifact file")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not is_hdf5:
         raise ArtifactError(f"{path} is not an HDF5 file")
-    with h5py.File(path, "r") as f:
+    with ArtifactFile(path) as f:
         kind = f.attrs.get("nodulekit_kind")
     if kind is None:
         raise ArtifactError(f"{path} is not a nodulekit artifact (no nodulekit_kind attribute)")
     return str(kind)
 
 
-def open_artifact(path: str | os.PathLike, kind: str | tuple[str, ...]) -> h5py.File:
-    """Open an artifact read-only after checking its kind, schema version and members."""
+def open_artifact(path: str | os.PathLike, kind: str | tuple[str, ...]) -> ArtifactFile:
+    """Open an artifact read-only after checking its kind, schema version and members.
+
+    Use it in a ``with`` block: a read error inside the block becomes an ArtifactError naming the file.
+    """
     kinds = (kind,) if isinstance(kind, str) else kind
     found = read_kind(path)
     if found not in kinds:
         raise ArtifactError(f"{path} is a {found!r} artifact, expected {' or '.join(map(repr, kinds))}")
-    f = h5py.File(path, "r")
+    f = ArtifactFile(path)
     version = int(f.attrs.get("schema_version", -1))
     if version != KINDS[found]:
         f.close()

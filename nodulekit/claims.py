@@ -116,15 +116,21 @@ def read_claim(fold_dir: str | os.PathLike, name: str = CLAIM_FILE) -> Claim | N
 def _create(path: Path, claim: Claim) -> bool:
     """Create the claim file with ``claim``'s record; False when it exists already."""
     tmp = path.with_name(f".{path.name}.{claim.pid}.{os.urandom(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         record = {k: v for k, v in asdict(claim).items() if k != "touched"}
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(record) + "\n")
         os.link(tmp, path)  # atomic, and fails when the name exists (also on NFS)
         return True
     except FileExistsError:
         return False
+    except OSError as exc:  # a full disk: one line naming the claim, not errno alone
+        from nodulekit.outputs import WRITE_ERRNOS, write_failed
+
+        if exc.errno in WRITE_ERRNOS:
+            raise write_failed(path, exc) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -429,15 +429,15 @@ def reader_arrays(records: Sequence[NoduleRecord]) -> tuple[np.ndarray, np.ndarr
 
 
 def write_cohort_csv(records: Sequence[NoduleRecord], path: str | os.PathLike, overwrite: bool = False) -> Path:
-    from nodulekit.artifacts import atomic_path, check_output_path
+    """The cohort table as CSV: a file (atomic), or ``-`` / a stream such as a pipe (written through)."""
+    from nodulekit.outputs import check_output_path, text_output
 
-    path = check_output_path(path, overwrite)
-    with atomic_path(path, suffix=".csv.part") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for r in records:
-                writer.writerow(_row(r))
+    path = check_output_path(path, overwrite, stream="CSV")
+    with text_output(path, overwrite=overwrite) as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in records:
+            writer.writerow(_row(r))
     return path
 
 

@@ -13,3 +13,16 @@ class ArtifactError(NodulekitError):
 
 class DataError(NodulekitError):
     """Source data (DICOM, NIfTI, manifest, annotations) is unusable."""
+
+
+class WriteFailed(NodulekitError):
+    """An output could not be stored (disk full, quota, read-only file system): the inputs were fine."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+    def __reduce__(self):  # keeps ``reason`` when raised in a worker process
+        return type(self), (str(self), self.reason)

@@ -449,36 +449,44 @@ def plot_curves(results: list[RunResult], summaries: list[dict], path: Path) -> 
     plt.close(fig)
 
 
+def _check_report_dir(output_dir: Path, overwrite: bool) -> list[Path]:
+    from nodulekit.outputs import check_output_dir, check_output_path
+
+    check_output_dir(output_dir)
+    targets = [output_dir / name for name in REPORT_FILES]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise NodulekitError(f"{existing[0]} already exists (pass --overwrite to replace the report)")
+    if output_dir.is_dir():
+        for target in targets:
+            check_output_path(target, overwrite=True)  # refuses e.g. a folder named table2.md
+    return targets
+
+
 def evaluate_runs(
     rundirs: list[str | os.PathLike],
-    output_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     *,
     n_resamples: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Score every RUNDIR and write table2.md/.csv/.json, folds.csv, roc.png, curves.png, reliability.png.
+    """Score every RUNDIR; with ``output_dir``, write table2.md/.csv/.json, folds.csv, roc.png,
+    curves.png and reliability.png there (all together or none).
 
     Pooled numbers get patient-bootstrap intervals from ``n_resamples`` draws (default
-    ``stats.BOOTSTRAP_RESAMPLES``) seeded with ``seed``. Returns ``{"summaries": [...], "markdown": str, "files": [paths]}``. Existing report
-    files are refused unless ``overwrite``; each file appears only when complete.
+    ``stats.BOOTSTRAP_RESAMPLES``) seeded with ``seed``. Returns ``{"summaries": [...],
+    "markdown": str, "report": dict (the JSON), "files": [paths]}``. Existing report files are
+    refused unless ``overwrite``, before any work.
     """
-    from nodulekit.artifacts import atomic_path
     from nodulekit.stats import bootstrap_note
 
     if not rundirs:
         raise NodulekitError("give at least one RUNDIR to evaluate")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NodulekitError(f"{output_dir} exists and is not a folder")
-    targets = [output_dir / name for name in REPORT_FILES]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise NodulekitError(f"{existing[0]} already exists (pass --overwrite to replace the report)")
+    targets = _check_report_dir(Path(output_dir), overwrite) if output_dir is not None else []
     results = [load_run_results(r) for r in rundirs]  # all inputs checked before anything is written
     summaries = [summarise_run(r, n_resamples=n_resamples, seed=seed) for r in results]
     markdown = markdown_report(summaries)
-    output_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "threshold": THRESHOLD,
         "std": "sample standard deviation over folds (ddof=1)",
@@ -489,21 +497,33 @@ def evaluate_runs(
         "on the pooled test predictions (that threshold is read off the test set; not a validated operating point)",
         "runs": summaries,
     }
+    report = _no_nan(report)
+    if targets:
+        _write_report_files(targets, results, summaries, markdown, report, overwrite)
+    return {"summaries": summaries, "markdown": markdown, "report": report, "files": [str(p) for p in targets]}
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """The report as standard JSON (NaN written as null)."""
+    return json.dumps(_no_nan(report), indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
+def _write_report_files(targets: list[Path], results, summaries, markdown: str, report, overwrite: bool) -> None:
+    from nodulekit.outputs import atomic_paths
+
     writers = {
         "table2.md": lambda p: p.write_text(markdown),
         "table2.csv": lambda p: p.write_text(_csv_text(summary_rows(summaries))),
         "folds.csv": lambda p: p.write_text(_csv_text(fold_rows(summaries))),
-        "table2.json": lambda p: p.write_text(
-            json.dumps(_no_nan(report), indent=2, default=_json_default, allow_nan=False) + "\n"
-        ),
+        "table2.json": lambda p: p.write_text(report_json(report)),
         "roc.png": lambda p: plot_roc(results, summaries, p),
         "curves.png": lambda p: plot_curves(results, summaries, p),
         "reliability.png": lambda p: plot_reliability(summaries, p),
     }
-    for target in targets:
-        with atomic_path(target, suffix=target.suffix + ".part") as tmp:
-            writers[target.name](tmp)
-    return {"summaries": summaries, "markdown": markdown, "files": [str(p) for p in targets]}
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths({t.name: t for t in targets}, overwrite=overwrite) as tmp:
+        for name, path in tmp.items():
+            writers[name](path)
 
 
 def _no_nan(value):

@@ -24,7 +24,7 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from nodulekit.artifacts import rois_group
 from nodulekit.cohort import LabelRule, write_nodule_table
 from nodulekit.consensus import DEFAULT_LEVEL, check_level, min_agreement
 from nodulekit.consensus import DEFINITION as CONSENSUS_DEFINITION
-from nodulekit.errors import DataError, NodulekitError
+from nodulekit.errors import DataError, NodulekitError, WriteFailed
 from nodulekit.geometry import DEFINITION as GEOMETRY_DEFINITION
 from nodulekit.geometry import nodule_geometry
 from nodulekit.sources import DataSource, DicomSource, SourceNodule, Unit, VoiSource, Volume, record_of
@@ -52,7 +52,7 @@ MASK_SAMPLING = (
     "native pixels in-plane; the nearest source slice in z (a tie goes to the upper slice), "
     "0 beyond half a slice step outside the source"
 )
-PARTS_SCHEMA = 2  # 2: masks are the readers' consensus, with the agreement map
+PARTS_SCHEMA = 3  # 2: masks are the readers' consensus, with the agreement map; 3: parts stamp their inputs
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -202,23 +202,59 @@ def _nodule_payload(nodule: SourceNodule, vol: Volume, level: float) -> dict:
     return {"hu": hu, "mask": (agree >= k).astype(np.uint8), "agreement": agree, "attrs": attrs}
 
 
-def _run_unit(unit: Unit, parts_dir: str, level: float) -> tuple[str, int, str | None]:
-    """Read a unit through its source, crop its nodules and save its part file;
-    (key, nodules written, error line or None)."""
+def input_stamp(files: Iterable[str | Path], dicom: bool = False) -> dict:
+    """What a part was made from: size and modification time of each input file (and, for
+    DICOM, of every ``.dcm`` file in the series' folders, so an added slice counts too)."""
+    files = [Path(f) for f in files]
+    if dicom:
+        files = sorted({p for d in {f.parent for f in files} for p in d.glob("*.dcm") if not p.name.startswith(".")})
+    stamp = {}
+    for f in files:
+        st = f.stat()
+        stamp[str(f)] = [st.st_size, st.st_mtime_ns]
+    return {"files": stamp, "dirs": sorted({str(f.parent) for f in files}) if dicom else []}
+
+
+def _stamp_current(stamp: dict) -> bool:
+    """Whether the inputs a part was made from are unchanged (same files, sizes and times)."""
+    try:
+        files = {str(p) for d in stamp["dirs"] for p in Path(d).glob("*.dcm") if not p.name.startswith(".")}
+        if stamp["dirs"] and files != set(stamp["files"]):
+            return False
+        return all([(st := Path(f).stat()).st_size, st.st_mtime_ns] == v for f, v in stamp["files"].items())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def part_is_current(path: Path) -> bool:
+    """A finished unit that can be reused: readable, and made from the inputs as they are now."""
     import h5py
 
-    from nodulekit.artifacts import atomic_path
+    try:
+        with h5py.File(path, "r") as f:
+            stamp = json.loads(f.attrs["inputs"])
+    except (OSError, KeyError, ValueError):
+        return False
+    return _stamp_current(stamp)
+
+
+def _run_unit(unit: Unit, parts_dir: str, level: float) -> tuple[str, int, str | None]:
+    """Read a unit through its source, crop its nodules and save its part file (stamped with the
+    input files it was made from); (key, nodules written, error line or None)."""
+    from nodulekit.outputs import atomic_path, hdf5_file
 
     try:
         vol, nodules = unit.source.read(unit)
         payload = {n.nodule_id: _nodule_payload(n, vol, level) for n in nodules}
+        stamp = input_stamp(vol.files, dicom=unit.source.name == "dicom")
     except NodulekitError as exc:
         return unit.key, 0, str(exc)
     except (OSError, ValueError, MemoryError) as exc:  # unexpected data problems: keep the others going
         return unit.key, 0, f"{type(exc).__name__}: {exc}"
     path = Path(parts_dir) / f"{unit.key}.h5"
     with atomic_path(path, suffix=".h5.part") as tmp:
-        with h5py.File(tmp, "w") as f:
+        with hdf5_file(tmp) as f:
+            f.attrs["inputs"] = json.dumps(stamp)
             for raw in unit.records:
                 nid = raw["nodule_id"]
                 g = f.create_group(rois_group(nid))
@@ -279,14 +315,15 @@ def extract_rois(
 
     Broken units are reported through ``report`` (one line each) and skipped; the
     artifact holds the others. Finished units are kept in ``.<out>.parts/`` until the
-    artifact is written, so a re-run after an interruption resumes; when some units
-    failed the parts are kept, so ``--overwrite`` re-runs only those.
+    artifact is written, so a re-run after an interruption resumes (a part is reused only
+    while its input files are unchanged); when some units failed the parts are kept, so
+    ``--overwrite`` re-runs only those. One job at a time may write ``out``.
     """
     import time
 
     from tqdm import tqdm
 
-    from nodulekit.artifacts import check_output_path
+    from nodulekit.outputs import check_output_path, output_lock
 
     t0 = time.time()
     src = _the_source(lidc_root, vois, source)
@@ -294,27 +331,46 @@ def extract_rois(
     rule = rule or LabelRule()
     out = check_output_path(out, overwrite)
     report = report or (lambda line: tqdm.write(line, file=sys.stderr))
-    units, errors, counts = src.plan(rule, patients, workers, progress)
-    for line in errors:
-        report(f"nodulekit: skipped {line}")
-    parts = _parts_folder(out, src, rule, level)
-    failed = _run_units(units, parts, level, workers, src, report, progress)
-    done = [u for u in units if (parts / f"{u.key}.h5").exists()]
-    n = sum(len(u.records) for u in done)
-    all_errors = errors + failed
-    if n == 0:
-        first = f" ({len(all_errors)} error(s), first: {all_errors[0]})" if all_errors else ""
-        raise DataError(
-            f"no nodule could be extracted from {src.path}" + (first or " (no nodule passes the label rule)")
-        )
-    _assemble(out, done, parts, rule, src, counts, all_errors, overwrite, level)
-    if not failed:
-        shutil.rmtree(parts, ignore_errors=True)
+    with output_lock(out, "nodulekit extract"):  # a second job into `out` is refused at once
+        units, errors, counts = src.plan(rule, patients, workers, progress)
+        for line in errors:
+            report(f"nodulekit: skipped {line}")
+        parts = _parts_folder(out, src, rule, level)
+        try:
+            failed = _run_units(units, parts, level, workers, src, report, progress)
+            failed_keys = {line.split(":", 1)[0] for line in failed}
+            done = [u for u in units if u.key not in failed_keys and (parts / f"{u.key}.h5").exists()]
+            n = sum(len(u.records) for u in done)
+            all_errors = errors + failed
+            if n == 0:
+                first = f" ({len(all_errors)} error(s), first: {all_errors[0]})" if all_errors else ""
+                raise DataError(
+                    f"no nodule could be extracted from {src.path}" + (first or " (no nodule passes the label rule)")
+                )
+            _assemble(out, done, parts, rule, src, counts, all_errors, overwrite, level)
+        except (NodulekitError, KeyboardInterrupt) as exc:
+            raise _keep_or_drop_parts(parts, out, exc) from None
+        if not failed:
+            shutil.rmtree(parts, ignore_errors=True)
     return ExtractResult(out, n, all_errors, counts, time.time() - t0)
+
+
+def _keep_or_drop_parts(parts: Path, out: Path, exc: BaseException) -> BaseException:
+    """After a failed run: drop a parts folder with nothing finished (nothing to resume), else keep
+    it and say so; a failed write is reported against the output, not a hidden part file."""
+    finished = len(list(parts.glob("*.h5")))
+    if not finished:
+        shutil.rmtree(parts, ignore_errors=True)
+    if isinstance(exc, WriteFailed):
+        kept = f"; {finished} finished unit(s) are kept in {parts} and a re-run resumes" if finished else ""
+        return WriteFailed(f"could not write {out}: {exc.reason}{kept}", reason=exc.reason)
+    return exc
 
 
 def _parts_folder(out: Path, src: DataSource, rule: LabelRule, level: float) -> Path:
     """``.<out>.parts/``, kept when it holds parts of this very extraction, else emptied."""
+    from nodulekit.outputs import write_text
+
     parts = parts_dir_for(out)
     config = {
         "schema": PARTS_SCHEMA,
@@ -335,7 +391,7 @@ def _parts_folder(out: Path, src: DataSource, rule: LabelRule, level: float) -> 
         if not same:  # parts of a run with other options are not reusable
             shutil.rmtree(parts)
     parts.mkdir(exist_ok=True)
-    config_file.write_text(json.dumps(config))
+    write_text(config_file, json.dumps(config), overwrite=True)
     return parts
 
 
@@ -345,7 +401,7 @@ def _run_units(
     """Extract the units without a part file yet; returns the error line of each that failed."""
     from tqdm import tqdm
 
-    todo = [u for u in units if not (parts / f"{u.key}.h5").exists()]
+    todo = [u for u in units if not part_is_current(parts / f"{u.key}.h5")]
     failed: list[str] = []
     bar = tqdm(
         total=len(units),

@@ -57,8 +57,12 @@ SIGNATURE_KEYS = (
 def read_run_json(rundir: str | os.PathLike) -> dict[str, Any]:
     """The run.json of a RUNDIR (the one reader), or a one-line error."""
     path = Path(rundir) / "run.json"
-    if not Path(rundir).is_dir():
+    if not Path(rundir).exists():
         raise NodulekitError(f"{rundir} is not a nodulekit run folder (it does not exist)")
+    if not Path(rundir).is_dir():
+        raise NodulekitError(
+            f"{rundir} is a file, not a nodulekit run folder (give the RUNDIR that `nodulekit train -o` made)"
+        )
     if not path.exists():
         raise NodulekitError(f"{rundir} is not a nodulekit run folder (no run.json)")
     try:
@@ -134,25 +138,61 @@ def _fresh(rundir: Path) -> bool:
     return True
 
 
-def prepare_rundir(rundir: str | os.PathLike, record: dict, overwrite: bool = False) -> dict:
+def _fold_has_files(fold_dir: Path) -> bool:
+    return any((fold_dir / name).exists() for name in ("checkpoint.pt", "result.h5"))
+
+
+def _discard_folds(rundir: Path, folds: Iterable[int] | None) -> None:
+    """Delete the checkpoints and results of ``folds`` (all folds when None)."""
+    fold_dirs = sorted(rundir.glob("fold*")) if folds is None else [rundir / f"fold{k}" for k in folds]
+    for fold_dir in fold_dirs:
+        for name in ("checkpoint.pt", "result.h5"):
+            (fold_dir / name).unlink(missing_ok=True)
+
+
+def prepare_rundir(
+    rundir: str | os.PathLike, record: dict, overwrite: bool = False, folds: Sequence[int] | None = None
+) -> dict:
     """Create RUNDIR with run.json, or check that an existing one is the same experiment.
 
     Re-running the same command resumes. More epochs than recorded extends the run
     (the step schedule does not depend on the total); fewer, or any other change,
-    is refused unless ``overwrite`` (which deletes the old run's files only).
+    is refused unless ``overwrite``. ``overwrite`` discards the files of ``folds`` only
+    (all folds when None); other folds' results are never touched, so a changed setting
+    with ``folds`` is refused while other folds hold results made with the old one.
     """
+    from nodulekit.outputs import clean_stale_temps
+
     rundir = Path(rundir)
     run_json = rundir / "run.json"
     if rundir.exists() and not rundir.is_dir():
         raise NodulekitError(f"{rundir} exists and is not a folder")
+    clean_stale_temps(run_json)
     if rundir.is_dir() and not run_json.exists() and not _fresh(rundir):
         raise NodulekitError(f"{rundir} is a non-empty folder without run.json; choose a new or empty -o RUNDIR")
     if run_json.exists() and overwrite:
-        for fold_dir in rundir.glob("fold*"):
-            for name in ("checkpoint.pt", "result.h5"):
-                if (fold_dir / name).exists():
-                    (fold_dir / name).unlink()
-        run_json.unlink()
+        old = read_run_json(rundir)
+        others = (
+            []
+            if folds is None
+            else [
+                d.name
+                for d in sorted(rundir.glob("fold*"))
+                if d.name[4:].isdigit() and int(d.name[4:]) not in set(folds) and _fold_has_files(d)
+            ]
+        )
+        same = _describe_difference(old, record) == "" and old.get("dataset_fingerprint") == record.get(
+            "dataset_fingerprint"
+        )
+        if others and not same:
+            raise NodulekitError(
+                f"{rundir} holds {', '.join(others)} made with other settings; --overwrite with --fold replaces "
+                "only the folds asked for and the run would mix settings: drop --fold to replace the whole run, "
+                "or use a new -o RUNDIR"
+            )
+        _discard_folds(rundir, folds if others else None)
+        if not others:
+            run_json.unlink()
     if run_json.exists():
         old = read_run_json(rundir)
         _check_same_experiment(rundir, old, record)
@@ -181,13 +221,37 @@ def build_model(arch: str, in_channels: int, num_classes: int, options: dict):
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write a checkpoint; temp file + rename, so an interrupted save keeps the previous one."""
+    """Write a checkpoint atomically (an interrupted save keeps the previous one).
+
+    It is serialised in memory and written with plain file I/O, so a full disk is a
+    one-line error naming the checkpoint (torch's own writer reports it as an internal error).
+    """
+    import io
+
     import torch
 
-    from nodulekit.artifacts import atomic_path
+    from nodulekit.outputs import write_bytes
 
-    with atomic_path(path, suffix=".pt.part") as tmp:
-        torch.save(ckpt, tmp)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
+def _checkpoint_problem(path: Path, exc: Exception) -> str:
+    """Why torch could not load ``path``, in our words (torch's text talks about its own options)."""
+    import pickle
+    import zipfile
+
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return "not a PyTorch zip archive (truncated, or another kind of file)"
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+        return (
+            "it holds Python objects besides tensors and plain data, which are not loaded because loading them "
+            "could run arbitrary code (nodulekit checkpoints hold none)"
+        )
+    return f"its contents are unreadable ({type(exc).__name__}; truncated or corrupt)"
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -197,12 +261,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise NodulekitError(f"{path} does not exist")
+    if path.is_dir():
+        raise NodulekitError(f"{path} is a folder, not a checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: one line for the user
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(exc).__name__)
-        raise NodulekitError(f"{path} is not a readable nodulekit checkpoint: {reason}") from None
+        raise NodulekitError(
+            f"{path} is not a readable nodulekit checkpoint: {_checkpoint_problem(path, exc)}"
+        ) from None
     missing = [k for k in ("state_dict", "arch", "in_channels") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise NodulekitError(f"{path} is not a nodulekit checkpoint (missing {', '.join(missing)})")

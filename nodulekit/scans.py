@@ -180,10 +180,10 @@ def _volume_from_grid(data: np.ndarray, affine_ras: np.ndarray, zvals=None, **id
     return vol, transform
 
 
-def _to_int16(values: np.ndarray) -> np.ndarray:
-    if not np.issubdtype(values.dtype, np.integer):
-        values = np.rint(values)
-    return np.clip(values, -32768, 32767).astype(np.int16)
+def _to_int16(values: np.ndarray, where: str) -> np.ndarray:
+    from nodulekit.sources import hu_int16
+
+    return hu_int16(values, where)
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -216,7 +216,7 @@ def read_nifti(path: str | Path) -> Scan:
     img, data = _load_nifti(path)
     affine = np.asarray(img.affine, float)
     _check_axis_aligned(affine, path)
-    vol, transform = _volume_from_grid(_to_int16(data), affine, files=[str(path)])
+    vol, transform = _volume_from_grid(_to_int16(data, f"scan {path}"), affine, files=[str(path)])
     return Scan(vol, path, "nifti", tuple(data.shape), affine, transform)
 
 
@@ -315,9 +315,10 @@ def _modality_hu(path: Path, ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     try:
-        return _to_int16(apply_modality_lut(ds.pixel_array, ds))
+        values = apply_modality_lut(ds.pixel_array, ds)
     except Exception as exc:
         raise DataError(f"{path} has unreadable pixel data ({type(exc).__name__}: {exc})") from None
+    return _to_int16(values, str(path))
 
 
 def read_dicom_folder(folder: str | Path) -> Scan:

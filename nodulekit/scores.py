@@ -399,22 +399,20 @@ def scores_markdown(scores, summaries: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_scores(
-    scores, out_csv: str | Path, *, overwrite: bool = False, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
-) -> dict[str, Path]:
-    """Write per-nodule CSV plus summary Markdown and JSON beside it (same stem); all atomic."""
-    from nodulekit.artifacts import atomic_path, check_output_path, provenance
-
-    out_csv = Path(out_csv)
-    paths = {"csv": out_csv, "md": out_csv.with_suffix(".md"), "json": out_csv.with_suffix(".json")}
-    for p in paths.values():
-        check_output_path(p, overwrite)
-    summaries = {
+def scores_summaries(scores, *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """The summary tables of a scores table: by class, and by spiculation / margin when rated."""
+    return {
         by: summarise_scores(scores, by, n_resamples=n_resamples, seed=seed)
         for by in ("class", "spiculation", "margin")
         if by == "class" or by in scores.columns
     }
-    record = {
+
+
+def scores_record(scores, summaries: dict[str, Any], *, n_resamples: int, seed: int) -> dict[str, Any]:
+    """The JSON record of a scores table: provenance, regions and the summaries."""
+    from nodulekit.artifacts import provenance
+
+    return {
         "provenance": provenance(
             stage="scores",
             band_rule=band_rule(scores),
@@ -427,10 +425,53 @@ def write_scores(
         "skipped_empty_masks": scores.attrs.get("skipped_empty_masks", {}),
         "summaries": {by: json.loads(t.to_json(orient="records")) for by, t in summaries.items()},
     }
-    with atomic_path(paths["csv"], suffix=".csv.part") as tmp:
-        scores.to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_path(paths["md"], suffix=".md.part") as tmp:
-        tmp.write_text(scores_markdown(scores, summaries))
-    with atomic_path(paths["json"], suffix=".json.part") as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str))
+
+
+def write_scores(
+    scores,
+    out_csv: str | Path,
+    *,
+    overwrite: bool = False,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    summaries: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write per-nodule CSV plus summary Markdown and JSON beside it (same stem); together or not at all."""
+    from nodulekit.outputs import atomic_paths, check_output_path
+
+    out_csv = Path(out_csv)
+    paths = {"csv": out_csv, "md": out_csv.with_suffix(".md"), "json": out_csv.with_suffix(".json")}
+    if out_csv in (paths["md"], paths["json"]):
+        raise NodulekitError(f"{out_csv}: give the scores a .csv name (Markdown and JSON go beside it)")
+    for p in paths.values():
+        check_output_path(p, overwrite)
+    if summaries is None:
+        summaries = scores_summaries(scores, n_resamples=n_resamples, seed=seed)
+    record = scores_record(scores, summaries, n_resamples=n_resamples, seed=seed)
+    with atomic_paths(paths, overwrite=overwrite) as tmp:
+        scores.to_csv(tmp["csv"], index=False, float_format="%.6g")
+        tmp["md"].write_text(scores_markdown(scores, summaries))
+        tmp["json"].write_text(json.dumps(record, indent=2, default=str))
     return paths
+
+
+SCORE_COLUMNS = ("method", "class", "map_class", "share_margin_band", "share_body")
+
+
+def read_scores(path: str | Path):
+    """A per-nodule scores CSV written by ``nodulekit scores``, or a one-line error naming it."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise NodulekitError(f"{path} does not exist or is not a file (give the CSV `nodulekit scores -o` wrote)")
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise NodulekitError(f"{path} is not a readable CSV ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in SCORE_COLUMNS if c not in table.columns]
+    if missing:
+        raise NodulekitError(f"{path} is not a scores table from `nodulekit scores` (no column {', '.join(missing)})")
+    if len(table) == 0:
+        raise NodulekitError(f"{path} holds no scored maps")
+    return table

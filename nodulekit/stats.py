@@ -711,6 +711,19 @@ def _markdown_table(df, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_markdown(table, *, title: str, notes: str, md_table=None) -> str:
+    """The Markdown of a report: ``md_table`` when given (a shorter view), else the whole ``table``."""
+    shown = table if md_table is None else md_table
+    return f"# {title}\n\n{_markdown_table(shown)}\n{notes}\n"
+
+
+def report_record(table, record: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record of a report: provenance and every row of ``table``."""
+    from nodulekit.artifacts import provenance
+
+    return {"provenance": provenance(**record), "rows": json.loads(table.to_json(orient="records"))}
+
+
 def write_report(
     table,
     out_md: str | Path,
@@ -723,9 +736,9 @@ def write_report(
     md_table=None,
 ) -> dict[str, Path]:
     """Markdown table + CSV + JSON with the same stem (+ ``<stem>_nodules.csv`` when
-    ``per_nodule`` is given); all atomic, existing files refused. The Markdown shows
-    ``md_table`` when given (a shorter view), CSV and JSON the whole ``table``."""
-    from nodulekit.artifacts import atomic_path, check_output_path, provenance
+    ``per_nodule`` is given); they appear together or not at all, existing files refused.
+    The Markdown shows ``md_table`` when given (a shorter view), CSV and JSON the whole ``table``."""
+    from nodulekit.outputs import atomic_paths, check_output_path
 
     out_md = Path(out_md)
     paths = {"md": out_md, "csv": out_md.with_suffix(".csv"), "json": out_md.with_suffix(".json")}
@@ -735,17 +748,13 @@ def write_report(
         raise NodulekitError(f"{out_md}: give the report a .md name (CSV and JSON go beside it)")
     for p in paths.values():
         check_output_path(p, overwrite)
-    record = {"provenance": provenance(**record), "rows": json.loads(table.to_json(orient="records"))}
-    with atomic_path(paths["md"], suffix=".md.part") as tmp:
-        shown = table if md_table is None else md_table
-        tmp.write_text(f"# {title}\n\n{_markdown_table(shown)}\n{notes}\n")
-    with atomic_path(paths["csv"], suffix=".csv.part") as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(paths["json"], suffix=".json.part") as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-    if per_nodule is not None:
-        with atomic_path(paths["nodules"], suffix=".csv.part") as tmp:
-            per_nodule.to_csv(tmp, index=False)
+    record = report_record(table, record)
+    with atomic_paths(paths, overwrite=overwrite) as tmp:
+        tmp["md"].write_text(report_markdown(table, title=title, notes=notes, md_table=md_table))
+        table.to_csv(tmp["csv"], index=False)
+        tmp["json"].write_text(json.dumps(record, indent=2, default=str))
+        if per_nodule is not None:
+            per_nodule.to_csv(tmp["nodules"], index=False)
     return paths
 
 

@@ -872,7 +872,8 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         # bf16 / channels_last: a bad forced option fails here, before anything is written
         recorded = load_run(rundir).get("execution") if (Path(rundir) / "run.json").exists() else None
         execution = _choose_execution(probe, data, cfg, dd, wanted, None if overwrite else recorded)
-        run = prepare_rundir(rundir, run_record(cfg, data, device, execution), overwrite=overwrite)
+        subset = wanted if len(wanted) < data.n_folds else None  # --fold K: --overwrite discards only those
+        run = prepare_rundir(rundir, run_record(cfg, data, device, execution), overwrite=overwrite, folds=subset)
         if execution.how == "probed" and run.get("execution", {}).get("variant") not in (None, execution.variant):
             # a concurrent job created run.json first: run as it does, one choice per RUNDIR
             execution = _choose_execution(probe, data, cfg, dd, wanted, run["execution"])

@@ -15,6 +15,7 @@ all go through :func:`run_tasks`:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,12 +24,20 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PARENT: int | None = None  # in a worker: the PID of the process that started the pool
 
 
-def worker_init() -> None:
-    """Initializer of every worker: ignore Ctrl-C (the parent handles it), die with the parent."""
+def worker_init(parent: int | None = None) -> None:
+    """Initializer of every worker: ignore Ctrl-C (the parent handles it), die with the parent.
+
+    ``parent``: the PID of the process that started the pool. A parent killed before the
+    death signal was armed has already been replaced by another (init or a subreaper), so
+    the worker checks once more after arming it and exits at once if so.
+    """
     import signal
 
+    global _PARENT
+    _PARENT = parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
@@ -37,6 +46,15 @@ def worker_init() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         except (OSError, AttributeError):  # no prctl (unusual libc): Ctrl-C handling still works
             pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def _guarded(fn: Callable[..., Any], task, *args):
+    """Run one task in a worker, unless the parent is gone (then exit without touching anything)."""
+    if _PARENT is not None and os.getppid() != _PARENT:
+        os._exit(1)
+    return fn(task, *args)
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -57,7 +75,9 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     at once (:func:`stop_pool`), otherwise it is shut down after its tasks finish."""
     import multiprocessing as mp
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=worker_init)
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=worker_init, initargs=(os.getpid(),)
+    )
     try:
         yield pool
     except BaseException:
@@ -94,8 +114,9 @@ def run_tasks(
             for start in range(0, len(tasks), step):
                 batch = tasks[start : start + step]
                 extra = [[a] * len(batch) for a in args]
-                yield from zip(batch, pool.map(fn, batch, *extra, chunksize=chunksize), strict=True)
+                fns = [fn] * len(batch)
+                yield from zip(batch, pool.map(_guarded, fns, batch, *extra, chunksize=chunksize), strict=True)
         else:
-            futures = {pool.submit(fn, task, *args): task for task in tasks}
+            futures = {pool.submit(_guarded, fn, task, *args): task for task in tasks}
             for future in as_completed(futures):
                 yield futures[future], future.result()

@@ -168,10 +168,10 @@ def test_a_job_that_created_the_rundir_first_sets_the_choice(ds3, tmp_path, prob
 
     original = training.prepare_rundir
 
-    def race(rundir, record, overwrite=False):
+    def race(rundir, record, overwrite=False, **kw):
         theirs = dict(record["execution"], amp=False, channels_last=True, variant="fp32+channels_last")
         original(rundir, dict(record, execution=theirs))  # the other job's run.json lands first
-        return original(rundir, record, overwrite)
+        return original(rundir, record, overwrite, **kw)
 
     monkeypatch.setattr(training, "prepare_rundir", race)
     train(ds3, tmp_path / "r")

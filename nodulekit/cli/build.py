@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import PROGRESS, QUIET, say, show_progress
 
 
 # Long only by its typer option declarations: the body parses and calls the library.
 @app.command("build")
 def build(
     rois: Path = typer.Argument(..., help="The `rois` HDF5 artifact written by `nodulekit extract`."),
-    channels: int = typer.Option(
+    channels: Literal[1, 3, 11, 21] = typer.Option(
         11,
         "--channels",
         "-c",
@@ -23,15 +25,16 @@ def build(
     output: Path = typer.Option(..., "--output", "-o", help="The `dataset` HDF5 file to write."),
     folds: int = typer.Option(5, "--folds", help="Number of cross-validation folds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled fold assignment."),
-    split: str = typer.Option(
+    split: Literal["patient", "nodule"] = typer.Option(
         "patient",
         "--split",
-        help="'patient' (default): stratified by label and grouped by patient, no patient in two "
+        help="'patient': stratified by label and grouped by patient, no patient in two "
         "folds. 'nodule': the paper's per-nodule stratified folds, LEAKY (one patient's nodules "
         "can be in both training and test); recorded in the file.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = PROGRESS,
+    quiet: bool = QUIET,
 ) -> None:
     """Build a 32x32 multi-channel dataset (paper Table 1) with cross-validation folds.
 
@@ -49,26 +52,29 @@ def build(
         seed=seed,
         split=split,
         overwrite=overwrite,
-        progress=progress,
+        progress=show_progress(progress, quiet),
     )
     ds = load_dataset(path)
     counts = ", ".join(
         f"fold {k}: {int((ds.fold == k).sum())} ({int(ds.y[ds.fold == k].sum())} malignant)" for k in range(ds.n_folds)
     )
-    typer.echo(
+    say(
         f"wrote {path}: {ds.name} x {tuple(ds.x.shape)}, {int(ds.y.sum())} malignant / "
         f"{int((ds.y == 0).sum())} benign, {len(set(ds.patient_id))} patients, {split} split; "
-        f"{counts}; fingerprint {dataset_fingerprint(ds)}"
+        f"{counts}; fingerprint {dataset_fingerprint(ds)}",
+        quiet,
     )
     if ds.filled_channels is not None and ds.filled_channels.any():
-        typer.echo(
+        say(
             f"note: {int(ds.filled_channels.sum())} of {ds.filled_channels.size} channels "
             f"({100 * ds.filled_channels.mean():.1f}%, in {int(ds.filled_channels.any(axis=1).sum())} nodules) "
-            "lie outside their source in z and are edge-replicated slices (see filled_channels)"
+            "lie outside their source in z and are edge-replicated slices (see filled_channels)",
+            quiet,
         )
     if ds.inplane_filled_channels is not None and ds.inplane_filled_channels.any():
-        typer.echo(
+        say(
             f"note: {int(ds.inplane_filled_channels.sum())} of {ds.inplane_filled_channels.size} channels "
             f"(in {int(ds.inplane_filled_channels.any(axis=1).sum())} nodules) reach into an edge-replicated "
-            "in-plane border (see inplane_filled_channels)"
+            "in-plane border (see inplane_filled_channels)",
+            quiet,
         )

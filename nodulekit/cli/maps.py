@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import enum
+import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import AS_JSON, PROGRESS, QUIET, device_option, emit_report, say, show_progress, to_file
 from nodulekit.map_methods import method_names
 
 # The --method choices come from the registry: a new map method file shows up here by itself.
@@ -20,11 +23,16 @@ def _ids(text: str | None) -> list[str] | None:
 
 def _map_class(name: str) -> int:
     from nodulekit.constants import CLASS_NAMES
-    from nodulekit.errors import NodulekitError
 
-    if name not in CLASS_NAMES:
-        raise NodulekitError(f"--map-class must be malignant or benign, got {name!r}")
     return CLASS_NAMES.index(name)
+
+
+def _check_report_output(output: Path | None, overwrite: bool) -> None:
+    """Refuse an existing report file before the statistics are computed."""
+    from nodulekit.outputs import check_output_path
+
+    if to_file(output):
+        check_output_path(output, overwrite)
 
 
 @app.command("maps")
@@ -45,7 +53,7 @@ def maps_cmd(
         "--per-slice",
         help="Also store Fig. 5's single-slice maps: each slice copied to all channels (slice_maps, slice_prob).",
     ),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    device: str = device_option("Where to compute: auto (CUDA when available), cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", help="Nodules per forward/backward pass."),
     amp: bool | None = typer.Option(
         None, "--amp/--no-amp", help="bf16 autocast on or off (default: auto, see `train --help`)."
@@ -54,6 +62,8 @@ def maps_cmd(
         None, "--channels-last/--no-channels-last", help="channels_last memory format (default: auto)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    progress: bool = PROGRESS,
+    quiet: bool = QUIET,
 ) -> None:
     """Activation maps of every nodule from the fold model that did not train on it.
 
@@ -61,9 +71,9 @@ def maps_cmd(
 
     Example: nodulekit maps runs/hesam-d11c --method hesam -o hesam_maps.h5
     """
-    from nodulekit.artifacts import check_output_path
     from nodulekit.constants import predict_label
     from nodulekit.maps import run_maps, write_run_maps
+    from nodulekit.outputs import check_output_path
 
     method = method.value
     check_output_path(output, overwrite)
@@ -75,15 +85,16 @@ def maps_cmd(
         per_slice=per_slice,
         device=device,
         batch_size=batch_size,
-        progress=True,
+        progress=show_progress(progress, quiet),
         amp=amp,
         channels_last=channels_last,
     )
     write_run_maps(result, output, rundir=rundir, overwrite=overwrite)
     acc = float((predict_label(result.prob) == result.y).mean())
-    typer.echo(
+    say(
         f"wrote {output}: {method} maps of {len(result.nodule_id)} nodules "
-        f"({result.arch}, grid {result.maps.shape[-2]}x{result.maps.shape[-1]}); test accuracy {acc:.4f}"
+        f"({result.arch}, grid {result.maps.shape[-2]}x{result.maps.shape[-1]}); test accuracy {acc:.4f}",
+        quiet,
     )
 
 
@@ -93,8 +104,11 @@ def scores_cmd(
         ..., help="One or more `maps` artifacts (e.g. one per method; the same method of two runs is labelled by arch)."
     ),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact with the consensus `mask`."),
-    output: Path = typer.Option(
-        ..., "-o", "--output", help="Per-nodule CSV; summary .md and .json are written beside it."
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Per-nodule CSV; summary .md and .json are written beside it (default: print the summary).",
     ),
     radius_mm: float = typer.Option(2.0, "--radius-mm", help="Half-width r of the margin band in mm."),
     radius_frac: float | None = typer.Option(
@@ -102,7 +116,9 @@ def scores_cmd(
         "--radius-frac",
         help="Instead of --radius-mm: r = this fraction of each nodule's equivalent radius (size-independent regions).",
     ),
-    map_class: str = typer.Option("malignant", "--map-class", help="Which class's map to score: malignant or benign."),
+    map_class: Literal["malignant", "benign"] = typer.Option(
+        "malignant", "--map-class", help="Which class's map to score."
+    ),
     skip_empty_masks: bool = typer.Option(
         False,
         "--skip-empty-masks",
@@ -116,19 +132,21 @@ def scores_cmd(
     ),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    as_json: bool = AS_JSON,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
+    quiet: bool = QUIET,
 ) -> None:
     """Energy share, enrichment and pointing game of each map in body / margin band / outside.
 
     Regions on the 32x32 grid from the consensus mask of one input channel (the centre slice at ROI side 2 x diameter unless --channel): body = mask eroded by r mm, margin band = mask dilated by r mm minus body, outside = the rest (distances in mm from that channel's pixel size). Maps are clipped at 0 (positive evidence). Summaries (means with patient-bootstrap 95 % intervals) per map x nodule class, and by the readers' spiculation and margin ratings.
 
+    Without -o (or with -o -) the summary table is printed; --json prints the summaries as JSON.
+
     Example: nodulekit scores cam_maps.h5 sam_maps.h5 hesam_maps.h5 -d d11c.h5 -o scores.csv
     """
-    from nodulekit.artifacts import check_output_path
-    from nodulekit.scores import score_maps, write_scores
+    from nodulekit.scores import score_maps, scores_markdown, scores_record, scores_summaries, write_scores
 
-    for path in (output, output.with_suffix(".md"), output.with_suffix(".json")):
-        check_output_path(path, overwrite)  # refuse before any work
+    _check_report_output(output, overwrite)
     table = score_maps(
         maps_files,
         dataset,
@@ -138,8 +156,20 @@ def scores_cmd(
         skip_empty_masks=skip_empty_masks,
         channel=channel,
     )
-    paths = write_scores(table, output, overwrite=overwrite, n_resamples=bootstrap, seed=seed)
-    typer.echo(f"wrote {paths['csv']}, {paths['md']}, {paths['json']} ({len(table)} maps scored)")
+    summaries = scores_summaries(table, n_resamples=bootstrap, seed=seed)
+    record = scores_record(table, summaries, n_resamples=bootstrap, seed=seed)
+    emit_report(
+        output,
+        markdown=scores_markdown(table, summaries),
+        json_text=json.dumps(record, indent=2, default=str),
+        as_json=as_json,
+        write_files=lambda out: list(
+            write_scores(
+                table, out, overwrite=overwrite, n_resamples=bootstrap, seed=seed, summaries=summaries
+            ).values()
+        ),
+        quiet=quiet,
+    )
 
 
 @app.command("figures")
@@ -153,6 +183,7 @@ def figures_cmd(
         None, "--scores", help="A CSV from `nodulekit scores`: also draw the region-score box plots."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNG files."),
+    quiet: bool = QUIET,
 ) -> None:
     """Figures as PNG: map grid (like Figure 7), per-slice grid (Figure 5, for --per-slice maps), region scores.
 
@@ -160,34 +191,12 @@ def figures_cmd(
 
     Example: nodulekit figures cam_maps.h5 hesam_maps.h5 -d d11c.h5 --scores scores.csv -o figs
     """
-    from nodulekit.artifacts import read_maps
-    from nodulekit.errors import NodulekitError
-    from nodulekit.figures import map_grid, region_score_plot, slice_grid
+    from nodulekit.figures import draw_figures
 
-    if n < 1:
-        raise NodulekitError(f"--n must be at least 1, got {n}")
-    from nodulekit.artifacts import check_output_path
-
-    output.mkdir(parents=True, exist_ok=True)
-    for name in ["map_grid.png"] + (["region_scores.png"] if scores_csv is not None else []):
-        check_output_path(output / name, overwrite)  # refuse before any work
-    ids = _ids(nodules)
-    written = [map_grid(maps_files, dataset, output / "map_grid.png", nodules=ids, n=n, overwrite=overwrite)]
-    for path in maps_files:
-        maps = read_maps(path)
-        if "slice_maps" in maps.extra:
-            written.append(
-                slice_grid(
-                    path, dataset, output / f"slices_{maps.method}.png", nodules=ids, n=min(n, 4), overwrite=overwrite
-                )
-            )
-    if scores_csv is not None:
-        import pandas as pd
-
-        if not scores_csv.exists():
-            raise NodulekitError(f"{scores_csv} does not exist")
-        written.append(region_score_plot(pd.read_csv(scores_csv), output / "region_scores.png", overwrite=overwrite))
-    typer.echo("wrote " + ", ".join(str(p) for p in written))
+    written = draw_figures(
+        maps_files, dataset, output, nodules=_ids(nodules), n=n, scores_csv=scores_csv, overwrite=overwrite
+    )
+    say("wrote " + ", ".join(str(p) for p in written), quiet)
 
 
 @app.command("wilcoxon")
@@ -195,28 +204,34 @@ def wilcoxon_cmd(
     rundirs: list[Path] = typer.Argument(
         ..., help="Two or more RUNDIRs on the same dataset; the first is the reference."
     ),
-    output: Path = typer.Option(
-        ..., "-o", "--output", help="Markdown report (.md); .csv and .json are written beside it."
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Markdown report (.md); .csv and .json are written beside it (default: print the table).",
     ),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
     permutations: int = typer.Option(
         9999, "--permutations", min=1, help="Random patient sign patterns of the permutation test."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the permutation test."),
+    as_json: bool = AS_JSON,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
+    quiet: bool = QUIET,
 ) -> None:
     """Paired comparisons of the first run with each other run on the same nodules (Table 5, and honest tests).
 
     Pairs the cross-validated test probabilities of the same nodules. AUC: difference with a patient-bootstrap 95 % interval and DeLong's test. Absolute error |p - y|: mean difference with its interval and a permutation test that flips all of a patient's nodules together. The paper's nodule-level Wilcoxon signed-rank test of the probabilities is kept beside them. Every p-value also Holm-adjusted over the comparisons. Runs on different datasets (fingerprint) or nodule sets, unfinished runs and runs with non-finite predictions are refused.
 
+    Without -o (or with -o -) the table is printed; --json prints the report as JSON.
+
     Example: nodulekit wilcoxon runs/hesam-d11c runs/resnet18-d11c runs/vgg16-d11c -o wilcoxon.md
     """
-    from nodulekit.stats import comparison_markdown_table, wilcoxon_notes, wilcoxon_runs, write_report
+    from nodulekit.stats import comparison_markdown_table, wilcoxon_notes, wilcoxon_runs
 
+    _check_report_output(output, overwrite)
     table = wilcoxon_runs(rundirs, n_resamples=bootstrap, seed=seed, n_permutations=permutations)
-    paths = write_report(
-        table,
-        output,
+    report = dict(
         title=f"{rundirs[0]} against each other run, same nodules",
         notes=wilcoxon_notes(bootstrap, seed, permutations),
         record={
@@ -226,31 +241,50 @@ def wilcoxon_cmd(
             "permutations": permutations,
             "seed": seed,
         },
-        overwrite=overwrite,
         md_table=comparison_markdown_table(table),
     )
-    for _, row in table.iterrows():
-        typer.echo(
-            f"{row['run_a']} vs {row['run_b']}: n={row['n']} AUC {row['auc_a']:.3f} vs {row['auc_b']:.3f} "
-            f"(DeLong p={row['delong_p']:.3g}, Holm {row['delong_p_holm']:.3g}); mean |error| diff "
-            f"{row['mean_error_diff']:+.3g} (patient p={row['error_p_patients']:.3g}); "
-            f"Wilcoxon prob p={row['prob_p_value']:.3g}"
-        )
-    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    if _emit_stats_report(table, output, report, as_json, overwrite, quiet):
+        for _, row in table.iterrows():
+            say(
+                f"{row['run_a']} vs {row['run_b']}: n={row['n']} AUC {row['auc_a']:.3f} vs {row['auc_b']:.3f} "
+                f"(DeLong p={row['delong_p']:.3g}, Holm {row['delong_p_holm']:.3g}); mean |error| diff "
+                f"{row['mean_error_diff']:+.3g} (patient p={row['error_p_patients']:.3g}); "
+                f"Wilcoxon prob p={row['prob_p_value']:.3g}",
+                quiet or as_json,
+            )
+
+
+def _emit_stats_report(table, output, report: dict, as_json: bool, overwrite: bool, quiet: bool, **extra) -> bool:
+    """Print or write a wilcoxon/readers report (see common.emit_report); True when files were written."""
+    from nodulekit.stats import report_markdown, report_record, write_report
+
+    return emit_report(
+        output,
+        markdown=report_markdown(table, title=report["title"], notes=report["notes"], md_table=report["md_table"]),
+        json_text=json.dumps(report_record(table, report["record"]), indent=2, default=str),
+        as_json=as_json,
+        write_files=lambda out: list(write_report(table, out, overwrite=overwrite, **report, **extra).values()),
+        quiet=quiet,
+    )
 
 
 @app.command("readers")
 def readers_cmd(
     rundir: Path = typer.Argument(..., help="A finished RUNDIR (all folds)."),
-    output: Path = typer.Option(
-        ..., "-o", "--output", help="Markdown report (.md); .csv and .json are written beside it."
+    output: Path | None = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Markdown report (.md); .csv and .json are written beside it (default: print the table).",
     ),
     dataset: Path | None = typer.Option(
         None, "--dataset", "-d", help="The `dataset` artifact (default: the one recorded in RUNDIR/run.json)."
     ),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the permutation test."),
+    as_json: bool = AS_JSON,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
+    quiet: bool = QUIET,
 ) -> None:
     """Each reader against the consensus of the OTHER readers, beside the model on the same nodules (Table 6).
 
@@ -258,14 +292,15 @@ def readers_cmd(
 
     Also writes <stem>_nodules.csv: per nodule each reader's rating, call and leave-one-out label, and the model's call.
 
+    Without -o (or with -o -) the table is printed; --json prints the report as JSON.
+
     Example: nodulekit readers runs/hesam-d11c -o readers.md
     """
-    from nodulekit.stats import reader_comparison, readers_markdown_table, readers_notes, write_report
+    from nodulekit.stats import reader_comparison, readers_markdown_table, readers_notes
 
+    _check_report_output(output, overwrite)
     table = reader_comparison(rundir, dataset, n_resamples=bootstrap, seed=seed)
-    paths = write_report(
-        table,
-        output,
+    report = dict(
         title=f"Readers vs the other readers' consensus, and the model ({table.attrs['arch']}, {table.attrs['n']} test nodules)",
         notes=readers_notes(table.attrs["rule"], bootstrap, seed),
         record={
@@ -276,17 +311,20 @@ def readers_cmd(
             "bootstrap_resamples": bootstrap,
             "seed": seed,
         },
-        overwrite=overwrite,
-        per_nodule=table.attrs["per_nodule"],
         md_table=readers_markdown_table(table),
     )
+    if not _emit_stats_report(table, output, report, as_json, overwrite, quiet, per_nodule=table.attrs["per_nodule"]):
+        return
     for _, row in table.iterrows():
         if row["who"] == "model":
-            typer.echo(f"model vs dataset label: accuracy {row['model_accuracy']:.4f} on {row['n_compared']} nodules")
+            say(
+                f"model vs dataset label: accuracy {row['model_accuracy']:.4f} on {row['n_compared']} nodules",
+                quiet or as_json,
+            )
             continue
-        typer.echo(
+        say(
             f"{row['who']}: accuracy {row['reader_accuracy']:.4f} vs model {row['model_accuracy']:.4f} on the same "
             f"{row['n_compared']} nodules (p={row['p_patients']:.3g}); abstained {row['n_abstained']}, "
-            f"others indeterminate {row['n_indeterminate_others']}"
+            f"others indeterminate {row['n_indeterminate_others']}",
+            quiet or as_json,
         )
-    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

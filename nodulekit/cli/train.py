@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import AS_JSON, PROGRESS, QUIET, device_option, emit_report, say, show_progress, to_file
 from nodulekit.errors import NodulekitError
 
 
@@ -42,7 +44,10 @@ def train_command(
         ..., "--output", "-o", help="RUNDIR to create, or to resume/extend when it holds the same run."
     ),
     arch: str = typer.Option(
-        "hesam", "--arch", help="Architecture from the model registry (e.g. hesam, sam, cam, baseline)."
+        "hesam",
+        "--arch",
+        help="Architecture from the model registry (e.g. hesam, sam, cam, baseline); `nodulekit models` lists "
+        "them all with their paper names, map methods and sizes.",
     ),
     model_opt: list[str] | None = typer.Option(
         None, "--model-opt", help="Model option key=value (repeatable), e.g. --model-opt base_width=32."
@@ -61,17 +66,17 @@ def train_command(
     lr_step: int = typer.Option(
         30, "--lr-step", help="Divide the learning rate by 10 every this many epochs (paper: 30)."
     ),
-    select: str = typer.Option(
+    select: Literal["last", "val"] = typer.Option(
         "last",
         "--select",
-        help="Which epoch's model to report: 'last' (default) or 'val' = best accuracy on a validation split "
+        help="Which epoch's model to report: 'last' or 'val' = best accuracy on a validation split "
         "carved from the training folds (by patient, stratified). The test fold is never used to choose.",
     ),
     val_fraction: float = typer.Option(
         0.1, "--val-fraction", help="Share of training patients held out for --select val."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of model initialisation, batch order and validation split."),
-    device: str = typer.Option("auto", "--device", help="cuda, cpu or auto (cuda when available)."),
+    device: str = device_option("Where to train: auto (CUDA when available), cpu, cuda or cuda:N."),
     amp: bool | None = typer.Option(
         None,
         "--amp/--no-amp",
@@ -95,9 +100,13 @@ def train_command(
         "another; for GPUs). Models with dropout (vgg16) train their folds one after another, said on stderr.",
     ),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Discard an existing run in RUNDIR made with other settings."
+        False,
+        "--overwrite",
+        help="Discard an existing run in RUNDIR made with other settings; with --fold, only those folds "
+        "(refused while other folds hold results made with other settings).",
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per fold."),
+    progress: bool = PROGRESS,
+    quiet: bool = QUIET,
 ) -> None:
     """Train ARCH with k-fold cross-validation on DATASET; every fold's model and test predictions go to RUNDIR.
 
@@ -134,18 +143,19 @@ def train_command(
         folds=fold,
         n_folds=folds,
         overwrite=overwrite,
-        progress=progress,
-        on_execution=lambda choice: typer.echo(describe_execution(choice)),
+        progress=show_progress(progress, quiet),
+        on_execution=lambda choice: say(describe_execution(choice), quiet),
     )
     for s in out["folds"]:
         if s["status"] == "skipped":
-            typer.echo(f"fold {s['fold']}: already finished ({s['epochs']} epochs), skipped")
+            say(f"fold {s['fold']}: already finished ({s['epochs']} epochs), skipped", quiet)
         else:
-            typer.echo(
+            say(
                 f"fold {s['fold']}: {s['status']}, {s['epochs']} epochs, reported epoch {s['selected_epoch']}, "
-                f"test accuracy {100 * s['test_acc']:.2f}%"
+                f"test accuracy {100 * s['test_acc']:.2f}%",
+                quiet,
             )
-    typer.echo(f"run in {output}; report with: nodulekit evaluate {output} -o REPORT_DIR")
+    say(f"run in {output}; report with: nodulekit evaluate {output}", quiet)
 
 
 @app.command("evaluate")
@@ -153,29 +163,43 @@ def evaluate_command(
     rundirs: list[Path] = typer.Argument(
         ..., help="One or more RUNDIRs written by `nodulekit train` (all folds finished)."
     ),
-    output: Path = typer.Option(
-        ...,
+    output: Path | None = typer.Option(
+        None,
         "--output",
         "-o",
-        help="REPORT_DIR for table2.md/.csv/.json, folds.csv, roc.png, curves.png, reliability.png.",
+        help="REPORT_DIR for table2.md/.csv/.json, folds.csv, roc.png, curves.png, reliability.png "
+        "(default: print the table only).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report files that exist."),
     bootstrap: int = typer.Option(
         2000, "--bootstrap", min=1, help="Patient resamples for the 95 % confidence intervals of pooled numbers."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    as_json: bool = AS_JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Merge the folds of each RUNDIR into a Table 2 style report (accuracy mean ± std, sensitivity, specificity, AUC).
 
     Threshold 0.5 is fixed in advance. Also writes pooled nodule- and patient-level
     numbers with 95 % confidence intervals (bootstrap over patients), sensitivity at 90 %
     specificity (descriptive), calibration (Brier, ECE, reliability.png), the pooled ROC
-    curves and Fig. 4 style training curves.
+    curves and Fig. 4 style training curves. Without -o (or with -o -) only the table is
+    printed; --json prints the whole report as JSON.
 
     Example: nodulekit evaluate runs/hesam-d11c runs/sam-d11c runs/cam-d11c -o reports/table2
     """
-    from nodulekit.evaluation import evaluate_runs
+    from nodulekit.evaluation import evaluate_runs, report_json
 
-    out = evaluate_runs(rundirs, output, overwrite=overwrite, n_resamples=bootstrap, seed=seed)
-    typer.echo(out["markdown"])
-    typer.echo(f"wrote {', '.join(out['files'])}")
+    out = evaluate_runs(
+        rundirs, output if to_file(output) else None, overwrite=overwrite, n_resamples=bootstrap, seed=seed
+    )
+    if to_file(output) and not as_json:
+        say(out["markdown"], quiet)
+    emit_report(
+        output,
+        markdown=out["markdown"],
+        json_text=report_json(out["report"]),
+        as_json=as_json,
+        write_files=lambda _: [Path(f) for f in out["files"]],
+        quiet=quiet,
+    )

@@ -34,6 +34,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from nodulekit.cohort import LabelRule, NoduleRecord
 
 
+def hu_int16(values: np.ndarray, where: str) -> np.ndarray:
+    """HU values as int16 (rounded, clipped); NaN or infinite voxels are refused, naming ``where``.
+
+    A float NIfTI may hold NaN (e.g. outside a resampled field of view); cast to integers it
+    would silently become 0 HU (water) inside the lung, so it is an error instead.
+    """
+    if not np.issubdtype(values.dtype, np.integer):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise DataError(
+                f"{where} holds {int(bad.sum())} NaN or infinite voxel(s) of {values.size}; HU must be finite numbers"
+            )
+        values = np.rint(values)
+    return np.clip(values, -32768, 32767).astype(np.int16)
+
+
 @dataclass
 class Volume:
     """A CT volume ``hu[row, col, slice]`` with its geometry (LPS millimetres)."""

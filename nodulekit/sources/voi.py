@@ -13,6 +13,7 @@ from nodulekit.sources import (
     SourceNodule,
     Unit,
     Volume,
+    hu_int16,
     lidc_annotations,
     lidc_scan,
     record_of,
@@ -59,10 +60,7 @@ def read_voi(image_path: str | Path, mask_path: str | Path, patient_id: str = ""
     image = image.as_reoriented(transform)
     mask = mask.as_reoriented(transform)
     aff = image.affine
-    hu = np.asarray(image.dataobj)
-    if not np.issubdtype(hu.dtype, np.integer):
-        hu = np.rint(hu)
-    hu = np.clip(hu, -32768, 32767).astype(np.int16)
+    hu = hu_int16(np.asarray(image.dataobj), f"VOI image {image_path}")
     m = np.asarray(mask.dataobj) > 0
     if not m.any():
         raise DataError(f"VOI mask {mask_path} is empty")

@@ -1,0 +1,80 @@
+"""Options and output helpers every command shares (one definition each)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars (on stderr).")
+QUIET = typer.Option(False, "-q", "--quiet", help="Print nothing but errors and warnings (implies --no-progress).")
+AS_JSON = typer.Option(False, "--json", help="Print the report as JSON (machine-readable) instead of a table.")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def _device(value: str) -> str:
+    if value in DEVICES[:3] or re.fullmatch(r"cuda:\d+", value or ""):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N (a GPU index, e.g. cuda:1)")
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in DEVICES[:3] if d.startswith(incomplete)]
+
+
+def device_option(help: str) -> typer.models.OptionInfo:
+    """``--device``: auto (CUDA when available), cpu, cuda or cuda:N."""
+    return typer.Option(
+        "auto",
+        "--device",
+        metavar="<auto|cpu|cuda|cuda:N>",
+        parser=_device,
+        autocompletion=_complete_device,
+        help=help,
+    )
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """A status line: on stdout, or on stderr once data went to stdout (``-o -``); none with --quiet."""
+    from nodulekit.outputs import stdout_taken
+
+    if not quiet:
+        typer.echo(message, err=stdout_taken())
+
+
+def show_progress(progress: bool, quiet: bool) -> bool:
+    return progress and not quiet
+
+
+def to_file(output: Path | None) -> bool:
+    """Whether a report's ``-o`` names files to write (not absent, ``-`` or a stream)."""
+    from nodulekit.outputs import output_target
+
+    return output is not None and output_target(output) == "file"
+
+
+def emit_report(
+    output: Path | None,
+    *,
+    markdown: str,
+    json_text: str,
+    as_json: bool,
+    write_files: Callable[[Path], list[Path]],
+    quiet: bool = False,
+) -> bool:
+    """Deliver a report: without ``-o`` (or to ``-`` / a stream) the table, or with ``--json`` the
+    JSON, is printed there; with a file or folder, ``write_files`` writes it (and ``--json`` still
+    prints the JSON). Returns whether files were written."""
+    from nodulekit.outputs import text_output
+
+    if not to_file(output):
+        with text_output(output or "-") as fh:
+            fh.write(json_text if as_json else markdown)
+        return False
+    written = write_files(output)
+    if as_json:
+        typer.echo(json_text)
+    say("wrote " + ", ".join(str(p) for p in written), quiet or as_json)
+    return True

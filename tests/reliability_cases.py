@@ -1,0 +1,219 @@
+"""The catalogue of bad inputs and faults that nodulekit is tested against (docs/reliability.md).
+
+Each :class:`Case` is one row of the catalogue: what goes wrong, the line the user sees
+(``{...}`` stands for a path or number that varies) and the exit status. The tests in
+tests/test_reliability.py check every case's real output against ``sees`` (as a pattern)
+and ``exit``, and tests/test_reliability.py::test_catalogue_is_current checks that
+docs/reliability.md shows exactly these rows. After changing a case, regenerate the table:
+
+    python tests/reliability_cases.py docs/reliability.md
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    fault: str  # the bad input or fault, as a user would describe it
+    sees: str  # the line printed on stderr ("" when the command succeeds); {x} varies
+    exit: int
+    issue: str = ""  # the defect of issue 11 it fixed ("" for behaviour that was already right)
+
+    def pattern(self) -> re.Pattern:
+        parts = re.split(r"\{[^}]*\}", self.sees)
+        return re.compile(".*?".join(re.escape(p) for p in parts))
+
+    def check(self, code: int, stderr: str) -> None:
+        """Assert the real exit status and that the last stderr line is the catalogued one."""
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        assert code == self.exit, f"{self.id}: exit {code}, expected {self.exit}; stderr: {stderr[-2000:]}"
+        if self.sees:
+            assert lines, f"{self.id}: nothing on stderr"
+            assert self.pattern().fullmatch(lines[-1]), f"{self.id}: {lines[-1]!r} is not {self.sees!r}"
+            assert "Traceback" not in stderr, f"{self.id}: a traceback reached the user"
+
+
+E = "nodulekit: error: "
+CASES = [
+    Case(
+        "stdout-link",
+        "`-o` names a link to a FIFO, device or /dev/stdout (text output, e.g. `cohort`)",
+        "",
+        0,
+        "14",
+    ),
+    Case("stdout-dash", "`-o -` for a text output", "", 0, "14"),
+    Case("link-to-file", "`-o` names a symbolic link to a regular file", "", 0, "14"),
+    Case(
+        "binary-to-stream",
+        "`-o -` or a FIFO for a binary artifact (HDF5, ONNX, checkpoint)",
+        E + "-o {path}: {where}; this output is binary, give a file path",
+        2,
+        "14",
+    ),
+    Case(
+        "extract-locked",
+        "a second `extract` into an `-o` that another `extract` is writing",
+        E + "{out} is being written by another nodulekit extract job (pid {pid} on {host}); "
+        "wait for it or choose another -o",
+        2,
+        "1",
+    ),
+    Case(
+        "output-appeared",
+        "the output file appears (another job) while a run is working, without `--overwrite`",
+        E + "{out} already exists: it appeared while this run was working (pass --overwrite to replace it)",
+        2,
+        "1",
+    ),
+    Case(
+        "nan-voi",
+        "a NIfTI VOI with NaN voxels (some or all)",
+        E + "{n} scan(s)/VOI(s) skipped (listed above); re-run with --overwrite to retry only those",
+        1,
+        "2",
+    ),
+    Case(
+        "full-disk-extract",
+        "the disk fills up during `extract`",
+        E + "could not write {path}: No space left on device{kept}",
+        1,
+        "3",
+    ),
+    Case("full-disk-maps", "the disk fills up while `maps` writes", E + "could not write {out}: {reason}", 1, "3"),
+    Case(
+        "full-disk-train",
+        "the disk fills up while `train` saves a checkpoint",
+        E + "could not write {checkpoint}: No space left on device",
+        1,
+        "3",
+    ),
+    Case(
+        "full-disk-build",
+        "the disk fills up while `build` writes",
+        E + "could not write {out}: No space left on device",
+        1,
+        "3",
+    ),
+    Case(
+        "full-disk-evaluate",
+        "the disk fills up while `evaluate` writes its report (no partial report is left)",
+        E + "could not write {file}: No space left on device",
+        1,
+        "3",
+    ),
+    Case("fold-overwrite", "`train --fold K --overwrite` on a run with other finished folds", "", 0, "4"),
+    Case(
+        "fold-overwrite-settings",
+        "`train --fold K --overwrite` with other settings while other folds hold results",
+        E + "{rundir} holds {folds} made with other settings; --overwrite with --fold replaces only the folds "
+        "asked for and the run would mix settings: drop --fold to replace the whole run, or use a new -o RUNDIR",
+        2,
+        "4",
+    ),
+    Case(
+        "wrong-dataset",
+        "`scores` or `figures` given a dataset other than the maps' (nodule ids overlap)",
+        E + "{dataset} is not the dataset of {maps}: images or labels differ: {what}",
+        2,
+        "5",
+    ),
+    Case(
+        "changed-input",
+        "an input file changes between an interrupted `extract` and its resumption",
+        "",
+        0,
+        "6",
+    ),
+    Case("kill-parent", "`kill -9` of a command running worker processes", "", 0, "7"),
+    Case(
+        "truncated-hdf5",
+        "a truncated HDF5 input (dataset, rois, maps, fold result)",
+        E + "{file} is not a readable HDF5 file: truncated (an interrupted copy or write?)",
+        2,
+        "8",
+    ),
+    Case(
+        "figures-bad-scores",
+        "`figures --scores` naming a file that is not a scores table (or no file)",
+        E + "{csv} is not a scores table from `nodulekit scores` (no column {columns})",
+        2,
+        "9",
+    ),
+    Case(
+        "hidden-temp-only",
+        "a RUNDIR holding only a hidden temporary file of an interrupted `train`",
+        "",
+        0,
+        "11",
+    ),
+    Case(
+        "file-as-rundir",
+        "a regular file given where a RUNDIR is expected",
+        E + "{file} is a file, not a nodulekit run folder (give the RUNDIR that `nodulekit train -o` made)",
+        2,
+        "12",
+    ),
+    Case(
+        "foreign-checkpoint",
+        "a checkpoint that is a text file, truncated, or holds arbitrary Python objects",
+        E + "{file} is not a readable nodulekit checkpoint: {why}",
+        2,
+        "12",
+    ),
+    Case(
+        "output-is-folder",
+        "`-o` naming an existing folder where a file is written",
+        E + "-o {path} is a folder; give a file name",
+        2,
+        "12",
+    ),
+    Case("stale-temps", "hidden temporary files left by a killed save, export or extract", "", 0, "13"),
+    Case(
+        "existing-output",
+        "`-o` naming an existing file without `--overwrite`",
+        E + "{out} already exists (pass --overwrite to replace it)",
+        2,
+    ),
+    Case(
+        "flag-with-value",
+        "a flag given a value (`--overwrite true`)",
+        "Error: Got unexpected extra argument(s) (true)",
+        2,
+    ),
+    Case("interrupted", "Ctrl-C", E + "interrupted; finished work is kept and a re-run resumes", 130),
+]
+BY_ID = {c.id: c for c in CASES}
+assert len(BY_ID) == len(CASES), "duplicate case ids"
+
+BEGIN, END = "<!-- catalogue: begin -->", "<!-- catalogue: end -->"
+
+
+def table() -> str:
+    """The catalogue as the Markdown table of docs/reliability.md."""
+    rows = [
+        "| case | bad input or fault | what the user sees (stderr) | exit | issue 11 defect |",
+        "|---|---|---|---|---|",
+    ]
+    for c in CASES:
+        code = f"`` {c.sees} ``" if "`" in c.sees else f"`{c.sees}`"  # a span that may hold backticks
+        sees = code if c.sees else "(works: the output is written correctly)"
+        rows.append(f"| `{c.id}` | {c.fault} | {sees} | {c.exit} | {c.issue or '–'} |")
+    return "\n".join(rows) + "\n"
+
+
+def rewrite(doc: Path) -> None:
+    text = doc.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(f"{head}{BEGIN}\n{table()}{END}{tail}")
+
+
+if __name__ == "__main__":
+    rewrite(Path(sys.argv[1]))
