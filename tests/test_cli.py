@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -131,3 +132,77 @@ def test_shell_completion_installs_and_completes(tmp_path):
         env_c = dict(env, _NODULEKIT_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=cword)
         res = _nodulekit(env=env_c)
         assert set(res.stdout.split()) == expected, (words, res.stdout, res.stderr)
+
+
+# Commands that do real work take --progress/--no-progress (when they draw bars) and -q/--quiet.
+LONG = ("cohort", "extract", "build", "train", "maps", "infer", "phantom")
+QUIET_ONLY = ("evaluate", "scores", "figures", "wilcoxon", "readers", "export-onnx")
+
+
+def test_long_commands_take_progress_and_quiet():
+    cmds = commands()
+    for name in LONG + QUIET_ONLY:
+        opts = {o for p in cmds[name].params for o in (*getattr(p, "opts", []), *getattr(p, "secondary_opts", []))}
+        assert {"-q", "--quiet"} <= opts, name
+        if name in LONG:
+            assert {"--progress", "--no-progress"} <= opts, name
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "values"),
+    [
+        ("maps", "--method", "cam|gradcam|sam|hesam|he-cam|he-gradcam"),
+        ("maps", "--device", "auto|cpu|cuda|cuda:N"),
+        ("train", "--device", "auto|cpu|cuda|cuda:N"),
+        ("train", "--select", "last|val"),
+        ("build", "--split", "patient|nodule"),
+        ("build", "--channels", "1|3|11|21"),
+        ("infer", "--provider", "auto|cpu|cuda|tensorrt"),
+        ("export-onnx", "--exporter", "dynamo|torchscript"),
+        ("scores", "--map-class", "malignant|benign"),
+    ],
+)
+def test_allowed_values_are_listed_in_help(monkeypatch, capsys, command, option, values):
+    code, out, _ = run_main(monkeypatch, capsys, command, "-h")
+    line = next(ln for ln in out.splitlines() if re.match(rf"\s+(-\w, )?{option} <", ln))
+    assert code == 0 and f"<{values}>" in line, line
+
+
+def test_maps_methods_are_the_registry_of_map_methods(monkeypatch, capsys):
+    import nodulekit.maps as M
+
+    _, out, _ = run_main(monkeypatch, capsys, "maps", "-h")
+    assert f"<{'|'.join(M.METHODS)}>" in out  # the choices are generated, not written twice
+
+
+@pytest.mark.parametrize(("device", "ok"), [("auto", True), ("cuda:1", True), ("gpu", False), ("cuda:x", False)])
+def test_device_values_are_checked_by_the_parser(tmp_path, monkeypatch, capsys, device, ok):
+    code, _, err = run_main(
+        monkeypatch, capsys, "maps", tmp_path / "nope", "-m", "cam", "-o", tmp_path / "m.h5", "--device", device
+    )
+    if ok:  # parsed: the command itself then refuses the missing RUNDIR
+        assert code == 2 and "is not a nodulekit run folder" in err
+    else:
+        assert code == 2 and "Invalid value for '--device'" in err
+
+
+def test_models_lists_the_registry(monkeypatch, capsys):
+    import json
+
+    from nodulekit.models import available_models
+
+    code, out, _ = run_main(monkeypatch, capsys, "models", "--channels", "3", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and sorted(rows) == available_models()
+    assert rows["hesam"]["paper_name"] == "Ours-HESAM" and rows["resnet18"]["paper_name"] == "ResNet18"
+    assert rows["cam"]["map_methods"] == ["cam", "gradcam"]
+    assert rows["hesam"]["map_methods"] == ["gradcam", "hesam", "he-gradcam"]
+    assert rows["resnet18"]["map_methods"] == ["gradcam"]  # no map-defining head
+    # parameter counts follow the input: the first convolution grows with the channels
+    _, out11, _ = run_main(monkeypatch, capsys, "models", "--channels", "11", "--json")
+    rows11 = {r["name"]: r for r in json.loads(out11)}
+    assert rows11["resnet18"]["parameters"] - rows["resnet18"]["parameters"] == 8 * 3 * 3 * 64  # 3x3 stem, 64 maps
+    code, out, _ = run_main(monkeypatch, capsys, "models")
+    assert code == 0 and "| hesam | Ours-HESAM | gradcam, hesam, he-gradcam |" in out
+    _, help_text, _ = run_main(monkeypatch, capsys, "train", "-h")
+    assert "nodulekit models" in " ".join(help_text.split())

@@ -64,6 +64,7 @@ from nodulekit.cli import data as _data  # noqa: E402,F401
 from nodulekit.cli import export as _export  # noqa: E402,F401
 from nodulekit.cli import grid as _grid  # noqa: E402,F401
 from nodulekit.cli import maps as _maps  # noqa: E402,F401
+from nodulekit.cli import models as _models  # noqa: E402,F401
 from nodulekit.cli import phantom as _phantom  # noqa: E402,F401
 from nodulekit.cli import predict as _predict  # noqa: E402,F401
 from nodulekit.cli import status as _status  # noqa: E402,F401
