@@ -147,6 +147,13 @@ CASES = [
         "9",
     ),
     Case(
+        "foreign-onnx-graph",
+        "`infer` on an ONNX file with nodulekit metadata but another graph",
+        E + "{model}: the graph does not match its nodulekit metadata: {why}",
+        2,
+        "10",
+    ),
+    Case(
         "hidden-temp-only",
         "a RUNDIR holding only a hidden temporary file of an interrupted `train`",
         "",

@@ -483,6 +483,29 @@ def test_figures_checks_scores_before_drawing(tiny, tiny_maps, tmp_path, monkeyp
     assert sorted(p.name for p in figs.iterdir()) == ["map_grid.png", "region_scores.png"]
 
 
+# --------------------------------------------------------------------------- 10: an ONNX file that lies
+
+
+def test_onnx_metadata_over_another_graph_is_refused(tiny, tmp_path, monkeypatch, capsys):
+    import onnx
+
+    from nodulekit.export import export_onnx, load_model_source
+
+    ds, run = tiny
+    good = tmp_path / "cam.onnx"
+    export_onnx(load_model_source(run, 0), good, exporter="torchscript")
+    proto = onnx.load(str(good))
+    graph = onnx.load(str(good))  # the same metadata over a graph for 3-channel input
+    graph.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(proto.metadata_props)
+    bad = tmp_path / "lying.onnx"
+    onnx.save(graph, str(bad))
+    code, _, err = cli(monkeypatch, capsys, "infer", bad, ds, "-o", tmp_path / "m.h5", "--provider", "cpu")
+    BY_ID["foreign-onnx-graph"].check(code, err)
+    assert not (tmp_path / "m.h5").exists()
+
+
 # --------------------------------------------------------------------------- 11: a folder with a hidden temp
 
 
