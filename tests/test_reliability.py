@@ -209,14 +209,15 @@ def test_a_second_extract_into_the_same_output_is_refused(phantom_vois, tmp_path
     other = copy_vois(phantom_vois, tmp_path / "other")  # another source: its parts would not be reusable
     out = tmp_path / "rois.h5"
     second = []
-    handle = X._handle
+    run_tasks = X.run_tasks
 
-    def run_the_other_job_meanwhile(*args, **kw):  # while this job has finished its first unit
-        if not second:
-            second.append(cli_process("extract", "--vois", other, "-o", out))
-        return handle(*args, **kw)
+    def run_the_other_job_meanwhile(*args, **kw):  # once this job has finished its first unit
+        for result in run_tasks(*args, **kw):
+            yield result
+            if not second:
+                second.append(cli_process("extract", "--vois", other, "-o", out))
 
-    monkeypatch.setattr(X, "_handle", run_the_other_job_meanwhile)
+    monkeypatch.setattr(X, "run_tasks", run_the_other_job_meanwhile)
     code, _, err = cli(monkeypatch, capsys, "extract", "--vois", phantom_vois, "-o", out)
     assert code == 0, err
     BY_ID["extract-locked"].check(second[0].returncode, second[0].stderr)
