@@ -87,10 +87,12 @@ def compute_maps(
     import torch
     from tqdm import tqdm
 
+    from nodulekit.training import resolve_device
+
     if batch_size < 1:
         raise NodulekitError(f"batch size must be at least 1, got {batch_size}")
     method = check_method(model, method) if isinstance(method, str) else method
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device or "auto"))  # auto, cpu, cuda, cuda:N; a bad name is one line
     model = model.to(device).eval()
     if execution is not None:
         model = execution.apply(model)
@@ -178,7 +180,7 @@ def run_maps(
     ``amp``/``channels_last``: forced, or "auto" = ``nodulekit.execution.choose_execution``
     on the first fold's model and batch (probed only when the work is large enough).
     """
-    import torch
+    from nodulekit.training import resolve_device
 
     from nodulekit.artifacts import check_finite_maps
 
@@ -187,7 +189,7 @@ def run_maps(
     ds = run.load_dataset(dataset)
     rows = _select_rows(ds, nodules)
     fold = _test_fold_of(run, ds, rows)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device or "auto"))  # auto, cpu, cuda, cuda:N; a bad name is one line
     results: dict[str, np.ndarray] = {}
     arch, execution = "", None
     for k in sorted(set(fold.tolist())):
