@@ -180,9 +180,8 @@ def run_maps(
     ``amp``/``channels_last``: forced, or "auto" = ``nodulekit.execution.choose_execution``
     on the first fold's model and batch (probed only when the work is large enough).
     """
-    from nodulekit.training import resolve_device
-
     from nodulekit.artifacts import check_finite_maps
+    from nodulekit.training import resolve_device
 
     run = Run(rundir)
     get_method(method)
