@@ -259,7 +259,11 @@ def _train_settings(path: Path, raw: dict) -> dict[str, Any]:
 
     if train.get("select", "last") not in SELECT_MODES:
         raise _fail(path, "train.select", f"must be one of {', '.join(SELECT_MODES)}, not {train['select']!r}")
-    return {"concurrent_folds": True, "threads": 2, "gpus": 0, **train}
+    settings = {"threads": 2, "gpus": 0, **train}
+    # Side by side pays on a GPU; on CPU it measured slower than one fold after another
+    # (benchmarks/README.md, the GPU training section), so it is the default only with GPUs.
+    settings.setdefault("concurrent_folds", settings["gpus"] > 0)
+    return settings
 
 
 # --------------------------------------------------------------------------- runs and tables

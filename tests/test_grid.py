@@ -14,7 +14,7 @@ from conftest import REPO
 from test_datasets import sphere_nodules, write_rois
 
 from nodulekit.errors import NodulekitError
-from nodulekit.grid import GRID_CLAIM, load_grid, run_grid
+from nodulekit.grid import GRID_CLAIM, load_grid, run_grid, train_command
 
 PY = sys.executable
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -228,3 +228,19 @@ def test_dry_run_lists_one_job_per_fold_when_folds_are_not_side_by_side(tmp_path
     assert counts == {"build": "2", "train_fold": "10", "evaluate": "3", "wilcoxon": "1", "maps": "1",
                       "scores": "1", "figures": "1", "report": "1", "all": "1", "total": "21"}  # fmt: skip
     assert not (tmp_path / "out" / "runs").exists()  # a dry run trains nothing
+
+
+@pytest.mark.parametrize(
+    "train, side_by_side",
+    [
+        ("threads: 1}", False),  # CPU jobs: one fold after another (side by side measured slower on CPU)
+        ("threads: 1, gpus: 1}", True),  # GPU jobs: side by side
+        ("threads: 1, gpus: 1, concurrent_folds: false}", False),  # an explicit choice wins
+        ("threads: 1, concurrent_folds: true}", True),
+    ],
+)
+def test_folds_side_by_side_by_default_only_on_gpus(tmp_path, train, side_by_side):
+    plan = load_grid(write_config(tmp_path, edit(TINY, "threads: 1}", train)))
+    assert plan.train["concurrent_folds"] is side_by_side
+    command = train_command(plan, next(iter(plan.runs)), threads=1)
+    assert ("--concurrent-folds" in command) is side_by_side
