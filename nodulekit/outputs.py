@@ -301,22 +301,28 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview, *, overwrite:
 class _FailSafeFile(io.RawIOBase):
     """An unbuffered file for h5py's ``fileobj`` driver that never reports a failed write.
 
-    The first write error (e.g. ENOSPC) is kept and later writes are dropped, so the
-    HDF5 library never sees a failure (h5py crashes when a chunk flush fails in close);
+    The first write error (e.g. ENOSPC) is kept and the file carries on in memory: its
+    content so far is read back into a buffer that takes every later read and write. So
+    the HDF5 library never sees a failure, and never reads back a block that was not
+    written (dropping writes fed it garbage, and h5py crashed with SIGSEGV on it);
     :func:`hdf5_file` raises the kept error once the file is closed.
     """
 
     def __init__(self, raw):
         self.raw = raw
         self.error: OSError | None = None
+        self.memory: io.BytesIO | None = None
 
-    def _guard(self, fn, *args, default=None):
-        if self.error is None:
-            try:
-                return fn(*args)
-            except OSError as exc:
-                self.error = exc
-        return default
+    @property
+    def _file(self):
+        return self.raw if self.memory is None else self.memory
+
+    def _spill(self, exc: OSError, pos: int) -> None:
+        """Keep ``exc``; go on in memory from what the disk holds (what failed is rewritten there)."""
+        self.error = exc
+        self.raw.seek(0)
+        self.memory = io.BytesIO(self.raw.readall())
+        self.memory.seek(pos)
 
     def readable(self) -> bool:
         return True
@@ -328,25 +334,42 @@ class _FailSafeFile(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        return self.raw.readinto(b)
+        return self._file.readinto(b)
 
     def write(self, b) -> int:
-        n = len(memoryview(b))
-        self._guard(self.raw.write, b)
-        return n
+        data = memoryview(b).cast("B")
+        if self.memory is None:
+            pos = self.raw.tell()
+            try:
+                done = 0
+                while done < len(data):  # a short write is retried; its failure raises
+                    done += self.raw.write(data[done:])
+                return len(data)
+            except OSError as exc:
+                self._spill(exc, pos)
+        return self.memory.write(data)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self.raw.seek(offset, whence)
+        return self._file.seek(offset, whence)
 
     def tell(self) -> int:
-        return self.raw.tell()
+        return self._file.tell()
 
     def truncate(self, size: int | None = None) -> int:
-        self._guard(self.raw.truncate, size)
-        return size if size is not None else self.raw.tell()
+        if self.memory is None:
+            pos = self.raw.tell()
+            try:
+                return self.raw.truncate(size)
+            except OSError as exc:
+                self._spill(exc, pos)
+        return self.memory.truncate(size)
 
     def flush(self) -> None:
-        self._guard(self.raw.flush)
+        if self.memory is None:
+            try:
+                self.raw.flush()
+            except OSError as exc:
+                self._spill(exc, self.raw.tell())
 
 
 @contextmanager
