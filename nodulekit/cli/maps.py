@@ -98,6 +98,7 @@ def maps_cmd(
     )
 
 
+# Long only by its typer option declarations: the body parses and calls the library.
 @app.command("scores")
 def scores_cmd(
     maps_files: list[Path] = typer.Argument(
@@ -324,7 +325,7 @@ def readers_cmd(
             continue
         say(
             f"{row['who']}: accuracy {row['reader_accuracy']:.4f} vs model {row['model_accuracy']:.4f} on the same "
-            f"{row['n_compared']} nodules (p={row['p_patients']:.3g}); abstained {row['n_abstained']}, "
-            f"others indeterminate {row['n_indeterminate_others']}",
+            f"{row['n_compared']} nodules (p={row['p_patients']:.3g}); abstained {int(row['n_abstained'])}, "
+            f"others indeterminate {int(row['n_indeterminate_others'])}",
             quiet or as_json,
         )
