@@ -29,7 +29,7 @@ def build(
         "patient",
         "--split",
         help="'patient': stratified by label and grouped by patient, no patient in two "
-        "folds. 'nodule': the paper's per-nodule stratified folds, LEAKY (one patient's nodules "
+        "folds. 'nodule': per-nodule stratified folds (the paper does not say which it used), LEAKY (one patient's nodules "
         "can be in both training and test); recorded in the file.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
