@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # onnxruntime-gpu carries the CPU provider too, but is 255 MB: take it only where a GPU is.
 ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench mutate clean
 
 $(BIN)/nodulekit: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: install
 format: install
 	$(BIN)/python -m ruff check --fix .
 	$(BIN)/python -m ruff format .
+
+# Mutation testing on demand (docs/testing.md), not part of `make test`: plants each bug of
+# tools/mutants.toml in a scratch copy and runs its tests. MODULES="nodulekit/export.py ..."
+# narrows it to some modules; survivors are run against the whole suite before they count.
+MODULES ?=
+MUTATE_REPORT ?= mutation-report.md
+mutate: install
+	nice -n 19 $(BIN)/python tools/mutate.py $(foreach m,$(MODULES),--module $(m)) --confirm -o $(MUTATE_REPORT)
 
 demo: install
 	$(BIN)/python -m nodulekit.demo
