@@ -107,3 +107,8 @@ def test_nodule_geometry_known_answers():
         nodule_geometry(np.zeros((3, 3, 3)), (1, 1, 1), what="nodule X")
     with pytest.raises(DataError, match="spacing"):
         nodule_geometry(mask, (0.5, 0.0, 2.0))
+    # the one-line errors name what was measured: the caller's name, else "mask"
+    with pytest.raises(DataError, match=r"^nodule X is not a 3-D mask \(shape \(3, 3\)\)$"):
+        nodule_geometry(np.ones((3, 3)), (1, 1, 1), what="nodule X")
+    with pytest.raises(DataError, match=r"^mask is empty"):
+        nodule_geometry(np.zeros((3, 3, 3)), (1, 1, 1))
