@@ -50,13 +50,58 @@ def refusal(model) -> str | None:
     return None
 
 
-def _fold_loss_module(model):
+def batch_norm_by_hand_needed(device) -> bool:
+    """Whether folds side by side on ``device`` must normalise with :func:`batch_norm_by_hand`.
+
+    CUDA's batch-norm kernels ask whether their input is channels_last-contiguous, which
+    vmap cannot answer ("NYI: querying is_contiguous inside of vmap", torch 2.11, seen on an
+    H200); the CPU kernels do not ask, so the CPU keeps torch's own batch norm.
+    """
+    return str(device).split(":")[0] != "cpu"
+
+
+def batch_norm_by_hand(bn, x):
+    """``bn``'s forward (any ``nn.BatchNorm*d``) written out in tensor operations that vmap can batch.
+
+    The same arithmetic as torch's: normalise with the batch's biased variance in training,
+    update the running mean and the *unbiased* variance with ``bn.momentum``, count the
+    batch; in eval mode use the running statistics. Computed in float32 (float64 stays
+    float64) and returned in the input's dtype, as torch's kernels do under bf16 autocast.
+    """
+    import torch
+
+    if bn.momentum is None:
+        raise NodulekitError(
+            "internal: side-by-side folds need BatchNorm momentum (cumulative averages are not supported)"
+        )
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if bn.training or bn.running_mean is None:
+        dims = [0, *range(2, x.dim())]
+        mean, var = xf.mean(dims), xf.var(dims, unbiased=False)
+        if bn.training and bn.track_running_stats:
+            n = xf.numel() // xf.shape[1]
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                bn.running_mean.mul_(1 - bn.momentum).add_(mean.detach() * bn.momentum)
+                bn.running_var.mul_(1 - bn.momentum).add_(var.detach() * (n / (n - 1) * bn.momentum))
+    else:
+        mean, var = bn.running_mean.to(xf.dtype), bn.running_var.to(xf.dtype)
+    y = (xf - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.reshape(shape).to(xf.dtype) + bn.bias.reshape(shape).to(xf.dtype)
+    return y.to(x.dtype)
+
+
+def _fold_loss_module(model, by_hand: bool = False):
     """A module computing one fold's training loss on one batch with ``training.batch_loss``.
 
     A module (not a function) so ``functional_call`` can run it with one fold's slice of the
     stacked weights; its own copy of ``model`` only provides structure, modes and settings.
+    ``by_hand``: its batch norms run :func:`batch_norm_by_hand` (see :func:`batch_norm_by_hand_needed`).
     """
     import copy
+    import functools
 
     from torch import nn
 
@@ -66,6 +111,9 @@ def _fold_loss_module(model):
         def __init__(self):
             super().__init__()
             self.model = copy.deepcopy(model)
+            for m in self.model.modules() if by_hand else ():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.forward = functools.partial(batch_norm_by_hand, m)
 
         def forward(self, x, y, index, mask, characteristics):
             """(loss, cross-entropy, correct count) of one fold on one batch."""
@@ -92,7 +140,8 @@ class StackedFolds:
         params, buffers = stack_module_state([f.model for f in self.folds])
         self.params = {f"model.{k}": v for k, v in params.items()}
         self.buffers = {f"model.{k}": v for k, v in buffers.items()}
-        self.module = _fold_loss_module(self.folds[0].model)
+        device = next(self.folds[0].model.parameters()).device
+        self.module = _fold_loss_module(self.folds[0].model, by_hand=batch_norm_by_hand_needed(device))
         self.module.train()
         hyper = _shared_hyperparameters([f.optimizer for f in self.folds])
         self.optimizer = torch.optim.SGD([{**hyper, "params": list(self.params.values())}])

@@ -260,9 +260,10 @@ def _train_settings(path: Path, raw: dict) -> dict[str, Any]:
     if train.get("select", "last") not in SELECT_MODES:
         raise _fail(path, "train.select", f"must be one of {', '.join(SELECT_MODES)}, not {train['select']!r}")
     settings = {"threads": 2, "gpus": 0, **train}
-    # Side by side pays on a GPU; on CPU it measured slower than one fold after another
-    # (benchmarks/README.md, the GPU training section), so it is the default only with GPUs.
-    settings.setdefault("concurrent_folds", settings["gpus"] > 0)
+    # One job per fold by default: on CPU side by side measured slower, and on an H200 one
+    # process per fold, many at once, trained 25 full-width folds in 318 s while side by side
+    # failed under bf16 (benchmarks/README.md, the GPU training section).
+    settings.setdefault("concurrent_folds", False)
     return settings
 
 

@@ -881,7 +881,7 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         if on_execution is not None:
             on_execution(execution.as_dict())
         summaries, failures = [], []
-        side_by_side = cfg.concurrent_folds and _side_by_side_possible(cfg, run)
+        side_by_side = cfg.concurrent_folds and _side_by_side_possible(cfg, run, execution)
         # one job per fold: claim every requested fold before training any of them
         with claims.claimed(Path(rundir) / f"fold{k}" for k in wanted):
             if side_by_side:
@@ -912,7 +912,7 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
     return {"rundir": str(rundir), "run": run, "folds": summaries, "execution": execution.as_dict()}
 
 
-def _side_by_side_possible(cfg: TrainConfig, run: dict) -> bool:
+def _side_by_side_possible(cfg: TrainConfig, run: dict, execution) -> bool:
     """Whether ``cfg.arch`` can train side by side; if not, say why on stderr (its folds then run in turn)."""
     import sys
 
@@ -922,6 +922,10 @@ def _side_by_side_possible(cfg: TrainConfig, run: dict) -> bool:
 
     with torch.device("meta"):  # structure only, no memory
         reason = refusal(build_model(cfg.arch, run["in_channels"], 2, cfg.model_options))
+    if reason is None and execution.amp and str(execution.device).startswith("cuda"):
+        # seen on an H200 with torch 2.11: under vmap, CUDA's bf16 autocast left a convolution's
+        # bias in float32 ("Input type (c10::BFloat16) and bias type (float) should be the same")
+        reason = "bf16 autocast under vmap fails on CUDA (torch 2.11)"
     if reason is not None:
         print(f"nodulekit: {reason}; its folds train one after another", file=sys.stderr)
     return reason is None

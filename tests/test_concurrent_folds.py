@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import write_tiny_dataset
 
+from nodulekit import concurrent_folds as CF
 from nodulekit import training as T
-from nodulekit.concurrent_folds import refusal, train_epoch_side_by_side
+from nodulekit.concurrent_folds import batch_norm_by_hand, refusal, train_epoch_side_by_side
 from nodulekit.datasets import load_dataset
 
 torch.set_num_threads(1)
@@ -104,6 +105,77 @@ def test_side_by_side_equals_sequential_in_float32(uneven):
     """
     diffs, _ = compare(uneven, "hesam", {"base_width": 8}, epochs=1, dtype=torch.float32, lr=5e-4, batch_size=8)
     assert diffs["loss"] < 1e-5 and diffs["weights"] < 1e-5 and diffs["buffers"] < 1e-5, diffs
+
+
+def _bn_with_state(seed):
+    """A BatchNorm2d whose affine weights and running statistics are far from the defaults."""
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(3, generator=g, dtype=torch.float64))
+        bn.running_mean.copy_(torch.randn(3, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+    return bn
+
+
+def test_batch_norm_by_hand_equals_torch_batch_norm():
+    """Outputs, running mean, unbiased running variance and batch count, train and eval, float64."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5, 3, 4, 6, generator=g, dtype=torch.float64) * 3 + 2 for _ in range(2)]
+    ref, mine = _bn_with_state(0), _bn_with_state(0)
+    for x in xs:  # two training steps: the second uses the first's running statistics
+        torch.testing.assert_close(batch_norm_by_hand(mine, x), ref(x), rtol=0, atol=1e-12)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(mine, name), getattr(ref, name), rtol=0, atol=1e-12)
+    assert int(mine.num_batches_tracked) == 2
+    ref.eval(), mine.eval()
+    torch.testing.assert_close(batch_norm_by_hand(mine, xs[0]), ref(xs[0]), rtol=0, atol=1e-12)
+
+
+def test_batch_norm_by_hand_under_vmap_updates_each_folds_statistics():
+    """Three folds' stacked states under vmap: each fold's output and statistics as if run alone."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    g = torch.Generator().manual_seed(2)
+    folds = [_bn_with_state(s) for s in range(3)]
+    alone = [_bn_with_state(s) for s in range(3)]
+    params, buffers = stack_module_state(folds)
+    x = torch.randn(3, 4, 3, 5, 5, generator=g, dtype=torch.float64)
+    shell = _bn_with_state(9)
+    shell.forward = lambda inp: batch_norm_by_hand(shell, inp)
+    out = vmap(lambda p, b, xi: functional_call(shell, (p, b), (xi,)))(params, buffers, x)
+    for i, bn in enumerate(alone):
+        torch.testing.assert_close(out[i], bn(x[i]), rtol=0, atol=1e-12)
+        torch.testing.assert_close(buffers["running_var"][i], bn.running_var, rtol=0, atol=1e-12)
+        torch.testing.assert_close(buffers["running_mean"][i], bn.running_mean, rtol=0, atol=1e-12)
+    assert buffers["num_batches_tracked"].tolist() == [1, 1, 1]
+
+
+def test_batch_norm_by_hand_keeps_bf16_in_bf16():
+    """Under bf16 autocast torch's kernel returns bf16 computed in float32: so does the hand-written one."""
+    bn = torch.nn.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4).to(torch.bfloat16)
+    out = batch_norm_by_hand(bn, x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), torch.nn.BatchNorm2d(3)(x.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_side_by_side_with_batch_norm_by_hand_equals_sequential(uneven, monkeypatch):
+    """The GPU path (batch norm written out, since CUDA's kernels fail under vmap) run on the CPU:
+    same weights, running statistics and batch counts as the folds trained alone."""
+    monkeypatch.setattr(CF, "batch_norm_by_hand_needed", lambda device: True)
+    calls = []
+    monkeypatch.setattr(CF, "batch_norm_by_hand", lambda bn, x: calls.append(1) or batch_norm_by_hand(bn, x))
+    diffs, alone = compare(uneven, "hesam", {"base_width": 4}, epochs=2, dtype=torch.float64, lr=0.01)
+    assert calls  # the side-by-side steps really normalised by hand
+    assert diffs["weights"] < 1e-11 and diffs["buffers"] < 1e-11 and diffs["momentum"] < 1e-9, diffs
+    assert diffs["loss"] < 1e-6 and diffs["acc"] == 0 and diffs["eval"] < 1e-6, diffs
+
+
+def test_batch_norm_by_hand_is_used_off_the_cpu_only():
+    assert not CF.batch_norm_by_hand_needed(torch.device("cpu"))
+    assert CF.batch_norm_by_hand_needed(torch.device("cuda", 0)) and CF.batch_norm_by_hand_needed("cuda")
 
 
 def test_auxiliary_loss_model_side_by_side(uneven):
@@ -276,3 +348,19 @@ def test_dropout_model_falls_back_to_folds_in_turn(uneven, tmp_path, capfd):
     run_train(uneven.path, tmp_path / "vgg-seq", False, arch="vgg16", model_options=options, epochs=1)
     assert [s["status"] for s in out["folds"]] == ["trained"] * 5
     assert_same_folds(tmp_path / "vgg-seq", tmp_path / "vgg", tol=0)  # it really ran the sequential path
+
+
+@pytest.mark.parametrize(
+    "device, amp, possible",
+    [("cuda", True, False), ("cuda:0", True, False), ("cuda", False, True), ("cpu", True, True), ("cpu", False, True)],
+)
+def test_bf16_on_cuda_trains_folds_in_turn(capfd, device, amp, possible):
+    """bf16 autocast under vmap failed on an H200 (torch 2.11): such runs fall back to folds in turn, saying so."""
+    from nodulekit.execution import ExecutionChoice
+
+    cfg = T.TrainConfig(arch="hesam", model_options={"base_width": 4}, concurrent_folds=True)
+    choice = ExecutionChoice(device, amp, False, "forced", "test")
+    assert T._side_by_side_possible(cfg, {"in_channels": 3}, choice) is possible
+    err = capfd.readouterr().err
+    assert ("bf16 autocast under vmap fails on CUDA" in err) is not possible
+    assert ("its folds train one after another" in err) is not possible
