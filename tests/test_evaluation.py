@@ -270,3 +270,34 @@ def test_pooled_intervals_calibration_and_reliability_diagram(tmp_path):
     assert float(row["pooled_nodule_auc_low"]) == pytest.approx(ci["auc"]["low"])
     assert int(row["bootstrap_resamples"]) == 300
     assert (tmp_path / "rep" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table2_jobs_script_matches_one_process(tmp_path):
+    """benchmarks/table2_jobs.py: one `nodulekit train --fold K` process per fold, two at once, gives
+    the folds that one in-process `train` gives; --report-only re-makes the report without training."""
+    import importlib.util
+    from pathlib import Path
+
+    from nodulekit.stats import run_predictions
+    from nodulekit.training import TrainConfig, train
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "table2_jobs.py"
+    spec = importlib.util.spec_from_file_location("table2_jobs_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ds = write_tiny_dataset(tmp_path / "d1c.h5", n=20, channels=1, folds=2)
+    out = tmp_path / "jobs"
+    args = [str(ds), "-o", str(out), "--archs", "cam", "--epochs", "1", "--device", "cpu", "--lr", "0.01"]
+    args += ["--model-opt", "base_width=4", "--no-amp", "--no-channels-last", "--bootstrap", "50"]
+    assert bench.main([*args, "--jobs", "2"]) == 0
+    timing = json.loads((out / "timing.json").read_text())
+    assert sorted((j["fold"], j["rc"]) for j in timing["jobs"]) == [(0, 0), (1, 0)]
+    assert (out / "logs" / "cam-fold1.log").exists()
+    cfg = TrainConfig(arch="cam", model_options={"base_width": 4}, epochs=1, lr=0.01, device="cpu", amp=False,
+                      channels_last=False)  # fmt: skip
+    train(ds, tmp_path / "alone", cfg, progress=False)
+    jobs, alone = run_predictions(out / "runs" / "cam-d1c"), run_predictions(tmp_path / "alone")
+    merged = jobs.merge(alone, on="nodule_id")
+    assert len(merged) == 20 and np.abs(merged["prob_x"] - merged["prob_y"]).max() < 1e-5
+    (out / "report" / "table2.md").unlink()
+    assert bench.main([*args, "--report-only"]) == 0 and (out / "report" / "table2.md").exists()
