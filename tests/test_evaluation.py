@@ -182,15 +182,21 @@ def test_end_to_end_train_then_evaluate(tmp_path):
     assert (tmp_path / "rep" / "curves.png").exists() and (tmp_path / "rep" / "roc.png").exists()
 
 
-def test_table2_benchmark_script(tmp_path):
-    """benchmarks/table2.py trains each arch, times it and writes the report (tiny settings)."""
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
-    spec = importlib.util.spec_from_file_location("table2_bench", script)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_table2_benchmark_script(tmp_path):
+    """benchmarks/table2.py trains each arch, times it and writes the report (tiny settings)."""
+    bench = load_benchmark("table2")
     ds = write_tiny_dataset(tmp_path / "d1c.h5", n=20, channels=1, folds=2)
     out = tmp_path / "bench"
     rc = bench.main(
@@ -275,16 +281,10 @@ def test_pooled_intervals_calibration_and_reliability_diagram(tmp_path):
 def test_table2_jobs_script_matches_one_process(tmp_path):
     """benchmarks/table2_jobs.py: one `nodulekit train --fold K` process per fold, two at once, gives
     the folds that one in-process `train` gives; --report-only re-makes the report without training."""
-    import importlib.util
-    from pathlib import Path
-
     from nodulekit.stats import run_predictions
     from nodulekit.training import TrainConfig, train
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "table2_jobs.py"
-    spec = importlib.util.spec_from_file_location("table2_jobs_bench", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("table2_jobs")
     ds = write_tiny_dataset(tmp_path / "d1c.h5", n=20, channels=1, folds=2)
     out = tmp_path / "jobs"
     args = [str(ds), "-o", str(out), "--archs", "cam", "--epochs", "1", "--device", "cpu", "--lr", "0.01"]
