@@ -33,13 +33,25 @@ import numpy as np
 
 from nodulekit.constants import CHARACTERISTICS, INPUT_SIZE
 from nodulekit.errors import ArtifactError, DataError, NodulekitError
+from nodulekit.inputs import (  # noqa: F401 - the input spec's facts and sampling, re-exported for build's callers
+    CHANNEL_CHOICES,
+    HU_WINDOW,
+    PLANES_MM,
+    ChannelSpec,
+    InputSpec,
+    legacy_spec,
+    normalise_hu,
+    paper_spec,
+    plane_layout,
+    resample_levels,
+    resample_nodule,
+    sample_grid,
+)
 
-CHANNEL_CHOICES = (1, 3, 11, 21)
 SPLITS = ("patient", "nodule")
 PATCH = INPUT_SIZE  # output side in pixels (Table 1)
-N_Z = 21  # slices in a rois sub-volume: offsets -10..+10 mm
-CENTRE = 10  # index of the centre slice
-HU_WINDOW = (-1000.0, 400.0)
+N_Z = len(PLANES_MM)  # slices in a rois sub-volume: offsets -10..+10 mm
+CENTRE = PLANES_MM.index(0.0)  # index of the centre slice
 NORMALISATION = {
     "hu_window": list(HU_WINDOW),
     "scale": "linear to [0, 1]: x = (clip(HU, -1000, 400) + 1000) / 1400",
@@ -60,32 +72,9 @@ SPLIT_NOTES = {
 }
 
 
-@dataclass(frozen=True)
-class ChannelSpec:
-    """One input channel: which 1 mm slice of the rois volume, and the ROI side factor p."""
-
-    z_index: int  # 0..20, 10 = centre slice
-    p: float  # ROI side = p x diameter
-
-    @property
-    def z_offset_mm(self) -> int:
-        return self.z_index - CENTRE
-
-
 def channel_layout(channels: int) -> list[ChannelSpec]:
-    """The paper's channel layout for ``channels`` in {1, 3, 11, 21}."""
-    if channels not in CHANNEL_CHOICES:
-        raise NodulekitError(f"--channels must be one of {', '.join(map(str, CHANNEL_CHOICES))} (got {channels})")
-    if channels == 3:
-        return [ChannelSpec(CENTRE, p) for p in (2.0, 3.0, 4.0)]
-    half = channels // 2
-    return [ChannelSpec(z, 2.0) for z in range(CENTRE - half, CENTRE + half + 1)]
-
-
-def normalise_hu(hu: np.ndarray) -> np.ndarray:
-    """Clip HU to the window [-1000, 400] and scale linearly to [0, 1] (float32)."""
-    lo, hi = HU_WINDOW
-    return ((np.clip(np.asarray(hu, np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    """The paper's channel layout for ``channels`` in {1, 3, 11, 21}, as plane indices of the rois window."""
+    return plane_layout(paper_spec(channels))
 
 
 def _spacing_yx(value: Any, nodule_id: str) -> tuple[float, float]:
@@ -95,100 +84,6 @@ def _spacing_yx(value: Any, nodule_id: str) -> tuple[float, float]:
     if arr.size != 2 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise DataError(f"nodule {nodule_id}: invalid pixel_spacing_mm {value!r} in the rois file")
     return float(arr[0]), float(arr[1])
-
-
-def sample_grid(
-    shape_yx: tuple[int, int],
-    spacing_yx: tuple[float, float],
-    layout: list[ChannelSpec],
-    diameter_mm: float,
-    nodule_id: str = "?",
-    centre_yx: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates (into a [21, H, W] volume) of every output pixel, and pixel_mm per channel.
-
-    ``centre_yx`` is the nodule centre in window pixel-index coordinates (the rois attr
-    ``centre_in_window``, sub-pixel); without it, the geometric centre of the window,
-    ((H-1)/2, (W-1)/2), as the rois contract centres the window on the nodule. Output
-    pixel j of a patch of side ``side_mm`` samples the input at
-    ``centre + (j + 0.5 - 16) * side_mm / 32 / spacing``, so the 32 output pixels tile the
-    square [centre - side/2, centre + side/2] exactly.
-    """
-    h, w = shape_yx
-    sy, sx = spacing_yx
-    cy, cx = ((h - 1) / 2.0, (w - 1) / 2.0) if centre_yx is None else (float(centre_yx[0]), float(centre_yx[1]))
-    steps = np.arange(PATCH, dtype=np.float64) + 0.5 - PATCH / 2.0
-    coords = np.empty((3, len(layout), PATCH, PATCH), np.float64)
-    pixel_mm = np.empty(len(layout), np.float32)
-    for c, spec in enumerate(layout):
-        step_mm = spec.p * diameter_mm / PATCH  # float64 for the coordinates
-        pixel_mm[c] = step_mm
-        ys = cy + steps * (step_mm / sy)
-        xs = cx + steps * (step_mm / sx)
-        coords[0, c] = spec.z_index
-        coords[1, c] = ys[:, None]
-        coords[2, c] = xs[None, :]
-    # Output pixel centres may lie up to half an input pixel beyond the outermost input
-    # centre (edge replication covers that); anything further means the window is too small.
-    if coords[1].min() < -0.5 or coords[1].max() > h - 0.5 or coords[2].min() < -0.5 or coords[2].max() > w - 0.5:
-        worst = max(s.p for s in layout) * diameter_mm
-        raise DataError(
-            f"nodule {nodule_id}: its rois window ({h}x{w} px at {sy:.3g}x{sx:.3g} mm = "
-            f"{h * sy:.1f}x{w * sx:.1f} mm) is smaller than the {worst:.1f} mm patch this dataset needs"
-        )
-    return coords, pixel_mm
-
-
-def resample_nodule(
-    hu: np.ndarray,
-    mask: np.ndarray,
-    spacing_yx: tuple[float, float],
-    diameter_mm: float,
-    layout: list[ChannelSpec],
-    nodule_id: str = "?",
-    z_first: int = 0,
-    centre_yx: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One nodule's channels: (x float32 [C,32,32] in [0,1], mask uint8 [C,32,32], pixel_mm [C]).
-
-    ``hu``/``mask`` are the rois sub-volume [21, H, W], or a slab of it starting at slice
-    ``z_first`` (so D1C and D3C need read only the centre slice). ``centre_yx``: see
-    :func:`sample_grid`.
-    """
-    from scipy.ndimage import map_coordinates
-
-    hu = np.asarray(hu)
-    mask = np.asarray(mask)
-    if hu.ndim != 3:
-        raise DataError(f"nodule {nodule_id}: hu has shape {hu.shape}, expected [{N_Z}, S, S]")
-    if mask.shape != hu.shape:
-        raise DataError(f"nodule {nodule_id}: mask shape {mask.shape} differs from hu shape {hu.shape}")
-    z = [s.z_index - z_first for s in layout]
-    if min(z) < 0 or max(z) >= hu.shape[0]:
-        raise DataError(f"nodule {nodule_id}: hu slab of {hu.shape[0]} slices lacks slices this dataset needs")
-    coords, pixel_mm = sample_grid(hu.shape[1:], spacing_yx, layout, diameter_mm, nodule_id, centre_yx)
-    coords[0] -= z_first
-    # Clip before interpolating so out-of-field padding (e.g. -2048) cannot bleed into
-    # neighbouring pixels; the z coordinates are whole slices, so z is never interpolated.
-    x = map_coordinates(normalise_hu(hu), coords, order=1, mode="nearest")
-    m = map_coordinates((mask > 0).astype(np.float32), coords, order=1, mode="nearest")
-    return np.clip(x, 0.0, 1.0).astype(np.float32), (m >= 0.5).astype(np.uint8), pixel_mm
-
-
-def resample_levels(labels: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """A count map (e.g. the readers' agreement) on the sample grid ``coords``, as uint8.
-
-    Each level set ``labels >= j`` is resampled like a mask (linear, kept where >= 0.5) and
-    the sets are stacked, so ``result >= j`` is exactly the resampled region of level j.
-    """
-    from scipy.ndimage import map_coordinates
-
-    labels = np.asarray(labels)
-    out = np.zeros(coords.shape[1:], np.uint8)
-    for j in range(1, int(labels.max(initial=0)) + 1):
-        level = map_coordinates((labels >= j).astype(np.float32), coords, order=1, mode="nearest")
-        out += (level >= 0.5).astype(np.uint8)
-    return out
 
 
 def assign_folds(
@@ -395,6 +290,11 @@ def _resample_group(g, nid: str, diameter: float, layout: list[ChannelSpec], pat
     if agree.shape != m.shape or not np.array_equal(m > 0, agree >= min_readers):
         raise ArtifactError(f"{path}: nodule {nid}: mask is not agreement >= {min_readers}; a corrupt rois file")
     out: dict[str, Any] = {"min_readers": min_readers, "undetermined": False}
+    # The training data's ranges (model description): source spacing and the HU at the centre.
+    out["pixel_spacing_mm"] = min(spacing)
+    out["slice_spacing_mm"] = float(g.attrs.get("source_slice_spacing_mm", np.nan))
+    s = g["hu"].shape[1] // 2
+    out["centre_hu"] = float(g["hu"][CENTRE, s, s])
     out["x"], out["mask"], out["pixel_mm"] = resample_nodule(
         hu, m, spacing, diameter, layout, nid, z_first=z_lo, centre_yx=centre_yx
     )
@@ -437,6 +337,9 @@ def _resample_all(f, nodule_id, diameter, layout: list[ChannelSpec], progress: b
         "pixel_mm": np.empty((n, c), np.float32),
         "filled": np.zeros((n, c), np.uint8),
         "inplane": np.zeros((n, c), np.uint8),
+        "pixel_spacing_mm": np.empty(n, np.float32),
+        "slice_spacing_mm": np.empty(n, np.float32),
+        "centre_hu": np.empty(n, np.float32),
     }
     undetermined: list[str] = []
     for i in tqdm(range(n), desc="build", unit="nodule", disable=not progress):
@@ -453,16 +356,16 @@ def dataset_name(channels: int) -> str:
     return f"D{channels}C"
 
 
-def _check_build_options(channels: int, n_folds: int, split: str) -> list[ChannelSpec]:
-    layout = channel_layout(channels)
+def _check_build_options(channels: int, n_folds: int, split: str) -> InputSpec:
+    spec = paper_spec(channels)
     if split not in SPLITS:
         raise NodulekitError(f"--split must be 'patient' or 'nodule' (got {split!r})")
     if n_folds < 2:
         raise NodulekitError(f"--folds must be at least 2 (got {n_folds})")
-    return layout
+    return spec
 
 
-def _dataset_attrs(channels, n_folds, split, seed, layout, table, consensus, rois_path, rois_source) -> dict:
+def _dataset_attrs(channels, n_folds, split, seed, spec: InputSpec, table, consensus, rois_path, rois_source) -> dict:
     """The attributes of a dataset built from a rois file (see :class:`Dataset`)."""
     attrs = {
         "name": dataset_name(channels),
@@ -475,7 +378,8 @@ def _dataset_attrs(channels, n_folds, split, seed, layout, table, consensus, roi
         "normalisation": NORMALISATION,
         "consensus_level": float(consensus["consensus_level"]),
         "consensus_definition": str(consensus["consensus_definition"]),
-        "channel_layout": [{"z_offset_mm": s.z_offset_mm, "p": s.p} for s in layout],
+        "channel_layout": [{"z_offset_mm": int(c.z_offset_mm), "p": c.p} for c in spec.channels],
+        "input_spec": spec.as_dict(),
         "source": str(rois_path),
         "characteristic_names": table["characteristic_names"],
     }
@@ -487,6 +391,7 @@ def _dataset_attrs(channels, n_folds, split, seed, layout, table, consensus, roi
 def _built_dataset(table: dict, images: dict, fold: np.ndarray, attrs: dict) -> Dataset:
     """The :class:`Dataset` of the rois table and its resampled images."""
     extras = dict(table["extras"])
+    extras.update({name: images[name] for name in RANGE_MEMBERS})
     if table["series_uid"] is not None:
         extras["series_uid"] = np.asarray(table["series_uid"], dtype=object)
     return Dataset(
@@ -523,7 +428,8 @@ def build_dataset(
     """Write the ``dataset`` artifact ``D<channels>C`` built from the ``rois`` artifact."""
     from nodulekit.artifacts import check_output_path, get_provenance, open_artifact, provenance
 
-    layout = _check_build_options(channels, n_folds, split)
+    spec = _check_build_options(channels, n_folds, split)
+    layout = plane_layout(spec)
     rois_path = Path(rois_path)
     check_output_path(out_path, overwrite)  # fail before the slow part
     if Path(out_path).resolve() == rois_path.resolve():
@@ -541,7 +447,7 @@ def build_dataset(
         # Folds need only labels and patients: refuse an impossible split before the slow part.
         fold = assign_folds(table["y"], table["patient_id"], n_folds, seed, split)
         images = _resample_all(f, table["nodule_id"], table["diameter_mm"], layout, progress)
-    attrs = _dataset_attrs(channels, n_folds, split, seed, layout, table, consensus, rois_path, rois_source)
+    attrs = _dataset_attrs(channels, n_folds, split, seed, spec, table, consensus, rois_path, rois_source)
     ds = _built_dataset(table, images, fold, attrs)
     prov = provenance(
         stage="build",
@@ -558,6 +464,7 @@ def build_dataset(
         normalisation=NORMALISATION,
         **consensus,
         channel_layout=attrs["channel_layout"],
+        input_spec=attrs["input_spec"],
         inplane_fill_undetermined=images["undetermined"],
     )
     return write_dataset(out_path, ds, prov, overwrite=overwrite)
@@ -565,7 +472,16 @@ def build_dataset(
 
 # Optional per-nodule members a dataset carries through from its rois file (the reader-level
 # tables feed the inter-reader study), and the string-valued ones among them.
-EXTRA_MEMBERS = ("series_uid", "cluster_index", "n_readers", "reader_characteristics", "reader_mean_diameter_mm")
+# The per-nodule source spacing and centre HU give the training data's ranges (model description).
+RANGE_MEMBERS = ("pixel_spacing_mm", "slice_spacing_mm", "centre_hu")
+EXTRA_MEMBERS = (
+    "series_uid",
+    "cluster_index",
+    "n_readers",
+    "reader_characteristics",
+    "reader_mean_diameter_mm",
+    *RANGE_MEMBERS,
+)
 STRING_MEMBERS = ("patient_id", "nodule_id", "series_uid")
 FILL_MEANINGS = {
     "filled_channels": (
@@ -589,7 +505,7 @@ PLAIN_ATTRS = (
     "consensus_level",
     "consensus_definition",
 )
-JSON_ATTRS = ("label_rule", "normalisation", "channel_layout")
+JSON_ATTRS = ("label_rule", "normalisation", "channel_layout", "input_spec")
 REQUIRED_ATTRS = ("channels", "n_folds", "split", "seed", "name", "label_rule", "normalisation")
 
 
@@ -652,6 +568,14 @@ class Dataset:
     @property
     def normalisation(self) -> Any:
         return self.attrs.get("normalisation")
+
+    @cached_property
+    def input_spec(self) -> InputSpec | None:
+        """How ``x`` was made (:class:`nodulekit.inputs.InputSpec`): the stored spec, or for a file
+        written before specs were stored, the one its channel layout and normalisation imply."""
+        if self.attrs.get("input_spec") is not None:
+            return InputSpec.from_dict(self.attrs["input_spec"], str(self.path or "dataset"))
+        return legacy_spec(self.channels, self.attrs.get("channel_layout"), self.normalisation)
 
     @cached_property
     def identity(self) -> dict[str, Any]:

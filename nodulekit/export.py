@@ -120,7 +120,7 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
     # A checkpoint inside a RUNDIR (RUNDIR/fold<k>/checkpoint.pt) still finds its run.json.
     run = Run(path.parent.parent).record if (path.parent.parent / "run.json").exists() else {}
     # Training also stores provenance in the checkpoint: use it for a checkpoint copied out of its RUNDIR.
-    for key in ("label_rule", "normalisation", "dataset_fingerprint", "dataset_identity"):
+    for key in ("label_rule", "normalisation", "input_spec", "dataset_fingerprint", "dataset_identity"):
         if run.get(key) is None and ckpt.get(key) is not None:
             value = ckpt[key]
             if isinstance(value, str):
@@ -302,6 +302,10 @@ def _export_inputs(src: ModelSource, channels: int, n: int, seed: int) -> tuple[
             ds = None  # unreadable: verify on uniform inputs instead
     if ds is not None and src.run.get("dataset_identity") is not None:
         check_identity(src.run["dataset_identity"], ds, src.source, ds_path)
+    if ds is not None:
+        from nodulekit.modelcard import run_spec
+
+        check_spec(run_spec(src.run, channels), ds, src.source)
     if ds is not None and ds.channels == channels:
         rows = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
         return ds.x[rows], f"dataset {ds.name} rows {rows.tolist()}"  # no local path: it goes in the file
@@ -353,7 +357,7 @@ def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> 
     return report
 
 
-def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str]:
+def build_metadata(src: ModelSource, opset: int, exporter: str, model_version: int | None = None) -> dict[str, str]:
     """Everything the file says about itself (no local paths): legacy keys plus the model description."""
     import torch
 
@@ -376,6 +380,7 @@ def build_metadata(src: ModelSource, opset: int, exporter: str) -> dict[str, str
         outputs[MEMBER_OUTPUT] = "malignant probability of each fold model [batch, members], in 'members' order"
     meta = {
         "nodulekit_format": FORMAT,
+        "model_version": str(model_version if model_version is not None else default_model_version(run)),
         "nodulekit_version": __version__,
         "torch_version": torch.__version__,
         "exporter": f"torch.onnx.export ({exporter}), opset {opset}",
@@ -417,6 +422,7 @@ def export_onnx(
     overwrite: bool = False,
     n_check: int = 8,
     seed: int = 0,
+    model_version: int | None = None,
 ) -> dict[str, Any]:
     """Export ``source`` (a ModelSource, possibly an ensemble, or a bare NoduleClassifier) to one ONNX file.
 
@@ -439,7 +445,7 @@ def export_onnx(
     out = check_output_path(out, overwrite)
     channels = int(models[0].in_channels)
     x_check, x_desc = _export_inputs(source, channels, max(2, n_check), seed)
-    meta = build_metadata(source, opset, exporter)
+    meta = build_metadata(source, opset, exporter, model_version)
     # Batch 2 as the traced example so no dimension is specialised to 1.
     example = torch.as_tensor(x_check[:2])
     with atomic_path(out, suffix=".part.onnx") as tmp:
@@ -460,7 +466,9 @@ def export_onnx(
                 **report,
             }
         )
+        meta["test_data_set"] = json.dumps(make_test_data_set(tmp, x_check[:1], x_desc, len(models) > 1))
         _write_metadata(tmp, meta)
+        check_test_data_set(tmp)  # the stored vectors are what the written file computes
     return meta
 
 
@@ -469,6 +477,7 @@ def _write_metadata(path: Path, meta: dict[str, str]) -> None:
     import onnx
 
     proto = onnx.load(str(path))
+    _document(proto, meta)  # doc strings are part of the graph: set before its digest
     meta["graph_sha256"] = graph_digest(proto)
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -476,6 +485,7 @@ def _write_metadata(path: Path, meta: dict[str, str]) -> None:
         entry.key, entry.value = key, value
     proto.producer_name = "nodulekit"
     proto.producer_version = __version__
+    proto.model_version = int(meta["model_version"])
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path), save_as_external_data=False)
 
@@ -704,17 +714,36 @@ def _write_inferred_maps(out, onnx_path, meta, ds, outputs, trained, ran, note, 
 
 
 def _check_inputs_match(meta: dict[str, str], ds, onnx_path) -> None:
-    """The dataset has the channels and normalisation the exported model was trained with."""
+    """The dataset's inputs were made as the exported model's were: same channels and input spec
+    (compared as numbers; files from before input specs get theirs from their older fields)."""
     if ds.channels != int(meta["in_channels"]):
         raise NodulekitError(
             f"channel mismatch: {onnx_path} expects {meta['in_channels']} channels, {ds.path} has {ds.channels}"
         )
-    norm = ds.normalisation
-    if norm is not None and meta.get("normalisation", "unknown") != "unknown":
-        if json.loads(meta["normalisation"]) != norm:
-            raise NodulekitError(
-                f"normalisation mismatch: model trained with {meta['normalisation']}, {ds.path} uses {json.dumps(norm)}"
-            )
+    check_spec(metadata_spec(meta, str(onnx_path)), ds, str(onnx_path))
+
+
+def metadata_spec(meta: dict[str, str], where: str):
+    """The input spec an ONNX file records, or the one its older metadata imply (None: unknown)."""
+    from nodulekit.inputs import stored_spec
+
+    layout = None
+    try:
+        layout = (json.loads(meta.get("preprocessing", "null")) or {}).get("channels")
+    except ValueError:
+        pass
+    channels = int(meta["in_channels"])
+    return stored_spec(meta.get("input_spec"), channels, layout, meta.get("normalisation"), where)
+
+
+def check_spec(model_spec, ds, owner: str) -> None:
+    """Refuse, in one line, a dataset whose inputs were made by another spec than the model's."""
+    data_spec = ds.input_spec
+    if model_spec is None or data_spec is None:
+        return
+    diff = model_spec.difference(data_spec)
+    if diff is not None:
+        raise NodulekitError(f"input spec mismatch: {owner} takes inputs made with {diff} in {ds.path}")
 
 
 def training_rows(meta: dict[str, str], ds) -> tuple[np.ndarray, str]:
@@ -738,3 +767,115 @@ def training_rows(meta: dict[str, str], ds) -> tuple[np.ndarray, str]:
     except ValueError:
         ids = []
     return np.isin(np.asarray(ds.nodule_id, dtype=object), list(ids)), "by nodule id"
+
+
+# --------------------------------------------------------------------------------------
+# A file that stands alone: version, doc strings, reference vectors
+# --------------------------------------------------------------------------------------
+
+# Reference vectors (like the ONNX model zoo's test_data_set): one input and the outputs ONNX
+# Runtime (CPU) gives for it, checked at export; a re-run elsewhere must agree within these.
+TEST_PROB_ATOL = 1e-5
+TEST_MAP_RTOL = 1e-4
+
+
+def default_model_version(run: dict[str, Any]) -> int:
+    """The run's creation time as YYYYMMDDHHMMSS (UTC): every export of a run carries the same
+    version and a later run a larger one; the export time when there is no run."""
+    from datetime import UTC, datetime
+
+    created = run.get("created") if isinstance(run, dict) else None
+    try:
+        when = datetime.fromisoformat(str(created)).astimezone(UTC)
+    except (TypeError, ValueError):
+        when = datetime.now(UTC)
+    return int(when.strftime("%Y%m%d%H%M%S"))
+
+
+def _array_record(a: np.ndarray) -> dict[str, Any]:
+    import base64
+
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"shape": list(a.shape), "dtype": "float32", "data_base64": base64.b64encode(a.tobytes()).decode()}
+
+
+def decode_array(record: dict[str, Any]) -> np.ndarray:
+    """A ``test_data_set`` array: base64 of little-endian float32 in C order, of ``shape``."""
+    import base64
+
+    return np.frombuffer(base64.b64decode(record["data_base64"]), "<f4").reshape(record["shape"]).copy()
+
+
+def make_test_data_set(onnx_path, x: np.ndarray, source: str, ensemble: bool) -> dict[str, Any]:
+    """One input and ONNX Runtime's (CPU) outputs for it, as stored in the file's metadata."""
+    import onnxruntime as ort
+
+    names = output_names(ensemble)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outputs = session.run(list(names), {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
+    return {
+        "format": "arrays: base64 of little-endian float32 in C order (numpy: np.frombuffer(b64decode(data), "
+        "'<f4').reshape(shape))",
+        "source": source.split(" rows ")[0] + (" (its first checked row)" if " rows " in source else ""),
+        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "tolerance": {"prob_atol": TEST_PROB_ATOL, "map_rtol": TEST_MAP_RTOL, "map_atol_floor": MAP_ATOL_FLOOR},
+        "inputs": {INPUT_NAME: _array_record(x)},
+        "outputs": {name: _array_record(v) for name, v in zip(names, outputs, strict=True)},
+    }
+
+
+def check_test_data_set(onnx_path, provider: str = "cpu") -> dict[str, float]:
+    """Run the file's reference input and compare with its stored outputs; raise when they differ
+    beyond the stored tolerance. Returns the max differences."""
+    meta = read_metadata(onnx_path)
+    if "test_data_set" not in meta:
+        raise NodulekitError(f"{onnx_path} carries no reference vectors (test_data_set); re-export it")
+    ref = json.loads(meta["test_data_set"])
+    session, _, _ = make_session(onnx_path, provider)
+    names = list(ref["outputs"])
+    got = session.run(names, {INPUT_NAME: decode_array(ref["inputs"][INPUT_NAME])})
+    tol = ref["tolerance"]
+    diffs: dict[str, float] = {}
+    for name, value in zip(names, got, strict=True):
+        expected = decode_array(ref["outputs"][name])
+        diff = float(np.max(np.abs(value - expected)))
+        bound = (
+            tol["prob_atol"]
+            if "prob" in name
+            else tol["map_rtol"] * float(np.abs(expected).max()) + tol["map_atol_floor"]
+        )
+        if value.shape != expected.shape or not diff <= bound:
+            raise NodulekitError(
+                f"{onnx_path}: output {name} of the reference input differs from the stored one by {diff:.3g} "
+                f"(tolerance {bound:.3g})"
+            )
+        diffs[name] = diff
+    return diffs
+
+
+def _document(proto, meta: dict[str, str]) -> None:
+    """ONNX doc strings on the model, the graph, its input and outputs (a file that explains itself)."""
+    spec = json.loads(meta["input_spec"]) if meta.get("input_spec", "null") != "null" else None
+    outputs = json.loads(meta["outputs"])
+    proto.doc_string = (
+        f"nodulekit {meta['arch']} ({meta['map_kind']} map): {meta.get('task', '')}. {meta.get('intended_use', '')} "
+        f"License: {meta.get('license', '')} The metadata_props hold the whole model description "
+        "(description_schema), the input spec and its arithmetic (input_spec, preprocessing), the map placement, "
+        "training data and ranges, cross-validated performance and reference vectors (test_data_set)."
+    )
+    proto.graph.doc_string = f"{meta['map_definition']}. map_up: {outputs['map_up']}."
+    if spec is not None:
+        chans = ", ".join(f"{c['z_offset_mm']:+g} mm x{c['p']:g}" for c in spec["channels"])
+        lo, hi = spec["hu_window"]
+        x_doc = (
+            f"float32 [batch, {len(spec['channels'])}, {spec['patch_px']}, {spec['patch_px']}]: one channel per "
+            f"axial plane (offset from the nodule centre, crop side in diameters: {chans}), HU clipped to "
+            f"[{lo:g}, {hi:g}] and scaled to [0, 1]; built as metadata 'preprocessing' says"
+        )
+    else:
+        x_doc = meta["input"]
+    for value_info in proto.graph.input:
+        if value_info.name == INPUT_NAME:
+            value_info.doc_string = x_doc
+    for value_info in proto.graph.output:
+        value_info.doc_string = outputs.get(value_info.name, "")

@@ -21,7 +21,6 @@ run resumes where it stopped; the final file is assembled atomically at the end.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -37,13 +36,13 @@ from nodulekit.consensus import DEFINITION as CONSENSUS_DEFINITION
 from nodulekit.errors import DataError, NodulekitError, WriteFailed
 from nodulekit.geometry import DEFINITION as GEOMETRY_DEFINITION
 from nodulekit.geometry import nodule_geometry
+from nodulekit.inputs import MIN_WINDOW_MM, WINDOW_DIAMETERS, paper_spec, sample_window, window_side_px
 from nodulekit.sources import DataSource, DicomSource, SourceNodule, Unit, VoiSource, Volume, record_of
 from nodulekit.workers import run_tasks
 
-Z_OFFSETS_MM = np.arange(-10, 11, dtype=float)  # 21 slices, 1 mm apart
-WINDOW_DIAMETERS = 4.5  # window side in nodule diameters (room for a 4x ROI at any sub-pixel centre)
-MIN_WINDOW_MM = 16.0
-Z_MATCH_MM = 1e-3  # a target z this close to the first/last slice is inside the source
+# The window's numbers and sampling are the input spec's (nodulekit.inputs); named here for extract's callers.
+PAPER = paper_spec(21)  # extract writes every plane of the spec's window; each layout picks its planes
+Z_OFFSETS_MM = np.asarray(PAPER.planes_mm, float)  # 21 slices, 1 mm apart
 FILL_METHOD = (
     "edge replication of the nearest source slice (z) and nearest source pixel (in-plane); "
     "mask and agreement 0 outside the source"
@@ -53,109 +52,6 @@ MASK_SAMPLING = (
     "0 beyond half a slice step outside the source"
 )
 PARTS_SCHEMA = 3  # 2: masks are the readers' consensus, with the agreement map; 3: parts stamp their inputs
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def window_side_px(diameter_mm: float, pixel_spacing_mm: float) -> int:
-    """Odd number of pixels covering max(4.5 x diameter, 16 mm)."""
-    side_mm = max(WINDOW_DIAMETERS * float(diameter_mm), MIN_WINDOW_MM)
-    n = int(math.ceil(side_mm / pixel_spacing_mm - 1e-9))
-    return n if n % 2 else n + 1
-
-
-def _index_with_fill(n: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Clipped indices (edge replication) and which were inside ``0..n-1``."""
-    inside = (idx >= 0) & (idx < n)
-    return np.clip(idx, 0, n - 1), inside
-
-
-def _valid_range(inside: np.ndarray) -> tuple[int, int]:
-    idx = np.flatnonzero(inside)
-    return (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
-
-
-def sample_window(
-    hu: np.ndarray,
-    zvals: np.ndarray,
-    centre_rc: tuple[float, float],
-    centre_z_mm: float,
-    side_px: int,
-    labels: np.ndarray | None = None,
-    labels_offset: tuple[int, int, int] = (0, 0, 0),
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The ``[21, S, S]`` HU window (int16) and label window (uint8) around a nodule centre.
-
-    ``hu[row, col, slice]`` with slice positions ``zvals`` (increasing, mm). Rows and
-    columns are native pixels ``round(centre) - S//2 ...``; each output slice is the
-    linear interpolation in z of the two source slices around ``centre_z + offset``.
-    ``labels`` (e.g. the readers' agreement count) sits at ``labels_offset`` within
-    ``hu``'s grid; each output slice takes the nearest source slice (a tie goes to the
-    upper one), so counts stay counts; it is 0 more than half a slice step beyond the
-    source's first or last slice, and outside the source in-plane.
-    """
-    zvals = np.asarray(zvals, float)
-    n_rows, n_cols, n_slices = hu.shape
-    half = side_px // 2
-    r0 = int(round(centre_rc[0])) - half
-    c0 = int(round(centre_rc[1])) - half
-    rows, row_in = _index_with_fill(n_rows, r0 + np.arange(side_px))
-    cols, col_in = _index_with_fill(n_cols, c0 + np.arange(side_px))
-    targets = centre_z_mm + Z_OFFSETS_MM
-    z_outside = (targets < zvals[0] - Z_MATCH_MM) | (targets > zvals[-1] + Z_MATCH_MM)
-    # np.interp clamps outside the source: edge replication of the first/last slice.
-    kf = np.interp(targets, zvals, np.arange(n_slices, dtype=float)) if n_slices > 1 else np.zeros_like(targets)
-    hu_win = _interpolate_slices(hu, np.ix_(rows, cols), kf)
-    label_win = np.zeros((len(targets), side_px, side_px), np.uint8)
-    if labels is not None:
-        label_win = _nearest_label_slices(labels, labels_offset, (rows, row_in), (cols, col_in), kf, targets, zvals)
-    info = {
-        "z_filled": int(z_outside.sum()),
-        "z_filled_offsets_mm": [float(v) for v in Z_OFFSETS_MM[z_outside]],
-        "inplane_filled": int(side_px * side_px - row_in.sum() * col_in.sum()),
-        "window_origin_rc": (r0, c0),
-        # [start, stop) of the window rows/columns that lie inside the source (the rest is filled)
-        "valid_rows": _valid_range(row_in),
-        "valid_cols": _valid_range(col_in),
-        "centre_in_window_rc": (float(centre_rc[0] - r0), float(centre_rc[1] - c0)),
-    }
-    return hu_win, label_win, info
-
-
-def _interpolate_slices(hu: np.ndarray, plane, kf: np.ndarray) -> np.ndarray:
-    """HU at fractional slice indices ``kf`` on the in-plane index grid ``plane``: int16 [len(kf), S, S]."""
-    k_lo = np.floor(kf).astype(int)
-    k_hi = np.minimum(k_lo + 1, hu.shape[2] - 1)
-    w = kf - k_lo
-    out = np.empty((len(kf),) + (len(plane[0]), plane[1].shape[1]), np.float64)
-    for t in range(len(kf)):
-        lo = hu[:, :, k_lo[t]][plane].astype(np.float64)
-        hi = hu[:, :, k_hi[t]][plane].astype(np.float64)
-        out[t] = (1 - w[t]) * lo + w[t] * hi
-    return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
-
-
-def _nearest_label_slices(labels, offset, row_index, col_index, kf, targets, zvals) -> np.ndarray:
-    """Labels (at ``offset`` in the volume) on the window: nearest slice, 0 outside the source."""
-    m = np.asarray(labels, np.uint8)
-    (rows, row_in), (cols, col_in) = row_index, col_index
-    mr, mc, mk = offset
-    mrows, mcols = rows - mr, cols - mc
-    ok_r = row_in & (mrows >= 0) & (mrows < m.shape[0])
-    ok_c = col_in & (mcols >= 0) & (mcols < m.shape[1])
-    sub_plane = np.ix_(np.clip(mrows, 0, m.shape[0] - 1), np.clip(mcols, 0, m.shape[1] - 1))
-    valid_plane = np.outer(ok_r, ok_c)
-    k_near = np.floor(kf + 0.5).astype(int)
-    # the nearest slice counts while it is nearer than half a slice step (as inside the source)
-    step_lo, step_hi = (zvals[1] - zvals[0], zvals[-1] - zvals[-2]) if len(zvals) > 1 else (0.0, 0.0)
-    near = (targets >= zvals[0] - step_lo / 2 - Z_MATCH_MM) & (targets < zvals[-1] + step_hi / 2 - Z_MATCH_MM)
-    out = np.zeros((len(targets), len(rows), len(cols)), np.uint8)
-    for t in range(len(targets)):
-        kk = k_near[t] - mk
-        if near[t] and 0 <= kk < m.shape[2]:
-            out[t] = np.where(valid_plane, m[:, :, kk][sub_plane], 0)
-    return out
 
 
 # ----------------------------------------------------------------------------- units of work
@@ -173,7 +69,7 @@ def _nodule_payload(nodule: SourceNodule, vol: Volume, level: float) -> dict:
     geom = nodule_geometry(agreement >= k, spacing, what=f"nodule {rec.nodule_id}: its consensus at level {level}")
     row, col, kk = (geom.centre_voxel[d] + offset[d] for d in range(3))
     z_mm = float(np.interp(kk, np.arange(len(vol.zvals)), vol.zvals))
-    side = window_side_px(geom.diameter_mm, vol.pixel_spacing[0])
+    side = window_side_px(geom.diameter_mm, vol.pixel_spacing)  # the smaller spacing (the input spec)
     hu, agree, info = sample_window(vol.hu, vol.zvals, (row, col), z_mm, side, agreement, offset)
     attrs = {
         "pixel_spacing_mm": float(vol.pixel_spacing[0]),

@@ -16,75 +16,208 @@ per top-level key) and built the same way for a RUNDIR or checkpoint, so ``predi
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from nodulekit.constants import CLASS_NAMES, INPUT_SIZE, MALIGNANT, THRESHOLD
 from nodulekit.errors import NodulekitError
+from nodulekit.inputs import InputSpec, legacy_spec, stored_spec
 
-SCHEMA = "nodulekit-model-description/1"
+SCHEMA = "nodulekit-model-description/2"  # 2: the input spec's numbers, arithmetic, ranges, performance
+READABLE_SCHEMAS = ("nodulekit-model-description/1", SCHEMA)
 INTENDED_USE = (
     "Research use only; not a medical device. Estimates whether a lung nodule that has already been found "
     "would be rated malignant by the LIDC-IDRI label rule (mean of the radiologists' malignancy ratings). "
     "Not validated for diagnosis, screening or any clinical decision."
 )
 TASK = "malignancy of one lung nodule in chest CT, with the model's own activation map"
-# Keys of the record stored as JSON in ONNX metadata_props (the rest of the metadata are plain strings).
-CARD_KEYS = ("preprocessing", "network_data_format", "decision", "training_data", "members")
+LICENSE = (
+    "nodulekit (code): MIT. The weights were learned from LIDC-IDRI data, licensed CC BY 3.0 "
+    "(https://creativecommons.org/licenses/by/3.0/): whoever shares or uses this model must carry the "
+    "data attribution."
+)
+CITATION = (
+    "Lei Y, Tian Y, Shan H, Zhang J, Wang G, Kalra MK. Shape and margin-aware lung nodule classification in "
+    "low-dose CT images via soft activation mapping. Medical Image Analysis 60:101628, 2020 (the method); "
+    "nodulekit (this implementation)."
+)
+DATA_ATTRIBUTION = (
+    "LIDC-IDRI, CC BY 3.0. Armato III SG, McLennan G, Bidaut L, McNitt-Gray MF, Meyer CR, Reeves AP, ... "
+    "Clarke LP (2015). Data From LIDC-IDRI. The Cancer Imaging Archive. "
+    "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX. Armato SG III et al. The Lung Image Database Consortium "
+    "(LIDC) and Image Database Resource Initiative (IDRI): a completed reference database of lung nodules on "
+    "CT scans. Medical Physics 38:915-931, 2011. Clark K et al. The Cancer Imaging Archive (TCIA): maintaining "
+    "and operating a public information repository. J Digit Imaging 26(6):1045-1057, 2013."
+)
+# Plain-string entries of the record (ONNX metadata_props hold them as they are).
+TEXT_KEYS = ("task", "intended_use", "license", "citation", "data_attribution")
+# Entries stored as JSON in ONNX metadata_props.
+CARD_KEYS = (
+    "preprocessing",
+    "network_data_format",
+    "decision",
+    "training_data",
+    "members",
+    "input_spec",
+    "map_placement",
+    "performance",
+)
+NEW_IN_2 = ("input_spec", "map_placement", "performance")  # absent from files of schema 1
+RANGE_QUANTITIES = {
+    "diameter_mm": "equivalent diameter of the nodule (mm)",
+    "pixel_spacing_mm": "in-plane pixel spacing of the scan (mm; the smaller of the two)",
+    "slice_spacing_mm": "slice spacing of the scan (mm)",
+    "centre_hu": "HU at the nodule centre (the 0 mm plane's centre pixel of the window)",
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Smallest and largest value of one quantity over the training nodules (``n`` of them)."""
+
+    min: float
+    max: float
+    n: int
+
+    def contains(self, value: float) -> bool:
+        return self.min <= value <= self.max
+
+
+@dataclass(frozen=True)
+class TrainingRanges:
+    """What the model was trained on, per quantity (None when the training data did not record it)."""
+
+    diameter_mm: Range | None = None
+    pixel_spacing_mm: Range | None = None
+    slice_spacing_mm: Range | None = None
+    centre_hu: Range | None = None
+
+    @classmethod
+    def from_record(cls, record: Any) -> TrainingRanges:
+        record = record if isinstance(record, dict) else {}
+        found = {}
+        for name in RANGE_QUANTITIES:
+            r = record.get(name)
+            if isinstance(r, dict) and all(k in r for k in ("min", "max", "n")):
+                found[name] = Range(float(r["min"]), float(r["max"]), int(r["n"]))
+        return cls(**found)
+
+
+def ranges_record(values: dict[str, Any]) -> dict[str, Any]:
+    """``{quantity: {min, max, n}}`` of per-nodule arrays (non-finite values left out; None when empty)."""
+    out: dict[str, Any] = {}
+    for name in RANGE_QUANTITIES:
+        v = values.get(name)
+        v = None if v is None else np.asarray(v, np.float64)
+        v = None if v is None else v[np.isfinite(v)]
+        out[name] = (
+            None if v is None or v.size == 0 else {"min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+        )
+    out["meaning"] = dict(RANGE_QUANTITIES)
+    return out
 
 
 def layout_from_channels(channels: int, layout_json: list[dict] | None = None) -> list[dict] | None:
     """The channel layout ``[{z_offset_mm, p}]``: the dataset's own when known, else the paper's for
     ``channels`` in {1, 3, 11, 21}; None when neither says how the channels were made."""
-    from nodulekit.datasets import CHANNEL_CHOICES, channel_layout
-
-    if layout_json:
-        return [{"z_offset_mm": float(c["z_offset_mm"]), "p": float(c["p"])} for c in layout_json]
-    if channels not in CHANNEL_CHOICES:
-        return None
-    return [{"z_offset_mm": float(s.z_offset_mm), "p": float(s.p)} for s in channel_layout(channels)]
+    spec = legacy_spec(channels, layout_json)
+    return None if spec is None else _layout(spec)
 
 
-def preprocessing(layout: list[dict]) -> dict[str, Any]:
-    """How to build the model input ``x`` from a CT, for one nodule (centre and diameter given)."""
-    from nodulekit.datasets import HU_WINDOW
-    from nodulekit.extract import MIN_WINDOW_MM, WINDOW_DIAMETERS, Z_OFFSETS_MM
+def _layout(spec: InputSpec) -> list[dict]:
+    return [{"z_offset_mm": c.z_offset_mm, "p": c.p} for c in spec.channels]
 
-    lo, hi = HU_WINDOW
+
+def preprocessing(spec: InputSpec) -> dict[str, Any]:
+    """How to build the model input ``x`` from a CT, for one nodule: the arithmetic of every step
+    in numbers and formulas, generated from the input spec (enough to reproduce ``x`` exactly)."""
+    lo, hi = spec.hu_window
+    n, a, m = spec.patch_px, spec.window_diameters, spec.min_window_mm
+    planes = f"{spec.planes_mm[0]:+g}..{spec.planes_mm[-1]:+g} mm in 1 mm steps ({len(spec.planes_mm)} planes)"
     return {
-        "intensity_unit": "Hounsfield units (DICOM: stored values through the modality LUT, RescaleSlope/Intercept)",
-        "axes": "x[c, row, col]: rows run towards the patient's posterior (+y in LPS), columns towards the "
-        "patient's left (+x in LPS); channel c is one axial plane",
-        "centre": "the nodule centre (sub-voxel); from a nodule mask: the mean position of its voxels",
-        "diameter": "the equivalent diameter (6 V / pi)^(1/3) mm, V = voxel count x voxel volume of the "
-        "nodule mask, or a diameter given with the centre",
+        "intensity_unit": "Hounsfield units (DICOM: stored value x RescaleSlope + RescaleIntercept)",
+        "volume": "hu[row, col, k]: rows run towards the patient's posterior (+y in LPS), columns towards the "
+        "patient's left (+x in LPS), slices k = 0..K-1 sorted by their z position z_k (mm, increasing); "
+        "s_r, s_c = the distances between rows and between columns (mm)",
+        "axes": "x[c, a, b]: channel c is one axial plane, a runs with the rows, b with the columns",
+        "centre": "(r, c, z): r, c = sub-pixel row and column indices, z = position in mm; from a nodule mask: "
+        "r, c, k = the mean of its voxels' indices and z = z_floor(k) + (k - floor(k)) x (z_ceil(k) - z_floor(k))",
+        "diameter": "d = (6 V / pi)^(1/3) mm, V = voxel count x s_r x s_c x slice spacing of the nodule mask, "
+        "or a diameter given with the centre",
+        "window": {
+            "side_px": f"S = ceil(max({a:g} x d, {m:g}) / min(s_r, s_c) - 1e-9) in float64, plus 1 when even",
+            "origin": "r0 = round(r) - (S - 1) / 2, c0 = round(c) - (S - 1) / 2 (round half to even)",
+            "pixels": "window pixel (i, j), i, j = 0..S-1, is source pixel (clip(r0 + i, 0, R - 1), "
+            "clip(c0 + j, 0, C - 1)) for a scan of R rows and C columns (edge pixels repeated)",
+        },
         "z_resampling": {
             "step_mm": 1.0,
-            "offsets_mm": [float(v) for v in Z_OFFSETS_MM],
-            "method": "each plane at centre z + offset is the linear interpolation of the two source slices "
-            "around it; beyond the first/last slice the end slice is repeated",
+            "offsets_mm": list(spec.planes_mm),
+            "method": f"planes at z + o for o = {planes}; each is the linear interpolation of the two source "
+            "slices around it; beyond the first/last slice the end slice is repeated",
+            "arithmetic": "f = the fractional slice index of z + o, linear between the points (z_k, k) and "
+            "clamped to [0, K - 1]; k0 = floor(f), k1 = min(k0 + 1, K - 1), w = f - k0; "
+            "plane_o = rint((1 - w) x hu[:, :, k0] + w x hu[:, :, k1]) in float64, rint rounding half to even, "
+            "clipped to [-32768, 32767] (int16)",
         },
         "in_plane_window": {
-            "side": f"max({WINDOW_DIAMETERS} x diameter, {MIN_WINDOW_MM:g} mm) in source pixels, rounded up to "
-            "an odd count, centred on the pixel nearest the centre",
-            "rounding": "HU rounded to whole numbers after the z interpolation",
+            "side": f"max({a:g} x diameter, {m:g} mm) in pixels of the smaller pixel spacing, rounded up to an "
+            "odd count, centred on the pixel nearest the centre",
+            "rounding": "HU rounded to whole numbers (half to even) after the z interpolation",
             "outside_scan": "the nearest edge pixel is repeated",
         },
         "channels": [
-            {"index": i, "z_offset_mm": c["z_offset_mm"], "p": c["p"], "crop_side": f"{c['p']:g} x diameter"}
-            for i, c in enumerate(layout)
+            {"index": i, "z_offset_mm": c.z_offset_mm, "p": c.p, "crop_side": f"{c.p:g} x diameter"}
+            for i, c in enumerate(spec.channels)
         ],
-        "crop": {
-            "rule": f"a square of side p x diameter centred on the nodule centre, sampled on a {INPUT_SIZE}x{INPUT_SIZE} grid",
-            "sample_points": f"output pixel j samples centre + (j + 0.5 - {INPUT_SIZE // 2}) x side / {INPUT_SIZE} "
-            "(mm, per axis) in the window's pixel coordinates",
-            "interpolation": "bilinear (scipy.ndimage.map_coordinates, order=1, mode='nearest')",
-        },
         "intensity_scaling": {
             "hu_window": [lo, hi],
-            "formula": f"x = (clip(HU, {lo:g}, {hi:g}) - ({lo:g})) / {hi - lo:g}, clipped before the in-plane interpolation",
+            "formula": f"v = (clip(HU, {lo:g}, {hi:g}) - ({lo:g})) / {hi - lo:g}, clipped before the in-plane "
+            "interpolation",
+            "arithmetic": f"in float32: v = float32(clip(float32(plane_o), {lo:g}, {hi:g}) + {-lo:g}) / "
+            f"float32({hi - lo:g})",
             "value_range": [0.0, 1.0],
         },
+        "crop": {
+            "rule": f"a square of side p x diameter centred on the nodule centre, sampled on a {n}x{n} grid",
+            "sample_points": f"output pixel j samples centre + (j + 0.5 - {n // 2}) x side / {n} "
+            "(mm, per axis) in the window's pixel coordinates",
+            "arithmetic": f"channel (o, p): t = p x d / {n} (mm, float64); cy = r - r0, cx = c - c0; output "
+            f"pixel (a, b), a, b = 0..{n - 1}, samples v_o at y_a = cy + (a + 0.5 - {n // 2}) x (t / s_r), "
+            f"x_b = cx + (b + 0.5 - {n // 2}) x (t / s_c)",
+            "interpolation": "bilinear in float64: i = floor(y), u = y - i, j = floor(x), t = x - j; "
+            "x = (1-u)(1-t) V[i, j] + (1-u) t V[i, j+1] + u (1-t) V[i+1, j] + u t V[i+1, j+1], indices "
+            "clipped to 0..S-1 (edge repeated); stored as float32 and clipped to [0, 1]",
+        },
+        "batch": f"x float32 [batch, {spec.n_channels}, {n}, {n}]; the model output prob[:, 1] is the malignant "
+        "probability",
     }
+
+
+def map_placement(spec: InputSpec) -> dict[str, Any]:
+    """How ``map`` and ``map_up`` sit on the CT: in numbers, for one nodule (centre r, c, z; diameter d)."""
+    n = spec.patch_px
+    ref = min(range(spec.n_channels), key=lambda c: (abs(spec.channels[c].z_offset_mm), spec.channels[c].p))
+    ch = spec.channels[ref]
+    return {
+        "map_up": f"map_up[k, a, b] lies on the input grid: pixel (a, b) is the {ch.p:g} x d / {n} mm square "
+        f"centred at row r + (a + 0.5 - {n // 2}) x t / s_r, column c + (b + 0.5 - {n // 2}) x t / s_c of the "
+        f"CT, t = {ch.p:g} x d / {n} mm (the crop of channel {ref}: plane {ch.z_offset_mm:+g} mm, side {ch.p:g} x d)",
+        "to_ct": f"CT pixel (row, col) takes map_up bilinearly at a = (row - r) x s_r / t + {n / 2 - 0.5:g}, "
+        f"b = (col - c) x s_c / t + {n / 2 - 0.5:g}, 0 where a or b lies outside [-0.5, {n - 0.5:g}]; "
+        f"nodulekit predict writes it on the slices within z + {min(c.z_offset_mm for c in spec.channels) - 0.5:g} .. "
+        f"z + {max(c.z_offset_mm for c in spec.channels) + 0.5:g} mm",
+        "map": f"map [k, h, w] is the final feature grid; map_up is its bilinear resize to {n} x {n} with "
+        f"align_corners=False: map_up pixel a samples map at (a + 0.5) x h / {n} - 0.5, clamped to [0, h - 1]",
+        "reference_channel": ref,
+    }
+
+
+def training_ranges(card: dict[str, Any]) -> TrainingRanges:
+    """The ranges of the model's training data (diameter, spacing, centre HU) as a structure."""
+    return TrainingRanges.from_record((card.get("training_data") or {}).get("ranges"))
 
 
 def network_data_format(channels: int, layout: list[dict] | None, map_hw, n_members: int) -> dict[str, Any]:
@@ -147,67 +280,113 @@ def decision(threshold: float, label_rule: Any) -> dict[str, Any]:
     }
 
 
-def require_layout(card: dict[str, Any], what: str) -> list[dict]:
-    """The channel layout of a described model, or a one-line refusal when it is not known."""
-    layout = (card.get("preprocessing") or {}).get("channels")
+def require_spec(card: dict[str, Any], what: str) -> InputSpec:
+    """The input spec of a described model, or a one-line refusal when it is not known or does not
+    fit the model's graph (predict builds inputs only from a spec it can follow)."""
     channels = int(card["network_data_format"]["inputs"]["x"]["num_channels"])
-    if not layout:
+    spec = card_spec(card, what)
+    if spec is None:
         raise NodulekitError(
-            f"{what} does not say how its {channels} input channels are made from a CT (no channel layout); "
-            "predict can only fill channels it knows: export the model from a nodulekit RUNDIR"
+            f"{what} does not say how its {channels} input channels are made from a CT (no input spec or channel "
+            "layout); predict can only fill channels it knows: export the model from a nodulekit RUNDIR"
         )
-    if len(layout) != channels:
-        raise NodulekitError(f"{what}: its channel layout lists {len(layout)} channels but the model takes {channels}")
-    from nodulekit.extract import Z_OFFSETS_MM
+    if spec.n_channels != channels:
+        raise NodulekitError(f"{what}: its input spec lists {spec.n_channels} channels but the model takes {channels}")
+    if spec.patch_px != INPUT_SIZE:
+        raise NodulekitError(
+            f"{what}: its input spec asks for {spec.patch_px}x{spec.patch_px} patches, the model takes {INPUT_SIZE}"
+        )
+    return spec
 
-    for c in layout:
-        if not (Z_OFFSETS_MM[0] <= c["z_offset_mm"] <= Z_OFFSETS_MM[-1]) or not 0 < c["p"] <= 4:
-            raise NodulekitError(
-                f"{what}: channel {c['index']} (z {c['z_offset_mm']:+g} mm, side {c['p']:g} x diameter) lies "
-                f"outside what predict samples (z within {Z_OFFSETS_MM[0]:+g}..{Z_OFFSETS_MM[-1]:+g} mm, side <= 4 x diameter)"
-            )
-    return layout
+
+def card_spec(card: dict[str, Any], what: str) -> InputSpec | None:
+    """The record's input spec; for a description of schema 1, the one its channel layout implies."""
+    channels = int(card["network_data_format"]["inputs"]["x"]["num_channels"])
+    layout = (card.get("preprocessing") or {}).get("channels")
+    if card.get("input_spec") is None and not layout:
+        return None
+    normalisation = (card.get("training_data") or {}).get("normalisation")
+    return stored_spec(card.get("input_spec"), channels, layout, normalisation, where=what)
+
+
+def require_layout(card: dict[str, Any], what: str) -> list[dict]:
+    """The channel layout ``[{z_offset_mm, p}]`` of a described model (see :func:`require_spec`)."""
+    return _layout(require_spec(card, what))
 
 
 def to_metadata(card: dict[str, Any]) -> dict[str, str]:
     """The record as ONNX ``metadata_props`` entries (strings; structured values as JSON)."""
-    meta = {"description_schema": SCHEMA, "task": TASK, "intended_use": INTENDED_USE}
+    meta = {"description_schema": SCHEMA}
+    meta.update({key: str(card[key]) for key in TEXT_KEYS})
     for key in CARD_KEYS:
         meta[key] = json.dumps(card[key], sort_keys=False)
     return meta
 
 
 def from_metadata(meta: dict[str, str], where: str) -> dict[str, Any]:
-    """The record stored in an ONNX file's metadata; one-line error when absent or malformed."""
-    if meta.get("description_schema") != SCHEMA:
-        found = meta.get("description_schema", "none")
+    """The record stored in an ONNX file's metadata; one-line error when absent or malformed.
+
+    A file of schema 1 (before input specs) reads with its spec derived from its channel layout
+    and normalisation, and no map placement or performance."""
+    schema = meta.get("description_schema")
+    if schema not in READABLE_SCHEMAS:
         raise NodulekitError(
-            f"{where} carries no nodulekit model description ({SCHEMA}; found {found}); re-export it with "
+            f"{where} carries no nodulekit model description ({SCHEMA}; found {schema or 'none'}); re-export it with "
             "this nodulekit's `export-onnx`"
         )
-    card: dict[str, Any] = {"schema": SCHEMA, "task": meta.get("task"), "intended_use": meta.get("intended_use")}
+    card: dict[str, Any] = {"schema": schema}
+    card.update({key: meta.get(key) for key in TEXT_KEYS})
     for key in CARD_KEYS:
+        if key in NEW_IN_2 and schema != SCHEMA:
+            card[key] = None
+            continue
         try:
             card[key] = json.loads(meta[key])
         except (KeyError, TypeError, ValueError):
             raise NodulekitError(f"{where}: model description entry {key!r} is missing or not valid JSON") from None
     for key in ("arch", "map_kind", "nodulekit_version", "model_config"):
         card[key] = meta.get(key, "unknown")
+    if card["input_spec"] is None:
+        spec = card_spec(card, where)
+        card["input_spec"] = None if spec is None else spec.as_dict()
+    card["export"] = _export_record(meta)
     return card
+
+
+def _export_record(meta: dict[str, str]) -> dict[str, Any]:
+    """What only an exported file holds: its version and a summary of its reference vectors."""
+    out: dict[str, Any] = {"model_version": meta.get("model_version"), "test_data_set": None}
+    try:
+        ref = json.loads(meta["test_data_set"])
+        prob = ref["outputs"]["prob"]
+    except (KeyError, TypeError, ValueError):
+        return out
+    from nodulekit.export import decode_array
+
+    out["test_data_set"] = {
+        "source": ref.get("source"),
+        "input_shape": ref["inputs"]["x"]["shape"],
+        "prob_malignant": [float(v) for v in decode_array(prob)[:, MALIGNANT]],
+        "tolerance": ref.get("tolerance"),
+        "runtime": ref.get("runtime"),
+        "where": "metadata_props entry test_data_set (arrays as base64 float32)",
+    }
+    return out
 
 
 # ----------------------------------------------------------------------------- from a run
 
 
-def _dataset_rows(run: dict[str, Any], rundir) -> dict[str, list] | None:
-    """Nodule ids, test folds and series UIDs of the run's dataset rows, when they can be known.
+def _dataset_rows(run: dict[str, Any], rundir) -> dict[str, Any] | None:
+    """Nodule ids, test folds, series UIDs and the range quantities of the run's dataset rows, when
+    they can be known.
 
     From the dataset file when it is still where run.json says and is the run's (same
     fingerprint); else from the fold results in RUNDIR (each lists its test fold's ids).
     """
     from pathlib import Path
 
-    from nodulekit.datasets import dataset_fingerprint, load_dataset
+    from nodulekit.datasets import RANGE_MEMBERS, dataset_fingerprint, load_dataset
     from nodulekit.run import Run, recorded_dataset
 
     path, fingerprint = recorded_dataset(run)
@@ -222,6 +401,7 @@ def _dataset_rows(run: dict[str, Any], rundir) -> dict[str, list] | None:
                 "nodule_id": [str(v) for v in ds.nodule_id],
                 "fold": ds.fold.tolist(),
                 "series_uid": None if series is None else [str(v) for v in series],
+                "ranges": {"diameter_mm": ds.diameter_mm, **{m: ds.extras.get(m) for m in RANGE_MEMBERS}},
             }
     if rundir is None:
         return None
@@ -231,11 +411,12 @@ def _dataset_rows(run: dict[str, Any], rundir) -> dict[str, list] | None:
         return None
     ids = [i for r in results for i in r.test_nodule_id]
     folds = [r.fold for r in results for _ in r.test_nodule_id]
-    return {"nodule_id": ids, "fold": folds, "series_uid": None}
+    return {"nodule_id": ids, "fold": folds, "series_uid": None, "ranges": None}
 
 
 def training_data(run: dict[str, Any], member_folds: list[int | None], rundir=None) -> dict[str, Any]:
-    """What the model was trained on: dataset identity and size, and the nodules each member saw."""
+    """What the model was trained on: dataset identity and size, the nodules each member saw, and
+    the ranges (diameter, spacing, centre HU) of those nodules."""
     ds = run.get("dataset") if isinstance(run.get("dataset"), dict) else {}
     record = {
         "dataset_name": ds.get("name", "unknown"),
@@ -248,6 +429,7 @@ def training_data(run: dict[str, Any], member_folds: list[int | None], rundir=No
         "normalisation": run.get("normalisation"),
         "nodule_ids": None,
         "series_uids": None,
+        "ranges": None,
     }
     rows = _dataset_rows(run, rundir) if all(k is not None for k in member_folds) else None
     if rows is not None:
@@ -255,7 +437,40 @@ def training_data(run: dict[str, Any], member_folds: list[int | None], rundir=No
         record["nodule_ids"] = sorted({rows["nodule_id"][i] for i in used})
         if rows["series_uid"] is not None:
             record["series_uids"] = sorted({rows["series_uid"][i] for i in used})
+        if rows["ranges"] is not None:
+            picked = {k: None if v is None else np.asarray(v)[used] for k, v in rows["ranges"].items()}
+            record["ranges"] = ranges_record(picked)
     return record
+
+
+def performance(run: dict[str, Any], rundir) -> dict[str, Any] | None:
+    """The cross-validated performance of the run that made the model, with 95 % patient-bootstrap
+    intervals (``nodulekit.evaluation``); None when not every fold of the run is finished."""
+    from nodulekit import stats
+    from nodulekit.evaluation import load_run_results, summarise_run
+
+    if rundir is None:
+        return None
+    try:
+        summary = summarise_run(load_run_results(rundir))
+    except NodulekitError:
+        return None
+    pooled, ci = summary["pooled_nodule"], summary["pooled_nodule_ci"]
+    settings = summary["pooled_nodule_ci_settings"]
+    return {
+        "what": f"{summary['n_folds']}-fold cross-validation of the run ({run.get('dataset', {}).get('split')} "
+        "split): each nodule scored by the fold model that did not train on it, pooled over the folds, "
+        f"threshold {summary['threshold']:g}",
+        "n": pooled["n"],
+        "n_malignant": pooled["n_malignant"],
+        "metrics": {
+            name: {"estimate": ci[name]["estimate"], "ci95": [ci[name]["low"], ci[name]["high"]]}
+            for name in ("accuracy", "sensitivity", "specificity", "auc")
+        },
+        "fold_mean_sd": {k: [v["mean"], v["std"]] for k, v in summary["summary"].items()},
+        "interval": stats.bootstrap_note(settings["n_resamples"], settings["seed"]),
+        "calibration": {k: summary["calibration"][k] for k in ("brier", "ece") if k in summary["calibration"]},
+    }
 
 
 def map_grid(model, channels: int) -> tuple[int, int]:
@@ -267,27 +482,39 @@ def map_grid(model, channels: int) -> tuple[int, int]:
     return int(amap.shape[-2]), int(amap.shape[-1])
 
 
+def run_spec(run: dict[str, Any], channels: int) -> InputSpec | None:
+    """The input spec a run was trained with: run.json's, else the one its older fields imply."""
+    ds = run.get("dataset") if isinstance(run.get("dataset"), dict) else {}
+    return stored_spec(run.get("input_spec"), channels, ds.get("channel_layout"), run.get("normalisation"), "run.json")
+
+
 def build_card(models: list, run: dict[str, Any], members: list[dict], rundir=None) -> dict:
     """The model description of one fold model or a fold ensemble (``members``: [{fold, epoch}])."""
     from nodulekit import __version__
 
     first = models[0]
     channels = int(first.in_channels)
-    ds = run.get("dataset") if isinstance(run.get("dataset"), dict) else {}
-    layout = layout_from_channels(channels, ds.get("channel_layout"))
+    spec = run_spec(run, channels)
+    layout = None if spec is None else _layout(spec)
     return {
         "schema": SCHEMA,
         "task": TASK,
         "intended_use": INTENDED_USE,
+        "license": LICENSE,
+        "citation": CITATION,
+        "data_attribution": DATA_ATTRIBUTION,
         "arch": str(getattr(first, "arch", type(first).__name__)),
         "map_kind": str(first.map_kind),
         "model_config": json.dumps(getattr(first, "config", {}) or {}, default=str, sort_keys=True),
         "nodulekit_version": __version__,
         "members": members,
-        "preprocessing": preprocessing(layout) if layout is not None else None,
+        "input_spec": None if spec is None else spec.as_dict(),
+        "preprocessing": None if spec is None else preprocessing(spec),
         "network_data_format": network_data_format(channels, layout, map_grid(first, channels), len(models)),
+        "map_placement": None if spec is None else map_placement(spec),
         "decision": decision(float(run.get("threshold", THRESHOLD)), run.get("label_rule")),
         "training_data": training_data(run, [m.get("fold") for m in members], rundir),
+        "performance": performance(run, rundir),
     }
 
 
@@ -323,13 +550,62 @@ def _input_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
             f"{len(chans)}: axial planes at z offsets {', '.join(f'{v:+g}' for v in offsets)} mm; "
             f"square crops of {', '.join(f'{p:g}' for p in sides)} x diameter",
         ),
+        ("volume", pre.get("volume", pre.get("axes"))),
         ("centre", pre["centre"]),
         ("diameter", pre["diameter"]),
-        ("z", f"{pre['z_resampling']['step_mm']:g} mm planes; {pre['z_resampling']['method']}"),
-        ("in-plane", f"{pre['crop']['rule']}; {pre['crop']['sample_points']}; {pre['crop']['interpolation']}"),
-        ("window", f"HU {pre['intensity_scaling']['hu_window']}: {pre['intensity_scaling']['formula']}"),
-        ("axes", pre["axes"]),
     ]
+    if "window" in pre:  # schema 2: the arithmetic
+        w = pre["window"]
+        lines += [
+            ("window", f"{w['side_px']}; {w['origin']}; {w['pixels']}"),
+            ("z planes", f"{pre['z_resampling']['method']}; {pre['z_resampling']['arithmetic']}"),
+            ("HU scaling", f"{pre['intensity_scaling']['formula']}; {pre['intensity_scaling']['arithmetic']}"),
+            ("crop", f"{pre['crop']['rule']}; {pre['crop']['arithmetic']}; {pre['crop']['interpolation']}"),
+        ]
+    else:
+        lines += [
+            ("z", f"{pre['z_resampling']['step_mm']:g} mm planes; {pre['z_resampling']['method']}"),
+            ("in-plane", f"{pre['crop']['rule']}; {pre['crop']['sample_points']}; {pre['crop']['interpolation']}"),
+        ]
+    lines.append(("HU window", f"HU {pre['intensity_scaling']['hu_window']}: {pre['intensity_scaling']['formula']}"))
+    return lines
+
+
+def _ci_text(metric: dict[str, Any], percent: bool) -> str:
+    f = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.3f}")
+    lo, hi = metric["ci95"]
+    return f"{f(metric['estimate'])} [{f(lo)}, {f(hi)}]"
+
+
+def _performance_text(card: dict[str, Any]) -> str:
+    perf = card.get("performance")
+    if not perf:
+        return "not recorded (the run's folds were not all finished, or the model was not made from a RUNDIR)"
+    m = perf["metrics"]
+    parts = [f"{k} {_ci_text(m[k], k != 'auc')}" for k in ("accuracy", "sensitivity", "specificity", "auc")]
+    return f"{', '.join(parts)} on {perf['n']} nodules ({perf['n_malignant']} malignant); {perf['what']}; {perf['interval']}"
+
+
+def _ranges_text(card: dict[str, Any]) -> str:
+    ranges = training_ranges(card)
+    parts = [f"{name} {r.min:g}..{r.max:g}" for name in RANGE_QUANTITIES if (r := getattr(ranges, name)) is not None]
+    return "; ".join(parts) + " (training nodules)" if parts else "not recorded"
+
+
+def _export_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
+    exp = card.get("export")
+    if not exp:
+        return []
+    lines = [("model_version", str(exp.get("model_version")))]
+    ref = exp.get("test_data_set")
+    if ref:
+        lines.append(
+            (
+                "test vectors",
+                f"input {ref['input_shape']} from {ref['source']}: prob[:, 1] {ref['prob_malignant']}; checked at "
+                f"export (tolerance {ref['tolerance']}); metadata entry test_data_set",
+            )
+        )
     return lines
 
 
@@ -338,6 +614,7 @@ def render(card: dict[str, Any]) -> str:
     td = card.get("training_data") or {}
     outs = card["network_data_format"]["outputs"]
     n_ids = len(td.get("nodule_ids") or [])
+    placement = card.get("map_placement") or {}
     lines = [
         ("model", f"{card.get('arch')} (map: {card.get('map_kind')}), {_members_text(card)}"),
         ("task", str(card.get("task"))),
@@ -350,6 +627,7 @@ def render(card: dict[str, Any]) -> str:
                 for k, v in outs.items()
             ),
         ),
+        ("map placement", f"{placement['map_up']}; {placement['to_ct']}" if placement else "not recorded"),
         ("decision", card["decision"]["rule"]),
         ("label rule", json.dumps(card["decision"].get("label_rule"))),
         (
@@ -358,6 +636,12 @@ def render(card: dict[str, Any]) -> str:
             f"{td.get('n_folds')} {td.get('split')} folds, fingerprint {td.get('fingerprint')}; "
             + (f"{n_ids} training nodule ids listed" if n_ids else "training nodule ids unknown"),
         ),
+        ("training ranges", _ranges_text(card)),
+        ("performance", _performance_text(card)),
+        *_export_lines(card),
+        ("license", str(card.get("license"))),
+        ("citation", str(card.get("citation"))),
+        ("data", str(card.get("data_attribution"))),
         ("nodulekit", str(card.get("nodulekit_version"))),
     ]
     width = max(len(k) for k, _ in lines)

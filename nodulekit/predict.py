@@ -1,10 +1,9 @@
 """``nodulekit predict``: a trained model on a user's own chest CT, one result per nodule.
 
 The scan is read once (:mod:`nodulekit.scans`). Each nodule is given by a centre and a
-diameter, or by its voxels in a label image, and its model input is built with the code
-of the LIDC pipeline itself: the 21-plane window of ``extract`` (``extract.sample_window``)
-and the channels of ``build`` (``datasets.resample_nodule`` with the layout the model
-file describes). A nodule of LIDC-IDRI therefore gets the same input, and the same
+diameter, or by its voxels in a label image, and its model input is built by the function
+that built the training inputs (:func:`nodulekit.inputs.model_input`, with the input spec
+the model file records). A nodule of LIDC-IDRI therefore gets the same input, and the same
 probability, as through ``extract -> build -> infer``.
 
 Every request is checked before the model runs and before anything is written: a bad
@@ -161,27 +160,27 @@ class NoduleInput:
     mask: np.ndarray | None  # uint8 [C, 32, 32] when the nodule came from a mask
     pixel_mm: np.ndarray  # [C]
     filled_offsets_mm: list[float] = field(default_factory=list)
+    centre_hu: float = math.nan  # HU at the centre (the training ranges' centre_hu)
 
 
-def nodule_input(scan, spec: NoduleSpec, layout) -> NoduleInput:
-    """The model input of one nodule, built as extract + build build it for LIDC nodules."""
-    from nodulekit.datasets import ChannelSpec, resample_nodule
-    from nodulekit.extract import Z_OFFSETS_MM, sample_window, window_side_px
+def nodule_input(scan, spec: NoduleSpec, input_spec) -> NoduleInput:
+    """The model input of one nodule: :func:`nodulekit.inputs.model_input`, the function that made
+    the training inputs (``input_spec``: the model's :class:`~nodulekit.inputs.InputSpec`, or a
+    channel layout ``[{z_offset_mm, p}]`` of the paper's window)."""
+    from nodulekit.inputs import Channel, InputSpec, model_input
 
+    if not isinstance(input_spec, InputSpec):
+        input_spec = InputSpec(tuple(Channel(float(c["z_offset_mm"]), float(c["p"])) for c in input_spec))
     vol = scan.volume
-    row, col, k = (float(v) for v in spec.centre)
+    row, col, _ = (float(v) for v in spec.centre)
     z_mm = float(scan.voxel_to_lps(spec.centre)[2])
-    side = window_side_px(spec.diameter_mm, min(vol.pixel_spacing))  # room for the crop along both axes
     labels = None if spec.mask is None else spec.mask.astype(np.uint8)
-    hu, mask, info = sample_window(vol.hu, vol.zvals, (row, col), z_mm, side, labels, spec.mask_offset)
-    centre_index = int(np.argmin(np.abs(Z_OFFSETS_MM)))
-    specs = [ChannelSpec(int(round(c["z_offset_mm"])) + centre_index, float(c["p"])) for c in layout]
-    x, m, pixel_mm = resample_nodule(
-        hu, mask, vol.pixel_spacing, spec.diameter_mm, specs, spec.id, centre_yx=info["centre_in_window_rc"]
-    )
-    used = {float(c["z_offset_mm"]) for c in layout}
-    filled = [v for v in info["z_filled_offsets_mm"] if v in used]
-    return NoduleInput(x, m if spec.mask is not None else None, pixel_mm, filled)
+    made = model_input(
+        vol.hu, vol.zvals, vol.pixel_spacing, (row, col), z_mm, spec.diameter_mm, input_spec,
+        labels, spec.mask_offset, spec.id,
+    )  # fmt: skip
+    mask = made.mask if spec.mask is not None else None
+    return NoduleInput(made.x, mask, made.pixel_mm, made.filled_offsets_mm, made.centre_hu)
 
 
 # ----------------------------------------------------------------------------- results
@@ -269,7 +268,7 @@ def predict(
 ) -> PredictResult:
     """Score every requested nodule of one scan; write overlays and maps to ``output`` when given."""
     from nodulekit.engines import open_engine
-    from nodulekit.modelcard import require_layout
+    from nodulekit.modelcard import require_spec
     from nodulekit.scans import read_scan
 
     report = report or (lambda line: None)
@@ -281,7 +280,7 @@ def predict(
         check_output_dir(output, overwrite)
     t_open = time.perf_counter()
     engine = open_engine(model, provider=provider, device=device, fold=fold, amp=amp, channels_last=channels_last)
-    layout = require_layout(engine.card, str(model))
+    input_spec = require_spec(engine.card, str(model))
     t0 = time.perf_counter()
     scan = read_scan(scan_path)
     t1 = time.perf_counter()
@@ -289,7 +288,7 @@ def predict(
         scan, mask=mask, mask_mode=mask_mode, centre=centre, diameter=diameter, nodules=nodules, coords=coords
     )
     report(f"read {scan.describe()} in {t1 - t0:.2f} s")
-    inputs = [nodule_input(scan, s, layout) for s in specs]
+    inputs = [nodule_input(scan, s, input_spec) for s in specs]
     t2 = time.perf_counter()
     scores = engine.run(np.stack([i.x for i in inputs]), batch=batch, progress=progress)
     t3 = time.perf_counter()

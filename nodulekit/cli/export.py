@@ -26,11 +26,17 @@ def export_onnx_cmd(
         help="torch.onnx exporter: 'dynamo' (torch.export based) or 'torchscript' (legacy, deprecated).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    model_version: int | None = typer.Option(
+        None,
+        "--model-version",
+        min=0,
+        help="ONNX model_version (an integer) [default: the run's creation time as YYYYMMDDHHMMSS, UTC].",
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Export a trained CAM/SAM/HESAM model to ONNX with its map computed inside the graph.
 
-    Input `x` [batch, C, 32, 32] (dynamic batch); outputs `prob` [batch, 2] (softmax), `map` [batch, 2, h, w] (the model's own soft activation map, raw) and `map_up` [batch, 2, 32, 32] (bilinear). Architecture, channels, normalisation, label rule, data fingerprint, fold and map definition go into the model's metadata.
+    Input `x` [batch, C, 32, 32] (dynamic batch); outputs `prob` [batch, 2] (softmax), `map` [batch, 2, h, w] (the model's own soft activation map, raw) and `map_up` [batch, 2, 32, 32] (bilinear). Architecture, channels, the input spec, label rule, data fingerprint, fold, map definition, licence and data attribution, the run's cross-validated performance and reference input/output vectors go into the model's metadata; the graph, input and outputs carry doc strings.
 
     The file is written only after ONNX Runtime (CPU) reproduces PyTorch on the run's data: max |dprob| <= 1e-4 and max |dmap| <= 1e-4 x map scale. Grad-CAM-only models cannot be exported (an inference graph has no gradients).
 
@@ -49,7 +55,7 @@ def export_onnx_cmd(
 
         raise NodulekitError("--ensemble uses every fold; drop --fold")
     src = load_ensemble_source(source) if ensemble else load_model_source(source, fold)
-    meta = export_onnx(src, output, opset=opset, exporter=exporter, overwrite=overwrite)
+    meta = export_onnx(src, output, opset=opset, exporter=exporter, overwrite=overwrite, model_version=model_version)
     check = json.loads(meta["verification"])
     worst_p = max(v["prob_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
     worst_m = max(v["map_max_abs_diff"] for k, v in check.items() if k.startswith("batch"))
