@@ -743,7 +743,7 @@ def check_spec(model_spec, ds, owner: str) -> None:
         return
     diff = model_spec.difference(data_spec)
     if diff is not None:
-        raise NodulekitError(f"input spec mismatch: {owner} takes inputs made with {diff} in {ds.path}")
+        raise NodulekitError(f"input spec mismatch: {owner} vs {ds.path}: {diff}")
 
 
 def training_rows(meta: dict[str, str], ds) -> tuple[np.ndarray, str]:

@@ -187,8 +187,8 @@ def preprocessing(spec: InputSpec) -> dict[str, Any]:
             "arithmetic": f"channel (o, p): t = p x d / {n} (mm, float64); cy = r - r0, cx = c - c0; output "
             f"pixel (a, b), a, b = 0..{n - 1}, samples v_o at y_a = cy + (a + 0.5 - {n // 2}) x (t / s_r), "
             f"x_b = cx + (b + 0.5 - {n // 2}) x (t / s_c)",
-            "interpolation": "bilinear in float64: i = floor(y), u = y - i, j = floor(x), t = x - j; "
-            "x = (1-u)(1-t) V[i, j] + (1-u) t V[i, j+1] + u (1-t) V[i+1, j] + u t V[i+1, j+1], indices "
+            "interpolation": "bilinear in float64: i = floor(y), u = y - i, j = floor(x), q = x - j; "
+            "x = (1-u)(1-q) V[i, j] + (1-u) q V[i, j+1] + u (1-q) V[i+1, j] + u q V[i+1, j+1], indices "
             "clipped to 0..S-1 (edge repeated); stored as float32 and clipped to [0, 1]",
         },
         "batch": f"x float32 [batch, {spec.n_channels}, {n}, {n}]; the model output prob[:, 1] is the malignant "
@@ -207,8 +207,8 @@ def map_placement(spec: InputSpec) -> dict[str, Any]:
         f"CT, t = {ch.p:g} x d / {n} mm (the crop of channel {ref}: plane {ch.z_offset_mm:+g} mm, side {ch.p:g} x d)",
         "to_ct": f"CT pixel (row, col) takes map_up bilinearly at a = (row - r) x s_r / t + {n / 2 - 0.5:g}, "
         f"b = (col - c) x s_c / t + {n / 2 - 0.5:g}, 0 where a or b lies outside [-0.5, {n - 0.5:g}]; "
-        f"nodulekit predict writes it on the slices within z + {min(c.z_offset_mm for c in spec.channels) - 0.5:g} .. "
-        f"z + {max(c.z_offset_mm for c in spec.channels) + 0.5:g} mm",
+        f"nodulekit predict writes it on the slices within z {min(c.z_offset_mm for c in spec.channels) - 0.5:+g} .. "
+        f"z {max(c.z_offset_mm for c in spec.channels) + 0.5:+g} mm",
         "map": f"map [k, h, w] is the final feature grid; map_up is its bilinear resize to {n} x {n} with "
         f"align_corners=False: map_up pixel a samples map at (a + 0.5) x h / {n} - 0.5, clamped to [0, h - 1]",
         "reference_channel": ref,

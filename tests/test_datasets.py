@@ -573,3 +573,24 @@ def test_real_vois_build_d11c(lidc_vois, tmp_path):
     outside = (ds.x[:, 5] * (1 - centre)).sum(axis=(1, 2)) / (1 - centre).sum(axis=(1, 2))
     assert np.mean(inside > outside) >= 0.8
     assert ds.attrs["label_rule"] and ds.attrs["provenance"]["source_provenance"]["source"] == "vois"
+
+
+def test_build_records_the_input_spec_and_the_training_ranges(rois, built):
+    """The dataset stores the input spec's numbers, and per nodule its scan's pixel spacing and the
+    HU at its centre (the 0 mm plane's middle pixel of the rois window), for the model's ranges."""
+    from nodulekit.inputs import paper_spec
+
+    ds = load_dataset(built[3])
+    assert ds.attrs["input_spec"] == paper_spec(3).as_dict() and ds.input_spec == paper_spec(3)
+    with h5py.File(rois) as f:
+        ids = [v.decode() for v in f["nodule_id"][()]]
+        for i, nid in enumerate(ids):
+            g = f["nodules"][nid.replace(":", "_")]
+            s = g["hu"].shape[1] // 2
+            assert ds.extras["centre_hu"][i] == g["hu"][10, s, s]
+            assert ds.extras["pixel_spacing_mm"][i] == pytest.approx(float(np.min(g.attrs["pixel_spacing_mm"])))
+    assert np.isnan(ds.extras["slice_spacing_mm"]).all()  # these synthetic rois do not record it
+    # A dataset from before input specs: its spec comes from its channels and normalisation.
+    del ds.attrs["input_spec"]
+    ds.__dict__.pop("input_spec", None)
+    assert ds.input_spec == paper_spec(3)

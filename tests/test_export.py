@@ -58,6 +58,14 @@ DOCUMENTED_METADATA = {
     "decision",
     "training_data",
     "members",
+    "model_version",
+    "license",
+    "citation",
+    "data_attribution",
+    "input_spec",
+    "map_placement",
+    "performance",
+    "test_data_set",
 }
 
 
@@ -362,5 +370,24 @@ def test_export_trained_rundir_via_cli(tmp_path):
 
     with h5py.File(ds, "a") as f:
         set_json_attr(f, "normalisation", {"hu_window": [-1200.0, 600.0], "scale": "linear to [0, 1]"})
-    with pytest.raises(NodulekitError, match="normalisation mismatch"):
+    with pytest.raises(
+        NodulekitError, match=r"input spec mismatch: .* hu_window \[-1000, 400\] HU vs \[-1200, 600\] HU"
+    ):
         ex.infer(out, ds, tmp_path / "other.h5", provider="cpu")
+    # A dataset whose spec records other planes (numbers, not prose, decide): one line, exit 2, nothing written.
+    from nodulekit.inputs import paper_spec
+
+    spec = paper_spec(3).as_dict()
+    spec["channels"][2]["p"] = 3.5
+    with h5py.File(ds, "a") as f:
+        set_json_attr(f, "normalisation", {"hu_window": [-1000.0, 400.0], "reworded": "any prose"})
+        set_json_attr(f, "input_spec", spec)
+    r = _cli("infer", out, ds, "-o", tmp_path / "other.h5", "--provider", "cpu")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "channel 2 is the plane at +0 mm with a 4 x diameter crop vs +0 mm with 3.5 x diameter" in r.stderr
+    assert not (tmp_path / "other.h5").exists()
+    # Reworded prose alone changes nothing: the numbers match.
+    spec["channels"][2]["p"] = 4.0
+    with h5py.File(ds, "a") as f:
+        set_json_attr(f, "input_spec", spec)
+    assert ex.infer(out, ds, tmp_path / "other.h5", provider="cpu")["n"] == 20

@@ -80,6 +80,8 @@ def test_describe_onnx_equals_describe_rundir(run):
     from_onnx = json.loads(r.stdout)
     r = _cli("describe", run["rundir"], "--json")
     assert r.returncode == 0, r.stderr
+    export_only = from_onnx.pop("export")  # what only a file has: its version and reference vectors
+    assert export_only["model_version"] and export_only["test_data_set"]["input_shape"] == [1, 11, 32, 32]
     assert json.loads(r.stdout) == from_onnx  # one description, whichever file carries the model
     assert len(from_onnx["members"]) == 2 and from_onnx["training_data"]["nodule_ids"]
     text = _cli("describe", run["fold0"]).stdout
@@ -202,3 +204,113 @@ def test_older_export_still_infers_but_predict_asks_for_a_new_one(run, tmp_path)
     assert ex.infer(old, run["dataset"], tmp_path / "m.h5", provider="cpu")["n"] == 20
     with pytest.raises(NodulekitError, match="carries no nodulekit model description .* re-export it"):
         ex.read_model_card(old)
+
+
+def test_model_file_stands_alone(run):
+    """Doc strings, version, licence, citation, attribution, performance, ranges and placement."""
+    proto = onnx.load(str(run["fold0"]))
+    meta = _meta(run["fold0"])
+    assert "not a medical device" in proto.doc_string and "CC BY 3.0" in proto.doc_string
+    assert "HESAM" in proto.graph.doc_string
+    assert "HU clipped to [-1000, 400]" in proto.graph.input[0].doc_string
+    assert all(o.doc_string for o in proto.graph.output)
+    created = json.loads((run["rundir"] / "run.json").read_text())["created"]
+    digits = "".join(ch for ch in created[:19] if ch.isdigit())
+    assert proto.model_version == int(meta["model_version"]) == int(digits)  # the run's creation time
+    assert "CC BY 3.0" in meta["license"] and "10.7937/K9/TCIA.2015.LO9QL9SX" in meta["data_attribution"]
+    assert "Medical Image Analysis" in meta["citation"]
+    _, card = ex.read_model_card(run["fold0"])
+    # Cross-validated performance of the run, against the fold results read here.
+    from sklearn.metrics import roc_auc_score
+
+    y, p = [], []
+    for k in range(2):
+        with h5py.File(run["rundir"] / f"fold{k}" / "result.h5") as f:
+            y += f["test_y"][()].tolist()
+            p += f["test_prob"][()].tolist()
+    y, p = np.array(y), np.array(p)
+    perf = card["performance"]["metrics"]
+    assert perf["accuracy"]["estimate"] == pytest.approx(np.mean((p > 0.5) == y))
+    assert perf["auc"]["estimate"] == pytest.approx(roc_auc_score(y, p))
+    for m in perf.values():
+        assert m["ci95"][0] <= m["estimate"] <= m["ci95"][1]
+    assert "bootstrap" in card["performance"]["interval"] and card["performance"]["n"] == 20
+    # Training ranges: the fold-0 model's training nodules are the fold-1 rows.
+    with h5py.File(run["dataset"]) as f:
+        d = f["diameter_mm"][()][f["fold"][()] == 1]
+    ranges = modelcard.training_ranges(card)
+    assert (ranges.diameter_mm.min, ranges.diameter_mm.max, ranges.diameter_mm.n) == (d.min(), d.max(), 10)
+    assert ranges.pixel_spacing_mm is None  # this synthetic dataset does not record its scans' spacing
+    assert "t = 2 x d / 32 mm" in card["map_placement"]["map_up"]
+    text = _cli("describe", run["fold0"]).stdout
+    for words in ("map placement", "training ranges", "performance", "model_version", "test vectors", "CC BY 3.0"):
+        assert words in text, words
+
+
+def test_reference_vectors_reproduce_and_a_changed_file_fails_them(run, tmp_path):
+    import base64
+
+    ref = json.loads(_meta(run["ensemble"])["test_data_set"])
+
+    def arr(rec):
+        return np.frombuffer(base64.b64decode(rec["data_base64"]), "<f4").reshape(rec["shape"])
+
+    sess = ort.InferenceSession(str(run["ensemble"]), providers=["CPUExecutionProvider"])
+    names = list(ref["outputs"])
+    assert names == ["prob", "map", "map_up", "member_prob"]
+    got = sess.run(names, {"x": arr(ref["inputs"]["x"])})
+    for name, value in zip(names, got, strict=True):
+        np.testing.assert_allclose(value, arr(ref["outputs"][name]), atol=1e-6, rtol=0)
+    assert ref["source"].startswith("dataset D11C")  # a real input row, not noise
+    assert set(ex.check_test_data_set(run["ensemble"])) == set(names)
+
+    def wrong_expectation(proto):
+        entry = next(p for p in proto.metadata_props if p.key == "test_data_set")
+        data = json.loads(entry.value)
+        prob = arr(data["outputs"]["prob"]).copy()
+        prob[0] = prob[0][::-1]
+        data["outputs"]["prob"]["data_base64"] = base64.b64encode(prob.astype("<f4").tobytes()).decode()
+        entry.value = json.dumps(data)
+
+    bad = _rewrite(run["ensemble"], tmp_path / "bad.onnx", wrong_expectation)
+    with pytest.raises(NodulekitError, match="output prob of the reference input differs"):
+        ex.check_test_data_set(bad)
+
+
+def test_schema_1_description_reads_with_its_spec_derived(run, tmp_path):
+    from nodulekit.inputs import paper_spec
+
+    def as_schema_1(proto):
+        keep = [p for p in proto.metadata_props if p.key not in modelcard.NEW_IN_2]
+        del proto.metadata_props[:]
+        for p in keep:
+            proto.metadata_props.add().CopyFrom(p)
+        next(p for p in proto.metadata_props if p.key == "description_schema").value = "nodulekit-model-description/1"
+
+    old = _rewrite(run["fold0"], tmp_path / "d1.onnx", as_schema_1)
+    _, card = ex.read_model_card(old)
+    assert card["input_spec"] == paper_spec(11).as_dict() and card["performance"] is None
+    assert modelcard.require_spec(card, "d1.onnx") == paper_spec(11)
+    assert ex.infer(old, run["dataset"], tmp_path / "m.h5", provider="cpu")["n"] == 20
+
+
+def test_predict_refuses_an_input_spec_it_cannot_follow(run, tmp_path):
+    import nibabel as nib
+
+    def half_up(proto):
+        entry = next(p for p in proto.metadata_props if p.key == "input_spec")
+        spec = json.loads(entry.value)
+        spec["hu_rounding"] = "half_up"
+        entry.value = json.dumps(spec)
+
+    model = _rewrite(run["fold0"], tmp_path / "half_up.onnx", half_up)
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((20, 20, 10), -800, np.int16), np.eye(4)), str(ct))
+    out = tmp_path / "out"
+    r = _cli("predict", model, ct, "--centre", "-10,-10,5", "--diameter", "6", "-o", out)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert (
+        "asks for hu_rounding = 'half_up'; this nodulekit builds inputs only with hu_rounding = 'half_to_even'"
+        in r.stderr
+    )
+    assert not out.exists() and r.stdout == ""
