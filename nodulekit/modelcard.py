@@ -199,7 +199,7 @@ def preprocessing(spec: InputSpec) -> dict[str, Any]:
 def map_placement(spec: InputSpec) -> dict[str, Any]:
     """How ``map`` and ``map_up`` sit on the CT: in numbers, for one nodule (centre r, c, z; diameter d)."""
     n = spec.patch_px
-    ref = min(range(spec.n_channels), key=lambda c: (abs(spec.channels[c].z_offset_mm), spec.channels[c].p))
+    ref = spec.reference_channel
     ch = spec.channels[ref]
     return {
         "map_up": f"map_up[k, a, b] lies on the input grid: pixel (a, b) is the {ch.p:g} x d / {n} mm square "

@@ -89,6 +89,11 @@ class InputSpec:
         return self.planes_mm.index(self.channels[c].z_offset_mm)
 
     @property
+    def reference_channel(self) -> int:
+        """The channel the activation map is placed by: the plane nearest 0 mm with the smallest crop."""
+        return min(range(self.n_channels), key=lambda c: (abs(self.channels[c].z_offset_mm), self.channels[c].p))
+
+    @property
     def name(self) -> str:
         """The paper's dataset name (D1C, D3C, D11C, D21C) when the layout is one of them."""
         return f"D{self.n_channels}C"
