@@ -457,20 +457,33 @@ def performance(run: dict[str, Any], rundir) -> dict[str, Any] | None:
         return None
     pooled, ci = summary["pooled_nodule"], summary["pooled_nodule_ci"]
     settings = summary["pooled_nodule_ci_settings"]
-    return {
-        "what": f"{summary['n_folds']}-fold cross-validation of the run ({run.get('dataset', {}).get('split')} "
-        "split): each nodule scored by the fold model that did not train on it, pooled over the folds, "
-        f"threshold {summary['threshold']:g}",
-        "n": pooled["n"],
-        "n_malignant": pooled["n_malignant"],
-        "metrics": {
-            name: {"estimate": ci[name]["estimate"], "ci95": [ci[name]["low"], ci[name]["high"]]}
-            for name in ("accuracy", "sensitivity", "specificity", "auc")
-        },
-        "fold_mean_sd": {k: [v["mean"], v["std"]] for k, v in summary["summary"].items()},
-        "interval": stats.bootstrap_note(settings["n_resamples"], settings["seed"]),
-        "calibration": {k: summary["calibration"][k] for k in ("brier", "ece") if k in summary["calibration"]},
-    }
+    return _finite_or_none(
+        {
+            "what": f"{summary['n_folds']}-fold cross-validation of the run ({run.get('dataset', {}).get('split')} "
+            "split): each nodule scored by the fold model that did not train on it, pooled over the folds, "
+            f"threshold {summary['threshold']:g}",
+            "n": pooled["n"],
+            "n_malignant": pooled["n_malignant"],
+            "metrics": {
+                name: {"estimate": ci[name]["estimate"], "ci95": [ci[name]["low"], ci[name]["high"]]}
+                for name in ("accuracy", "sensitivity", "specificity", "auc")
+            },
+            "fold_mean_sd": {k: [v["mean"], v["std"]] for k, v in summary["summary"].items()},
+            "interval": stats.bootstrap_note(settings["n_resamples"], settings["seed"]),
+            "calibration": {k: summary["calibration"][k] for k in ("brier", "ece") if k in summary["calibration"]},
+        }
+    )
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN (an undefined statistic, e.g. AUC of one class) as null, so the record stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def map_grid(model, channels: int) -> tuple[int, int]:
@@ -574,7 +587,10 @@ def _input_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
 def _ci_text(metric: dict[str, Any], percent: bool) -> str:
     f = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.3f}")
     lo, hi = metric["ci95"]
-    return f"{f(metric['estimate'])} [{f(lo)}, {f(hi)}]"
+    if metric["estimate"] is None:
+        return "undefined"
+    interval = f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else " [interval undefined]"
+    return f(metric["estimate"]) + interval
 
 
 def _performance_text(card: dict[str, Any]) -> str:
