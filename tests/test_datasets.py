@@ -573,6 +573,16 @@ def test_real_vois_build_d11c(lidc_vois, tmp_path):
     outside = (ds.x[:, 5] * (1 - centre)).sum(axis=(1, 2)) / (1 - centre).sum(axis=(1, 2))
     assert np.mean(inside > outside) >= 0.8
     assert ds.attrs["label_rule"] and ds.attrs["provenance"]["source_provenance"]["source"] == "vois"
+    # The training ranges' per-nodule quantities, against each VOI's own header: its pixel and
+    # slice spacing (VOI files are named <patient>_R_<cluster>), and a nodule centre denser than lung.
+    import nibabel as nib
+
+    for i, nid in enumerate(ds.nodule_id):
+        patient, cluster = nid.split(":")
+        zooms = nib.load(str(lidc_vois / "image" / f"{patient}_R_{cluster}.nii.gz")).header.get_zooms()
+        assert ds.extras["pixel_spacing_mm"][i] == pytest.approx(min(zooms[:2]), abs=1e-5)
+        assert ds.extras["slice_spacing_mm"][i] == pytest.approx(zooms[2], abs=1e-3)
+    assert np.median(ds.extras["centre_hu"]) > -500
 
 
 def test_build_records_the_input_spec_and_the_training_ranges(rois, built):
