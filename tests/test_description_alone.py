@@ -209,16 +209,18 @@ def test_coarse_ct_where_rounding_and_the_window_edge_matter(models, tmp_path):
 
 @pytest.mark.shared
 def test_real_vois_probability_from_the_description_alone(models, lidc_vois, tmp_path):
+    import csv
+
     from scipy import ndimage
 
-    from nodulekit.sources import read_manifest
-
     picked = []
-    for row in read_manifest(lidc_vois):  # VOIs whose union mask is one 26-connected nodule
+    with open(lidc_vois / "manifest.csv", newline="") as fh:
+        rows = [{k: lidc_vois / row[k] for k in ("image", "mask")} for row in csv.DictReader(fh)]
+    for row in rows[::50]:  # VOIs across the collection whose union mask is one 26-connected nodule
         mask = np.asanyarray(nib.load(str(row["mask"])).dataobj) > 0
         if ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == 1:
             picked.append(row)
-        if len(picked) == 4:
+        if len(picked) == 6:
             break
     worst = 0.0
     for row in picked:
