@@ -12,11 +12,17 @@ computation in tests/test_stats.py:
   specificity, AUC and sensitivity at 90 % specificity;
 - ``calibration``: Brier score and expected calibration error over equal-width bins;
 - ``delong_test``: DeLong, DeLong & Clarke-Pearson (1988) for two correlated AUCs;
+- ``obuchowski_test``: Obuchowski (1997) clustered ROC, the same comparison with a patient's
+  nodules as one cluster (the default test of ``wilcoxon``);
+- ``equivalence_test``: two one-sided tests (TOST) of |difference| < a margin fixed in advance;
+- ``seed_patient_bootstrap``: a hierarchical bootstrap of an AUC difference over patients and
+  training seeds, so retraining variance enters the interval;
 - ``cluster_sign_flip_test``: a paired permutation test of a per-nodule difference that
   flips the sign of all of one patient's differences together (``scipy.stats.permutation_test``);
 - ``holm``: Holm's step-down adjustment for one run compared with several.
 
-Reports: ``wilcoxon_runs`` compares the first run with each other run on the same nodules;
+Reports: ``wilcoxon_runs`` compares the first arm (one run, or several seeds of one configuration)
+with each other arm on the same nodules, paired by nodule id;
 ``reader_comparison`` is Table 6 (readers vs the model).
 """
 
@@ -241,34 +247,179 @@ def delong_test(y, score_a, score_b, confidence: float = CONFIDENCE) -> dict[str
     sample covariances of the components over the m positives and n negatives. Two-sided
     z test of AUC_a - AUC_b and its normal interval. Cases are treated as independent.
     """
-    from scipy.stats import norm, rankdata
-
-    y = np.asarray(y).astype(bool)
-    scores = np.stack([np.asarray(score_a, np.float64), np.asarray(score_b, np.float64)])
-    m, n = int(y.sum()), int((~y).sum())
-    if m < 2 or n < 2:
-        raise NodulekitError(f"DeLong's test needs at least 2 cases of each class, got {m} positive and {n} negative")
-    v10 = np.empty((2, m))
-    v01 = np.empty((2, n))
-    for r, s in enumerate(scores):
-        ranks = rankdata(s)
-        v10[r] = (ranks[y] - rankdata(s[y])) / n
-        v01[r] = 1.0 - (ranks[~y] - rankdata(s[~y])) / m
+    y, scores, m, n = _two_classes(y, (score_a, score_b))
+    comps = [_structural_components(y, s) for s in scores]
+    v10, v01 = np.stack([c[0] for c in comps]), np.stack([c[1] for c in comps])
     auc = v10.mean(axis=1)
     cov = np.cov(v10) / m + np.cov(v01) / n
     diff = float(auc[0] - auc[1])
     se = float(np.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0)))
+    return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "auc_diff": diff} | _normal_test(diff, se, confidence)
+
+
+def _structural_components(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components from midranks (Sun & Xu 2014): V10 [m] for each positive
+    (the fraction of all negatives it outscores, ties 1/2), V01 [n] for each negative (the
+    fraction of all positives that outscore it)."""
+    from scipy.stats import rankdata
+
+    m, n = int(y.sum()), int((~y).sum())
+    ranks = rankdata(score)
+    v10 = (ranks[y] - rankdata(score[y])) / n
+    v01 = 1.0 - (ranks[~y] - rankdata(score[~y])) / m
+    return v10, v01
+
+
+def _normal_test(diff: float, se: float, confidence: float) -> dict[str, float]:
+    from scipy.stats import norm
+
     z = diff / se if se > 0 else 0.0
     half = norm.ppf(0.5 + confidence / 2) * se
     return {
-        "auc_a": float(auc[0]),
-        "auc_b": float(auc[1]),
-        "auc_diff": diff,
         "se": se,
         "z": float(z),
         "p_value": float(2 * norm.sf(abs(z))) if se > 0 else 1.0,
         "diff_low": float(diff - half),
         "diff_high": float(diff + half),
+    }
+
+
+def _two_classes(y, scores) -> tuple[np.ndarray, np.ndarray, int, int]:
+    y = np.asarray(y).astype(bool)
+    scores = np.stack([np.asarray(s, np.float64) for s in scores])
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        raise NodulekitError(
+            f"a paired AUC test needs at least 2 cases of each class, got {m} positive and {n} negative"
+        )
+    return y, scores, m, n
+
+
+def cluster_codes(groups) -> np.ndarray:
+    """Integer codes 0..k-1 of the clusters (patients) named in ``groups``."""
+    return np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+
+
+def obuchowski_test(y, score_a, score_b, groups, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Obuchowski (1997, Biometrics 53:567) clustered ROC: are two AUCs on the same cases different,
+    when cases come in clusters (a patient's nodules) that are not independent?
+
+    With DeLong's components V10/V01 summed per cluster i (V10_i over its m_i positives, V01_i
+    over its n_i negatives), M, N all positives/negatives, I clusters (I10, I01 those holding
+    a positive/negative) and D the difference of the two scores' components:
+    S10 = I10 / ((I10 - 1) M) sum_i (D10_i - m_i dAUC)^2, S01 likewise over negatives,
+    S11 = I / (I - 1) sum_i (D10_i - m_i dAUC)(D01_i - n_i dAUC), and
+    Var(dAUC) = S10 / M + S01 / N + 2 S11 / (M N). With one case per cluster this is DeLong's
+    variance exactly; with each case repeated k times in its own cluster it is DeLong's on the
+    unrepeated cases (repeating a patient's nodule adds no information).
+    """
+    y, scores, m, n = _two_classes(y, (score_a, score_b))
+    codes = cluster_codes(groups)
+    if len(codes) != len(y):
+        raise NodulekitError(f"{len(codes)} cluster names for {len(y)} cases")
+    comps = [_structural_components(y, s) for s in scores]
+    d10, d01 = comps[0][0] - comps[1][0], comps[0][1] - comps[1][1]
+    auc = np.array([c[0].mean() for c in comps])
+    diff = float(auc[0] - auc[1])
+    k = int(codes.max()) + 1
+    m_i = np.bincount(codes[y], minlength=k)
+    n_i = np.bincount(codes[~y], minlength=k)
+    r10 = np.bincount(codes[y], weights=d10, minlength=k) - m_i * diff
+    r01 = np.bincount(codes[~y], weights=d01, minlength=k) - n_i * diff
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    if i10 < 2 or i01 < 2:
+        raise NodulekitError("the clustered AUC test needs positives and negatives in at least 2 patients each")
+    s10 = i10 / ((i10 - 1) * m) * np.sum(r10**2)
+    s01 = i01 / ((i01 - 1) * n) * np.sum(r01**2)
+    s11 = k / (k - 1) * np.sum(r10 * r01)
+    var = s10 / m + s01 / n + 2 * s11 / (m * n)
+    test = _normal_test(diff, float(np.sqrt(max(var, 0.0))), confidence)
+    return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "auc_diff": diff, "n_clusters": k} | test
+
+
+def equivalence_test(estimate: float, se: float, margin: float, alpha: float = 0.05) -> dict[str, Any]:
+    """Schuirmann's two one-sided tests (TOST) of |difference| < ``margin`` on a normal estimate.
+
+    H0-: difference <= -margin, rejected by p- = P(Z >= (estimate + margin) / se);
+    H0+: difference >= +margin, rejected by p+ = P(Z <= (estimate - margin) / se).
+    The TOST p is max(p-, p+): equivalence is shown at level alpha when it is below alpha,
+    which is the same as the (1 - 2 alpha) interval lying inside (-margin, +margin).
+    """
+    from scipy.stats import norm
+
+    if not margin > 0:
+        raise NodulekitError(f"the equivalence margin must be positive, got {margin}")
+    if not se >= 0:
+        raise NodulekitError(f"the equivalence test needs a standard error >= 0, got {se}")
+    if se == 0:  # no variability at all: each one-sided test is decided by the estimate alone
+        p_low, p_high = float(estimate + margin <= 0), float(estimate - margin >= 0)
+    else:
+        p_low = float(norm.sf((estimate + margin) / se))
+        p_high = float(norm.cdf((estimate - margin) / se))
+    z = norm.ppf(1 - alpha)
+    return {
+        "margin": float(margin),
+        "p_value": max(p_low, p_high),
+        "p_lower": p_low,
+        "p_upper": p_high,
+        "low": float(estimate - z * se),
+        "high": float(estimate + z * se),
+        "equivalent": bool(max(p_low, p_high) < alpha),
+    }
+
+
+def seed_patient_bootstrap(
+    y,
+    probs_a,
+    probs_b,
+    groups,
+    *,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """Hierarchical bootstrap of the mean-over-seeds AUC difference, seeds and patients both resampled.
+
+    ``probs_a`` [S_a, n] and ``probs_b`` [S_b, n] hold one row per training seed of each arm
+    (the same nodules in the same order). Each resample draws patients with replacement (all
+    of a patient's nodules together), and, independently for each arm, S seeds with
+    replacement from its S trained models (seed k of one arm has nothing to do with seed k of
+    the other); the statistic is mean AUC of the drawn seeds of a minus that of b on the drawn
+    patients. So the interval carries both the sampling of patients and the spread between
+    retrainings. With one seed per arm it is the patient bootstrap (training variance not
+    measured). Returns the estimate, the percentile interval, the resamples' SD and the seeds'
+    AUCs.
+    """
+    pa = np.atleast_2d(np.asarray(probs_a, np.float64))
+    pb = np.atleast_2d(np.asarray(probs_b, np.float64))
+    y = np.asarray(y).astype(bool)
+    codes = cluster_codes(groups)
+    k = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    auc_a, auc_b = ([roc_auc(y, p)[0] for p in arm] for arm in (pa, pb))
+    draws = []
+    for start in range(0, n_resamples, 500):
+        b = min(500, n_resamples - start)
+        patients = rng.integers(0, k, size=(b, k))
+        w = np.stack([np.bincount(row, minlength=k) for row in patients])[:, codes].astype(np.float64)
+        seeds_a = rng.integers(0, len(pa), size=(b, len(pa)))
+        seeds_b = rng.integers(0, len(pb), size=(b, len(pb)))
+        per_a = np.stack([roc_auc(y, p, w) for p in pa], axis=1)  # [b, S_a]
+        per_b = np.stack([roc_auc(y, p, w) for p in pb], axis=1)
+        draws.append(np.take_along_axis(per_a, seeds_a, 1).mean(1) - np.take_along_axis(per_b, seeds_b, 1).mean(1))
+    dist = np.concatenate(draws)
+    tail = 100 * (1 - confidence) / 2
+    valid = ~np.isnan(dist)
+    low, high = np.percentile(dist[valid], [tail, 100 - tail]) if valid.all() else (np.nan, np.nan)
+    return {
+        "estimate": float(np.mean(auc_a) - np.mean(auc_b)),
+        "low": float(low),
+        "high": float(high),
+        "se": float(np.std(dist[valid], ddof=1)),
+        "n_invalid": int((~valid).sum()),
+        "auc_seeds_a": [float(v) for v in auc_a],
+        "auc_seeds_b": [float(v) for v in auc_b],
+        "distribution": dist,
     }
 
 
@@ -353,116 +504,216 @@ def _wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def _paired_predictions(ref, other, name_a, name_b):
-    """The two runs' predictions merged by nodule; refuses runs that are not on the same nodules."""
-    fa, fb = ref.attrs["fingerprint"], other.attrs["fingerprint"]
-    if fa and fb and fa != fb:
-        raise NodulekitError(
-            f"{name_a} and {name_b} were trained on different datasets (fingerprints {fa} and {fb}); "
-            "paired tests need the same nodules"
-        )
-    ids_a, ids_b = set(ref["nodule_id"]), set(other["nodule_id"])
-    if ids_a != ids_b:
-        raise NodulekitError(
-            f"{name_a} and {name_b} have different test nodules ({len(ids_a - ids_b)} only in the first, "
-            f"{len(ids_b - ids_a)} only in the second); paired tests need the same nodules"
-        )
-    merged = ref.merge(other, on="nodule_id", suffixes=("_a", "_b"))
-    if (merged["y_a"] != merged["y_b"]).any():
-        raise NodulekitError(f"{name_a} and {name_b} disagree on labels; they did not use the same dataset")
-    return merged
+MIN_OVERLAP = 0.9  # share of each run's test nodules that must be paired (by nodule id)
+# Equivalence margin of an AUC difference, fixed before any comparison was run with it: smaller
+# than the smallest gap between architectures this project has called a difference (ResNet18 vs
+# HESAM, 0.019-0.025) and about twice the AUC spread between retrainings of one model (up to
+# 0.009), so "equivalent" rules out a gap of the size that separates architectures.
+EQUIVALENCE_MARGIN = 0.02
+ALPHA = 0.05
 
 
-def compare_predictions(
-    y, prob_a, prob_b, patients, *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, n_permutations: int = 9999
-) -> dict[str, float]:
-    """Two runs' probabilities for the same nodules: AUCs (DeLong), |error| (patient sign-flip), Wilcoxon.
+def arm_predictions(rundirs: Sequence[str | Path]):
+    """One arm of a comparison: the same configuration trained with one or more seeds.
 
-    - ``delong_p``: DeLong's test of AUC_a = AUC_b (nodules as independent cases);
-      ``auc_diff_low/high``: patient-bootstrap interval of AUC_a - AUC_b;
-    - ``error_p_patients``: patient sign-flip test of mean |p_a - y| - |p_b - y| = 0, with its
-      patient-bootstrap interval ``error_diff_low/high`` (negative: a is closer to the labels);
-    - ``prob_p_value`` / ``error_p_value``: the paper's nodule-level Wilcoxon signed-rank tests
-      on the probabilities / the absolute errors (they treat nodules of one patient as independent).
+    DataFrame nodule_id, patient_id, y and one probability column per seed (``p0``, ``p1``, ...);
+    refuses seeds that did not test the same nodules with the same labels.
     """
-    y, pa, pb = np.asarray(y), np.asarray(prob_a, np.float64), np.asarray(prob_b, np.float64)
-    ea, eb = np.abs(pa - y), np.abs(pb - y)
-    delong = delong_test(y, pa, pb)
-    boot = cluster_bootstrap(
-        patients,
-        lambda w: np.stack([roc_auc(y, pa, w) - roc_auc(y, pb, w), (w @ (ea - eb)) / w.sum(1)]),
-        n_resamples=n_resamples,
-        seed=seed,
+    if isinstance(rundirs, (str, Path)):
+        rundirs = [rundirs]
+    frames = [run_predictions(r) for r in rundirs]
+    first = frames[0].sort_values("nodule_id", ignore_index=True)
+    probs = [first["prob"].to_numpy()]
+    for frame, rundir in zip(frames[1:], rundirs[1:], strict=True):
+        frame = frame.sort_values("nodule_id", ignore_index=True)
+        if not np.array_equal(frame["nodule_id"].to_numpy(), first["nodule_id"].to_numpy()) or not np.array_equal(
+            frame["y"].to_numpy(), first["y"].to_numpy()
+        ):
+            raise NodulekitError(
+                f"{rundir} and {rundirs[0]} are given as seeds of one configuration but did not test the same "
+                "nodules with the same labels"
+            )
+        probs.append(frame["prob"].to_numpy())
+    arm = first[["nodule_id", "patient_id", "y"]].copy()
+    for k, p in enumerate(probs):
+        arm[f"p{k}"] = p
+    arm.attrs.update(
+        arch="/".join(sorted({f.attrs["arch"] for f in frames})),
+        label=",".join(str(r) for r in rundirs),
+        n_seeds=len(frames),
     )
-    flip = cluster_sign_flip_test(ea - eb, patients, n_resamples=n_permutations, seed=seed)
-    stat_p, p_p = _wilcoxon(pa, pb)
-    stat_e, p_e = _wilcoxon(ea, eb)
+    return arm
+
+
+def _paired_predictions(ref, other, name_a, name_b, min_overlap: float = MIN_OVERLAP):
+    """Two arms merged by nodule id (runs on different datasets of the same nodules pair too);
+    refuses arms that share too few nodules, or disagree on a shared nodule's label or patient."""
+    ids_a, ids_b = set(ref["nodule_id"]), set(other["nodule_id"])
+    shared = len(ids_a & ids_b)
+    if shared < min_overlap * max(len(ids_a), len(ids_b)):
+        raise NodulekitError(
+            f"{name_a} and {name_b} share {shared} test nodules of {len(ids_a)} and {len(ids_b)} "
+            f"(at least {min_overlap:.0%} of each needed); paired tests pair nodules by id"
+        )
+    seeds_a, seeds_b = ref.attrs["n_seeds"], other.attrs["n_seeds"]
+    a = ref.rename(columns={f"p{k}": f"pa{k}" for k in range(seeds_a)})
+    b = other.rename(columns={f"p{k}": f"pb{k}" for k in range(seeds_b)})
+    merged = a.merge(b, on="nodule_id", suffixes=("_a", "_b"))
+    if (merged["y_a"] != merged["y_b"]).any():
+        raise NodulekitError(f"{name_a} and {name_b} give some shared nodules different labels (another label rule?)")
+    if (merged["patient_id_a"].astype(str) != merged["patient_id_b"].astype(str)).any():
+        raise NodulekitError(f"{name_a} and {name_b} give some shared nodules different patients")
+    merged.attrs.update(n_only_a=len(ids_a) - shared, n_only_b=len(ids_b) - shared)
+    return merged, [f"pa{k}" for k in range(seeds_a)], [f"pb{k}" for k in range(seeds_b)]
+
+
+def _auc_comparison(y, probs_a, probs_b, patients, *, margin, n_resamples, seed) -> dict[str, Any]:
+    """AUC of arm a vs arm b: the seed x patient bootstrap interval, Obuchowski's clustered test
+    (the default p), DeLong beside it, and TOST of |difference| < margin on the bootstrap SE."""
+    mean_a, mean_b = probs_a.mean(0), probs_b.mean(0)
+    clustered = obuchowski_test(y, mean_a, mean_b, patients)
+    delong = delong_test(y, mean_a, mean_b)
+    boot = seed_patient_bootstrap(y, probs_a, probs_b, patients, n_resamples=n_resamples, seed=seed)
+    tost = equivalence_test(boot["estimate"], boot["se"], margin, ALPHA)
     return {
-        "n": len(y),
-        "n_patients": flip["n_patients"],
-        "auc_a": delong["auc_a"],
-        "auc_b": delong["auc_b"],
-        "auc_diff": delong["auc_diff"],
-        "auc_diff_low": float(boot["low"][0]),
-        "auc_diff_high": float(boot["high"][0]),
+        "n_seeds_a": len(probs_a),
+        "n_seeds_b": len(probs_b),
+        "auc_a": float(np.mean(boot["auc_seeds_a"])),
+        "auc_b": float(np.mean(boot["auc_seeds_b"])),
+        "auc_sd_seeds_a": float(np.std(boot["auc_seeds_a"], ddof=1)) if len(probs_a) > 1 else float("nan"),
+        "auc_sd_seeds_b": float(np.std(boot["auc_seeds_b"], ddof=1)) if len(probs_b) > 1 else float("nan"),
+        "auc_diff": boot["estimate"],
+        "auc_diff_low": boot["low"],
+        "auc_diff_high": boot["high"],
+        "auc_diff_se": boot["se"],
+        "auc_diff_averaged": clustered["auc_diff"],
+        "auc_se_clustered": clustered["se"],
+        "auc_p": clustered["p_value"],
+        "delong_se": delong["se"],
         "delong_z": delong["z"],
         "delong_p": delong["p_value"],
-        "mean_abs_error_a": float(ea.mean()),
-        "mean_abs_error_b": float(eb.mean()),
-        "mean_error_diff": flip["mean_diff"],
-        "error_diff_low": float(boot["low"][1]),
-        "error_diff_high": float(boot["high"][1]),
-        "error_p_patients": flip["p_value"],
-        "median_prob_diff": float(np.median(pa - pb)),
-        "prob_statistic": stat_p,
-        "prob_p_value": p_p,
-        "median_error_diff": float(np.median(ea - eb)),
-        "error_statistic": stat_e,
-        "error_p_value": p_e,
+        "equivalence_margin": margin,
+        "equivalence_low": tost["low"],
+        "equivalence_high": tost["high"],
+        "tost_p": tost["p_value"],
     }
 
 
-HOLM_COLUMNS = ("delong_p", "error_p_patients", "prob_p_value", "error_p_value")
+def compare_predictions(
+    y,
+    prob_a,
+    prob_b,
+    patients,
+    *,
+    margin: float = EQUIVALENCE_MARGIN,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    n_permutations: int = 9999,
+) -> dict[str, float]:
+    """Two arms' probabilities for the same nodules (``prob_a`` [n] or [S_a, n], one row per seed).
+
+    - AUC (``_auc_comparison``): mean-over-seeds AUCs, their difference with the seed x patient
+      bootstrap interval; ``auc_p``: Obuchowski's clustered test (patients as clusters) and
+      ``delong_p``: DeLong's (nodules as independent cases), both on the seed-averaged
+      probabilities; ``tost_p``: two one-sided tests of |difference| < ``margin``;
+    - ``error_p_patients``: patient sign-flip test of mean |p_a - y| - |p_b - y| = 0 (seed-averaged
+      probabilities), with its patient-bootstrap interval ``error_diff_low/high``;
+    - ``prob_p_value`` / ``error_p_value``: the paper's nodule-level Wilcoxon signed-rank tests
+      on the probabilities / the absolute errors (they treat nodules of one patient as independent).
+    """
+    y = np.asarray(y)
+    probs_a = np.atleast_2d(np.asarray(prob_a, np.float64))
+    probs_b = np.atleast_2d(np.asarray(prob_b, np.float64))
+    pa, pb = probs_a.mean(0), probs_b.mean(0)
+    ea, eb = np.abs(pa - y), np.abs(pb - y)
+    auc = _auc_comparison(y, probs_a, probs_b, patients, margin=margin, n_resamples=n_resamples, seed=seed)
+    boot = cluster_bootstrap(patients, lambda w: ((w @ (ea - eb)) / w.sum(1))[None], n_resamples=n_resamples, seed=seed)
+    flip = cluster_sign_flip_test(ea - eb, patients, n_resamples=n_permutations, seed=seed)
+    stat_p, p_p = _wilcoxon(pa, pb)
+    stat_e, p_e = _wilcoxon(ea, eb)
+    return (
+        {"n": len(y), "n_patients": flip["n_patients"]}
+        | auc
+        | {
+            "mean_abs_error_a": float(ea.mean()),
+            "mean_abs_error_b": float(eb.mean()),
+            "mean_error_diff": flip["mean_diff"],
+            "error_diff_low": float(boot["low"][0]),
+            "error_diff_high": float(boot["high"][0]),
+            "error_p_patients": flip["p_value"],
+            "median_prob_diff": float(np.median(pa - pb)),
+            "prob_statistic": stat_p,
+            "prob_p_value": p_p,
+            "median_error_diff": float(np.median(ea - eb)),
+            "error_statistic": stat_e,
+            "error_p_value": p_e,
+        }
+    )
+
+
+HOLM_COLUMNS = ("auc_p", "delong_p", "tost_p", "error_p_patients", "prob_p_value", "error_p_value")
+
+
+def auc_verdict(row) -> str:
+    """What one comparison's AUC tests support, after Holm: a difference needs the clustered test
+    AND the seed x patient interval; equivalence needs TOST; anything else is undecided."""
+    different = row["auc_p_holm"] < ALPHA and (row["auc_diff_low"] > 0 or row["auc_diff_high"] < 0)
+    equivalent = row["tost_p_holm"] < ALPHA
+    margin = f"within ±{row['equivalence_margin']:g}"
+    if different:
+        side = "a higher" if row["auc_diff"] > 0 else "b higher"
+        return f"{side}, yet {margin}" if equivalent else side
+    return f"equivalent {margin}" if equivalent else "undecided"
+
+
+def _arm_list(arms) -> list[list[str | Path]]:
+    return [[a] if isinstance(a, (str, Path)) else list(a) for a in arms]
 
 
 def wilcoxon_runs(
-    rundirs: Sequence[str | Path], *, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, n_permutations: int = 9999
+    arms: Sequence,
+    *,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    n_permutations: int = 9999,
+    margin: float = EQUIVALENCE_MARGIN,
+    min_overlap: float = MIN_OVERLAP,
 ):
-    """The first run against each other run on the same nodules (``compare_predictions``), Holm-adjusted.
+    """The first arm against each other arm on the same nodules (``compare_predictions``), Holm-adjusted.
 
+    An arm is a RUNDIR or a sequence of RUNDIRs (one configuration trained with several seeds).
+    Arms are paired by nodule id, so runs on different datasets built from the same nodules
+    compare (nodules in only one arm are left out and counted; below ``min_overlap`` refused).
     Every p-value column in ``HOLM_COLUMNS`` gets a ``<column>_holm`` twin: Holm's adjustment
-    over the len(rundirs) - 1 comparisons of the first run.
+    over the comparisons of the first arm; ``auc_verdict`` says what they support.
     """
     import pandas as pd
 
-    if len(rundirs) < 2:
+    arms = _arm_list(arms)
+    if len(arms) < 2:
         raise NodulekitError("give at least two RUNDIRs: the first is compared with each of the others")
-    preds = [run_predictions(r) for r in rundirs]
+    preds = [arm_predictions(a) for a in arms]
     records = []
-    for other, rundir in zip(preds[1:], rundirs[1:], strict=True):
-        merged = _paired_predictions(preds[0], other, rundirs[0], rundir)
+    for other in preds[1:]:
+        name_a, name_b = preds[0].attrs["label"], other.attrs["label"]
+        merged, cols_a, cols_b = _paired_predictions(preds[0], other, name_a, name_b, min_overlap)
         result = compare_predictions(
             merged["y_a"].to_numpy(),
-            merged["prob_a"].to_numpy(),
-            merged["prob_b"].to_numpy(),
-            merged["patient_id_a"].to_numpy(),
+            merged[cols_a].to_numpy().T,
+            merged[cols_b].to_numpy().T,
+            merged["patient_id_a"].astype(str).to_numpy(),
+            margin=margin,
             n_resamples=n_resamples,
             seed=seed,
             n_permutations=n_permutations,
         )
-        records.append(
-            {
-                "run_a": str(rundirs[0]),
-                "arch_a": preds[0].attrs["arch"],
-                "run_b": str(rundir),
-                "arch_b": other.attrs["arch"],
-            }
-            | result
-        )
+        head = {"run_a": name_a, "arch_a": preds[0].attrs["arch"], "run_b": name_b, "arch_b": other.attrs["arch"]}
+        records.append(head | {"n_only_a": merged.attrs["n_only_a"], "n_only_b": merged.attrs["n_only_b"]} | result)
     table = pd.DataFrame.from_records(records)
     for column in HOLM_COLUMNS:
         table.insert(table.columns.get_loc(column) + 1, f"{column}_holm", holm(table[column].to_numpy()))
-    table.attrs.update(n_resamples=n_resamples, seed=seed, n_permutations=n_permutations)
+    table.insert(table.columns.get_loc("auc_diff"), "auc_verdict", [auc_verdict(r) for _, r in table.iterrows()])
+    table.attrs.update(n_resamples=n_resamples, seed=seed, n_permutations=n_permutations, margin=margin)
     return table
 
 
@@ -473,25 +724,29 @@ def comparison_markdown_table(table):
     def ci(est, low, high, digits=4):
         return f"{est:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
+    seeds = [f"{a} / {b}" for a, b in zip(table["n_seeds_a"], table["n_seeds_b"], strict=True)]
     return pd.DataFrame(
         {
             "run_b": table["run_b"],
             "arch_b": table["arch_b"],
             "nodules / patients": [f"{n} / {p}" for n, p in zip(table["n"], table["n_patients"], strict=True)],
+            "seeds a / b": seeds,
             "auc_a": table["auc_a"],
             "auc_b": table["auc_b"],
             "auc_diff [95 % CI]": [
                 ci(*r) for r in zip(table["auc_diff"], table["auc_diff_low"], table["auc_diff_high"], strict=True)
             ],
+            "auc_p (clustered)": table["auc_p"],
+            "auc_p_holm": table["auc_p_holm"],
             "delong_p": table["delong_p"],
             "delong_p_holm": table["delong_p_holm"],
+            "tost_p_holm": table["tost_p_holm"],
+            "auc_verdict": table["auc_verdict"],
             "mean_error_diff [95 % CI]": [
                 ci(*r)
                 for r in zip(table["mean_error_diff"], table["error_diff_low"], table["error_diff_high"], strict=True)
             ],
-            "error_p_patients": table["error_p_patients"],
             "error_p_patients_holm": table["error_p_patients_holm"],
-            "prob_p_value": table["prob_p_value"],
             "prob_p_value_holm": table["prob_p_value_holm"],
         }
     )
@@ -758,20 +1013,28 @@ def write_report(
     return paths
 
 
-def wilcoxon_notes(n_resamples: int, seed: int, n_permutations: int) -> str:
+def wilcoxon_notes(n_resamples: int, seed: int, n_permutations: int, margin: float = EQUIVALENCE_MARGIN) -> str:
     return (
-        "The first run (a) against each other run (b), paired by nodule over the whole cross-validated test set "
-        "(each probability comes from the fold model that did not train on that nodule); differences are a minus b. "
-        "`auc_diff`: AUC_a - AUC_b; `delong_p`: DeLong's test for two correlated AUCs (DeLong et al. 1988; it "
-        "treats nodules as independent cases). `mean_error_diff`: mean of |p_a - y| - |p_b - y| (negative: a is "
+        "The first arm (a) against each other arm (b), paired by nodule id over the whole cross-validated test "
+        "set (each probability comes from the fold model that did not train on that nodule; nodules in only one "
+        "arm are left out and counted in `n_only_a`/`n_only_b`); differences are a minus b. An arm is one run or "
+        "several seeds of one configuration (`n_seeds_a`/`n_seeds_b`). `auc_a`/`auc_b`: mean AUC over the arm's "
+        "seeds; `auc_diff [95 % CI]`: their difference with a hierarchical bootstrap interval that resamples "
+        "patients and, per arm, seeds (with one seed per arm the retraining spread is not measured and the "
+        "interval is the patient bootstrap). `auc_p`: Obuchowski's (1997) clustered test of the AUC difference, "
+        "patients as clusters, the default; `delong_p`: DeLong's test (DeLong et al. 1988; nodules as independent "
+        "cases) beside it; both on the seed-averaged probabilities. `tost_p`: two one-sided tests that "
+        f"|AUC_a - AUC_b| < {margin:g} (margin fixed in advance, docs/statistics.md), with the bootstrap's "
+        "standard error. `auc_verdict`: 'a higher'/'b higher' needs Holm-adjusted `auc_p` < 0.05 and the interval "
+        "to exclude 0; 'equivalent' needs Holm-adjusted `tost_p` < 0.05; otherwise 'undecided' (a non-significant "
+        "difference is not equivalence). `mean_error_diff`: mean of |p_a - y| - |p_b - y| (negative: a is "
         "closer to the labels); `error_p_patients`: two-sided permutation test that flips the sign of all of a "
-        f"patient's differences together ({n_permutations} random sign patterns, or all when fewer; seed {seed}), "
-        "so nodules of one patient are not counted as independent. "
+        f"patient's differences together ({n_permutations} random sign patterns, or all when fewer; seed {seed}). "
         f"{bootstrap_note(n_resamples, seed)}. `prob_p_value`: the paper's Table 5 test, a Wilcoxon "
         "signed-rank test of the probabilities (a small p says the output distributions differ, not that either "
         "run is better; nodule level, patients not accounted for). `*_holm`: Holm's adjustment over the "
-        "comparisons of the first run with the others. The CSV/JSON also hold the nodule-level Wilcoxon test of "
-        "the absolute errors (`error_p_value`)."
+        "comparisons of the first arm with the others. The CSV/JSON also hold the nodule-level Wilcoxon test of "
+        "the absolute errors (`error_p_value`), the seeds' AUC spread and both standard errors."
     )
 
 

@@ -79,6 +79,9 @@ def test_wilcoxon_matches_scipy_on_paired_nodules(two_runs, tmp_path):
     assert row["error_p_patients"] == pytest.approx(flip["p_value"]) and row["n_patients"] == 30
     assert row["auc_diff_low"] < row["auc_diff"] < row["auc_diff_high"]
     assert row["delong_p_holm"] == row["delong_p"]  # one comparison: nothing to adjust
+    patients = [i.split(":")[0] for i in ids]
+    assert row["auc_p"] == pytest.approx(St.obuchowski_test(y, pa, pb, patients)["p_value"])
+    assert row["auc_verdict"] in ("a higher", "undecided", "a higher, yet within ±0.02")
     paths = St.write_report(
         table,
         tmp_path / "w.md",
@@ -122,21 +125,84 @@ def test_wilcoxon_identical_runs_is_not_significant(two_runs):
     a, *_ = two_runs
     row = St.wilcoxon_runs([a, a]).iloc[0]
     assert row["prob_p_value"] == 1.0 and row["median_prob_diff"] == 0
+    assert row["auc_p"] == 1.0 and row["tost_p"] == 0.0 and row["auc_verdict"] == "equivalent within ±0.02"
 
 
 def test_wilcoxon_refuses_unpaired_runs(two_runs, tmp_path):
     a, b, ids, y, pa, pb = two_runs
-    other = fake_run(tmp_path / "c", ids, y, pb, fingerprint="zzz")
-    with pytest.raises(NodulekitError, match="different datasets"):
-        St.wilcoxon_runs([a, other])
     fewer = fake_run(tmp_path / "d", ids[:20], y[:20], pb[:20])
-    with pytest.raises(NodulekitError, match=r"different test nodules \(10 only in the first, 0 only"):
+    with pytest.raises(NodulekitError, match=r"share 20 test nodules of 30 and 20 \(at least 90% of each"):
         St.wilcoxon_runs([a, fewer])
+    relabelled = fake_run(tmp_path / "r", ids, 1 - y, pb)
+    with pytest.raises(NodulekitError, match="different labels"):
+        St.wilcoxon_runs([a, relabelled])
+    with pytest.raises(NodulekitError, match="seeds of one configuration but did not test the same nodules"):
+        St.wilcoxon_runs([[a, fewer], b])
     partial = fake_run(tmp_path / "e", ids, y, pb, skip_fold=1)
     with pytest.raises(NodulekitError, match="lacks finished fold.s. fold1"):
         St.wilcoxon_runs([a, partial])
     with pytest.raises(NodulekitError, match="at least two"):
         St.wilcoxon_runs([a])
+
+
+def test_wilcoxon_pairs_runs_on_different_datasets_by_nodule_id(tmp_path):
+    """D1C vs D11C of the same nodules: other fingerprints, a few nodules only in one of them."""
+    rng = np.random.default_rng(3)
+    n = 60
+    ids = [f"P{i // 2:03d}:{i % 2 + 1}" for i in range(n)]
+    y = rng.integers(0, 2, n)
+    pa = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+    pb = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+    a = fake_run(tmp_path / "d1c", ids[:58], y[:58], pa[:58], fingerprint="d1c")
+    b = fake_run(tmp_path / "d11c", ids[2:], y[2:], pb[2:], fingerprint="d11c", order_seed=1)
+    row = St.wilcoxon_runs([a, b], n_resamples=200, n_permutations=99).iloc[0]
+    assert (row["n"], row["n_only_a"], row["n_only_b"]) == (56, 2, 2)
+    shared = slice(2, 58)
+    assert row["auc_a"] == pytest.approx(roc_auc_score(y[shared], pa[shared]))
+    assert row["auc_b"] == pytest.approx(roc_auc_score(y[shared], pb[shared]))
+    patients = [i.split(":")[0] for i in ids[shared]]
+    clustered = St.obuchowski_test(y[shared], pa[shared], pb[shared], patients)
+    assert row["auc_p"] == pytest.approx(clustered["p_value"]) and row["n_patients"] == 28
+    with pytest.raises(NodulekitError, match="share 56 test nodules of 58 and 58"):
+        St.wilcoxon_runs([a, b], min_overlap=0.99)
+
+
+def test_seed_arms_carry_the_retraining_spread(tmp_path):
+    """Three seeds per arm whose AUCs scatter: the seed x patient interval is wider than one seed's
+    patient interval, AUCs are means over seeds, and the clustered test sees the seed-averaged
+    probabilities."""
+    rng = np.random.default_rng(8)
+    n = 80
+    ids = [f"P{i // 2:03d}:{i % 2 + 1}" for i in range(n)]
+    y = rng.integers(0, 2, n)
+    base = 0.5 + 0.3 * (y - 0.5)
+
+    def seeds(tag, noises):
+        return [
+            fake_run(tmp_path / f"{tag}{k}", ids, y, np.clip(base + rng.normal(0, s, n), 0, 1))
+            for k, s in enumerate(noises)
+        ]
+
+    arm_a, arm_b = seeds("a", (0.15, 0.3, 0.45)), seeds("b", (0.15, 0.3, 0.45))
+    boot = dict(n_resamples=400, n_permutations=99)
+    row = St.wilcoxon_runs([arm_a, arm_b], **boot).iloc[0]
+    one = St.wilcoxon_runs([arm_a[0], arm_b[0]], **boot).iloc[0]
+    probs = {
+        k: np.stack([St.run_predictions(r).sort_values("nodule_id")["prob"] for r in arm])
+        for k, arm in (("a", arm_a), ("b", arm_b))
+    }
+    y_sorted = St.run_predictions(arm_a[0]).sort_values("nodule_id")["y"].to_numpy()
+    aucs_a = [roc_auc_score(y_sorted, p) for p in probs["a"]]
+    assert (row["n_seeds_a"], row["n_seeds_b"]) == (3, 3)
+    assert row["auc_a"] == pytest.approx(np.mean(aucs_a)) and row["auc_sd_seeds_a"] == pytest.approx(
+        np.std(aucs_a, ddof=1)
+    )
+    assert row["auc_diff_high"] - row["auc_diff_low"] > 1.2 * (one["auc_diff_high"] - one["auc_diff_low"])
+    patients = sorted(i.split(":")[0] for i in ids)
+    averaged = St.delong_test(y_sorted, probs["a"].mean(0), probs["b"].mean(0))
+    assert row["delong_p"] == pytest.approx(averaged["p_value"])
+    assert row["auc_diff_averaged"] == pytest.approx(averaged["auc_diff"]) and len(set(patients)) == row["n_patients"]
+    assert np.isnan(one["auc_sd_seeds_a"]) and one["n_seeds_a"] == 1
 
 
 def test_reader_calls():

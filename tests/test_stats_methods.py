@@ -202,3 +202,147 @@ def test_calibration_known_values():
     bins = {b["low"]: b for b in cal["bins"] if b["n"]}
     assert set(bins) == {0.2, 0.8} and bins[0.8]["observed"] == pytest.approx(0.75)
     assert St.calibration([0, 0], [1.0, 1.0])["ece"] == pytest.approx(1.0)  # p = 1 falls in the last bin
+
+
+# --------------------------------------------------------------------------------------
+# Clustered AUC (Obuchowski 1997), TOST, and the seed x patient bootstrap.
+
+
+def test_obuchowski_known_answer_by_hand():
+    """Four patients; score b is constant, so Var(AUC_a - AUC_b) is Var(AUC_a) and every term is
+    small fractions (worked out in the comments).
+
+    Positives 0.8 (P1), 0.6 (P2), 0.9 (P4); negatives 0.3 (P1), 0.7, 0.1 (P3), 0.5 (P4).
+    V10 = 1, 3/4, 1; V01 = 1, 2/3, 1, 1; AUC = 11/12. Cluster residuals V10_i - m_i AUC:
+    1/12, -1/6, 0, 1/12; V01_i - n_i AUC: 1/12, 0, 5/3 - 22/12 = -1/6, 1/12.
+    S10 = 3/(2*3) * 6/144 = 1/48; S01 = 3/(2*4) * 6/144 = 1/64; S11 = 4/3 * 2/144 = 1/54.
+    Var = S10/3 + S01/4 + 2 S11/12 = 1/144 + 1/256 + 1/324.
+    """
+    y = np.array([1, 0, 1, 0, 0, 1, 0])
+    a = np.array([0.8, 0.3, 0.6, 0.7, 0.1, 0.9, 0.5])
+    groups = ["P1", "P1", "P2", "P3", "P3", "P4", "P4"]
+    res = St.obuchowski_test(y, a, np.full(7, 0.5), groups)
+    assert res["auc_a"] == pytest.approx(11 / 12) and res["auc_b"] == pytest.approx(0.5)
+    assert res["se"] ** 2 == pytest.approx(1 / 144 + 1 / 256 + 1 / 324, rel=1e-12)
+    assert res["n_clusters"] == 4
+    # DeLong on the same cases: S10 = 1/48 over 3 positives, S01 = 1/36 over 4 negatives
+    assert St.delong_test(y, a, np.full(7, 0.5))["se"] ** 2 == pytest.approx(2 / 144, rel=1e-12)
+
+
+def obuchowski_by_definition(y, a, b, groups):
+    """Obuchowski (1997) written out with loops over patients and psi kernels over all pairs."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    M, N = len(pos), len(neg)
+
+    def psi(x, z):
+        return 1.0 if x > z else 0.5 if x == z else 0.0
+
+    d10 = {i: sum(psi(a[i], a[j]) - psi(b[i], b[j]) for j in neg) / N for i in pos}
+    d01 = {j: sum(psi(a[i], a[j]) - psi(b[i], b[j]) for i in pos) / M for j in neg}
+    theta = sum(d10.values()) / M
+    clusters = sorted(set(groups))
+    r10, r01 = [], []
+    for c in clusters:
+        members = [k for k in range(len(y)) if groups[k] == c]
+        r10.append(sum(d10[k] for k in members if k in d10) - theta * sum(1 for k in members if y[k] == 1))
+        r01.append(sum(d01[k] for k in members if k in d01) - theta * sum(1 for k in members if y[k] == 0))
+    i10 = sum(1 for c in clusters if any(y[k] == 1 for k in range(len(y)) if groups[k] == c))
+    i01 = sum(1 for c in clusters if any(y[k] == 0 for k in range(len(y)) if groups[k] == c))
+    big_i = len(clusters)
+    s10 = i10 / ((i10 - 1) * M) * sum(r * r for r in r10)
+    s01 = i01 / ((i01 - 1) * N) * sum(r * r for r in r01)
+    s11 = big_i / (big_i - 1) * sum(u * v for u, v in zip(r10, r01, strict=True))
+    return theta, np.sqrt(s10 / M + s01 / N + 2 * s11 / (M * N))
+
+
+def test_obuchowski_matches_the_definition_and_reduces_to_delong():
+    rng = np.random.default_rng(11)
+    groups = np.repeat(np.arange(25), rng.integers(1, 5, 25))
+    n = len(groups)
+    y = (rng.uniform(size=n) < 0.3 + 0.4 * (groups % 2)).astype(int)
+    a = np.round(y + rng.normal(0, 1, n), 1)  # ties within and across clusters
+    b = np.round(a + rng.normal(0, 0.7, n), 1)
+    res = St.obuchowski_test(y, a, b, groups)
+    diff, se = obuchowski_by_definition(y, a, b, list(groups))
+    assert res["auc_diff"] == pytest.approx(diff) and res["se"] == pytest.approx(se, rel=1e-10)
+    # one nodule per patient: exactly DeLong
+    single = St.obuchowski_test(y, a, b, np.arange(n))
+    delong = St.delong_test(y, a, b)
+    assert single["se"] == pytest.approx(delong["se"], rel=1e-12)
+    assert single["p_value"] == pytest.approx(delong["p_value"], rel=1e-10)
+    # every case repeated 4 times within its own patient: no new information, so the clustered
+    # SE stays DeLong's on the unrepeated cases, while DeLong (nodules independent) shrinks by 2
+    rep = np.repeat(np.arange(n), 4)
+    repeated = St.obuchowski_test(y[rep], a[rep], b[rep], rep)
+    assert repeated["se"] == pytest.approx(delong["se"], rel=1e-10)
+    assert St.delong_test(y[rep], a[rep], b[rep])["se"] == pytest.approx(delong["se"] / 2, rel=0.02)
+    with pytest.raises(NodulekitError, match="at least 2 patients"):
+        St.obuchowski_test([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.3, 0.4], ["p", "p", "q", "q"])
+
+
+def test_delong_is_liberal_under_clustering_and_the_clustered_test_is_not():
+    """Null by construction: two scores of equal skill, each with its own patient-level offset
+    (30 patients x 4 nodules of one class, patient effect SD 1 vs nodule noise 0.3). DeLong counts
+    120 independent nodules and rejects far too often; Obuchowski's test holds its level.
+    300 simulations: the binomial SE of a 5 % rate is 1.26 points, so the clustered rate must lie
+    within 5 % +- 3.8 points (3 SE) and DeLong's must exceed 15 % (observed here: about 30 %)."""
+    rng = np.random.default_rng(2026)
+    n_patients, k, sims = 30, 4, 300
+    groups = np.repeat(np.arange(n_patients), k)
+    rejected = {"delong": 0, "clustered": 0}
+    for _ in range(sims):
+        y = np.repeat(rng.permutation(np.arange(n_patients) % 2), k)
+        a = y + np.repeat(rng.normal(0, 1, n_patients), k) + rng.normal(0, 0.3, n_patients * k)
+        b = y + np.repeat(rng.normal(0, 1, n_patients), k) + rng.normal(0, 0.3, n_patients * k)
+        rejected["delong"] += St.delong_test(y, a, b)["p_value"] < 0.05
+        rejected["clustered"] += St.obuchowski_test(y, a, b, groups)["p_value"] < 0.05
+    se = np.sqrt(0.05 * 0.95 / sims)
+    assert abs(rejected["clustered"] / sims - 0.05) < 3 * se
+    assert rejected["delong"] / sims > 0.15
+
+
+def test_tost_known_answers():
+    # estimate 0, SE 0.01, margin 0.02: both one-sided z are 2, p = P(Z > 2) = 0.02275
+    res = St.equivalence_test(0.0, 0.01, 0.02)
+    assert res["p_value"] == pytest.approx(0.0227501319, rel=1e-8) and res["equivalent"]
+    assert (res["low"], res["high"]) == pytest.approx((-0.0164485363, 0.0164485363), rel=1e-8)  # 90 % interval
+    # estimate +0.005: p+ = Phi(-1.5) = 0.0668 decides, p- = P(Z > 2.5) = 0.00621; not shown
+    res = St.equivalence_test(0.005, 0.01, 0.02)
+    assert res["p_upper"] == pytest.approx(0.0668072013, rel=1e-8)
+    assert res["p_lower"] == pytest.approx(0.0062096653, rel=1e-8)
+    assert res["p_value"] == res["p_upper"] and not res["equivalent"]
+    # the README's CAM - HESAM: -0.011 with a 95 % interval [-0.027, +0.004] (SE ~ 0.0079) is
+    # not equivalent within 0.02: a non-significant difference is not equivalence
+    cam = St.equivalence_test(-0.011, 0.031 / (2 * 1.959964), 0.02)
+    assert not cam["equivalent"] and cam["p_value"] == pytest.approx(norm.sf(0.009 / (0.031 / 3.919928)))
+    # TOST at 5 % <=> the 90 % interval inside the margin
+    for est in np.linspace(-0.03, 0.03, 13):
+        r = St.equivalence_test(est, 0.008, 0.02)
+        assert r["equivalent"] == (r["low"] > -0.02 and r["high"] < 0.02)
+    assert St.equivalence_test(0.0, 0.0, 0.02)["p_value"] == 0.0
+    assert St.equivalence_test(0.03, 0.0, 0.02)["p_value"] == 1.0
+    with pytest.raises(NodulekitError, match="margin must be positive"):
+        St.equivalence_test(0.0, 0.01, 0.0)
+
+
+def test_seed_patient_bootstrap_adds_the_spread_between_seeds():
+    rng = np.random.default_rng(12)
+    groups = np.repeat(np.arange(60), 2)
+    y = np.repeat(np.arange(60) % 2, 2)
+    base = y + rng.normal(0, 1, 120)
+    copies = np.stack([base] * 3)
+    b = base + rng.normal(0, 1, 120)
+    one = St.seed_patient_bootstrap(y, base, b, groups, n_resamples=400, seed=1)
+    # copies of one model: resampling seeds changes nothing (same patient draws in one batch)
+    same = St.seed_patient_bootstrap(y, copies, b, groups, n_resamples=400, seed=1)
+    assert (same["low"], same["high"]) == pytest.approx((one["low"], one["high"]))
+    assert one["estimate"] == pytest.approx(roc_auc_score(y, base) - roc_auc_score(y, b))
+    # seeds that really differ: a wider interval, estimate = mean over seeds
+    spread = np.stack([base + rng.normal(0, s, 120) for s in (0.2, 1.0, 2.0)])
+    wide = St.seed_patient_bootstrap(y, spread, b, groups, n_resamples=400, seed=1)
+    aucs = [roc_auc_score(y, p) for p in spread]
+    assert wide["estimate"] == pytest.approx(np.mean(aucs) - roc_auc_score(y, b))
+    assert wide["auc_seeds_a"] == pytest.approx(aucs)
+    assert wide["high"] - wide["low"] > one["high"] - one["low"]
+    # one seed each: the patient bootstrap's SE is close to Obuchowski's clustered SE
+    assert one["se"] == pytest.approx(St.obuchowski_test(y, base, b, groups)["se"], rel=0.2)

@@ -202,8 +202,10 @@ def figures_cmd(
 
 @app.command("wilcoxon")
 def wilcoxon_cmd(
-    rundirs: list[Path] = typer.Argument(
-        ..., help="Two or more RUNDIRs on the same dataset; the first is the reference."
+    arms: list[str] = typer.Argument(
+        ...,
+        help="Two or more arms: a RUNDIR, or several seeds of one configuration joined by commas "
+        "(runs/s0/hesam,runs/s1/hesam). The first is the reference.",
     ),
     output: Path | None = typer.Option(
         None,
@@ -211,35 +213,48 @@ def wilcoxon_cmd(
         "--output",
         help="Markdown report (.md); .csv and .json are written beside it (default: print the table).",
     ),
-    bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Patient resamples for the 95 % intervals."),
+    bootstrap: int = typer.Option(
+        2000, "--bootstrap", min=1, help="Patient (and seed) resamples for the 95 % intervals."
+    ),
     permutations: int = typer.Option(
         9999, "--permutations", min=1, help="Random patient sign patterns of the permutation test."
+    ),
+    margin: float = typer.Option(
+        0.02, "--margin", min=1e-9, help="Equivalence margin of the AUC difference (TOST); fix it before looking."
+    ),
+    min_overlap: float = typer.Option(
+        0.9, "--min-overlap", min=0.0, max=1.0, help="Share of each arm's test nodules that must pair by nodule id."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the permutation test."),
     as_json: bool = AS_JSON,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs if they exist."),
     quiet: bool = QUIET,
 ) -> None:
-    """Paired comparisons of the first run with each other run on the same nodules (Table 5, and honest tests).
+    """Paired comparisons of the first arm with each other arm on the same nodules (Table 5, and honest tests).
 
-    Pairs the cross-validated test probabilities of the same nodules. AUC: difference with a patient-bootstrap 95 % interval and DeLong's test. Absolute error |p - y|: mean difference with its interval and a permutation test that flips all of a patient's nodules together. The paper's nodule-level Wilcoxon signed-rank test of the probabilities is kept beside them. Every p-value also Holm-adjusted over the comparisons. Runs on different datasets (fingerprint) or nodule sets, unfinished runs and runs with non-finite predictions are refused.
+    Pairs the cross-validated test probabilities by nodule id, so runs on different datasets built from the same nodules (D1C vs D11C) compare too; arms sharing less than --min-overlap of their nodules are refused. AUC: difference of the mean-over-seeds AUCs with a bootstrap interval over patients and seeds, Obuchowski's clustered test (patients as clusters) with DeLong's beside it, and a two-one-sided equivalence test against --margin; a verdict says which of "higher", "equivalent" or "undecided" the tests support. Absolute error |p - y|: mean difference with its interval and a permutation test that flips all of a patient's nodules together. The paper's nodule-level Wilcoxon signed-rank test of the probabilities is kept beside them. Every p-value also Holm-adjusted over the comparisons.
 
     Without -o (or with -o -) the table is printed; --json prints the report as JSON.
 
-    Example: nodulekit wilcoxon runs/hesam-d11c runs/resnet18-d11c runs/vgg16-d11c -o wilcoxon.md
+    Example: nodulekit wilcoxon runs/d11c/seed0/hesam,runs/d11c/seed1/hesam runs/d11c/seed0/resnet18,runs/d11c/seed1/resnet18 -o wilcoxon.md
     """
     from nodulekit.stats import comparison_markdown_table, wilcoxon_notes, wilcoxon_runs
 
     _check_report_output(output, overwrite)
-    table = wilcoxon_runs(rundirs, n_resamples=bootstrap, seed=seed, n_permutations=permutations)
+    arm_dirs = [[Path(p) for p in arm.split(",") if p] for arm in arms]
+    table = wilcoxon_runs(
+        arm_dirs, n_resamples=bootstrap, seed=seed, n_permutations=permutations, margin=margin, min_overlap=min_overlap
+    )
     report = dict(
-        title=f"{rundirs[0]} against each other run, same nodules",
-        notes=wilcoxon_notes(bootstrap, seed, permutations),
+        title=f"{arms[0]} against each other arm, same nodules",
+        notes=wilcoxon_notes(bootstrap, seed, permutations, margin),
         record={
             "stage": "wilcoxon",
-            "rundirs": [str(r) for r in rundirs],
+            "rundirs": [[str(r) for r in arm] for arm in arm_dirs],
             "bootstrap_resamples": bootstrap,
             "permutations": permutations,
+            "equivalence_margin": margin,
+            "min_overlap": min_overlap,
             "seed": seed,
         },
         md_table=comparison_markdown_table(table),
@@ -248,9 +263,9 @@ def wilcoxon_cmd(
         for _, row in table.iterrows():
             say(
                 f"{row['run_a']} vs {row['run_b']}: n={row['n']} AUC {row['auc_a']:.3f} vs {row['auc_b']:.3f} "
-                f"(DeLong p={row['delong_p']:.3g}, Holm {row['delong_p_holm']:.3g}); mean |error| diff "
-                f"{row['mean_error_diff']:+.3g} (patient p={row['error_p_patients']:.3g}); "
-                f"Wilcoxon prob p={row['prob_p_value']:.3g}",
+                f"(clustered p={row['auc_p']:.3g}, Holm {row['auc_p_holm']:.3g}; DeLong p={row['delong_p']:.3g}; "
+                f"{row['auc_verdict']}); mean |error| diff {row['mean_error_diff']:+.3g} "
+                f"(patient p={row['error_p_patients']:.3g}); Wilcoxon prob p={row['prob_p_value']:.3g}",
                 quiet or as_json,
             )
 
