@@ -4,7 +4,10 @@ Nothing is recomputed here: every number is read from ``evaluate``'s ``table2.js
 (accuracy mean ± std over folds; pooled sensitivity, specificity and accuracy with their
 patient-bootstrap 95 % intervals), ``wilcoxon``'s JSON (Table 5's p-values and whatever
 paired comparisons it reports) and ``scores``' summary. The report says which command
-wrote each table, so any number can be traced back to its artifact.
+wrote each table, so any number can be traced back to its artifact. One section is computed
+here: with several seeds, Table 5 across seeds (``seeds_section``: ``stats.wilcoxon_runs`` with
+each method's seeds as one arm, read from the runs' test predictions), the only comparison
+that carries the spread between retrainings.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from nodulekit.grid import GridPlan, Table
 TABLE5_COLUMNS = (
     ("prob_p_value", "p (paired Wilcoxon, probabilities)"),
     ("prob_p_value_holm", "p Holm"),
+    ("auc_p", "clustered AUC p (Obuchowski, patients as clusters)"),
+    ("auc_p_holm", "clustered AUC p Holm"),
     ("delong_p", "DeLong p (AUC)"),
     ("delong_p_holm", "DeLong p Holm"),
+    ("tost_p_holm", "equivalence (TOST) p Holm"),
 )
 
 
@@ -140,6 +146,36 @@ def table5_markdown(plan: GridPlan, seed: int) -> tuple[str, dict]:
     return "\n\n".join(blocks), {d: list(v.values()) for d, v in by_dataset.items()}
 
 
+def seeds_section(plan: GridPlan) -> tuple[str, dict]:
+    """Table 5 across seeds: per dataset, the reference's seeds as one arm against each method's
+    seeds (AUC difference of the mean-over-seeds AUCs with its seed x patient interval, the
+    clustered test on seed-averaged probabilities, DeLong, TOST and the verdict)."""
+    from nodulekit.stats import wilcoxon_runs
+
+    t5 = plan.table5
+    header = ["Methods", "Dataset", "AUC ref / method (mean over seeds)", "ΔAUC [95 % CI, seeds × patients]",
+              "clustered p Holm", "DeLong p Holm", "TOST p Holm", "verdict"]  # fmt: skip
+    rows, record = [], {}
+    for dataset in t5["datasets"]:
+        names = [t5["reference"], *t5["against"]]
+        arms = [[plan.root / plan.run_for(n, dataset, s).rundir for s in plan.seeds] for n in names]
+        table = wilcoxon_runs(arms, n_resamples=plan.bootstrap, n_permutations=min(9999, 5 * plan.bootstrap))
+        record[dataset] = json.loads(table.to_json(orient="records"))
+        for name, (_, r) in zip(t5["against"], table.iterrows(), strict=True):
+            rows.append([
+                plan.label(name, dataset, plan.seeds[0]), dataset.upper(), f"{r['auc_a']:.3f} / {r['auc_b']:.3f}",
+                f"{r['auc_diff']:+.3f} [{r['auc_diff_low']:+.3f}, {r['auc_diff_high']:+.3f}]",
+                _p_value(r["auc_p_holm"]), _p_value(r["delong_p_holm"]), _p_value(r["tost_p_holm"]), r["auc_verdict"],
+            ])  # fmt: skip
+    note = (
+        f"Each method's {len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}) form one arm; ΔAUC = reference "
+        "minus method. The interval resamples patients and, per arm, seeds, so it carries the spread between "
+        "retrainings; the p-values are on the seed-averaged probabilities; Holm over the methods of one dataset. "
+        "Equivalence margin ±0.02 AUC (docs/statistics.md)."
+    )
+    return _markdown(header, rows) + "\n\n" + note, record
+
+
 def _p_value(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -198,6 +234,10 @@ def grid_report(plan: GridPlan) -> tuple[str, dict]:
             reference = plan.label(plan.table5["reference"], plan.table5["datasets"][0], seed)
             parts.append(f"## Table 5: {reference} against the other methods\n\n{text}\n")
             record.setdefault("table5", {})[str(seed)] = rows
+    if plan.table5 and len(plan.seeds) > 1:
+        text, rows = seeds_section(plan)
+        parts.append(f"## Table 5 across seeds: the spread between retrainings included\n\n{text}\n")
+        record["table5_seeds"] = rows
     if plan.maps:
         parts.append(_maps_section(plan))
     return "\n".join(parts), record

@@ -50,7 +50,7 @@ def grid_report_command(
 ) -> None:
     """Collect Tables 2-5 (paper layout, with confidence intervals and tests) and the map scores of a finished grid.
 
-    Reads the reports the grid's `evaluate`, `wilcoxon` and `scores` jobs wrote; recomputes nothing. `nodulekit grid` runs this as its last job.
+    Reads the reports the grid's `evaluate`, `wilcoxon` and `scores` jobs wrote. With several seeds it adds Table 5 across seeds, computed from the runs' test predictions: each method's seeds as one arm, an AUC interval over patients and seeds, so the spread between retrainings enters the comparison. `nodulekit grid` runs this as its last job.
 
     Example: nodulekit grid-report examples/grid/paper.yaml -o grid/report.md
     """
