@@ -33,8 +33,10 @@ class FaithfulMap(MapMethod):
         import torch
 
         out = model.forward_features(x)
-        g = out["features"].float()
-        d = out["high_level"].float() if out["high_level"] is not None else None
+        # fp32 (or the head's own fp64): never the bf16 of autocast, never a dtype the head lacks
+        dtype = torch.float64 if model.head.fc.weight.dtype == torch.float64 else torch.float32
+        g = out["features"].to(dtype)
+        d = out["high_level"].to(dtype) if out["high_level"] is not None else None
         # The head again in fp32 even under bf16 autocast (cheap next to the backbone), so the
         # map and the logits it returns add up exactly for the features g the backbone gave.
         with torch.autocast(device_type=g.device.type, enabled=False):
