@@ -56,24 +56,26 @@ def _ci(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def table2_ci_markdown(summaries: list[dict], comparisons, reference: str, note: str) -> str:
-    """Table 2 rows with 95 % intervals and, for every arch but the reference, AUC difference and DeLong p."""
+    """Table 2 rows with 95 % intervals and, for every arch but the reference, AUC difference, clustered and DeLong p."""
     by_run = {row["run_b"]: row for _, row in comparisons.iterrows()}
     lines = [
         f"## Table 2 with uncertainty ({summaries[0]['dataset']}, test folds pooled)\n",
         note + "\n",
-        f"| Method | Accuracy % | Sensitivity | Specificity | AUC | AUC − {reference} | DeLong p | DeLong p (Holm) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| Method | Accuracy % | Sensitivity | Specificity | AUC | AUC − {reference} | clustered p (Holm) "
+        "| DeLong p | DeLong p (Holm) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         ci = s["pooled_nodule_ci"]
         row = by_run.get(s["rundir"])
         cells = [_ci(ci["accuracy"], 100, 2), _ci(ci["sensitivity"]), _ci(ci["specificity"]), _ci(ci["auc"])]
         if row is None:
-            cells += ["(reference)", "", ""]
+            cells += ["(reference)", "", "", ""]
         else:
             diff = row["auc_a"] - row["auc_b"]  # reference minus other in the comparison: flip the sign
             cells += [
                 f"{-diff:+.3f} [{-row['auc_diff_high']:+.3f}, {-row['auc_diff_low']:+.3f}]",
+                f"{row['auc_p_holm']:.3g}",
                 f"{row['delong_p']:.3g}",
                 f"{row['delong_p_holm']:.3g}",
             ]
@@ -108,7 +110,8 @@ def write_comparisons(archs, rundirs, summaries, report_dir: Path, overwrite: bo
     note = (
         f"Every nodule's probability comes from the fold model that did not train on it. "
         f"{bootstrap_note(n_resamples, seed)}. AUC − {summaries[ref]['method']}: difference of pooled AUCs with its "
-        "patient-bootstrap interval; DeLong p: DeLong's test for two correlated AUCs (nodules as independent cases); "
+        "patient-bootstrap interval; clustered p: Obuchowski's test of the AUC difference with patients as clusters "
+        "(the default, docs/statistics.md); DeLong p: DeLong's test for two correlated AUCs (nodules as independent cases); "
         "Holm: adjusted over the comparisons with the reference. Threshold 0.5 fixed in advance."
     )
     target = check_output_path(report_dir / "table2_ci.md", overwrite)
