@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 N_NODULES, N_MALIGNANT, N_BENIGN, N_FOLDS = 1145, 510, 635, 5
 FOLD = N_NODULES // N_FOLDS  # 229 test nodules per fold
@@ -35,8 +35,7 @@ FOLD_MALIGNANT, FOLD_BENIGN = N_MALIGNANT // N_FOLDS, N_BENIGN // N_FOLDS  # 102
 DATASETS = ("D1C", "D3C", "D11C", "D21C")
 
 
-@dataclass(frozen=True)
-class Value:
+class Value(NamedTuple):
     """One published number: where it is, what it is, and the text as printed."""
 
     table: str
@@ -194,8 +193,8 @@ def checks(truncation: bool = False) -> dict:
     values = published_values()
     accs = [v for v in values if v.metric == "accuracy"]
     rates = [v for v in values if v.metric in ("sensitivity", "specificity")]
-    acc_rows = [asdict(v) | {"k_of_229": _count_of(v, truncation)} for v in accs]
-    rate_rows = [asdict(v) | {"k_own_class": _count_of(v, truncation), "matches_denominator": _count_either(v, truncation)}
+    acc_rows = [v._asdict() | {"k_of_229": _count_of(v, truncation)} for v in accs]
+    rate_rows = [v._asdict() | {"k_own_class": _count_of(v, truncation), "matches_denominator": _count_either(v, truncation)}
                  for v in rates]  # fmt: skip
     implied = implied_accuracy_rows(values, truncation)
     spreads = spread_rows(values)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
-from conftest import REPO
 from test_datasets import write_rois
+from test_evaluation import load_benchmark
 
 from nodulekit.datasets import build_dataset
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import fill_fractions  # noqa: E402
+fill_fractions = load_benchmark("fill_fractions")
 
 
 def test_fill_shares_of_d11c_and_d21c(tmp_path):

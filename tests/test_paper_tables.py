@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from conftest import REPO
+from test_evaluation import load_benchmark
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import paper_tables as P  # noqa: E402
+P = load_benchmark("paper_tables")
 
 
 def test_the_typed_tables_hold_every_published_number():
