@@ -301,3 +301,24 @@ def test_reader_comparison_against_the_other_readers(tmp_path, tiny_dataset):
     wrong = fake_run(tmp_path / "run2", ids, y, prob, folds=5, fingerprint="nope")
     with pytest.raises(NodulekitError, match="not the dataset"):
         St.reader_comparison(wrong, tiny_dataset)
+
+
+def test_wilcoxon_cli_takes_seed_arms_and_refuses_low_overlap_in_one_line(two_runs, tmp_path, monkeypatch, capsys):
+    from test_reliability import cli
+
+    a, b, ids, y, pa, pb = two_runs
+    fewer = fake_run(tmp_path / "few", ids[:20], y[:20], pb[:20])
+    code, out, err = cli(monkeypatch, capsys, "wilcoxon", a, fewer, "--bootstrap", "50", "--permutations", "50")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("nodulekit: error: ") and "share 20 test nodules of 30 and 20" in err
+    out_md = tmp_path / "w.md"
+    code, _, err = cli(
+        monkeypatch, capsys, "wilcoxon", f"{a},{b}", b, "--bootstrap", "50", "--permutations", "50",
+        "--margin", "0.05", "-o", out_md,
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads(out_md.with_suffix(".json").read_text())
+    assert record["provenance"]["equivalence_margin"] == 0.05
+    (row,) = record["rows"]
+    assert (row["n_seeds_a"], row["n_seeds_b"], row["equivalence_margin"]) == (2, 1, 0.05)
+    assert "| 2 / 1 |" in out_md.read_text() and "|AUC_a - AUC_b| < 0.05" in out_md.read_text()
