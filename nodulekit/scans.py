@@ -1,4 +1,5 @@
-"""Reading a user's own chest CT for ``nodulekit predict``: a NIfTI volume or a DICOM series folder.
+"""Reading a user's own chest CT for ``nodulekit predict``: any registered CT format (NIfTI, a DICOM
+series folder, MetaImage, NRRD; :mod:`nodulekit.sources.formats`).
 
 The scan becomes a :class:`nodulekit.sources.Volume` on the convention extraction uses
 (``hu[row, col, slice]``, rows towards posterior, columns towards patient left, slices by
@@ -10,7 +11,8 @@ increasing z; LPS millimetres), so predict samples nodules with exactly the code
 - DICOM: ImagePositionPatient / ImageOrientationPatient / PixelSpacing of every slice,
   slices sorted by their position along the slice normal whatever the file names or
   order; stored values turned into HU through the modality LUT (RescaleSlope/Intercept
-  or a Modality LUT Sequence).
+  or a Modality LUT Sequence). The reader is extraction's (:func:`nodulekit.sources.dicom.read_series`).
+- MetaImage / NRRD (SimpleITK): origin, direction and spacing, in ITK's LPS world.
 
 Axis-aligned orientations (axial, coronal, sagittal, flipped) are reoriented without
 interpolation. Oblique grids and gantry-tilted series are refused: sampling them would
@@ -27,14 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit.errors import DataError
-from nodulekit.sources import Volume
+from nodulekit.sources import Image, Volume, check_ct_intensities, read_image
 
 # A direction cosine component below this is taken as exactly 0 (float noise in headers);
 # at 500 mm from the origin it moves a point by at most 0.05 mm.
 AXIS_TOL = 1e-4
-# A chest CT always holds lung or air; this share of voxels must lie in LUNG_AIR_HU.
-LUNG_AIR_HU = (-1100.0, -500.0)
-MIN_LUNG_AIR_FRACTION = 0.01
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 VOLUME_AXES = ("P", "L", "S")  # nibabel axis codes of hu[row, col, slice]
 
@@ -138,13 +137,21 @@ def _apply_ornt_index(index: np.ndarray, ornt: np.ndarray, shape) -> np.ndarray:
 
 
 def read_scan(path: str | Path) -> Scan:
-    """A NIfTI file (``.nii``/``.nii.gz``) or a folder holding one DICOM series, checked as CT."""
+    """A CT in any registered format (NIfTI, a DICOM series folder, MetaImage, NRRD, ...), checked as CT."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"scan {path} does not exist")
-    scan = read_dicom_folder(path) if path.is_dir() else read_nifti(path)
+    image = read_image(path, "scan")
+    scan = scan_from_image(image, path)
     check_ct_intensities(scan.volume.hu, path)
     return scan
+
+
+def scan_from_image(image: Image, path: Path) -> Scan:
+    """Reorient a format's stored grid to extraction's convention, keeping the way back."""
+    affine = np.asarray(image.affine_ras, float)
+    _check_axis_aligned(affine, path)
+    hu = _to_int16(image.data, f"scan {path}")
+    vol, transform = _volume_from_grid(hu, affine, image.zvals, series_uid=image.series_uid, files=image.files)
+    return Scan(vol, path, image.format, tuple(image.data.shape), affine, transform, image.series_uid, image.notes)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -186,182 +193,56 @@ def _to_int16(values: np.ndarray, where: str) -> np.ndarray:
     return hu_int16(values, where)
 
 
-# ----------------------------------------------------------------------------- NIfTI
-
-
-def _load_nifti(path: Path, what: str = "scan"):
-    import nibabel as nib
-
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except Exception as exc:  # nibabel raises assorted errors for foreign or truncated files
-        raise DataError(f"{what} {path} is not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
-    if not np.issubdtype(data.dtype, np.integer) and not np.all(np.isfinite(data)):
-        raise DataError(f"{what} {path} holds {int(np.sum(~np.isfinite(data)))} NaN or infinite voxel value(s)")
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 4:
-        raise DataError(f"{what} {path} is a 4-D series of {data.shape[3]} volumes; give one 3-D CT volume")
-    if data.ndim < 3 or min(data.shape) < 2:
-        raise DataError(f"{what} {path} is a 2-D image (shape {data.shape}); predict needs a 3-D CT volume")
-    return img, data
-
-
-def read_nifti(path: str | Path) -> Scan:
-    """A NIfTI CT volume in any axis-aligned orientation; intensities taken as HU."""
-    path = Path(path)
-    img, data = _load_nifti(path)
-    affine = np.asarray(img.affine, float)
-    _check_axis_aligned(affine, path)
-    vol, transform = _volume_from_grid(_to_int16(data, f"scan {path}"), affine, files=[str(path)])
-    return Scan(vol, path, "nifti", tuple(data.shape), affine, transform)
+# ----------------------------------------------------------------------------- label images
 
 
 def read_label_image(path: str | Path, scan: Scan) -> np.ndarray:
-    """A label image (NIfTI) on the scan's own grid, reoriented like the scan: int [row, col, slice]."""
-    from nibabel.orientations import apply_orientation
+    """A label image in the scan's physical space, in any voxel order: int [row, col, slice] on the volume grid.
+
+    Any registered format; stored in another axis order or direction than the scan (a NIfTI
+    mask of a DICOM scan, an LPS NRRD of a RAS NIfTI), it is reoriented without
+    interpolation. A mask covering another physical space is refused: it would need resampling.
+    """
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
     path = Path(path)
-    img, data = _load_nifti(path, "mask")
-    if tuple(data.shape) != scan.src_shape:
-        raise DataError(f"mask {path} has shape {tuple(data.shape)}, the scan {scan.src_shape}: not on the scan's grid")
-    if not np.allclose(img.affine, scan.src_affine_ras, atol=1e-3):
-        raise DataError(f"mask {path} has another affine than the scan: not on the scan's grid")
-    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)) or np.any(data < 0):
+    image = read_image(path, "mask")
+    data, affine = image.data, np.asarray(image.affine_ras, float)
+    if np.any(data != np.round(data)) or np.any(data < 0):
         raise DataError(f"mask {path} is not a label image (values must be whole numbers >= 0)")
-    labels = apply_orientation(data.astype(np.int32), scan.ornt)
+    _check_axis_aligned(affine, path)
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(VOLUME_AXES))
+    labels = apply_orientation(data.astype(np.int32), transform)
+    moved = _grid_mismatch_mm(
+        labels.shape, affine @ inv_ornt_aff(transform, data.shape), scan.volume.shape, _volume_affine(scan)
+    )
+    if moved is not None:
+        raise DataError(f"mask {path} is not on the scan's grid: it covers another physical space ({moved})")
     if not labels.any():
         raise DataError(f"mask {path} is empty (no voxel above 0)")
     return labels
 
 
-# ----------------------------------------------------------------------------- DICOM
+def _volume_affine(scan: Scan) -> np.ndarray:
+    from nibabel.orientations import inv_ornt_aff
+
+    return scan.src_affine_ras @ inv_ornt_aff(scan.ornt, scan.src_shape)
 
 
-def _dicom_images(folder: Path) -> list[tuple[Path, object]]:
-    """Every DICOM image under ``folder`` (other files, e.g. reader XML, are skipped)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    found = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        try:
-            ds = pydicom.dcmread(p)
-        except (InvalidDicomError, OSError, EOFError, ValueError):
-            continue
-        if "PixelData" in ds:
-            found.append((p, ds))
-    if not found:
-        raise DataError(f"{folder} holds no DICOM images")
-    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")).strip() for _, ds in found})
-    if len(uids) > 1:
-        raise DataError(f"{folder} holds {len(uids)} DICOM series ({', '.join(uids[:3])}...); give one series' folder")
-    return found
-
-
-def _slice_geometry(items) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """(orientation [2,3], normal [3], (row, col) spacing) shared by every slice, checked."""
-    first_path, first = items[0]
-    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
-        for p, ds in items:
-            if tag not in ds:
-                raise DataError(f"{p} lacks the DICOM attribute {tag}")
-    orient = np.asarray([float(v) for v in first.ImageOrientationPatient]).reshape(2, 3)
-    spacing = tuple(float(v) for v in first.PixelSpacing)
-    shape = (int(first.Rows), int(first.Columns))
-    for p, ds in items:
-        if not np.allclose(np.asarray([float(v) for v in ds.ImageOrientationPatient]).reshape(2, 3), orient, atol=1e-4):
-            raise DataError(f"{p} has another ImageOrientationPatient than {first_path.name}: not one stack of slices")
-        if (int(ds.Rows), int(ds.Columns)) != shape or not np.allclose(
-            [float(v) for v in ds.PixelSpacing], spacing, atol=1e-4
-        ):
-            raise DataError(f"{p} has another image size or pixel spacing than {first_path.name}")
-    return orient, np.cross(orient[0], orient[1]), spacing  # type: ignore[return-value]
-
-
-def _sorted_slices(items, normal: np.ndarray, folder: Path) -> tuple[list, np.ndarray]:
-    """Slices in order along the normal (duplicates dropped as extraction does), positions, checked."""
-    by_pos: dict[float, tuple[Path, object]] = {}
-    # Of two slices at one position keep the lower InstanceNumber, like extraction (and pylidc).
-    for p, ds in sorted(items, key=lambda pd: float(getattr(pd[1], "InstanceNumber", 0) or 0)):
-        by_pos.setdefault(round(float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)), 4), (p, ds))
-    pos = np.array(sorted(by_pos))
-    if len(pos) < 2:
-        raise DataError(f"{folder} holds a single slice: a 2-D image; predict needs a 3-D CT series")
-    ordered = [by_pos[s] for s in pos]
-    gaps = np.diff(pos)
-    step = float(np.median(gaps))
-    bad = np.flatnonzero(gaps > 1.5 * step)
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(f"{folder}: a slice is missing between positions {pos[i]:.2f} and {pos[i + 1]:.2f} mm")
-    ipp = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in ordered])
-    shift = ipp[1:] - ipp[:-1]
-    sideways = shift - np.outer(shift @ normal, normal)
-    if np.abs(sideways).max() > 0.01:
-        raise DataError(
-            f"{folder}: successive slices are shifted sideways by up to {np.abs(sideways).max():.2f} mm "
-            "(gantry tilt or a sheared stack); correct the tilt first (e.g. dcm2niix or 3D Slicer)"
-        )
-    return ordered, pos
-
-
-def _modality_hu(path: Path, ds) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut
-
-    try:
-        values = apply_modality_lut(ds.pixel_array, ds)
-    except Exception as exc:
-        raise DataError(f"{path} has unreadable pixel data ({type(exc).__name__}: {exc})") from None
-    return _to_int16(values, str(path))
-
-
-def read_dicom_folder(folder: str | Path) -> Scan:
-    """One DICOM series (any file names, any order) as HU through the modality LUT."""
-    folder = Path(folder)
-    items = _dicom_images(folder)
-    modality = str(getattr(items[0][1], "Modality", "CT")).strip().upper()
-    if modality != "CT":
-        raise DataError(f"{folder} is a {modality} series, not CT")
-    orient, normal, (row_sp, col_sp) = _slice_geometry(items)
-    _check_axis_aligned(np.vstack([orient[0], orient[1], normal]).T, folder)
-    ordered, pos = _sorted_slices(items, normal, folder)
-    # Slice-major in memory, like extraction's reader: cutting a nodule's window reads whole slices.
-    stack = np.stack([_modality_hu(p, ds) for p, ds in ordered])  # [slices, rows, cols]
-    step = (pos[-1] - pos[0]) / (len(pos) - 1)
-    affine_lps = np.eye(4)
-    # Stored index (i, j, k) = (column, row, slice): column steps along the first cosine.
-    affine_lps[:3, 0] = orient[0] * col_sp
-    affine_lps[:3, 1] = orient[1] * row_sp
-    affine_lps[:3, 2] = normal * step
-    affine_lps[:3, 3] = [float(v) for v in ordered[0][1].ImagePositionPatient]
-    affine_ras = LPS_FROM_RAS @ affine_lps
-    data = stack.transpose(2, 1, 0)  # stored grid in (column, row, slice) order, as ITK and NIfTI converters do
-    is_axial = np.allclose(normal, [0, 0, 1], atol=AXIS_TOL)
-    zvals = pos if is_axial else None  # exact slice positions where they are z
-    uid = str(getattr(ordered[0][1], "SeriesInstanceUID", "")).strip()
-    vol, transform = _volume_from_grid(data, affine_ras, zvals, series_uid=uid, files=[str(p) for p, _ in ordered])
-    notes = [] if len(ordered) == len(items) else [f"{len(items) - len(ordered)} duplicate slice(s) dropped"]
-    return Scan(vol, folder, "dicom", tuple(data.shape), affine_ras, transform, uid, notes)
+def _grid_mismatch_mm(shape, affine, ref_shape, ref_affine) -> str | None:
+    """Why two grids (already in one voxel order) differ, or None when every voxel centre agrees
+    to a tenth of the smallest voxel."""
+    if tuple(shape) != tuple(ref_shape):
+        return f"{'x'.join(map(str, shape))} voxels in the scan's order, the scan {'x'.join(map(str, ref_shape))}"
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
+    moved = float(np.abs(corners @ (affine - ref_affine).T).max())
+    tol = 0.1 * float(np.linalg.norm(ref_affine[:3, :3], axis=0).min())
+    return None if moved <= tol else f"its voxels lie up to {moved:.3g} mm from the scan's"
 
 
 # ----------------------------------------------------------------------------- intensities
 
-
-def check_ct_intensities(hu: np.ndarray, path: Path) -> None:
-    """Refuse volumes whose values are not CT Hounsfield units (MR, raw stored values, scaled images)."""
-    lo, hi = LUNG_AIR_HU
-    # A strided sample keeps this cheap on a full scan; the share is what matters.
-    sample = hu[::2, ::2, :] if hu.size > 4_000_000 else hu
-    share = float(np.mean((sample >= lo) & (sample <= hi)))
-    if share < MIN_LUNG_AIR_FRACTION:
-        raise DataError(
-            f"{path}: intensities do not look like CT Hounsfield units ({100 * share:.2g} % of voxels between "
-            f"{lo:g} and {hi:g} HU, where a chest CT's lung and air lie); is it another modality, or raw "
-            "stored values without the rescale slope/intercept?"
-        )
+# The check every CT gets lives with the sources (extraction runs it too); importable from here as before.
+__all__ = ["Scan", "check_ct_intensities", "read_label_image", "read_scan", "scan_from_image"]

@@ -102,7 +102,7 @@ def test_missing_slice_is_an_error(tmp_path):
     zs = {f: __import__("pydicom").dcmread(f).ImagePositionPatient[2] for f in files}
     gone = [f for f in files if zs[f] == -50.0 + 2.5 * 3]
     files = [f for f in files if f not in gone]
-    with pytest.raises(DataError, match=r"missing slice between z=-45\.00 and z=-40\.00"):
+    with pytest.raises(DataError, match=r"slice is missing between positions -45\.00 and -40\.00 mm"):
         read_dicom_series(files)
     with pytest.raises(DataError, match=r"lacks 1 slice\(s\) pylidc expects, first at z=-42\.50"):
         read_dicom_series(files, expected_zvals=-50.0 + 2.5 * np.arange(6))

