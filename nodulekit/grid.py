@@ -178,12 +178,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise GridConfigError(f"grid config {path} does not exist")
+    from nodulekit.textfiles import read_text
+
     try:
         import yaml
     except ImportError:
         raise NodulekitError("the grid needs the `grid` extra: pip install 'nodulekit[grid]'") from None
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path, "grid config"))  # UTF-8 with or without BOM, else one line
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "YAML"

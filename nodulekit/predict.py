@@ -12,7 +12,6 @@ centre, diameter, mask, CSV or model is one :class:`NodulekitError` line.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Callable
@@ -24,10 +23,15 @@ import numpy as np
 
 from nodulekit.errors import DataError, NodulekitError
 
+# The crop is 2 d wide: below 1 mm its 32 x 32 pixels interpolate one or two CT voxels, no image
+# of a nodule. LIDC's readers outlined nodules of 3 mm and more: smaller ones get a warning.
+MIN_DIAMETER_MM = 1.0
+SMALL_DIAMETER_MM = 3.0
 MAX_DIAMETER_MM = 100.0
 COORDS = ("lps", "ras", "voxel")
 MASK_MODES = ("auto", "components", "labels")
 CSV_COLUMNS = ("x", "y", "z", "diameter_mm")  # plus an optional "id"
+LUNA16_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")  # LUNA16's annotations.csv
 
 
 @dataclass
@@ -46,8 +50,8 @@ class NoduleSpec:
 
 
 def _check_diameter(value: float, where: str) -> float:
-    if not (math.isfinite(value) and 0 < value <= MAX_DIAMETER_MM):
-        raise NodulekitError(f"{where}: diameter {value:g} mm is not in (0, {MAX_DIAMETER_MM:g}] mm")
+    if not (math.isfinite(value) and MIN_DIAMETER_MM <= value <= MAX_DIAMETER_MM):
+        raise NodulekitError(f"{where}: diameter {value:g} mm is not in [{MIN_DIAMETER_MM:g}, {MAX_DIAMETER_MM:g}] mm")
     return float(value)
 
 
@@ -88,33 +92,57 @@ def centre_spec(scan, centre: str, diameter: float | None, coords: str) -> Nodul
 
 
 def csv_specs(scan, path: str | Path, coords: str) -> list[NoduleSpec]:
-    """One nodule per row of a CSV with columns x, y, z, diameter_mm (and optionally id)."""
+    """One nodule per row of a CSV: columns x, y, z, diameter_mm (and optionally id), or LUNA16's
+    seriesuid, coordX, coordY, coordZ, diameter_mm (LPS world mm; rows of other series are skipped)."""
+    from nodulekit.textfiles import read_csv
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"nodules CSV {path} does not exist")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
+    columns, rows = read_csv(path, "nodules CSV")
+    luna = all(c in columns for c in LUNA16_COLUMNS)
+    if luna:
+        rows = _luna16_rows(scan, path, rows, coords)
+    else:
         missing = [c for c in CSV_COLUMNS if c not in columns]
         if missing:
-            raise DataError(f"nodules CSV {path} lacks column(s) {', '.join(missing)} (needs {', '.join(CSV_COLUMNS)})")
-        specs = []
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            where = f"{path.name} line {line}"
-            try:
-                point = [float(row[c]) for c in ("x", "y", "z")]
-                diameter = float(row["diameter_mm"])
-            except ValueError:
-                raise DataError(f"{where}: x, y, z and diameter_mm must be numbers") from None
-            rck = _to_volume_voxel(scan, point, coords, where)
-            specs.append(NoduleSpec(row.get("id") or str(line - 1), rck, _check_diameter(diameter, where), where))
+            raise DataError(
+                f"nodules CSV {path} lacks column(s) {', '.join(missing)} (needs {', '.join(CSV_COLUMNS)}, "
+                f"or LUNA16's {', '.join(LUNA16_COLUMNS)})"
+            )
+    axes = ("coordX", "coordY", "coordZ") if luna else ("x", "y", "z")
+    specs = []
+    for line, row in rows:
+        where = f"{path.name} line {line}"
+        try:
+            point = [float(row[c]) for c in axes]
+            diameter = float(row["diameter_mm"])
+        except ValueError:
+            raise DataError(f"{where}: {', '.join(axes)} and diameter_mm must be numbers") from None
+        rck = _to_volume_voxel(scan, point, coords, where)
+        specs.append(NoduleSpec(row.get("id") or str(len(specs) + 1), rck, _check_diameter(diameter, where), where))
     if not specs:
         raise DataError(f"nodules CSV {path} has no rows")
     ids = [s.id for s in specs]
     if len(set(ids)) != len(ids):
         raise DataError(f"nodules CSV {path}: id {next(i for i in ids if ids.count(i) > 1)!r} is used twice")
     return specs
+
+
+def _luna16_rows(scan, path: Path, rows: list, coords: str) -> list:
+    """The rows of a LUNA16 annotations CSV that belong to this scan (its series UID)."""
+    if coords != "lps":
+        raise DataError(
+            f"nodules CSV {path} has LUNA16's columns, whose coordX, coordY, coordZ are LPS mm: drop --coords {coords}"
+        )
+    uids = sorted({row["seriesuid"] for _, row in rows})
+    if not scan.series_uid and len(uids) > 1:
+        raise DataError(
+            f"nodules CSV {path} lists {len(uids)} series and the scan has no series UID to pick its rows "
+            "(name the file <seriesuid>.mhd, as LUNA16 does)"
+        )
+    mine = [(line, row) for line, row in rows if not scan.series_uid or row["seriesuid"] == scan.series_uid]
+    if rows and not mine:
+        raise DataError(f"nodules CSV {path} has no row for this scan's series {scan.series_uid}")
+    return mine
 
 
 def mask_specs(scan, path: str | Path, mode: str = "auto") -> list[NoduleSpec]:
@@ -324,6 +352,12 @@ def _warnings(records: list[dict], scan) -> list[str]:
         lines.append(
             f"this scan (series {scan.series_uid}) was in the model's training data: its nodules may have been "
             "training examples, so their probabilities may not be held-out estimates"
+        )
+    small = [r["id"] for r in records if r["diameter_mm"] < SMALL_DIAMETER_MM]
+    if small:
+        lines.append(
+            f"{len(small)} nodule(s) ({', '.join(small[:5])}) are smaller than {SMALL_DIAMETER_MM:g} mm, the smallest "
+            "size LIDC's readers outlined: the model was not trained on such nodules"
         )
     filled = [r["id"] for r in records if r.get("filled_planes_mm")]
     if filled:

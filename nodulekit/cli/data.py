@@ -43,6 +43,18 @@ def _patients(text: str | None) -> list[str] | None:
     return ids
 
 
+def _scan_folder(scans: Path | None, lidc_root: Path | None, vois: Path | None):
+    if scans is None:
+        return None
+    if lidc_root is not None or vois is not None:
+        from nodulekit.errors import NodulekitError
+
+        raise NodulekitError("give exactly one source: --lidc-root DIR, --vois DIR or --scans DIR")
+    from nodulekit.sources.scan_folder import ScanFolderSource
+
+    return ScanFolderSource(scans)
+
+
 @app.command("cohort")
 def cohort_command(
     output: Path = typer.Option(..., "-o", "--output", help="CSV file to write (one row per nodule cluster)."),
@@ -102,6 +114,12 @@ def extract_command(
         None, "--lidc-root", help="DICOM root in the TCIA layout LIDC-IDRI-dddd/<study>/<series>/*.dcm."
     ),
     vois: Path | None = typer.Option(None, "--vois", help="Folder of NIfTI VOIs with manifest.csv."),
+    scans: Path | None = typer.Option(
+        None,
+        "--scans",
+        help="Folder of whole scans in any CT format nodulekit reads (NIfTI, MetaImage, NRRD, DICOM series "
+        "folders, ...), each named by its SeriesInstanceUID as LUNA16 names its .mhd files.",
+    ),
     min_readers: int = _MIN_READERS,
     malignant_above: float = _MAL_ABOVE,
     benign_below: float = _BEN_BELOW,
@@ -131,6 +149,7 @@ def extract_command(
         output,
         lidc_root=lidc_root,
         vois=vois,
+        source=_scan_folder(scans, lidc_root, vois),
         rule=rule,
         patients=_patients(patients),
         workers=workers,

