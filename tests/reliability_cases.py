@@ -199,6 +199,133 @@ CASES = [
 BY_ID = {c.id: c for c in CASES}
 assert len(BY_ID) == len(CASES), "duplicate case ids"
 
+# issue 20, item 6: bad input refused at the door (tests/test_input_validation.py)
+CASES += [
+    Case(
+        "dicom-no-rescale",
+        "a DICOM series without RescaleSlope/RescaleIntercept (stored values, not HU)",
+        E + "{file} lacks RescaleSlope/RescaleIntercept: its stored values are not Hounsfield units "
+        "(a CT image must carry them)",
+        2,
+        "20.6",
+    ),
+    Case(
+        "dicom-slope-zero", "RescaleSlope 0", E + "{file} has RescaleSlope 0 and RescaleIntercept {b}: no HU", 2, "20.6"
+    ),
+    Case(
+        "dicom-foreign-slice",
+        "a PT (or other non-CT) slice inside a CT series",
+        E + "{file} is a PT image inside the CT series of {folder}; give a series of CT slices only",
+        2,
+        "20.6",
+    ),
+    Case(
+        "dicom-spacing",
+        "an implausible slice spacing (1e6 mm) or pixel spacing, in any format",
+        E + "{folder} has an implausible voxel size of 1e+06 mm (a CT's lie in 0.01-20 mm)",
+        2,
+        "20.6",
+    ),
+    Case(
+        "hu-padding",
+        "stored values without the rescale (lung at +150) in a field of view padded at -1024",
+        E + "{scan}: intensities do not look like CT Hounsfield units ({p} % of non-padding voxels between -1100 "
+        "and -500 HU, where a chest CT's lung and air lie); is it another modality, a mask, or raw stored "
+        "values without the rescale slope/intercept?",
+        2,
+        "20.6",
+    ),
+    Case(
+        "nifti-nan-affine",
+        "a NIfTI whose affine holds NaN",
+        E + "scan {path} has a voxel-to-world affine with NaN or infinite entries",
+        2,
+        "20.6",
+    ),
+    Case(
+        "nifti-singular",
+        "a NIfTI with a singular affine",
+        E + "scan {path} has a singular voxel-to-world affine (voxel sizes {sizes} mm)",
+        2,
+        "20.6",
+    ),
+    Case(
+        "nifti-rgb",
+        "an RGB NIfTI",
+        E + "scan {path} holds colour (RGB) voxels, not grey values; a CT has one number per voxel",
+        2,
+        "20.6",
+    ),
+    Case(
+        "mhd-no-raw",
+        "a MetaImage (`.mhd`) whose `.raw` is missing",
+        E + "scan {path}: its voxel data file {name} is missing (expected beside it)",
+        2,
+        "20.6",
+    ),
+    Case(
+        "no-reader",
+        "a MetaImage or NRRD scan without SimpleITK installed",
+        E + "scan {path} is {format}; reading it needs SimpleITK: pip install 'nodulekit[itk]'",
+        2,
+        "20.6",
+    ),
+    Case(
+        "unknown-format",
+        "a scan in a format no registered reader takes (e.g. a PNG)",
+        E + "scan {path} is not a format nodulekit reads (accepted: {formats})",
+        2,
+    ),
+    Case(
+        "mask-folder", "a folder given as `--mask`", E + "mask {path} is a folder; give a file ({formats})", 2, "20.6"
+    ),
+    Case(
+        "mask-other-space",
+        "a `--mask` covering another physical space than the scan (another voxel order of the same space is "
+        "reoriented)",
+        E + "mask {path} is not on the scan's grid: it covers another physical space ({how})",
+        2,
+    ),
+    Case(
+        "csv-latin1",
+        "a `--nodules` CSV (or VOI manifest) in Latin-1",
+        E + "nodules CSV {path} is not UTF-8 text (byte {b} on line {n}); save it as UTF-8",
+        2,
+        "20.6",
+    ),
+    Case(
+        "csv-duplicate-column",
+        "a CSV with a column twice",
+        E + "nodules CSV {path} has the column {name} twice",
+        2,
+        "20.6",
+    ),
+    Case("csv-bom", 'a UTF-8 CSV with a byte-order mark (Excel\'s "CSV UTF-8")', "", 0, "20.6"),
+    Case(
+        "diameter-tiny",
+        "a diameter below 1 mm (1e-9 mm); under 3 mm a warning",
+        E + "--diameter: diameter 1e-09 mm is not in [1, 100] mm",
+        2,
+        "20.6",
+    ),
+    Case(
+        "voi-not-ct",
+        "`extract --vois` with a VOI whose image is not CT (a mask file); reported and skipped, the rest written",
+        E + "{n} scan(s)/VOI(s) skipped (listed above); re-run with --overwrite to retry only those",
+        1,
+        "20.6",
+    ),
+    Case(
+        "yaml-latin1",
+        "a grid YAML in Latin-1 (with a BOM it is read)",
+        E + "grid config {path} is not UTF-8 text (byte {b} on line {n}); save it as UTF-8",
+        2,
+        "20.6",
+    ),
+]
+BY_ID = {c.id: c for c in CASES}
+assert len(BY_ID) == len(CASES), "duplicate case ids"
+
 BEGIN, END = "<!-- catalogue: begin -->", "<!-- catalogue: end -->"
 
 

@@ -299,8 +299,8 @@ def bad_inputs(env, tmp_path_factory):
     ct, model = env["ct"], env["ensemble"]
     cases = [
         ("outside", [model, ct, "--centre", "500,0,0", "--diameter", "10"], "lies outside the scan"),
-        ("zero diameter", [model, ct, "--centre", "0,0,-50", "--diameter", "0"], "diameter 0 mm is not in (0, 100]"),
-        ("huge diameter", [model, ct, *centre[:2], "--diameter", "120"], "diameter 120 mm is not in (0, 100]"),
+        ("zero diameter", [model, ct, "--centre", "0,0,-50", "--diameter", "0"], "diameter 0 mm is not in [1, 100]"),
+        ("huge diameter", [model, ct, *centre[:2], "--diameter", "120"], "diameter 120 mm is not in [1, 100]"),
         ("empty mask", [model, ct, "--mask", tmp / "empty.nii"], "is empty"),
         ("other grid", [model, ct, "--mask", tmp / "grid.nii"], "not on the scan's grid"),
         ("2-D", [model, tmp / "flat.nii", *centre], "2-D image"),

@@ -166,3 +166,27 @@ def test_label_image_must_share_the_scan_grid(tmp_path):
     ):
         with pytest.raises(DataError, match=message):
             scans.read_label_image(write_nifti(tmp_path / name, data, aff), scan)
+
+
+def test_mask_in_another_voxel_order_of_the_same_space_is_reoriented(tmp_path):
+    """A mask stored another way than the scan (other axis order and directions, another format) is the
+    same label image once reoriented; shifted by a third of a voxel it is another space, refused."""
+    hu = canonical_ct()
+    stored, affine = stored_variant(hu, (1, 0, 2), (0, 1))  # the scan: a RAS-like NIfTI, columns first
+    scan = scans.read_scan(write_nifti(tmp_path / "ct.nii.gz", stored, affine))
+    canonical = np.zeros(SHAPE, np.uint8)
+    canonical[3:6, 4:8, 2:5] = 1
+    canonical[10:12, 14:20, 8:9] = 3
+    other, other_affine = stored_variant(canonical, (2, 0, 1), (2,))  # slices first, z reversed
+    got = scans.read_label_image(write_nifti(tmp_path / "other.nii.gz", other, other_affine), scan)
+    np.testing.assert_array_equal(got, canonical)
+    sitk = pytest.importorskip("SimpleITK")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(canonical.transpose(2, 0, 1)))  # ITK (x,y,z) = (col,row,slice)
+    img.SetSpacing((SPACING[1], SPACING[0], SPACING[2]))
+    img.SetOrigin(tuple(lps_of((0, 0, 0))))  # ITK's world is LPS: the canonical grid needs no direction flip
+    sitk.WriteImage(img, str(tmp_path / "m.nrrd"))
+    np.testing.assert_array_equal(scans.read_label_image(tmp_path / "m.nrrd", scan), canonical)
+    moved = other_affine.copy()
+    moved[:3, 3] += other_affine[:3, 0] / 3  # a third of a slice along the stored first axis
+    with pytest.raises(DataError, match="another physical space .*up to 0.667 mm"):
+        scans.read_label_image(write_nifti(tmp_path / "moved.nii.gz", other, moved), scan)

@@ -161,7 +161,7 @@ def _write_nifti(path, data, affine):
 
 def test_voi_reoriented_to_row_col_slice(tmp_path):
     # Same convention as the real VOIs: axis 0 = DICOM column, axis 1 = row, RAS affine with -x, -y.
-    data = np.arange(5 * 4 * 3, dtype=np.int16).reshape(5, 4, 3)
+    data = np.arange(5 * 4 * 3, dtype=np.int16).reshape(5, 4, 3) - 900  # lung-like HU
     mask = np.zeros_like(data)
     mask[2, 1, 1] = 1
     affine = np.diag([-0.7, -0.7, 2.5, 1.0])
@@ -179,7 +179,7 @@ def test_voi_reoriented_to_row_col_slice(tmp_path):
 
 def test_voi_errors(tmp_path):
     affine = np.eye(4)
-    img = _write_nifti(tmp_path / "i.nii.gz", np.zeros((4, 4, 3), np.int16), affine)
+    img = _write_nifti(tmp_path / "i.nii.gz", np.full((4, 4, 3), -850, np.int16), affine)
     bad = _write_nifti(tmp_path / "m.nii.gz", np.ones((4, 4, 2), np.uint8), affine)
     with pytest.raises(DataError, match=r"has shape \(4, 4, 2\), image i.nii.gz has \(4, 4, 3\)"):
         read_voi(img, bad)
@@ -191,6 +191,18 @@ def test_voi_errors(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(DataError, match="not a readable NIfTI"):
         read_voi(img, tmp_path / "junk.nii.gz")
+    # A mask file given as the image (0/1 values): not CT, refused (it would enter the training data).
+    with pytest.raises(DataError, match="VOI image .*e.nii.gz: intensities do not look like CT"):
+        read_voi(empty, empty)
+
+
+def test_manifest_utf8_with_bom_and_one_line_for_other_encodings(tmp_path):
+    header = "patient_id,series_uid,nodule_index,image,mask\r\nP,1.2,1,a.nii.gz,b.nii.gz\r\n"
+    (tmp_path / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + header.encode())
+    assert read_manifest(tmp_path)[0]["patient_id"] == "P"
+    (tmp_path / "manifest.csv").write_bytes(header.replace("P,", "Pé,").encode("latin-1"))
+    with pytest.raises(DataError, match="is not UTF-8 text \\(byte 0xe9 on line 2\\)"):
+        read_manifest(tmp_path)
 
 
 def test_manifest_errors(tmp_path):

@@ -74,7 +74,8 @@ def check_ct_intensities(hu: np.ndarray, where) -> None:
     # A strided sample keeps this cheap on a full scan; the share is what matters.
     sample = hu[::2, ::2, :] if hu.size > 4_000_000 else hu
     body = sample[sample != sample.min()]
-    share = float(np.mean((body >= lo) & (body <= hi))) if body.size else 0.0
+    body = body if body.size else sample.ravel()  # a constant volume has no padding to leave out
+    share = float(np.mean((body >= lo) & (body <= hi)))
     if share < MIN_LUNG_AIR_FRACTION:
         raise DataError(
             f"{where}: intensities do not look like CT Hounsfield units ({100 * share:.2g} % of non-padding voxels "
