@@ -30,12 +30,7 @@ import numpy as np
 
 from nodulekit.errors import DataError
 from nodulekit.sources import Image, Volume, check_ct_intensities, read_image
-
-# A direction cosine component below this is taken as exactly 0 (float noise in headers);
-# at 500 mm from the origin it moves a point by at most 0.05 mm.
-AXIS_TOL = 1e-4
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-VOLUME_AXES = ("P", "L", "S")  # nibabel axis codes of hu[row, col, slice]
+from nodulekit.sources.formats import VOLUME_AXES, check_axis_aligned, reorient
 
 
 @dataclass
@@ -147,50 +142,9 @@ def read_scan(path: str | Path) -> Scan:
 
 def scan_from_image(image: Image, path: Path) -> Scan:
     """Reorient a format's stored grid to extraction's convention, keeping the way back."""
+    vol, transform = reorient(image, path)
     affine = np.asarray(image.affine_ras, float)
-    _check_axis_aligned(affine, path)
-    hu = _to_int16(image.data, f"scan {path}")
-    vol, transform = _volume_from_grid(hu, affine, image.zvals, series_uid=image.series_uid, files=image.files)
     return Scan(vol, path, image.format, tuple(image.data.shape), affine, transform, image.series_uid, image.notes)
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def _check_axis_aligned(affine: np.ndarray, path: Path) -> None:
-    rot = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    off = np.sort(np.abs(rot), axis=0)[:2]  # the two smaller components of each axis
-    if off.max() > AXIS_TOL:
-        angle = float(np.degrees(np.arcsin(min(1.0, off.max()))))
-        raise DataError(
-            f"{path} has an oblique grid (an axis is rotated {angle:.2g} degrees from the scanner axes); "
-            "resample it to an axis-aligned grid first (e.g. with ITK or 3D Slicer)"
-        )
-
-
-def _volume_from_grid(data: np.ndarray, affine_ras: np.ndarray, zvals=None, **ids) -> tuple[Volume, np.ndarray]:
-    """Reorient a stored grid to ``hu[row, col, slice]`` (P, L, S) and read its geometry."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
-
-    transform = ornt_transform(io_orientation(affine_ras), axcodes2ornt(VOLUME_AXES))
-    hu = apply_orientation(data, transform)
-    aff = LPS_FROM_RAS @ affine_ras @ inv_ornt_aff(transform, data.shape)
-    if zvals is None:
-        zvals = aff[2, 3] + aff[2, 2] * np.arange(hu.shape[2])
-    vol = Volume(
-        hu=hu,
-        zvals=np.asarray(zvals, float),
-        pixel_spacing=(float(aff[1, 0]), float(aff[0, 1])),
-        origin_xy=(float(aff[0, 3]), float(aff[1, 3])),
-        **ids,
-    )
-    return vol, transform
-
-
-def _to_int16(values: np.ndarray, where: str) -> np.ndarray:
-    from nodulekit.sources import hu_int16
-
-    return hu_int16(values, where)
 
 
 # ----------------------------------------------------------------------------- label images
@@ -210,7 +164,7 @@ def read_label_image(path: str | Path, scan: Scan) -> np.ndarray:
     data, affine = image.data, np.asarray(image.affine_ras, float)
     if np.any(data != np.round(data)) or np.any(data < 0):
         raise DataError(f"mask {path} is not a label image (values must be whole numbers >= 0)")
-    _check_axis_aligned(affine, path)
+    check_axis_aligned(affine, path)
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(VOLUME_AXES))
     labels = apply_orientation(data.astype(np.int32), transform)
     moved = _grid_mismatch_mm(

@@ -28,7 +28,7 @@ from nodulekit.sources import (
     safe_key,
     unit_record,
 )
-from nodulekit.sources.formats import CTFormat, Image, check_spacing, register_format
+from nodulekit.sources.formats import LPS_FROM_RAS, CTFormat, Image, check_spacing, register_format
 
 Z_TOL_MM = 0.01  # two z positions closer than this are the same slice
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
@@ -289,8 +289,6 @@ def _modality_hu(path: Path, ds) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- a series folder as a CT format
-
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def folder_images(folder: Path) -> list[tuple[Path, object]]:

@@ -25,9 +25,15 @@ from typing import ClassVar
 import numpy as np
 
 from nodulekit.errors import DataError
+from nodulekit.sources import Volume, check_ct_intensities, hu_int16
 
 # A DICOM UID: digits in dot-separated groups (LUNA16 names its MetaImages by the series UID).
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+# A direction cosine component below this is taken as exactly 0 (float noise in headers);
+# at 500 mm from the origin it moves a point by at most 0.05 mm.
+AXIS_TOL = 1e-4
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+VOLUME_AXES = ("P", "L", "S")  # nibabel axis codes of hu[row, col, slice]
 # Voxel sizes outside this range are header errors, not CT (LIDC: 0.46-0.98 mm pixels, 0.45-5 mm slices).
 SPACING_RANGE_MM = (0.01, 20.0)
 
@@ -192,3 +198,49 @@ def check_spacing(sizes, where: str) -> None:
     bad = [float(v) for v in sizes if not lo <= float(v) <= hi]
     if bad:
         raise DataError(f"{where} has an implausible voxel size of {bad[0]:.4g} mm (a CT's lie in {lo:g}-{hi:g} mm)")
+
+
+# ----------------------------------------------------------------------------- to extraction's convention
+
+
+def check_axis_aligned(affine: np.ndarray, path: Path) -> None:
+    """Refuse oblique grids: sampling them would need a resampling step extraction does not have."""
+    rot = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    off = np.sort(np.abs(rot), axis=0)[:2]  # the two smaller components of each axis
+    if off.max() > AXIS_TOL:
+        angle = float(np.degrees(np.arcsin(min(1.0, off.max()))))
+        raise DataError(
+            f"{path} has an oblique grid (an axis is rotated {angle:.2g} degrees from the scanner axes); "
+            "resample it to an axis-aligned grid first (e.g. with ITK or 3D Slicer)"
+        )
+
+
+def reorient(image: Image, path: Path) -> tuple[Volume, np.ndarray]:
+    """The image as ``hu[row, col, slice]`` (P, L, S; int16 HU) without interpolation, and nibabel's
+    orientation transform from the stored grid to it."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    affine_ras = np.asarray(image.affine_ras, float)
+    check_axis_aligned(affine_ras, path)
+    data = hu_int16(image.data, f"scan {path}")
+    transform = ornt_transform(io_orientation(affine_ras), axcodes2ornt(VOLUME_AXES))
+    hu = apply_orientation(data, transform)
+    aff = LPS_FROM_RAS @ affine_ras @ inv_ornt_aff(transform, data.shape)
+    zvals = image.zvals if image.zvals is not None else aff[2, 3] + aff[2, 2] * np.arange(hu.shape[2])
+    vol = Volume(
+        hu=hu,
+        zvals=np.asarray(zvals, float),
+        pixel_spacing=(float(aff[1, 0]), float(aff[0, 1])),
+        origin_xy=(float(aff[0, 3]), float(aff[1, 3])),
+        series_uid=image.series_uid,
+        files=list(image.files),
+    )
+    return vol, transform
+
+
+def read_volume(path: str | Path) -> Volume:
+    """A CT in any registered format on extraction's convention, checked as CT (HU)."""
+    path = Path(path)
+    vol, _ = reorient(read_image(path, "scan"), path)
+    check_ct_intensities(vol.hu, path)
+    return vol

