@@ -44,7 +44,7 @@ class Scan:
 
     volume: Volume
     path: Path
-    kind: str  # "nifti" or "dicom"
+    kind: str  # the registered format that read it: "nifti", "dicom", "metaimage", "nrrd", ...
     src_shape: tuple[int, int, int]
     src_affine_ras: np.ndarray
     ornt: np.ndarray
