@@ -142,11 +142,6 @@ def format_of(path: Path, what: str = "scan") -> CTFormat:
     raise DataError(f"{what} {path} is not a format nodulekit reads (accepted: {accepted_text()})")
 
 
-def scan_uid_of(path: Path) -> str:
-    """A scan's series UID without reading its voxels ("" when the format cannot tell)."""
-    return format_of(path).series_uid(path)
-
-
 def read_image(path: str | Path, what: str = "scan") -> Image:
     """Read any registered format and check what every volume must be (one-line errors naming the file)."""
     path = Path(path)
@@ -175,7 +170,7 @@ def check_voxels(data: np.ndarray, path: Path, what: str) -> np.ndarray:
     if data.ndim == 4:
         raise DataError(f"{what} {path} is a 4-D series of {data.shape[3]} volumes; give one 3-D CT volume")
     if data.ndim != 3 or min(data.shape) < 2:
-        raise DataError(f"{what} {path} is a 2-D image (shape {data.shape}); predict needs a 3-D CT volume")
+        raise DataError(f"{what} {path} is a 2-D image (shape {data.shape}); a 3-D CT volume is needed")
     return data
 
 
