@@ -6,7 +6,8 @@
   scan's rows and reads the coordinates as LPS mm (ITK's world): the same nodule, the same
   probability as `--centre` on the DICOM series.
 - A new format is one class: a `.npz` volume + affine, registered here, goes through
-  `extract --scans` (same `rois` as `extract --lidc-root` on the DICOM) and `predict`.
+  `extract --scans` (beside a DICOM series folder; the same `rois` as `extract --lidc-root`
+  on the DICOM) and `predict`.
 
 The model is a narrow HESAM with random weights: equality of probabilities needs no training.
 """
@@ -164,14 +165,18 @@ def test_a_new_format_is_one_class_for_extract_and_predict(
     folder.mkdir()
     npz = _as_npz(lidc3["image"], folder / f"{lidc3['uid']}.npz")
     (folder / "README.txt").write_text("other files are ignored")
-    common = ("--patients", PATIENT, "--no-progress", "-q")
+    # Beside it, LIDC-IDRI-0001 as a DICOM series folder (its UID read from the headers).
+    series_0001 = sorted(glob.glob(str(lidc_dicom / "LIDC-IDRI-0001" / "*" / "*")))[0]
+    (folder / "first-patient").symlink_to(series_0001, target_is_directory=True)
+    common = ("--no-progress", "-q")
     code, _, err = cli(monkeypatch, capsys, "extract", "--scans", folder, "-o", tmp_path / "npz.h5", *common)
     assert code == 0, err
     code, _, err = cli(monkeypatch, capsys, "extract", "--lidc-root", lidc_dicom, "-o", tmp_path / "dcm.h5", *common)
     assert code == 0, err
     with h5py.File(tmp_path / "npz.h5") as a, h5py.File(tmp_path / "dcm.h5") as b:
         assert a.attrs["source"] == "scans" and b.attrs["source"] == "dicom"
-        assert list(a["nodules"]) == list(b["nodules"]) and len(a["nodules"]) >= 1
+        assert list(a["nodules"]) == list(b["nodules"])
+        assert {k.split("_")[0] for k in a["nodules"]} == {"LIDC-IDRI-0001", PATIENT}
         for key in a["nodules"]:
             ga, gb = a["nodules"][key], b["nodules"][key]
             for member in ("hu", "mask", "agreement"):
