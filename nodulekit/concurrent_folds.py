@@ -21,6 +21,14 @@ of the stacked weights, and leaves the others exactly as they were: their weight
 momentum are put back after the optimiser step, which would otherwise move them by
 weight decay and momentum.
 
+Under bf16 autocast each fold computes in the dtypes it has when trained alone. vmap
+skips autocast for convolutions and linear layers with batched (stacked) weights: on the
+CPU they silently ran in float32, on CUDA the input and weight were cast but not the
+bias ("Input type (c10::BFloat16) and bias type (float) should be the same", torch 2.11,
+H200). So inside the batched computation those layers cast their input, weight and bias
+to the autocast dtype themselves (:func:`lower_precision_by_hand`), as autocast does for
+a fold alone; everything else (einsum, batch norm, the loss) is left to autocast.
+
 Models that draw random numbers in their forward pass (dropout) are refused: vmap would
 draw one tensor for all folds from one generator, so the folds could not get the same
 numbers as when trained alone.
@@ -50,14 +58,17 @@ def refusal(model) -> str | None:
     return None
 
 
-def batch_norm_by_hand_needed(device) -> bool:
+def batch_norm_by_hand_needed(device, amp: bool = False) -> bool:
     """Whether folds side by side on ``device`` must normalise with :func:`batch_norm_by_hand`.
 
     CUDA's batch-norm kernels ask whether their input is channels_last-contiguous, which
     vmap cannot answer ("NYI: querying is_contiguous inside of vmap", torch 2.11, seen on an
-    H200); the CPU kernels do not ask, so the CPU keeps torch's own batch norm.
+    H200); the CPU kernels do not ask, so the CPU keeps torch's own batch norm in float32.
+    Under bf16 autocast (``amp``) the CPU's batched batch norm refuses a bf16 input with
+    float32 weights ("expected scalar type BFloat16 but found Float", torch 2.13), which the
+    kernel of a fold alone accepts: the hand-written one computes as that kernel does.
     """
-    return str(device).split(":")[0] != "cpu"
+    return amp or str(device).split(":")[0] != "cpu"
 
 
 def batch_norm_by_hand(bn, x):
@@ -93,12 +104,48 @@ def batch_norm_by_hand(bn, x):
     return y.to(x.dtype)
 
 
+# autocast's lower-precision layers whose batching rule under vmap bypasses it (checked by the tests)
+def _lower_precision_layers():
+    from torch import nn
+
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def lower_precision_by_hand(layer, x):
+    """``layer``'s forward (a convolution or linear layer) with autocast's casts written out.
+
+    Under autocast for ``x``'s device its input, weight and bias are cast to the autocast
+    dtype before the operation, as autocast does for these layers outside vmap; without
+    autocast it is the layer's own forward.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return type(layer).forward(layer, x)
+    dtype = torch.get_autocast_dtype(device_type)
+    weight = layer.weight.to(dtype)
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    x = x.to(dtype)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        op = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(layer.kernel_size)]
+        args = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+        return op(x, weight, bias, *args)
+    return layer._conv_forward(x, weight, bias)
+
+
 def _fold_loss_module(model, by_hand: bool = False):
     """A module computing one fold's training loss on one batch with ``training.batch_loss``.
 
     A module (not a function) so ``functional_call`` can run it with one fold's slice of the
     stacked weights; its own copy of ``model`` only provides structure, modes and settings.
     ``by_hand``: its batch norms run :func:`batch_norm_by_hand` (see :func:`batch_norm_by_hand_needed`).
+    Its convolutions and linear layers always run :func:`lower_precision_by_hand` (the same
+    arithmetic as their own forward without autocast).
     """
     import copy
     import functools
@@ -111,9 +158,11 @@ def _fold_loss_module(model, by_hand: bool = False):
         def __init__(self):
             super().__init__()
             self.model = copy.deepcopy(model)
-            for m in self.model.modules() if by_hand else ():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for m in self.model.modules():
+                if by_hand and isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.forward = functools.partial(batch_norm_by_hand, m)
+                elif isinstance(m, _lower_precision_layers()):
+                    m.forward = functools.partial(lower_precision_by_hand, m)
 
         def forward(self, x, y, index, mask, characteristics):
             """(loss, cross-entropy, correct count) of one fold on one batch."""
@@ -132,7 +181,7 @@ class StackedFolds:
     back into them by :meth:`unstack` at its end, so checkpoints stay per fold.
     """
 
-    def __init__(self, folds: Sequence):
+    def __init__(self, folds: Sequence, amp: bool = False):
         import torch
         from torch.func import stack_module_state
 
@@ -141,7 +190,7 @@ class StackedFolds:
         self.params = {f"model.{k}": v for k, v in params.items()}
         self.buffers = {f"model.{k}": v for k, v in buffers.items()}
         device = next(self.folds[0].model.parameters()).device
-        self.module = _fold_loss_module(self.folds[0].model, by_hand=batch_norm_by_hand_needed(device))
+        self.module = _fold_loss_module(self.folds[0].model, by_hand=batch_norm_by_hand_needed(device, amp))
         self.module.train()
         hyper = _shared_hyperparameters([f.optimizer for f in self.folds])
         self.optimizer = torch.optim.SGD([{**hyper, "params": list(self.params.values())}])
@@ -265,7 +314,7 @@ def train_epoch_side_by_side(folds: Sequence, dd, batch_size: int, amp: bool):
     for fold in folds:
         fold.model.train()
     batches = [_fold_batches(f, dd.device, batch_size) for f in folds]
-    stacked = StackedFolds(folds)
+    stacked = StackedFolds(folds, amp)
     n = len(folds)
     ce_sum, total_sum, correct = (torch.zeros(n, device=dd.device) for _ in range(3))
     seen = torch.zeros(n, dtype=torch.long)

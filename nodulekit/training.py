@@ -924,10 +924,6 @@ def _side_by_side_possible(cfg: TrainConfig, run: dict, execution) -> bool:
 
     with torch.device("meta"):  # structure only, no memory
         reason = refusal(build_model(cfg.arch, run["in_channels"], 2, cfg.model_options))
-    if reason is None and execution.amp and str(execution.device).startswith("cuda"):
-        # seen on an H200 with torch 2.11: under vmap, CUDA's bf16 autocast left a convolution's
-        # bias in float32 ("Input type (c10::BFloat16) and bias type (float) should be the same")
-        reason = "bf16 autocast under vmap fails on CUDA (torch 2.11)"
     if reason is not None:
         print(f"nodulekit: {reason}; its folds train one after another", file=sys.stderr)
     return reason is None

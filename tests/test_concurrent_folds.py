@@ -164,7 +164,7 @@ def test_batch_norm_by_hand_keeps_bf16_in_bf16():
 def test_side_by_side_with_batch_norm_by_hand_equals_sequential(uneven, monkeypatch):
     """The GPU path (batch norm written out, since CUDA's kernels fail under vmap) run on the CPU:
     same weights, running statistics and batch counts as the folds trained alone."""
-    monkeypatch.setattr(CF, "batch_norm_by_hand_needed", lambda device: True)
+    monkeypatch.setattr(CF, "batch_norm_by_hand_needed", lambda device, amp=False: True)
     calls = []
     monkeypatch.setattr(CF, "batch_norm_by_hand", lambda bn, x: calls.append(1) or batch_norm_by_hand(bn, x))
     diffs, alone = compare(uneven, "hesam", {"base_width": 4}, epochs=2, dtype=torch.float64, lr=0.01)
@@ -173,8 +173,9 @@ def test_side_by_side_with_batch_norm_by_hand_equals_sequential(uneven, monkeypa
     assert diffs["loss"] < 1e-6 and diffs["acc"] == 0 and diffs["eval"] < 1e-6, diffs
 
 
-def test_batch_norm_by_hand_is_used_off_the_cpu_only():
+def test_batch_norm_by_hand_is_used_off_the_cpu_or_under_bf16():
     assert not CF.batch_norm_by_hand_needed(torch.device("cpu"))
+    assert CF.batch_norm_by_hand_needed(torch.device("cpu"), amp=True)
     assert CF.batch_norm_by_hand_needed(torch.device("cuda", 0)) and CF.batch_norm_by_hand_needed("cuda")
 
 
@@ -350,17 +351,127 @@ def test_dropout_model_falls_back_to_folds_in_turn(uneven, tmp_path, capfd):
     assert_same_folds(tmp_path / "vgg-seq", tmp_path / "vgg", tol=0)  # it really ran the sequential path
 
 
-@pytest.mark.parametrize(
-    "device, amp, possible",
-    [("cuda", True, False), ("cuda:0", True, False), ("cuda", False, True), ("cpu", True, True), ("cpu", False, True)],
-)
-def test_bf16_on_cuda_trains_folds_in_turn(capfd, device, amp, possible):
-    """bf16 autocast under vmap failed on an H200 (torch 2.11): such runs fall back to folds in turn, saying so."""
+@pytest.mark.parametrize("device, amp", [("cuda", True), ("cuda:0", True), ("cuda", False), ("cpu", True)])
+def test_bf16_no_longer_sends_folds_in_turn(capfd, device, amp):
+    """bf16 autocast side by side works (its layers cast by hand): no fallback to folds in turn."""
     from nodulekit.execution import ExecutionChoice
 
     cfg = T.TrainConfig(arch="hesam", model_options={"base_width": 4}, concurrent_folds=True)
     choice = ExecutionChoice(device, amp, False, "forced", "test")
-    assert T._side_by_side_possible(cfg, {"in_channels": 3}, choice) is possible
-    err = capfd.readouterr().err
-    assert ("bf16 autocast under vmap fails on CUDA" in err) is not possible
-    assert ("its folds train one after another" in err) is not possible
+    assert T._side_by_side_possible(cfg, {"in_channels": 3}, choice) is True
+    assert "one after another" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- bf16 autocast under vmap
+
+
+def test_vmap_skips_autocast_for_convolutions_with_stacked_weights():
+    """The torch behaviour the hand-written casts exist for (if torch fixes it, this says so):
+    under vmap a convolution with stacked weights ignores bf16 autocast, alone it does not."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    convs = [torch.nn.Conv2d(3, 4, 3) for _ in range(2)]
+    params, buffers = stack_module_state(convs)
+    x = torch.randn(2, 5, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = convs[0](x[0])
+        stacked = vmap(lambda p, b, xi: functional_call(convs[0], (p, b), (xi,)))(params, buffers, x)
+    assert alone.dtype == torch.bfloat16 and stacked.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.ConvTranspose2d(3, 4, 2, stride=2),
+     torch.nn.Linear(3, 4)],
+    ids=["conv", "conv-no-bias", "conv-transpose", "linear"],
+)  # fmt: skip
+def test_lower_precision_by_hand_is_autocast_under_vmap(layer):
+    """Each stacked layer gives, in bf16, what autocast gives that fold's layer alone; without
+    autocast it is the layer's own float32 forward."""
+    import copy
+    import functools
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    g = torch.Generator().manual_seed(3)
+    folds = [copy.deepcopy(layer) for _ in range(3)]
+    for f in folds:
+        with torch.no_grad():
+            for p in f.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    params, buffers = stack_module_state(folds)
+    shape = (3, 5, 3) if isinstance(layer, torch.nn.Linear) else (3, 5, 3, 6, 6)
+    x = torch.randn(*shape, generator=g)
+    shell = copy.deepcopy(layer)
+    shell.forward = functools.partial(CF.lower_precision_by_hand, shell)
+    batched = vmap(lambda p, b, xi: functional_call(shell, (p, b), (xi,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = batched(params, buffers, x)
+        want = [f(x[i]) for i, f in enumerate(folds)]
+    assert got.dtype == torch.bfloat16
+    for i in range(3):  # a grouped bf16 convolution rounds in another order: within bf16's step (2^-7)
+        scale = float(want[i].detach().float().abs().max())
+        torch.testing.assert_close(got[i].float(), want[i].float(), rtol=2**-7, atol=2**-7 * scale)
+    plain = batched(params, buffers, x)
+    assert plain.dtype == torch.float32
+    for i, f in enumerate(folds):
+        torch.testing.assert_close(plain[i], f(x[i]), rtol=1e-6, atol=1e-6)
+
+
+def test_side_by_side_under_bf16_autocast_computes_in_bf16(uneven):
+    """Every convolution of the stacked HESAM returns bf16 under autocast, as in a fold alone
+    (before the fix they returned float32 on the CPU and failed on CUDA)."""
+    cfg = T.TrainConfig(arch="hesam", model_options={"base_width": 4}, batch_size=8, device="cpu")
+    ctx = context(uneven, cfg, torch.float32)
+    folds = [fold_state(ctx, k, torch.float32) for k in (0, 1)]
+    stacked = CF.StackedFolds(folds, amp=True)
+    dtypes = []
+    for m in stacked.module.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            m.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    idx = torch.stack([torch.from_numpy(f.split.train_index[:8]) for f in folds])
+    stacked.step([0, 1], ctx.device_data.batch(idx), amp=True)
+    assert dtypes and set(dtypes) == {torch.bfloat16}, dtypes
+
+
+def bf16_compare(data):
+    """Folds 0-4 for one epoch (5 steps each, last batches of 4 and 6 rows), both under bf16
+    autocast: side by side vs alone. (loss difference, weight difference, how far the weights moved)."""
+    import copy
+
+    batch_size = 8
+    cfg = T.TrainConfig(arch="hesam", model_options={"base_width": 8}, lr=5e-4, batch_size=batch_size, device="cpu")
+    ctx = context(data, cfg, torch.float32)
+    dd = ctx.device_data
+    alone = [fold_state(ctx, k, torch.float32) for k in range(5)]
+    together = [fold_state(ctx, k, torch.float32) for k in range(5)]
+    start = [copy.deepcopy(list(f.model.parameters())) for f in alone]
+    ref = [
+        T._train_epoch(f.model, f.forward, f.optimizer, dd, f.split.train_index, f.generator, batch_size, True,
+                       f.fold, 1)
+        for f in alone
+    ]  # fmt: skip
+    got = train_epoch_side_by_side(together, dd, batch_size, True)
+    loss = max(abs(a[0] - b.train_loss) for a, b in zip(ref, got, strict=True))
+
+    def largest(pairs):
+        return max(float((p - q).detach().abs().max()) for p, q in pairs)
+
+    pairs = [zip(a.model.parameters(), b.model.parameters(), strict=True) for a, b in zip(alone, together, strict=True)]
+    weights = largest(pq for fold in pairs for pq in fold)
+    moved = largest(pq for a, s in zip(alone, start, strict=True) for pq in zip(a.model.parameters(), s, strict=True))
+    return loss, weights, moved
+
+
+# docs/training.md, "Folds side by side": bf16 rounds a grouped convolution in another order than a
+# fold's own, and bf16 training of these small models amplifies that as it does any rounding change
+BF16_TOLERANCE = {"loss": 1e-2, "weights": 3e-3}
+
+
+def test_side_by_side_under_bf16_equals_sequential_bf16_within_tolerance(uneven):
+    """The issue's check under bf16: side by side and one after another, both under CPU bf16
+    autocast, agree within the documented tolerance, which is well below how far one epoch moves
+    the weights (so a fold that did not train, or trained on another fold's batches, fails)."""
+    loss, weights, moved = bf16_compare(uneven)
+    assert loss < BF16_TOLERANCE["loss"] and weights < BF16_TOLERANCE["weights"], (loss, weights)
+    assert moved > 2 * BF16_TOLERANCE["weights"], moved
