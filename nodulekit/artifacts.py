@@ -268,13 +268,9 @@ class MapsArtifact:
     # optional members present in the file: logits, slice_maps, slice_prob, dataset_fold, ...
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-    dataset_identity: dict[str, Any] | None = None  # of the dataset the maps were computed on
-
-    def check_dataset(self, ds) -> None:
-        """Refuse, in one line saying what differs, a dataset these maps were not computed on."""
-        from nodulekit.datasets import check_identity
-
-        check_identity(self.dataset_identity, ds, str(self.path), ds.path, remedy="re-make it with this version")
+    dataset_identity: dict[str, Any] | None = (
+        None  # of the dataset the maps were computed on (scores.check_maps_dataset)
+    )
 
 
 def check_finite_maps(path: str | os.PathLike, **arrays) -> None:

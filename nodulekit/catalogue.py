@@ -10,9 +10,9 @@ def model_catalogue(in_channels: int = 11) -> list[dict[str, Any]]:
     """One record per registered name (aliases included): name, paper name, description, the
     map kind of its head, the map methods ``nodulekit maps`` accepts for it and its parameter
     count with default options for ``in_channels`` input slices."""
-    from nodulekit.evaluation import PAPER_NAMES
     from nodulekit.maps import supported_methods
     from nodulekit.models import create_model, describe_models
+    from nodulekit.models.registry import model_spec
 
     rows = []
     for name, description, map_kind in describe_models():
@@ -20,7 +20,7 @@ def model_catalogue(in_channels: int = 11) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "paper_name": PAPER_NAMES.get(name, ""),
+                "paper_name": model_spec(name).paper_name or "",
                 "description": description,
                 "map_kind": map_kind,
                 "map_methods": supported_methods(model),

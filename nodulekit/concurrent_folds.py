@@ -40,9 +40,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
-
 from nodulekit.errors import NodulekitError
+from nodulekit.train_step import batch_loss, epoch_batches
 
 
 def refusal(model) -> str | None:
@@ -139,7 +138,7 @@ def lower_precision_by_hand(layer, x):
 
 
 def _fold_loss_module(model, by_hand: bool = False):
-    """A module computing one fold's training loss on one batch with ``training.batch_loss``.
+    """A module computing one fold's training loss on one batch with ``train_step.batch_loss``.
 
     A module (not a function) so ``functional_call`` can run it with one fold's slice of the
     stacked weights; its own copy of ``model`` only provides structure, modes and settings.
@@ -151,8 +150,6 @@ def _fold_loss_module(model, by_hand: bool = False):
     import functools
 
     from torch import nn
-
-    from nodulekit.training import batch_loss
 
     class FoldLoss(nn.Module):
         def __init__(self):
@@ -303,7 +300,7 @@ class EpochResult:
     total_loss: float  # mean of cross-entropy + auxiliary loss (NaN/inf: the fold diverged)
 
 
-def train_epoch_side_by_side(folds: Sequence, dd, batch_size: int, amp: bool):
+def train_epoch_side_by_side(folds: Sequence, dd, batch_size: int, amp: bool, last_batch: str = "keep"):
     """One epoch of every fold in ``folds`` as one batched computation; a list of :class:`EpochResult`.
 
     Each fold draws its batch order from its own generator exactly as sequential training
@@ -313,7 +310,7 @@ def train_epoch_side_by_side(folds: Sequence, dd, batch_size: int, amp: bool):
 
     for fold in folds:
         fold.model.train()
-    batches = [_fold_batches(f, dd.device, batch_size) for f in folds]
+    batches = [epoch_batches(f.split.train_index, f.generator, batch_size, last_batch, dd.device) for f in folds]
     stacked = StackedFolds(folds, amp)
     n = len(folds)
     ce_sum, total_sum, correct = (torch.zeros(n, device=dd.device) for _ in range(3))
@@ -340,16 +337,6 @@ def train_epoch_side_by_side(folds: Sequence, dd, batch_size: int, amp: bool):
     ]
 
 
-def _fold_batches(fold, device, batch_size: int) -> list:
-    """The fold's batches of this epoch: the same permutation and slicing as sequential training."""
-    import torch
-
-    index = np.asarray(fold.split.train_index, np.int64)
-    order = torch.from_numpy(index)[torch.randperm(len(index), generator=fold.generator)].to(device)
-    slices = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    return [idx for idx in slices if len(idx) >= 2]  # batch normalisation cannot train on one sample
-
-
 def _rows_by_batch_size(batches: list[list], step: int) -> list[list[int]]:
     """Fold positions that have a batch at ``step``, grouped by batch size (one vmap per group)."""
     groups: dict[int, list[int]] = {}
@@ -357,114 +344,3 @@ def _rows_by_batch_size(batches: list[list], step: int) -> list[list[int]]:
         if step < len(fold_batches):
             groups.setdefault(len(fold_batches[step]), []).append(i)
     return list(groups.values())
-
-
-# --------------------------------------------------------------------------- the folds of one train call
-
-
-class _FoldRng:
-    """Each fold's own global random state, as sequential training leaves it for that fold's checkpoints."""
-
-    def __init__(self, device):
-        self.device = device
-        self.states: dict[int, tuple] = {}
-
-    def save(self, fold: int) -> None:
-        import torch
-
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        self.states[fold] = (torch.get_rng_state(), cuda)
-
-    def load(self, fold: int) -> None:
-        import torch
-
-        cpu, cuda = self.states[fold]
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, self.device)
-
-
-def train_side_by_side(ctx, folds: Sequence[int], *, progress: bool = True, on_epoch_end=None):
-    """Train ``folds`` of one run side by side; (per-fold summaries, divergence messages).
-
-    The training steps (``nodulekit.training``: start_fold, end_epoch, finish_fold) are the
-    sequential ones, so checkpoints, resume and results stay per fold and unchanged. Folds
-    resumed at different epochs catch up: each joint epoch trains the folds that are furthest
-    behind, until all are at the same epoch and train together.
-    """
-    from nodulekit.training import TrainingDiverged, finish_fold, start_fold
-
-    rng, summaries, pending = _FoldRng(ctx.device), [], []
-    for k in folds:
-        state = start_fold(ctx, k)
-        if isinstance(state, dict):
-            summaries.append(state)  # finished earlier: skipped
-        else:
-            rng.save(k)
-            pending.append(state)
-    before = {s.fold: s.epoch for s in pending}
-    bars = _bars(ctx, pending) if progress else {}
-    failures = []
-    try:
-        while pending:
-            group = [s for s in pending if s.epoch == min(p.epoch for p in pending)]
-            if group[0].epoch >= ctx.cfg.epochs:  # resumed after its last epoch: only the results are missing
-                done = group
-            else:
-                done, failed = _joint_epoch(ctx, group, rng, bars, on_epoch_end)
-                failures += failed
-                pending = [s for s in pending if s.fold not in {f for f, _ in failed}]
-            for state in [s for s in done if s.epoch >= ctx.cfg.epochs]:
-                rng.load(state.fold)
-                pending.remove(state)
-                try:
-                    summaries.append(finish_fold(ctx, state, before[state.fold]))
-                except TrainingDiverged as exc:  # non-finite final outputs: this fold fails alone
-                    failures.append((state.fold, str(exc)))
-    finally:
-        for bar in bars.values():
-            bar.close()
-    return sorted(summaries, key=lambda s: s["fold"]), [message for _, message in failures]
-
-
-def _joint_epoch(ctx, group, rng, bars, on_epoch_end):
-    """One epoch of ``group`` side by side, then each fold's scoring and checkpoint; (trained, [(fold, why)])."""
-    import math
-    import time
-    import warnings
-
-    from nodulekit.training import TrainingDiverged, divergence_message, end_epoch
-
-    started = time.perf_counter()
-    results = train_epoch_side_by_side(group, ctx.device_data, ctx.cfg.batch_size, ctx.amp)
-    trained, failed = [], []
-    for state, result in zip(group, results, strict=True):
-        if not math.isfinite(result.total_loss):
-            failed.append((state.fold, divergence_message(state.fold, state.epoch + 1, result.total_loss)))
-            continue
-        rng.load(state.fold)
-        with warnings.catch_warnings():
-            # the fold's own SGD did not step (the stacked one did, for it): not the misuse torch warns of
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            try:
-                metrics = end_epoch(ctx, state, result.train_loss, result.train_acc, started)
-            except TrainingDiverged as exc:  # non-finite outputs: nothing saved for this epoch
-                failed.append((state.fold, str(exc)))
-                continue
-        trained.append(state)
-        if state.fold in bars:
-            bars[state.fold].set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
-            bars[state.fold].update(1)
-        if on_epoch_end is not None:
-            on_epoch_end(state.fold, state.epoch, dict(metrics, epoch=state.epoch))
-    return trained, failed
-
-
-def _bars(ctx, states) -> dict:
-    from tqdm.auto import tqdm
-
-    return {
-        s.fold: tqdm(total=ctx.cfg.epochs, initial=s.epoch, desc=f"{ctx.cfg.arch} fold {s.fold} (side by side)",
-                     unit="epoch", leave=True, position=i)
-        for i, s in enumerate(states)
-    }  # fmt: skip

@@ -58,8 +58,8 @@ class TorchEngine:
 
     def __init__(self, path: Path, fold: int | None = None, device: str = "auto", amp="auto", channels_last="auto"):
         from nodulekit import modelcard
+        from nodulekit.devices import resolve_device
         from nodulekit.export import check_exportable, load_ensemble_source, load_model_source
-        from nodulekit.training import resolve_device
 
         if path.is_dir() and fold is None:
             src = load_ensemble_source(path)

@@ -35,30 +35,6 @@ from nodulekit.errors import NodulekitError
 from nodulekit.run import FoldResult, Run
 
 METRICS = ("accuracy", "sensitivity", "specificity", "auc")
-# Row names of the paper's Table 2 for our registry names; others are shown as they are.
-PAPER_NAMES = {
-    "hesam": "Ours-HESAM",
-    "ours-hesam": "Ours-HESAM",
-    "sam": "Ours-SAM",
-    "ours-sam": "Ours-SAM",
-    "cam": "Ours-CAM",
-    "ours-cam": "Ours-CAM",
-    "baseline": "Baseline",
-    "resnet18": "ResNet18",
-    "resnet34": "ResNet34",
-    "vgg16": "VGG16",
-    "densenet121": "DenseNet121",
-    "resnet18-cam": "ResNet18-CAM",
-    "resnet18-sam": "ResNet18-SAM",
-    "resnet34-cam": "ResNet34-CAM",
-    "resnet34-sam": "ResNet34-SAM",
-    "vgg16-cam": "VGG16-CAM",
-    "vgg16-sam": "VGG16-SAM",
-    "densenet121-cam": "DenseNet121-CAM",
-    "densenet121-sam": "DenseNet121-SAM",
-    "pn-samp": "PN-SAMP",
-    "sag-c": "SAG-C",
-}
 REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png", "reliability.png")
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "auc", "sensitivity_at_90_specificity")
 
@@ -117,7 +93,9 @@ class RunResult:
 
     @property
     def method(self) -> str:
-        return PAPER_NAMES.get(self.arch, self.arch)
+        from nodulekit.models.registry import paper_name
+
+        return paper_name(self.arch)
 
 
 def load_run_results(rundir: str | os.PathLike) -> RunResult:

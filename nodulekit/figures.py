@@ -92,14 +92,14 @@ def map_grid(
 
     Column titles are ``labels`` if given, else :func:`nodulekit.scores.map_labels`."""
     from nodulekit.datasets import load_dataset
-    from nodulekit.scores import map_channel, map_labels
+    from nodulekit.scores import check_maps_dataset, map_channel, map_labels
 
     if not maps_paths:
         raise NodulekitError("give at least one maps file")
     ds = load_dataset(dataset)
     runs = [read_maps(p) for p in maps_paths]
     for r in runs:
-        r.check_dataset(ds)
+        check_maps_dataset(r, ds)
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     chosen = _grid_nodules(runs, ds, row_of, nodules, n)
     plt = _pyplot()

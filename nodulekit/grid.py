@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from nodulekit.errors import NodulekitError
+from nodulekit.train_config import TrainConfig
 
 CONFIG_KEYS = {
     "output",
@@ -142,11 +143,11 @@ class GridPlan:
 
     def label(self, name: str, dataset: str, seed: int) -> str:
         """A run's row label: the paper's name of its architecture, plus the options the grid does not set for all."""
-        from nodulekit.evaluation import PAPER_NAMES
+        from nodulekit.models.registry import paper_name
 
         run = self.run_for(name, dataset, seed)
         own = [f"{k}={_text(v)}" for k, v in run.options if self.model_options.get(k, object()) != v]
-        return PAPER_NAMES.get(run.arch, run.arch) + (f" ({', '.join(own)})" if own else "")
+        return paper_name(run.arch) + (f" ({', '.join(own)})" if own else "")
 
     def final_targets(self) -> list[str]:
         return ["report.md", "report.json"]
@@ -257,16 +258,27 @@ def _train_settings(path: Path, raw: dict) -> dict[str, Any]:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
             raise _fail(path, f"train.{key}", f"must be {kind.__name__}, not {value!r}")
-    from nodulekit.training import SELECT_MODES
+    from nodulekit.train_config import SELECT_MODES
 
-    if train.get("select", "last") not in SELECT_MODES:
+    if train.get("select", TrainConfig.select) not in SELECT_MODES:
         raise _fail(path, "train.select", f"must be one of {', '.join(SELECT_MODES)}, not {train['select']!r}")
     settings = {"threads": 2, "gpus": 0, **train}
-    # One job per fold by default: on CPU side by side measured slower, and on an H200 one
-    # process per fold, many at once, trained 25 full-width folds in 318 s while side by side
-    # failed under bf16 (benchmarks/README.md, the GPU training section).
-    settings.setdefault("concurrent_folds", False)
+    settings.setdefault("concurrent_folds", fastest_fold_layout(settings["gpus"]) == "side_by_side")
     return settings
+
+
+# How a run's folds trained fastest, as measured (benchmarks/README.md): "one_job_per_fold"
+# (each fold its own `train --fold K` job, many at once) or "side_by_side" (one job,
+# `--concurrent-folds`). CPU: side by side measured slower than folds in turn. GPU: on an
+# H200 one process per fold, 14 at a time, trained 25 full-width folds in 318 s; side by
+# side was not measured there (it fell back to folds in turn under bf16 then). Change an
+# entry only with a measurement in benchmarks/README.md (benchmarks/gpu_training.py).
+FASTEST_FOLD_LAYOUT = {"cpu": "one_job_per_fold", "gpu": "one_job_per_fold"}
+
+
+def fastest_fold_layout(gpus: int) -> str:
+    """The measured fastest way to train a run's folds on a machine with ``gpus`` GPUs (0: CPU only)."""
+    return FASTEST_FOLD_LAYOUT["gpu" if gpus > 0 else "cpu"]
 
 
 # --------------------------------------------------------------------------- runs and tables
@@ -330,7 +342,7 @@ def _dataset_list(plan: GridPlan, where: str, value: Any) -> list[str]:
 
 
 def _plan_table2(plan: GridPlan, raw: Any, options: dict) -> None:
-    from nodulekit.evaluation import PAPER_NAMES
+    from nodulekit.models.registry import paper_name
 
     if raw is None:
         return
@@ -340,7 +352,7 @@ def _plan_table2(plan: GridPlan, raw: Any, options: dict) -> None:
     rows = {}
     for i, name in enumerate(_names(plan.config_path, "table2.architectures", raw["architectures"])):
         arch, explicit = _variant(plan, f"table2.architectures[{i}]", name, options)
-        rows[PAPER_NAMES.get(arch, arch)] = _add_runs(plan, arch, explicit, datasets)
+        rows[paper_name(arch)] = _add_runs(plan, arch, explicit, datasets)
     plan.tables.append(Table("table2", "Table 2: classification accuracy (%) per dataset", datasets, rows, "table2"))
     sens = raw.get("sensitivity_dataset", "d11c" if "d11c" in plan.datasets else datasets[-1])
     plan.sensitivity_dataset = _dataset_list(plan, "table2.sensitivity_dataset", sens)[0]
@@ -433,7 +445,7 @@ def load_grid(path: str | os.PathLike) -> GridPlan:
         folds=_int(path, "folds", raw.get("folds", 5), 2),
         split_seed=_int(path, "split_seed", raw.get("split_seed", 0), 0),
         seeds=[_int(path, "seeds", s, 0) for s in seeds],
-        epochs=_int(path, "epochs", raw.get("epochs", 90), 1),
+        epochs=_int(path, "epochs", raw.get("epochs", TrainConfig.epochs), 1),
         train=_train_settings(path, raw),
         bootstrap=_int(path, "bootstrap", raw.get("bootstrap", 2000), 1),
         model_options=options,

@@ -87,7 +87,7 @@ def compute_maps(
     import torch
     from tqdm import tqdm
 
-    from nodulekit.training import resolve_device
+    from nodulekit.devices import resolve_device
 
     if batch_size < 1:
         raise NodulekitError(f"batch size must be at least 1, got {batch_size}")
@@ -181,7 +181,7 @@ def run_maps(
     on the first fold's model and batch (probed only when the work is large enough).
     """
     from nodulekit.artifacts import check_finite_maps
-    from nodulekit.training import resolve_device
+    from nodulekit.devices import resolve_device
 
     run = Run(rundir)
     get_method(method)

@@ -31,6 +31,7 @@ RUN_FORMAT = 1
 CHECKPOINT_FORMAT = 1
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 VAL_COLUMNS = ("epoch", "val_loss", "val_acc")
+CHECKPOINT_FILE, RESULT_FILE = "checkpoint.pt", "result.h5"  # in RUNDIR/fold<k>/; paths from RunPaths
 FOLD_STATUSES = ("finished", "unfinished", "missing")
 # Where a fold stands for `nodulekit status`: unfinished splits into running (claimed by a
 # live job) and interrupted (a checkpoint, no live job).
@@ -45,10 +46,13 @@ SIGNATURE_KEYS = (
     "n_folds",
     "seed",
     "batch_size",
+    "last_batch",
     "optimiser",
     "scheduler",
     "selection",
 )
+# What a run.json written before a signature key existed meant by it.
+SIGNATURE_DEFAULTS = {"last_batch": "keep"}
 
 
 # --------------------------------------------------------------------------- run.json
@@ -94,8 +98,9 @@ def recorded_dataset(record: dict[str, Any]) -> tuple[str | None, str | None]:
 def _describe_difference(old: dict, new: dict) -> str:
     diffs = []
     for key in SIGNATURE_KEYS:
-        if old.get(key) != new.get(key):
-            diffs.append(f"{key} {json.dumps(old.get(key), default=str)} vs {json.dumps(new.get(key), default=str)}")
+        before, after = (r.get(key, SIGNATURE_DEFAULTS.get(key)) for r in (old, new))
+        if before != after:
+            diffs.append(f"{key} {json.dumps(before, default=str)} vs {json.dumps(after, default=str)}")
     return "; ".join(diffs)
 
 
@@ -139,14 +144,14 @@ def _fresh(rundir: Path) -> bool:
 
 
 def _fold_has_files(fold_dir: Path) -> bool:
-    return any((fold_dir / name).exists() for name in ("checkpoint.pt", "result.h5"))
+    return any((fold_dir / name).exists() for name in (CHECKPOINT_FILE, RESULT_FILE))
 
 
 def _discard_folds(rundir: Path, folds: Iterable[int] | None) -> None:
     """Delete the checkpoints and results of ``folds`` (all folds when None)."""
-    fold_dirs = sorted(rundir.glob("fold*")) if folds is None else [rundir / f"fold{k}" for k in folds]
+    fold_dirs = sorted(rundir.glob("fold*")) if folds is None else [RunPaths(rundir).fold_dir(k) for k in folds]
     for fold_dir in fold_dirs:
-        for name in ("checkpoint.pt", "result.h5"):
+        for name in (CHECKPOINT_FILE, RESULT_FILE):
             (fold_dir / name).unlink(missing_ok=True)
 
 
@@ -443,7 +448,24 @@ def _epochs_done(checkpoint: Path) -> int:
         return 0
 
 
-class Run:
+class RunPaths:
+    """Where a RUNDIR's files are (the one place that spells them); reads nothing, so training
+    can use it before run.json exists."""
+
+    def __init__(self, rundir: str | os.PathLike):
+        self.path = Path(rundir)
+
+    def fold_dir(self, k: int) -> Path:
+        return self.path / f"fold{int(k)}"
+
+    def checkpoint_path(self, k: int) -> Path:
+        return self.fold_dir(k) / CHECKPOINT_FILE
+
+    def result_path(self, k: int) -> Path:
+        return self.fold_dir(k) / RESULT_FILE
+
+
+class Run(RunPaths):
     """A RUNDIR: its paths, run.json, training dataset, folds and their models.
 
     ``Run(rundir)`` reads and checks run.json at once (a one-line error if it is not a
@@ -451,21 +473,11 @@ class Run:
     """
 
     def __init__(self, rundir: str | os.PathLike):
-        self.path = Path(rundir)
+        super().__init__(rundir)
         self.record: dict[str, Any] = read_run_json(self.path)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
-
-    # -- paths ------------------------------------------------------------------------
-    def fold_dir(self, k: int) -> Path:
-        return self.path / f"fold{int(k)}"
-
-    def checkpoint_path(self, k: int) -> Path:
-        return self.fold_dir(k) / "checkpoint.pt"
-
-    def result_path(self, k: int) -> Path:
-        return self.fold_dir(k) / "result.h5"
 
     # -- what run.json says -------------------------------------------------------------
     @property
@@ -631,7 +643,7 @@ class Run:
 
     def load_model(self, k: int, device: str = "cpu"):
         """Fold ``k``'s trained model in eval mode on ``device``, and its checkpoint dict."""
-        from nodulekit.training import resolve_device
+        from nodulekit.devices import resolve_device
 
         path = self.checkpoint_path(k)
         if not path.exists():

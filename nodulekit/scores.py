@@ -211,9 +211,16 @@ def score_maps(
     return out
 
 
+def check_maps_dataset(m, ds) -> None:
+    """Refuse, in one line saying what differs, a dataset the maps file ``m`` was not computed on."""
+    from nodulekit.datasets import check_identity
+
+    check_identity(m.dataset_identity, ds, str(m.path), ds.path, remedy="re-make it with this version")
+
+
 def _dataset_rows(m, ds, row_of: dict, map_class: int, dataset) -> np.ndarray:
     """The dataset row of each nodule of maps file ``m``, after checking it maps this dataset."""
-    m.check_dataset(ds)
+    check_maps_dataset(m, ds)
     if m.maps_up.shape[-2:] != ds.mask.shape[-2:]:
         raise NodulekitError(
             f"{m.path}: maps_up grid {m.maps_up.shape[-2:]} differs from the mask grid {ds.mask.shape[-2:]}"

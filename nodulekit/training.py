@@ -38,11 +38,13 @@ from nodulekit import __version__, claims
 from nodulekit.artifacts import provenance
 from nodulekit.constants import MALIGNANT, THRESHOLD
 from nodulekit.datasets import Dataset, identity_difference, load_dataset
+from nodulekit.devices import resolve_device
 from nodulekit.errors import NodulekitError
 from nodulekit.run import (  # noqa: F401 - load_run, load_fold_model: the public names of the RUNDIR readers
     CHECKPOINT_FORMAT,
     HISTORY_COLUMNS,
     RUN_FORMAT,
+    RunPaths,
     build_model,
     load_checkpoint,
     load_fold_model,
@@ -51,8 +53,8 @@ from nodulekit.run import (  # noqa: F401 - load_run, load_fold_model: the publi
     save_checkpoint,
     write_fold_result,
 )
-
-SELECT_MODES = ("last", "val")
+from nodulekit.train_config import LAST_BATCH_MODES, SELECT_MODES, TrainConfig  # noqa: F401 - re-exported
+from nodulekit.train_step import batch_loss, epoch_batches
 
 
 class TrainingDiverged(NodulekitError):
@@ -60,51 +62,6 @@ class TrainingDiverged(NodulekitError):
     checkpoint is kept and no result is written. A run-time failure (exit status 1)."""
 
     exit_code = 1
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one cross-validation run (defaults = the paper's, see module doc)."""
-
-    arch: str = "hesam"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    # 90 epochs = three learning-rate steps of 30 (5e-4, 5e-5, 5e-6): after the third
-    # step the rate is too small to move the weights, so more epochs only cost time.
-    epochs: int = 90
-    batch_size: int = 32
-    lr: float = 5e-4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_step: int = 30
-    lr_gamma: float = 0.1
-    seed: int = 0
-    select: str = "last"
-    val_fraction: float = 0.1
-    device: str = "auto"
-    # bf16 autocast and channels_last: True/False force, "auto" (or None) = measured before
-    # training by nodulekit.execution.choose_execution (fastest variant that agrees with fp32)
-    amp: bool | str | None = "auto"
-    channels_last: bool | str | None = "auto"
-    compile: bool = False
-    # all requested folds in one batched computation (nodulekit.concurrent_folds); same numbers
-    concurrent_folds: bool = False
-    eval_batch_size: int = 512
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise NodulekitError(f"--epochs must be at least 1 (got {self.epochs})")
-        if self.batch_size < 2:
-            raise NodulekitError(f"--batch-size must be at least 2 for batch normalisation (got {self.batch_size})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise NodulekitError(f"--lr must be a positive number (got {self.lr})")
-        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
-            raise NodulekitError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
-        if self.lr_step < 1:
-            raise NodulekitError(f"--lr-step must be at least 1 (got {self.lr_step})")
-        if self.select not in SELECT_MODES:
-            raise NodulekitError(f"--select must be one of {', '.join(SELECT_MODES)} (got {self.select!r})")
-        if self.select == "val" and not 0.0 < self.val_fraction < 0.5:
-            raise NodulekitError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})")
 
 
 # --------------------------------------------------------------------------- data
@@ -179,25 +136,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def resolve_device(name: str):
-    import torch
-
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise NodulekitError(
-                f"--device {name} requested but no CUDA GPU is usable here (torch {torch.__version__}); use --device cpu or auto"
-            )
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, ValueError) as exc:
-        raise NodulekitError(f"--device {name} is not usable: {str(exc).splitlines()[0]}") from None
-    return device
-
-
 def run_record(cfg: TrainConfig, data: Dataset, device, execution=None) -> dict[str, Any]:
     """Everything run.json records (see docs/ARCHITECTURE.md)."""
     from nodulekit.execution import default_execution
@@ -227,6 +165,7 @@ def run_record(cfg: TrainConfig, data: Dataset, device, execution=None) -> dict[
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
+        "last_batch": cfg.last_batch,
         "optimiser": {
             "name": "SGD",
             "lr": cfg.lr,
@@ -255,6 +194,7 @@ def run_record(cfg: TrainConfig, data: Dataset, device, execution=None) -> dict[
         "channels_last": execution.channels_last,
         "execution": execution.as_dict(),
         "compile": cfg.compile,
+        "cuda_graphs": cfg.cuda_graphs,
         "versions": _versions(),
         "command": prov["command"],
         "created": prov["created"],
@@ -347,25 +287,14 @@ def _score(logits, y) -> tuple[float, float]:
     return loss, acc
 
 
-def batch_loss(forward, batch: dict):
-    """(loss, cross-entropy, logits) of one batch: cross-entropy + the model's auxiliary loss.
-
-    ``forward`` is a model's ``training_forward`` (or its compiled version); every model
-    goes through it, multi-task or not.
-    """
-    import torch.nn.functional as F
-
-    logits, aux = forward(batch)
-    ce = F.cross_entropy(logits.float(), batch["y"])
-    return ce + aux.float(), ce, logits
-
-
 def divergence_message(fold: int, epoch: int, total: float) -> str:
     kept = f"the last good checkpoint (epoch {epoch - 1}) is kept" if epoch > 1 else "no checkpoint was written"
     return f"fold {fold} diverged in epoch {epoch}: training loss is {total}; {kept}; try a lower --lr"
 
 
-def _train_epoch(model, forward, optimizer, dd: _DeviceData, train_index, generator, batch_size, amp, fold, epoch):
+def _train_epoch(
+    model, forward, optimizer, dd: _DeviceData, train_index, generator, batch_size, amp, fold, epoch, last_batch="keep"
+):
     """One pass over the fold's training rows in the generator's order; (train loss, train accuracy).
 
     A NaN/inf loss raises :class:`TrainingDiverged` before anything is saved.
@@ -373,16 +302,11 @@ def _train_epoch(model, forward, optimizer, dd: _DeviceData, train_index, genera
     import torch
 
     model.train()
-    order = torch.from_numpy(np.asarray(train_index, np.int64))[torch.randperm(len(train_index), generator=generator)]
-    order = order.to(dd.device)
     ce_sum = torch.zeros((), device=dd.device)
     total_sum = torch.zeros((), device=dd.device)
     correct = torch.zeros((), device=dd.device)
     seen = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < 2:  # batch normalisation cannot train on a single sample
-            continue
+    for idx in epoch_batches(train_index, generator, batch_size, last_batch, dd.device):
         batch = dd.batch(idx)
         with _autocast(dd.device, amp):
             loss, ce, logits = batch_loss(forward, batch)
@@ -456,7 +380,7 @@ class FoldState:
     fold: int
     split: FoldSplit
     seed: int
-    fold_dir: Path  # RUNDIR/fold<k>
+    paths: RunPaths  # the RUNDIR's
     model: Any
     optimizer: Any
     scheduler: Any
@@ -472,12 +396,16 @@ class FoldState:
     status: str = "trained"  # trained, resumed or finalised
 
     @property
+    def fold_dir(self) -> Path:
+        return self.paths.fold_dir(self.fold)
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.fold_dir / "checkpoint.pt"
+        return self.paths.checkpoint_path(self.fold)
 
     @property
     def result_path(self) -> Path:
-        return self.fold_dir / "result.h5"
+        return self.paths.result_path(self.fold)
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -511,7 +439,7 @@ def new_fold_state(ctx: TrainContext, fold: int) -> FoldState:
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg),
         generator=torch.Generator().manual_seed(seed),
-        fold_dir=ctx.rundir / f"fold{fold}",
+        paths=RunPaths(ctx.rundir),
         selector=ValidationSelector() if cfg.select == "val" else None,
     )
 
@@ -568,9 +496,19 @@ def start_fold(ctx: TrainContext, fold: int) -> FoldState | dict:
                 "selected_epoch": ckpt.get("selected_epoch"),
             }
         restore_fold_state(ctx, state, ckpt)
-    state.forward = torch.compile(state.model.training_forward) if ctx.cfg.compile else state.model.training_forward
+    state.forward = training_forward(state.model, ctx.cfg)
     state.eval_model = torch.compile(state.model) if ctx.cfg.compile else state.model
     return state
+
+
+def training_forward(model, cfg: TrainConfig):
+    """The model's training forward as the step runs it: as it is, compiled (``--compile``), or
+    compiled into CUDA graphs (``--cuda-graphs``: mode "reduce-overhead", one graph per static shape)."""
+    import torch
+
+    if cfg.cuda_graphs:
+        return torch.compile(model.training_forward, mode="reduce-overhead")
+    return torch.compile(model.training_forward) if cfg.compile else model.training_forward
 
 
 def checkpoint_dict(ctx: TrainContext, state: FoldState, finished: bool) -> dict:
@@ -649,7 +587,9 @@ def run_epoch(ctx: TrainContext, state: FoldState) -> dict[str, float]:
     """Train one epoch, score it, save the checkpoint; returns the epoch's metrics."""
     started = time.perf_counter()
     args = (state.optimizer, ctx.device_data, state.split.train_index, state.generator, ctx.cfg.batch_size, ctx.amp)
-    train_loss, train_acc = _train_epoch(state.model, state.forward, *args, state.fold, state.epoch + 1)
+    train_loss, train_acc = _train_epoch(
+        state.model, state.forward, *args, state.fold, state.epoch + 1, last_batch=ctx.cfg.last_batch
+    )
     return end_epoch(ctx, state, train_loss, train_acc, started)
 
 
@@ -850,6 +790,7 @@ def train(
     for k in wanted:
         fold_split(data, k, cfg)  # refuse degenerate folds before training anything
     device = resolve_device(cfg.device)
+    cfg.check_device(device)
     # input shapes are fixed (32x32, batch 32), so cuDNN's autotuner pays off; restored afterwards
     benchmark_flag = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda" or benchmark_flag
@@ -885,10 +826,8 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         summaries, failures = [], []
         side_by_side = cfg.concurrent_folds and _side_by_side_possible(cfg, run, execution)
         # one job per fold: claim every requested fold before training any of them
-        with claims.claimed(Path(rundir) / f"fold{k}" for k in wanted):
+        with claims.claimed(RunPaths(rundir).fold_dir(k) for k in wanted):
             if side_by_side:
-                from nodulekit.concurrent_folds import train_side_by_side
-
                 ctx = train_context(data, cfg, rundir, run=run, device=device, device_data=dd, execution=execution)
                 summaries, failures = train_side_by_side(ctx, wanted, progress=progress, on_epoch_end=on_epoch_end)
             for k in [] if side_by_side else wanted:
@@ -912,6 +851,115 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
     if failures:
         raise TrainingDiverged(" | ".join(failures))
     return {"rundir": str(rundir), "run": run, "folds": summaries, "execution": execution.as_dict()}
+
+
+# --------------------------------------------------------------------------- folds side by side (nodulekit.concurrent_folds)
+
+
+class _FoldRng:
+    """Each fold's own global random state, as sequential training leaves it for that fold's checkpoints."""
+
+    def __init__(self, device):
+        self.device = device
+        self.states: dict[int, tuple] = {}
+
+    def save(self, fold: int) -> None:
+        import torch
+
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.states[fold] = (torch.get_rng_state(), cuda)
+
+    def load(self, fold: int) -> None:
+        import torch
+
+        cpu, cuda = self.states[fold]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+
+def train_side_by_side(ctx, folds: list[int], *, progress: bool = True, on_epoch_end=None):
+    """Train ``folds`` of one run side by side (``nodulekit.concurrent_folds``); (per-fold summaries,
+    divergence messages).
+
+    The steps around each epoch (start_fold, end_epoch, finish_fold) are the sequential ones, so checkpoints, resume and results stay per fold and unchanged. Folds
+    resumed at different epochs catch up: each joint epoch trains the folds that are furthest
+    behind, until all are at the same epoch and train together.
+    """
+    rng, summaries, pending = _FoldRng(ctx.device), [], []
+    for k in folds:
+        state = start_fold(ctx, k)
+        if isinstance(state, dict):
+            summaries.append(state)  # finished earlier: skipped
+        else:
+            rng.save(k)
+            pending.append(state)
+    before = {s.fold: s.epoch for s in pending}
+    bars = _bars(ctx, pending) if progress else {}
+    failures = []
+    try:
+        while pending:
+            group = [s for s in pending if s.epoch == min(p.epoch for p in pending)]
+            if group[0].epoch >= ctx.cfg.epochs:  # resumed after its last epoch: only the results are missing
+                done = group
+            else:
+                done, failed = _joint_epoch(ctx, group, rng, bars, on_epoch_end)
+                failures += failed
+                pending = [s for s in pending if s.fold not in {f for f, _ in failed}]
+            for state in [s for s in done if s.epoch >= ctx.cfg.epochs]:
+                rng.load(state.fold)
+                pending.remove(state)
+                try:
+                    summaries.append(finish_fold(ctx, state, before[state.fold]))
+                except TrainingDiverged as exc:  # non-finite final outputs: this fold fails alone
+                    failures.append((state.fold, str(exc)))
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return sorted(summaries, key=lambda s: s["fold"]), [message for _, message in failures]
+
+
+def _joint_epoch(ctx, group, rng, bars, on_epoch_end):
+    """One epoch of ``group`` side by side, then each fold's scoring and checkpoint; (trained, [(fold, why)])."""
+    import warnings
+
+    from nodulekit import concurrent_folds
+
+    started = time.perf_counter()
+    results = concurrent_folds.train_epoch_side_by_side(
+        group, ctx.device_data, ctx.cfg.batch_size, ctx.amp, ctx.cfg.last_batch
+    )
+    trained, failed = [], []
+    for state, result in zip(group, results, strict=True):
+        if not math.isfinite(result.total_loss):
+            failed.append((state.fold, divergence_message(state.fold, state.epoch + 1, result.total_loss)))
+            continue
+        rng.load(state.fold)
+        with warnings.catch_warnings():
+            # the fold's own SGD did not step (the stacked one did, for it): not the misuse torch warns of
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            try:
+                metrics = end_epoch(ctx, state, result.train_loss, result.train_acc, started)
+            except TrainingDiverged as exc:  # non-finite outputs: nothing saved for this epoch
+                failed.append((state.fold, str(exc)))
+                continue
+        trained.append(state)
+        if state.fold in bars:
+            bars[state.fold].set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+            bars[state.fold].update(1)
+        if on_epoch_end is not None:
+            on_epoch_end(state.fold, state.epoch, dict(metrics, epoch=state.epoch))
+    return trained, failed
+
+
+def _bars(ctx, states) -> dict:
+    from tqdm.auto import tqdm
+
+    return {
+        s.fold: tqdm(total=ctx.cfg.epochs, initial=s.epoch, desc=f"{ctx.cfg.arch} fold {s.fold} (side by side)",
+                     unit="epoch", leave=True, position=i)
+        for i, s in enumerate(states)
+    }  # fmt: skip
 
 
 def _side_by_side_possible(cfg: TrainConfig, run: dict, execution) -> bool:

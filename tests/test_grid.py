@@ -244,3 +244,16 @@ def test_folds_side_by_side_only_when_asked(tmp_path, train, side_by_side):
     assert plan.train["concurrent_folds"] is side_by_side
     command = train_command(plan, next(iter(plan.runs)), threads=1)
     assert ("--concurrent-folds" in command) is side_by_side
+
+
+def test_default_fold_layout_is_the_measured_fastest(tmp_path, monkeypatch):
+    """The default follows FASTEST_FOLD_LAYOUT per machine kind (one place to change it when a
+    measurement says so); today one job per fold on both."""
+    import nodulekit.grid as G
+
+    assert G.FASTEST_FOLD_LAYOUT == {"cpu": "one_job_per_fold", "gpu": "one_job_per_fold"}
+    monkeypatch.setitem(G.FASTEST_FOLD_LAYOUT, "gpu", "side_by_side")
+    gpu = load_grid(write_config(tmp_path, edit(TINY, "threads: 1}", "threads: 1, gpus: 1}")))
+    cpu = load_grid(write_config(tmp_path, TINY))
+    assert gpu.train["concurrent_folds"] is True and cpu.train["concurrent_folds"] is False
+    assert "--concurrent-folds" in train_command(gpu, next(iter(gpu.runs)), threads=1)

@@ -203,12 +203,12 @@ def test_divergence_stops_fold_keeps_last_good_checkpoint(ds3, tmp_path, monkeyp
 
     original = T._train_epoch
 
-    def poisoned(model, *args):
+    def poisoned(model, *args, **kw):
         fold, epoch = args[-2], args[-1]
         if fold == 0 and epoch == 2:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
-        return original(model, *args)
+        return original(model, *args, **kw)
 
     monkeypatch.setattr(T, "_train_epoch", poisoned)
     rundir = tmp_path / "div"

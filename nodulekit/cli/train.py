@@ -11,6 +11,10 @@ import typer
 from nodulekit.cli import app
 from nodulekit.cli.common import AS_JSON, PROGRESS, QUIET, device_option, emit_report, say, show_progress, to_file
 from nodulekit.errors import NodulekitError
+from nodulekit.train_config import TrainConfig
+
+# Every default below is TrainConfig's (the one place they live); the help texts say the paper's value.
+DEFAULT = TrainConfig()
 
 
 def parse_model_options(items: list[str] | None) -> dict:
@@ -44,7 +48,7 @@ def train_command(
         ..., "--output", "-o", help="RUNDIR to create, or to resume/extend when it holds the same run."
     ),
     arch: str = typer.Option(
-        "hesam",
+        DEFAULT.arch,
         "--arch",
         help="Architecture from the model registry (e.g. hesam, sam, cam, baseline); `nodulekit models` lists "
         "them all with their paper names, map methods and sizes.",
@@ -58,24 +62,34 @@ def train_command(
     fold: list[int] | None = typer.Option(
         None, "--fold", help="Train only this test fold (repeatable); several jobs may share one RUNDIR."
     ),
-    epochs: int = typer.Option(90, "--epochs", help="Epochs per fold (90 = three learning-rate steps of 30)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Mini-batch size (paper: 32)."),
-    lr: float = typer.Option(5e-4, "--lr", help="Initial SGD learning rate (paper: 5e-4)."),
-    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (not stated in the paper; 0.9)."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="SGD weight decay (paper: 1e-4)."),
+    epochs: int = typer.Option(
+        DEFAULT.epochs, "--epochs", help="Epochs per fold (90 = three learning-rate steps of 30)."
+    ),
+    batch_size: int = typer.Option(DEFAULT.batch_size, "--batch-size", help="Mini-batch size (paper: 32)."),
+    last_batch: Literal["keep", "drop"] = typer.Option(
+        DEFAULT.last_batch,
+        "--last-batch",
+        help="The last partial batch of an epoch: keep (train on it; the default, every published result) or drop "
+        "(every step has --batch-size rows: static shapes, needed by --cuda-graphs).",
+    ),
+    lr: float = typer.Option(DEFAULT.lr, "--lr", help="Initial SGD learning rate (paper: 5e-4)."),
+    momentum: float = typer.Option(DEFAULT.momentum, "--momentum", help="SGD momentum (not stated in the paper; 0.9)."),
+    weight_decay: float = typer.Option(DEFAULT.weight_decay, "--weight-decay", help="SGD weight decay (paper: 1e-4)."),
     lr_step: int = typer.Option(
-        30, "--lr-step", help="Divide the learning rate by 10 every this many epochs (paper: 30)."
+        DEFAULT.lr_step, "--lr-step", help="Divide the learning rate by 10 every this many epochs (paper: 30)."
     ),
     select: Literal["last", "val"] = typer.Option(
-        "last",
+        DEFAULT.select,
         "--select",
         help="Which epoch's model to report: 'last' or 'val' = best accuracy on a validation split "
         "carved from the training folds (by patient, stratified). The test fold is never used to choose.",
     ),
     val_fraction: float = typer.Option(
-        0.1, "--val-fraction", help="Share of training patients held out for --select val."
+        DEFAULT.val_fraction, "--val-fraction", help="Share of training patients held out for --select val."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of model initialisation, batch order and validation split."),
+    seed: int = typer.Option(
+        DEFAULT.seed, "--seed", help="Seed of model initialisation, batch order and validation split."
+    ),
     device: str = device_option("Where to train: auto (CUDA when available), cpu, cuda or cuda:N."),
     amp: bool | None = typer.Option(
         None,
@@ -89,12 +103,18 @@ def train_command(
         help="channels_last memory format on or off (default: auto, chosen with --amp's probe).",
     ),
     compile: bool = typer.Option(
-        False,
+        DEFAULT.compile,
         "--compile/--no-compile",
         help="torch.compile the model (for CUDA; on CPU the compile step can take many minutes).",
     ),
+    cuda_graphs: bool = typer.Option(
+        DEFAULT.cuda_graphs,
+        "--cuda-graphs",
+        help="Capture the training step in CUDA graphs (torch.compile mode reduce-overhead); CUDA only, needs "
+        "--last-batch drop; refused on a CPU.",
+    ),
     concurrent_folds: bool = typer.Option(
-        False,
+        DEFAULT.concurrent_folds,
         "--concurrent-folds/--sequential-folds",
         help="Train all requested folds side by side in one batched computation (same numbers as one after "
         "another; for GPUs). Models with dropout (vgg16) train their folds one after another, said on stderr.",
@@ -116,13 +136,14 @@ def train_command(
 
     Example: nodulekit train d11c.h5 --arch hesam --epochs 90 --device auto --seed 0 -o runs/hesam-d11c
     """
-    from nodulekit.training import TrainConfig, train
+    from nodulekit.training import train
 
     cfg = TrainConfig(
         arch=arch,
         model_options=parse_model_options(model_opt),
         epochs=epochs,
         batch_size=batch_size,
+        last_batch=last_batch,
         lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
@@ -134,6 +155,7 @@ def train_command(
         amp=amp,
         channels_last=channels_last,
         compile=compile,
+        cuda_graphs=cuda_graphs,
         concurrent_folds=concurrent_folds,
     )
     out = train(

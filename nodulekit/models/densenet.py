@@ -94,7 +94,11 @@ def _growth(name: str, base_width) -> int:
     return base_width // 2
 
 
-@register_model("densenet121", "DenseNet-121 (growth 32, blocks 6-12-24-16, CIFAR-style stem), 1024x4x4 maps, GAP + FC")
+@register_model(
+    "densenet121",
+    "DenseNet-121 (growth 32, blocks 6-12-24-16, CIFAR-style stem), 1024x4x4 maps, GAP + FC",
+    paper_name="DenseNet121",
+)
 def densenet121(in_channels, num_classes=2, *, base_width=64):
     return DenseNet121(in_channels, num_classes, variant="plain", growth=_growth("densenet121", base_width))
 
@@ -103,12 +107,18 @@ def densenet121(in_channels, num_classes=2, *, base_width=64):
     "densenet121-cam",
     "DenseNet-121-CAM: stride-1 transition pools, no final pooling, 1024x16x16 maps, CAM head",
     map_kind="cam",
+    paper_name="DenseNet121-CAM",
 )
 def densenet121_cam(in_channels, num_classes=2, *, base_width=64):
     return DenseNet121(in_channels, num_classes, variant="cam", growth=_growth("densenet121-cam", base_width))
 
 
-@register_model("densenet121-sam", "DenseNet-121-SAM: as densenet121-cam with the SAM head", map_kind="sam")
+@register_model(
+    "densenet121-sam",
+    "DenseNet-121-SAM: as densenet121-cam with the SAM head",
+    map_kind="sam",
+    paper_name="DenseNet121-SAM",
+)
 def densenet121_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     check_choice("densenet121-sam", "fcf_pool", fcf_pool, FCF_POOLS)
     return DenseNet121(

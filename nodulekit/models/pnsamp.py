@@ -94,6 +94,7 @@ class PNSAMP(NoduleClassifier):
     "pn-samp",
     "PN-SAMP (Wu et al. 2018): UNet jointly predicting the nodule segmentation, the "
     "8 LIDC characteristics and malignancy from bottleneck + attribute features",
+    paper_name="PN-SAMP",
 )
 def pn_samp(in_channels, num_classes=2, *, seg_weight=1.0, attr_weight=0.1, base_width=64):
     check_positive_int("pn-samp", "base_width", base_width)

@@ -29,6 +29,7 @@ class ModelSpec:
     map_kind: str | None
     defaults: dict[str, Any] = field(default_factory=dict)
     alias_of: str | None = None
+    paper_name: str | None = None  # the row name in the paper's tables (Table 2), if it has one
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -54,8 +55,13 @@ def register_model(
     description: str,
     map_kind: str | None = None,
     aliases: tuple[str, ...] = (),
+    paper_name: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``factory`` under ``name`` (and ``aliases``, same implementation)."""
+    """Decorator: register ``factory`` under ``name`` (and ``aliases``, same implementation).
+
+    ``paper_name``: how the paper's tables name it (e.g. "Ours-HESAM"); reports show it in
+    place of the registry name, for the aliases too.
+    """
     if map_kind not in MAP_KINDS:
         raise ValueError(f"map_kind must be one of {MAP_KINDS}, not {map_kind!r}")
 
@@ -65,7 +71,7 @@ def register_model(
             if alias in _REGISTRY and _REGISTRY[alias].factory is not factory:
                 raise ValueError(f"model name {alias!r} is registered twice")
             _REGISTRY[alias] = ModelSpec(
-                alias, factory, description, map_kind, defaults, None if alias == name else name
+                alias, factory, description, map_kind, defaults, None if alias == name else name, paper_name
             )
         return factory
 
@@ -100,6 +106,14 @@ def describe_models() -> list[tuple[str, str, str | None]]:
         text = spec.description if spec.alias_of is None else f"alias of {spec.alias_of}: {spec.description}"
         rows.append((name, text, spec.map_kind))
     return rows
+
+
+def paper_name(arch: str) -> str:
+    """The paper's name of architecture ``arch`` (e.g. "Ours-HESAM"); ``arch`` itself when it has none
+    or is not registered (a run of an architecture this version no longer has)."""
+    _load_families()
+    spec = _REGISTRY.get(arch)
+    return spec.paper_name if spec is not None and spec.paper_name else arch
 
 
 def model_spec(name: str) -> ModelSpec:

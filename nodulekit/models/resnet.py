@@ -58,7 +58,9 @@ class ResNet(NoduleClassifier):
 def _register(depth: int) -> None:
     name = f"resnet{depth}"
 
-    @register_model(name, f"ResNet-{depth} (CIFAR-style 3x3 stem), 512x4x4 final maps, GAP + FC")
+    @register_model(
+        name, f"ResNet-{depth} (CIFAR-style 3x3 stem), 512x4x4 final maps, GAP + FC", paper_name=f"ResNet{depth}"
+    )
     def plain(in_channels, num_classes=2, *, base_width=64):
         check_positive_int(name, "base_width", base_width)
         return ResNet(in_channels, num_classes, depth=depth, variant="plain", width=base_width)
@@ -67,6 +69,7 @@ def _register(depth: int) -> None:
         f"{name}-cam",
         f"ResNet-{depth}-CAM: stem halves to 16x16, all stage strides 1, 512x16x16 maps, CAM head (GAP + FC)",
         map_kind="cam",
+        paper_name=f"ResNet{depth}-CAM",
     )
     def with_cam(in_channels, num_classes=2, *, base_width=64):
         check_positive_int(f"{name}-cam", "base_width", base_width)
@@ -76,6 +79,7 @@ def _register(depth: int) -> None:
         f"{name}-sam",
         f"ResNet-{depth}-SAM: as {name}-cam with the SAM head (AvgPool 5/2 -> per-map FC 36->1 -> FC)",
         map_kind="sam",
+        paper_name=f"ResNet{depth}-SAM",
     )
     def with_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
         check_positive_int(f"{name}-sam", "base_width", base_width)

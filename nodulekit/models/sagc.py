@@ -72,6 +72,7 @@ class SAGC(NoduleClassifier):
     "sag-c",
     "SAG-C: simplified attention-gated classifier (Schlemper et al. 2019), one conv per "
     "scale, attention gates at 16x16 and 8x8 gated by the 4x4 maps, concatenated -> FC",
+    paper_name="SAG-C",
 )
 def sag_c(in_channels, num_classes=2, *, base_width=64):
     check_positive_int("sag-c", "base_width", base_width)

@@ -139,6 +139,7 @@ def _check(name: str, width: int, fcf_pool: str = "avg", hf_pool: str = "max", f
     "bottleneck) summed into the SAM vector (score Eq. 12, map Eq. 11); g 256x16x16",
     map_kind="hesam",
     aliases=("ours-hesam", "u-gmp-rb-sam"),
+    paper_name="Ours-HESAM",
 )
 def hesam(in_channels, num_classes=2, *, fcf_pool="avg", hf_pool="max", fusion="sum", base_width=64):
     _check("hesam", base_width, fcf_pool, hf_pool, fusion)
@@ -159,6 +160,7 @@ def hesam(in_channels, num_classes=2, *, fcf_pool="avg", hf_pool="max", fusion="
     "Ours-SAM: UNet + residual blocks + SAM head (AvgPool 5/2 -> per-map FC 36->1 -> FC), g 256x16x16",
     map_kind="sam",
     aliases=("ours-sam", "u-rb-sam"),
+    paper_name="Ours-SAM",
 )
 def sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     _check("sam", base_width, fcf_pool)
@@ -172,6 +174,7 @@ def sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     "Ours-CAM: UNet + residual blocks + CAM head (GAP -> FC), g 256x16x16",
     map_kind="cam",
     aliases=("ours-cam",),
+    paper_name="Ours-CAM",
 )
 def cam(in_channels, num_classes=2, *, base_width=64):
     _check("cam", base_width)
@@ -196,6 +199,7 @@ def he_cam(in_channels, num_classes=2, *, hf_pool="max", fusion="sum", base_widt
     "Table 2 Baseline (our reading): the UNet alone, GAP + FC on its 64 output maps of 32x32 "
     "(no residual blocks, no SAM, no high-level feature); its map is the CAM of those maps",
     map_kind="cam",
+    paper_name="Baseline",
 )
 def baseline(in_channels, num_classes=2, *, base_width=64):
     _check("baseline", base_width)

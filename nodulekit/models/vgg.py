@@ -84,7 +84,9 @@ class VGG16(NoduleClassifier):
         return {"logits": self.classifier(self.pools[-1](g)), "features": g, "high_level": None}
 
 
-@register_model("vgg16", "VGG-16 with BN, five pools, three FC layers (512 -> 4096 -> 4096 -> classes)")
+@register_model(
+    "vgg16", "VGG-16 with BN, five pools, three FC layers (512 -> 4096 -> 4096 -> classes)", paper_name="VGG16"
+)
 def vgg16(in_channels, num_classes=2, *, base_width=64, fc_width=4096):
     check_positive_int("vgg16", "base_width", base_width)
     check_positive_int("vgg16", "fc_width", fc_width)
@@ -92,14 +94,22 @@ def vgg16(in_channels, num_classes=2, *, base_width=64, fc_width=4096):
 
 
 @register_model(
-    "vgg16-cam", "VGG-16-CAM: only the first pool kept, 512x16x16 maps, CAM head (GAP + one FC)", map_kind="cam"
+    "vgg16-cam",
+    "VGG-16-CAM: only the first pool kept, 512x16x16 maps, CAM head (GAP + one FC)",
+    map_kind="cam",
+    paper_name="VGG16-CAM",
 )
 def vgg16_cam(in_channels, num_classes=2, *, base_width=64):
     check_positive_int("vgg16-cam", "base_width", base_width)
     return VGG16(in_channels, num_classes, variant="cam", width=base_width)
 
 
-@register_model("vgg16-sam", "VGG-16-SAM: only the first pool kept, 512x16x16 maps, SAM head", map_kind="sam")
+@register_model(
+    "vgg16-sam",
+    "VGG-16-SAM: only the first pool kept, 512x16x16 maps, SAM head",
+    map_kind="sam",
+    paper_name="VGG16-SAM",
+)
 def vgg16_sam(in_channels, num_classes=2, *, fcf_pool="avg", base_width=64):
     check_positive_int("vgg16-sam", "base_width", base_width)
     check_choice("vgg16-sam", "fcf_pool", fcf_pool, FCF_POOLS)
