@@ -174,28 +174,13 @@ def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path):
     assert [(r["state"], r["epochs_done"]) for r in rows[:2]] == [("finished", 1), ("finished", 1)]
 
 
-def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """`nodulekit ARGS` in this process: (exit status, stdout, stderr)."""
-    from nodulekit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code or 0
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def test_status_states_and_exit_codes(ds, tmp_path, capsys, monkeypatch):
+def test_status_states_and_exit_codes(ds, tmp_path, run_cli):
     from nodulekit.training import TrainConfig, train
 
     rundir = tmp_path / "run"
     cfg = TrainConfig(arch="cam", model_options={"base_width": 4}, epochs=2, lr=0.01, device="cpu")
     train(ds, rundir, cfg, folds=[0, 1, 2, 3, 4], progress=False)
-    rc, out, _ = cli(capsys, monkeypatch, "status", rundir)
+    rc, out, _ = run_cli("status", rundir)
     assert rc == 0 and out.strip().splitlines()[-1] == "5 finished"
 
     # fold 3 interrupted after its first epoch (Ctrl-C): its checkpoint says 1 of 2 epochs
@@ -218,8 +203,8 @@ def test_status_states_and_exit_codes(ds, tmp_path, capsys, monkeypatch):
     (rundir / "fold1" / "checkpoint.pt").unlink()
     holder = holder_process(rundir / "fold1")
     try:
-        rc, out, _ = cli(capsys, monkeypatch, "status", rundir, tmp_path / "not-yet", "--json")
-        rc_table, table, _ = cli(capsys, monkeypatch, "status", rundir)
+        rc, out, _ = run_cli("status", rundir, tmp_path / "not-yet", "--json")
+        rc_table, table, _ = run_cli("status", rundir)
     finally:
         holder.kill()
         holder.wait()
@@ -240,15 +225,15 @@ def test_status_states_and_exit_codes(ds, tmp_path, capsys, monkeypatch):
     # a finished run extended to more epochs is not finished any more
     run_json = json.loads((rundir / "run.json").read_text())
     (rundir / "run.json").write_text(json.dumps(dict(run_json, epochs=3)))
-    rc, out, _ = cli(capsys, monkeypatch, "status", rundir, "--json")
+    rc, out, _ = run_cli("status", rundir, "--json")
     rows = json.loads(out)
     assert rc == 3 and (rows[0]["state"], rows[0]["epochs_done"], rows[0]["epochs"]) == ("interrupted", 2, 3)
 
 
-def test_status_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+def test_status_bad_input_is_one_line(tmp_path, run_cli):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
-    rc, _, err = cli(capsys, monkeypatch, "status", tmp_path / "junk")
+    rc, _, err = run_cli("status", tmp_path / "junk")
     assert (
         rc == 2 and err.strip() == f"nodulekit: error: {tmp_path / 'junk'} is not a nodulekit run folder (no run.json)"
     )

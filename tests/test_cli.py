@@ -33,21 +33,6 @@ WRITERS = (
 )
 
 
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`nodulekit ARGS` through the real entry point, in this process: (exit status, stdout, stderr)."""
-    from nodulekit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def commands() -> dict:
     import typer
 
@@ -56,15 +41,15 @@ def commands() -> dict:
     return typer.main.get_command(app).commands
 
 
-def test_version(monkeypatch, capsys):
-    code, out, _ = run_main(monkeypatch, capsys, "--version")
+def test_version(run_cli):
+    code, out, _ = run_cli("--version")
     assert code == 0 and out.strip() == f"nodulekit {__version__}"
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["maps"], ["status"]])
-def test_short_help_is_the_long_help(monkeypatch, capsys, command):
-    code_h, out_h, _ = run_main(monkeypatch, capsys, *command, "-h")
-    code_help, out_help, _ = run_main(monkeypatch, capsys, *command, "--help")
+def test_short_help_is_the_long_help(command, run_cli):
+    code_h, out_h, _ = run_cli(*command, "-h")
+    code_help, out_help, _ = run_cli(*command, "--help")
     assert code_h == code_help == 0
     assert out_h == out_help and "Usage: nodulekit" in out_h
 
@@ -77,14 +62,14 @@ def test_every_writer_names_its_output_dash_o_output():
         assert not opts & {"--out", "--out-dir"}, f"{name} still has an old output spelling"
 
 
-def test_flags_are_shown_as_flags_and_take_no_value(monkeypatch, capsys):
+def test_flags_are_shown_as_flags_and_take_no_value(run_cli):
     for name in commands():
-        code, out, _ = run_main(monkeypatch, capsys, name, "--help")
+        code, out, _ = run_cli(name, "--help")
         assert code == 0 and "<bool>" not in out, name
-    _, out, _ = run_main(monkeypatch, capsys, "maps", "--help")
+    _, out, _ = run_cli("maps", "--help")
     assert "--overwrite " in out and "--overwrite <" not in out
     # a flag followed by a word: the word is an unexpected argument, a usage error (2)
-    code, _, err = run_main(monkeypatch, capsys, "cohort", "-o", "x.csv", "--overwrite", "true")
+    code, _, err = run_cli("cohort", "-o", "x.csv", "--overwrite", "true")
     assert code == 2 and "unexpected extra argument" in err
 
 
@@ -105,10 +90,10 @@ def test_old_output_spellings_are_rewritten(argv, expected, capsys):
     assert ("deprecated" in err) == (argv != expected)
 
 
-def test_old_output_spelling_still_reaches_the_command(tmp_path, monkeypatch, capsys):
+def test_old_output_spelling_still_reaches_the_command(tmp_path, run_cli):
     # `--out` is accepted by the entry point and lands on -o/--output: the command's own
     # error (not "no such option") proves it parsed.
-    code, _, err = run_main(monkeypatch, capsys, "evaluate", tmp_path / "nope", "--out", tmp_path / "rep")
+    code, _, err = run_cli("evaluate", tmp_path / "nope", "--out", tmp_path / "rep")
     assert code == 2
     assert "is not a nodulekit run folder" in err and "No such option" not in err
 
@@ -163,36 +148,34 @@ def test_long_commands_take_progress_and_quiet():
         ("scores", "--map-class", "malignant|benign"),
     ],
 )
-def test_allowed_values_are_listed_in_help(monkeypatch, capsys, command, option, values):
-    code, out, _ = run_main(monkeypatch, capsys, command, "-h")
+def test_allowed_values_are_listed_in_help(command, option, values, run_cli):
+    code, out, _ = run_cli(command, "-h")
     line = next(ln for ln in out.splitlines() if re.match(rf"\s+(-\w, )?{option} <", ln))
     assert code == 0 and f"<{values}>" in line, line
 
 
-def test_maps_methods_are_the_registry_of_map_methods(monkeypatch, capsys):
+def test_maps_methods_are_the_registry_of_map_methods(run_cli):
     from nodulekit.map_methods import method_names
 
-    _, out, _ = run_main(monkeypatch, capsys, "maps", "-h")
+    _, out, _ = run_cli("maps", "-h")
     assert f"<{'|'.join(method_names())}>" in out  # the choices are generated, not written twice
 
 
 @pytest.mark.parametrize(("device", "ok"), [("auto", True), ("cuda:1", True), ("gpu", False), ("cuda:x", False)])
-def test_device_values_are_checked_by_the_parser(tmp_path, monkeypatch, capsys, device, ok):
-    code, _, err = run_main(
-        monkeypatch, capsys, "maps", tmp_path / "nope", "-m", "cam", "-o", tmp_path / "m.h5", "--device", device
-    )
+def test_device_values_are_checked_by_the_parser(tmp_path, device, ok, run_cli):
+    code, _, err = run_cli("maps", tmp_path / "nope", "-m", "cam", "-o", tmp_path / "m.h5", "--device", device)
     if ok:  # parsed: the command itself then refuses the missing RUNDIR
         assert code == 2 and "is not a nodulekit run folder" in err
     else:
         assert code == 2 and "Invalid value for '--device'" in err
 
 
-def test_models_lists_the_registry(monkeypatch, capsys):
+def test_models_lists_the_registry(run_cli):
     import json
 
     from nodulekit.models import available_models
 
-    code, out, _ = run_main(monkeypatch, capsys, "models", "--channels", "3", "--json")
+    code, out, _ = run_cli("models", "--channels", "3", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and sorted(rows) == available_models()
     assert rows["hesam"]["paper_name"] == "Ours-HESAM" and rows["resnet18"]["paper_name"] == "ResNet18"
@@ -201,10 +184,10 @@ def test_models_lists_the_registry(monkeypatch, capsys):
     assert "cam" not in rows["hesam"]["map_methods"]
     assert rows["resnet18"]["map_methods"] == ["gradcam"]  # no map-defining head
     # parameter counts follow the input: the first convolution grows with the channels
-    _, out11, _ = run_main(monkeypatch, capsys, "models", "--channels", "11", "--json")
+    _, out11, _ = run_cli("models", "--channels", "11", "--json")
     rows11 = {r["name"]: r for r in json.loads(out11)}
     assert rows11["resnet18"]["parameters"] - rows["resnet18"]["parameters"] == 8 * 3 * 3 * 64  # 3x3 stem, 64 maps
-    code, out, _ = run_main(monkeypatch, capsys, "models")
+    code, out, _ = run_cli("models")
     assert code == 0 and any(line.startswith("| hesam | Ours-HESAM | gradcam, hesam") for line in out.splitlines())
-    _, help_text, _ = run_main(monkeypatch, capsys, "train", "-h")
+    _, help_text, _ = run_cli("train", "-h")
     assert "nodulekit models" in " ".join(help_text.split())

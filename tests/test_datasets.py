@@ -486,24 +486,10 @@ def test_load_dataset_rejects_inconsistent_files(tiny_dataset, corrupt, message)
         load_dataset(tiny_dataset)
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `nodulekit build ARGS` in-process through the real entry point (no subprocess start-up)."""
-    from nodulekit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["nodulekit", "build", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_cli_builds_and_errors_in_one_line(rois, tmp_path, monkeypatch, capsys):
+def test_cli_builds_and_errors_in_one_line(rois, tmp_path, run_cli):
     out = tmp_path / "cli.h5"
-    code, stdout, stderr = _cli(
-        monkeypatch, capsys, str(rois), "--channels", "11", "-o", str(out), "--folds", "2", "--no-progress"
+    code, stdout, stderr = run_cli(
+        "build", str(rois), "--channels", "11", "-o", str(out), "--folds", "2", "--no-progress"
     )
     assert code == 0, stderr
     assert "D11C x (20, 11, 32, 32)" in stdout and "fingerprint" in stdout
@@ -513,12 +499,12 @@ def test_cli_builds_and_errors_in_one_line(rois, tmp_path, monkeypatch, capsys):
         ((str(out), "-o", str(tmp_path / "x.h5")), "expected 'rois'"),
         ((str(rois), "-o", str(tmp_path / "x.h5"), "--folds", "30"), "only 20 nodules for 30 folds"),
     ):
-        code, stdout, stderr = _cli(monkeypatch, capsys, *args)
+        code, stdout, stderr = run_cli("build", *args)
         assert code == 2
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("nodulekit: error:") and message in lines[0], stderr
     # --channels is a choice: a usage error that lists the allowed values
-    code, _, stderr = _cli(monkeypatch, capsys, str(rois), "--channels", "5", "-o", str(tmp_path / "x.h5"))
+    code, _, stderr = run_cli("build", str(rois), "--channels", "5", "-o", str(tmp_path / "x.h5"))
     assert code == 2 and "'5' is not one of '1', '3', '11', '21'" in stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.h5"]
 

@@ -36,15 +36,6 @@ def copy_run(src, dst, *, bad_prob=None):
     return dst
 
 
-def run_cli(args, monkeypatch, capsys) -> tuple[int, str]:
-    from nodulekit.cli import main
-
-    monkeypatch.setattr("sys.argv", ["nodulekit", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    return info.value.code, capsys.readouterr().err
-
-
 def assert_refused(code, err, *names):
     """Non-zero exit and one error line (a progress bar may have been drawn before it), no traceback."""
     errors = [line for line in err.splitlines() if "error" in line.lower()]
@@ -55,7 +46,7 @@ def assert_refused(code, err, *names):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_consumers_refuse_a_fold_with_non_finite_predictions(good_run, tmp_path, monkeypatch, capsys, bad):
+def test_consumers_refuse_a_fold_with_non_finite_predictions(good_run, tmp_path, bad, run_cli):
     ds, run = good_run
     broken = copy_run(run, tmp_path / "broken", bad_prob=bad)
     out = tmp_path / "out"
@@ -67,12 +58,12 @@ def test_consumers_refuse_a_fold_with_non_finite_predictions(good_run, tmp_path,
         ["readers", broken, "-o", out / "r.md"],
         ["maps", broken, "-m", "hesam", "--device", "cpu", "-o", out / "m.h5"],
     ):
-        code, err = run_cli(args, monkeypatch, capsys)
+        code, _, err = run_cli(*args)
         assert_refused(code, err, where, "not probabilities")
     assert list(out.rglob("*")) == []  # nothing written, not even an empty report folder
 
 
-def test_maps_of_a_diverged_model_are_refused_naming_the_fold(good_run, tmp_path, monkeypatch, capsys):
+def test_maps_of_a_diverged_model_are_refused_naming_the_fold(good_run, tmp_path, run_cli):
     ds, run = good_run
     broken = copy_run(run, tmp_path / "nanweights")
     path = broken / "fold0" / "checkpoint.pt"
@@ -82,15 +73,15 @@ def test_maps_of_a_diverged_model_are_refused_naming_the_fold(good_run, tmp_path
             value.fill_(float("nan"))
     torch.save(ckpt, path)
     out = tmp_path / "m.h5"
-    code, err = run_cli(["maps", broken, "-m", "hesam", "--device", "cpu", "-o", out], monkeypatch, capsys)
+    code, _, err = run_cli(*["maps", broken, "-m", "hesam", "--device", "cpu", "-o", out])
     assert_refused(code, err, str(path), "NaN or infinite")
     assert not out.exists() and list(tmp_path.glob("*.part")) == []
 
 
-def test_scores_and_figures_refuse_non_finite_maps_files(good_run, tmp_path, monkeypatch, capsys):
+def test_scores_and_figures_refuse_non_finite_maps_files(good_run, tmp_path, run_cli):
     ds, run = good_run
     good = tmp_path / "good.h5"
-    code, _ = run_cli(["maps", run, "-m", "hesam", "--device", "cpu", "-o", good], monkeypatch, capsys)
+    code, _, _ = run_cli(*["maps", run, "-m", "hesam", "--device", "cpu", "-o", good])
     assert code in (0, None)
     for member, bad in (("prob", np.nan), ("maps_up", np.inf), ("maps", np.nan)):
         broken = tmp_path / f"bad_{member}.h5"
@@ -101,8 +92,8 @@ def test_scores_and_figures_refuse_non_finite_maps_files(good_run, tmp_path, mon
             f[member][...] = values
         out = tmp_path / f"out_{member}"
         out.mkdir()
-        code, err = run_cli(["scores", good, broken, "-d", ds, "-o", out / "s.csv"], monkeypatch, capsys)
+        code, _, err = run_cli(*["scores", good, broken, "-d", ds, "-o", out / "s.csv"])
         assert_refused(code, err, str(broken), f"{member} holds 1 NaN or infinite")
-        code, err = run_cli(["figures", good, broken, "-d", ds, "-o", out / "figs"], monkeypatch, capsys)
+        code, _, err = run_cli(*["figures", good, broken, "-d", ds, "-o", out / "figs"])
         assert_refused(code, err, str(broken), f"{member} holds 1 NaN or infinite")
         assert [p for p in out.rglob("*") if p.is_file()] == []

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -16,20 +15,6 @@ from nodulekit.errors import NodulekitError
 
 torch.set_num_threads(1)
 OPTS = ["--arch", "cam", "--model-opt", "base_width=4", "--epochs", "2", "--lr", "0.01", "--device", "cpu"]
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`nodulekit ARGS` in-process through the real entry point."""
-    from nodulekit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(code, err, *needles) -> None:
@@ -72,13 +57,13 @@ def test_identity_names_what_differs(rois, tmp_path):
     assert "records no dataset identity" in identity_difference(None, b)
 
 
-def test_fold_leak_repro_resume_refuses_a_rebuilt_dataset(rois, tmp_path, monkeypatch, capsys):
+def test_fold_leak_repro_resume_refuses_a_rebuilt_dataset(rois, tmp_path, run_cli):
     """Rebuild the dataset at the same path with another --seed (or --split): an interrupted
     run must not resume on it, nor may a --fold job, and nothing already trained is lost."""
     from nodulekit.training import TrainConfig, train, train_fold
 
     ds_path, rundir = tmp_path / "d1c.h5", tmp_path / "run"
-    code, _, err = cli(monkeypatch, capsys, "build", rois, "-o", ds_path, "--channels", "1", "--folds", "3")
+    code, _, err = run_cli("build", rois, "-o", ds_path, "--channels", "1", "--folds", "3")
     assert code == 0, err
     cfg = TrainConfig(arch="cam", model_options={"base_width": 4}, epochs=2, lr=0.01, device="cpu")
 
@@ -97,9 +82,9 @@ def test_fold_leak_repro_resume_refuses_a_rebuilt_dataset(rois, tmp_path, monkey
         (["--split", "nodule"], "dataset split nodule/seed 0, 3 folds, trained on patient/seed 0, 3 folds"),
     ):
         args = ["build", rois, "-o", ds_path, "--channels", "1", "--folds", "3", "--overwrite", *extra]
-        assert cli(monkeypatch, capsys, *args)[0] == 0
+        assert run_cli(*args)[0] == 0
         for job in ([], ["--fold", "0"], ["--fold", "2"]):
-            code, _, err = cli(monkeypatch, capsys, "train", ds_path, "-o", rundir, *OPTS, "--no-progress", *job)
+            code, _, err = run_cli("train", ds_path, "-o", rundir, *OPTS, "--no-progress", *job)
             one_line_error(code, err, f"{rundir} was not trained on", "fold assignment differs", needle)
         # the checkpoint itself also refuses (a fold resumed with a run.json that was replaced)
         with pytest.raises(NodulekitError, match="checkpoint.pt was not trained on .* fold assignment differs"):
@@ -107,9 +92,7 @@ def test_fold_leak_repro_resume_refuses_a_rebuilt_dataset(rois, tmp_path, monkey
         assert ckpt.read_bytes() == before and not (rundir / "fold0" / "result.h5").exists()
 
     # the original dataset back: the run resumes where it stopped
-    assert (
-        cli(monkeypatch, capsys, "build", rois, "-o", ds_path, "--channels", "1", "--folds", "3", "--overwrite")[0] == 0
-    )
+    assert run_cli("build", rois, "-o", ds_path, "--channels", "1", "--folds", "3", "--overwrite")[0] == 0
     out = train(ds_path, rundir, cfg, folds=[0], progress=False)
     assert out["folds"][0]["status"] == "resumed"
 
@@ -139,7 +122,7 @@ def finished(rois, tmp_path_factory):
     return root, ds_path, rundir, original
 
 
-def test_every_consumer_refuses_the_rebuilt_dataset(finished, monkeypatch, capsys):
+def test_every_consumer_refuses_the_rebuilt_dataset(finished, run_cli):
     root, ds_path, rundir, original = finished
     needle = "fold assignment differs: dataset split patient/seed 1, 3 folds, trained on patient/seed 0, 3 folds"
     for args in (
@@ -149,13 +132,13 @@ def test_every_consumer_refuses_the_rebuilt_dataset(finished, monkeypatch, capsy
         ["figures", root / "maps.h5", "--dataset", ds_path, "-o", root / "figs"],
         ["export-onnx", rundir, "--fold", "0", "-o", root / "again.onnx"],
     ):
-        code, _, err = cli(monkeypatch, capsys, *args)
+        code, _, err = run_cli(*args)
         one_line_error(code, err, f"{ds_path} is not the dataset of", needle)
     for made in ("m2.h5", "r.md", "s.csv", "again.onnx"):
         assert not (root / made).exists(), made
     assert not any((root / "figs").glob("*"))  # figures makes the folder first, but draws nothing
     # the run's own dataset is accepted by the same consumers
-    code, _, err = cli(monkeypatch, capsys, "readers", rundir, "--dataset", original, "-o", root / "r.md")
+    code, _, err = run_cli("readers", rundir, "--dataset", original, "-o", root / "r.md")
     assert code == 0, err
 
 
@@ -177,7 +160,7 @@ def test_infer_marks_the_fold_models_training_nodules_on_a_rebuilt_dataset(finis
     assert maps.dataset_identity == after.identity
 
 
-def test_fold_results_from_another_dataset_and_old_runs_are_refused(finished, rois, tmp_path, monkeypatch, capsys):
+def test_fold_results_from_another_dataset_and_old_runs_are_refused(finished, rois, tmp_path, run_cli):
     import shutil
 
     from nodulekit.training import TrainConfig, train
@@ -195,7 +178,7 @@ def test_fold_results_from_another_dataset_and_old_runs_are_refused(finished, ro
         progress=False,
     )
     shutil.copy(other / "fold1" / "result.h5", mixed / "fold1" / "result.h5")
-    code, _, err = cli(monkeypatch, capsys, "evaluate", mixed, "-o", tmp_path / "rep")
+    code, _, err = run_cli("evaluate", mixed, "-o", tmp_path / "rep")
     one_line_error(code, err, "fold1/result.h5 was not trained on this run's dataset", "fold assignment differs")
     # a run.json from before dataset identities: refused with a re-train line, never accepted silently
     old = tmp_path / "old"
@@ -204,5 +187,5 @@ def test_fold_results_from_another_dataset_and_old_runs_are_refused(finished, ro
     del record["dataset_identity"]
     (old / "run.json").write_text(json.dumps(record))
     for args in (["evaluate", old, "-o", tmp_path / "rep2"], ["maps", old, "--method", "cam", "-o", tmp_path / "m.h5"]):
-        code, _, err = cli(monkeypatch, capsys, *args)
+        code, _, err = run_cli(*args)
         one_line_error(code, err, "records no dataset identity", "re-train it")

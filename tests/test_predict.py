@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -236,30 +235,15 @@ def test_map_volume_places_each_map_pixel(env):
     assert vol[0, 0, k] == 0 and vol[11, 4, k] == 0  # outside the 12 mm square
 
 
-def _main(monkeypatch, capsys, *args):
-    from nodulekit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_json_lines_on_stdout_messages_on_stderr(env, tmp_path, monkeypatch, capsys):
-    code, out, err = _main(
-        monkeypatch, capsys, "predict", env["ensemble"], env["ct"], "--centre", _centre_arg(lps_of(NODULE)),
+def test_cli_json_lines_on_stdout_messages_on_stderr(env, tmp_path, run_cli):
+    code, out, err = run_cli("predict", env["ensemble"], env["ct"], "--centre", _centre_arg(lps_of(NODULE)),
         "--diameter", "10", "--provider", "cpu", "--no-progress",
     )  # fmt: skip
     assert code == 0, err
     rec = json.loads(out)
     assert set(rec) >= {"id", "centre_mm", "diameter_mm", "probability", "label", "members", "spread"}
     assert "{" not in err and "cpu provider" in err and "scored 1 nodule" in err
-    code, out, err = _main(
-        monkeypatch, capsys, "predict", env["ensemble"], env["ct"], "--centre", _centre_arg(lps_of(NODULE)),
+    code, out, err = run_cli("predict", env["ensemble"], env["ct"], "--centre", _centre_arg(lps_of(NODULE)),
         "--diameter", "10", "--provider", "cpu", "-q",
     )  # fmt: skip
     assert code == 0 and err == "" and json.loads(out)["probability"] == rec["probability"]
@@ -341,10 +325,10 @@ BAD_INPUTS = (
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, name, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, name, tmp_path, run_cli):
     args, message = bad_inputs[name]
     out = tmp_path / "out"
-    code, stdout, stderr = _main(monkeypatch, capsys, "predict", *args, "-o", out, "--provider", "cpu")
+    code, stdout, stderr = run_cli("predict", *args, "-o", out, "--provider", "cpu")
     lines = stderr.strip().splitlines()
     assert code == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("nodulekit: error:") and message in lines[0], stderr

@@ -27,24 +27,6 @@ TINY_TRAIN += ["--lr", "0.01", "--device", "cpu", "--no-amp", "--no-channels-las
 # --------------------------------------------------------------------------- running the CLI
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`nodulekit ARGS` through the real entry point, in this process: (exit status, stdout, stderr)."""
-    from nodulekit.cli import main
-
-    outputs = sys.modules.get("nodulekit.outputs")
-    if outputs is not None:  # a fresh process starts with nothing written to stdout
-        monkeypatch.setattr(outputs, "_stdout_taken", False)
-    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def cli_process(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """`nodulekit ARGS` in a new process (for crashes, signals and real streams)."""
     return subprocess.run(
@@ -176,26 +158,26 @@ def test_an_fd_path_redirected_to_a_file_is_written_through(tmp_path):
     assert "nodule clusters" in res.stderr  # the data took stdout, so the summary went to stderr
 
 
-def test_a_link_to_a_regular_file_is_written_through(tiny, tmp_path, monkeypatch, capsys):
+def test_a_link_to_a_regular_file_is_written_through(tiny, tmp_path, run_cli):
     ds, run = tiny
     target = tmp_path / "real" / "maps.h5"
     target.parent.mkdir()
     target.write_bytes(b"old")
     link = tmp_path / "maps.h5"
     link.symlink_to(target)
-    code, _, err = cli(monkeypatch, capsys, "maps", run, "-m", "cam", "--device", "cpu", "-o", link, "--overwrite")
+    code, _, err = run_cli("maps", run, "-m", "cam", "--device", "cpu", "-o", link, "--overwrite")
     BY_ID["link-to-file"].check(code, err)
     assert link.is_symlink() and link.resolve() == target
     assert h5py.is_hdf5(target)
 
 
 @pytest.mark.parametrize("target", ["-", "fifo"])
-def test_binary_artifact_to_a_stream_is_refused(tiny, tmp_path, monkeypatch, capsys, target):
+def test_binary_artifact_to_a_stream_is_refused(tiny, tmp_path, target, run_cli):
     ds, _ = tiny
     if target == "fifo":
         target = tmp_path / "fifo"
         os.mkfifo(target)
-    code, _, err = cli(monkeypatch, capsys, "maps", tiny[1], "-m", "cam", "--device", "cpu", "-o", target)
+    code, _, err = run_cli("maps", tiny[1], "-m", "cam", "--device", "cpu", "-o", target)
     BY_ID["binary-to-stream"].check(code, err)
     assert not (tmp_path / "-").exists() and (target == "-" or Path(target).is_fifo())
 
@@ -203,7 +185,7 @@ def test_binary_artifact_to_a_stream_is_refused(tiny, tmp_path, monkeypatch, cap
 # --------------------------------------------------------------------------- 1: one extract per output
 
 
-def test_a_second_extract_into_the_same_output_is_refused(phantom_vois, tmp_path, monkeypatch, capsys):
+def test_a_second_extract_into_the_same_output_is_refused(phantom_vois, tmp_path, monkeypatch, run_cli):
     import nodulekit.extract as X
 
     other = copy_vois(phantom_vois, tmp_path / "other")  # another source: its parts would not be reusable
@@ -218,7 +200,7 @@ def test_a_second_extract_into_the_same_output_is_refused(phantom_vois, tmp_path
                 second.append(cli_process("extract", "--vois", other, "-o", out))
 
     monkeypatch.setattr(X, "run_tasks", run_the_other_job_meanwhile)
-    code, _, err = cli(monkeypatch, capsys, "extract", "--vois", phantom_vois, "-o", out)
+    code, _, err = run_cli("extract", "--vois", phantom_vois, "-o", out)
     assert code == 0, err
     BY_ID["extract-locked"].check(second[0].returncode, second[0].stderr)
     with h5py.File(out) as f:  # this job's result is whole
@@ -226,7 +208,7 @@ def test_a_second_extract_into_the_same_output_is_refused(phantom_vois, tmp_path
     assert hidden_files(tmp_path) == []  # no lock file, no parts folder left
 
 
-def test_an_output_that_appears_meanwhile_is_not_replaced(phantom_vois, tmp_path, monkeypatch, capsys):
+def test_an_output_that_appears_meanwhile_is_not_replaced(phantom_vois, tmp_path, monkeypatch, run_cli):
     import nodulekit.artifacts as A
 
     out = tmp_path / "rois.h5"
@@ -238,7 +220,7 @@ def test_an_output_that_appears_meanwhile_is_not_replaced(phantom_vois, tmp_path
         return write_strings(group, name, values)
 
     monkeypatch.setattr(A, "write_strings", other_job_finishes_first)
-    code, _, err = cli(monkeypatch, capsys, "extract", "--vois", phantom_vois, "-o", out)
+    code, _, err = run_cli("extract", "--vois", phantom_vois, "-o", out)
     BY_ID["output-appeared"].check(code, err)
     assert out.read_bytes() == b"the other job's result"
     assert not list(tmp_path.glob(".rois.h5.*.part"))
@@ -248,7 +230,7 @@ def test_an_output_that_appears_meanwhile_is_not_replaced(phantom_vois, tmp_path
 
 
 @pytest.mark.parametrize("fraction", [0.1, 1.0])
-def test_nan_voxels_in_a_voi_are_refused(phantom_vois, tmp_path, monkeypatch, capsys, fraction):
+def test_nan_voxels_in_a_voi_are_refused(phantom_vois, tmp_path, fraction, run_cli):
     import nibabel as nib
 
     vois = copy_vois(phantom_vois, tmp_path / "vois")
@@ -257,7 +239,7 @@ def test_nan_voxels_in_a_voi_are_refused(phantom_vois, tmp_path, monkeypatch, ca
     data = np.asarray(img.dataobj, np.float32)
     data.flat[: int(fraction * data.size)] = np.nan
     nib.save(nib.Nifti1Image(data, img.affine), image)
-    code, _, err = cli(monkeypatch, capsys, "extract", "--vois", vois, "-o", tmp_path / "r.h5")
+    code, _, err = run_cli("extract", "--vois", vois, "-o", tmp_path / "r.h5")
     BY_ID["nan-voi"].check(code, err)
     assert f"VOI image {image} holds" in err and "NaN or infinite voxel" in err
     with h5py.File(tmp_path / "r.h5") as f:  # the other nodules are written
@@ -297,50 +279,50 @@ def test_write_failure_without_root_is_one_line_not_a_crash(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_full_disk_in_train_is_one_line(tiny, small_disk, monkeypatch, capsys):
+def test_full_disk_in_train_is_one_line(tiny, small_disk, run_cli):
     ds, _ = tiny
     disk = small_disk(free=24_000)  # room for run.json and the claims, not for a checkpoint
-    code, _, err = cli(monkeypatch, capsys, "train", ds, "-o", disk / "run", *TINY_TRAIN)
+    code, _, err = run_cli("train", ds, "-o", disk / "run", *TINY_TRAIN)
     BY_ID["full-disk-train"].check(code, err)
     assert "checkpoint.pt" in err and not list(disk.rglob("*.part"))
 
 
-def test_full_disk_in_build_names_the_output(tmp_path, small_disk, monkeypatch, capsys):
+def test_full_disk_in_build_names_the_output(tmp_path, small_disk, run_cli):
     from test_datasets import sphere_nodules, write_rois  # a synthetic rois artifact
 
     rois = write_rois(tmp_path / "rois.h5", sphere_nodules(4))
     disk = small_disk(free=30_000)
-    code, _, err = cli(monkeypatch, capsys, "build", rois, "-c", "11", "-o", disk / "d.h5", "--folds", "2")
+    code, _, err = run_cli("build", rois, "-c", "11", "-o", disk / "d.h5", "--folds", "2")
     BY_ID["full-disk-build"].check(code, err)
     assert str(disk / "d.h5") in err and ".part" not in err
     assert [p.name for p in disk.iterdir()] == ["ballast"]
 
 
-def test_full_disk_in_evaluate_leaves_no_partial_report(tiny, small_disk, monkeypatch, capsys):
+def test_full_disk_in_evaluate_leaves_no_partial_report(tiny, small_disk, run_cli):
     disk = small_disk(free=40_000)
-    code, _, err = cli(monkeypatch, capsys, "evaluate", tiny[1], "-o", disk / "rep", "--bootstrap", "50")
+    code, _, err = run_cli("evaluate", tiny[1], "-o", disk / "rep", "--bootstrap", "50")
     BY_ID["full-disk-evaluate"].check(code, err)
     assert list((disk / "rep").iterdir()) == []  # nothing that would block the re-run
     (disk / "ballast").unlink()
-    code, _, err = cli(monkeypatch, capsys, "evaluate", tiny[1], "-o", disk / "rep", "--bootstrap", "50")
+    code, _, err = run_cli("evaluate", tiny[1], "-o", disk / "rep", "--bootstrap", "50")
     assert code == 0, err
 
 
 # --------------------------------------------------------------------------- 4: --fold K --overwrite
 
 
-def test_fold_overwrite_touches_only_that_fold(tmp_path, monkeypatch, capsys):
+def test_fold_overwrite_touches_only_that_fold(tmp_path, run_cli):
     ds = write_tiny_dataset(tmp_path / "d.h5", n=20, channels=1, folds=2)
     run = tmp_path / "run"
-    assert cli(monkeypatch, capsys, "train", ds, "-o", run, *TINY_TRAIN)[0] == 0
+    assert run_cli("train", ds, "-o", run, *TINY_TRAIN)[0] == 0
     kept = {name: (run / "fold0" / name).read_bytes() for name in ("checkpoint.pt", "result.h5")}
     before = (run / "fold1" / "checkpoint.pt").stat().st_mtime_ns
-    code, _, err = cli(monkeypatch, capsys, "train", ds, "-o", run, "--fold", "1", "--overwrite", *TINY_TRAIN)
+    code, _, err = run_cli("train", ds, "-o", run, "--fold", "1", "--overwrite", *TINY_TRAIN)
     BY_ID["fold-overwrite"].check(code, err)
     assert {name: (run / "fold0" / name).read_bytes() for name in kept} == kept
     assert (run / "fold1" / "checkpoint.pt").stat().st_mtime_ns != before  # fold 1 was trained again
     args = ["train", ds, "-o", run, "--fold", "1", "--overwrite", *TINY_TRAIN, "--seed", "7"]
-    code, _, err = cli(monkeypatch, capsys, *args)
+    code, _, err = run_cli(*args)
     BY_ID["fold-overwrite-settings"].check(code, err)
     assert {name: (run / "fold0" / name).read_bytes() for name in kept} == kept
 
@@ -348,21 +330,21 @@ def test_fold_overwrite_touches_only_that_fold(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- 5: the maps' own dataset
 
 
-def test_scores_and_figures_refuse_another_dataset(tiny, tiny_maps, tmp_path, monkeypatch, capsys):
+def test_scores_and_figures_refuse_another_dataset(tiny, tiny_maps, tmp_path, run_cli):
     other = write_tiny_dataset(tmp_path / "other.h5", n=20, channels=1, folds=2, seed=9)  # same nodule ids
-    code, _, err = cli(monkeypatch, capsys, "scores", tiny_maps, "-d", other, "-o", tmp_path / "s.csv")
+    code, _, err = run_cli("scores", tiny_maps, "-d", other, "-o", tmp_path / "s.csv")
     BY_ID["wrong-dataset"].check(code, err)
-    code, _, err = cli(monkeypatch, capsys, "figures", tiny_maps, "-d", other, "-o", tmp_path / "figs")
+    code, _, err = run_cli("figures", tiny_maps, "-d", other, "-o", tmp_path / "figs")
     BY_ID["wrong-dataset"].check(code, err)
     assert not (tmp_path / "s.csv").exists() and not list((tmp_path / "figs").glob("*"))
-    code, _, err = cli(monkeypatch, capsys, "scores", tiny_maps, "-d", tiny[0], "-o", tmp_path / "s.csv")
+    code, _, err = run_cli("scores", tiny_maps, "-d", tiny[0], "-o", tmp_path / "s.csv")
     assert code == 0, err
 
 
 # --------------------------------------------------------------------------- 6: resume after inputs changed
 
 
-def test_resumed_extract_redoes_units_whose_input_changed(phantom_vois, tmp_path, monkeypatch, capsys):
+def test_resumed_extract_redoes_units_whose_input_changed(phantom_vois, tmp_path, run_cli):
     import nibabel as nib
 
     vois = copy_vois(phantom_vois, tmp_path / "vois")
@@ -370,15 +352,15 @@ def test_resumed_extract_redoes_units_whose_input_changed(phantom_vois, tmp_path
     good = broken.read_bytes()
     broken.write_bytes(good[:100])  # one unit fails: the finished parts are kept for the retry
     out = tmp_path / "rois.h5"
-    code, _, _ = cli(monkeypatch, capsys, "extract", "--vois", vois, "-o", out)
+    code, _, _ = run_cli("extract", "--vois", vois, "-o", out)
     assert code == 1 and (tmp_path / ".rois.h5.parts").is_dir()
     img = nib.load(changed)  # now the scan behind another, finished, unit changes
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 100, img.affine, img.header), changed)
     broken.write_bytes(good)
-    code, _, err = cli(monkeypatch, capsys, "extract", "--vois", vois, "-o", out, "--overwrite")
+    code, _, err = run_cli("extract", "--vois", vois, "-o", out, "--overwrite")
     BY_ID["changed-input"].check(code, err)
     fresh = tmp_path / "fresh.h5"
-    assert cli(monkeypatch, capsys, "extract", "--vois", vois, "-o", fresh)[0] == 0
+    assert run_cli("extract", "--vois", vois, "-o", fresh)[0] == 0
     with h5py.File(out) as a, h5py.File(fresh) as b:
         for key in b["nodules"]:
             np.testing.assert_array_equal(a["nodules"][key]["hu"][()], b["nodules"][key]["hu"][()])
@@ -444,7 +426,7 @@ def _truncated(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_truncated_hdf5_inputs_are_named_exit_2(tiny, tiny_maps, tmp_path, monkeypatch, capsys):
+def test_truncated_hdf5_inputs_are_named_exit_2(tiny, tiny_maps, tmp_path, run_cli):
     import shutil
 
     ds, run = tiny
@@ -459,7 +441,7 @@ def test_truncated_hdf5_inputs_are_named_exit_2(tiny, tiny_maps, tmp_path, monke
         (["evaluate", bad_run, "-o", tmp_path / "rep"], bad_run / "fold1" / "result.h5"),
         (["wilcoxon", bad_run, run, "-o", tmp_path / "w.md"], bad_run / "fold1" / "result.h5"),
     ):
-        code, _, err = cli(monkeypatch, capsys, *args)
+        code, _, err = run_cli(*args)
         BY_ID["truncated-hdf5"].check(code, err)
         assert str(culprit) in err, (args[0], err)
 
@@ -467,19 +449,19 @@ def test_truncated_hdf5_inputs_are_named_exit_2(tiny, tiny_maps, tmp_path, monke
 # --------------------------------------------------------------------------- 9: figures checks --scores first
 
 
-def test_figures_checks_scores_before_drawing(tiny, tiny_maps, tmp_path, monkeypatch, capsys):
+def test_figures_checks_scores_before_drawing(tiny, tiny_maps, tmp_path, run_cli):
     ds, _ = tiny
     figs = tmp_path / "figs"
     foreign = tmp_path / "other.csv"
     foreign.write_text("a,b\n1,2\n")
-    code, _, err = cli(monkeypatch, capsys, "figures", tiny_maps, "-d", ds, "--scores", foreign, "-o", figs)
+    code, _, err = run_cli("figures", tiny_maps, "-d", ds, "--scores", foreign, "-o", figs)
     BY_ID["figures-bad-scores"].check(code, err)
     assert not figs.exists() or not list(figs.iterdir())
-    code, _, err = cli(monkeypatch, capsys, "figures", tiny_maps, "-d", ds, "--scores", tmp_path / "no.csv", "-o", figs)
+    code, _, err = run_cli("figures", tiny_maps, "-d", ds, "--scores", tmp_path / "no.csv", "-o", figs)
     assert code == 2 and "no.csv does not exist" in err and (not figs.exists() or not list(figs.iterdir()))
     scores = tmp_path / "s.csv"
-    assert cli(monkeypatch, capsys, "scores", tiny_maps, "-d", ds, "-o", scores)[0] == 0
-    code, _, err = cli(monkeypatch, capsys, "figures", tiny_maps, "-d", ds, "--scores", scores, "-o", figs)
+    assert run_cli("scores", tiny_maps, "-d", ds, "-o", scores)[0] == 0
+    code, _, err = run_cli("figures", tiny_maps, "-d", ds, "--scores", scores, "-o", figs)
     assert code == 0, err  # the corrected re-run is not refused
     assert sorted(p.name for p in figs.iterdir()) == ["map_grid.png", "region_scores.png"]
 
@@ -487,7 +469,7 @@ def test_figures_checks_scores_before_drawing(tiny, tiny_maps, tmp_path, monkeyp
 # --------------------------------------------------------------------------- 10: an ONNX file that lies
 
 
-def test_onnx_metadata_over_another_graph_is_refused(tiny, tmp_path, monkeypatch, capsys):
+def test_onnx_metadata_over_another_graph_is_refused(tiny, tmp_path, run_cli):
     import onnx
 
     from nodulekit.export import export_onnx, load_model_source
@@ -502,7 +484,7 @@ def test_onnx_metadata_over_another_graph_is_refused(tiny, tmp_path, monkeypatch
     graph.metadata_props.extend(proto.metadata_props)
     bad = tmp_path / "lying.onnx"
     onnx.save(graph, str(bad))
-    code, _, err = cli(monkeypatch, capsys, "infer", bad, ds, "-o", tmp_path / "m.h5", "--provider", "cpu")
+    code, _, err = run_cli("infer", bad, ds, "-o", tmp_path / "m.h5", "--provider", "cpu")
     BY_ID["foreign-onnx-graph"].check(code, err)
     assert not (tmp_path / "m.h5").exists()
 
@@ -510,12 +492,12 @@ def test_onnx_metadata_over_another_graph_is_refused(tiny, tmp_path, monkeypatch
 # --------------------------------------------------------------------------- 11: a folder with a hidden temp
 
 
-def test_rundir_with_only_a_leftover_temporary_is_usable(tmp_path, monkeypatch, capsys):
+def test_rundir_with_only_a_leftover_temporary_is_usable(tmp_path, run_cli):
     ds = write_tiny_dataset(tmp_path / "d.h5", n=20, channels=1, folds=2)
     run = tmp_path / "run"
     run.mkdir()
     (run / ".run.json.k2x9q1ab.json.part").write_text('{"half": ')  # a killed `train` left this
-    code, _, err = cli(monkeypatch, capsys, "train", ds, "-o", run, "--fold", "0", *TINY_TRAIN)
+    code, _, err = run_cli("train", ds, "-o", run, "--fold", "0", *TINY_TRAIN)
     BY_ID["hidden-temp-only"].check(code, err)
     assert (run / "run.json").exists()
 
@@ -523,10 +505,10 @@ def test_rundir_with_only_a_leftover_temporary_is_usable(tmp_path, monkeypatch, 
 # --------------------------------------------------------------------------- 12: messages that say what is wrong
 
 
-def test_a_file_given_as_rundir(tmp_path, monkeypatch, capsys):
+def test_a_file_given_as_rundir(tmp_path, run_cli):
     f = tmp_path / "notes.txt"
     f.write_text("hello")
-    code, _, err = cli(monkeypatch, capsys, "evaluate", f)
+    code, _, err = run_cli("evaluate", f)
     BY_ID["file-as-rundir"].check(code, err)
 
 
@@ -535,7 +517,7 @@ class Payload(dict):
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated", "unsafe"])
-def test_foreign_checkpoints_are_explained_in_our_words(tiny, tmp_path, monkeypatch, capsys, kind):
+def test_foreign_checkpoints_are_explained_in_our_words(tiny, tmp_path, kind, run_cli):
     import torch
 
     path = tmp_path / "checkpoint.pt"
@@ -546,16 +528,16 @@ def test_foreign_checkpoints_are_explained_in_our_words(tiny, tmp_path, monkeypa
         path.write_bytes(data[: len(data) // 2])
     else:
         torch.save({"state_dict": Payload()}, path)
-    code, _, err = cli(monkeypatch, capsys, "export-onnx", path, "-o", tmp_path / "m.onnx")
+    code, _, err = run_cli("export-onnx", path, "-o", tmp_path / "m.onnx")
     BY_ID["foreign-checkpoint"].check(code, err)
     for torch_words in ("weights_only", "file an issue", ": 101", "miniz", "PyTorch 2.6"):
         assert torch_words not in err
 
 
-def test_output_that_is_a_folder_is_refused_before_the_work(tiny, tmp_path, monkeypatch, capsys):
+def test_output_that_is_a_folder_is_refused_before_the_work(tiny, tmp_path, run_cli):
     (tmp_path / "out.h5").mkdir()
     started = time.perf_counter()
-    code, _, err = cli(monkeypatch, capsys, "maps", tiny[1], "-m", "cam", "--device", "cpu", "-o", tmp_path / "out.h5")
+    code, _, err = run_cli("maps", tiny[1], "-m", "cam", "--device", "cpu", "-o", tmp_path / "out.h5")
     BY_ID["output-is-folder"].check(code, err)
     assert time.perf_counter() - started < 5
 
@@ -569,11 +551,11 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_temporaries_of_killed_writers_are_removed(tiny, tmp_path, monkeypatch, capsys):
+def test_temporaries_of_killed_writers_are_removed(tiny, tmp_path, run_cli):
     host = socket.gethostname().split(".")[0].replace("-", "_")
     stale = tmp_path / f".maps.h5.{host}-{_dead_pid()}.ab12cd34.h5.part"
     stale.write_bytes(b"half an artifact")
-    code, _, err = cli(monkeypatch, capsys, "maps", tiny[1], "-m", "cam", "--device", "cpu", "-o", tmp_path / "maps.h5")
+    code, _, err = run_cli("maps", tiny[1], "-m", "cam", "--device", "cpu", "-o", tmp_path / "maps.h5")
     BY_ID["stale-temps"].check(code, err)
     assert not stale.exists()
     # a failed extract (nothing extractable) leaves no parts folder behind
@@ -582,21 +564,21 @@ def test_temporaries_of_killed_writers_are_removed(tiny, tmp_path, monkeypatch, 
     (vois / "manifest.csv").write_text(
         "patient_id,series_uid,nodule_index,image,mask\nLIDC-IDRI-0001,1.2.3,1,a.nii.gz,b.nii.gz\n"
     )
-    code, _, err = cli(monkeypatch, capsys, "extract", "--vois", vois, "-o", tmp_path / "r.h5")
+    code, _, err = run_cli("extract", "--vois", vois, "-o", tmp_path / "r.h5")
     assert code == 2 and not (tmp_path / ".r.h5.parts").exists()
 
 
 # --------------------------------------------------------------------------- cases that were already right
 
 
-def test_existing_output_flags_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
+def test_existing_output_flags_and_interrupt(tiny, tmp_path, monkeypatch, run_cli):
     ds, run = tiny
     out = tmp_path / "maps.h5"
     out.write_bytes(b"precious")
-    code, _, err = cli(monkeypatch, capsys, "maps", run, "-m", "cam", "--device", "cpu", "-o", out)
+    code, _, err = run_cli("maps", run, "-m", "cam", "--device", "cpu", "-o", out)
     BY_ID["existing-output"].check(code, err)
     assert out.read_bytes() == b"precious"
-    code, _, err = cli(monkeypatch, capsys, "maps", run, "-m", "cam", "-o", out, "--overwrite", "true")
+    code, _, err = run_cli("maps", run, "-m", "cam", "-o", out, "--overwrite", "true")
     BY_ID["flag-with-value"].check(code, err)
 
     import nodulekit.maps as M
@@ -605,23 +587,23 @@ def test_existing_output_flags_and_interrupt(tiny, tmp_path, monkeypatch, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(M, "run_maps", interrupted)
-    code, _, err = cli(monkeypatch, capsys, "maps", run, "-m", "cam", "-o", tmp_path / "m2.h5")
+    code, _, err = run_cli("maps", run, "-m", "cam", "-o", tmp_path / "m2.h5")
     BY_ID["interrupted"].check(code, err)
 
 
 # --------------------------------------------------------------------------- report commands print
 
 
-def test_report_commands_print_without_output_and_take_json(tiny, tiny_maps, tmp_path, monkeypatch, capsys):
+def test_report_commands_print_without_output_and_take_json(tiny, tiny_maps, tmp_path, monkeypatch, run_cli):
     import json
 
     ds, run = tiny
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli(monkeypatch, capsys, "evaluate", run, "--bootstrap", "50")
+    code, out, err = run_cli("evaluate", run, "--bootstrap", "50")
     assert code == 0 and out.startswith("## Table 2") and "| Ours-CAM |" in out, err
-    code, out, _ = cli(monkeypatch, capsys, "evaluate", run, "--bootstrap", "50", "--json")
+    code, out, _ = run_cli("evaluate", run, "--bootstrap", "50", "--json")
     printed = json.loads(out)
-    code, _, err = cli(monkeypatch, capsys, "evaluate", run, "--bootstrap", "50", "-o", "rep", "--json")
+    code, _, err = run_cli("evaluate", run, "--bootstrap", "50", "-o", "rep", "--json")
     written = json.loads((tmp_path / "rep" / "table2.json").read_text())
     assert code == 0 and printed["runs"][0]["pooled_nodule"] == written["runs"][0]["pooled_nodule"]
     for args, heading in (
@@ -630,9 +612,9 @@ def test_report_commands_print_without_output_and_take_json(tiny, tiny_maps, tmp
         (["scores", tiny_maps, "-d", ds], "# Region scores"),
         (["scores", tiny_maps, "-d", ds, "-o", "-"], "# Region scores"),
     ):
-        code, out, err = cli(monkeypatch, capsys, *args)
+        code, out, err = run_cli(*args)
         assert code == 0 and out.startswith(heading) and "|---|" in out, (args, err)
-        code, out, err = cli(monkeypatch, capsys, *args, "--json")
+        code, out, err = run_cli(*args, "--json")
         record = json.loads(out)
         assert code == 0 and ("rows" in record or "summaries" in record), args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # printing wrote no file
