@@ -11,6 +11,14 @@ diameters uniformly in 4..30 mm.
     python benchmarks/predict_speed.py                         # ../shared/data LIDC-IDRI-0001, CPU
     python benchmarks/predict_speed.py --provider cuda         # on a machine with onnxruntime-gpu
     python benchmarks/predict_speed.py --counts 1,100 --members 1 --width 8   # quick check
+    python benchmarks/predict_speed.py --model-only --provider cuda          # patches/s, batch 1/64/1024
+
+``--model-only`` times the model alone on random patches (no scan, no input building):
+patches per second *with maps* (the exported graph's probability, map and upsampled map) at
+batch sizes ``--batches`` (1, 64, 1024), PyTorch eager on the provider's device vs ONNX
+Runtime; on ``--provider cuda`` ONNX Runtime runs with IO binding (inputs copied to the GPU
+once per batch, outputs allocated there by ORT). Without CUDA (no ``CUDAExecutionProvider``
+in onnxruntime, or no GPU for torch) ``--provider cuda`` is refused in one line, exit 2.
 
 Writes ``benchmarks/out/predict.json`` (with the machine, its load and the git commit) and
 prints a Markdown table. Like ``execution_cost.py`` it refuses to start on a busy machine
@@ -96,6 +104,87 @@ def measure(model: Path, scan: Path, csv: Path, provider: str, repeats: int) -> 
     return {**med, "engine": runs[0]["engine"], "repeats": repeats}
 
 
+def cuda_missing() -> str | None:
+    """Why CUDA cannot be timed here (one line), or None when both ONNX Runtime and torch have it."""
+    import onnxruntime as ort
+    import torch
+
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in providers or not torch.cuda.is_available():
+        return (
+            f"CUDA is not available on this machine (onnxruntime {ort.__version__} providers: {', '.join(providers)}; "
+            f"torch {torch.__version__} sees {'a' if torch.cuda.is_available() else 'no'} GPU); nothing measured"
+        )
+    return None
+
+
+def _timed(fn, sync, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def model_throughput(model_path: Path, width: int, batches: list[int], patches: int, provider: str, repeats: int):
+    """Patches per second with maps, per batch size: PyTorch eager vs ONNX Runtime (IO binding on CUDA)."""
+    import torch
+
+    from nodulekit.export import inference_module, make_session, run_session
+    from nodulekit.models import create_model
+
+    device = torch.device("cuda" if provider == "cuda" else "cpu")
+    torch.manual_seed(0)
+    eager = inference_module(create_model("hesam", 11, base_width=width).eval()).to(device).eval()
+    session, ran, _ = make_session(model_path, provider)
+    x = np.random.default_rng(0).standard_normal((patches, 11, 32, 32)).astype(np.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for batch in batches:
+        n = max(patches - patches % batch, batch)
+        xs = np.resize(x, (n, *x.shape[1:]))
+
+        def run_eager():
+            with torch.inference_mode():
+                for start in range(0, n, batch):
+                    out = eager(torch.from_numpy(xs[start : start + batch]).to(device))
+                    [t.cpu() for t in out]  # the probabilities and maps back on the host, as predict needs them
+
+        def run_ort():
+            run_session(session, xs, batch, binding_device="cuda" if ran != "cpu" else None)
+
+        for engine, fn in (("pytorch eager", run_eager), (f"onnxruntime {ran}", run_ort)):
+            seconds = _timed(fn, sync, repeats)
+            rows.append(
+                {"engine": engine, "batch": batch, "patches": n, "seconds": seconds, "patches_per_s": n / seconds}
+            )
+    return rows
+
+
+def render_model_only(record: dict) -> str:
+    m = record["machine"]
+    lines = [
+        f"model only (HESAM base_width {record['width']}, D11C, with maps), provider {record['provider']}, "
+        f"{record.get('cuda_device') or m.get('cpu')}, torch {record['torch']}, onnxruntime {record['onnxruntime']}, "
+        f"1-min load {record['load']['loadavg_before'][0]:.1f} before / {record['load']['loadavg_after'][0]:.1f} after, "
+        f"commit {record['git'].get('commit', '?')[:10]}",
+        *(f"**Not publishable: {f}.**" for f in record["flags"]),
+        "",
+        "| engine | batch | patches | seconds (median) | patches/s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['engine']} | {r['batch']} | {r['patches']} | {r['seconds']:.3f} | {r['patches_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -109,7 +198,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "out" / "predict.json")
     ap.add_argument("--max-load", type=float, default=None, help="refuse above this 1-min load [0.75 x cores]")
     ap.add_argument("--allow-busy", action="store_true", help="run on a busy machine anyway; figures are flagged")
+    ap.add_argument("--model-only", action="store_true", help="time the model alone at --batches (eager vs ORT)")
+    ap.add_argument("--batches", default="1,64,1024", help="batch sizes of --model-only")
+    ap.add_argument("--patches", type=int, default=4096, help="patches per timed run of --model-only")
     args = ap.parse_args(argv)
+    if args.provider == "cuda" and (missing := cuda_missing()) is not None:
+        print(f"predict_speed: {missing}", file=sys.stderr)
+        return 2
+    if args.model_only:
+        return main_model_only(args)
     scan = args.scan or default_scan()
     if scan is None:
         print("no scan: pass --scan or put the shared data in ../shared/data", file=sys.stderr)
@@ -156,6 +253,46 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(render(record))
+    return 0
+
+
+def main_model_only(args) -> int:
+    """``--model-only``: patches/s with maps per batch size, eager vs ONNX Runtime; JSON to --out."""
+    import onnxruntime as ort
+    import torch
+    from execution_cost import LoadWatch
+    from run_all import git_info, machine_info
+
+    watch, flags, git = LoadWatch(), [], git_info()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    max_load = args.max_load if args.max_load is not None else 0.75 * cores
+    if watch.load_before[0] > max_load:
+        message = f"1-min load average {watch.load_before[0]:.2f} is above {max_load:g} on {cores} cores"
+        if not args.allow_busy:
+            print(f"predict_speed: refused: {message}; wait for an idle machine or pass --allow-busy", file=sys.stderr)
+            return 2
+        flags.append(message)
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_models(Path(tmp), args.width, [1])[1]
+        results = model_throughput(model, args.width, batches, args.patches, args.provider, args.repeats)
+    load = watch.finish()
+    record = {
+        "benchmark": "predict_model_only",
+        "width": args.width,
+        "provider": args.provider,
+        "machine": machine_info(),
+        "cuda_device": torch.cuda.get_device_name() if args.provider == "cuda" else None,
+        "torch": str(torch.__version__),
+        "onnxruntime": ort.__version__,
+        "git": git,
+        "load": load,
+        "flags": flags,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(render_model_only(record))
     return 0
 
 
