@@ -147,13 +147,13 @@ def slice_grid(
 ) -> Path:
     """Fig. 5-style grid from a ``maps --per-slice`` file: single-slice maps, then the full-volume map."""
     from nodulekit.datasets import load_dataset
-    from nodulekit.scores import map_channel
+    from nodulekit.scores import check_maps_dataset, map_channel
 
     run = read_maps(maps_path)
     if "slice_maps" not in run.extra:
         raise NodulekitError(f"{maps_path} has no slice_maps; make it with `nodulekit maps --per-slice`")
     ds = load_dataset(dataset)
-    run.check_dataset(ds)
+    check_maps_dataset(run, ds)
     row_of = {nid: i for i, nid in enumerate(ds.nodule_id.tolist())}
     ids = [i for i in run.nodule_id if i in row_of]
     if nodules:
