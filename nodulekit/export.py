@@ -35,6 +35,7 @@ import numpy as np
 from nodulekit import __version__
 from nodulekit.constants import CLASS_NAMES, INPUT_SIZE, MALIGNANT
 from nodulekit.errors import NodulekitError
+from nodulekit.modelcard import array_record, decode_array  # the test_data_set array format
 
 # Version 2 carries the model description (nodulekit.modelcard) and no local paths.
 FORMAT = "nodulekit-onnx/2"
@@ -792,20 +793,6 @@ def default_model_version(run: dict[str, Any]) -> int:
     return int(when.strftime("%Y%m%d%H%M%S"))
 
 
-def _array_record(a: np.ndarray) -> dict[str, Any]:
-    import base64
-
-    a = np.ascontiguousarray(a, dtype="<f4")
-    return {"shape": list(a.shape), "dtype": "float32", "data_base64": base64.b64encode(a.tobytes()).decode()}
-
-
-def decode_array(record: dict[str, Any]) -> np.ndarray:
-    """A ``test_data_set`` array: base64 of little-endian float32 in C order, of ``shape``."""
-    import base64
-
-    return np.frombuffer(base64.b64decode(record["data_base64"]), "<f4").reshape(record["shape"]).copy()
-
-
 def make_test_data_set(onnx_path, x: np.ndarray, source: str, ensemble: bool) -> dict[str, Any]:
     """One input and ONNX Runtime's (CPU) outputs for it, as stored in the file's metadata."""
     import onnxruntime as ort
@@ -819,8 +806,8 @@ def make_test_data_set(onnx_path, x: np.ndarray, source: str, ensemble: bool) ->
         "source": source.split(" rows ")[0] + (" (its first checked row)" if " rows " in source else ""),
         "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
         "tolerance": {"prob_atol": TEST_PROB_ATOL, "map_rtol": TEST_MAP_RTOL, "map_atol_floor": MAP_ATOL_FLOOR},
-        "inputs": {INPUT_NAME: _array_record(x)},
-        "outputs": {name: _array_record(v) for name, v in zip(names, outputs, strict=True)},
+        "inputs": {INPUT_NAME: array_record(x)},
+        "outputs": {name: array_record(v) for name, v in zip(names, outputs, strict=True)},
     }
 
 

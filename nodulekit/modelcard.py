@@ -361,8 +361,6 @@ def _export_record(meta: dict[str, str]) -> dict[str, Any]:
         prob = ref["outputs"]["prob"]
     except (KeyError, TypeError, ValueError):
         return out
-    from nodulekit.export import decode_array
-
     out["test_data_set"] = {
         "source": ref.get("source"),
         "input_shape": ref["inputs"]["x"]["shape"],
@@ -662,3 +660,21 @@ def render(card: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+# --------------------------------------------------------------------------- test_data_set arrays
+
+
+def array_record(a: np.ndarray) -> dict[str, Any]:
+    """A ``test_data_set`` array as stored in an ONNX file's metadata (read back by :func:`decode_array`)."""
+    import base64
+
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"shape": list(a.shape), "dtype": "float32", "data_base64": base64.b64encode(a.tobytes()).decode()}
+
+
+def decode_array(record: dict[str, Any]) -> np.ndarray:
+    """A ``test_data_set`` array: base64 of little-endian float32 in C order, of ``shape``."""
+    import base64
+
+    return np.frombuffer(base64.b64decode(record["data_base64"]), "<f4").reshape(record["shape"]).copy()

@@ -36,8 +36,8 @@ def test_a_registered_architecture_trains_reloads_and_maps(tmp_path, monkeypatch
     from nodulekit.run import Run
     from nodulekit.training import TrainConfig, train
 
+    registry._load_families()  # before the copy: loading into the copy would leave the real registry empty
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the real registry alone
-    registry._load_families()
 
     @registry.register_model("tiny-sam", "one conv + SAM head", map_kind="sam")
     def tiny_sam(in_channels, num_classes=2, *, width=8):
