@@ -3,16 +3,22 @@
 A job that trains fold k first creates ``fold<k>/claim.json`` atomically (the record is
 written to a private temporary file, then hard-linked to the claim name, which fails
 when the name exists: of two jobs racing, exactly one wins, and no reader ever sees a
-half-written claim) holding the host name, PID, the
-process's start tick (so a recycled PID is not taken for the old job) and the start
-time. A second job finding a live claim refuses in one line. A claim left by a dead
-process on the same host (killed job) is stale: it is taken over, and the takeover is
-said on stderr. A process on another host cannot be checked from here, so a job keeps
-its claims fresh instead: a thread touches them every ``HEARTBEAT_S`` seconds, and a
-claim from another host not touched for ``STALE_S`` seconds (its node crashed, or its
-job was killed by the scheduler) is stale too. A fresh one is respected, and the
-refusal says which file to delete if that job is known to be gone.
+half-written claim). The record names the job: a random ``token`` (what a job compares
+to know a claim is still its own), the host name, the machine's boot id
+(``/proc/sys/kernel/random/boot_id``), the PID namespace (``readlink /proc/self/ns/pid``),
+the PID, the process's start tick (so a recycled PID is not taken for the old job) and
+the start time. A second job finding a live claim refuses in one line.
 
+Whether the holder still runs is checked from its PID only where that PID means the same
+process: same host, same boot and same PID namespace. Everywhere else (another host, a
+container with its own PID namespace, a claim written before these fields existed) only
+the heartbeat counts: a job touches its claims every ``HEARTBEAT_S`` seconds, and a claim
+untouched for ``STALE_S`` seconds (its node crashed, or its job was killed) is stale. A
+fresh one is respected, and the refusal says which file to delete if that job is known
+to be gone. A stale claim is taken over, and the takeover is said on stderr.
+
+Claim and lock files are opened without following symbolic links: a link planted under
+a claim or lock name is refused in one line, never followed to the file it points at.
 Takeovers are serialised by ``flock`` on ``fold<k>/.claim.lock`` (the kernel drops
 it when its holder dies), so two jobs finding the same stale claim do not both win.
 """
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -38,13 +46,48 @@ from nodulekit.errors import NodulekitError
 CLAIM_FILE = "claim.json"
 _TAKEOVER_LOCK = ".claim.lock"
 HEARTBEAT_S = 60.0  # a job touches its claims this often
-# A claim from another host untouched this long is stale: 10 heartbeats, far above the
-# attribute caching of network file systems (NFS: up to 60 s) and usual clock skew.
+# A claim whose holder cannot be checked from here and that nobody touched this long is
+# stale: 10 heartbeats, far above the attribute caching of network file systems (NFS: up
+# to 60 s) and usual clock skew.
 STALE_S = 600.0
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class FoldClaimed(NodulekitError):
     """Another live job is training this fold."""
+
+
+def linked_name(path: str | os.PathLike, what: str) -> NodulekitError:
+    """The refusal of a symbolic link found where nodulekit keeps a claim or lock file."""
+    return NodulekitError(f"{path} is a symbolic link, not a nodulekit {what} file: remove it (never followed)")
+
+
+def open_nofollow(path: str | os.PathLike, flags: int, what: str, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (ELOOP) in one line."""
+    try:
+        return os.open(path, flags | _NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise linked_name(path, what) from None
+        raise
+
+
+@functools.cache
+def boot_id() -> str | None:
+    """This machine's boot id (changes at every boot); None where /proc does not say."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+@functools.cache
+def pid_namespace() -> str | None:
+    """This process's PID namespace, e.g. ``pid:[4026531836]``; None where /proc does not say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -54,14 +97,21 @@ class Claim:
     started: str
     pid_start: str | None = None  # the process's start time in clock ticks since boot (Linux)
     touched: float | None = field(default=None, compare=False)  # the claim file's mtime (not written in it)
+    token: str | None = None  # random, unique to the claiming job: what makes a claim "mine"
+    boot_id: str | None = None  # the holder's machine boot (a PID means nothing after a reboot)
+    pid_ns: str | None = None  # the holder's PID namespace (a PID means nothing in another one)
+
+    def checkable(self) -> bool:
+        """Whether this claim's PID can be checked here: same host, same boot, same PID namespace."""
+        return (self.host, self.boot_id, self.pid_ns) == (socket.gethostname(), boot_id(), pid_namespace())
 
     def alive(self) -> bool | None:
-        """True/False for a claim made on this host, or from another host untouched for ``STALE_S``;
-        None for a fresh claim from another host (its process cannot be checked from here)."""
-        if self.host != socket.gethostname():
-            return False if self.silent_for() > STALE_S else None
+        """True/False when the holder can be checked here, or its claim is untouched for ``STALE_S``;
+        None for a fresh claim whose holder cannot be checked from here (another host or namespace)."""
         if self.pid <= 0:  # an unreadable claim file
             return False
+        if not self.checkable():
+            return False if self.silent_for() > STALE_S else None
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -79,7 +129,7 @@ class Claim:
         return f"pid {self.pid} on {self.host} since {self.started}"
 
     def why_stale(self) -> str:
-        if self.host != socket.gethostname():
+        if not self.checkable():
             return f"has not refreshed its claim for {self.silent_for() / 60:.0f} min"
         return "is no longer running"
 
@@ -96,19 +146,28 @@ def _process_start(pid: int) -> str | None:
 
 def this_process() -> Claim:
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    return Claim(socket.gethostname(), os.getpid(), now, _process_start(os.getpid()))
+    return Claim(
+        socket.gethostname(), os.getpid(), now, _process_start(os.getpid()),
+        token=secrets.token_hex(16), boot_id=boot_id(), pid_ns=pid_namespace(),
+    )  # fmt: skip
 
 
 def read_claim(fold_dir: str | os.PathLike, name: str = CLAIM_FILE) -> Claim | None:
-    """The claim on a fold folder, or None. An unreadable claim file counts as stale."""
+    """The claim on a fold folder, or None. An unreadable claim file counts as stale; a link is refused."""
     path = Path(fold_dir) / name
     try:
-        raw = json.loads(path.read_text())
-        touched = path.stat().st_mtime
-        return Claim(str(raw["host"]), int(raw["pid"]), str(raw["started"]), raw.get("pid_start"), touched)
+        fd = open_nofollow(path, os.O_RDONLY, "claim")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except OSError:
+        return Claim(host=socket.gethostname(), pid=-1, started="unknown")
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            raw = json.loads(fh.read())
+            touched = os.fstat(fh.fileno()).st_mtime
+        opt = {k: (None if raw.get(k) is None else str(raw[k])) for k in ("pid_start", "token", "boot_id", "pid_ns")}
+        return Claim(str(raw["host"]), int(raw["pid"]), str(raw["started"]), touched=touched, **opt)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         # claims appear complete (see _create), so this one is damaged: nobody holds it
         return Claim(host=socket.gethostname(), pid=-1, started="unknown")
 
@@ -118,12 +177,14 @@ def _create(path: Path, claim: Claim) -> bool:
     tmp = path.with_name(f".{path.name}.{claim.pid}.{os.urandom(4).hex()}")
     try:
         record = {k: v for k, v in asdict(claim).items() if k != "touched"}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(record) + "\n")
-        os.link(tmp, path)  # atomic, and fails when the name exists (also on NFS)
+        os.link(tmp, path)  # atomic, fails when the name exists (a link too: never followed), also on NFS
         return True
     except FileExistsError:
+        if path.is_symlink():
+            raise linked_name(path, "claim") from None
         return False
     except OSError as exc:  # a full disk: one line naming the claim, not errno alone
         from nodulekit.outputs import WRITE_ERRNOS, write_failed
@@ -148,12 +209,12 @@ def _refusal(fold_dir: Path, holder: Claim, name: str = CLAIM_FILE, doing: str =
 
 @contextmanager
 def _takeover_lock(fold_dir: Path) -> Iterator[None]:
-    with open(fold_dir / _TAKEOVER_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    fd = open_nofollow(fold_dir / _TAKEOVER_LOCK, os.O_RDWR | os.O_CREAT, "lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def acquire(fold_dir: str | os.PathLike, name: str = CLAIM_FILE, doing: str = "trained") -> Claim:
@@ -172,19 +233,45 @@ def acquire(fold_dir: str | os.PathLike, name: str = CLAIM_FILE, doing: str = "t
         if not _create(path, mine):  # someone created a fresh claim between our read and now
             raise _refusal(fold_dir, read_claim(fold_dir, name) or mine, name, doing)
     if holder is not None:
-        print(f"nodulekit: taking over {path}: its job ({holder.describe()}) {holder.why_stale()}", file=sys.stderr)
+        from nodulekit.printing import printable
+
+        message = f"nodulekit: taking over {path}: its job ({holder.describe()}) {holder.why_stale()}"
+        print(printable(message), file=sys.stderr)
     return mine
+
+
+def is_mine(fold_dir: str | os.PathLike, claim: Claim, name: str = CLAIM_FILE) -> bool:
+    """Whether the claim on ``fold_dir`` is still ``claim`` (same job token; never someone else's)."""
+    with suppress(NodulekitError):
+        return read_claim(fold_dir, name) == claim
+    return False
 
 
 def release(fold_dir: str | os.PathLike, claim: Claim, name: str = CLAIM_FILE) -> None:
     """Remove the claim if it is still ours (never someone else's)."""
     path = Path(fold_dir) / name
-    if read_claim(fold_dir, name) == claim:
+    if is_mine(fold_dir, claim, name):
         try:
             path.unlink()
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+
+
+def release_dead(folders: Iterable[str | os.PathLike], name: str = CLAIM_FILE) -> list[Path]:
+    """Remove the claims in ``folders`` whose holder is checkable here and no longer runs
+    (jobs this process has just killed); returns the claim files removed."""
+    removed = []
+    for folder in map(Path, folders):
+        with suppress(NodulekitError, OSError):
+            claim = read_claim(folder, name)
+            if claim is None or not claim.checkable() or claim.alive() is not False:
+                continue
+            with _takeover_lock(folder):
+                if read_claim(folder, name) == claim:
+                    (folder / name).unlink()
+                    removed.append(folder / name)
+    return removed
 
 
 @contextmanager
@@ -212,9 +299,9 @@ def heartbeat(held: dict[Path, Claim], name: str = CLAIM_FILE) -> Iterator[None]
     def beat():
         while not stop.wait(HEARTBEAT_S):
             for folder, claim in held.items():
-                if read_claim(folder, name) == claim:  # never refresh someone else's claim
+                if is_mine(folder, claim, name):  # never refresh someone else's claim
                     with suppress(OSError):
-                        os.utime(Path(folder) / name)
+                        os.utime(Path(folder) / name, follow_symlinks=False)
 
     thread = threading.Thread(target=beat, name="nodulekit-claims", daemon=True)
     thread.start()

@@ -487,7 +487,7 @@ def report_json(report: dict[str, Any]) -> str:
 
 
 def _write_report_files(targets: list[Path], results, summaries, markdown: str, report, overwrite: bool) -> None:
-    from nodulekit.outputs import atomic_paths
+    from nodulekit.outputs import atomic_paths, output_folder
 
     writers = {
         "table2.md": lambda p: p.write_text(markdown),
@@ -498,8 +498,7 @@ def _write_report_files(targets: list[Path], results, summaries, markdown: str, 
         "curves.png": lambda p: plot_curves(results, summaries, p),
         "reliability.png": lambda p: plot_reliability(summaries, p),
     }
-    targets[0].parent.mkdir(parents=True, exist_ok=True)
-    with atomic_paths({t.name: t for t in targets}, overwrite=overwrite) as tmp:
+    with output_folder(targets[0].parent), atomic_paths({t.name: t for t in targets}, overwrite=overwrite) as tmp:
         for name, path in tmp.items():
             writers[name](path)
 

@@ -263,7 +263,7 @@ def draw_figures(
     """Every figure of ``nodulekit figures`` into ``out_dir``: map_grid.png, slices_<method>.png for
     maps with slice maps, region_scores.png from ``scores_csv``. Inputs and outputs are checked
     before anything is drawn, and the files appear together or not at all."""
-    from nodulekit.outputs import atomic_paths, check_output_dir, check_output_path
+    from nodulekit.outputs import atomic_paths, check_output_dir, check_output_path, output_folder
     from nodulekit.scores import read_scores
 
     if n < 1:
@@ -274,14 +274,14 @@ def draw_figures(
     slices = {p: m.method for p, m in read.items() if "slice_maps" in m.extra}
     names = ["map_grid.png"] + [f"slices_{m}.png" for m in slices.values()]
     names += ["region_scores.png"] if scores is not None else []
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = {name: out_dir / name for name in names}
-    for path in targets.values():
-        check_output_path(path, overwrite)  # refuse before any work
-    with atomic_paths(targets, overwrite=overwrite) as tmp:
-        map_grid(maps_paths, dataset, tmp["map_grid.png"], nodules=nodules, n=n, overwrite=True)
-        for path, method in slices.items():
-            slice_grid(path, dataset, tmp[f"slices_{method}.png"], nodules=nodules, n=min(n, 4), overwrite=True)
-        if scores is not None:
-            region_score_plot(scores, tmp["region_scores.png"], overwrite=True)
+    with output_folder(out_dir):  # one `figures` at a time into a folder
+        for path in targets.values():
+            check_output_path(path, overwrite)  # refuse before any work
+        with atomic_paths(targets, overwrite=overwrite) as tmp:
+            map_grid(maps_paths, dataset, tmp["map_grid.png"], nodules=nodules, n=n, overwrite=True)
+            for path, method in slices.items():
+                slice_grid(path, dataset, tmp[f"slices_{method}.png"], nodules=nodules, n=min(n, 4), overwrite=True)
+            if scores is not None:
+                region_score_plot(scores, tmp["region_scores.png"], overwrite=True)
     return list(targets.values())

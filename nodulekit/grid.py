@@ -624,23 +624,32 @@ def run_grid(config: str | os.PathLike, *, cores: int | None = None, profile: st
     mine = claims.acquire(plan.root, GRID_CLAIM, doing="run")
     try:
         with claims.heartbeat({plan.root: mine}, GRID_CLAIM):
-            return _run_snakemake(cmd)
+            return _run_snakemake(cmd, plan)
     finally:
         claims.release(plan.root, mine, GRID_CLAIM)
 
 
-def _run_snakemake(cmd: list[str]) -> int:
-    """Run Snakemake; when this process is interrupted or terminated, let Snakemake stop its jobs first."""
+STOP_GRACE_S = 10.0  # after SIGTERM, the jobs' time to unwind (release claims) before SIGKILL
+
+
+def _run_snakemake(cmd: list[str], plan: GridPlan) -> int:
+    """Run Snakemake in a process group of its own; when this process is interrupted or
+    terminated, stop that whole group (Snakemake and every job it started) within seconds,
+    and release the fold claims of jobs that had to be killed."""
     import signal
     import subprocess
 
-    proc = subprocess.Popen(cmd)
+    from nodulekit import claims
+    from nodulekit.workers import stop_group
+
+    proc = subprocess.Popen(cmd, start_new_session=True)  # Ctrl-C reaches only us: we stop the group
     try:
         return proc.wait()
-    except BaseException:  # Ctrl-C, SIGTERM: Snakemake cancels its running jobs, then we go
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except BaseException:
-            proc.kill()
+    except BaseException:  # Ctrl-C, SIGTERM
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(signum, signal.SIG_IGN)
+        stop_group(proc.pid, STOP_GRACE_S)
+        proc.wait()
+        folds = [plan.root / rundir / f"fold{k}" for rundir in plan.runs for k in range(plan.folds)]
+        claims.release_dead(folds)
         raise

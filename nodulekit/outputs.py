@@ -16,7 +16,18 @@
   output, exit status 1 (:class:`~nodulekit.errors.WriteFailed`). HDF5 files are written
   through :func:`hdf5_file`, which keeps a failing disk away from the HDF5 library
   (h5py crashes with SIGSEGV when a chunk write fails while a file is being closed).
-- :func:`output_lock` lets one job at a time write an output (``extract``'s resumable parts).
+- A folder output (``predict -o DIR``) is written whole by :func:`atomic_dir`: built under
+  a temporary name, moved into place at the end; one writer at a time (:func:`output_lock`);
+  without ``overwrite`` a folder that appeared meanwhile is never deleted; a link to a
+  folder is written through. ``-`` is refused there in one line.
+- Every command declares the files and folders it reads (:func:`declare_inputs`); an
+  output that is one of them (the same file, also through links and hard links), holds
+  one, or lies inside an input folder (a RUNDIR) is refused before any work, with or
+  without ``--overwrite`` (:func:`check_not_input`).
+- A destination folder that cannot be written (read-only, no permission) is found before
+  the work too (:func:`check_output_path`, :func:`check_output_dir`).
+- :func:`output_lock` lets one job at a time write an output (``extract``'s resumable parts,
+  folder outputs). Lock files are opened without following links: a planted link is refused.
 """
 
 from __future__ import annotations
@@ -26,10 +37,12 @@ import fcntl
 import io
 import os
 import re
+import shutil
 import socket
 import stat
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -42,6 +55,8 @@ STDOUT = "-"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 _SPECIAL_ROOTS = ("/dev", "/proc")
 _stdout_taken = False  # set once data went to standard output: status lines then go to stderr
+_inputs: list[Path] = []  # what the running command reads (declare_inputs)
+_held_locks: set[Path] = set()  # outputs this process holds the lock of (output_lock)
 
 
 # --------------------------------------------------------------------------- what a path is
@@ -88,9 +103,55 @@ def is_stdout(path: str | os.PathLike) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+_closed: set[str] = set()  # standard streams that were closed when the command started
+
+
+def mark_closed(name: str) -> None:
+    """Note that ``sys.<name>`` was closed at start (``>&-``) and is now a sink."""
+    _closed.add(name)
+
+
+def stdout_closed() -> bool:
+    return "stdout" in _closed
+
+
 def stdout_taken() -> bool:
     """Whether this process wrote data to standard output (status lines should use stderr)."""
     return _stdout_taken
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """``realpath`` of an output, or one line for a link loop (never a traceback)."""
+    try:
+        return Path(os.path.realpath(path, strict=False))
+    except OSError as exc:  # pragma: no cover - realpath(strict=False) raises only on odd systems
+        raise NodulekitError(f"-o {path}: {exc.strerror or exc}") from None
+
+
+def _stat_output(path: str | os.PathLike) -> os.stat_result | None:
+    """``os.stat`` of an output (None when absent); a symbolic-link loop is one line."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NodulekitError(f"-o {path}: a loop of symbolic links (it points back at itself)") from None
+        if exc.errno == errno.ENOTDIR:
+            raise NodulekitError(f"-o {path}: a part of the path is a file, not a folder") from None
+        return None
+
+
+def check_writable_dir(folder: Path, shown: str | os.PathLike) -> None:
+    """Refuse, before any work, an output whose folder cannot be written (read-only, no permission)."""
+    if os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return
+    try:  # access() cannot tell why: a probe file names the reason (read-only file system, ...)
+        fd, probe = tempfile.mkstemp(prefix=".nodulekit-probe.", dir=folder)
+    except OSError as exc:
+        raise NodulekitError(f"-o {shown}: cannot write in {folder}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool, *, stream: str | None = None) -> Path:
@@ -107,35 +168,118 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, *, stream: str |
         if target == "stream" and not os.path.exists(path):
             raise NodulekitError(f"-o {path}: no such device or stream")
         return Path(path)
-    real = Path(os.path.realpath(path))  # a link is written through: check what it points at
-    if real.is_dir():
+    st = _stat_output(path)
+    real = _resolve(path)  # a link is written through: check what it points at
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise NodulekitError(f"-o {path} is a folder; give a file name")
-    if real.exists() and not overwrite:
+    check_not_input(path)
+    if st is not None and not overwrite:
         raise NodulekitError(f"{path} already exists (pass --overwrite to replace it)")
     if not real.parent.is_dir():
         raise NodulekitError(f"output folder {Path(path).parent} does not exist")
+    check_writable_dir(real.parent, path)
     return Path(path)
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """Refuse a stream or a regular file where a folder of outputs is asked for."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool | None = None) -> Path:
+    """Refuse what cannot be a folder output, before any work: a stream or ``-``, a regular
+    file, an input (or a folder holding one), an unwritable place. ``overwrite=False``
+    also refuses an existing folder (a folder written whole); None lets files go into one."""
     if output_target(path) != "file":
-        raise NodulekitError(f"-o {path}: a folder is needed here, not a stream")
-    if Path(path).exists() and not Path(path).is_dir():
+        raise NodulekitError(f"-o {path}: this output is a folder; give a folder path, not a stream or -")
+    st = _stat_output(path)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
         raise NodulekitError(f"-o {path} exists and is not a folder")
+    check_not_input(path)
+    if st is not None and overwrite is False:
+        raise NodulekitError(f"{path} already exists (pass --overwrite to replace it)")
+    real = _resolve(path)
+    if st is not None:
+        check_writable_dir(real, path)
+    elif overwrite is None:  # created with its parents: the nearest existing folder must take it
+        above = next(p for p in real.parents if os.path.exists(p))
+        if not os.path.isdir(above):
+            raise NodulekitError(f"-o {path}: {above} is a file, not a folder")
+        check_writable_dir(above, path)
+    elif not real.parent.is_dir():
+        raise NodulekitError(f"output folder {Path(path).parent} does not exist")
+    else:
+        check_writable_dir(real.parent, path)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- a command's inputs
+
+
+def declare_inputs(*paths: str | os.PathLike | None) -> None:
+    """Name the files and folders the running command reads (``None`` and ``-`` are skipped);
+    every output is checked against them (:func:`check_not_input`) until :func:`clear_inputs`."""
+    _inputs[:] = [Path(p) for p in paths if p is not None and str(p) != STDOUT]
+
+
+def clear_inputs() -> None:
+    _inputs.clear()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _lineage(path: Path) -> list[tuple[Path, tuple[int, int] | None]]:
+    """``path`` (resolved) and each folder above it, with their (device, inode) where they exist."""
+    real = _resolve(path)
+    return [(p, _identity(p)) for p in (real, *real.parents)]
+
+
+def _same(a: tuple[Path, tuple | None], b: tuple[Path, tuple | None]) -> bool:
+    return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
+
+
+def check_not_input(path: str | os.PathLike) -> None:
+    """Refuse an output that is one of the declared inputs (same file, through links and hard
+    links too), holds one (a folder output), or lies inside an input folder (a RUNDIR)."""
+    if not _inputs or output_target(path) != "file":
+        return
+    out = _lineage(Path(path))
+    for given in _inputs:
+        if not os.path.exists(given):
+            continue  # a missing input is refused by its reader
+        inp = _lineage(given)
+        if _same(out[0], inp[0]):
+            relation = "is the input"
+        elif any(_same(out[0], above) for above in inp[1:]):
+            relation = "holds the input"
+        elif os.path.isdir(given) and any(_same(above, inp[0]) for above in out[1:]):
+            relation = "lies inside the input folder"
+        else:
+            continue
+        raise NodulekitError(
+            f"-o {path} {relation} {given}: an output never replaces an input (even with --overwrite); "
+            "choose another -o"
+        )
 
 
 # --------------------------------------------------------------------------- temporary files
 
 
+def _space() -> str:
+    """8 hex digits naming this machine's boot and PID namespace: a PID is only checked in its own."""
+    from nodulekit.claims import boot_id, pid_namespace
+
+    return f"{zlib.crc32(f'{boot_id()} {pid_namespace()}'.encode()):08x}"
+
+
 def _owner() -> str:
     host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host"
-    return f"{host}-{os.getpid()}"
+    return f"{host}-{_space()}-{os.getpid()}"
 
 
 def _temp_pattern(name: str) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(name)}\.(?P<host>[A-Za-z0-9_]*)-(?P<pid>\d+)\.")
+    return re.compile(rf"^\.{re.escape(name)}\.(?P<host>[A-Za-z0-9_]*)-(?:(?P<space>[0-9a-f]{{8}})-)?(?P<pid>\d+)\.")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -149,9 +293,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Remove temporaries of ``path`` left by writers on this host that are no longer running."""
+    """Remove temporaries (files and folders) of ``path`` left by writers that are no longer
+    running: those of this host, boot and PID namespace whose PID is gone (a writer elsewhere
+    cannot be checked from here, and is left alone)."""
     path = Path(path)
-    host = _owner().rsplit("-", 1)[0]
+    host, space, _ = _owner().rsplit("-", 2)
     pattern = _temp_pattern(path.name)
     removed = []
     try:
@@ -160,12 +306,18 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         m = pattern.match(entry.name)
-        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
-            try:
+        if not m or m["host"] != host or m["space"] not in (space, None) or int(m["pid"]) == os.getpid():
+            continue
+        if _pid_alive(int(m["pid"])):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
                 entry.unlink()
-                removed.append(entry)
-            except OSError:
-                pass
+            removed.append(entry)
+        except OSError:
+            pass
     return removed
 
 
@@ -211,7 +363,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = 
     """
     if output_target(path) != "file":
         raise NodulekitError(f"-o {path}: not a regular file; this output must go to a file")
-    final = Path(os.path.realpath(path))
+    check_not_input(path)
+    final = _resolve(path)
     clean_stale_temps(final)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.{_owner()}.", suffix=suffix or ".part", dir=final.parent)
@@ -266,6 +419,8 @@ def text_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     if target == "stdout" or is_stdout(path):
         _stdout_taken = True
     if target == "stdout":
+        if stdout_closed():
+            raise NodulekitError(f"-o {path}: standard output is closed; give a file path or redirect it")
         yield sys.stdout
         sys.stdout.flush()
         return
@@ -396,12 +551,18 @@ def output_lock(path: str | os.PathLike, what: str = "nodulekit") -> Iterator[No
     """Hold an exclusive lock on ``path`` (a hidden ``.<name>.lock`` beside it) for the block.
 
     A second job asking for the same output refuses in one line; the kernel drops the
-    lock of a killed job, so a stale lock never blocks a re-run.
+    lock of a killed job, so a stale lock never blocks a re-run. The lock file is opened
+    without following links: a link planted under its name is refused, never written through.
     """
-    final = Path(os.path.realpath(path))
+    from nodulekit.claims import open_nofollow
+
+    final = _resolve(path)
+    if final in _held_locks:  # this process holds it already (a command locks before its library call)
+        yield
+        return
     lock = final.parent / f".{final.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(lock, os.O_RDWR | os.O_CREAT, "lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -411,7 +572,7 @@ def output_lock(path: str | os.PathLike, what: str = "nodulekit") -> Iterator[No
                 f"{path} is being written by another {what} job ({holder}); wait for it or choose another -o"
             ) from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(lock).st_ino
         except FileNotFoundError:
             same = False
         if same:  # not a lock file its previous holder removed while we waited
@@ -420,7 +581,114 @@ def output_lock(path: str | os.PathLike, what: str = "nodulekit") -> Iterator[No
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _held_locks.add(final)
         yield
     finally:
+        _held_locks.discard(final)
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- folder outputs
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError when ``dst`` exists (even empty)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # no renameat2 (old libc): rename refuses a non-empty folder and a file
+        os.rename(src, dst)
+        return
+    at_fdcwd, rename_noreplace = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL):  # a file system without RENAME_NOREPLACE
+            os.rename(src, dst)
+            return
+        raise OSError(err, os.strerror(err), str(dst))
+
+
+def _commit_dir(tmp: Path, final: Path, shown: str | os.PathLike, overwrite: bool) -> None:
+    """Move the finished folder ``tmp`` to ``final``. Without ``overwrite`` whatever is at
+    ``final`` (it appeared while the run was working) is kept and the move refused; with it,
+    the old folder is moved aside under a temporary name and removed only afterwards."""
+    if not overwrite or not os.path.lexists(final):
+        try:
+            _rename_noreplace(tmp, final)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise NodulekitError(
+                    f"{shown} already exists: it appeared while this run was working (pass --overwrite to replace it)"
+                ) from None
+            raise
+        return
+    if not os.path.isdir(final) or os.path.islink(final):
+        raise NodulekitError(f"-o {shown} exists and is not a folder")
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".old", dir=final.parent))
+    os.replace(final, old)  # onto the empty folder just made: atomic
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)  # put the old folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it becomes ``path`` only when the block succeeds.
+
+    The folder guarantees of :func:`atomic_path`: a link to a folder is written through
+    (the folder it points at is replaced, the link stays); one writer at a time (a second
+    refuses at once); without ``overwrite`` a folder that appeared meanwhile is kept and
+    the run refused; temporaries of killed writers are removed; a failed write is one line.
+    """
+    check_output_dir(path, overwrite)
+    final = _resolve(path)
+    with output_lock(final):
+        clean_stale_temps(final)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".part", dir=final.parent))
+        except OSError as exc:
+            raise write_failed(path, exc) from None
+        try:
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            _commit_dir(tmp, final, path, overwrite)
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS and not isinstance(exc, NodulekitError):
+                raise write_failed(path, exc) from None
+            raise
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def folder_writer(path: str | os.PathLike | None, overwrite: bool, what: str) -> Iterator[None]:
+    """For a command that writes folder ``path`` whole at its end: refuse a bad ``-o`` now and
+    hold the folder's lock for the whole run, so a second job into it refuses at once."""
+    if path is None:
+        yield
+        return
+    check_output_dir(path, overwrite)
+    with output_lock(path, f"nodulekit {what}"):
+        yield
+
+
+@contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder that receives several output files (``figures``, ``evaluate -o``): checked,
+    created when missing, and held by one writer at a time for the block."""
+    check_output_dir(path)
+    final = _resolve(path)
+    with output_lock(final):
+        try:
+            final.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failed(path, exc) from None
+        yield Path(path)

@@ -15,9 +15,6 @@ file is complete, so an interrupted or failed run leaves no partial DIR.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +25,10 @@ PREDICTIONS = "predictions.jsonl"
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise NodulekitError(f"{path} already exists (pass --overwrite to replace it)")
-    if path.exists() and not path.is_dir():
-        raise NodulekitError(f"{path} exists and is not a folder")
-    if not path.parent.is_dir():
-        raise NodulekitError(f"output folder {path.parent} does not exist")
-    return path
+    """Refuse, before any work, a ``-o`` that cannot be this folder (see :func:`nodulekit.outputs.check_output_dir`)."""
+    from nodulekit.outputs import check_output_dir as check
+
+    return check(path, overwrite)
 
 
 def safe_name(text: str) -> str:
@@ -117,11 +110,12 @@ def write_overlay(path: Path, inp, map_up: np.ndarray, layout, rec: dict) -> Non
 
 
 def write_outputs(output, scan, specs, inputs, scores, records, card, *, overwrite: bool = False) -> Path:
-    """Write the folder atomically: everything under a temporary name, renamed into place at the end."""
-    output = check_output_dir(output, overwrite)
+    """Write the folder whole: everything under a temporary name, moved into place at the end
+    (:func:`nodulekit.outputs.atomic_dir`: one writer at a time, nothing deleted that appeared meanwhile)."""
+    from nodulekit.outputs import atomic_dir
+
     layout = card["preprocessing"]["channels"]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent))
-    try:
+    with atomic_dir(output, overwrite=overwrite) as tmp:
         names: set[str] = set()
         for spec, inp, rec, m in zip(specs, inputs, records, scores.map_up, strict=True):
             name = safe_name(rec["id"])
@@ -134,26 +128,4 @@ def write_outputs(output, scan, specs, inputs, scores, records, card, *, overwri
         with open(tmp / PREDICTIONS, "w") as fh:
             for rec in records:
                 fh.write(json.dumps(rec) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return output
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` (``--overwrite``) is removed only afterwards."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.parent / f".{target.name}.old"
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return Path(output)

@@ -11,12 +11,19 @@ all go through :func:`run_tasks`:
   killed outright (SIGKILL, out-of-memory) does not leave workers behind;
 - with ``workers <= 1`` (or too few tasks to pay for the start-up) the tasks run inline,
   with the same results in the same order.
+
+Commands that run other programs (``grid`` runs Snakemake, which runs one ``nodulekit``
+job per fold) start them in a process group of their own and stop the whole group when
+told to stop (:func:`stop_group`): SIGTERM first, so the jobs unwind and release their
+claims, then SIGKILL for what is still running after a grace period.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -120,3 +127,56 @@ def run_tasks(
             futures = {pool.submit(_guarded, fn, task, *args): task for task in tasks}
             for future in as_completed(futures):
                 yield futures[future], future.result()
+
+
+# --------------------------------------------------------------------------- process groups
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes of process group ``pgid`` (Linux: read from /proc)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            members.append(int(entry.name))
+    return members
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(pgid: int, grace: float = 10.0) -> list[int]:
+    """Stop process group ``pgid``: SIGTERM to all of it, SIGKILL to what runs after ``grace``
+    seconds. Returns the PIDs it held when asked to stop. Needs the group's leader to have
+    been started with ``start_new_session=True`` (its own group, outside the caller's)."""
+    members = group_members(pgid) if os.path.isdir("/proc") else []
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.05)
+    if _group_alive(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.05)
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    if os.path.isdir("/proc"):
+        return bool(group_members(pgid))
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

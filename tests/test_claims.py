@@ -34,6 +34,17 @@ def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def dead_claim(pid: int) -> str:
+    """The record of a claim made on this machine (same boot and PID namespace) by process ``pid``."""
+    record = dict(claims.this_process().__dict__, pid=pid, pid_start=None, started="t0")
+    del record["touched"]
+    return json.dumps(record)
+
+
+def a_dead_pid() -> int:
+    return int(subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
 def holder_process(fold_dir: Path) -> subprocess.Popen:
     """A separate process that claims ``fold_dir`` and then sleeps until killed."""
     code = f"from nodulekit import claims; import time; claims.acquire({str(fold_dir)!r}); print('held', flush=True); time.sleep(600)"
@@ -104,10 +115,8 @@ def test_recycled_pid_and_foreign_host(tmp_path):
 
 def test_racing_takeovers_have_exactly_one_winner(tmp_path):
     fold_dir = tmp_path / "fold0"
-    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     fold_dir.mkdir()
-    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "t0"}
-    (fold_dir / CLAIM_FILE).write_text(json.dumps(stale))
+    (fold_dir / CLAIM_FILE).write_text(dead_claim(a_dead_pid()))
     go = tmp_path / "go"
     code = textwrap.dedent(f"""
         import os, time
@@ -194,10 +203,7 @@ def test_status_states_and_exit_codes(ds, tmp_path, run_cli):
     with pytest.raises(KeyboardInterrupt):
         train(ds, rundir, cfg, folds=[3], progress=False, on_epoch_end=stop)
     # fold 2: a stale claim left by a dead process over a finished fold changes nothing
-    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (rundir / "fold2" / CLAIM_FILE).write_text(
-        json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "t0"})
-    )
+    (rundir / "fold2" / CLAIM_FILE).write_text(dead_claim(a_dead_pid()))
     # fold 1 is being trained again from scratch by a live job
     (rundir / "fold1" / "result.h5").unlink()
     (rundir / "fold1" / "checkpoint.pt").unlink()

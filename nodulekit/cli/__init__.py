@@ -51,11 +51,14 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the nodulekit version and exit."
     ),
 ) -> None:
-    pass
+    from nodulekit.outputs import clear_inputs
+
+    ctx.call_on_close(clear_inputs)  # a command's declared inputs end with it (also under a test runner)
 
 
 # Registration happens on import; keep this list in pipeline order.
@@ -72,7 +75,10 @@ from nodulekit.cli import train as _train  # noqa: E402,F401
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"nodulekit: error: {message}", err=True)
+    from nodulekit.printing import printable
+
+    if sys.stderr is not None:
+        typer.echo(f"nodulekit: error: {printable(message)}", err=True)
     raise SystemExit(code)
 
 
@@ -104,12 +110,48 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _safe_streams() -> None:
+    """Standard streams that cannot turn into a traceback: characters the locale cannot encode
+    (an ASCII locale) are written as escapes; a closed stdout or stderr (``>&-``) becomes a
+    sink, and data meant for stdout is then refused in one line (outputs.stdout_closed)."""
+    import os
+
+    from nodulekit import outputs
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+            outputs.mark_closed(name)
+        elif hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
+def _broken_pipe() -> None:
+    """The reader of stdout went away (``| head``): stop quietly, as other tools do."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise SystemExit(EXIT_FAILURE)
+
+
 def main() -> None:
     import signal
 
+    from nodulekit.outputs import clear_inputs
+
     signal.signal(signal.SIGTERM, _terminate)
+    _safe_streams()
     try:
         app(args=modern_argv(sys.argv[1:]), prog_name="nodulekit")
+    except BrokenPipeError:
+        _broken_pipe()
     except Terminated:
         fail("terminated; finished work is kept and a re-run resumes", EXIT_TERMINATED)
     except NodulekitError as exc:
@@ -122,6 +164,8 @@ def main() -> None:
         raise
     except OSError as exc:  # disk full, permissions, unreadable files: one line, not a traceback
         fail(f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc), EXIT_FAILURE)
+    finally:
+        clear_inputs()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from typing import Literal
 import typer
 
 from nodulekit.cli import app
-from nodulekit.cli.common import PROGRESS, QUIET, say, show_progress
+from nodulekit.cli.common import PROGRESS, QUIET, inputs, say, show_progress
 
 
 # Long only by its typer option declarations: the body parses and calls the library.
@@ -33,7 +33,7 @@ def build(
         "can be in both training and test); recorded in the file.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    progress: bool = PROGRESS,
+    progress: bool | None = PROGRESS,
     quiet: bool = QUIET,
 ) -> None:
     """Build a 32x32 multi-channel dataset (paper Table 1) with cross-validation folds.
@@ -44,6 +44,7 @@ def build(
     """
     from nodulekit.datasets import build_dataset, dataset_fingerprint, load_dataset
 
+    inputs(rois)
     path = build_dataset(
         rois,
         output,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import typer
 
-PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars (on stderr).")
+PROGRESS = typer.Option(
+    None, "--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal)."
+)
 QUIET = typer.Option(False, "-q", "--quiet", help="Print nothing but errors and warnings (implies --no-progress).")
 AS_JSON = typer.Option(False, "--json", help="Print the report as JSON (machine-readable) instead of a table.")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
@@ -36,16 +38,42 @@ def device_option(help: str) -> typer.models.OptionInfo:
     )
 
 
+def inputs(*paths: Path | None) -> None:
+    """Declare what the running command reads: no output may be, hold, or lie inside one of them
+    (checked by nodulekit.outputs before any work, with or without --overwrite)."""
+    from nodulekit.outputs import declare_inputs
+
+    declare_inputs(*paths)  # cleared when the command ends (the root callback in nodulekit.cli)
+
+
+def echo(text: str, err: bool = False) -> None:
+    """Print ``text`` with control characters escaped (strings from files reach the terminal here)."""
+    from nodulekit.printing import printable
+
+    typer.echo(printable(text), err=err)
+
+
 def say(message: str, quiet: bool = False) -> None:
     """A status line: on stdout, or on stderr once data went to stdout (``-o -``); none with --quiet."""
     from nodulekit.outputs import stdout_taken
 
     if not quiet:
-        typer.echo(message, err=stdout_taken())
+        echo(message, err=stdout_taken())
 
 
-def show_progress(progress: bool, quiet: bool) -> bool:
-    return progress and not quiet
+def show_progress(progress: bool | None, quiet: bool) -> bool:
+    """Whether to draw progress bars: never with --quiet, always with --progress, and by
+    default only when stderr is a terminal (a log file gets no bars)."""
+    import sys
+
+    if quiet or progress is False:
+        return False
+    if progress:
+        return True
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def to_file(output: Path | None) -> bool:
@@ -68,13 +96,14 @@ def emit_report(
     JSON, is printed there; with a file or folder, ``write_files`` writes it (and ``--json`` still
     prints the JSON). Returns whether files were written."""
     from nodulekit.outputs import text_output
+    from nodulekit.printing import printable
 
     if not to_file(output):
         with text_output(output or "-") as fh:
-            fh.write(json_text if as_json else markdown)
+            fh.write(printable(json_text if as_json else markdown))
         return False
     written = write_files(output)
     if as_json:
-        typer.echo(json_text)
+        echo(json_text)
     say("wrote " + ", ".join(str(p) for p in written), quiet or as_json)
     return True

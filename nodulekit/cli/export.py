@@ -8,7 +8,7 @@ from typing import Literal
 import typer
 
 from nodulekit.cli import app
-from nodulekit.cli.common import PROGRESS, QUIET, say, show_progress
+from nodulekit.cli.common import PROGRESS, QUIET, echo, inputs, say, show_progress
 
 
 @app.command("export-onnx")
@@ -49,7 +49,10 @@ def export_onnx_cmd(
     import json
 
     from nodulekit.export import export_onnx, load_ensemble_source, load_model_source
+    from nodulekit.outputs import check_output_path
 
+    inputs(source)
+    check_output_path(output, overwrite)  # before the models are loaded
     if ensemble and fold is not None:
         from nodulekit.errors import NodulekitError
 
@@ -83,7 +86,7 @@ def infer_cmd(
     ),
     batch: int = typer.Option(256, "--batch", help="Samples per ONNX Runtime call."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    progress: bool = PROGRESS,
+    progress: bool | None = PROGRESS,
     quiet: bool = QUIET,
 ) -> None:
     """Run an exported model with ONNX Runtime over a dataset; write probabilities and maps.
@@ -94,6 +97,7 @@ def infer_cmd(
     """
     from nodulekit.export import infer
 
+    inputs(model, dataset)
     summary = infer(
         model,
         dataset,
@@ -104,9 +108,9 @@ def infer_cmd(
         progress=show_progress(progress, quiet),
     )
     if summary["note"] and not quiet:
-        typer.echo(summary["note"], err=True)
+        echo(summary["note"], err=True)
     if summary["warning"]:
-        typer.echo(f"nodulekit: warning: {summary['warning']}", err=True)
+        echo(f"nodulekit: warning: {summary['warning']}", err=True)
     rate = summary["n"] / summary["seconds"] if summary["seconds"] > 0 else float("inf")
     say(
         f"wrote {output}: {summary['n']} nodules on {summary['provider']} "

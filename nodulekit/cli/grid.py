@@ -54,8 +54,10 @@ def grid_report_command(
 
     Example: nodulekit grid-report examples/grid/paper.yaml -o grid/report.md
     """
+    from nodulekit.cli.common import echo, inputs
     from nodulekit.grid import load_grid
     from nodulekit.grid_report import write_grid_report
 
+    inputs(config)
     paths = write_grid_report(load_grid(config), output)
-    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    echo("wrote " + ", ".join(str(p) for p in paths.values()))

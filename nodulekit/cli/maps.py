@@ -10,7 +10,17 @@ from typing import Literal
 import typer
 
 from nodulekit.cli import app
-from nodulekit.cli.common import AS_JSON, PROGRESS, QUIET, device_option, emit_report, say, show_progress, to_file
+from nodulekit.cli.common import (
+    AS_JSON,
+    PROGRESS,
+    QUIET,
+    device_option,
+    emit_report,
+    inputs,
+    say,
+    show_progress,
+    to_file,
+)
 from nodulekit.map_methods import method_names
 
 # The --method choices come from the registry: a new map method file shows up here by itself.
@@ -62,7 +72,7 @@ def maps_cmd(
         None, "--channels-last/--no-channels-last", help="channels_last memory format (default: auto)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
-    progress: bool = PROGRESS,
+    progress: bool | None = PROGRESS,
     quiet: bool = QUIET,
 ) -> None:
     """Activation maps of every nodule from the fold model that did not train on it.
@@ -76,6 +86,7 @@ def maps_cmd(
     from nodulekit.outputs import check_output_path
 
     method = method.value
+    inputs(rundir, dataset)
     check_output_path(output, overwrite)
     result = run_maps(
         rundir,
@@ -147,6 +158,7 @@ def scores_cmd(
     """
     from nodulekit.scores import score_maps, scores_markdown, scores_record, scores_summaries, write_scores
 
+    inputs(*maps_files, dataset)
     _check_report_output(output, overwrite)
     table = score_maps(
         maps_files,
@@ -193,7 +205,10 @@ def figures_cmd(
     Example: nodulekit figures cam_maps.h5 hesam_maps.h5 -d d11c.h5 --scores scores.csv -o figs
     """
     from nodulekit.figures import draw_figures
+    from nodulekit.outputs import check_output_dir
 
+    inputs(*maps_files, dataset, scores_csv)
+    check_output_dir(output)
     written = draw_figures(
         maps_files, dataset, output, nodules=_ids(nodules), n=n, scores_csv=scores_csv, overwrite=overwrite
     )
@@ -240,6 +255,7 @@ def wilcoxon_cmd(
     """
     from nodulekit.stats import comparison_markdown_table, wilcoxon_notes, wilcoxon_runs
 
+    inputs(*rundirs)
     _check_report_output(output, overwrite)
     arm_dirs = [[Path(p) for p in arm.split(",") if p] for arm in arms]
     table = wilcoxon_runs(
@@ -314,6 +330,7 @@ def readers_cmd(
     """
     from nodulekit.stats import reader_comparison, readers_markdown_table, readers_notes
 
+    inputs(rundir, dataset)
     _check_report_output(output, overwrite)
     table = reader_comparison(rundir, dataset, n_resamples=bootstrap, seed=seed)
     report = dict(

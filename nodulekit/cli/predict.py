@@ -10,6 +10,7 @@ from typing import Literal
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import PROGRESS, echo, inputs, show_progress
 
 
 # Long only by its typer option declarations: the body parses and calls the library.
@@ -70,7 +71,7 @@ def predict_cmd(
         None, "--channels-last/--no-channels-last", help="PyTorch only: channels_last memory format (default: auto)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o folder if it exists."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    progress: bool | None = PROGRESS,
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors on stderr."),
 ) -> None:
     """Score nodules of your own chest CT: one JSON line per nodule on stdout.
@@ -85,37 +86,44 @@ def predict_cmd(
       nodulekit predict runs/hesam-d11c ct.nii.gz --nodules nodules.csv --coords ras > results.jsonl
       nodulekit predict model.onnx subset0/<seriesuid>.mhd --nodules annotations.csv   # LUNA16
     """
+    from nodulekit.outputs import folder_writer, stdout_closed
     from nodulekit.predict import predict
 
     def say(line: str) -> None:
         if not quiet:
-            typer.echo(f"nodulekit: {line}", err=True)
+            echo(f"nodulekit: {line}", err=True)
 
-    result = predict(
-        model,
-        scan,
-        mask=mask,
-        mask_mode=mask_nodules,
-        centre=centre,
-        diameter=diameter,
-        nodules=nodules,
-        coords=coords,
-        output=output,
-        overwrite=overwrite,
-        provider=provider,
-        device=device,
-        fold=fold,
-        batch=batch,
-        amp="auto" if amp is None else amp,
-        channels_last="auto" if channels_last is None else channels_last,
-        progress=progress and not quiet,
-        report=say,
-    )
+    inputs(model, scan, mask, nodules)
+    if stdout_closed():
+        from nodulekit.errors import NodulekitError
+
+        raise NodulekitError("standard output is closed, and predict prints its results there: redirect it to a file")
+    with folder_writer(output, overwrite, "predict"):  # -o checked, and held, before any work
+        result = predict(
+            model,
+            scan,
+            mask=mask,
+            mask_mode=mask_nodules,
+            centre=centre,
+            diameter=diameter,
+            nodules=nodules,
+            coords=coords,
+            output=output,
+            overwrite=overwrite,
+            provider=provider,
+            device=device,
+            fold=fold,
+            batch=batch,
+            amp="auto" if amp is None else amp,
+            channels_last="auto" if channels_last is None else channels_last,
+            progress=show_progress(progress, quiet),
+            report=say,
+        )
     for rec in result.records:
         sys.stdout.write(json.dumps(rec) + "\n")
     sys.stdout.flush()
     for line in result.warnings:
-        typer.echo(f"nodulekit: warning: {line}", err=True)
+        echo(f"nodulekit: warning: {line}", err=True)
     t = result.timings
     say(
         f"scored {len(result.records)} nodule(s): load model {t['load_model_s']:.2f} s, read scan {t['read_s']:.2f} s, "
@@ -141,4 +149,4 @@ def describe_cmd(
     from nodulekit.modelcard import render
 
     card = load_card(model, fold)
-    typer.echo(json.dumps(card, indent=2) if as_json else render(card))
+    echo(json.dumps(card, indent=2) if as_json else render(card))

@@ -27,9 +27,11 @@ def status_command(
     from nodulekit.status import all_finished, run_status, status_table
 
     rows = [row for rundir in rundirs for row in run_status(rundir)]
+    from nodulekit.cli.common import echo
+
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        typer.echo(status_table(rows))
+        echo(status_table(rows))
     if not all_finished(rows):
         raise typer.Exit(NOT_FINISHED)

@@ -9,7 +9,17 @@ from typing import Literal
 import typer
 
 from nodulekit.cli import app
-from nodulekit.cli.common import AS_JSON, PROGRESS, QUIET, device_option, emit_report, say, show_progress, to_file
+from nodulekit.cli.common import (
+    AS_JSON,
+    PROGRESS,
+    QUIET,
+    device_option,
+    emit_report,
+    inputs,
+    say,
+    show_progress,
+    to_file,
+)
 from nodulekit.errors import NodulekitError
 from nodulekit.train_config import TrainConfig
 
@@ -125,7 +135,7 @@ def train_command(
         help="Discard an existing run in RUNDIR made with other settings; with --fold, only those folds "
         "(refused while other folds hold results made with other settings).",
     ),
-    progress: bool = PROGRESS,
+    progress: bool | None = PROGRESS,
     quiet: bool = QUIET,
 ) -> None:
     """Train ARCH with k-fold cross-validation on DATASET; every fold's model and test predictions go to RUNDIR.
@@ -136,8 +146,11 @@ def train_command(
 
     Example: nodulekit train d11c.h5 --arch hesam --epochs 90 --device auto --seed 0 -o runs/hesam-d11c
     """
+    from nodulekit.outputs import check_output_dir
     from nodulekit.training import train
 
+    inputs(dataset)
+    check_output_dir(output)  # a RUNDIR: a folder (never `-`), not the dataset, writable
     cfg = TrainConfig(
         arch=arch,
         model_options=parse_model_options(model_opt),
@@ -211,7 +224,11 @@ def evaluate_command(
     Example: nodulekit evaluate runs/hesam-d11c runs/sam-d11c runs/cam-d11c -o reports/table2
     """
     from nodulekit.evaluation import evaluate_runs, report_json
+    from nodulekit.outputs import check_output_dir
 
+    inputs(*rundirs)
+    if to_file(output):
+        check_output_dir(output)
     out = evaluate_runs(
         rundirs, output if to_file(output) else None, overwrite=overwrite, n_resamples=bootstrap, seed=seed
     )
