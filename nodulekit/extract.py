@@ -226,7 +226,9 @@ def extract_rois(
     level = check_level(consensus_level)
     rule = rule or LabelRule()
     out = check_output_path(out, overwrite)
-    report = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    from nodulekit.printing import printable
+
+    report = report or (lambda line: tqdm.write(printable(line), file=sys.stderr))  # lines name source files
     with output_lock(out, "nodulekit extract"):  # a second job into `out` is refused at once
         units, errors, counts = src.plan(rule, patients, workers, progress)
         for line in errors:

@@ -617,8 +617,12 @@ def run_grid(config: str | os.PathLike, *, cores: int | None = None, profile: st
         _check_executor(folder)
     cmd = snakemake_command(plan, cores=cores, profile=folder, dry_run=dry_run, keep_going=keep_going,
                             quiet=quiet, extra=extra or [])  # fmt: skip
-    print(f"nodulekit grid: {len(plan.runs)} runs x {plan.folds} folds; output in {plan.root}", file=sys.stderr)
-    print("nodulekit grid: " + " ".join(cmd), file=sys.stderr)
+    from nodulekit.printing import printable
+
+    print(
+        printable(f"nodulekit grid: {len(plan.runs)} runs x {plan.folds} folds; output in {plan.root}"), file=sys.stderr
+    )
+    print(printable("nodulekit grid: " + " ".join(cmd)), file=sys.stderr)
     if dry_run:  # lists jobs, writes nothing: no claim needed
         return subprocess.run(cmd).returncode
     mine = claims.acquire(plan.root, GRID_CLAIM, doing="run")

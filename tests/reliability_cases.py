@@ -23,7 +23,7 @@ class Case:
     fault: str  # the bad input or fault, as a user would describe it
     sees: str  # the line printed on stderr ("" when the command succeeds); {x} varies
     exit: int
-    issue: str = ""  # the defect of issue 11 it fixed ("" for behaviour that was already right)
+    issue: str = ""  # the defect of issue 11 ("3") or item of issue 20 ("20.3") it fixed ("" if already right)
 
     def pattern(self) -> re.Pattern:
         parts = re.split(r"\{[^}]*\}", self.sees)
@@ -195,6 +195,120 @@ CASES = [
         2,
     ),
     Case("interrupted", "Ctrl-C", E + "interrupted; finished work is kept and a re-run resumes", 130),
+    # issue 20: outputs never replace inputs (item 2)
+    Case(
+        "output-is-input",
+        "`-o` is one of the command's inputs, also through a symbolic or hard link, with or without "
+        "`--overwrite` (`infer m.onnx d.h5 -o d.h5`, `scores maps.h5 -o maps.h5`)",
+        E + "-o {out} is the input {in}: an output never replaces an input (even with --overwrite); choose another -o",
+        2,
+        "20.2",
+    ),
+    Case(
+        "output-inside-input",
+        "`-o` inside a RUNDIR that is an input (`maps RUN -o RUN/fold0/result.h5`, "
+        "`export-onnx RUN --fold 1 -o RUN/fold1/checkpoint.pt`)",
+        E + "-o {out} lies inside the input folder {in}: an output never replaces an input (even with --overwrite); "
+        "choose another -o",
+        2,
+        "20.2",
+    ),
+    Case(
+        "output-holds-input",
+        "a folder `-o` that holds an input (`predict -o` the folder of its model and scan, `--overwrite`)",
+        E + "-o {out} holds the input {in}: an output never replaces an input (even with --overwrite); "
+        "choose another -o",
+        2,
+        "20.2",
+    ),
+    # folder outputs (item 3)
+    Case(
+        "folder-appeared",
+        "the `predict -o` folder appears (the user, another job) while predict runs, without `--overwrite`",
+        E + "{out} already exists: it appeared while this run was working (pass --overwrite to replace it)",
+        2,
+        "20.3",
+    ),
+    Case(
+        "folder-second-writer",
+        "a second `predict` into an `-o` folder that another `predict` is writing",
+        E + "{out} is being written by another nodulekit predict job (pid {pid} on {host}); "
+        "wait for it or choose another -o",
+        2,
+        "20.3",
+    ),
+    Case(
+        "folder-link",
+        "`-o` a symbolic link to a folder, with `--overwrite` (twice)",
+        "",
+        0,
+        "20.3",
+    ),
+    Case(
+        "folder-stale-temps", "the `.NAME.*.part/` folder and lock of a `predict` killed with `kill -9`", "", 0, "20.3"
+    ),
+    Case(
+        "folder-dash",
+        "`-o -` where the output is a folder (`predict`, `figures`, `train`, `phantom`)",
+        E + "-o -: this output is a folder; give a folder path, not a stream or -",
+        2,
+        "20.3",
+    ),
+    # locks and claims (item 4)
+    Case(
+        "link-as-lock",
+        "a lock or claim file planted as a symbolic link (`.out.h5.lock`, `fold0/claim.json` -> a user's file)",
+        E + "{path} is a symbolic link, not a nodulekit {lock or claim} file: remove it (never followed)",
+        2,
+        "20.4",
+    ),
+    Case(
+        "claim-other-namespace",
+        "a live job in another PID namespace, same host name (a container), holds the fold",
+        E + "{fold} is being trained by another job (pid {pid} on {host} since {time}); it is taken over once "
+        "untouched for 10 min, or delete {claim} if that job is gone",
+        2,
+        "20.4",
+    ),
+    # grid stops when told (item 5)
+    Case(
+        "grid-terminated",
+        "`grid` sent SIGTERM (a scheduler) or Ctrl-C while its jobs run",
+        E + "terminated; finished work is kept and a re-run resumes",
+        143,
+        "20.5",
+    ),
+    # printing (items 7, 8) and the smaller findings about outputs
+    Case(
+        "terminal-escape",
+        "an escape sequence in a dataset name or in ONNX model metadata (`evaluate`, `describe`)",
+        "",
+        0,
+        "20.7",
+    ),
+    Case("progress-not-a-terminal", "stderr is not a terminal (a log file): no progress bars", "", 0, "20.8"),
+    Case(
+        "read-only-output",
+        "`-o` in a read-only folder (found before the work)",
+        E + "-o {out}: cannot write in {folder}: {reason}",
+        2,
+        "20.8",
+    ),
+    Case(
+        "link-loop",
+        "`-o` a loop of symbolic links",
+        E + "-o {out}: a loop of symbolic links (it points back at itself)",
+        2,
+        "20.8",
+    ),
+    Case("ascii-locale", "an ASCII locale (`PYTHONIOENCODING=ascii`) and non-ASCII text or paths", "", 0, "20.8"),
+    Case(
+        "stdout-closed",
+        "standard output closed (`>&-`) where the data goes there (`-o -`, `predict`)",
+        E + "{what}standard output is closed{why}",
+        2,
+        "20.8",
+    ),
 ]
 BY_ID = {c.id: c for c in CASES}
 assert len(BY_ID) == len(CASES), "duplicate case ids"
@@ -332,7 +446,7 @@ BEGIN, END = "<!-- catalogue: begin -->", "<!-- catalogue: end -->"
 def table() -> str:
     """The catalogue as the Markdown table of docs/reliability.md."""
     rows = [
-        "| case | bad input or fault | what the user sees (stderr) | exit | issue 11 defect |",
+        "| case | bad input or fault | what the user sees (stderr) | exit | issue 11 defect / issue 20 item |",
         "|---|---|---|---|---|",
     ]
     for c in CASES:

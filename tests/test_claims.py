@@ -307,3 +307,66 @@ def test_sigterm_releases_the_claims_and_keeps_the_checkpoint(ds, tmp_path):
     assert not (rundir / "fold0" / CLAIM_FILE).exists()
     (row,) = [r for r in run_status(rundir) if r["fold"] == 0]
     assert row["state"] == "interrupted" and 1 <= row["epochs_done"] < 400
+
+
+# --------------------------------------------------------------------------- issue 20: claims that cannot be fooled
+
+
+def test_a_claim_names_its_job_by_token_boot_and_pid_namespace(tmp_path):
+    mine = claims.acquire(tmp_path / "fold0")
+    record = json.loads((tmp_path / "fold0" / CLAIM_FILE).read_text())
+    assert record["token"] == mine.token and len(record["token"]) == 32
+    assert record["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert record["pid_ns"] == os.readlink("/proc/self/ns/pid")
+    assert {"host", "pid", "started", "pid_start"} <= set(record)  # the fields readers knew stay
+    # the same PID and start but another token is another job's claim: never released as ours
+    other = claims.Claim(**{**mine.__dict__, "token": "0" * 32})
+    claims.release(tmp_path / "fold0", other)
+    assert (tmp_path / "fold0" / CLAIM_FILE).exists()
+    claims.release(tmp_path / "fold0", mine)
+    assert not (tmp_path / "fold0" / CLAIM_FILE).exists()
+
+
+def test_a_live_job_in_another_pid_namespace_keeps_its_fold(ds, tmp_path):
+    """Same host name, another PID namespace (a container): its PID says nothing here, only its heartbeat."""
+    from reliability_cases import BY_ID
+
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    if subprocess.run([*unshare, "true"], capture_output=True).returncode != 0:
+        pytest.skip("a PID namespace needs unshare(1) and the right to use it (root)")
+    rundir = tmp_path / "run"
+    fold_dir = rundir / "fold0"
+    code = f"import os, time; from nodulekit import claims; claims.acquire({str(fold_dir)!r}); print('held', os.getpid(), flush=True); time.sleep(600)"
+    holder = subprocess.Popen([*unshare, PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().split()[0] == "held"
+        theirs = claims.read_claim(fold_dir)
+        assert theirs.pid_ns != claims.pid_namespace() and theirs.host == socket.gethostname()
+        assert theirs.alive() is None  # its PID is meaningless here: neither alive nor dead
+        job = nodulekit("train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS)
+        BY_ID["claim-other-namespace"].check(job.returncode, job.stderr)
+        assert claims.read_claim(fold_dir) == theirs  # not taken over
+        old = time.time() - claims.STALE_S - 60  # its heartbeat stopped 11 min ago: now it is stale
+        os.utime(fold_dir / CLAIM_FILE, (old, old))
+        assert claims.read_claim(fold_dir).alive() is False
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_claim_or_lock_planted_as_a_link_is_refused_not_followed(ds, tmp_path):
+    from reliability_cases import BY_ID
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's file")
+    rundir = tmp_path / "run"
+    (rundir / "fold0").mkdir(parents=True)
+    (rundir / "fold0" / CLAIM_FILE).symlink_to(victim)
+    job = nodulekit("train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS)
+    BY_ID["link-as-lock"].check(job.returncode, job.stderr)
+    (rundir / "fold0" / CLAIM_FILE).unlink()
+    (rundir / "fold0" / ".claim.lock").symlink_to(victim)
+    (rundir / "fold0" / CLAIM_FILE).write_text(dead_claim(a_dead_pid()))  # a stale claim: takeover locks
+    with pytest.raises(claims.NodulekitError, match="claim.lock is a symbolic link, not a nodulekit lock file"):
+        claims.acquire(rundir / "fold0")
+    assert victim.read_text() == "the user's file"

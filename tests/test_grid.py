@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,78 @@ def test_default_fold_layout_is_the_measured_fastest(tmp_path, monkeypatch):
     cpu = load_grid(write_config(tmp_path, TINY))
     assert gpu.train["concurrent_folds"] is True and cpu.train["concurrent_folds"] is False
     assert "--concurrent-folds" in train_command(gpu, next(iter(gpu.runs)), threads=1)
+
+
+# --------------------------------------------------------------------------- stopping a grid
+
+LONG = """
+output: out
+rois: rois.h5
+datasets: {d1c: 1}
+folds: 2
+epochs: 2000
+train: {lr: 0.01, device: cpu, threads: 1}
+model_options: {base_width: 4}
+bootstrap: 50
+table2:
+  architectures: [cam]
+  sensitivity_dataset: d1c
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (walks the parent links in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_grid_its_jobs_and_their_claims_within_seconds(tmp_path):
+    from reliability_cases import BY_ID
+
+    path = write_config(tmp_path, LONG)
+    out = tmp_path / "out"
+    with open(tmp_path / "grid.log", "w") as log:
+        grid = subprocess.Popen(
+            [PY, "-m", "nodulekit", "grid", path, "--cores", "1"], env=ENV, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("runs/*/*/*/fold*/checkpoint.pt")):  # a train job is in its epochs
+            assert grid.poll() is None, (tmp_path / "grid.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no training started"
+            time.sleep(0.1)
+        assert list(out.glob("runs/*/*/*/fold*/claim.json")) and (out / GRID_CLAIM).exists()
+        jobs = descendants(grid.pid)
+        assert any("train" in Path(f"/proc/{p}/cmdline").read_text() for p in jobs if running(p))
+        started = time.monotonic()
+        grid.send_signal(signal.SIGTERM)
+        code = grid.wait(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        grid.kill()
+        grid.wait()
+    log = (tmp_path / "grid.log").read_text()
+    BY_ID["grid-terminated"].check(code, log)
+    assert took < 15, f"the grid took {took:.1f} s to stop"
+    time.sleep(0.5)
+    assert not [p for p in jobs if running(p)], "a job outlived the grid"
+    assert not list(out.rglob("claim.json")) and not (out / GRID_CLAIM).exists()
