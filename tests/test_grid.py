@@ -174,6 +174,9 @@ def test_tiny_grid_end_to_end_survives_a_failed_job(tmp_path):
         "hesam+base_width=4+hf_pool=avg",
     ]
     check_report(root)
+    printed = subprocess.run([PY, "-m", "nodulekit", "grid-report", config, "-o", "-"], env=ENV,
+                             capture_output=True, text=True)  # fmt: skip
+    assert printed.returncode == 0 and printed.stdout == (root / "report.md").read_text(), printed.stderr
     status = subprocess.run(
         [PY, "-m", "nodulekit", "status", *sorted(map(str, root.glob("runs/*/seed0/*")))],
         env=ENV, capture_output=True, text=True,
@@ -303,7 +306,8 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_sigterm_stops_the_grid_its_jobs_and_their_claims_within_seconds(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_stops_the_grid_its_jobs_and_their_claims_within_seconds(tmp_path, signum, code):
     from reliability_cases import BY_ID
 
     path = write_config(tmp_path, LONG)
@@ -322,14 +326,16 @@ def test_sigterm_stops_the_grid_its_jobs_and_their_claims_within_seconds(tmp_pat
         jobs = descendants(grid.pid)
         assert any("train" in Path(f"/proc/{p}/cmdline").read_text() for p in jobs if running(p))
         started = time.monotonic()
-        grid.send_signal(signal.SIGTERM)
-        code = grid.wait(timeout=60)
+        grid.send_signal(signum)  # SIGINT: as Ctrl-C in a terminal sends it to the grid
+        status = grid.wait(timeout=60)
         took = time.monotonic() - started
     finally:
         grid.kill()
         grid.wait()
     log = (tmp_path / "grid.log").read_text()
-    BY_ID["grid-terminated"].check(code, log)
+    if signum == signal.SIGTERM:
+        BY_ID["grid-terminated"].check(status, log)
+    assert status == code and "Traceback" not in log, log[-3000:]
     assert took < 15, f"the grid took {took:.1f} s to stop"
     time.sleep(0.5)
     assert not [p for p in jobs if running(p)], "a job outlived the grid"

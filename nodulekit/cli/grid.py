@@ -46,7 +46,9 @@ def grid_command(
 @app.command("grid-report")
 def grid_report_command(
     config: Path = typer.Argument(..., help="The grid config whose reports to collect."),
-    output: Path = typer.Option(..., "--output", "-o", help="Report (.md); the JSON record goes beside it."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Report (.md); the JSON record goes beside it. `-` prints the report."
+    ),
 ) -> None:
     """Collect Tables 2-5 (paper layout, with confidence intervals and tests) and the map scores of a finished grid.
 
@@ -54,10 +56,17 @@ def grid_report_command(
 
     Example: nodulekit grid-report examples/grid/paper.yaml -o grid/report.md
     """
-    from nodulekit.cli.common import echo, inputs
+    from nodulekit.cli.common import echo, inputs, to_file
     from nodulekit.grid import load_grid
-    from nodulekit.grid_report import write_grid_report
+    from nodulekit.grid_report import grid_report, write_grid_report
 
     inputs(config)
+    if not to_file(output):  # `-` or a stream: the Markdown report goes there
+        from nodulekit.outputs import text_output
+        from nodulekit.printing import printable
+
+        with text_output(output) as fh:
+            fh.write(printable(grid_report(load_grid(config))[0]))
+        return
     paths = write_grid_report(load_grid(config), output)
     echo("wrote " + ", ".join(str(p) for p in paths.values()))
