@@ -652,7 +652,7 @@ def _run_snakemake(cmd: list[str], plan: GridPlan) -> int:
     except BaseException:  # Ctrl-C, SIGTERM
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
             signal.signal(signum, signal.SIG_IGN)
-        stop_group(proc.pid, STOP_GRACE_S)
+        stop_group(proc.pid, STOP_GRACE_S, leader=proc.pid)  # Snakemake goes once its jobs are gone
         proc.wait()
         folds = [plan.root / rundir / f"fold{k}" for rundir in plan.runs for k in range(plan.folds)]
         claims.release_dead(folds)

@@ -155,14 +155,16 @@ def _signal_group(pgid: int, signum: int) -> None:
         pass
 
 
-def stop_group(pgid: int, grace: float = 10.0) -> list[int]:
+def stop_group(pgid: int, grace: float = 10.0, *, leader: int | None = None) -> list[int]:
     """Stop process group ``pgid``: SIGTERM to all of it, SIGKILL to what runs after ``grace``
-    seconds. Returns the PIDs it held when asked to stop. Needs the group's leader to have
-    been started with ``start_new_session=True`` (its own group, outside the caller's)."""
+    seconds, or as soon as only ``leader`` is left (a scheduler such as Snakemake, whose own
+    shutdown only waits for the jobs that have already stopped). Returns the PIDs the group
+    held when asked to stop. The group's leader must have been started with
+    ``start_new_session=True`` (a group of its own, outside the caller's)."""
     members = group_members(pgid) if os.path.isdir("/proc") else []
     _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and _group_alive(pgid, but=leader):
         time.sleep(0.05)
     if _group_alive(pgid):
         _signal_group(pgid, signal.SIGKILL)
@@ -172,9 +174,10 @@ def stop_group(pgid: int, grace: float = 10.0) -> list[int]:
     return members
 
 
-def _group_alive(pgid: int) -> bool:
+def _group_alive(pgid: int, but: int | None = None) -> bool:
+    """Whether a process of group ``pgid`` other than ``but`` still runs."""
     if os.path.isdir("/proc"):
-        return bool(group_members(pgid))
+        return any(pid != but for pid in group_members(pgid))
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):

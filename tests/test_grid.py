@@ -336,7 +336,9 @@ def test_sigterm_stops_the_grid_its_jobs_and_their_claims_within_seconds(tmp_pat
     if signum == signal.SIGTERM:
         BY_ID["grid-terminated"].check(status, log)
     assert status == code and "Traceback" not in log, log[-3000:]
-    assert took < 15, f"the grid took {took:.1f} s to stop"
+    # jobs get STOP_GRACE_S (10 s) to unwind before SIGKILL: well under 20 s even on a loaded
+    # machine (measured 6-14 s at load 20 on 2 cores; the old grid waited up to 120 s)
+    assert took < 20, f"the grid took {took:.1f} s to stop"
     time.sleep(0.5)
     assert not [p for p in jobs if running(p)], "a job outlived the grid"
     assert not list(out.rglob("claim.json")) and not (out / GRID_CLAIM).exists()
