@@ -22,7 +22,7 @@
   folder is written through. ``-`` is refused there in one line.
 - Every command declares the files and folders it reads (:func:`declare_inputs`); an
   output that is one of them (the same file, also through links and hard links), holds
-  one, or lies inside an input folder (a RUNDIR) is refused before any work, with or
+  one, or lies inside an input RUNDIR is refused before any work, with or
   without ``--overwrite`` (:func:`check_not_input`).
 - A destination folder that cannot be written (read-only, no permission) is found before
   the work too (:func:`check_output_path`, :func:`check_output_dir`).
@@ -239,9 +239,16 @@ def _same(a: tuple[Path, tuple | None], b: tuple[Path, tuple | None]) -> bool:
     return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
 
 
+def _is_rundir(path: Path) -> bool:
+    """A folder of nodulekit results (it holds ``run.json``): every file in it is an input.
+    Other input folders (a DICOM series, VOIs) may take outputs; a folder that is not yet a
+    RUNDIR is left to its reader to refuse, with its own message."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "run.json"))
+
+
 def check_not_input(path: str | os.PathLike) -> None:
     """Refuse an output that is one of the declared inputs (same file, through links and hard
-    links too), holds one (a folder output), or lies inside an input folder (a RUNDIR)."""
+    links too), holds one (a folder output), or lies inside an input RUNDIR."""
     if not _inputs or output_target(path) != "file":
         return
     out = _lineage(Path(path))
@@ -253,7 +260,7 @@ def check_not_input(path: str | os.PathLike) -> None:
             relation = "is the input"
         elif any(_same(out[0], above) for above in inp[1:]):
             relation = "holds the input"
-        elif os.path.isdir(given) and any(_same(above, inp[0]) for above in out[1:]):
+        elif _is_rundir(given) and any(_same(above, inp[0]) for above in out[1:]):
             relation = "lies inside the input folder"
         else:
             continue

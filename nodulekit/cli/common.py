@@ -39,8 +39,8 @@ def device_option(help: str) -> typer.models.OptionInfo:
 
 
 def inputs(*paths: Path | None) -> None:
-    """Declare what the running command reads: no output may be, hold, or lie inside one of them
-    (checked by nodulekit.outputs before any work, with or without --overwrite)."""
+    """Declare what the running command reads: no output may be or hold one of them, nor lie in
+    an input RUNDIR (checked by nodulekit.outputs before any work, with or without --overwrite)."""
     from nodulekit.outputs import declare_inputs
 
     declare_inputs(*paths)  # cleared when the command ends (the root callback in nodulekit.cli)
