@@ -255,9 +255,9 @@ def wilcoxon_cmd(
     """
     from nodulekit.stats import comparison_markdown_table, wilcoxon_notes, wilcoxon_runs
 
-    inputs(*rundirs)
-    _check_report_output(output, overwrite)
     arm_dirs = [[Path(p) for p in arm.split(",") if p] for arm in arms]
+    inputs(*(d for arm in arm_dirs for d in arm))
+    _check_report_output(output, overwrite)
     table = wilcoxon_runs(
         arm_dirs, n_resamples=bootstrap, seed=seed, n_permutations=permutations, margin=margin, min_overlap=min_overlap
     )
