@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 from reliability_cases import BY_ID
-from test_reliability import ENV, cli, cli_process
+from test_reliability import ENV, cli_process
 
 from nodulekit.outputs import _FailSafeFile, hdf5_file
 from tests.model_fixtures import export, trained_run
@@ -127,7 +127,24 @@ def predict_args(work, out, *extra) -> list:
     return [*model, "--provider", "cpu", "-o", out, *extra]
 
 
-def run_cli(*args, env=ENV, **kw) -> subprocess.CompletedProcess:
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`nodulekit ARGS` through the real entry point, in this process: (exit status, stdout, stderr)."""
+    from nodulekit import outputs
+    from nodulekit.cli import main
+
+    monkeypatch.setattr(outputs, "_stdout_taken", False)  # a fresh process has written nothing to stdout
+    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_process(*args, env=ENV, **kw) -> subprocess.CompletedProcess:
     """`nodulekit ARGS` in a new process with its own environment or start-up (``preexec_fn``)."""
     argv = [sys.executable, "-m", "nodulekit", *map(str, args)]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, **kw)
@@ -338,12 +355,12 @@ def test_a_link_loop_as_output_is_one_line(work, tmp_path, monkeypatch, capsys):
 def test_ascii_locale_and_closed_stdout(work, tmp_path):
     run = tmp_path / "run-ä"  # a path the locale cannot encode
     shutil.copytree(work["rundir"], run)
-    res = run_cli("evaluate", run, "--bootstrap", "20", env=dict(ENV, PYTHONIOENCODING="ascii"))
+    res = run_process("evaluate", run, "--bootstrap", "20", env=dict(ENV, PYTHONIOENCODING="ascii"))
     BY_ID["ascii-locale"].check(res.returncode, res.stderr)
     assert "±" not in res.stdout and "\\xb1" in res.stdout  # the table's ± as an escape
-    res = run_cli("scores", work["maps"], "-d", work["dataset"], "-o", "-", preexec_fn=lambda: os.close(1))
+    res = run_process("scores", work["maps"], "-d", work["dataset"], "-o", "-", preexec_fn=lambda: os.close(1))
     BY_ID["stdout-closed"].check(res.returncode, res.stderr)
-    res = run_cli(*predict_args(work, tmp_path / "p"), preexec_fn=lambda: os.close(1))
+    res = run_process(*predict_args(work, tmp_path / "p"), preexec_fn=lambda: os.close(1))
     BY_ID["stdout-closed"].check(res.returncode, res.stderr)
     assert not (tmp_path / "p").exists()
 
