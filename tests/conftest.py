@@ -103,26 +103,28 @@ def tiny_dataset(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "tiny_d11c.h5")
 
 
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """``run_cli(*args)``: ``nodulekit ARGS`` in this process through the real entry point
-    (``nodulekit.cli.main``: its error lines and exit codes), returning (exit status, stdout, stderr)."""
+def cli_in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``nodulekit ARGS`` in this process through the real entry point (``nodulekit.cli.main``:
+    its error lines and exit codes), returning (exit status, stdout, stderr)."""
     import sys
 
-    def run(*args) -> tuple[int, str, str]:
-        from nodulekit.cli import main
+    from nodulekit.cli import main
 
-        outputs = sys.modules.get("nodulekit.outputs")
-        if outputs is not None and hasattr(outputs, "_stdout_taken"):
-            monkeypatch.setattr(outputs, "_stdout_taken", False)  # a fresh process has written nothing to stdout
-        monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out = capsys.readouterr()
-        return code, out.out, out.err
+    outputs = sys.modules.get("nodulekit.outputs")
+    if outputs is not None and hasattr(outputs, "_stdout_taken"):
+        monkeypatch.setattr(outputs, "_stdout_taken", False)  # a fresh process has written nothing to stdout
+    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
-    return run
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """``run_cli(*args)``: ``cli_in_process`` bound to this test's monkeypatch and capsys."""
+    return lambda *args: cli_in_process(monkeypatch, capsys, *args)

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 sitk = pytest.importorskip("SimpleITK")
 
-from test_reliability import cli  # noqa: E402
+from conftest import cli_in_process as cli  # noqa: E402
 
 from nodulekit.sources import CTFormat, Image, register_format  # noqa: E402
 from nodulekit.sources.formats import unregister_format  # noqa: E402

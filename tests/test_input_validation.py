@@ -17,8 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from conftest import cli_in_process as cli  # noqa: E402
 from reliability_cases import BY_ID  # noqa: E402
-from test_reliability import cli, copy_vois, phantom_vois  # noqa: E402, F401
+from test_reliability import copy_vois, phantom_vois  # noqa: E402, F401
 
 from tests.scan_fixtures import canonical_ct, lps_of, stored_variant, write_dicom_series, write_nifti  # noqa: E402
 

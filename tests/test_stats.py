@@ -304,7 +304,7 @@ def test_reader_comparison_against_the_other_readers(tmp_path, tiny_dataset):
 
 
 def test_wilcoxon_cli_takes_seed_arms_and_refuses_low_overlap_in_one_line(two_runs, tmp_path, monkeypatch, capsys):
-    from test_reliability import cli
+    from conftest import cli_in_process as cli
 
     a, b, ids, y, pa, pb = two_runs
     fewer = fake_run(tmp_path / "few", ids[:20], y[:20], pb[:20])
