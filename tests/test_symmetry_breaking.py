@@ -1,0 +1,299 @@
+"""Fixtures that break the symmetries the other tests happen to have.
+
+Each test sits where an independent set of mutants survived the suite (issue 24): the
+in-plane window with row spacing != column spacing, ties at exactly .5 when a plane or a
+pixel value is rounded, several nodules numbered by position, a claim held on another
+host, the seed a grid gives each run, the probe's warm-up step. Every expected value is
+worked out here from the definition (or is a literal), not read back from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+from conftest import write_tiny_dataset
+
+# --------------------------------------------------------------------------- anisotropic pixels
+
+
+def ramp(rows: int, cols: int, slices: int) -> np.ndarray:
+    """HU = -500 + 6 row + 4 col on every slice (integers: the int16 rounding is exact)."""
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return np.repeat((-500 + 6 * r + 4 * c)[:, :, None], slices, axis=2).astype(np.int16)
+
+
+@pytest.mark.parametrize("spacing", [(0.8, 0.6), (0.6, 0.8)])
+def test_window_and_patch_with_unequal_row_and_column_spacing(spacing):
+    """A 4 x diameter crop of a linear HU ramp comes back exactly at every output pixel centre,
+    along rows and along columns; the window (4.5 x diameter) is sized by the smaller spacing,
+    so sizing it by the larger one (or by the row spacing alone) is refused as too small."""
+    from nodulekit.inputs import Channel, InputSpec, model_input
+    from nodulekit.inputs.sampling import window_side_px
+
+    d, p = 10.0, 4.0
+    assert window_side_px(d, spacing) == 75  # 45 mm / 0.6 mm = 75 px (odd), whichever axis is finer
+    sy, sx = spacing
+    hu = ramp(120, 110, 9)
+    zvals = np.arange(9, dtype=float) * 1.25
+    centre = (57.3, 51.8)
+    made = model_input(hu, zvals, spacing, centre, 5.0, d, InputSpec((Channel(0.0, p),)))
+    step = p * d / 32  # mm per output pixel, both axes
+    offsets = (np.arange(32) + 0.5 - 16) * step
+    rows = centre[0] + offsets / sy
+    cols = centre[1] + offsets / sx
+    expected_hu = -500 + 6 * rows[:, None] + 4 * cols[None, :]
+    expected = (expected_hu + 1000) / 1400  # the [-1000, 400] HU window scaled to [0, 1]
+    np.testing.assert_allclose(made.x[0], expected, atol=2e-6)
+    assert made.pixel_mm[0] == pytest.approx(step)
+
+
+# --------------------------------------------------------------------------- ties at .5 in z
+
+
+def test_nearest_label_plane_at_an_exact_tie_is_the_upper_slice():
+    """Slices 2 mm apart; a plane exactly half-way between two slices takes the upper one
+    (0.5 -> 1 and 1.5 -> 2: not round-half-to-even, not round-half-down)."""
+    from nodulekit.inputs.sampling import sample_window
+
+    zvals = np.array([0.0, 2.0, 4.0, 6.0, 8.0])
+    hu = np.zeros((9, 9, 5), np.int16)
+    labels = np.broadcast_to(np.arange(1, 6, dtype=np.uint8), (9, 9, 5)).copy()  # slice k holds k + 1
+    for z, expected in ((1.0, 2), (3.0, 3), (2.9, 2), (3.1, 3), (5.0, 4), (7.0, 5)):
+        _, lab, _ = sample_window(hu, zvals, (4, 4), z, 5, labels, planes_mm=[0.0])
+        assert np.all(lab[0] == expected), (z, lab[0, 2, 2])
+
+
+def test_interpolated_hu_at_an_exact_half_rounds_to_even():
+    """HU interpolated half-way between slices of 0 and 1 HU is 0.5, stored as 0; between 1 and 2
+    it is 1.5, stored as 2 (round half to even, as the sampling documents)."""
+    from nodulekit.inputs.sampling import sample_window
+
+    zvals = np.array([0.0, 1.0, 2.0])
+    hu = np.broadcast_to(np.array([0, 1, 2], np.int16), (5, 5, 3)).copy()
+    win, _, _ = sample_window(hu, zvals, (2, 2), 0.5, 3, planes_mm=[0.0])
+    assert np.all(win == 0)
+    win, _, _ = sample_window(hu, zvals, (2, 2), 1.5, 3, planes_mm=[0.0])
+    assert np.all(win == 2)
+    win, _, _ = sample_window(-hu, zvals, (2, 2), 0.5, 3, planes_mm=[0.0])  # -0.5 -> -0 (even)
+    assert np.all(win == 0)
+
+
+# --------------------------------------------------------------------------- several nodules in one mask
+
+
+def test_mask_components_are_numbered_by_slice_then_row_then_column(tmp_path):
+    """Four separate nodules whose scan order (rows first), column order and slice order all
+    differ: ids 1..4 follow (slice, row, col) of each component's centre."""
+    from nodulekit import scans
+    from nodulekit.predict import mask_specs
+    from tests.scan_fixtures import SHAPE, SPACING, canonical_ct, stored_variant, write_nifti
+
+    layout = ((1, 0, 2), (0, 1))  # stored like a RAS NIfTI: x and y reversed, columns first
+    stored, affine = stored_variant(canonical_ct(), *layout)
+    ct = write_nifti(tmp_path / "ct.nii.gz", stored, affine)
+    r, c, k = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    # (row, col, slice) centres; expected order: a (slice 2), b (slice 6), then d before c
+    # (both slice 11: row 5 < row 17, though d's column 22 > c's 6), scan order is b, d, c, a.
+    centres = {"a": (20, 4, 2), "b": (3, 20, 6), "c": (17, 6, 11), "d": (5, 22, 11)}
+    labels = np.zeros(SHAPE, np.uint8)
+    for rr, cc, kk in centres.values():  # 3 x 3 x 1 crosses: centre exactly at the given voxel
+        labels[(abs(r - rr) + abs(c - cc) <= 1) & (k == kk)] = 1
+    mask_stored, _ = stored_variant(labels, *layout)
+    path = write_nifti(tmp_path / "m.nii.gz", mask_stored, affine)
+    specs = mask_specs(scans.read_scan(ct), path, "components")
+    assert [s.id for s in specs] == ["1", "2", "3", "4"]
+    got = [tuple(np.round(s.centre, 6)) for s in specs]
+    assert got == [centres[n] for n in "abdc"]
+    assert [s.origin for s in specs] == [f"mask component {i}" for i in (1, 2, 3, 4)]
+    assert SPACING[0] != SPACING[1]  # the scan's pixels are not square either
+
+
+# --------------------------------------------------------------------------- NaN folds
+
+
+def fold(k, y, prob, first_patient):
+    from nodulekit.run import FoldResult
+
+    y = np.asarray(y)
+    return FoldResult(
+        fold=k, history=np.zeros((1, 5)), columns=["epoch", "a", "b", "c", "d"], test_index=np.arange(len(y)),
+        test_prob=np.asarray(prob, float), test_y=y, test_nodule_id=[f"N{first_patient + i}:1" for i in range(len(y))],
+        test_patient_id=[f"P{first_patient + i}" for i in range(len(y))], selected_epoch=1, epochs=1,
+    )  # fmt: skip
+
+
+def test_per_fold_mean_and_sd_leave_out_a_fold_whose_auc_is_undefined():
+    """Three folds of unequal size; fold 1 holds benign nodules only, so its AUC and
+    sensitivity are undefined (NaN): the means and SDs are over folds 0 and 2 only."""
+    from sklearn.metrics import roc_auc_score
+
+    from nodulekit.evaluation import RunResult, summarise_run
+
+    y0, p0 = [0, 0, 1, 1, 1], [0.1, 0.7, 0.6, 0.9, 0.4]
+    y1, p1 = [0, 0, 0], [0.2, 0.3, 0.8]
+    y2, p2 = [0, 1, 0, 1, 1, 0, 1], [0.4, 0.45, 0.3, 0.8, 0.2, 0.1, 0.9]
+    folds = [fold(0, y0, p0, 0), fold(1, y1, p1, 10), fold(2, y2, p2, 20)]
+    s = summarise_run(RunResult("r", {"arch": "cam"}, folds), n_resamples=20)["summary"]
+    aucs = [roc_auc_score(y0, p0), roc_auc_score(y2, p2)]
+    assert s["auc"]["mean"] == pytest.approx(np.mean(aucs)) and s["auc"]["std"] == pytest.approx(np.std(aucs, ddof=1))
+    sens = [2 / 3, 2 / 4]  # p > 0.5: fold 0 finds 0.6, 0.9 (not 0.4); fold 2 finds 0.8, 0.9 (not 0.45, 0.2)
+    assert s["sensitivity"]["mean"] == pytest.approx(np.mean(sens))
+    assert s["sensitivity"]["std"] == pytest.approx(np.std(sens, ddof=1))
+    spec = [1 / 2, 2 / 3, 3 / 3]  # every fold has benign nodules: all three count
+    assert s["specificity"]["mean"] == pytest.approx(np.mean(spec))
+
+
+def test_region_score_means_and_intervals_leave_out_nan_entries():
+    """NaN entries (an empty region) are left out of the mean and of every bootstrap draw: a
+    column that is 0.8 wherever defined has mean and interval 0.8, not less. Patient P2 has
+    two nodules, one of them NaN."""
+    from nodulekit.scores import mean_intervals
+
+    values = np.array([[0.8, 0.2], [0.8, np.nan], [np.nan, 0.6], [0.8, 1.0], [0.8, 0.4]])
+    patients = np.array(["P1", "P2", "P2", "P3", "P4"])
+    mean, low, high = mean_intervals(values, patients, n_resamples=200, seed=3)
+    assert mean[0] == pytest.approx(0.8) and low[0] == pytest.approx(0.8) and high[0] == pytest.approx(0.8)
+    assert mean[1] == pytest.approx(0.55)  # (0.2 + 0.6 + 1.0 + 0.4) / 4, not / 5
+    assert 0.2 <= low[1] < 0.55 < high[1] <= 1.0
+
+
+# --------------------------------------------------------------------------- margin and spiculation strata
+
+
+def test_margin_and_spiculation_strata_at_and_around_the_threshold():
+    """Margin: mean rating <= 3 is poorly defined, > 3 sharp (the scale runs 1 = poorly defined
+    to 5 = sharp); spiculation: >= 3 is spiculated. Exactly 3 sits on the documented side of each."""
+    import pandas as pd
+
+    from nodulekit.scores import REGIONS, SUMMARISED, summarise_scores
+
+    ratings = [1.0, 3.0, 3.5, 5.0, np.nan, 2.5, 2.0, np.nan]  # each group: two patients or more
+    n = len(ratings)
+    df = pd.DataFrame({
+        "map": ["sam"] * n, "class": ["malignant"] * n, "nodule_id": [f"LIDC-IDRI-000{i}:1" for i in range(n)],
+        "patient_id": [f"P{i}" for i in range(n)], "margin": ratings, "spiculation": ratings,
+        "empty_map": [False] * n, "pointing": [REGIONS[0]] * n, "area_margin_band": np.ones(n),
+        **{c: np.linspace(0.1, 0.6, n) for c in SUMMARISED},
+    })  # fmt: skip
+    groups = {
+        by: dict(zip(out["group"], out["n"], strict=True))
+        for by, out in ((b, summarise_scores(df, b, n_resamples=10)) for b in ("margin", "spiculation"))
+    }
+    assert groups["margin"] == {"poorly defined (<=3)": 4, "sharp (>3)": 2, "unrated": 2}  # 1, 3, 2.5, 2 | 3.5, 5
+    assert groups["spiculation"] == {
+        "spiculated (>=3)": 3,
+        "not spiculated (<3)": 3,
+        "unrated": 2,
+    }  # 3, 3.5, 5 | 1, 2.5, 2
+
+
+# --------------------------------------------------------------------------- a claim from another host
+
+
+def test_status_of_a_fold_claimed_on_another_host(tmp_path):
+    """A fresh claim from another host cannot be checked: the fold is running there (said so);
+    the same claim untouched for longer than STALE_S is not running any more."""
+    from test_evaluation import fake_run
+
+    from nodulekit.claims import CLAIM_FILE, STALE_S
+    from nodulekit.status import run_status
+
+    rundir = tmp_path / "run"
+    fake_run(rundir, n_folds=3, skip=(1,))
+    host = "node-" + socket.gethostname()[:8] + "-x"
+    claim = rundir / "fold1" / CLAIM_FILE
+    claim.parent.mkdir()
+    claim.write_text(json.dumps({"host": host, "pid": 4242, "started": "2026-01-01T00:00:00+00:00"}))
+    rows = run_status(rundir)
+    assert [r["state"] for r in rows] == ["finished", "running", "finished"]
+    assert rows[1]["claim"]["host"] == host and rows[1]["claim"]["pid"] == 4242
+    assert rows[1]["note"] == f"pid 4242 on {host} since 2026-01-01T00:00:00+00:00 (other host: not checked)"
+    old = time.time() - STALE_S - 60
+    os.utime(claim, (old, old))
+    rows = run_status(rundir)
+    assert rows[1]["state"] == "missing" and rows[1]["claim"] is None
+
+
+# --------------------------------------------------------------------------- the seed of each grid run
+
+
+def test_grid_trains_each_run_with_its_own_seed_not_the_split_seed(tmp_path):
+    """seeds [3, 7] and split_seed 5: each run's train command carries --seed of its own run
+    folder (seed3 / seed7), build carries the split seed."""
+    import shlex
+
+    from test_datasets import sphere_nodules, write_rois
+
+    from nodulekit.grid import build_command, load_grid, train_command
+
+    write_rois(tmp_path / "rois.h5", sphere_nodules(n_patients=12))
+    (tmp_path / "grid.yaml").write_text(
+        "output: out\nrois: rois.h5\ndatasets: {d1c: 1}\nfolds: 2\nepochs: 1\nsplit_seed: 5\nseeds: [3, 7]\n"
+        "train: {lr: 0.01, device: cpu, threads: 1}\nmodel_options: {base_width: 4}\nbootstrap: 50\n"
+        "table2:\n  architectures: [cam]\n"
+    )
+    plan = load_grid(tmp_path / "grid.yaml")
+    assert len(plan.runs) == 2
+    for rundir in plan.runs:
+        args = shlex.split(train_command(plan, rundir, threads=1).split(" ", 1)[1])
+        seed = int(rundir.split("/seed")[1].split("/")[0])
+        assert args[args.index("--seed") + 1] == str(seed) and args.count("--seed") == 1
+    seeds = sorted(int(r.split("/seed")[1].split("/")[0]) for r in plan.runs)
+    assert seeds == [3, 7]
+    build = shlex.split(build_command(plan, "d1c", "x.h5"))
+    assert build[build.index("--seed") + 1] == "5"
+
+
+# --------------------------------------------------------------------------- the probe's warm-up step
+
+
+def test_probe_times_only_the_steps_after_the_warm_up():
+    """The first step of each variant is warm-up (kernel selection) and never counts: fp32's
+    slow first step does not hide its fastest timed step, and channels_last's quick first step
+    does not make it the fastest. The quickest timed step counts, not the mean or the last."""
+    import torch
+
+    from nodulekit.execution import WARMUP_STEPS, select_variant
+
+    assert WARMUP_STEPS == 1
+    ref = torch.linspace(-1, 1, 12)
+    seconds = {
+        "fp32": [9.0, 1.0, 5.0],  # min of the timed steps 1.0; mean 3.0, last 5.0
+        "fp32+channels_last": [0.1, 2.0, 2.0],
+        "bf16": [0.1, 4.0, 4.0],
+        "bf16+channels_last": [0.1, 4.0, 4.0],
+    }
+    results = {name: {"seconds": s, "outputs": ref.clone()} for name, s in seconds.items()}
+    choice = select_variant(results, "cpu")
+    assert (choice.amp, choice.channels_last) == (False, False)
+    # and when channels_last's timed steps are the quicker ones, it is chosen
+    results["fp32+channels_last"]["seconds"] = [9.0, 0.5, 0.5]
+    choice = select_variant(results, "cpu")
+    assert (choice.amp, choice.channels_last) == (False, True)
+
+
+def test_probe_runs_one_warm_up_and_two_timed_steps_per_variant(tmp_path, monkeypatch):
+    """Every variant is stepped WARMUP_STEPS + TIMED_STEPS = 3 times, round-robin."""
+    from nodulekit import execution
+
+    calls = []
+
+    def time_step(variant, run):
+        calls.append(variant)
+        return 1.0, run()
+
+    monkeypatch.setattr(execution, "MIN_WORKLOAD_STEPS", 0)
+    monkeypatch.setattr(execution, "_timed", lambda device: time_step)
+    from nodulekit.training import TrainConfig, train
+
+    ds = write_tiny_dataset(tmp_path / "d.h5", n=20, channels=1, folds=2)
+    cfg = TrainConfig(arch="cam", model_options={"base_width": 4}, epochs=1, lr=0.01, device="cpu", seed=0)
+    train(ds, tmp_path / "run", cfg, folds=[0], progress=False)
+    names = ["fp32", "fp32+channels_last", "bf16", "bf16+channels_last"]
+    ran = [n for n in names if n in calls]
+    assert "fp32" in ran and calls == ran * 3

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""mutmut 3 over nodulekit, time-boxed and resumable, with a score per module (docs/testing.md).
+
+mutmut writes its mutated copy (``mutants/``) and each mutant's result beside the code it
+mutates. This script runs it in a scratch copy of the work tree (``--workdir``, kept between
+runs), so
+
+- a run stopped by the time box (``--time-box``) or Ctrl-C resumes where it stopped: mutmut
+  keeps every finished mutant's result and re-tests only mutants of changed functions;
+- ``--module`` narrows the run to some modules (mutmut's ``only_mutate``) and ``--tests`` to
+  the test files that cover them, written into the copy's ``[tool.mutmut]``; without them it
+  is the whole package against the whole suite, as ``pyproject.toml`` configures it;
+- the report gives killed / (killed + survived + timeout) per module, the commit, and lists
+  the survivors; survivors named in ``tools/mutmut-equivalent.toml`` (each with its reason)
+  are equivalent and not counted.
+
+    python tools/mutmut_run.py --module nodulekit/geometry.py --tests tests/test_consensus.py
+    python tools/mutmut_run.py --time-box 14400 -o mutmut-report.md    # the whole package
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutate import REPO, copy_repo  # noqa: E402
+
+EQUIVALENT = REPO / "tools" / "mutmut-equivalent.toml"
+# mutmut's exit codes (mutmut.stats.status_by_exit_code), folded into what the score needs
+OUTCOME = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout"}
+OUTCOME |= {255: "timeout", 5: "no tests", 33: "no tests", -11: "killed", -9: "killed", 37: "killed"}
+
+
+def toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def configure(work: Path, modules: list[str], tests: list[str]) -> None:
+    """Narrow the copy's [tool.mutmut] to ``modules`` and ``tests`` (empty: as configured)."""
+    path = work / "pyproject.toml"
+    text = path.read_text()
+    if modules:
+        text = text.replace("[tool.mutmut]\n", f"[tool.mutmut]\nonly_mutate = {toml_list(modules)}\n", 1)
+    if tests:
+        text = re.sub(
+            r"pytest_add_cli_args_test_selection = \[.*\]",
+            f"pytest_add_cli_args_test_selection = {toml_list(tests)}",
+            text,
+        )
+    path.write_text(text)
+
+
+def sync(work: Path) -> None:
+    """Copy the work tree into ``work`` (a fresh copy's mtimes tell mutmut which files changed)."""
+    work.mkdir(parents=True, exist_ok=True)
+    copy_repo(work)
+
+
+def results(work: Path) -> dict[str, dict[str, str]]:
+    """{module: {mutant name: outcome}} from mutmut's per-file ``.meta`` files."""
+    out: dict[str, dict[str, str]] = {}
+    for meta in sorted((work / "mutants").rglob("*.py.meta")):
+        module = str(meta.relative_to(work / "mutants"))[: -len(".meta")]
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        out[module] = {
+            name: OUTCOME.get(code, "not checked" if code is None else "suspicious") for name, code in codes.items()
+        }
+    return out
+
+
+def report(work: Path, modules: list[str], commit: str, command: str) -> tuple[str, int]:
+    equivalent = tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.exists() else {}
+    lines = [f"# mutmut report\n\ncommit `{commit}`; command `{command}`\n"]
+    lines += [
+        "| module | killed | survived | timeout | equivalent | no tests | not checked | score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    survivors: list[str] = []
+    for module, outcomes in results(work).items():
+        if modules and not any(Path(module).match(m) or module == m for m in modules):
+            continue
+        n = Counter("equivalent" if outcomes[k] == "survived" and k in equivalent else v for k, v in outcomes.items())
+        scored = n["killed"] + n["survived"] + n["timeout"]
+        score = f"{100 * (n['killed'] + n['timeout']) / scored:.1f} %" if scored else "-"
+        lines.append(
+            f"| {module} | {n['killed']} | {n['survived']} | {n['timeout']} | {n['equivalent']} | {n['no tests']} | {n['not checked']} | {score} |"
+        )
+        survivors += [k for k, v in outcomes.items() if v == "survived" and k not in equivalent]
+    lines += ["", "## Survivors (not marked equivalent)", ""] + [f"- `{s}`" for s in survivors]
+    lines += ["", "## Equivalent (tools/mutmut-equivalent.toml)", ""] + [f"- `{k}`: {v}" for k, v in equivalent.items()]
+    return "\n".join(lines) + "\n", len(survivors)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--module", action="append", default=[], help="only mutate this module (repeatable)")
+    ap.add_argument("--tests", action="append", default=[], help="test file run against the mutants (repeatable)")
+    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "nodulekit" / "mutmut")
+    ap.add_argument("--time-box", type=float, default=3600, help="stop after this many seconds (resume later)")
+    ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("-o", "--output", type=Path, default=Path("mutmut-report.md"))
+    args = ap.parse_args()
+
+    work = args.workdir.resolve()
+    sync(work)
+    configure(work, args.module, args.tests)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    shared = REPO.parent / "shared" / "data"
+    if "NODULEKIT_SHARED_DATA" not in env and shared.exists():
+        env["NODULEKIT_SHARED_DATA"] = str(shared)
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    try:
+        subprocess.run(["timeout", "--signal=INT", str(int(args.time_box)), *mutmut], cwd=work, env=env, check=False)
+    except KeyboardInterrupt:
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "nodulekit", "tests"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    command = "python tools/mutmut_run.py " + " ".join(sys.argv[1:])
+    text, survivors = report(work, args.module, commit + (" (+ uncommitted changes)" if dirty.strip() else ""), command)
+    args.output.write_text(text)
+    print(text)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
