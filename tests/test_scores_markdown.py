@@ -38,7 +38,9 @@ def test_markdown_table_rows_and_cells():
 
     scores = scores_table()
     table = summarise_scores(scores, "class", n_resamples=20)
-    lines = table_lines(scores_markdown(scores, {"class": table}), "By nodule class")
+    text = scores_markdown(scores, {"class": table})
+    assert "consensus mask of input channel ? (" in text  # a scores table that does not say its channel
+    lines = table_lines(text, "By nodule class")
     assert lines[0] == "| " + " | ".join(SUMMARY_COLUMNS) + " |"
     assert lines[1] == "|" + "---|" * len(SUMMARY_COLUMNS)
     assert len(lines) == 2 + len(table)
@@ -64,3 +66,40 @@ def test_a_grouping_without_rated_nodules_says_so(by):
     summaries = {"class": summarise_scores(scores, "class", n_resamples=20), by: pd.DataFrame()}
     text = scores_markdown(scores, summaries)
     assert "## By spiculation (mean rating)\n\n(no rated nodules)\n" in text
+
+
+def test_band_rule_from_the_attrs_then_the_column_then_r():
+    from nodulekit.scores import band_rule
+
+    scores = scores_table()
+    assert band_rule(scores) == "r" and band_rule(scores.iloc[:0]) == "r"
+    scores["band_rule"] = "r = 0.25 x equivalent radius"
+    assert band_rule(scores) == "r = 0.25 x equivalent radius"
+    assert band_rule(scores.iloc[:0]) == "r"  # no row to read it from
+    assert band_rule(scores.iloc[:1]) == "r = 0.25 x equivalent radius"  # one row: its own
+    scores.attrs["band_rule"] = "r = 2 mm"
+    assert band_rule(scores) == "r = 2 mm"
+
+
+def test_report_names_the_map_class_channel_band_and_what_was_left_out():
+    from nodulekit.scores import scores_markdown, summarise_scores
+    from nodulekit.stats import bootstrap_note
+
+    scores = scores_table()
+    scores["map_class"] = "benign"
+    scores.loc[[1, 4], "empty_map"] = True
+    scores.attrs.update(mask_channel=5, band_rule="r = 2 mm", skipped_empty_masks={"D3C": 2, "D1C": 0})
+    summaries = {"class": summarise_scores(scores, "class", n_resamples=20, seed=7)}
+    text = scores_markdown(scores, summaries)
+    assert text.startswith(
+        "# Region scores of activation maps\nMap of the **benign** class, clipped at 0; regions from the "
+        "consensus mask of input channel 5 (the centre slice at ROI side 2 x diameter), r = 2 mm: body = mask "
+        "eroded by r, margin band = mask dilated by r minus body, outside = the rest."
+    )
+    assert f" {bootstrap_note(20, 7)}.\n\n## By nodule class\n\n" in text
+    assert "\n2 map(s) were zero everywhere after clipping; their shares are left out.\n" in text
+    assert text.endswith('\nNodules left out for an empty consensus mask: {"D3C": 2, "D1C": 0}.\n')
+    scores["empty_map"] = False
+    scores.attrs["skipped_empty_masks"] = {"D3C": 0}
+    text = scores_markdown(scores, summaries)
+    assert "zero everywhere" not in text and "left out for an empty" not in text
