@@ -110,6 +110,13 @@ def main() -> int:
     args = ap.parse_args()
 
     work = args.workdir.resolve()
+    # the commit whose code and tests this run copies (a resumed run keeps earlier results: see the docs)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "nodulekit", "tests"], cwd=REPO, capture_output=True, text=True
+    ).stdout
     sync(work)
     configure(work, args.module, args.tests)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -121,12 +128,6 @@ def main() -> int:
         subprocess.run(["timeout", "--signal=INT", str(int(args.time_box)), *mutmut], cwd=work, env=env, check=False)
     except KeyboardInterrupt:
         pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "nodulekit", "tests"], cwd=REPO, capture_output=True, text=True
-    ).stdout
     command = "python tools/mutmut_run.py " + " ".join(sys.argv[1:])
     text, survivors = report(work, args.module, commit + (" (+ uncommitted changes)" if dirty.strip() else ""), command)
     args.output.write_text(text)
