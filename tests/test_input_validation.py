@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 
 from conftest import cli_in_process as cli  # noqa: E402
 from reliability_cases import BY_ID  # noqa: E402
-from test_reliability import copy_vois, phantom_vois  # noqa: E402, F401
+from test_reliability import VOI_PATIENTS, copy_vois, phantom_vois  # noqa: E402, F401
 
 from tests.scan_fixtures import canonical_ct, lps_of, stored_variant, write_dicom_series, write_nifti  # noqa: E402
 
@@ -259,7 +259,9 @@ def test_extract_refuses_a_mask_given_as_voi_image(phantom_vois, tmp_path, monke
     vois = copy_vois(phantom_vois, tmp_path / "vois")
     image = vois / "image" / "LIDC-IDRI-0003_R_2.nii.gz"  # a labelled nodule's image replaced by its mask
     image.write_bytes((vois / "mask" / image.name).read_bytes())
-    code, _, err = cli(monkeypatch, capsys, "extract", "--vois", vois, "-o", tmp_path / "r.h5", "--no-progress")
+    code, _, err = cli(
+        monkeypatch, capsys, "extract", "--vois", vois, "-o", tmp_path / "r.h5", "--no-progress", *VOI_PATIENTS
+    )
     BY_ID["voi-not-ct"].check(code, err)
     assert f"VOI image {image}: intensities do not look like CT Hounsfield units" in err
 
