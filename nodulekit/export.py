@@ -363,6 +363,7 @@ def build_metadata(src: ModelSource, opset: int, exporter: str, model_version: i
     import torch
 
     from nodulekit import modelcard
+    from nodulekit.recipes import recipe_from_record
     from nodulekit.run import recorded_dataset
 
     model, run = src.model, src.run
@@ -402,6 +403,8 @@ def build_metadata(src: ModelSource, opset: int, exporter: str, model_version: i
         "fold": "ensemble" if src.ensemble else (str(src.fold) if src.fold is not None else "unknown"),
         "epoch": "ensemble" if src.ensemble else (str(src.epoch) if src.epoch is not None else "unknown"),
         "source": src.source,
+        # the training recipe as JSON (nodulekit.recipes; the paper's when run.json records none)
+        "training_recipe": json.dumps(recipe_from_record(run.get("recipe")).as_dict()),
         **modelcard.to_metadata(card),
     }
     return meta

@@ -50,6 +50,7 @@ SIGNATURE_KEYS = (
     "optimiser",
     "scheduler",
     "selection",
+    "recipe",  # absent for the paper's recipe (nodulekit.recipes)
 )
 # What a run.json written before a signature key existed meant by it.
 SIGNATURE_DEFAULTS = {"last_batch": "keep"}

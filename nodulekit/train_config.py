@@ -49,6 +49,8 @@ class TrainConfig:
     # all requested folds in one batched computation (nodulekit.concurrent_folds); same numbers
     concurrent_folds: bool = False
     eval_batch_size: int = 512
+    # nodulekit.recipes.Recipe; None = the paper's recipe (no hook runs)
+    recipe: Any = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -65,6 +67,10 @@ class TrainConfig:
             raise NodulekitError(f"--select must be one of {', '.join(SELECT_MODES)} (got {self.select!r})")
         if self.select == "val" and not 0.0 < self.val_fraction < 0.5:
             raise NodulekitError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})")
+        if self.recipe is not None and self.recipe.ema_decay > 0 and self.select == "val":
+            raise NodulekitError(
+                "--select val cannot be combined with a recipe's EMA (it reports the averaged weights)"
+            )
         if self.last_batch not in LAST_BATCH_MODES:
             raise NodulekitError(f"--last-batch must be one of {', '.join(LAST_BATCH_MODES)} (got {self.last_batch!r})")
         if self.cuda_graphs and self.last_batch != "drop":

@@ -28,5 +28,6 @@ def batch_loss(forward, batch: dict):
     import torch.nn.functional as F
 
     logits, aux = forward(batch)
-    ce = F.cross_entropy(logits.float(), batch["y"])
+    target = batch.get("target")  # a recipe's soft targets [B, 2], else the hard labels
+    ce = F.cross_entropy(logits.float(), batch["y"] if target is None else target)
     return ce + aux.float(), ce, logits

@@ -198,7 +198,7 @@ def run_record(cfg: TrainConfig, data: Dataset, device, execution=None) -> dict[
         "versions": _versions(),
         "command": prov["command"],
         "created": prov["created"],
-    }
+    } | ({} if cfg.recipe is None or cfg.recipe.is_paper else {"recipe": cfg.recipe.as_dict()})
 
 
 # --------------------------------------------------------------------------- model I/O
@@ -293,7 +293,18 @@ def divergence_message(fold: int, epoch: int, total: float) -> str:
 
 
 def _train_epoch(
-    model, forward, optimizer, dd: _DeviceData, train_index, generator, batch_size, amp, fold, epoch, last_batch="keep"
+    model,
+    forward,
+    optimizer,
+    dd: _DeviceData,
+    train_index,
+    generator,
+    batch_size,
+    amp,
+    fold,
+    epoch,
+    last_batch="keep",
+    hooks=None,
 ):
     """One pass over the fold's training rows in the generator's order; (train loss, train accuracy).
 
@@ -307,12 +318,14 @@ def _train_epoch(
     correct = torch.zeros((), device=dd.device)
     seen = 0
     for idx in epoch_batches(train_index, generator, batch_size, last_batch, dd.device):
-        batch = dd.batch(idx)
+        batch = dd.batch(idx) if hooks is None else hooks.batch(dd.batch(idx))  # recipe: augment, targets
         with _autocast(dd.device, amp):
             loss, ce, logits = batch_loss(forward, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if hooks is not None:
+            hooks.after_step(model)  # recipe: weight averaging
         n = len(idx)
         seen += n
         ce_sum += ce.detach() * n
@@ -323,6 +336,12 @@ def _train_epoch(
     if not math.isfinite(total):
         raise TrainingDiverged(divergence_message(fold, epoch, total))
     return float(ce_sum) / max(seen, 1), float(correct) / max(seen, 1)
+
+
+def _paper_recipe():
+    from nodulekit.recipes import PAPER
+
+    return PAPER
 
 
 def _autocast(device, amp: bool):
@@ -394,6 +413,7 @@ class FoldState:
     val_history: list = field(default_factory=list)
     epoch_seconds: list = field(default_factory=list)  # wall time of each epoch (training + scoring)
     status: str = "trained"  # trained, resumed or finalised
+    hooks: Any = None  # nodulekit.recipes.RecipeHooks (None for the paper's recipe)
 
     @property
     def fold_dir(self) -> Path:
@@ -412,7 +432,8 @@ def make_optimizer(model, cfg: TrainConfig):
     """The paper's SGD (momentum 0.9, weight decay) for ``model``."""
     import torch
 
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    wd = cfg.weight_decay if cfg.recipe is None or cfg.recipe.weight_decay is None else cfg.recipe.weight_decay
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig):
@@ -430,8 +451,12 @@ def new_fold_state(ctx: TrainContext, fold: int) -> FoldState:
     torch.manual_seed(seed)  # model initialisation
     model = ctx.execution.apply(build_model(cfg.arch, ctx.data.channels, 2, cfg.model_options).to(ctx.device))
     optimizer = make_optimizer(model, cfg)
+    from nodulekit.recipes import hooks_for
+
+    hooks = hooks_for(cfg.recipe, ctx.data, model, seed, ctx.device)
     torch.manual_seed(seed)  # dropout etc. start from the same state whether fresh or resumed
     return FoldState(
+        hooks=hooks,
         fold=fold,
         split=fold_split(ctx.data, fold, cfg),
         seed=seed,
@@ -459,6 +484,8 @@ def restore_fold_state(ctx: TrainContext, state: FoldState, ckpt: dict) -> None:
     state.history = [list(map(float, row)) for row in resume.get("history", [])]
     state.val_history = [list(map(float, row)) for row in resume.get("val_history", [])]
     state.epoch_seconds = [float(t) for t in resume.get("epoch_seconds", [])]
+    if state.hooks is not None:
+        state.hooks.load_state(resume.get("recipe"))
     if state.selector is not None:
         state.selector = ValidationSelector(resume.get("selector"))
         state.best_state = ckpt["state_dict"] if state.selector.best_epoch is not None else None
@@ -522,6 +549,9 @@ def checkpoint_dict(ctx: TrainContext, state: FoldState, finished: bool) -> dict
         selected = state.selector.best_epoch
     else:
         reported, selected = current, state.epoch
+    if state.hooks is not None:
+        reported = state.hooks.reported_state(reported)  # the EMA's weights when averaging
+    raw_needed = state.selector is not None or (state.hooks is not None and state.hooks.ema is not None)
     return {
         "format": CHECKPOINT_FORMAT,
         "state_dict": reported,
@@ -547,8 +577,10 @@ def checkpoint_dict(ctx: TrainContext, state: FoldState, finished: bool) -> dict
         "channels_last": ctx.execution.channels_last,
         "execution": ctx.execution.as_dict(),
         "versions": _versions(),
+        "recipe": (cfg.recipe or _paper_recipe()).as_dict(),
         "resume": {
-            "model": current if state.selector is not None else None,
+            "recipe": state.hooks.state() if state.hooks is not None else None,
+            "model": current if raw_needed else None,
             "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
             "generator": state.generator.get_state(),
@@ -588,7 +620,7 @@ def run_epoch(ctx: TrainContext, state: FoldState) -> dict[str, float]:
     started = time.perf_counter()
     args = (state.optimizer, ctx.device_data, state.split.train_index, state.generator, ctx.cfg.batch_size, ctx.amp)
     train_loss, train_acc = _train_epoch(
-        state.model, state.forward, *args, state.fold, state.epoch + 1, last_batch=ctx.cfg.last_batch
+        state.model, state.forward, *args, state.fold, state.epoch + 1, last_batch=ctx.cfg.last_batch, hooks=state.hooks
     )
     return end_epoch(ctx, state, train_loss, train_acc, started)
 
@@ -623,6 +655,11 @@ def finish_fold(ctx: TrainContext, state: FoldState, epochs_before: int) -> dict
     model = ctx.execution.apply(build_model(cfg.arch, ctx.data.channels, 2, cfg.model_options).to(ctx.device))
     model.load_state_dict(final_ckpt["state_dict"])
     logits = predict_logits(model, ctx.device_data.x, state.split.test_index, cfg.eval_batch_size, ctx.amp)
+    if cfg.recipe is not None and cfg.recipe.tta:  # recipe: mean probability over the 8 flips/rotations
+        from nodulekit.recipes import tta_probabilities
+
+        args = (ctx.device_data.x, state.split.test_index, cfg.eval_batch_size, ctx.amp, predict_logits)
+        logits = torch.log(tta_probabilities(model, *args).clamp_min(1e-12))
     check_outputs(logits, state.fold, state.epoch, "test")  # before the final checkpoint and result
     test_loss, test_acc = _score(logits, ctx.data.y[state.split.test_index])
     save_checkpoint(state.checkpoint_path, final_ckpt)
@@ -784,6 +821,10 @@ def train(
 
     cfg.validate()
     data = load_dataset(dataset)
+    if cfg.recipe is not None:
+        from nodulekit.recipes import check_applicable
+
+        check_applicable(cfg.recipe, data)  # before anything is written
     if n_folds is not None and n_folds != data.n_folds:
         raise NodulekitError(f"--folds {n_folds} does not match {dataset}, which was split into {data.n_folds} folds")
     wanted = sorted(set(range(data.n_folds) if not folds else folds))
@@ -972,6 +1013,8 @@ def _side_by_side_possible(cfg: TrainConfig, run: dict, execution) -> bool:
 
     with torch.device("meta"):  # structure only, no memory
         reason = refusal(build_model(cfg.arch, run["in_channels"], 2, cfg.model_options))
+    if reason is None and cfg.recipe is not None and not cfg.recipe.is_paper:
+        reason = f"recipe {cfg.recipe.name} has no side-by-side implementation"
     if reason is not None:
         print(f"nodulekit: {reason}; its folds train one after another", file=sys.stderr)
     return reason is None

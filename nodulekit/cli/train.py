@@ -129,6 +129,17 @@ def train_command(
         help="Train all requested folds side by side in one batched computation (same numbers as one after "
         "another; for GPUs). Models with dropout (vgg16) train their folds one after another, said on stderr.",
     ),
+    recipe: str = typer.Option(
+        "paper",
+        "--recipe",
+        help="Training recipe: paper (the paper's, default) or robust (augmentation, readers' soft targets, "
+        "weight decay 5e-4, dropout, EMA, test-time augmentation; docs/training.md#recipes).",
+    ),
+    recipe_opt: list[str] | None = typer.Option(
+        None,
+        "--recipe-opt",
+        help="Change one ingredient of the recipe, key=value (repeatable; for ablations), e.g. --recipe-opt tta=false.",
+    ),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
@@ -147,11 +158,13 @@ def train_command(
     Example: nodulekit train d11c.h5 --arch hesam --epochs 90 --device auto --seed 0 -o runs/hesam-d11c
     """
     from nodulekit.outputs import check_output_dir
+    from nodulekit.recipes import resolve_recipe
     from nodulekit.training import train
 
     inputs(dataset)
     check_output_dir(output)  # a RUNDIR: a folder (never `-`), not the dataset, writable
     cfg = TrainConfig(
+        recipe=resolve_recipe(recipe, parse_model_options(recipe_opt)),
         arch=arch,
         model_options=parse_model_options(model_opt),
         epochs=epochs,
