@@ -382,7 +382,9 @@ def training_part(data, outer_fold: int):
         if isinstance(getattr(data, f.name), np.ndarray) and len(getattr(data, f.name)) == len(data.y)
     }
     extras = {k: v[keep] for k, v in data.extras.items() if len(v) == len(data.y)}
-    return dataclasses.replace(data, **per_row, extras=extras, path=None), keep
+    # a label, not a file: run.json and results say which rows these were
+    label = Path(f"{data.path}[fold!={outer_fold}]")
+    return dataclasses.replace(data, **per_row, extras=extras, path=label), keep
 
 
 def inner_folds(data, n_folds: int, seed: int) -> np.ndarray:

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Recipe ``paper`` against ``robust`` (and the hand-made feature baseline) on the same folds.
+
+For every model: pooled accuracy, sensitivity, specificity and AUC with 95 % patient-bootstrap
+intervals, Brier and ECE; then the AUC of each model against the first (the reference) with
+its DeLong p, Holm-adjusted over the comparisons. Only folds finished in every run are used
+(the table says which). ``--ablate RUNDIR`` adds the post-hoc ingredients of a robust run,
+scored from its checkpoints without retraining: EMA weights or the last raw weights, each
+with and without test-time augmentation.
+
+    python benchmarks/recipe_compare.py /work/data/d11c.h5 paper=runs/hesam-paper robust=runs/hesam-robust \
+        --features --ablate runs/hesam-robust
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from feature_baseline import ci_text, cross_validated, feature_table, summary  # noqa: E402
+
+
+def finished_predictions(rundir: Path, folds: list[int]):
+    """Test predictions of ``folds`` of a run, in dataset row order."""
+    from nodulekit.run import Run
+
+    run = Run(rundir)
+    rows, prob = [], []
+    for k in folds:
+        r = run.fold_result(k)
+        rows.append(np.asarray(r.test_index))
+        prob.append(np.asarray(r.test_prob))
+    rows, prob = np.concatenate(rows), np.concatenate(prob)
+    order = np.argsort(rows)
+    return rows[order], prob[order]
+
+
+def common_folds(rundirs: list[Path]) -> list[int]:
+    from nodulekit.run import Run
+
+    sets = [set(Run(r).finished_folds()) for r in rundirs]
+    return sorted(set.intersection(*sets))
+
+
+def ablation(rundir: Path, ds, folds: list[int]) -> dict[str, np.ndarray]:
+    """Probabilities of a recipe run's fold models: {EMA, raw} x {TTA, no TTA} (from the checkpoints)."""
+    import torch
+
+    from nodulekit.recipes import tta_probabilities
+    from nodulekit.run import build_model, load_checkpoint
+    from nodulekit.training import predict_logits
+
+    x = torch.from_numpy(ds.x)
+    out = {k: np.full(len(ds.y), np.nan) for k in ("EMA + TTA", "EMA", "raw + TTA", "raw")}
+    for k in folds:
+        ckpt = load_checkpoint(Path(rundir) / f"fold{k}" / "checkpoint.pt")
+        rows = np.flatnonzero(ds.fold == k)
+        for label, state in (("EMA", ckpt["state_dict"]), ("raw", (ckpt.get("resume") or {}).get("model"))):
+            if state is None:
+                continue
+            model = build_model(ckpt["arch"], ckpt["in_channels"], 2, ckpt["config"])
+            model.load_state_dict(state)
+            model.eval()
+            with torch.no_grad():
+                plain = torch.softmax(predict_logits(model, x, rows, 256, False), 1)[:, 1]
+                tta = tta_probabilities(model, x, rows, 256, False, predict_logits)[:, 1]
+            out[label][rows] = plain.numpy()
+            out[f"{label} + TTA"][rows] = tta.numpy()
+    return {k: v for k, v in out.items() if np.isfinite(v[ds.fold == folds[0]]).all()}
+
+
+def table(models: dict[str, np.ndarray], y, patients, boot: int) -> str:
+    from nodulekit.stats import delong_test, holm
+
+    names = list(models)
+    ref = names[0]
+    tests = [delong_test(y, models[n], models[ref]) for n in names[1:]]
+    adjusted = holm([t["p_value"] for t in tests])
+    lines = [
+        f"| model | accuracy % | sensitivity | specificity | AUC | AUC − {ref} [95 % CI] | DeLong p | Holm | Brier | ECE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, n in enumerate(names):
+        s = summary(y, models[n], patients, n_resamples=boot)
+        if i == 0:
+            cmp = "(reference) | | "
+        else:
+            t = tests[i - 1]
+            cmp = f"{t['auc_diff']:+.3f} [{t['diff_low']:+.3f}, {t['diff_high']:+.3f}] | {t['p_value']:.2g} | {adjusted[i - 1]:.2g}"
+        lines.append(
+            f"| {n} | {ci_text(s['accuracy'], 100, 2)} | {ci_text(s['sensitivity'])} | {ci_text(s['specificity'])} "
+            f"| {ci_text(s['auc'])} | {cmp} | {s['brier']:.3f} | {s['ece']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from nodulekit.datasets import load_dataset
+    from nodulekit.errors import NodulekitError
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset")
+    p.add_argument("runs", nargs="+", metavar="LABEL=RUNDIR", help="the first is the reference")
+    p.add_argument("--features", action="store_true", help="add the feature baseline (feature_baseline.py)")
+    p.add_argument("--ablate", help="a recipe run whose EMA/TTA ingredients to score post hoc")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    args = p.parse_args(argv)
+    try:
+        ds = load_dataset(args.dataset)
+        labelled = [spec.partition("=")[::2] for spec in args.runs]
+        folds = common_folds([Path(r) for _, r in labelled])
+        if not folds:
+            raise NodulekitError("the runs have no finished fold in common")
+        rows = np.flatnonzero(np.isin(ds.fold, folds))
+        models = {}
+        for label, rundir in labelled:
+            got_rows, prob = finished_predictions(Path(rundir), folds)
+            if not np.array_equal(got_rows, rows):
+                raise NodulekitError(f"{rundir} was not trained on the folds of {args.dataset}")
+            models[label] = prob
+        if args.features:
+            models["features (LR)"] = cross_validated(feature_table(ds), ds.y, ds.fold)[rows]
+        y, patients = ds.y[rows], ds.patient_id[rows]
+        print(f"{ds.name}: folds {folds} ({len(rows)} nodules, {len(np.unique(patients))} patients)\n")
+        print(table(models, y, patients, args.bootstrap))
+        if args.ablate:
+            ab = {k: v[rows] for k, v in ablation(Path(args.ablate), ds, folds).items()}
+            print(f"\nPost-hoc ingredients of {args.ablate} (same trained models):\n")
+            print(table(ab, y, patients, args.bootstrap))
+    except NodulekitError as exc:
+        print(f"recipe_compare: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
