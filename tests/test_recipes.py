@@ -14,7 +14,6 @@ from nodulekit.datasets import load_dataset, write_dataset
 from nodulekit.errors import NodulekitError
 from nodulekit.training import TrainConfig, train
 from tests.conftest import write_tiny_dataset
-from tests.test_cli import run_main
 
 TINY = dict(model_options={"base_width": 4}, epochs=1, batch_size=8, lr=0.01, device="cpu", amp=False)
 TINY_ARGS = ["--model-opt", "base_width=4", "--epochs", "1", "--batch-size", "8", "--no-amp", "--no-channels-last"]
@@ -191,14 +190,12 @@ def test_training_part_holds_no_outer_row(d3c):
 # ----------------------------------------------------------------------------- records
 
 
-def test_recipe_round_trips_through_run_checkpoint_and_onnx(d3c, tmp_path, monkeypatch, capsys):
+def test_recipe_round_trips_through_run_checkpoint_and_onnx(d3c, tmp_path, run_cli):
     from nodulekit.export import export_onnx, load_model_source, read_metadata
     from nodulekit.run import load_checkpoint, load_run
 
     rd = tmp_path / "run"
-    code, _, err = run_main(
-        monkeypatch, capsys, "train", d3c, "-o", rd, "--fold", "0", "--recipe", "robust", *TINY_ARGS
-    )
+    code, _, err = run_cli("train", d3c, "-o", rd, "--fold", "0", "--recipe", "robust", *TINY_ARGS)
     assert code == 0, err
     assert recipes.recipe_from_record(load_run(rd)["recipe"]) == recipes.ROBUST
     ckpt = load_checkpoint(rd / "fold0" / "checkpoint.pt")
@@ -249,13 +246,13 @@ def _one_line_exit_2(result, *words):
         (["--recipe", "robust", "--recipe-opt", "tta=maybe"], ["tta"]),
     ],
 )
-def test_bad_recipe_is_one_line_exit_2_nothing_written(d3c, tmp_path, extra, words, monkeypatch, capsys):
+def test_bad_recipe_is_one_line_exit_2_nothing_written(d3c, tmp_path, extra, words, run_cli):
     out = tmp_path / "run"
-    _one_line_exit_2(run_main(monkeypatch, capsys, "train", d3c, "-o", out, *TINY_ARGS, *extra), *words)
+    _one_line_exit_2(run_cli("train", d3c, "-o", out, *TINY_ARGS, *extra), *words)
     assert not out.exists()
 
 
-def test_soft_targets_without_reader_ratings_refused(d3c, tmp_path, monkeypatch, capsys):
+def test_soft_targets_without_reader_ratings_refused(d3c, tmp_path, run_cli):
     ds = load_dataset(d3c)
     bare = dataclasses.replace(ds, reader_malignancy=np.full_like(ds.reader_malignancy, np.nan))
     path = tmp_path / "bare.h5"
@@ -263,13 +260,11 @@ def test_soft_targets_without_reader_ratings_refused(d3c, tmp_path, monkeypatch,
 
     write_dataset(path, bare, provenance(source="test"))
     out = tmp_path / "run"
-    result = run_main(monkeypatch, capsys, "train", path, "-o", out, *TINY_ARGS, "--recipe", "robust")
+    result = run_cli("train", path, "-o", out, *TINY_ARGS, "--recipe", "robust")
     _one_line_exit_2(result, "reader_malignancy", "targets=hard")
     assert not out.exists()
     # the same dataset trains with hard targets
-    ok = run_main(
-        monkeypatch,
-        capsys,
+    ok = run_cli(
         "train",
         path,
         "-o",
@@ -293,10 +288,10 @@ def test_rotations_of_non_square_inputs_refused(d3c):
     recipes.check_applicable(dataclasses.replace(recipes.ROBUST, rot90=False, tta=False), wide)  # flips still fine
 
 
-def test_resuming_with_another_recipe_is_refused(d3c, tmp_path, monkeypatch, capsys):
+def test_resuming_with_another_recipe_is_refused(d3c, tmp_path, run_cli):
     rd = tmp_path / "run"
-    assert run_main(monkeypatch, capsys, "train", d3c, "-o", rd, "--fold", "0", *TINY_ARGS)[0] == 0
+    assert run_cli("train", d3c, "-o", rd, "--fold", "0", *TINY_ARGS)[0] == 0
     before = json.loads((rd / "run.json").read_text())
-    result = run_main(monkeypatch, capsys, "train", d3c, "-o", rd, "--fold", "1", *TINY_ARGS, "--recipe", "robust")
+    result = run_cli("train", d3c, "-o", rd, "--fold", "1", *TINY_ARGS, "--recipe", "robust")
     _one_line_exit_2(result, "recipe")
     assert json.loads((rd / "run.json").read_text()) == before and not (rd / "fold1").exists()

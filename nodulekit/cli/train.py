@@ -129,7 +129,7 @@ def train_command(
         help="Train all requested folds side by side in one batched computation (same numbers as one after "
         "another; for GPUs). Models with dropout (vgg16) train their folds one after another, said on stderr.",
     ),
-    recipe: str = typer.Option(
+    recipe_name: str = typer.Option(
         "paper",
         "--recipe",
         help="Training recipe: paper (the paper's, default) or robust (augmentation, readers' soft targets, "
@@ -164,7 +164,7 @@ def train_command(
     inputs(dataset)
     check_output_dir(output)  # a RUNDIR: a folder (never `-`), not the dataset, writable
     cfg = TrainConfig(
-        recipe=resolve_recipe(recipe, parse_model_options(recipe_opt)),
+        recipe=resolve_recipe(recipe_name, parse_model_options(recipe_opt)),
         arch=arch,
         model_options=parse_model_options(model_opt),
         epochs=epochs,
