@@ -48,6 +48,7 @@ DOCUMENTED_METADATA = {
     "fold",
     "epoch",
     "source",
+    "training_recipe",
     "verification",
     "graph_sha256",
     "description_schema",
