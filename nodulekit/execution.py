@@ -261,12 +261,20 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def probe_variants(model, batch, device, variants, step, *, steps: int, time_step=None) -> dict[str, dict]:
+def probe_variants(
+    model, batch, device, variants, step, *, steps: int, time_step=None, extra=(), on_step=None, convert_input=True
+) -> dict[str, dict]:
     """Run ``steps`` steps of each (amp, channels_last) variant round-robin on copies of ``model``.
 
     Round-robin (one step of each variant per round, same batch, same random state) makes
-    the variants share whatever load the machine has. Returns, per variant name,
-    ``seconds`` (per step), ``outputs`` (concatenated step outputs, CPU float) or ``error``.
+    the variants share whatever load the machine has. ``extra``: ``(label, batch, kind)``
+    checks run once per variant after the timed steps, untimed (``kind`` "step": the same
+    step on another batch, e.g. the last partial batch of an epoch; "eval": the logits
+    without gradients in eval mode, e.g. the evaluation batch); their outputs join the
+    comparison with fp32. ``on_step(variant, label)`` is called before every step. Returns,
+    per variant name, ``seconds`` (per timed step), ``outputs`` (concatenated step outputs,
+    CPU float) or ``error``. ``convert_input=False``: batches stay in the caller's memory
+    format (as training feeds them) instead of ``ExecutionChoice.input``'s.
     """
     import torch
 
@@ -279,24 +287,237 @@ def probe_variants(model, batch, device, variants, step, *, steps: int, time_ste
         for (amp, cl), name in zip(variants, names, strict=True):
             choice = ExecutionChoice(str(device), amp, cl, "probe", "")
             copy_ = choice.apply(copy.deepcopy(model).to(device))
-            b = dict(batch, x=choice.input(batch["x"]))
-            runs[name] = (step(copy_), b, choice)
-        for i in range(steps):
-            for name, (run, b, choice) in runs.items():
+            b = dict(batch, x=choice.input(batch["x"])) if convert_input else batch
+            runs[name] = (step(copy_), b, choice, copy_)
+        plan = [("step", None, None, i) for i in range(steps)] + [
+            (label, b, kind, steps + j) for j, (label, b, kind) in enumerate(extra)
+        ]
+        for label, extra_batch, kind, i in plan:
+            for name, (run, b, choice, model_copy) in runs.items():
                 if "error" in out[name]:
                     continue
+                if on_step is not None:
+                    rows = len((b if kind is None else extra_batch)["x"])
+                    on_step(name, f"{'timed' if kind is None else label} step ({rows} rows)")
                 torch.manual_seed(PROBE_SEED + i)
                 try:
-                    seconds, value = time_step(name, lambda run=run, b=b, c=choice: run(b, c.autocast()))
+                    if kind is None:
+                        seconds, value = time_step(name, lambda run=run, b=b, c=choice: run(b, c.autocast()))
+                        out[name]["seconds"].append(float(seconds))
+                    else:
+                        value = _extra_step(run, model_copy, extra_batch, kind, choice, device, convert_input)
                 except _FAILURES as exc:
-                    out[name]["error"] = _first_line(exc)
+                    out[name]["error"] = _first_line(exc) + ("" if kind is None else f" (in the {label} check)")
                     continue
-                out[name]["seconds"].append(float(seconds))
                 out[name]["outputs"].append(value.detach().float().cpu().flatten())
         del runs
     for r in out.values():
         r["outputs"] = torch.cat(r["outputs"]) if r["outputs"] and "error" not in r else None
     return out
+
+
+def _extra_step(run, model, batch, kind: str, choice: ExecutionChoice, device, convert_input: bool):
+    """One untimed check of ``probe_variants``: the variant's own step, or eval-mode logits."""
+    b = _as_batch(batch, device)
+    b = dict(b, x=choice.input(b["x"])) if convert_input else b
+    if kind == "step":
+        return run(b, choice.autocast())
+    was_training = model.training
+    try:
+        return infer_step()(model)(b, choice.autocast())
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- probing in a child process
+
+# Probe in a child process when the caller asks (``isolate=True``): a variant that crashes
+# in native code (SIGABRT, SIGSEGV) then kills the child, not the run. Tests of the choosing
+# logic set this False to time the variants in-process with a fake clock.
+CHILD_PROBES = True
+# A child that finishes no step for this long is hung (a deadlocked kernel): killed, and
+# the variant it was running is excluded.
+STALL_S = 300.0
+# Test hook, read by the child only: the child aborts (os.abort) when it is about to run
+# this variant, as a native crash would.
+CRASH_HOOK_ENV = "NODULEKIT_TEST_PROBE_ABORT"
+_CHILD = "import sys; from nodulekit.execution import child_main; child_main(sys.argv[1], sys.argv[2])"
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What a probe runs, in a form a child process can load (no closures)."""
+
+    train: bool = True
+    loss_fn: Callable | None = None
+    forward_fn: Callable | None = None
+    lr: float = 5e-4
+    extra: tuple = ()  # (label, batch, kind) checks, see probe_variants
+    convert_input: bool = True  # False: batches keep their memory format (training feeds NCHW batches)
+
+    def step(self):
+        return train_step(self.loss_fn, self.lr) if self.train else infer_step(self.forward_fn)
+
+
+def machine_key(device) -> str:
+    """This machine as crash records name it: CPU model, torch version and CPU capability, GPU."""
+    import torch
+
+    m = machine_info(device)
+    return f"{m['cpu']} | torch {torch.__version__} {m['torch_cpu_capability']} | {m.get('gpu') or 'cpu'}"
+
+
+def workload_key(model, batch, train: bool = True) -> str:
+    """The model and batch shape as crash records name them."""
+    params = sum(p.numel() for p in model.parameters())
+    x = batch["x"]
+    return f"{type(model).__name__} {params} parameters, {'training' if train else 'inference'} on {list(x.shape)}"
+
+
+def child_main(payload_path: str, result_path: str) -> None:
+    """The child process: run ``probe_variants`` on the payload, save the results."""
+    import torch
+
+    p = torch.load(payload_path, weights_only=False)
+    torch.set_num_threads(p["threads"])
+    spec, hook = p["spec"], os.environ.get(CRASH_HOOK_ENV)
+
+    def on_step(variant: str, label: str) -> None:
+        print(f"{variant}\t{label}", flush=True)  # the parent blames the last one if we die
+        if variant == hook:
+            os.abort()
+
+    untimed = (lambda variant, run: (0.0, run())) if not p["timed"] else None  # noqa: E731
+    results = probe_variants(
+        p["model"], p["batch"], p["device"], p["variants"], spec.step(), steps=p["steps"],
+        time_step=untimed, extra=spec.extra, on_step=on_step, convert_input=spec.convert_input,
+    )  # fmt: skip
+    torch.save(results, result_path)
+
+
+def _cpu(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+def _run_child(payload: dict) -> tuple[dict | None, dict | None]:
+    """(results, None) when the child ends well, else (None, crash: ``signal``, ``variant``, ``label``, ``detail``)."""
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    import nodulekit
+
+    with tempfile.TemporaryDirectory(prefix="nodulekit-probe-") as tmp:
+        tmp = Path(tmp)
+        try:
+            torch.save(payload, tmp / "payload.pt")
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:  # a lambda as loss_fn, say
+            raise NodulekitError(f"cannot probe in a child process: {_first_line(exc)}") from None
+        # the child imports what this process can (the model's class may live in a script or a test)
+        root = str(Path(nodulekit.__file__).resolve().parents[1])
+        path = os.pathsep.join(dict.fromkeys([root] + [p for p in sys.path if p]))
+        # LIBC_FATAL_STDERR_: glibc's "free(): invalid next size" goes to stderr (not the tty), where we read it
+        env = dict(os.environ, PYTHONPATH=path, LIBC_FATAL_STDERR_="1")
+        cmd = [sys.executable, "-c", _CHILD, str(tmp / "payload.pt"), str(tmp / "result.pt")]
+        with open(tmp / "steps", "w") as out, open(tmp / "stderr", "w") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+            rc = _wait(proc, tmp / "steps")
+        if rc == 0:
+            return torch.load(tmp / "result.pt", weights_only=False), None
+        steps = [ln.split("\t", 1) for ln in (tmp / "steps").read_text().splitlines() if "\t" in ln]
+        stderr = [ln.strip() for ln in (tmp / "stderr").read_text(errors="replace").splitlines() if ln.strip()]
+        if rc is None:
+            how = f"hung: no step done in {STALL_S:.0f} s"
+        elif rc < 0:
+            how = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
+        else:
+            how = f"exit status {rc}"
+        detail = next((ln for ln in reversed(stderr) if not ln.startswith(("File ", "Current thread", "Thread "))), "")
+        variant, label = steps[-1] if steps else (None, None)
+        return None, {"signal": how, "variant": variant, "label": label, "detail": detail[:200]}
+
+
+def _wait(proc, steps: Path) -> int | None:
+    """The child's return code, or None after killing it when it did no step for ``STALL_S``."""
+    size, changed = -1, time.monotonic()
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=0.2)
+            except Exception:  # subprocess.TimeoutExpired
+                now = steps.stat().st_size
+                if now != size:
+                    size, changed = now, time.monotonic()
+                elif time.monotonic() - changed > STALL_S:
+                    proc.kill()
+                    proc.wait()
+                    return None
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): never leave the child behind
+            proc.kill()
+            proc.wait()
+
+
+def isolated_probe(
+    model, batch, device, variants, spec: ProbeSpec, *, steps: int, timed: bool = True,
+    avoid: dict[str, str] | None = None, record: dict | None = None,
+) -> dict[str, dict]:  # fmt: skip
+    """``probe_variants`` in a child process; a variant whose child dies is excluded.
+
+    ``avoid``: variant -> reason, excluded without running (crashed here before). When a
+    child dies (a signal, a non-zero exit, or hung), the variant it was running is
+    excluded with the reason, recorded as a crash (``record``: ``machine``, ``workload``,
+    ``rundir``; see :mod:`nodulekit.crashes`) and the other variants run again in a new
+    child. fp32 crashing is an error: nothing can train then.
+    """
+    import torch
+
+    from nodulekit import crashes
+
+    avoid = avoid or {}
+    results = {variant_name(*v): {"error": avoid[variant_name(*v)]} for v in variants if variant_name(*v) in avoid}
+    remaining = [v for v in variants if variant_name(*v) not in avoid]
+    model, batch = copy.deepcopy(model).cpu(), _cpu(batch)
+    spec = replace(spec, extra=tuple(_cpu(list(spec.extra))))
+    while remaining:
+        payload = dict(model=model, batch=batch, device=str(device), variants=remaining, spec=spec,
+                       steps=steps, timed=timed, threads=torch.get_num_threads())  # fmt: skip
+        got, crash = _run_child(payload)
+        if crash is None:
+            return results | got
+        if crash["variant"] is None:
+            raise NodulekitError(
+                f"the test process that probes the execution variants failed before its first step "
+                f"({crash['signal']}: {crash['detail'] or 'no message'})"
+            )
+        if crash["variant"] == "fp32":
+            raise NodulekitError(
+                f"the model crashed in a plain fp32 step on {device} in a test process ({crash['signal']}: "
+                f"{crash['detail'] or 'no message'}); training would crash too"
+            )
+        detail = f": {crash['detail']}" if crash["detail"] else ""
+        reason = f"crashed in a test process ({crash['signal']}{detail}) in its {crash['label']}"
+        results[crash["variant"]] = {"error": reason}
+        if record is not None and not crash["signal"].startswith("hung"):
+            entry = dict(machine=record["machine"], workload=record["workload"], variant=crash["variant"])
+            crashes.record_crash(
+                dict(entry, signal=crash["signal"], where=f"a probe ({crash['label']})", detail=crash["detail"]),
+                record.get("rundir"),
+            )
+        remaining = [v for v in remaining if variant_name(*v) != crash["variant"]]
+    return results
 
 
 def relative_difference(a, b) -> float:
@@ -308,10 +529,40 @@ def relative_difference(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _check_forced(model, batch, device, amp: bool, channels_last: bool, step) -> None:
-    """One step of each forced part; a clear error naming the option that cannot run."""
+@dataclass
+class _Probe:
+    """How ``choose_execution`` probes: in-process or in a child, what to avoid, what to record."""
+
+    model: Any
+    batch: dict
+    device: Any
+    spec: ProbeSpec
+    isolate: bool
+    avoid: dict[str, str]  # variant -> why (crashed here before)
+    record: dict | None  # machine, workload, rundir for crash records
+
+    def run(self, variants, steps: int, timed: bool = True, time_step=None) -> dict[str, dict]:
+        if self.isolate and CHILD_PROBES:
+            return isolated_probe(self.model, self.batch, self.device, variants, self.spec, steps=steps,
+                                  timed=timed, avoid=self.avoid, record=self.record)  # fmt: skip
+        if not timed:
+            time_step = lambda variant, run: (0.0, run())  # noqa: E731 - checked to run, not timed
+        results = {
+            variant_name(*v): {"error": self.avoid[variant_name(*v)]}
+            for v in variants
+            if variant_name(*v) in self.avoid
+        }
+        todo = [v for v in variants if variant_name(*v) not in self.avoid]
+        return results | probe_variants(self.model, self.batch, self.device, todo, self.spec.step(), steps=steps,
+                                        time_step=time_step, extra=self.spec.extra,
+                                        convert_input=self.spec.convert_input)  # fmt: skip
+
+
+def _check_forced(probe: _Probe, amp: bool, channels_last: bool) -> None:
+    """One step of each forced part (on every probe shape); a clear error naming the option that cannot run."""
     import torch
 
+    device = probe.device
     if amp and _device_type(device) == "cuda" and not _cuda_bf16(device):
         raise NodulekitError(f"--amp: {torch.cuda.get_device_name(device)} has no bf16 support; use --no-amp")
     checks = [("--amp", (True, False))] if amp else []
@@ -319,10 +570,13 @@ def _check_forced(model, batch, device, amp: bool, channels_last: bool, step) ->
     checks += [("--amp with --channels-last", (True, True))] if amp and channels_last else []
     if not checks:
         return
-    untimed = lambda variant, run: (0.0, run())  # noqa: E731 - checked to run, not timed
-    results = probe_variants(model, batch, device, [v for _, v in checks], step, steps=1, time_step=untimed)
+    results = probe.run([v for _, v in checks], steps=1, timed=False)
     for option, variant in checks:
         error = results[variant_name(*variant)].get("error")
+        if error and error.startswith("crashed"):
+            raise NodulekitError(
+                f"{option}: {variant_name(*variant)} {error} on {device}; leave the option out to choose automatically"
+            )
         if error:
             what = (
                 f"the model does not run in channels_last memory format on {device}"
@@ -346,6 +600,10 @@ def choose_execution(
     workload_steps: int | None = None,
     recorded: ExecutionChoice | dict | None = None,
     time_step: Callable | None = None,
+    extra: tuple = (),
+    isolate: bool = False,
+    rundir: str | os.PathLike | None = None,
+    convert_input: bool = True,
 ) -> ExecutionChoice:
     """The fastest variant of running ``model`` on batches like ``example`` that agrees with fp32.
 
@@ -356,18 +614,33 @@ def choose_execution(
     not timed). ``workload_steps``: how many such steps the caller will run; below
     ``MIN_WORKLOAD_STEPS`` nothing is probed. ``recorded``: a choice made earlier for the
     same run (e.g. from run.json); its values fill the "auto" options without probing when
-    it was made for the same device type. ``time_step(variant, run) -> (seconds, output)``
-    replaces the wall clock (tests).
+    it was made for the same device type (and has not crashed since). ``extra``: more
+    ``(label, batch, kind)`` shapes every variant must run (see ``probe_variants``).
+    ``isolate``: probe and check in a child process (``isolated_probe``), so a variant that
+    crashes in native code is excluded instead of killing the caller; variants recorded as
+    crashing on this machine and workload (:mod:`nodulekit.crashes`, also RUNDIR's records)
+    are never chosen, and refused when forced. ``convert_input=False``: batches keep their
+    memory format, as the caller will feed them. ``time_step(variant, run) -> (seconds, output)``
+    replaces the wall clock (tests, in-process probes).
     """
     import torch
 
     device = torch.device(device)
     amp, channels_last = _option("--amp", amp), _option("--channels-last", channels_last)
     batch = _as_batch(example, device)
-    step = train_step(loss_fn, lr) if train else infer_step(forward_fn)
+    spec = ProbeSpec(train, loss_fn, forward_fn, lr, tuple(extra), convert_input)
+    avoid, record = {}, None
+    if isolate:
+        from nodulekit.crashes import crashed_variants
+
+        record = {"machine": machine_key(device), "workload": workload_key(model, batch, train), "rundir": rundir}
+        avoid = {
+            k: v for k, v in crashed_variants(record["machine"], record["workload"], rundir).items() if k != "fp32"
+        }
+    probe = _Probe(model, batch, device, spec, isolate, avoid, record)
     if isinstance(recorded, dict):
         recorded = ExecutionChoice.from_dict(recorded)
-    if recorded is not None and _device_type(recorded.device) == device.type:
+    if recorded is not None and _device_type(recorded.device) == device.type and recorded.variant not in avoid:
         wanted = (
             recorded.amp if amp == AUTO else amp,
             recorded.channels_last if channels_last == AUTO else channels_last,
@@ -375,31 +648,52 @@ def choose_execution(
         if wanted == (recorded.amp, recorded.channels_last):
             reason = f"reused: chosen earlier for this run ({recorded.how}: {recorded.reason})"
             return replace(recorded, device=str(device), how="recorded", reason=reason, machine=machine_info(device))
-        _check_forced(model, batch, device, amp is True, channels_last is True, step)
+        _check_forced(probe, amp is True, channels_last is True)
         choice = default_execution(device, *wanted)
         return replace(choice, how="forced", reason="set by the options; the other part reused from the run")
     if amp != AUTO and channels_last != AUTO:
-        _check_forced(model, batch, device, amp, channels_last, step)
+        _check_forced(probe, amp, channels_last)
         return replace(default_execution(device, amp, channels_last), how="forced", reason="set by the options")
     if workload_steps is not None and workload_steps < MIN_WORKLOAD_STEPS:
-        _check_forced(model, batch, device, amp is True, channels_last is True, step)
+        _check_forced(probe, amp is True, channels_last is True)
         reason = f"not probed: {workload_steps} steps of work, fewer than {MIN_WORKLOAD_STEPS}"
-        return default_execution(device, amp, channels_last, reason)
-    return _probe_and_pick(model, batch, device, amp, channels_last, step, time_step)
+        choice = default_execution(device, amp, channels_last, reason)
+        if choice.variant in avoid:  # e.g. bf16 by default on a GPU where it crashed
+            return replace(
+                default_execution(device, False, False, reason), rejected={choice.variant: avoid[choice.variant]}
+            )
+        return _checked_default(probe, choice, amp, channels_last)
+    return _probe_and_pick(probe, amp, channels_last, time_step)
 
 
-def _probe_and_pick(model, batch, device, amp, channels_last, step, time_step) -> ExecutionChoice:
+def _checked_default(probe: _Probe, choice: ExecutionChoice, amp, channels_last) -> ExecutionChoice:
+    """An unprobed default other than fp32 (bf16 on a GPU) is checked in a child first when isolating."""
+    if not probe.isolate or choice.variant == "fp32" or (amp, channels_last) == (choice.amp, choice.channels_last):
+        return choice
+    results = probe.run([(choice.amp, choice.channels_last)], steps=1, timed=False)
+    error = results[choice.variant].get("error")
+    if not error:
+        return choice
+    fallback = default_execution(device=probe.device, amp=False, channels_last=False, reason=choice.reason)
+    return replace(fallback, rejected={choice.variant: error})
+
+
+def _probe_and_pick(probe: _Probe, amp, channels_last, time_step) -> ExecutionChoice:
+    device = probe.device
     allowed = [v for v in VARIANTS if amp in (AUTO, v[0]) and channels_last in (AUTO, v[1])]
     if device.type == "cuda" and not _cuda_bf16(device):
         allowed = [v for v in allowed if not v[0]]
     started = time.perf_counter()
     variants = [(False, False)] + [v for v in allowed if v != (False, False)]  # fp32 is the reference
-    results = probe_variants(
-        model, batch, device, variants, step, steps=WARMUP_STEPS + TIMED_STEPS, time_step=time_step
-    )
+    results = probe.run(variants, steps=WARMUP_STEPS + TIMED_STEPS, time_step=time_step)
     choice = select_variant(results, device, amp, channels_last)
-    probe = {"warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS, "batch": int(len(batch["x"]))}
-    return replace(choice, probe=dict(probe, seconds=time.perf_counter() - started))
+    shapes = [int(len(probe.batch["x"]))] + [int(len(b["x"])) for _, b, _ in probe.spec.extra]
+    probe_info = {"warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS, "batch": shapes[0]}
+    probe_info |= {
+        "checked": [f"{label} ({n} rows)" for (label, _, _), n in zip(probe.spec.extra, shapes[1:], strict=True)]
+    }
+    probe_info |= {"in_child_process": bool(probe.isolate and CHILD_PROBES)}
+    return replace(choice, probe=dict(probe_info, seconds=time.perf_counter() - started))
 
 
 def select_variant(results: dict[str, dict], device, amp=AUTO, channels_last=AUTO) -> ExecutionChoice:

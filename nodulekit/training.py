@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from nodulekit import __version__, claims
+from nodulekit import __version__, claims, crashes
 from nodulekit.artifacts import provenance
 from nodulekit.constants import MALIGNANT, THRESHOLD
 from nodulekit.datasets import Dataset, identity_difference, load_dataset
@@ -855,23 +855,33 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         dd = _DeviceData(data, device)  # once for all folds
         # bf16 / channels_last: a bad forced option fails here, before anything is written
         recorded = load_run(rundir).get("execution") if (Path(rundir) / "run.json").exists() else None
-        execution = _choose_execution(probe, data, cfg, dd, wanted, None if overwrite else recorded)
+        if recorded is not None:
+            crashes.collect(rundir)  # folds that died by a signal: the choice avoids their variant
+        execution, watched = _choose_execution(probe, data, cfg, dd, wanted, None if overwrite else recorded, rundir)
         subset = wanted if len(wanted) < data.n_folds else None  # --fold K: --overwrite discards only those
         run = prepare_rundir(rundir, run_record(cfg, data, device, execution), overwrite=overwrite, folds=subset)
-        if execution.how == "probed" and run.get("execution", {}).get("variant") not in (None, execution.variant):
+        if (
+            recorded is None
+            and execution.how == "probed"
+            and run.get("execution", {}).get("variant") not in (None, execution.variant)
+        ):
             # a concurrent job created run.json first: run as it does, one choice per RUNDIR
-            execution = _choose_execution(probe, data, cfg, dd, wanted, run["execution"])
+            execution, watched = _choose_execution(probe, data, cfg, dd, wanted, run["execution"], rundir)
         del probe
         if on_execution is not None:
             on_execution(execution.as_dict())
         summaries, failures = [], []
         side_by_side = cfg.concurrent_folds and _side_by_side_possible(cfg, run, execution)
         # one job per fold: claim every requested fold before training any of them
-        with claims.claimed(RunPaths(rundir).fold_dir(k) for k in wanted):
+        with (
+            claims.claimed(RunPaths(rundir).fold_dir(k) for k in wanted),
+            crashes.watch(rundir, wanted, dict(watched, variant=execution.variant), clear=True) as watch,
+        ):
             if side_by_side:
                 ctx = train_context(data, cfg, rundir, run=run, device=device, device_data=dd, execution=execution)
                 summaries, failures = train_side_by_side(ctx, wanted, progress=progress, on_epoch_end=on_epoch_end)
             for k in [] if side_by_side else wanted:
+                watch.at([k])
                 try:
                     summaries.append(
                         train_fold(
@@ -1020,23 +1030,42 @@ def _side_by_side_possible(cfg: TrainConfig, run: dict, execution) -> bool:
     return reason is None
 
 
-def _choose_execution(model, data, cfg, dd, wanted, recorded):
-    """Probe the execution variants on this run's model and first training batch, or reuse ``recorded``."""
+def probe_loss(model, batch):
+    """The training loss as the execution probe computes it (a module-level function: probes run in a child)."""
+    return batch_loss(model.training_forward, batch)[0]
+
+
+def _choose_execution(model, data, cfg, dd, wanted, recorded, rundir):
+    """Probe the execution variants (in a child process) on this run's model and the shapes training
+    uses: a training batch, the epoch's last partial batch, the evaluation batch; or reuse ``recorded``.
+    Returns the choice and what a crash record names (machine, workload)."""
     import torch
 
-    from nodulekit.execution import choose_execution
+    from nodulekit.execution import choose_execution, machine_key, workload_key
 
-    train_index = fold_split(data, wanted[0], cfg).train_index
-    example = dd.batch(torch.from_numpy(train_index[: cfg.batch_size]).to(dd.device))
+    split = fold_split(data, wanted[0], cfg)
+    train_index, rows = split.train_index, torch.from_numpy(split.train_index)
+    example = dd.batch(rows[: cfg.batch_size].to(dd.device))
+    extra = []
+    if cfg.last_batch == "keep" and len(train_index) % cfg.batch_size >= 2:  # see train_step.epoch_batches
+        extra.append(("last partial batch", dd.batch(rows[: len(train_index) % cfg.batch_size].to(dd.device)), "step"))
+    n_eval = min(cfg.eval_batch_size, len(split.test_index))  # predict_logits' first chunk of the test rows
+    extra.append(("evaluation batch", {"x": dd.x[torch.from_numpy(split.test_index[:n_eval]).to(dd.device)]}, "eval"))
     steps = cfg.epochs * math.ceil(len(train_index) / cfg.batch_size) * len(wanted)
-    return choose_execution(
+    rundir = rundir if (Path(rundir) / "run.json").exists() else None  # crash records go there once it exists
+    choice = choose_execution(
         model,
         example,
         dd.device,
         cfg.amp,
         cfg.channels_last,
-        loss_fn=lambda m, batch: batch_loss(m.training_forward, batch)[0],
+        loss_fn=probe_loss,
         lr=cfg.lr,
         workload_steps=steps,
         recorded=recorded,
+        extra=tuple(extra),
+        isolate=True,
+        rundir=rundir,
+        convert_input=False,  # training feeds its batches as they are (NCHW), whatever the weights' format
     )
+    return choice, {"machine": machine_key(dd.device), "workload": workload_key(model, example)}

@@ -44,6 +44,7 @@ def ds3(tmp_path_factory):
 def probing(monkeypatch):
     """Probe even the tiny test workloads, with the fake clock; returns the list of timed variants."""
     calls = []
+    monkeypatch.setattr(execution, "CHILD_PROBES", False)  # the fake clock times steps in this process
     monkeypatch.setattr(execution, "MIN_WORKLOAD_STEPS", 0)
     monkeypatch.setattr(execution, "_timed", fake_clock(calls=calls))
     return calls
@@ -131,6 +132,7 @@ def test_probe_leaves_model_and_random_state_untouched(ds3, tmp_path, monkeypatc
     assert all(p.is_contiguous() for p in model.parameters())
     # seeded training after a probe that chose fp32 = training with fp32 forced (no probe)
     monkeypatch.setattr(execution, "MIN_WORKLOAD_STEPS", 0)
+    monkeypatch.setattr(execution, "CHILD_PROBES", False)
     monkeypatch.setattr(execution, "_timed", fake_clock(dict.fromkeys(FAKE_SECONDS, 1.0)))
     train(ds3, tmp_path / "probed")
     train(ds3, tmp_path / "forced", amp=False, channels_last=False)

@@ -1,4 +1,4 @@
-"""`nodulekit status`: which folds of one or more RUNDIRs are finished, running, interrupted or missing."""
+"""`nodulekit status`: which folds of one or more RUNDIRs are finished, running, crashed, interrupted or missing."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ NOT_FINISHED = 3  # exit status while any fold is not finished (2 stays "bad inp
 
 @app.command("status")
 def status_command(
-    rundirs: list[Path] = typer.Argument(..., help="RUNDIRs written by `nodulekit train` (or not created yet)."),
+    rundirs: list[Path] = typer.Argument(..., help="RUNDIRs written by `nodulekit train` (or empty folders)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list of fold records instead of the table."),
 ) -> None:
-    """List each fold of each RUNDIR as finished / running / interrupted / missing, with epochs done.
+    """List each fold of each RUNDIR as finished / running / crashed / interrupted / missing, with epochs done.
 
-    Exit status: 0 when every fold is finished, 3 while any is not (so a script can resubmit),
-    2 for a path that is not a RUNDIR. A RUNDIR that does not exist yet is listed as missing.
+    A fold whose training process died by a signal (SIGABRT, SIGSEGV in native code) is
+    crashed, with the signal and the execution variant. Exit status: 0 when every fold is
+    finished, 3 while any is not (so a script can resubmit), 2 for a path that does not
+    exist or is not a RUNDIR. An empty folder is listed as missing.
 
     Example: nodulekit status runs/hesam-d11c runs/sam-d11c || echo "not finished yet"
     """
