@@ -860,11 +860,9 @@ def _train_folds(data, cfg, rundir, wanted, device, overwrite, progress, on_epoc
         execution, watched = _choose_execution(probe, data, cfg, dd, wanted, None if overwrite else recorded, rundir)
         subset = wanted if len(wanted) < data.n_folds else None  # --fold K: --overwrite discards only those
         run = prepare_rundir(rundir, run_record(cfg, data, device, execution), overwrite=overwrite, folds=subset)
-        if (
-            recorded is None
-            and execution.how == "probed"
-            and run.get("execution", {}).get("variant") not in (None, execution.variant)
-        ):
+        theirs = run.get("execution", {}).get("variant")
+        crashed = str(execution.rejected.get(theirs, "")).startswith("crashed")  # then it is not run again
+        if execution.how == "probed" and theirs not in (None, execution.variant) and not crashed:
             # a concurrent job created run.json first: run as it does, one choice per RUNDIR
             execution, watched = _choose_execution(probe, data, cfg, dd, wanted, run["execution"], rundir)
         del probe
