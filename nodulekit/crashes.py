@@ -145,8 +145,11 @@ class Watch:
         self._file = file
 
     def at(self, folds: Iterable[int]) -> None:
-        self._file.write(f"{_FOLDS}{json.dumps(sorted(int(k) for k in folds))}\n")
-        self._file.flush()
+        if self._file is None:
+            return
+        with suppress(OSError):  # a full disk: the header still names the folds
+            self._file.write(f"{_FOLDS}{json.dumps(sorted(int(k) for k in folds))}\n")
+            self._file.flush()
 
 
 @contextmanager
@@ -161,16 +164,11 @@ def watch(
     if clear:
         collect(rundir)
         clear_dead(rundir, folds)
-    folder = Path(rundir) / WATCH_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    token = os.urandom(8).hex()
-    tmp, path = folder / f".{token}.tmp", folder / f"{token}.log"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    file = os.fdopen(fd, "w", buffering=1)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # locked before it has its name: never seen unlocked while we live
-    info = dict(header, token=token, pid=os.getpid(), host=socket.gethostname(), started=now())
-    file.write(_HEADER + json.dumps(info, sort_keys=True) + "\n")
-    os.rename(tmp, path)
+    opened = _open_watch(Path(rundir) / WATCH_DIR, header)
+    if opened is None:  # cannot write there (full disk, a planted link): train unwatched rather than fail
+        yield Watch(None)
+        return
+    file, path = opened
     was_enabled = faulthandler.is_enabled()
     faulthandler.enable(file)
     w = Watch(file)
@@ -185,7 +183,32 @@ def watch(
         path.unlink(missing_ok=True)
         file.close()
         with suppress(OSError):
-            folder.rmdir()  # only when empty
+            path.parent.rmdir()  # only when empty
+
+
+def _open_watch(folder: Path, header: dict[str, Any]):
+    """(file, path) of a new watch file, locked and named; None when it cannot be written."""
+    token = os.urandom(8).hex()
+    tmp, path = folder / f".{token}.tmp", folder / f"{token}.log"
+    file = None
+    try:
+        if folder.is_symlink():
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        file = os.fdopen(fd, "w", buffering=1)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # locked before it has its name: never seen unlocked while we live
+        info = dict(header, token=token, pid=os.getpid(), host=socket.gethostname(), started=now())
+        file.write(_HEADER + json.dumps(info, sort_keys=True) + "\n")
+        os.rename(tmp, path)
+        return file, path
+    except OSError:
+        if file is not None:
+            with suppress(OSError):
+                file.close()
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return None
 
 
 def _dead(path: Path) -> str | None:

@@ -186,3 +186,58 @@ def test_status_of_a_path_that_does_not_exist_is_an_error_and_columns_fit(tmp_pa
     # every column starts at the same place on every line, however long the paths
     starts = [line.index(word) for line, word in zip(lines[:3], ["state", "missing", "missing"], strict=True)]
     assert len(set(starts)) == 1 and lines[2].startswith(str(long) + "  ") and lines[1].startswith(str(short) + " ")
+
+
+WATCHED = """
+import os, signal, sys, time
+from nodulekit import crashes
+with crashes.watch(sys.argv[1], [2, 3], {"variant": "bf16"}) as w:
+    w.at([3])
+    print("watching", flush=True)
+    sys.stdin.readline()
+    if sys.argv[2] == "abort":
+        os.abort()
+    if sys.argv[2] == "sleep":
+        time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["abort", "sleep", "exit"])
+def test_watch_records_a_fatal_signal_and_nothing_on_a_normal_end(tmp_path, env, how):
+    """A watched process (no torch: fast): its fold, the signal, the variant; removed on a normal end."""
+    (tmp_path / "run").mkdir()
+    proc = subprocess.Popen([PY, "-c", WATCHED, str(tmp_path / "run"), how], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "watching"
+    assert crashes.dead_watches(tmp_path / "run") == []  # alive: its lock is held
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    if how == "sleep":
+        proc.kill()  # SIGKILL: nothing can be written
+    rc = proc.wait(30)
+    dead = crashes.crashed_folds(tmp_path / "run")
+    if how == "exit":
+        assert rc == 0 and dead == {} and not (tmp_path / "run" / crashes.WATCH_DIR).exists()
+        return
+    assert set(dead) == {3} and dead[3].header["pid"] == proc.pid and dead[3].header["variant"] == "bf16"
+    if how == "abort":
+        assert rc == -signal.SIGABRT and dead[3].signal == "SIGABRT"
+        assert dead[3].describe().startswith(f"SIGABRT in native code with bf16 (pid {proc.pid} on ")
+        assert "line 9" in dead[3].detail  # the frame it died in
+    else:
+        assert rc == -signal.SIGKILL and dead[3].signal is None
+        assert dead[3].describe().startswith("killed without a fault message")
+    # no machine/workload in this header: nothing to avoid, and nothing recorded
+    assert [w.signal for w in crashes.collect(tmp_path / "run")] == (["SIGABRT"] if how == "abort" else [])
+    assert cached(tmp_path) == []
+
+
+def test_a_planted_watch_link_is_not_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / crashes.WATCH_DIR).symlink_to(elsewhere)
+    with crashes.watch(tmp_path / "run", [0], {}) as w:
+        w.at([0])
+        assert list(elsewhere.iterdir()) == []
+    assert crashes.dead_watches(tmp_path / "run") == []
