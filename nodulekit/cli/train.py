@@ -43,10 +43,13 @@ def parse_model_options(items: list[str] | None) -> dict:
 
 
 def describe_execution(execution: dict) -> str:
-    """One line: the variant used, how it was chosen, and the probe's step times."""
+    """One line: the variant used, how it was chosen, the probe's step times, and the variants that crashed."""
     times = ", ".join(f"{k} {v:.3g} s" for k, v in execution.get("step_seconds", {}).items())
-    return f"execution: {execution['variant']} on {execution['device']} ({execution['how']}: {execution['reason']})" + (
-        f"; step times {times}" if times else ""
+    crashed = [k for k, why in execution.get("rejected", {}).items() if str(why).startswith("crashed")]
+    return (
+        f"execution: {execution['variant']} on {execution['device']} ({execution['how']}: {execution['reason']})"
+        + (f"; step times {times}" if times else "")
+        + (f"; excluded as crashing here: {', '.join(crashed)}" if crashed else "")
     )
 
 
