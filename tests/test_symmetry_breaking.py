@@ -288,6 +288,7 @@ def test_probe_runs_one_warm_up_and_two_timed_steps_per_variant(tmp_path, monkey
         return 1.0, run()
 
     monkeypatch.setattr(execution, "MIN_WORKLOAD_STEPS", 0)
+    monkeypatch.setattr(execution, "CHILD_PROBES", False)  # the clock above times steps in this process
     monkeypatch.setattr(execution, "_timed", lambda device: time_step)
     from nodulekit.training import TrainConfig, train
 
