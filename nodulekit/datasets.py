@@ -47,6 +47,7 @@ from nodulekit.inputs import (  # noqa: F401 - the input spec's facts and sampli
     resample_nodule,
     sample_grid,
 )
+from nodulekit.train_config import check_seed
 
 SPLITS = ("patient", "nodule")
 PATCH = INPUT_SIZE  # output side in pixels (Table 1)
@@ -429,6 +430,7 @@ def build_dataset(
     from nodulekit.artifacts import check_output_path, get_provenance, open_artifact, provenance
 
     spec = _check_build_options(channels, n_folds, split)
+    check_seed(seed)
     layout = plane_layout(spec)
     rois_path = Path(rois_path)
     check_output_path(out_path, overwrite)  # fail before the slow part

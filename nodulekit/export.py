@@ -117,9 +117,13 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
         source = f"fold{fold}/checkpoint.pt of a nodulekit RUNDIR"
         return _identified(ModelSource(model, source, fold, ckpt.get("epoch"), run.record, rundir=path))
     ckpt = load_checkpoint(path)
+    # A checkpoint inside a RUNDIR (RUNDIR/fold<k>/checkpoint.pt) still finds its run.json, and must fit it.
+    run = {}
+    if (path.parent.parent / "run.json").exists():
+        owner = Run(path.parent.parent)
+        owner.check_checkpoint(ckpt, path)
+        run = owner.record
     model = model_from_checkpoint(ckpt, path)
-    # A checkpoint inside a RUNDIR (RUNDIR/fold<k>/checkpoint.pt) still finds its run.json.
-    run = Run(path.parent.parent).record if (path.parent.parent / "run.json").exists() else {}
     # Training also stores provenance in the checkpoint: use it for a checkpoint copied out of its RUNDIR.
     for key in ("label_rule", "normalisation", "input_spec", "dataset_fingerprint", "dataset_identity"):
         if run.get(key) is None and ckpt.get(key) is not None:

@@ -650,7 +650,25 @@ class Run(RunPaths):
         if not path.exists():
             raise NodulekitError(f"{path} does not exist: fold {k} of {self.path} has not been trained")
         ckpt = load_checkpoint(path)
+        self.check_checkpoint(ckpt, path)
         return model_from_checkpoint(ckpt, path).to(resolve_device(device)), ckpt
+
+    def check_checkpoint(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint that is not this run's (e.g. another run's fold copied in): its
+        architecture, input channels, model options and training dataset must be run.json's."""
+        rec = self.record
+        config = ckpt.get("config") or {}  # the model's whole config: run.json's options plus defaults
+        checks = [
+            ("architecture", ckpt.get("arch"), rec.get("arch")),
+            ("input channels", ckpt.get("in_channels"), rec.get("in_channels")),
+            ("training dataset", ckpt.get("dataset_fingerprint"), self.dataset_fingerprint),
+        ]
+        checks += [(f"model option {k}", config.get(k), v) for k, v in (rec.get("model_options") or {}).items()]
+        for what, found, recorded in checks:
+            if found is not None and recorded is not None and found != recorded:
+                raise NodulekitError(
+                    f"{path} is not a checkpoint of {self.path}: its {what} is {found!r}, run.json says {recorded!r}"
+                )
 
 
 def load_run(rundir: str | os.PathLike) -> dict[str, Any]:

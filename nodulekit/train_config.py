@@ -17,6 +17,14 @@ SELECT_MODES = ("last", "val")
 # keep = train on it when it has at least 2 rows (the default; every existing result);
 # drop = skip it, so every step has exactly batch_size rows (static shapes, for CUDA graphs).
 LAST_BATCH_MODES = ("keep", "drop")
+# Seeds reach numpy, scikit-learn's fold splitters and torch; 0 .. 2**32 - 1 is what all three take.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """Refuse a seed that one of the seeded libraries would reject with a traceback."""
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise NodulekitError(f"{option} must be an integer from 0 to {MAX_SEED} (got {seed})")
 
 
 @dataclass
@@ -59,6 +67,11 @@ class TrainConfig:
             raise NodulekitError(f"--batch-size must be at least 2 for batch normalisation (got {self.batch_size})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise NodulekitError(f"--lr must be a positive number (got {self.lr})")
+        if not 0.0 <= self.momentum < 1.0:
+            raise NodulekitError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise NodulekitError(f"--lr-gamma must be in (0, 1] (got {self.lr_gamma})")
+        check_seed(self.seed)
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
             raise NodulekitError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if self.lr_step < 1:
