@@ -76,6 +76,11 @@ def read_run_json(rundir: str | os.PathLike) -> dict[str, Any]:
         raise NodulekitError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(record, dict):
         raise NodulekitError(f"{path} is not a run record (a JSON object)")
+    dataset = record.get("dataset")
+    if isinstance(dataset, str):  # older records name the dataset by its path alone
+        record["dataset"] = {"path": dataset}
+    elif dataset is not None and not isinstance(dataset, dict):
+        raise NodulekitError(f"{path}: 'dataset' is {type(dataset).__name__}, expected an object or a path")
     return record
 
 

@@ -106,3 +106,22 @@ def test_a_checkpoint_with_other_model_options_is_refused(two_runs, tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(NodulekitError, match="its model option base_width is 8, run.json says 4"):
         Run(run).load_model(0)
+
+
+def test_an_older_run_json_naming_its_dataset_by_path_is_read(two_runs, tmp_path, run_cli):
+    import json
+
+    ds, cam, _ = two_runs
+    run = tmp_path / "old"
+    shutil.copytree(cam, run)
+    record = json.loads((run / "run.json").read_text())
+    record["dataset"] = str(ds)  # the older record: the path alone
+    (run / "run.json").write_text(json.dumps(record))
+    code, out, err = run_cli("evaluate", run, "--json")
+    assert code == 0, err
+    assert json.loads(out)["runs"][0]["dataset"] == "D1C"
+    record["dataset"] = 7
+    (run / "run.json").write_text(json.dumps(record))
+    code, out, err = run_cli("evaluate", run)
+    assert (code, out) == (2, "")
+    assert err.strip() == f"nodulekit: error: {run / 'run.json'}: 'dataset' is int, expected an object or a path"
