@@ -333,14 +333,27 @@ def compare_outputs(got: tuple[np.ndarray, ...], ref: tuple[np.ndarray, ...]) ->
     }
 
 
+def ort_session(onnx_path: str | os.PathLike, providers: list[str], options=None):
+    """An ONNX Runtime session, or one line naming the file when this onnxruntime cannot load it
+    (an opset newer than it supports, an unknown operator, a damaged graph)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own pybind exception types (Fail, InvalidGraph, ...)
+        # ORT's message carries a C++ source location and signature; its last sentence says why.
+        sentences = [t.strip() for t in " ".join(str(exc).split()).split(". ") if t.strip()]
+        why = sentences[-1].rstrip(".")[:200] if sentences else type(exc).__name__
+        raise NodulekitError(f"{onnx_path}: this onnxruntime {ort.__version__} cannot load the model: {why}") from None
+
+
 def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> dict[str, Any]:
     """Run the ONNX file in ONNX Runtime (CPU) at batch 1 and batch len(x); raise if it disagrees.
 
     ``model``: one classifier or the list of an ensemble's fold models.
     """
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, ["CPUExecutionProvider"])
     names = list(output_names(isinstance(model, (list, tuple)) and len(model) > 1))
     report: dict[str, Any] = {}
     for label, batch in (("batch1", x[:1]), (f"batch{len(x)}", x)):
@@ -583,7 +596,7 @@ def make_session(onnx_path: str | os.PathLike, provider: str = "auto"):
     providers = [PROVIDERS[p] for p in chain if PROVIDERS[p] in available]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT's own fallback warnings are replaced by our one line
-    session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+    session = ort_session(onnx_path, providers, options)
     active = session.get_providers()[0]
     ran = next((k for k, v in PROVIDERS.items() if v == active), active)
     note = ""
@@ -805,7 +818,7 @@ def make_test_data_set(onnx_path, x: np.ndarray, source: str, ensemble: bool) ->
     import onnxruntime as ort
 
     names = output_names(ensemble)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path, ["CPUExecutionProvider"])
     outputs = session.run(list(names), {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
     return {
         "format": "arrays: base64 of little-endian float32 in C order (numpy: np.frombuffer(b64decode(data), "

@@ -125,3 +125,20 @@ def test_an_older_run_json_naming_its_dataset_by_path_is_read(two_runs, tmp_path
     code, out, err = run_cli("evaluate", run)
     assert (code, out) == (2, "")
     assert err.strip() == f"nodulekit: error: {run / 'run.json'}: 'dataset' is int, expected an object or a path"
+
+
+def test_an_onnx_this_onnxruntime_cannot_load_is_one_line(two_runs, tmp_path, run_cli):
+    import onnx
+
+    from tests.model_fixtures import export
+
+    ds, cam, _ = two_runs
+    model = onnx.load(export(cam, tmp_path / "m.onnx", fold=0))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 99  # newer than any onnxruntime supports
+    onnx.save(model, tmp_path / "future.onnx")
+    code, out, err = run_cli("infer", tmp_path / "future.onnx", ds, "-o", tmp_path / "i.h5")
+    assert (code, out) == (2, "") and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"nodulekit: error: {tmp_path / 'future.onnx'}: this onnxruntime ") and "opset" in err
+    assert not (tmp_path / "i.h5").exists()
