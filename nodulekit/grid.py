@@ -174,6 +174,24 @@ def _fail(plan_or_path, where: str, message: str) -> GridConfigError:
 # --------------------------------------------------------------------------- reading the config
 
 
+def _unique_keys_loader(yaml):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The YAML mapping of a grid config, or a one-line error."""
     path = Path(path)
@@ -186,7 +204,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     except ImportError:
         raise NodulekitError("the grid needs the `grid` extra: pip install 'nodulekit[grid]'") from None
     try:
-        raw = yaml.safe_load(read_text(path, "grid config"))  # UTF-8 with or without BOM, else one line
+        raw = yaml.load(read_text(path, "grid config"), Loader=_unique_keys_loader(yaml))  # UTF-8, BOM or not
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "YAML"
@@ -262,6 +280,12 @@ def _train_settings(path: Path, raw: dict) -> dict[str, Any]:
 
     if train.get("select", TrainConfig.select) not in SELECT_MODES:
         raise _fail(path, "train.select", f"must be one of {', '.join(SELECT_MODES)}, not {train['select']!r}")
+    # The values `train` itself would refuse (lr 0, momentum 1, ...) are refused here, before any job runs.
+    given = {k: v for k, v in train.items() if k in TrainConfig.__dataclass_fields__ and k != "device"}
+    try:
+        TrainConfig(**given).validate()
+    except NodulekitError as exc:
+        raise _fail(path, "train", str(exc)) from None
     settings = {"threads": 2, "gpus": 0, **train}
     settings.setdefault("concurrent_folds", fastest_fold_layout(settings["gpus"]) == "side_by_side")
     return settings

@@ -96,6 +96,10 @@ def test_plan_runs_each_experiment_once(tmp_path):
         ("threads: 1}", "threads: 1, lr_steps: 3}", "train.lr_steps: unknown option"),
         ("d3c: 3}", "d3c: 4}", "datasets.d3c: must be a channel count (1, 3, 11, 21)"),
         ("rois: rois.h5", "rois: missing.h5", "rois: "),
+        ("lr: 0.01", "lr: 0", "train: --lr must be a positive number (got 0)"),
+        ("lr: 0.01", "lr: 0.01, momentum: 1", "train: --momentum must be in [0, 1) (got 1)"),
+        ("folds: 2", "folds: 2\nfolds: 3", "line 6: not valid YAML (key 'folds' is given twice)"),
+        ("{hf_pool: avg}", "{hf_pool: avg, hf_pool: max}", "not valid YAML (key 'hf_pool' is given twice)"),
     ],
 )
 def test_bad_config_is_one_line_before_any_job(tmp_path, old, new, message):
