@@ -293,8 +293,11 @@ def predict(
     channels_last="auto",
     progress: bool = False,
     report: Callable[[str], None] | None = None,
+    min_diameter: float | None = None,
+    strict: bool = False,
 ) -> PredictResult:
     """Score every requested nodule of one scan; write overlays and maps to ``output`` when given."""
+    from nodulekit import plausibility
     from nodulekit.engines import open_engine
     from nodulekit.modelcard import require_spec
     from nodulekit.scans import read_scan
@@ -302,6 +305,7 @@ def predict(
     report = report or (lambda line: None)
     if coords not in COORDS:
         raise NodulekitError(f"--coords must be one of {', '.join(COORDS)} (got {coords!r})")
+    min_diameter = plausibility.check_options(min_diameter, mask)
     if output is not None:
         from nodulekit.predict_output import check_output_dir
 
@@ -316,6 +320,9 @@ def predict(
         scan, mask=mask, mask_mode=mask_mode, centre=centre, diameter=diameter, nodules=nodules, coords=coords
     )
     report(f"read {scan.describe()} in {t1 - t0:.2f} s")
+    specs, checks, plausible, note = plausibility.check_request(scan, specs, engine.card, min_diameter, strict)
+    if note:
+        report(note)
     inputs = [nodule_input(scan, s, input_spec) for s in specs]
     t2 = time.perf_counter()
     scores = engine.run(np.stack([i.x for i in inputs]), batch=batch, progress=progress)
@@ -329,7 +336,10 @@ def predict(
         members = None if scores.members is None else scores.members[i]
         extra = {"filled_planes_mm": inp.filled_offsets_mm, "seen_in_training": overlap[i]}
         records.append(record(spec, scan, coords, float(scores.prob[i]), members, decision, extra))
-    warnings = _warnings(records, scan)
+        records[-1]["warnings"] = checks[i]
+    warnings = plausible + _warnings(records, scan)
+    if strict and warnings:
+        raise NodulekitError(f"--strict: {warnings[0]}")
     timings = {"load_model_s": t0 - t_open, "read_s": t1 - t0, "inputs_s": t2 - t1, "model_s": t3 - t2}
     out = None
     if output is not None:

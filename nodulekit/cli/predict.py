@@ -70,6 +70,14 @@ def predict_cmd(
     channels_last: bool | None = typer.Option(
         None, "--channels-last/--no-channels-last", help="PyTorch only: channels_last memory format (default: auto)."
     ),
+    min_diameter: float | None = typer.Option(
+        None,
+        "--min-diameter",
+        help="Mask components smaller than this (mm) are fragments: skipped with a warning (default 3, the smallest LIDC-IDRI nodule outlined).",
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Refuse (exit 2, nothing written) instead of warning about implausible input."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o folder if it exists."),
     progress: bool | None = PROGRESS,
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors on stderr."),
@@ -118,6 +126,8 @@ def predict_cmd(
             channels_last="auto" if channels_last is None else channels_last,
             progress=show_progress(progress, quiet),
             report=say,
+            min_diameter=min_diameter,
+            strict=strict,
         )
     for rec in result.records:
         sys.stdout.write(json.dumps(rec) + "\n")
