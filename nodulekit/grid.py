@@ -607,13 +607,16 @@ def snakemake_command(plan: GridPlan, *, cores: int | None, profile: Path | None
     import sys
 
     snakefile = Path(__file__).parent / "workflow" / "Snakefile"
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(plan.root)]
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile)]
+    # Not a bare --quiet, which hides failed jobs' logs too; its values end at the next option.
+    cmd += ["--quiet", "progress", "host"] * quiet + ["--directory", str(plan.root)]
     cmd += ["--config", f"grid_config={plan.config_path}", "--rerun-incomplete", "--nolock"]
+    cmd += ["--show-failed-logs"]  # each job logs to its own file: print a failed job's log here
     if profile is not None:
         cmd += ["--profile", str(profile)]
     if cores is not None or profile is None:
         cmd += ["--cores", str(cores) if cores is not None else "all"]
-    cmd += ["--dry-run"] * dry_run + ["--keep-going"] * keep_going + ["--quiet"] * quiet
+    cmd += ["--dry-run"] * dry_run + ["--keep-going"] * keep_going
     return cmd + list(extra)
 
 

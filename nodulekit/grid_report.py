@@ -243,17 +243,23 @@ def grid_report(plan: GridPlan) -> tuple[str, dict]:
     return "\n".join(parts), record
 
 
-def write_grid_report(plan: GridPlan, output: str | Path) -> dict[str, Path]:
-    """Write report.md and report.json (same stem) atomically."""
+def report_json(record: dict) -> str:
+    """The grid report's JSON record as text (what report.json holds and ``--json`` prints)."""
+    return json.dumps(record, indent=2, default=str, allow_nan=True) + "\n"
+
+
+def write_grid_report(plan: GridPlan, output: str | Path, report: tuple[str, dict] | None = None) -> dict[str, Path]:
+    """Write report.md and report.json (same stem) atomically; ``report`` is :func:`grid_report`'s
+    result when already made."""
     from nodulekit.artifacts import atomic_path
 
-    markdown, record = grid_report(plan)
     out = Path(output)
-    paths = {"md": out, "json": out.with_suffix(".json")}
     if out.suffix != ".md":
         raise NodulekitError(f"{out}: give the report a .md name (the JSON goes beside it)")
+    markdown, record = report or grid_report(plan)
+    paths = {"md": out, "json": out.with_suffix(".json")}
     with atomic_path(paths["md"], suffix=".md.part") as tmp:
         tmp.write_text(markdown)
     with atomic_path(paths["json"], suffix=".json.part") as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str, allow_nan=True) + "\n")
+        tmp.write_text(report_json(record))
     return paths

@@ -181,6 +181,7 @@ def test_tiny_grid_end_to_end_survives_a_failed_job(tmp_path):
     printed = subprocess.run([PY, "-m", "nodulekit", "grid-report", config, "-o", "-"], env=ENV,
                              capture_output=True, text=True)  # fmt: skip
     assert printed.returncode == 0 and printed.stdout == (root / "report.md").read_text(), printed.stderr
+    check_logs_and_printed_report(config, root)
     status = subprocess.run(
         [PY, "-m", "nodulekit", "status", *sorted(map(str, root.glob("runs/*/seed0/*")))],
         env=ENV, capture_output=True, text=True,
@@ -211,6 +212,23 @@ def check_report(root: Path) -> None:
     p = row["prob_p_value"]
     assert f"| Ours-CAM | {'<0.001' if p < 0.001 else f'{p:.3g}'} |" in report
     assert (root / "maps/d3c-seed0/figures").is_dir() and "### By nodule class" in report
+
+
+def check_logs_and_printed_report(config: Path, root: Path) -> None:
+    """Every job wrote its own log and benchmark table; grid-report prints what it wrote."""
+    logs = sorted(str(p.relative_to(root / "logs/train")) for p in (root / "logs/train").rglob("*.log"))
+    assert len(logs) == 5 * 2 and "d1c/seed0/cam+base_width=4/fold0.log" in logs  # one per training job
+    blocked = (root / "logs/train/d1c/seed0/cam+base_width=4/fold0.log").read_text()
+    assert "is being trained by another job" not in blocked and "fold 0" in blocked.lower()  # the rerun's own log
+    bench = (root / "benchmarks/report.tsv").read_text().splitlines()
+    assert bench[0].split("\t")[0] == "s" and float(bench[1].split("\t")[0]) > 0
+    printed = subprocess.run([PY, "-m", "nodulekit", "grid-report", config], env=ENV, capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == (root / "report.md").read_text()
+    as_json = subprocess.run(
+        [PY, "-m", "nodulekit", "grid-report", config, "--json"], env=ENV, capture_output=True, text=True
+    )
+    assert json.loads(as_json.stdout) == json.loads((root / "report.json").read_text())
 
 
 @pytest.mark.parametrize("name, runs", [("paper.yaml", 18 * 4 + 3 + 1 + 2 * 4), ("try.yaml", 3 * 2 + 1)])

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from nodulekit.cli import app
+from nodulekit.cli.common import AS_JSON, QUIET, emit_report
 
 
 @app.command(
@@ -46,27 +47,33 @@ def grid_command(
 @app.command("grid-report")
 def grid_report_command(
     config: Path = typer.Argument(..., help="The grid config whose reports to collect."),
-    output: Path = typer.Option(
-        ..., "--output", "-o", help="Report (.md); the JSON record goes beside it. `-` prints the report."
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Report (.md); the JSON record goes beside it (default: print the report only).",
     ),
+    as_json: bool = AS_JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Collect Tables 2-5 (paper layout, with confidence intervals and tests) and the map scores of a finished grid.
 
-    Reads the reports the grid's `evaluate`, `wilcoxon` and `scores` jobs wrote. With several seeds it adds Table 5 across seeds, computed from the runs' test predictions: each method's seeds as one arm, an AUC interval over patients and seeds, so the spread between retrainings enters the comparison. `nodulekit grid` runs this as its last job.
+    Reads the reports the grid's `evaluate`, `wilcoxon` and `scores` jobs wrote. With several seeds it adds Table 5 across seeds, computed from the runs' test predictions: each method's seeds as one arm, an AUC interval over patients and seeds, so the spread between retrainings enters the comparison. Without -o (or with -o -) the report is printed; --json prints its JSON record instead. `nodulekit grid` runs this as its last job.
 
     Example: nodulekit grid-report examples/grid/paper.yaml -o grid/report.md
     """
-    from nodulekit.cli.common import echo, inputs, to_file
+    from nodulekit.cli.common import inputs
     from nodulekit.grid import load_grid
-    from nodulekit.grid_report import grid_report, write_grid_report
+    from nodulekit.grid_report import grid_report, report_json, write_grid_report
 
     inputs(config)
-    if not to_file(output):  # `-` or a stream: the Markdown report goes there
-        from nodulekit.outputs import text_output
-        from nodulekit.printing import printable
-
-        with text_output(output) as fh:
-            fh.write(printable(grid_report(load_grid(config))[0]))
-        return
-    paths = write_grid_report(load_grid(config), output)
-    echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    plan = load_grid(config)
+    report = grid_report(plan)
+    emit_report(
+        output,
+        markdown=report[0],
+        json_text=report_json(report[1]),
+        as_json=as_json,
+        write_files=lambda out: list(write_grid_report(plan, out, report).values()),
+        quiet=quiet,
+    )
