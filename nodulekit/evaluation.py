@@ -35,7 +35,15 @@ from nodulekit.errors import NodulekitError
 from nodulekit.run import FoldResult, Run
 
 METRICS = ("accuracy", "sensitivity", "specificity", "auc")
-REPORT_FILES = ("table2.md", "table2.csv", "folds.csv", "table2.json", "roc.png", "curves.png", "reliability.png")
+REPORT_TABLES = ("table2.md", "table2.csv", "folds.csv", "table2.json")
+REPORT_PLOTS = ("roc", "curves", "reliability")
+
+
+def report_files(fmt: str = "png") -> tuple[str, ...]:
+    """The names ``evaluate -o`` writes, its plots in figure format ``fmt``."""
+    return REPORT_TABLES + tuple(f"{p}.{fmt}" for p in REPORT_PLOTS)
+
+
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "auc", "sensitivity_at_90_specificity")
 
 
@@ -328,39 +336,74 @@ def fold_rows(summaries: list[dict]) -> list[dict]:
     ]
 
 
-def plot_roc(results: list[RunResult], summaries: list[dict], path: Path) -> None:
-    """Pooled ROC curve of every run."""
-    import matplotlib
+ROC_GRID = np.linspace(0.0, 1.0, 101)  # false-positive rates at which the ROC band is computed
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+def roc_band(y, prob, patients, *, n_resamples: int, seed: int) -> dict[str, np.ndarray]:
+    """The pooled ROC's pointwise 95 % band by the patient bootstrap of the report's intervals.
+
+    At each false-positive rate of ``ROC_GRID``, the sensitivity of the empirical ROC (its highest
+    point at or left of that rate) in every resample; percentile interval per rate. Returns
+    ``fpr``, ``tpr`` (the data as they are), ``low``, ``high``."""
+    from nodulekit.stats import cluster_bootstrap, weighted_roc
+
+    y, prob = np.asarray(y), np.asarray(prob, np.float64)
+
+    def tpr_at_grid(weights):
+        fpr, tpr = weighted_roc(y, prob, weights)  # [B, m]
+        inside = fpr[:, None, :] <= ROC_GRID[None, :, None] + 1e-12
+        return np.where(inside, tpr[:, None, :], -np.inf).max(axis=2).T  # [grid, B]
+
+    res = cluster_bootstrap(patients, tpr_at_grid, n_resamples=n_resamples, seed=seed)
+    return {"fpr": ROC_GRID, "tpr": res["estimate"], "low": res["low"], "high": res["high"]}
+
+
+def _pooled(result: RunResult) -> tuple[np.ndarray, np.ndarray, list]:
+    y = np.concatenate([f.test_y for f in result.folds])
+    prob = np.concatenate([f.test_prob for f in result.folds])
+    return y, prob, sum((f.test_patient_id for f in result.folds), [])
+
+
+def plot_roc(results: list[RunResult], summaries: list[dict], path: Path, fmt: str = "png", dpi: int = 150) -> None:
+    """Pooled ROC curve of every run with its patient-bootstrap 95 % band, n nodules and patients."""
+    from nodulekit.figures import _pyplot, save_figure
+    from nodulekit.stats import weighted_roc
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
     for result, s, label in zip(results, summaries, _row_labels(summaries), strict=True):
-        y = np.concatenate([f.test_y for f in result.folds])
-        prob = np.concatenate([f.test_prob for f in result.folds])
+        y, prob, patients = _pooled(result)
         if len(np.unique(y)) < 2:
             continue
-        fpr, tpr, _ = roc_curve(y, prob)
-        ax.plot(fpr, tpr, label=f"{label} {s['dataset']} (AUC {s['pooled_nodule']['auc']:.3f})")
+        band = roc_band(y, prob, patients, **s["pooled_nodule_ci_settings"])
+        auc = s["pooled_nodule_ci"]["auc"]
+        text = (
+            f"{label} {s['dataset']}: AUC {auc['estimate']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]; "
+            f"n = {len(y)} ({int(np.sum(y))} malignant), {len(set(patients))} patients"
+        )
+        fpr, tpr = weighted_roc(y, prob)
+        line = ax.plot(fpr[0], tpr[0], lw=1.2, label=text)[0]
+        ax.fill_between(band["fpr"], band["low"], band["high"], step="post", color=line.get_color(), alpha=0.2, lw=0)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.set_title("ROC, test folds pooled")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ci = summaries[0]["pooled_nodule_ci_settings"]
+    ax.set_title(
+        f"ROC, test folds pooled; band: 95 % patient bootstrap\n({ci['n_resamples']} resamples, seed {ci['seed']})",
+        fontsize=9,
+    )
+    ax.legend(fontsize=6, loc="lower right")
+    save_figure(fig, path, fmt, dpi)
 
 
-def plot_reliability(summaries: list[dict], path: Path) -> None:
+def plot_reliability(summaries: list[dict], path: Path, fmt: str = "png", dpi: int = 150) -> None:
     """Reliability diagram of the pooled probabilities (observed malignant fraction per bin), with bin counts."""
-    import matplotlib
+    from nodulekit.figures import _pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax, ax_n) = plt.subplots(
         2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, layout="constrained"
     )
@@ -385,19 +428,18 @@ def plot_reliability(summaries: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left")
     ax_n.set_xlabel("predicted malignant probability")
     ax_n.set_ylabel("nodules per bin")
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, fmt, dpi)
 
 
-def plot_curves(results: list[RunResult], summaries: list[dict], path: Path) -> None:
+def plot_curves(results: list[RunResult], summaries: list[dict], path: Path, fmt: str = "png", dpi: int = 150) -> None:
     """Fig. 4 style: rows train / test, one column per dataset; accuracy solid, loss dashed (mean over folds)."""
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from nodulekit.figures import _pyplot, save_figure
 
+    plt = _pyplot()
     datasets = list(dict.fromkeys(s["dataset"] for s in summaries))
-    fig, axes = plt.subplots(2, len(datasets), figsize=(4.5 * len(datasets), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(datasets), figsize=(4.5 * len(datasets), 7), squeeze=False, layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for col, name in enumerate(datasets):
         for row, part in enumerate(("train", "test")):
@@ -415,23 +457,22 @@ def plot_curves(results: list[RunResult], summaries: list[dict], path: Path) -> 
                 colour = colours[i % len(colours)]
                 ax.plot(epoch, hist[:, cols.index(f"{part}_acc")], color=colour, ls="-", label=label)
                 ax_loss.plot(epoch, hist[:, cols.index(f"{part}_loss")], color=colour, ls="--")
-            ax.set_title(f"{name} {part}")
+            ax.set_title(f"{name} {part} (mean over folds)")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
             ax.set_ylabel("accuracy (solid)")
             ax.set_ylim(0, 1.02)
             ax_loss.set_ylabel("loss (dashed)")
             if row == 0:
                 ax.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, fmt, dpi)
 
 
-def _check_report_dir(output_dir: Path, overwrite: bool) -> list[Path]:
+def _check_report_dir(output_dir: Path, overwrite: bool, fmt: str = "png") -> list[Path]:
     from nodulekit.outputs import check_output_dir, check_output_path
 
     check_output_dir(output_dir)
-    targets = [output_dir / name for name in REPORT_FILES]
+    targets = [output_dir / name for name in report_files(fmt)]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise NodulekitError(f"{existing[0]} already exists (pass --overwrite to replace the report)")
@@ -448,20 +489,25 @@ def evaluate_runs(
     *,
     n_resamples: int | None = None,
     seed: int = 0,
+    fmt: str = "png",
+    dpi: int = 150,
 ) -> dict[str, Any]:
-    """Score every RUNDIR; with ``output_dir``, write table2.md/.csv/.json, folds.csv, roc.png,
-    curves.png and reliability.png there (all together or none).
+    """Score every RUNDIR; with ``output_dir``, write table2.md/.csv/.json, folds.csv, roc, curves
+    and reliability plots (in figure format ``fmt`` at ``dpi``) there (all together or none).
 
     Pooled numbers get patient-bootstrap intervals from ``n_resamples`` draws (default
     ``stats.BOOTSTRAP_RESAMPLES``) seeded with ``seed``. Returns ``{"summaries": [...],
     "markdown": str, "report": dict (the JSON), "files": [paths]}``. Existing report files are
     refused unless ``overwrite``, before any work.
     """
+    from nodulekit.figures import check_dpi, check_format
     from nodulekit.stats import bootstrap_note
 
     if not rundirs:
         raise NodulekitError("give at least one RUNDIR to evaluate")
-    targets = _check_report_dir(Path(output_dir), overwrite) if output_dir is not None else []
+    check_format(fmt)
+    check_dpi(dpi)
+    targets = _check_report_dir(Path(output_dir), overwrite, fmt) if output_dir is not None else []
     results = [load_run_results(r) for r in rundirs]  # all inputs checked before anything is written
     summaries = [summarise_run(r, n_resamples=n_resamples, seed=seed) for r in results]
     markdown = markdown_report(summaries)
@@ -477,7 +523,7 @@ def evaluate_runs(
     }
     report = _no_nan(report)
     if targets:
-        _write_report_files(targets, results, summaries, markdown, report, overwrite)
+        _write_report_files(targets, results, summaries, markdown, report, overwrite, fmt, dpi)
     return {"summaries": summaries, "markdown": markdown, "report": report, "files": [str(p) for p in targets]}
 
 
@@ -486,7 +532,9 @@ def report_json(report: dict[str, Any]) -> str:
     return json.dumps(_no_nan(report), indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
-def _write_report_files(targets: list[Path], results, summaries, markdown: str, report, overwrite: bool) -> None:
+def _write_report_files(
+    targets, results, summaries, markdown: str, report, overwrite: bool, fmt: str, dpi: int
+) -> None:
     from nodulekit.outputs import atomic_paths, output_folder
 
     writers = {
@@ -494,9 +542,9 @@ def _write_report_files(targets: list[Path], results, summaries, markdown: str, 
         "table2.csv": lambda p: p.write_text(_csv_text(summary_rows(summaries))),
         "folds.csv": lambda p: p.write_text(_csv_text(fold_rows(summaries))),
         "table2.json": lambda p: p.write_text(report_json(report)),
-        "roc.png": lambda p: plot_roc(results, summaries, p),
-        "curves.png": lambda p: plot_curves(results, summaries, p),
-        "reliability.png": lambda p: plot_reliability(summaries, p),
+        f"roc.{fmt}": lambda p: plot_roc(results, summaries, p, fmt, dpi),
+        f"curves.{fmt}": lambda p: plot_curves(results, summaries, p, fmt, dpi),
+        f"reliability.{fmt}": lambda p: plot_reliability(summaries, p, fmt, dpi),
     }
     with output_folder(targets[0].parent), atomic_paths({t.name: t for t in targets}, overwrite=overwrite) as tmp:
         for name, path in tmp.items():

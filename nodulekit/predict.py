@@ -295,10 +295,13 @@ def predict(
     report: Callable[[str], None] | None = None,
     min_diameter: float | None = None,
     strict: bool = False,
+    figure_format: str = "png",
+    dpi: int = 150,
 ) -> PredictResult:
     """Score every requested nodule of one scan; write overlays and maps to ``output`` when given."""
     from nodulekit import plausibility
     from nodulekit.engines import open_engine
+    from nodulekit.figures import check_dpi, check_format
     from nodulekit.modelcard import require_spec
     from nodulekit.scans import read_scan
 
@@ -306,6 +309,8 @@ def predict(
     if coords not in COORDS:
         raise NodulekitError(f"--coords must be one of {', '.join(COORDS)} (got {coords!r})")
     min_diameter = plausibility.check_options(min_diameter, mask)
+    check_format(figure_format)
+    check_dpi(dpi)
     if output is not None:
         from nodulekit.predict_output import check_output_dir
 
@@ -345,7 +350,9 @@ def predict(
     if output is not None:
         from nodulekit.predict_output import write_outputs
 
-        out = write_outputs(output, scan, specs, inputs, scores, records, engine.card, overwrite=overwrite)
+        out = write_outputs(
+            output, scan, specs, inputs, scores, records, engine.card, overwrite=overwrite, fmt=figure_format, dpi=dpi
+        )
     return PredictResult(records, engine_text, timings, warnings, out, inputs)
 
 

@@ -4,9 +4,10 @@ The folder is written under a temporary name beside DIR and renamed into place w
 file is complete, so an interrupted or failed run leaves no partial DIR.
 
 - ``predictions.jsonl``: the JSON lines printed on stdout.
-- ``<id>_overlay.png``: the model's input plane through the nodule centre (grey), the
-  nodule's mask contour when the nodule came from a mask (green), and the
-  malignant-class activation map (positive part, colour).
+- ``<id>_overlay.<png|pdf|svg>``: the model's input plane through the nodule centre (grey),
+  the nodule's mask contour when the nodule came from a mask (green), and the
+  malignant-class activation map (positive part, scaled to its maximum, with its colour
+  bar), a scale bar in mm and the orientation letters (``figures.show_roi``).
 - ``<id>_map.nii.gz``: that map placed in the scan's own space: on the scan's grid and
   affine, 0 outside the nodule's crop square, on the slices the model's planes span. It
   opens on top of the scan in 3D Slicer or ITK-SNAP.
@@ -86,30 +87,30 @@ def write_map_nifti(path: Path, scan, data: np.ndarray, description: str) -> Non
     nib.save(img, str(path))
 
 
-def write_overlay(path: Path, inp, map_up: np.ndarray, layout, rec: dict) -> None:
-    from nodulekit.figures import _display, _pyplot
+def write_overlay(path: Path, inp, map_up: np.ndarray, layout, rec: dict, fmt: str = "png", dpi: int = 150) -> None:
+    from nodulekit.figures import _pyplot, save_figure, show_map, show_roi
 
     plt = _pyplot()
     c = reference_channel(layout)
-    fig, axes = plt.subplots(1, 2, figsize=(5.2, 2.9), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(5.6, 2.9), layout="constrained")
+    mask = None if inp.mask is None else inp.mask[c]
     for ax, title in zip(axes, ("model input (centre plane)", "malignant-class map"), strict=True):
-        ax.imshow(inp.x[c], cmap="gray", vmin=0, vmax=1)
-        if inp.mask is not None and inp.mask[c].any():
-            ax.contour(inp.mask[c], levels=[0.5], colors="lime", linewidths=0.8)
+        show_roi(ax, inp.x[c], mask, float(inp.pixel_mm[c]), None)
         ax.set_title(title, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[1].imshow(_display(map_up), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    show_map(axes[1], map_up, None, "fraction of its max")
     side = layout[c]["p"] * rec["diameter_mm"]
     fig.suptitle(
         f"nodule {rec['id']}: p(malignant) = {rec['probability']:.3f} -> {rec['label']}  ({side:.1f} mm square)",
         fontsize=8,
     )
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, fmt, dpi)
 
 
-def write_outputs(output, scan, specs, inputs, scores, records, card, *, overwrite: bool = False) -> Path:
+def write_outputs(
+    output, scan, specs, inputs, scores, records, card, *, overwrite: bool = False, fmt: str = "png", dpi: int = 150
+) -> Path:
     """Write the folder whole: everything under a temporary name, moved into place at the end
     (:func:`nodulekit.outputs.atomic_dir`: one writer at a time, nothing deleted that appeared meanwhile)."""
     from nodulekit.outputs import atomic_dir
@@ -122,7 +123,7 @@ def write_outputs(output, scan, specs, inputs, scores, records, card, *, overwri
             if name in names:
                 raise NodulekitError(f"nodule ids {rec['id']!r} and another give the same file name {name!r}")
             names.add(name)
-            write_overlay(tmp / f"{name}_overlay.png", inp, m, layout, rec)
+            write_overlay(tmp / f"{name}_overlay.{fmt}", inp, m, layout, rec, fmt, dpi)
             desc = f"nodulekit {card['map_kind']} map, nodule {rec['id']}, p={rec['probability']:.3f}"
             write_map_nifti(tmp / f"{name}_map.nii.gz", scan, map_volume(scan, spec, m, layout), desc)
         with open(tmp / PREDICTIONS, "w") as fh:

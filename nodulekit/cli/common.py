@@ -14,6 +14,9 @@ PROGRESS = typer.Option(
 QUIET = typer.Option(False, "-q", "--quiet", help="Print nothing but errors and warnings (implies --no-progress).")
 AS_JSON = typer.Option(False, "--json", help="Print the report as JSON (machine-readable) instead of a table.")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+# Checked by nodulekit.figures (an unknown value is one error line, exit 2).
+FIGURE_FORMAT = typer.Option("png", "--format", metavar="<png|pdf|svg>", help="Figure file format.")
+DPI = typer.Option(150, "--dpi", help="Figure resolution in dots per inch (raster parts of PDF/SVG too).")
 
 
 def _device(value: str) -> str:

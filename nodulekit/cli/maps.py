@@ -12,6 +12,8 @@ import typer
 from nodulekit.cli import app
 from nodulekit.cli.common import (
     AS_JSON,
+    DPI,
+    FIGURE_FORMAT,
     PROGRESS,
     QUIET,
     device_option,
@@ -189,18 +191,26 @@ def scores_cmd(
 def figures_cmd(
     maps_files: list[Path] = typer.Argument(..., help="One or more `maps` artifacts (columns of the grid)."),
     dataset: Path = typer.Option(..., "--dataset", "-d", help="The `dataset` artifact (ROIs and contours)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the PNG files (created if missing)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the figure files (created if missing)."),
     nodules: str | None = typer.Option(None, "--nodules", help="Comma-separated nodule ids (default: n picked)."),
     n: int = typer.Option(6, "--n", help="How many nodules when --nodules is not given (half malignant)."),
     scores_csv: Path | None = typer.Option(
         None, "--scores", help="A CSV from `nodulekit scores`: also draw the region-score box plots."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNG files."),
+    scale: str = typer.Option(
+        "panel",
+        "--scale",
+        metavar="<panel|shared>",
+        help="panel: each map divided by its own maximum; shared: one scale per column (method), in the map's units.",
+    ),
+    fmt: str = FIGURE_FORMAT,
+    dpi: int = DPI,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing figure files."),
     quiet: bool = QUIET,
 ) -> None:
-    """Figures as PNG: map grid (like Figure 7), per-slice grid (Figure 5, for --per-slice maps), region scores.
+    """Figures (PNG, PDF or SVG): map grid (like Figure 7), per-slice grid (Figure 5, for --per-slice maps), region scores.
 
-    Writes OUTPUT/map_grid.png, OUTPUT/slices_<method>.png for each maps file holding slice_maps, and OUTPUT/region_scores.png with --scores. Probabilities under the maps are red for false positives / false negatives at p = 0.5.
+    Writes OUTPUT/map_grid.<format>, OUTPUT/slices_<method>.<format> for each maps file holding slice_maps, and OUTPUT/region_scores.<format> with --scores. Maps: positive part in magma with a colour bar per panel; the ROI shows the readers' contour, the margin band (r = 2 mm, as `scores`), a scale bar in mm and orientation letters. Probabilities under the maps are red for false positives / false negatives at p = 0.5.
 
     Example: nodulekit figures cam_maps.h5 hesam_maps.h5 -d d11c.h5 --scores scores.csv -o figs
     """
@@ -210,7 +220,16 @@ def figures_cmd(
     inputs(*maps_files, dataset, scores_csv)
     check_output_dir(output)
     written = draw_figures(
-        maps_files, dataset, output, nodules=_ids(nodules), n=n, scores_csv=scores_csv, overwrite=overwrite
+        maps_files,
+        dataset,
+        output,
+        nodules=_ids(nodules),
+        n=n,
+        scores_csv=scores_csv,
+        overwrite=overwrite,
+        scale=scale,
+        fmt=fmt,
+        dpi=dpi,
     )
     say("wrote " + ", ".join(str(p) for p in written), quiet)
 

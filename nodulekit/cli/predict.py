@@ -10,7 +10,7 @@ from typing import Literal
 import typer
 
 from nodulekit.cli import app
-from nodulekit.cli.common import PROGRESS, echo, inputs, show_progress
+from nodulekit.cli.common import DPI, FIGURE_FORMAT, PROGRESS, echo, inputs, show_progress
 
 
 # Long only by its typer option declarations: the body parses and calls the library.
@@ -78,6 +78,8 @@ def predict_cmd(
     strict: bool = typer.Option(
         False, "--strict", help="Refuse (exit 2, nothing written) instead of warning about implausible input."
     ),
+    fmt: str = FIGURE_FORMAT,
+    dpi: int = DPI,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o folder if it exists."),
     progress: bool | None = PROGRESS,
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors on stderr."),
@@ -128,6 +130,8 @@ def predict_cmd(
             report=say,
             min_diameter=min_diameter,
             strict=strict,
+            figure_format=fmt,
+            dpi=dpi,
         )
     for rec in result.records:
         sys.stdout.write(json.dumps(rec) + "\n")

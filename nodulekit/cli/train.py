@@ -11,6 +11,8 @@ import typer
 from nodulekit.cli import app
 from nodulekit.cli.common import (
     AS_JSON,
+    DPI,
+    FIGURE_FORMAT,
     PROGRESS,
     QUIET,
     device_option,
@@ -226,6 +228,8 @@ def evaluate_command(
         2000, "--bootstrap", min=1, help="Patient resamples for the 95 % confidence intervals of pooled numbers."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    fmt: str = FIGURE_FORMAT,
+    dpi: int = DPI,
     as_json: bool = AS_JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -246,7 +250,13 @@ def evaluate_command(
     if to_file(output):
         check_output_dir(output)
     out = evaluate_runs(
-        rundirs, output if to_file(output) else None, overwrite=overwrite, n_resamples=bootstrap, seed=seed
+        rundirs,
+        output if to_file(output) else None,
+        overwrite=overwrite,
+        n_resamples=bootstrap,
+        seed=seed,
+        fmt=fmt,
+        dpi=dpi,
     )
     if to_file(output) and not as_json:
         say(out["markdown"], quiet)
