@@ -297,9 +297,11 @@ def predict(
     strict: bool = False,
     figure_format: str = "png",
     dpi: int = 150,
+    dicom: bool = False,
 ) -> PredictResult:
     """Score every requested nodule of one scan; write overlays and maps to ``output`` when given."""
     from nodulekit import plausibility
+    from nodulekit.dicom_out import check_dicom_request
     from nodulekit.engines import open_engine
     from nodulekit.figures import check_dpi, check_format
     from nodulekit.modelcard import require_spec
@@ -311,6 +313,7 @@ def predict(
     min_diameter = plausibility.check_options(min_diameter, mask)
     check_format(figure_format)
     check_dpi(dpi)
+    check_dicom_request(dicom, scan_path, output)
     if output is not None:
         from nodulekit.predict_output import check_output_dir
 
@@ -351,7 +354,17 @@ def predict(
         from nodulekit.predict_output import write_outputs
 
         out = write_outputs(
-            output, scan, specs, inputs, scores, records, engine.card, overwrite=overwrite, fmt=figure_format, dpi=dpi
+            output,
+            scan,
+            specs,
+            inputs,
+            scores,
+            records,
+            engine.card,
+            overwrite=overwrite,
+            fmt=figure_format,
+            dpi=dpi,
+            dicom=dicom,
         )
     return PredictResult(records, engine_text, timings, warnings, out, inputs)
 

@@ -109,15 +109,28 @@ def write_overlay(path: Path, inp, map_up: np.ndarray, layout, rec: dict, fmt: s
 
 
 def write_outputs(
-    output, scan, specs, inputs, scores, records, card, *, overwrite: bool = False, fmt: str = "png", dpi: int = 150
+    output,
+    scan,
+    specs,
+    inputs,
+    scores,
+    records,
+    card,
+    *,
+    overwrite: bool = False,
+    fmt: str = "png",
+    dpi: int = 150,
+    dicom: bool = False,
 ) -> Path:
     """Write the folder whole: everything under a temporary name, moved into place at the end
-    (:func:`nodulekit.outputs.atomic_dir`: one writer at a time, nothing deleted that appeared meanwhile)."""
+    (:func:`nodulekit.outputs.atomic_dir`: one writer at a time, nothing deleted that appeared meanwhile);
+    with ``dicom`` also the maps and findings as DICOM (:mod:`nodulekit.dicom_out`)."""
     from nodulekit.outputs import atomic_dir
 
     layout = card["preprocessing"]["channels"]
     with atomic_dir(output, overwrite=overwrite) as tmp:
         names: set[str] = set()
+        volumes = []
         for spec, inp, rec, m in zip(specs, inputs, records, scores.map_up, strict=True):
             name = safe_name(rec["id"])
             if name in names:
@@ -125,7 +138,12 @@ def write_outputs(
             names.add(name)
             write_overlay(tmp / f"{name}_overlay.{fmt}", inp, m, layout, rec, fmt, dpi)
             desc = f"nodulekit {card['map_kind']} map, nodule {rec['id']}, p={rec['probability']:.3f}"
-            write_map_nifti(tmp / f"{name}_map.nii.gz", scan, map_volume(scan, spec, m, layout), desc)
+            volumes.append(map_volume(scan, spec, m, layout))
+            write_map_nifti(tmp / f"{name}_map.nii.gz", scan, volumes[-1], desc)
+        if dicom:
+            from nodulekit.dicom_out import write_dicom_outputs
+
+            write_dicom_outputs(tmp, scan, [safe_name(r["id"]) for r in records], volumes, records, card)
         with open(tmp / PREDICTIONS, "w") as fh:
             for rec in records:
                 fh.write(json.dumps(rec) + "\n")

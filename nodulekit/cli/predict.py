@@ -80,6 +80,11 @@ def predict_cmd(
     ),
     fmt: str = FIGURE_FORMAT,
     dpi: int = DPI,
+    dicom: bool = typer.Option(
+        False,
+        "--dicom",
+        help="DICOM scans only, with -o: also write each map as a DICOM Parametric Map and the findings as a DICOM SR (TID 1500), referencing the source series.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o folder if it exists."),
     progress: bool | None = PROGRESS,
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors on stderr."),
@@ -132,6 +137,7 @@ def predict_cmd(
             strict=strict,
             figure_format=fmt,
             dpi=dpi,
+            dicom=dicom,
         )
     for rec in result.records:
         sys.stdout.write(json.dumps(rec) + "\n")
