@@ -350,9 +350,11 @@ def roc_band(y, prob, patients, *, n_resamples: int, seed: int) -> dict[str, np.
     y, prob = np.asarray(y), np.asarray(prob, np.float64)
 
     def tpr_at_grid(weights):
-        fpr, tpr = weighted_roc(y, prob, weights)  # [B, m]
-        inside = fpr[:, None, :] <= ROC_GRID[None, :, None] + 1e-12
-        return np.where(inside, tpr[:, None, :], -np.inf).max(axis=2).T  # [grid, B]
+        fpr, tpr = weighted_roc(y, prob, weights)  # [B, m], both non-decreasing along m, from (0, 0)
+        out = np.full((len(ROC_GRID), len(fpr)), np.nan)
+        for b in np.flatnonzero(np.isfinite(fpr[:, -1]) & np.isfinite(tpr[:, -1])):  # else a class is missing
+            out[:, b] = tpr[b, np.searchsorted(fpr[b], ROC_GRID + 1e-12, side="right") - 1]
+        return out
 
     res = cluster_bootstrap(patients, tpr_at_grid, n_resamples=n_resamples, seed=seed)
     return {"fpr": ROC_GRID, "tpr": res["estimate"], "low": res["low"], "high": res["high"]}
