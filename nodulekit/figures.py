@@ -19,6 +19,7 @@ of the axial plane (rows run anterior to posterior, columns patient right to lef
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -238,11 +239,11 @@ def map_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     how = "each map scaled to its own maximum" if scale == "panel" else "one scale per column, in the map's units"
-    fig.suptitle(
-        f"Malignant-class maps (positive part; {how}); value = predicted malignant probability (red: FP/FN)\n"
-        f"ROI: readers' contour (green), margin band r = {band_mm:g} mm (cyan, dashed); axial, A top, R left",
-        fontsize=8,
+    title = (
+        f"Malignant-class maps (positive part; {how}); value = predicted malignant probability (red: FP/FN). "
+        f"ROI: readers' contour (green), margin band r = {band_mm:g} mm (cyan, dashed); axial, A top, R left"
     )
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=7)
     return _save(fig, out, overwrite, fmt, dpi)
 
 
