@@ -147,7 +147,7 @@ def test_cli_warning_on_stderr_and_in_the_json_line(env, monkeypatch, capsys):
     from nodulekit.cli import main
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["nodulekit", "predict", str(env["model"]), str(env["ct"]), *args])
+        monkeypatch.setattr(sys, "argv", ["nodulekit", "predict", str(env["model"]), str(env["ct"]), *map(str, args)])
         try:
             main()
             code = 0
@@ -162,6 +162,9 @@ def test_cli_warning_on_stderr_and_in_the_json_line(env, monkeypatch, capsys):
     code, out, err = run("--centre", _centre(NODULE), "--diameter", "1.31", "--strict", "--provider", "cpu")
     errors = [line for line in err.splitlines() if "error" in line or "Traceback" in line]
     assert code == 2 and out == "" and len(errors) == 1 and errors[0].startswith("nodulekit: error: --strict: nodule 1")
+    code, out, err = run("--centre", _centre(NODULE), "--diameter", "10", "-o", env["folder"] / "o", "--format", "bmp")
+    assert (code, out, err) == (2, "", "nodulekit: error: unknown figure format 'bmp': use one of png, pdf, svg\n")
+    assert not (env["folder"] / "o").exists()
     code, out, err = run("--centre", _centre(NODULE), "--diameter", "10", "--min-diameter", "2", "--provider", "cpu")
     assert (
         code == 2
