@@ -29,27 +29,22 @@ AIR_HU = -900.0  # lung parenchyma is about -850..-700 HU; below -900 is air
 CM_LIKE_MM = 3.0  # LIDC-IDRI readers outlined nodules >= 3 mm: a smaller "diameter" is likely in cm
 MAX_NODULE_MM = 60.0  # twice the 30 mm nodule/mass boundary: not a nodule this model has seen the like of
 MIN_DIAMETER_MM = 3.0  # mask components smaller than this are fragments, not nodules
-RANGE_KEYS = ("diameter_mm", "pixel_spacing_mm", "slice_spacing_mm", "centre_hu")
 
 
 def training_ranges(card: dict[str, Any]) -> dict[str, tuple[float, float]] | None:
-    """The training data's ranges the model description records, as ``{key: (low, high)}`` for the
-    keys of ``RANGE_KEYS`` it has; None when it records none (older model files)."""
-    ranges = (card.get("training_data") or {}).get("ranges")
-    if not isinstance(ranges, dict):
-        return None
-    found = {}
-    for key in RANGE_KEYS:
-        value = ranges.get(key)
-        if isinstance(value, dict):  # {"min": .., "max": ..} as well as [low, high]
-            value = (value.get("min"), value.get("max"))
-        if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-            found[key] = (float(value[0]), float(value[1]))
+    """``{quantity: (min, max)}`` of the training data's ranges the model description records
+    (:func:`nodulekit.modelcard.training_ranges`); None when it records none (older model files)."""
+    from nodulekit.modelcard import RANGE_QUANTITIES
+    from nodulekit.modelcard import training_ranges as recorded
+
+    ranges = recorded(card)
+    found = {k: (r.min, r.max) for k in RANGE_QUANTITIES if (r := getattr(ranges, k)) is not None}
     return found or None
 
 
 def centre_hu(scan, centre) -> float:
-    """HU of the volume voxel nearest a fractional (row, col, slice) centre."""
+    """HU of the volume voxel nearest a fractional (row, col, slice) centre (the training ranges record
+    the centre pixel of the window's 0 mm plane: the same voxel up to interpolation in z)."""
     hu = scan.volume.hu
     idx = tuple(int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(centre, hu.shape, strict=True))
     return float(hu[idx])
@@ -84,7 +79,7 @@ def scan_warnings(scan, ranges) -> list[dict[str, str]]:
     out = []
     row, col, sl = scan.spacing
     for key, value, what in (
-        ("pixel_spacing_mm", max(row, col), "pixel spacing"),
+        ("pixel_spacing_mm", min(row, col), "pixel spacing"),  # the smaller of the two, as recorded
         ("slice_spacing_mm", sl, "slice spacing"),
     ):
         if key in ranges and _outside(value, ranges[key]):
