@@ -97,8 +97,9 @@ def parametric_map(sources: list, frames: np.ndarray, rec: dict, card: dict[str,
         device_serial_number="none",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        window_center=top / 2 if top > 0 else 0.5,
-        window_width=top if top > 0 else 1.0,
+        voi_lut_transformations=[  # the display window: 0 .. the map's maximum
+            hd.VOILUTTransformation(window_center=top / 2 if top > 0 else 0.5, window_width=top if top > 0 else 1.0)
+        ],
         series_description=f"nodulekit map, nodule {rec['id']} ({NOT_CLINICAL})"[:64],
     )
 

@@ -6,6 +6,8 @@ return a probability that looks like any other. Checked here, per nodule, before
 
 - ``centre_in_air``: the HU of the voxel nearest the centre is below ``AIR_HU`` (outside the
   body or in a lung's air; often a coordinate-frame mistake);
+- ``centre_in_lung``: between ``AIR_HU`` and ``LUNG_HU``, lung parenchyma, lower than any LIDC-IDRI
+  nodule's centre (where the RAS/LPS sign swap of a real nodule's centre landed, at -808 HU);
 - ``diameter_looks_like_cm`` / ``diameter_implausible``: below ``CM_LIKE_MM`` (LIDC-IDRI's
   readers outlined nodules of 3 mm and more, so 1.3 is likely 1.3 cm) or above ``MAX_NODULE_MM``;
 - ``diameter_outside_training`` / ``spacing_outside_training`` / ``centre_hu_outside_training``:
@@ -26,6 +28,9 @@ import numpy as np
 from nodulekit.errors import NodulekitError
 
 AIR_HU = -900.0  # lung parenchyma is about -850..-700 HU; below -900 is air
+# Below any LIDC-IDRI nodule centre: the 656 nodules of the shared VOIs (D11C) have centre
+# pixels of -722 HU at the lowest (0.5th percentile -702, median 24): a centre at -808 HU is lung.
+LUNG_HU = -750.0
 CM_LIKE_MM = 3.0  # LIDC-IDRI readers outlined nodules >= 3 mm: a smaller "diameter" is likely in cm
 MAX_NODULE_MM = 60.0  # twice the 30 mm nodule/mass boundary: not a nodule this model has seen the like of
 MIN_DIAMETER_MM = 3.0  # mask components smaller than this are fragments, not nodules
@@ -67,7 +72,7 @@ def _swapped_hint(scan, spec) -> str:
     if any(not (-0.5 <= v <= n - 0.5) for v, n in zip(rck, scan.volume.shape, strict=True)):
         return ""
     other = centre_hu(scan, rck)
-    if other <= AIR_HU:
+    if other < LUNG_HU:
         return ""
     return f"; with x and y negated (RAS<->LPS) it would lie at {other:.0f} HU: check --coords"
 
@@ -122,6 +127,14 @@ def nodule_warnings(scan, spec, ranges) -> list[dict[str, str]]:
     if hu < AIR_HU:
         out.append(
             _warning("centre_in_air", f"the centre lies in air ({hu:.0f} HU < {AIR_HU:g}){_swapped_hint(scan, spec)}")
+        )
+    elif hu < LUNG_HU:
+        out.append(
+            _warning(
+                "centre_in_lung",
+                f"the centre lies in lung parenchyma ({hu:.0f} HU < {LUNG_HU:g}, below any LIDC-IDRI nodule's centre)"
+                + _swapped_hint(scan, spec),
+            )
         )
     elif ranges and "centre_hu" in ranges and _outside(hu, ranges["centre_hu"]):
         lo, hi = ranges["centre_hu"]

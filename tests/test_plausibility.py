@@ -115,7 +115,7 @@ def test_mask_fragments_are_skipped_with_a_warning(env):
     assert res.warnings[0].startswith("mask component 1: skipped, a 1.68 mm fragment")
     kept = _predict(env, mask=env["mask"], min_diameter=0)
     assert [r["id"] for r in kept.records] == ["1", "2"]
-    assert _codes(kept.records[0]) == ["diameter_looks_like_cm"]  # scored, so warned as a tiny nodule
+    assert _codes(kept.records[0]) == ["diameter_looks_like_cm", "centre_in_lung"]  # scored, so warned
     assert kept.records[1]["probability"] == res.records[0]["probability"]
     with pytest.raises(NodulekitError, match=r"every mask component is smaller than --min-diameter 20 mm"):
         _predict(env, mask=env["mask"], min_diameter=20)
@@ -142,9 +142,12 @@ def test_training_ranges_from_the_model_description(env):
     assert codes(card(slice_spacing_mm=(0.6, 2.0))) == ["spacing_outside_training"]
     assert codes(card(pixel_spacing_mm=[1.5, 2.0])) == ["spacing_outside_training"]
     assert codes(card(centre_hu=[-700, 200])) == []  # the solid nodule: 40 HU
-    assert codes(card(centre_hu=[-700, 200]), lung) == ["centre_hu_outside_training"]  # lung, about -820
+    assert codes(card(centre_hu=[100, 200])) == ["centre_hu_outside_training"]
+    assert codes(card(centre_hu=[-900, 200]), lung) == ["centre_in_lung"]  # lung, about -820: below any nodule
+    assert codes({}, lung) == ["centre_in_lung"]  # needs no recorded range
     _, _, lines, note = pl.check_request(scan, [spec, lung], card(slice_spacing_mm=[0.6, 2.0]), 3.0, False)
-    assert lines == ["scan: slice spacing 2.5 mm lies outside the training data's 0.6..2 mm"] and note is None
+    assert lines[0] == "scan: slice spacing 2.5 mm lies outside the training data's 0.6..2 mm" and note is None
+    assert [line.split(":")[0] for line in lines] == ["scan", "nodule 1"]  # the scan's once; the lung centre's
 
 
 def test_the_models_recorded_diameter_range_is_used(env):
