@@ -141,7 +141,8 @@ def test_bad_figure_options_are_one_line_and_write_nothing(maps_env, tmp_path, m
             monkeypatch, capsys, "figures", *maps_env["maps"], "-d", maps_env["dataset"], "-o", out, *extra
         )
         assert (code, err) == (2, f"nodulekit: error: {message}\n") and not out.exists()
-    code, err = _main(monkeypatch, capsys, "evaluate", tmp_path / "none", "-o", out, "--format", "eps")
+    (tmp_path / "run").mkdir()  # the format is refused before the run is read
+    code, err = _main(monkeypatch, capsys, "evaluate", tmp_path / "run", "-o", out, "--format", "eps")
     assert (code, err) == (2, "nodulekit: error: unknown figure format 'eps': use one of png, pdf, svg\n")
     assert not out.exists()
 
