@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import json
 import os
 import secrets
@@ -42,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from nodulekit.errors import NodulekitError
+from nodulekit.host import _NOFOLLOW, boot_id, linked_name, open_nofollow, pid_namespace  # noqa: F401 - re-exported
 
 CLAIM_FILE = "claim.json"
 _TAKEOVER_LOCK = ".claim.lock"
@@ -50,44 +50,10 @@ HEARTBEAT_S = 60.0  # a job touches its claims this often
 # stale: 10 heartbeats, far above the attribute caching of network file systems (NFS: up
 # to 60 s) and usual clock skew.
 STALE_S = 600.0
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class FoldClaimed(NodulekitError):
     """Another live job is training this fold."""
-
-
-def linked_name(path: str | os.PathLike, what: str) -> NodulekitError:
-    """The refusal of a symbolic link found where nodulekit keeps a claim or lock file."""
-    return NodulekitError(f"{path} is a symbolic link, not a nodulekit {what} file: remove it (never followed)")
-
-
-def open_nofollow(path: str | os.PathLike, flags: int, what: str, mode: int = 0o644) -> int:
-    """``os.open`` that refuses a symbolic link at ``path`` (ELOOP) in one line."""
-    try:
-        return os.open(path, flags | _NOFOLLOW, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise linked_name(path, what) from None
-        raise
-
-
-@functools.cache
-def boot_id() -> str | None:
-    """This machine's boot id (changes at every boot); None where /proc does not say."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
-        return None
-
-
-@functools.cache
-def pid_namespace() -> str | None:
-    """This process's PID namespace, e.g. ``pid:[4026531836]``; None where /proc does not say."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
 
 
 @dataclass(frozen=True)

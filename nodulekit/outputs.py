@@ -275,7 +275,7 @@ def check_not_input(path: str | os.PathLike) -> None:
 
 def _space() -> str:
     """8 hex digits naming this machine's boot and PID namespace: a PID is only checked in its own."""
-    from nodulekit.claims import boot_id, pid_namespace
+    from nodulekit.host import boot_id, pid_namespace
 
     return f"{zlib.crc32(f'{boot_id()} {pid_namespace()}'.encode()):08x}"
 
@@ -561,7 +561,7 @@ def output_lock(path: str | os.PathLike, what: str = "nodulekit") -> Iterator[No
     lock of a killed job, so a stale lock never blocks a re-run. The lock file is opened
     without following links: a link planted under its name is refused, never written through.
     """
-    from nodulekit.claims import open_nofollow
+    from nodulekit.host import open_nofollow
 
     final = _resolve(path)
     if final in _held_locks:  # this process holds it already (a command locks before its library call)

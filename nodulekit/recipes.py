@@ -15,7 +15,7 @@ A recipe is a set of switchable ingredients around the paper's training loop:
 
 Training only ever transforms rows of the fold's training part (``_train_epoch`` draws
 batches from them), so augmentation cannot carry a nodule or a patient across folds.
-Ingredients are chosen by :func:`nested_selection`, a patient-grouped cross-validation
+Ingredients are chosen by :func:`nodulekit.training.nested_selection`, a patient-grouped cross-validation
 inside the training folds; the outer test fold is not even passed to it.
 
 ``paper`` changes nothing: no hook runs, and the numbers are those of a run without recipes.
@@ -396,40 +396,3 @@ def inner_folds(data, n_folds: int, seed: int) -> np.ndarray:
     for k, (_, test) in enumerate(split.split(np.zeros(len(data.y)), data.y, data.patient_id)):
         fold[test] = k
     return fold
-
-
-def nested_selection(
-    data, outer_fold: int, candidates: dict[str, Recipe], cfg, workdir, *, n_inner: int = 3, seed: int = 0
-) -> dict[str, Any]:
-    """Choose among ``candidates`` by patient-grouped CV inside the training folds of ``outer_fold``.
-
-    Each candidate trains ``n_inner`` times on the inner training folds and is scored by the
-    pooled AUC of its inner test predictions; the highest wins (ties: the first listed). The
-    outer test fold's rows are removed before anything else (:func:`training_part`).
-    """
-    from nodulekit.run import read_fold_result
-    from nodulekit.stats import roc_auc
-    from nodulekit.training import run_record, train_fold
-
-    inner, _ = training_part(data, outer_fold)
-    inner = replace(inner, fold=inner_folds(inner, n_inner, seed), attrs=dict(inner.attrs, n_folds=n_inner))
-    scores = {}
-    for name, recipe in candidates.items():
-        rcfg = replace(cfg, recipe=recipe, concurrent_folds=False)
-        prob = np.full(len(inner.y), np.nan)
-        rundir = Path(workdir) / f"outer{outer_fold}" / name
-        rundir.mkdir(parents=True, exist_ok=True)
-        run = run_record(rcfg, inner, _cpu_or(rcfg.device))
-        for k in range(n_inner):
-            train_fold(inner, rcfg, k, rundir, run=run, progress=False)
-            res = read_fold_result(rundir / f"fold{k}" / "result.h5", k)
-            prob[np.asarray(res.test_index)] = res.test_prob
-        scores[name] = float(roc_auc(inner.y, prob)[0])
-    best = max(candidates, key=lambda n: (scores[n], -list(candidates).index(n)))
-    return {"outer_fold": outer_fold, "scores": scores, "chosen": best, "n_inner": n_inner}
-
-
-def _cpu_or(name: str):
-    from nodulekit.training import resolve_device
-
-    return resolve_device(name)

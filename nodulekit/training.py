@@ -1067,3 +1067,37 @@ def _choose_execution(model, data, cfg, dd, wanted, recorded, rundir):
         convert_input=False,  # training feeds its batches as they are (NCHW), whatever the weights' format
     )
     return choice, {"machine": machine_key(dd.device), "workload": workload_key(model, example)}
+
+
+# --------------------------------------------------------------------------- nested selection of a recipe
+
+
+def nested_selection(
+    data, outer_fold: int, candidates: dict[str, Any], cfg, workdir, *, n_inner: int = 3, seed: int = 0
+) -> dict[str, Any]:
+    """Choose among ``candidates`` by patient-grouped CV inside the training folds of ``outer_fold``.
+
+    Each candidate trains ``n_inner`` times on the inner training folds and is scored by the
+    pooled AUC of its inner test predictions; the highest wins (ties: the first listed). The
+    outer test fold's rows are removed before anything else (:func:`training_part`).
+    """
+    from nodulekit.recipes import inner_folds, training_part
+    from nodulekit.run import read_fold_result
+    from nodulekit.stats import roc_auc
+
+    inner, _ = training_part(data, outer_fold)
+    inner = replace(inner, fold=inner_folds(inner, n_inner, seed), attrs=dict(inner.attrs, n_folds=n_inner))
+    scores = {}
+    for name, recipe in candidates.items():
+        rcfg = replace(cfg, recipe=recipe, concurrent_folds=False)
+        prob = np.full(len(inner.y), np.nan)
+        rundir = Path(workdir) / f"outer{outer_fold}" / name
+        rundir.mkdir(parents=True, exist_ok=True)
+        run = run_record(rcfg, inner, resolve_device(rcfg.device))
+        for k in range(n_inner):
+            train_fold(inner, rcfg, k, rundir, run=run, progress=False)
+            res = read_fold_result(rundir / f"fold{k}" / "result.h5", k)
+            prob[np.asarray(res.test_index)] = res.test_prob
+        scores[name] = float(roc_auc(inner.y, prob)[0])
+    best = max(candidates, key=lambda n: (scores[n], -list(candidates).index(n)))
+    return {"outer_fold": outer_fold, "scores": scores, "chosen": best, "n_inner": n_inner}

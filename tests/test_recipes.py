@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nodulekit import recipes
+from nodulekit import recipes, training
 from nodulekit.datasets import load_dataset, write_dataset
 from nodulekit.errors import NodulekitError
 from nodulekit.training import TrainConfig, train
@@ -170,10 +170,10 @@ def test_nested_selection_never_reads_the_outer_test_fold(d3c, tmp_path):
         y[rows] = 1 - y[rows]
         return dataclasses.replace(ds, x=x, y=y)
 
-    clean = recipes.nested_selection(ds, 0, candidates, cfg, tmp_path / "a", n_inner=2)
-    outer = recipes.nested_selection(poisoned(0), 0, candidates, cfg, tmp_path / "b", n_inner=2)
+    clean = training.nested_selection(ds, 0, candidates, cfg, tmp_path / "a", n_inner=2)
+    outer = training.nested_selection(poisoned(0), 0, candidates, cfg, tmp_path / "b", n_inner=2)
     assert outer["scores"] == clean["scores"] and outer["chosen"] == clean["chosen"]
-    inner = recipes.nested_selection(poisoned(2), 0, candidates, cfg, tmp_path / "c", n_inner=2)
+    inner = training.nested_selection(poisoned(2), 0, candidates, cfg, tmp_path / "c", n_inner=2)
     assert inner["scores"] != clean["scores"]
 
 
