@@ -310,9 +310,6 @@ CASES = [
         "20.8",
     ),
 ]
-BY_ID = {c.id: c for c in CASES}
-assert len(BY_ID) == len(CASES), "duplicate case ids"
-
 # issue 20, item 6: bad input refused at the door (tests/test_input_validation.py)
 CASES += [
     Case(
@@ -433,6 +430,36 @@ CASES += [
         "yaml-latin1",
         "a grid YAML in Latin-1 (with a BOM it is read)",
         E + "grid config {path} is not UTF-8 text (byte {b} on line {n}); save it as UTF-8",
+        2,
+        "20.6",
+    ),
+    # issue 20, item 6: what enters a run (tests/test_run_checks.py)
+    Case(
+        "train-bad-value",
+        "`train --momentum -1` (or 1), `train`/`build --seed -1` or `--seed 2**66`",
+        E + "--{option} must be {rule} (got {value})",
+        2,
+        "20.6",
+    ),
+    Case(
+        "checkpoint-of-another-run",
+        "a fold checkpoint of another run (architecture, channels, options or dataset) copied into a RUNDIR",
+        E + "{checkpoint} is not a checkpoint of {rundir}: its {what} is {found}, run.json says {recorded}",
+        2,
+        "20.6",
+    ),
+    Case("run-json-dataset-path", "an older run.json whose `dataset` is the dataset's path", "", 0, "20.6"),
+    Case(
+        "onnx-unloadable",
+        "an ONNX model this onnxruntime cannot load (e.g. a newer opset)",
+        E + "{model}: this onnxruntime {version} cannot load the model: {why}",
+        2,
+        "20.6",
+    ),
+    Case(
+        "grid-duplicate-key",
+        "a grid YAML with a key given twice (PyYAML would keep the last silently), or `lr: 0`",
+        E + "{config}: line {n}: not valid YAML (key {key} is given twice)",
         2,
         "20.6",
     ),

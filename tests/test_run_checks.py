@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from reliability_cases import BY_ID
 
 from tests.conftest import write_tiny_dataset
 
@@ -42,6 +43,7 @@ def test_bad_training_options_are_one_line_and_write_nothing(tmp_path, run_cli, 
     ds = write_tiny_dataset(tmp_path / "d.h5", n=20, channels=1, folds=2)
     code, out, err = run_cli("train", ds, "--arch", "cam", "--epochs", "1", "-o", tmp_path / "run", option, value)
     assert (code, out) == (2, "") and err.strip() == f"nodulekit: error: {message}"
+    BY_ID["train-bad-value"].check(code, err)
     assert not (tmp_path / "run").exists()  # no run.json left behind to block the corrected rerun
 
 
@@ -83,6 +85,7 @@ def test_a_checkpoint_of_another_run_is_refused_by_every_reader(two_runs, tmp_pa
         code, out, err = run_cli(*args)
         assert (code, out) == (2, ""), (args, err)
         assert err.strip() == expected, args
+        BY_ID["checkpoint-of-another-run"].check(code, err)
     assert not list(tmp_path.glob("*.onnx")) and not (tmp_path / "m.h5").exists()
     # the run's own fold still loads: the check does not refuse what is consistent
     from nodulekit.run import Run
@@ -118,7 +121,7 @@ def test_an_older_run_json_naming_its_dataset_by_path_is_read(two_runs, tmp_path
     record["dataset"] = str(ds)  # the older record: the path alone
     (run / "run.json").write_text(json.dumps(record))
     code, out, err = run_cli("evaluate", run, "--json")
-    assert code == 0, err
+    BY_ID["run-json-dataset-path"].check(code, err)
     assert json.loads(out)["runs"][0]["dataset"] == "D1C"
     record["dataset"] = 7
     (run / "run.json").write_text(json.dumps(record))
@@ -140,5 +143,16 @@ def test_an_onnx_this_onnxruntime_cannot_load_is_one_line(two_runs, tmp_path, ru
     onnx.save(model, tmp_path / "future.onnx")
     code, out, err = run_cli("infer", tmp_path / "future.onnx", ds, "-o", tmp_path / "i.h5")
     assert (code, out) == (2, "") and len(err.strip().splitlines()) == 1
+    BY_ID["onnx-unloadable"].check(code, err)
     assert err.startswith(f"nodulekit: error: {tmp_path / 'future.onnx'}: this onnxruntime ") and "opset" in err
     assert not (tmp_path / "i.h5").exists()
+
+
+def test_a_grid_config_with_a_key_given_twice_is_one_line(tmp_path, run_cli):
+    pytest.importorskip("yaml")
+    config = tmp_path / "g.yaml"
+    config.write_text("output: out\nfolds: 3\nepochs: 2\nfolds: 5\n")
+    code, out, err = run_cli("grid", config, "--dry-run")
+    BY_ID["grid-duplicate-key"].check(code, err)
+    assert err.strip() == f"nodulekit: error: {config}: line 4: not valid YAML (key 'folds' is given twice)"
+    assert not (tmp_path / "out").exists()
