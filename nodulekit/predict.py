@@ -24,9 +24,9 @@ import numpy as np
 from nodulekit.errors import DataError, NodulekitError
 
 # The crop is 2 d wide: below 1 mm its 32 x 32 pixels interpolate one or two CT voxels, no image
-# of a nodule. LIDC's readers outlined nodules of 3 mm and more: smaller ones get a warning.
+# of a nodule. LIDC's readers outlined nodules of 3 mm and more: smaller ones get a warning
+# (nodulekit.plausibility).
 MIN_DIAMETER_MM = 1.0
-SMALL_DIAMETER_MM = 3.0
 MAX_DIAMETER_MM = 100.0
 COORDS = ("lps", "ras", "voxel")
 MASK_MODES = ("auto", "components", "labels")
@@ -382,12 +382,6 @@ def _warnings(records: list[dict], scan) -> list[str]:
         lines.append(
             f"this scan (series {scan.series_uid}) was in the model's training data: its nodules may have been "
             "training examples, so their probabilities may not be held-out estimates"
-        )
-    small = [r["id"] for r in records if r["diameter_mm"] < SMALL_DIAMETER_MM]
-    if small:
-        lines.append(
-            f"{len(small)} nodule(s) ({', '.join(small[:5])}) are smaller than {SMALL_DIAMETER_MM:g} mm, the smallest "
-            "size LIDC's readers outlined: the model was not trained on such nodules"
         )
     filled = [r["id"] for r in records if r.get("filled_planes_mm")]
     if filled:

@@ -7,6 +7,7 @@ exit status, the one line on stderr, and that no output (nor a temporary) appear
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -249,7 +250,9 @@ def test_tiny_diameter(files, tmp_path, monkeypatch, capsys):
 
 def test_small_diameter_is_warned(files, tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, *_predict(files, files["ct"], "--centre", CENTRE[1], "--diameter", "2"))
-    assert code == 0 and "warning: 1 nodule(s) (1) are smaller than 3 mm" in err
+    # one warning for it (plausibility's), on stderr and in the JSON line
+    assert code == 0 and err.count("diameter 2 mm is below the 3 mm of the smallest nodules") == 1, err
+    assert [w["code"] for w in json.loads(out)["warnings"]] == ["diameter_looks_like_cm"]
 
 
 # ----------------------------------------------------------------------------- extract and grid
