@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import cli_in_process as cli
 from reliability_cases import BY_ID
 from test_reliability import ENV, cli_process
 
@@ -125,23 +126,6 @@ def work(tmp_path_factory):
 def predict_args(work, out, *extra) -> list:
     model = ["predict", work["onnx"], work["ct"], "--centre", work["centre"], "--diameter", "10"]
     return [*model, "--provider", "cpu", "-o", out, *extra]
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`nodulekit ARGS` through the real entry point, in this process: (exit status, stdout, stderr)."""
-    from nodulekit import outputs
-    from nodulekit.cli import main
-
-    monkeypatch.setattr(outputs, "_stdout_taken", False)  # a fresh process has written nothing to stdout
-    monkeypatch.setattr(sys, "argv", ["nodulekit", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def run_process(*args, env=ENV, **kw) -> subprocess.CompletedProcess:
