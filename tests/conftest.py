@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NODULEKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Crash records of execution variants (nodulekit.crashes) go to a private folder per test
+# process and its children, never the user's cache: a test that kills a training must not
+# steer later automatic choices on this machine.
+os.environ.setdefault("NODULEKIT_CACHE_DIR", tempfile.mkdtemp(prefix="nodulekit-test-cache-"))
 
 
 def _need(path: Path) -> Path:
