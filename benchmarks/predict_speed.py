@@ -214,15 +214,9 @@ def main(argv=None) -> int:
     from execution_cost import LoadWatch
     from run_all import git_info, machine_info
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    max_load = args.max_load if args.max_load is not None else 0.75 * cores
     watch, flags, git = LoadWatch(), [], git_info()  # the commit measured is the one at the start
-    if watch.load_before[0] > max_load:
-        message = f"1-min load average {watch.load_before[0]:.2f} is above {max_load:g} on {cores} cores"
-        if not args.allow_busy:
-            print(f"predict_speed: refused: {message}; wait for an idle machine or pass --allow-busy", file=sys.stderr)
-            return 2
-        flags.append(message)
+    if busy(watch, args, flags):
+        return 2
     counts = [int(c) for c in args.counts.split(",")]
     members = [int(m) for m in args.members.split(",")]
     results = []
@@ -250,10 +244,29 @@ def main(argv=None) -> int:
         "flags": flags,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    save(record, args.out)
     print(render(record))
     return 0
+
+
+def busy(watch, args, flags: list) -> bool:
+    """True (after one line on stderr) when the machine is too loaded to time and --allow-busy is
+    not given; with --allow-busy the load is flagged in the record instead."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    max_load = args.max_load if args.max_load is not None else 0.75 * cores
+    if watch.load_before[0] <= max_load:
+        return False
+    message = f"1-min load average {watch.load_before[0]:.2f} is above {max_load:g} on {cores} cores"
+    if not args.allow_busy:
+        print(f"predict_speed: refused: {message}; wait for an idle machine or pass --allow-busy", file=sys.stderr)
+        return True
+    flags.append(message)
+    return False
+
+
+def save(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main_model_only(args) -> int:
@@ -264,14 +277,8 @@ def main_model_only(args) -> int:
     from run_all import git_info, machine_info
 
     watch, flags, git = LoadWatch(), [], git_info()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    max_load = args.max_load if args.max_load is not None else 0.75 * cores
-    if watch.load_before[0] > max_load:
-        message = f"1-min load average {watch.load_before[0]:.2f} is above {max_load:g} on {cores} cores"
-        if not args.allow_busy:
-            print(f"predict_speed: refused: {message}; wait for an idle machine or pass --allow-busy", file=sys.stderr)
-            return 2
-        flags.append(message)
+    if busy(watch, args, flags):
+        return 2
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model = make_models(Path(tmp), args.width, [1])[1]
@@ -290,8 +297,7 @@ def main_model_only(args) -> int:
         "flags": flags,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    save(record, args.out)
     print(render_model_only(record))
     return 0
 
