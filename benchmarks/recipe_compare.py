@@ -8,6 +8,12 @@ its DeLong p, Holm-adjusted over the comparisons. Only folds finished in every r
 scored from its checkpoints without retraining: EMA weights or the last raw weights, each
 with and without test-time augmentation.
 
+A run given as ``LABEL=RUNDIR1,RUNDIR2,...`` is the ensemble of those runs (their test
+probabilities averaged per nodule: e.g. one recipe trained with several seeds on the same
+folds). By default every model is tested against the first; ``--pair A:B`` (repeatable) tests
+only the named pairs instead, Holm-adjusted over them (e.g. each architecture's robust run
+against its own paper run).
+
     python benchmarks/recipe_compare.py /work/data/d11c.h5 paper=runs/hesam-paper robust=runs/hesam-robust \
         --features --ablate runs/hesam-robust
 """
@@ -37,6 +43,35 @@ def finished_predictions(rundir: Path, folds: list[int]):
     rows, prob = np.concatenate(rows), np.concatenate(prob)
     order = np.argsort(rows)
     return rows[order], prob[order]
+
+
+def ensemble_of(rundirs: list[Path], folds: list[int]):
+    """Rows and mean test probability of several runs on the same folds (an ensemble over seeds)."""
+    from nodulekit.errors import NodulekitError
+
+    rows, probs = None, []
+    for rundir in rundirs:
+        got_rows, prob = finished_predictions(rundir, folds)
+        if rows is not None and not np.array_equal(got_rows, rows):
+            raise NodulekitError(f"{rundir} was not trained on the same folds as {rundirs[0]}")
+        rows = got_rows
+        probs.append(prob)
+    return rows, np.mean(probs, axis=0)
+
+
+def parse_pairs(specs: list[str], names: list[str]) -> list[tuple[str, str]]:
+    """``A:B`` strings -> [(A, B)], both labels among ``names``; none given: every model vs the first."""
+    from nodulekit.errors import NodulekitError
+
+    if not specs:
+        return [(n, names[0]) for n in names[1:]]
+    pairs = []
+    for spec in specs:
+        a, sep, b = spec.partition(":")
+        if not sep or a not in names or b not in names or a == b:
+            raise NodulekitError(f"--pair wants A:B, two different labels among {', '.join(names)}; got {spec!r}")
+        pairs.append((a, b))
+    return pairs
 
 
 def common_folds(rundirs: list[Path]) -> list[int]:
@@ -73,27 +108,31 @@ def ablation(rundir: Path, ds, folds: list[int]) -> dict[str, np.ndarray]:
     return {k: v for k, v in out.items() if np.isfinite(v[ds.fold == folds[0]]).all()}
 
 
-def table(models: dict[str, np.ndarray], y, patients, boot: int) -> str:
+def table(models: dict[str, np.ndarray], y, patients, boot: int, pairs=None) -> str:
+    """One row per model; then one row per compared pair (DeLong, Holm over the pairs)."""
     from nodulekit.stats import delong_test, holm
 
     names = list(models)
-    ref = names[0]
-    tests = [delong_test(y, models[n], models[ref]) for n in names[1:]]
-    adjusted = holm([t["p_value"] for t in tests])
+    pairs = pairs if pairs is not None else [(n, names[0]) for n in names[1:]]
     lines = [
-        f"| model | accuracy % | sensitivity | specificity | AUC | AUC − {ref} [95 % CI] | DeLong p | Holm | Brier | ECE |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | accuracy % | sensitivity | specificity | AUC | Brier | ECE |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for i, n in enumerate(names):
+    for n in names:
         s = summary(y, models[n], patients, n_resamples=boot)
-        if i == 0:
-            cmp = "(reference) | | "
-        else:
-            t = tests[i - 1]
-            cmp = f"{t['auc_diff']:+.3f} [{t['diff_low']:+.3f}, {t['diff_high']:+.3f}] | {t['p_value']:.2g} | {adjusted[i - 1]:.2g}"
         lines.append(
             f"| {n} | {ci_text(s['accuracy'], 100, 2)} | {ci_text(s['sensitivity'])} | {ci_text(s['specificity'])} "
-            f"| {ci_text(s['auc'])} | {cmp} | {s['brier']:.3f} | {s['ece']:.3f} |"
+            f"| {ci_text(s['auc'])} | {s['brier']:.3f} | {s['ece']:.3f} |"
+        )
+    if not pairs:
+        return "\n".join(lines)
+    tests = [delong_test(y, models[a], models[b]) for a, b in pairs]
+    adjusted = holm([t["p_value"] for t in tests])
+    lines += ["", "| comparison | AUC difference [95 % CI] | DeLong p | Holm p |", "|---|---|---|---|"]
+    for (a, b), t, adj in zip(pairs, tests, adjusted, strict=True):
+        lines.append(
+            f"| {a} − {b} | {t['auc_diff']:+.3f} [{t['diff_low']:+.3f}, {t['diff_high']:+.3f}] "
+            f"| {t['p_value']:.2g} | {adj:.2g} |"
         )
     return "\n".join(lines)
 
@@ -104,29 +143,38 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset")
-    p.add_argument("runs", nargs="+", metavar="LABEL=RUNDIR", help="the first is the reference")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="LABEL=RUNDIR[,RUNDIR...]",
+        help="the first is the reference; several RUNDIRs: their ensemble",
+    )
+    p.add_argument("--pair", action="append", default=[], metavar="A:B", help="test only A against B (repeatable)")
     p.add_argument("--features", action="store_true", help="add the feature baseline (feature_baseline.py)")
     p.add_argument("--ablate", help="a recipe run whose EMA/TTA ingredients to score post hoc")
     p.add_argument("--bootstrap", type=int, default=2000)
     args = p.parse_args(argv)
     try:
         ds = load_dataset(args.dataset)
-        labelled = [spec.partition("=")[::2] for spec in args.runs]
-        folds = common_folds([Path(r) for _, r in labelled])
+        labelled = [
+            (label, [Path(r) for r in dirs.split(",")]) for label, dirs in (s.partition("=")[::2] for s in args.runs)
+        ]
+        folds = common_folds([r for _, dirs in labelled for r in dirs])
         if not folds:
             raise NodulekitError("the runs have no finished fold in common")
         rows = np.flatnonzero(np.isin(ds.fold, folds))
         models = {}
-        for label, rundir in labelled:
-            got_rows, prob = finished_predictions(Path(rundir), folds)
+        for label, rundirs in labelled:
+            got_rows, prob = ensemble_of(rundirs, folds)
             if not np.array_equal(got_rows, rows):
-                raise NodulekitError(f"{rundir} was not trained on the folds of {args.dataset}")
+                raise NodulekitError(f"{rundirs[0]} was not trained on the folds of {args.dataset}")
             models[label] = prob
         if args.features:
             models["features (LR)"] = cross_validated(feature_table(ds), ds.y, ds.fold)[rows]
+        pairs = parse_pairs(args.pair, list(models))
         y, patients = ds.y[rows], ds.patient_id[rows]
         print(f"{ds.name}: folds {folds} ({len(rows)} nodules, {len(np.unique(patients))} patients)\n")
-        print(table(models, y, patients, args.bootstrap))
+        print(table(models, y, patients, args.bootstrap, pairs))
         if args.ablate:
             ab = {k: v[rows] for k, v in ablation(Path(args.ablate), ds, folds).items()}
             print(f"\nPost-hoc ingredients of {args.ablate} (same trained models):\n")
