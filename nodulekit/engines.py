@@ -68,6 +68,7 @@ class TorchEngine:
         for m in src.models:
             check_exportable(m)  # predict needs the model's own map, as the ONNX graph has
         self.card = modelcard.build_card(src.models, src.run, src.info(), src.rundir)
+        self.tta = src.recipe.tta  # the recipe's test-time augmentation, as in the exported graph
         self.device = resolve_device(device)
         self.models = [m.to(self.device).eval() for m in src.models]
         self.ensemble = len(self.models) > 1
@@ -82,7 +83,7 @@ class TorchEngine:
 
         from nodulekit.export import inference_module
 
-        wrapper = inference_module(self.models).to(self.device)
+        wrapper = inference_module(self.models, self.tta).to(self.device)
         choice = self._execution(wrapper, x, batch)
         wrapper = choice.apply(wrapper)
         self.note = f"{choice.variant}: {choice.reason}"

@@ -99,6 +99,13 @@ class ModelSource:
     def info(self) -> list[dict[str, Any]]:
         return self.member_info or [{"fold": self.fold, "epoch": self.epoch}]
 
+    @property
+    def recipe(self):
+        """The training recipe (nodulekit.recipes.Recipe; the paper's when the run records none)."""
+        from nodulekit.recipes import recipe_from_record
+
+        return recipe_from_record(self.run.get("recipe"))
+
 
 def load_model_source(path: str | os.PathLike, fold: int | None = None) -> ModelSource:
     """Load a model from a RUNDIR (``fold`` defaults to 0) or a ``checkpoint.pt`` file, on CPU."""
@@ -125,7 +132,7 @@ def load_model_source(path: str | os.PathLike, fold: int | None = None) -> Model
         run = owner.record
     model = model_from_checkpoint(ckpt, path)
     # Training also stores provenance in the checkpoint: use it for a checkpoint copied out of its RUNDIR.
-    for key in ("label_rule", "normalisation", "input_spec", "dataset_fingerprint", "dataset_identity"):
+    for key in ("label_rule", "normalisation", "input_spec", "dataset_fingerprint", "dataset_identity", "recipe"):
         if run.get(key) is None and ckpt.get(key) is not None:
             value = ckpt[key]
             if isinstance(value, str):
@@ -177,27 +184,37 @@ def _identified(src: ModelSource) -> ModelSource:
 # --------------------------------------------------------------------------------------
 
 
-def inference_module(model):
+def inference_module(model, tta: bool = False):
     """nn.Module whose forward is exactly what the ONNX graph computes.
 
     ``model`` is one classifier, or a list of fold models: then the probabilities and the
     maps are the members' means (``map_up`` of the mean = mean of the ``map_up``s, the resize
     being linear), and a fourth output holds each member's malignant probability.
+    ``tta`` (a recipe's test-time augmentation): each member's probabilities and map are its
+    means over the 8 flips/rotations of ``x``, maps turned back first
+    (:func:`nodulekit.recipes.tta_activation_map`), as the run's test probabilities were.
     """
     import torch
     import torch.nn.functional as F
 
+    from nodulekit.recipes import tta_activation_map
+
     class SoftActivationMapExport(torch.nn.Module):
-        def __init__(self, members):
+        def __init__(self, members, tta):
             super().__init__()
             self.members = torch.nn.ModuleList(members)
             self.ensemble = len(members) > 1
+            self.tta = tta
 
         def forward(self, x):
             probs, maps = [], []
             for member in self.members:
-                logits, soft_activation_map = member.activation_map(x)
-                probs.append(torch.softmax(logits, dim=1))
+                if self.tta:
+                    prob, soft_activation_map = tta_activation_map(member, x)
+                else:
+                    logits, soft_activation_map = member.activation_map(x)
+                    prob = torch.softmax(logits, dim=1)
+                probs.append(prob)
                 maps.append(soft_activation_map)
             prob = torch.stack(probs).mean(0) if self.ensemble else probs[0]
             soft_activation_map = torch.stack(maps).mean(0) if self.ensemble else maps[0]
@@ -208,21 +225,21 @@ def inference_module(model):
                 return prob, soft_activation_map, map_up, torch.stack([p[:, 1] for p in probs], dim=1)
             return prob, soft_activation_map, map_up
 
-    return SoftActivationMapExport(list(model) if isinstance(model, (list, tuple)) else [model]).eval()
+    return SoftActivationMapExport(list(model) if isinstance(model, (list, tuple)) else [model], tta).eval()
 
 
 def output_names(ensemble: bool) -> tuple[str, ...]:
     return (*OUTPUT_NAMES, MEMBER_OUTPUT) if ensemble else OUTPUT_NAMES
 
 
-def reference_outputs(model, x: np.ndarray) -> tuple[np.ndarray, ...]:
+def reference_outputs(model, x: np.ndarray, tta: bool = False) -> tuple[np.ndarray, ...]:
     """PyTorch (prob, map, map_up[, member_prob]) for ``x``: the reference the ONNX graph must reproduce.
 
-    ``model``: one classifier or a list of fold models (see :func:`inference_module`).
+    ``model``: one classifier or a list of fold models; ``tta``: see :func:`inference_module`.
     """
     import torch
 
-    wrapper = inference_module(model)
+    wrapper = inference_module(model, tta)
     with torch.inference_mode():
         out = wrapper(torch.as_tensor(np.asarray(x, np.float32)))
     return tuple(t.detach().cpu().numpy() for t in out)
@@ -347,10 +364,10 @@ def ort_session(onnx_path: str | os.PathLike, providers: list[str], options=None
         raise NodulekitError(f"{onnx_path}: this onnxruntime {ort.__version__} cannot load the model: {why}") from None
 
 
-def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> dict[str, Any]:
+def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray, tta: bool = False) -> dict[str, Any]:
     """Run the ONNX file in ONNX Runtime (CPU) at batch 1 and batch len(x); raise if it disagrees.
 
-    ``model``: one classifier or the list of an ensemble's fold models.
+    ``model``: one classifier or the list of an ensemble's fold models; ``tta``: see :func:`inference_module`.
     """
 
     session = ort_session(onnx_path, ["CPUExecutionProvider"])
@@ -358,7 +375,7 @@ def verify_against_torch(onnx_path: str | os.PathLike, model, x: np.ndarray) -> 
     report: dict[str, Any] = {}
     for label, batch in (("batch1", x[:1]), (f"batch{len(x)}", x)):
         got = tuple(session.run(names, {INPUT_NAME: batch}))
-        ref = reference_outputs(model, batch)
+        ref = reference_outputs(model, batch, tta)
         shapes_ok = all(g.shape == r.shape for g, r in zip(got, ref, strict=True))
         if not shapes_ok:
             raise NodulekitError(
@@ -380,7 +397,6 @@ def build_metadata(src: ModelSource, opset: int, exporter: str, model_version: i
     import torch
 
     from nodulekit import modelcard
-    from nodulekit.recipes import recipe_from_record
     from nodulekit.run import recorded_dataset
 
     model, run = src.model, src.run
@@ -394,6 +410,8 @@ def build_metadata(src: ModelSource, opset: int, exporter: str, model_version: i
         "map": "soft activation map on the final feature grid [batch, classes, h, w], raw (unnormalised)",
         "map_up": f"'map' resized bilinearly (align_corners=False) to [batch, classes, {INPUT_SIZE}, {INPUT_SIZE}]",
     }
+    if src.recipe.tta:
+        outputs = {k: f"{modelcard.TTA_MEAN}: {v}" for k, v in outputs.items()}
     if src.ensemble:
         outputs = {k: f"mean over the {len(src.models)} fold models of: {v}" for k, v in outputs.items()}
         outputs[MEMBER_OUTPUT] = "malignant probability of each fold model [batch, members], in 'members' order"
@@ -411,7 +429,7 @@ def build_metadata(src: ModelSource, opset: int, exporter: str, model_version: i
         "input": f"{INPUT_NAME}: float32 [batch, {channels}, {INPUT_SIZE}, {INPUT_SIZE}] built as in 'preprocessing'",
         "outputs": json.dumps(outputs),
         "map_kind": str(model.map_kind),
-        "map_definition": MAP_DEFINITIONS[model.map_kind],
+        "map_definition": MAP_DEFINITIONS[model.map_kind] + (f"; {modelcard.TTA_MEAN}" if src.recipe.tta else ""),
         "normalisation": json.dumps(normalisation) if normalisation is not None else "unknown",
         "label_rule": json.dumps(label_rule) if label_rule is not None else "unknown",
         "dataset_name": str(card["training_data"]["dataset_name"]),
@@ -420,9 +438,7 @@ def build_metadata(src: ModelSource, opset: int, exporter: str, model_version: i
         "fold": "ensemble" if src.ensemble else (str(src.fold) if src.fold is not None else "unknown"),
         "epoch": "ensemble" if src.ensemble else (str(src.epoch) if src.epoch is not None else "unknown"),
         "source": src.source,
-        # the training recipe as JSON (nodulekit.recipes; the paper's when run.json records none)
-        "training_recipe": json.dumps(recipe_from_record(run.get("recipe")).as_dict()),
-        **modelcard.to_metadata(card),
+        **modelcard.to_metadata(card),  # its training_recipe: the recipe and whether the graph applies its TTA
     }
     return meta
 
@@ -467,17 +483,18 @@ def export_onnx(
     channels = int(models[0].in_channels)
     x_check, x_desc = _export_inputs(source, channels, max(2, n_check), seed)
     meta = build_metadata(source, opset, exporter, model_version)
+    tta = source.recipe.tta  # the graph applies the recipe's test-time augmentation, as the run's figures did
     # Batch 2 as the traced example so no dimension is specialised to 1.
     example = torch.as_tensor(x_check[:2])
     with atomic_path(out, suffix=".part.onnx") as tmp:
         try:
-            _torch_export(inference_module(models), example, tmp, int(opset), exporter)
+            _torch_export(inference_module(models, tta), example, tmp, int(opset), exporter)
         except NodulekitError:
             raise
         except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise NodulekitError(f"torch.onnx.export ({exporter}) failed for {meta['arch']}: {first}") from None
-        report = verify_against_torch(tmp, models, x_check)
+        report = verify_against_torch(tmp, models, x_check, tta)
         meta["verification"] = json.dumps(
             {
                 "inputs": x_desc,

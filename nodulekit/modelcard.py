@@ -63,8 +63,16 @@ CARD_KEYS = (
     "input_spec",
     "map_placement",
     "performance",
+    "training_recipe",
 )
 NEW_IN_2 = ("input_spec", "map_placement", "performance")  # absent from files of schema 1
+# The recipe entry (nodulekit.recipes.RECIPE_KEY) is absent from files exported before recipes
+# existed (the paper's), and holds the bare recipe in files exported before the graph applied TTA.
+OPTIONAL_KEYS = ("training_recipe",)
+TTA_MEAN = (
+    "mean over the 8 flips/rotations of x (test-time augmentation: k = 0..3 quarter turns, each with and without "
+    "a left-right flip), each view's map turned back to x's orientation before the mean"
+)
 RANGE_QUANTITIES = {
     "diameter_mm": "equivalent diameter of the nodule (mm)",
     "pixel_spacing_mm": "in-plane pixel spacing of the scan (mm; the smaller of the two)",
@@ -220,19 +228,27 @@ def training_ranges(card: dict[str, Any]) -> TrainingRanges:
     return TrainingRanges.from_record((card.get("training_data") or {}).get("ranges"))
 
 
-def network_data_format(channels: int, layout: list[dict] | None, map_hw, n_members: int) -> dict[str, Any]:
-    """MONAI-bundle-style description of the graph's input and outputs."""
+def network_data_format(
+    channels: int, layout: list[dict] | None, map_hw, n_members: int, tta: bool = False
+) -> dict[str, Any]:
+    """MONAI-bundle-style description of the graph's input and outputs (``tta``: means over the 8 views)."""
     channel_def = (
         {str(i): f"plane at {c['z_offset_mm']:+g} mm, crop side {c['p']:g} x diameter" for i, c in enumerate(layout)}
         if layout
         else {str(i): "unknown" for i in range(channels)}
     )
     classes = {str(i): name for i, name in enumerate(CLASS_NAMES)}
-    maps = {"type": "image", "format": "activation map (raw, unnormalised)", "num_channels": 2, "dtype": "float32"}
+    over_views = f", {TTA_MEAN}" if tta else ""
+    maps = {
+        "type": "image",
+        "format": "activation map (raw, unnormalised)" + over_views,
+        "num_channels": 2,
+        "dtype": "float32",
+    }
     outputs = {
         "prob": {
             "type": "probabilities",
-            "format": "softmax over classes",
+            "format": "softmax over classes" + over_views,
             "num_channels": 2,
             "spatial_shape": [],
             "dtype": "float32",
@@ -278,6 +294,43 @@ def decision(threshold: float, label_rule: Any) -> dict[str, Any]:
         "label_rule_meaning": "training labels: the LIDC-IDRI readers' mean malignancy rating above/below the "
         "rule's cut-offs (1 = malignant, 0 = benign); nodules at the cut-off were not used",
     }
+
+
+def recipe_record(recipe, in_model: bool) -> dict[str, Any]:
+    """The training recipe (its name and every ingredient, nodulekit.recipes) and what its test-time
+    augmentation means for this model's outputs (``in_model``: the model applies it)."""
+    if not recipe.tta:
+        meaning = "none: prob and map come from one forward pass of x"
+    elif in_model:
+        meaning = (
+            f"applied by the model: prob, map and map_up are each the {TTA_MEAN}, so map and map_up lie on x as "
+            "without it; prob is what the run's cross-validated test probabilities (performance) were computed with"
+        )
+    else:
+        meaning = (
+            "NOT applied by this graph (exported before nodulekit put TTA in the graph): its prob comes from one "
+            "forward pass of x, while the run's cross-validated figures (performance) are means over the 8 "
+            "flips/rotations of x, so its probabilities differ from those the figures describe; re-export it"
+        )
+    return {
+        **recipe.as_dict(),
+        "test_time_augmentation": {"in_model": bool(in_model and recipe.tta), "meaning": meaning},
+    }
+
+
+def stored_recipe(value: str | None, where: str) -> dict[str, Any]:
+    """The recipe entry of an ONNX file: as written; a bare recipe of an earlier file (its graph applied
+    no TTA); the paper's when the file predates recipes."""
+    from nodulekit.recipes import recipe_from_record
+
+    try:
+        record = json.loads(value) if value is not None else None
+        recipe = recipe_from_record(record)
+    except (TypeError, ValueError):
+        raise NodulekitError(f"{where}: model description entry 'training_recipe' is not a valid recipe") from None
+    if isinstance(record, dict) and "test_time_augmentation" in record:
+        return record
+    return recipe_record(recipe, in_model=False)
 
 
 def require_spec(card: dict[str, Any], what: str) -> InputSpec:
@@ -337,6 +390,9 @@ def from_metadata(meta: dict[str, str], where: str) -> dict[str, Any]:
     card: dict[str, Any] = {"schema": schema}
     card.update({key: meta.get(key) for key in TEXT_KEYS})
     for key in CARD_KEYS:
+        if key in OPTIONAL_KEYS:
+            card[key] = stored_recipe(meta.get(key), where)
+            continue
         if key in NEW_IN_2 and schema != SCHEMA:
             card[key] = None
             continue
@@ -502,10 +558,12 @@ def run_spec(run: dict[str, Any], channels: int) -> InputSpec | None:
 def build_card(models: list, run: dict[str, Any], members: list[dict], rundir=None) -> dict:
     """The model description of one fold model or a fold ensemble (``members``: [{fold, epoch}])."""
     from nodulekit import __version__
+    from nodulekit.recipes import recipe_from_record
 
     first = models[0]
     channels = int(first.in_channels)
     spec = run_spec(run, channels)
+    recipe = recipe_from_record(run.get("recipe"))
     layout = None if spec is None else _layout(spec)
     return {
         "schema": SCHEMA,
@@ -521,10 +579,14 @@ def build_card(models: list, run: dict[str, Any], members: list[dict], rundir=No
         "members": members,
         "input_spec": None if spec is None else spec.as_dict(),
         "preprocessing": None if spec is None else preprocessing(spec),
-        "network_data_format": network_data_format(channels, layout, map_grid(first, channels), len(models)),
+        "network_data_format": network_data_format(
+            channels, layout, map_grid(first, channels), len(models), recipe.tta
+        ),
         "map_placement": None if spec is None else map_placement(spec),
         "decision": decision(float(run.get("threshold", THRESHOLD)), run.get("label_rule")),
         "training_data": training_data(run, [m.get("fold") for m in members], rundir),
+        # the models nodulekit builds from a run (export-onnx, predict) apply the recipe's TTA
+        "training_recipe": recipe_record(recipe, in_model=True),
         "performance": performance(run, rundir),
     }
 
@@ -606,6 +668,23 @@ def _ranges_text(card: dict[str, Any]) -> str:
     return "; ".join(parts) + " (training nodules)" if parts else "not recorded"
 
 
+def _recipe_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
+    """The recipe's name and every ingredient, and what its test-time augmentation means here."""
+    record = card.get("training_recipe") or {}
+    tta = record.get("test_time_augmentation") or {}
+
+    def value(v: Any) -> str:
+        if v is None:
+            return "none"
+        return json.dumps(v) if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+
+    ingredients = ", ".join(f"{k}={value(v)}" for k, v in record.items() if k not in ("name", "test_time_augmentation"))
+    text = f"{record.get('name', 'unknown')}: {ingredients}"
+    if record.get("seeds", 1) > 1:
+        text += f" (its figures average {record['seeds']} seed RUNDIRs; this model is one seed's)"
+    return [("recipe", text), ("test-time aug.", str(tta.get("meaning", "not recorded")))]
+
+
 def _export_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
     exp = card.get("export")
     if not exp:
@@ -651,6 +730,7 @@ def render(card: dict[str, Any]) -> str:
             + (f"{n_ids} training nodule ids listed" if n_ids else "training nodule ids unknown"),
         ),
         ("training ranges", _ranges_text(card)),
+        *_recipe_lines(card),
         ("performance", _performance_text(card)),
         *_export_lines(card),
         ("license", str(card.get("license"))),

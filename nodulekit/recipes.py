@@ -9,7 +9,8 @@ A recipe is a set of switchable ingredients around the paper's training loop:
   targets) or label smoothing;
 - weight decay (overrides ``--weight-decay``) and dropout before the final linear layer;
 - an exponential moving average (EMA) of the weights, reported instead of the last ones;
-- test-time augmentation (TTA): the mean probability over the 8 flips/rotations;
+- test-time augmentation (TTA): the mean probability over the 8 flips/rotations (in the
+  exported graph too, with each view's map turned back before the mean: :func:`tta_activation_map`);
 - an ensemble over ``seeds`` training seeds (one RUNDIR per seed, averaged by
   :func:`ensemble_predictions`).
 
@@ -221,12 +222,33 @@ def target_table(recipe: Recipe, data) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- augmentation
 
 
+# The 8 flips/rotations (k quarter turns, then a left-right flip or not), in the order TTA averages them.
+DIHEDRAL = tuple((k, flip) for k in range(4) for flip in (False, True))
+
+
+def _rot90(x, k: int):
+    """``torch.rot90(x, k, dims=(-2, -1))`` written as flips and a transpose, which every ONNX exporter
+    knows (the TorchScript one has no rot90)."""
+    k %= 4
+    if k == 1:
+        return x.flip(-1).transpose(-2, -1)
+    if k == 2:
+        return x.flip(-2, -1)
+    if k == 3:
+        return x.transpose(-2, -1).flip(-1)
+    return x
+
+
 def dihedral(x, k: int, flip: bool):
     """One of the 8 flips/rotations of the last two axes (exact, no interpolation)."""
-    import torch
+    x = _rot90(x, k)
+    return x.flip(-1) if flip else x
 
-    x = torch.rot90(x, k, dims=(-2, -1)) if k else x
-    return torch.flip(x, dims=(-1,)) if flip else x
+
+def undo_dihedral(x, k: int, flip: bool):
+    """The inverse of :func:`dihedral`: a view's map turned back to the orientation of the input."""
+    x = x.flip(-1) if flip else x
+    return _rot90(x, -k)
 
 
 def augment_batch(x, recipe: Recipe, generator, extra=()):
@@ -265,11 +287,27 @@ def tta_probabilities(model, x, index: np.ndarray, batch_size: int, amp: bool, p
     import torch
 
     probs = []
-    for k in range(4):
-        for flip in (False, True):
-            view = dihedral(x, k, flip)
-            probs.append(torch.softmax(predict_logits(model, view, index, batch_size, amp), dim=1))
+    for k, flip in DIHEDRAL:
+        view = dihedral(x, k, flip)
+        probs.append(torch.softmax(predict_logits(model, view, index, batch_size, amp), dim=1))
     return torch.stack(probs).mean(0)
+
+
+def tta_activation_map(model, x):
+    """Probabilities [B, classes] and activation map [B, classes, h, w] of ``model`` averaged over the
+    8 flips/rotations of ``x`` (what an exported model of a TTA recipe computes).
+
+    Each view's map is turned back to the orientation of ``x`` before the mean, so the mean map
+    lies on ``x`` as an un-augmented map does. The 8 views go through the model as one batch.
+    """
+    import torch
+
+    views = torch.cat([dihedral(x, k, flip) for k, flip in DIHEDRAL])
+    logits, amap = model.activation_map(views)
+    prob = torch.softmax(logits, dim=1).reshape(len(DIHEDRAL), -1, logits.shape[1]).mean(0)
+    maps = amap.reshape(len(DIHEDRAL), -1, *amap.shape[1:])
+    back = [undo_dihedral(maps[i], k, flip) for i, (k, flip) in enumerate(DIHEDRAL)]
+    return prob, torch.stack(back).mean(0)
 
 
 # ----------------------------------------------------------------------------- during training
