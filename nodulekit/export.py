@@ -885,7 +885,7 @@ def _document(proto, meta: dict[str, str]) -> None:
         f"nodulekit {meta['arch']} ({meta['map_kind']} map): {meta.get('task', '')}. {meta.get('intended_use', '')} "
         f"License: {meta.get('license', '')} The metadata_props hold the whole model description "
         "(description_schema), the input spec and its arithmetic (input_spec, preprocessing), the map placement, "
-        "training data and ranges, cross-validated performance and reference vectors (test_data_set)."
+        "training data and ranges, training recipe, cross-validated performance and reference vectors (test_data_set)."
     )
     proto.graph.doc_string = f"{meta['map_definition']}. map_up: {outputs['map_up']}."
     if spec is not None:

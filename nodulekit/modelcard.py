@@ -238,7 +238,7 @@ def network_data_format(
         else {str(i): "unknown" for i in range(channels)}
     )
     classes = {str(i): name for i, name in enumerate(CLASS_NAMES)}
-    over_views = f", {TTA_MEAN}" if tta else ""
+    over_views = ", mean over the 8 flips/rotations of x (training_recipe.test_time_augmentation)" if tta else ""
     maps = {
         "type": "image",
         "format": "activation map (raw, unnormalised)" + over_views,

@@ -203,8 +203,8 @@ def test_mismatch_removes_file(tmp_path, monkeypatch, what):
     model = _model("cam", 3, base_width=8)
     real = ex.reference_outputs
 
-    def skewed(m, x):
-        p, a, b = real(m, x)
+    def skewed(m, x, tta=False):
+        p, a, b = real(m, x, tta)
         if what == "prob":
             return p + np.array([-0.01, 0.01], np.float32), a, b
         return p, a + 0.01 * (np.abs(a).max() + 1), b
@@ -223,8 +223,8 @@ def test_differences_within_the_documented_tolerance_are_accepted(tmp_path, monk
         model.head.fc.weight.mul_(200.0)  # maps of scale >> 1: a relative bound differs from an absolute one
     real = ex.reference_outputs
 
-    def nudged(m, x):
-        p, a, b = real(m, x)
+    def nudged(m, x, tta=False):
+        p, a, b = real(m, x, tta)
         scale = max(np.abs(a).max(), np.abs(b).max())
         return p + np.array([-PROB_TOL / 2, PROB_TOL / 2], np.float32), a + MAP_RTOL / 2 * scale, b
 

@@ -161,7 +161,7 @@ def describe_cmd(
 ) -> None:
     """Print what a model needs as input and what it outputs: its model description.
 
-    The input spec and the arithmetic of every step from CT to `x` (planes, window, z interpolation, HU rounding, scaling, crop, bilinear sampling), input and output names and meanings, where the map lies on the CT, threshold, label rule, training data (fingerprint, size, diameter/spacing/HU ranges), the run's cross-validated performance with intervals, licence, citation and data attribution, and for an ONNX file its model_version and reference vectors. The same record is stored in every exported ONNX file (docs/model-description.md).
+    The input spec and the arithmetic of every step from CT to `x` (planes, window, z interpolation, HU rounding, scaling, crop, bilinear sampling), input and output names and meanings, where the map lies on the CT, threshold, label rule, training data (fingerprint, size, diameter/spacing/HU ranges), the training recipe (and whether the model applies its test-time augmentation), the run's cross-validated performance with intervals, licence, citation and data attribution, and for an ONNX file its model_version and reference vectors. The same record is stored in every exported ONNX file (docs/model-description.md).
 
         Example: nodulekit describe hesam.onnx
     """
