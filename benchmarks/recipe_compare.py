@@ -108,33 +108,47 @@ def ablation(rundir: Path, ds, folds: list[int]) -> dict[str, np.ndarray]:
     return {k: v for k, v in out.items() if np.isfinite(v[ds.fold == folds[0]]).all()}
 
 
-def table(models: dict[str, np.ndarray], y, patients, boot: int, pairs=None) -> str:
-    """One row per model; then one row per compared pair (DeLong, Holm over the pairs)."""
+def comparison(models: dict[str, np.ndarray], y, patients, boot: int, pairs=None) -> dict[str, list[dict]]:
+    """Per model its summary (patient-bootstrap intervals, Brier, ECE); per compared pair (A, B)
+    DeLong of A − B and the Holm-adjusted p over the pairs (default: every model vs the first)."""
     from nodulekit.stats import delong_test, holm
 
     names = list(models)
     pairs = pairs if pairs is not None else [(n, names[0]) for n in names[1:]]
+    rows = [{"model": n, **summary(y, models[n], patients, n_resamples=boot)} for n in names]
+    tests = [delong_test(y, models[a], models[b]) for a, b in pairs]
+    adjusted = holm([t["p_value"] for t in tests]) if tests else []
+    compared = [
+        {"a": a, "b": b, **t, "holm_p": float(adj)} for (a, b), t, adj in zip(pairs, tests, adjusted, strict=True)
+    ]
+    return {"models": rows, "pairs": compared}
+
+
+def markdown_table(result: dict[str, list[dict]]) -> str:
+    """:func:`comparison`'s result: one row per model; then one row per compared pair."""
     lines = [
         "| model | accuracy % | sensitivity | specificity | AUC | Brier | ECE |",
         "|---|---|---|---|---|---|---|",
     ]
-    for n in names:
-        s = summary(y, models[n], patients, n_resamples=boot)
+    for s in result["models"]:
         lines.append(
-            f"| {n} | {ci_text(s['accuracy'], 100, 2)} | {ci_text(s['sensitivity'])} | {ci_text(s['specificity'])} "
+            f"| {s['model']} | {ci_text(s['accuracy'], 100, 2)} | {ci_text(s['sensitivity'])} | {ci_text(s['specificity'])} "
             f"| {ci_text(s['auc'])} | {s['brier']:.3f} | {s['ece']:.3f} |"
         )
-    if not pairs:
+    if not result["pairs"]:
         return "\n".join(lines)
-    tests = [delong_test(y, models[a], models[b]) for a, b in pairs]
-    adjusted = holm([t["p_value"] for t in tests])
     lines += ["", "| comparison | AUC difference [95 % CI] | DeLong p | Holm p |", "|---|---|---|---|"]
-    for (a, b), t, adj in zip(pairs, tests, adjusted, strict=True):
+    for t in result["pairs"]:
         lines.append(
-            f"| {a} − {b} | {t['auc_diff']:+.3f} [{t['diff_low']:+.3f}, {t['diff_high']:+.3f}] "
-            f"| {t['p_value']:.2g} | {adj:.2g} |"
+            f"| {t['a']} − {t['b']} | {t['auc_diff']:+.3f} [{t['diff_low']:+.3f}, {t['diff_high']:+.3f}] "
+            f"| {t['p_value']:.2g} | {t['holm_p']:.2g} |"
         )
     return "\n".join(lines)
+
+
+def table(models: dict[str, np.ndarray], y, patients, boot: int, pairs=None) -> str:
+    """One row per model; then one row per compared pair (DeLong, Holm over the pairs)."""
+    return markdown_table(comparison(models, y, patients, boot, pairs))
 
 
 def main(argv=None) -> int:
