@@ -91,7 +91,7 @@ def parse_candidates(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def settings(run: dict) -> dict:
-    """Everything a run.json fixes about training, except the recipe (and the execution's bf16 variant)."""
+    """Everything a run.json fixes about training but the recipe; of its execution record, the variant (bf16 or not)."""
     out = {k: v for k, v in run.items() if k not in NOT_SETTINGS}
     out.update({k: run.get(k, v) for k, v in DEFAULTS.items()})
     out["execution.variant"] = (run.get("execution") or {}).get("variant")
@@ -288,6 +288,28 @@ def nested_predictions(ds, choices: list[dict], outer: dict[str, dict[int, np.nd
     return prob
 
 
+def time_one(ds, c: Candidate, cfg, outer_fold: int, n_outer: int, n_cands: int, n_inner: int, seed: int) -> str:
+    """Train inner fold 0 of ``outer_fold`` for candidate ``c`` in a temporary folder (nothing kept);
+    its wall time, and the whole nested run's if every inner fold cost as much."""
+    import tempfile
+
+    from nodulekit.recipes import inner_dataset
+    from nodulekit.training import resolve_device, run_record, train_fold
+
+    inner = inner_dataset(ds, outer_fold, n_inner, seed)
+    run = run_record(cfg, inner, resolve_device(cfg.device))
+    with tempfile.TemporaryDirectory(prefix="nested-time-") as tmp:
+        started = time.perf_counter()
+        train_fold(inner, cfg, 0, tmp, run=run, progress=False)
+        seconds = time.perf_counter() - started
+    total = n_outer * n_cands * n_inner
+    return (
+        f"one inner fold of {c.name} (outer fold {outer_fold}, inner fold 0: {int((inner.fold != 0).sum())} training "
+        f"nodules, {cfg.epochs} epochs, on {cfg.device}): {seconds:.1f} s; the nested run trains {n_outer} outer x "
+        f"{n_cands} candidates x {n_inner} inner = {total} inner folds: about {total * seconds / 60:.0f} min at this cost"
+    )
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -403,7 +425,7 @@ def write_report(out: str | None, report: dict, text: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def run(args) -> tuple[dict, str]:
+def run(args) -> tuple[dict | None, str]:
     from nodulekit.datasets import load_dataset
     from nodulekit.errors import NodulekitError
     from nodulekit.recipes import check_applicable
@@ -423,6 +445,14 @@ def run(args) -> tuple[dict, str]:
         check_reproduces(c, cfgs[c.name], ds)
     # every check on the outer runs before anything is trained or written
     outer = {c.name: {k: check_outer_fold(c, ds, k, cfgs[c.name]) for k in outer_folds} for c in cands}
+    if args.time_one:
+        (c,) = [c for c in cands if c.name == args.time_one] or [None]
+        if c is None:
+            raise NodulekitError(f"--time-one {args.time_one!r} is not one of the candidates")
+        line = time_one(ds, c, cfgs[c.name], outer_folds[0], len(outer_folds), len(cands), args.n_inner, args.seed)
+        return None, line
+    if not args.workdir:
+        raise NodulekitError("--workdir is needed (the inner runs are kept there)")
     workdir = Path(args.workdir)
     claim_workdir(workdir, workdir_record(ds, cands, cfg, args.n_inner, args.seed))
     choices = []
@@ -443,12 +473,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", help="the dataset artifact the candidate runs were trained on")
     p.add_argument("candidates", nargs="+", metavar="NAME=RUNDIR", help="each an outer run of one candidate recipe")
-    p.add_argument("--workdir", required=True, help="inner runs (kept; a re-run reuses them)")
+    p.add_argument("--workdir", help="inner runs (kept; a re-run reuses them)")
     p.add_argument("--n-inner", type=int, default=3, help="inner patient-grouped folds [3]")
     p.add_argument("--seed", type=int, default=0, help="seed of the inner fold split [0]")
     p.add_argument("--outer-folds", type=int, nargs="+", help="only these outer folds [all]")
     p.add_argument("--device", help="device of the inner runs [the one the outer runs recorded]")
     p.add_argument("--bootstrap", type=int, default=2000, help="patient-bootstrap resamples [2000]")
+    p.add_argument("--time-one", metavar="NAME", help="only time one inner fold of candidate NAME (nothing kept)")
     p.add_argument("-o", "--output", help="write the report to this Markdown file and its .json beside it")
     return p
 
@@ -459,7 +490,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         report, text = run(args)
-        write_report(args.output, report, text)
+        if report is None:  # --time-one
+            print(text)
+        else:
+            write_report(args.output, report, text)
     except NodulekitError as exc:
         print(f"nested_recipe: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)

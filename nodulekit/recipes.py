@@ -434,3 +434,11 @@ def inner_folds(data, n_folds: int, seed: int) -> np.ndarray:
     for k, (_, test) in enumerate(split.split(np.zeros(len(data.y)), data.y, data.patient_id)):
         fold[test] = k
     return fold
+
+
+def inner_dataset(data, outer_fold: int, n_inner: int, seed: int):
+    """The training part of ``outer_fold`` with its own ``n_inner`` patient-grouped folds (nested selection's data)."""
+    import dataclasses
+
+    inner, _ = training_part(data, outer_fold)
+    return dataclasses.replace(inner, fold=inner_folds(inner, n_inner, seed), attrs=dict(inner.attrs, n_folds=n_inner))

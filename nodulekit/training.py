@@ -1081,12 +1081,11 @@ def nested_selection(
     pooled AUC of its inner test predictions; the highest wins (ties: the first listed). The
     outer test fold's rows are removed before anything else (:func:`training_part`).
     """
-    from nodulekit.recipes import inner_folds, training_part
+    from nodulekit.recipes import inner_dataset
     from nodulekit.run import read_fold_result
     from nodulekit.stats import roc_auc
 
-    inner, _ = training_part(data, outer_fold)
-    inner = replace(inner, fold=inner_folds(inner, n_inner, seed), attrs=dict(inner.attrs, n_folds=n_inner))
+    inner = inner_dataset(data, outer_fold, n_inner, seed)
     scores = {}
     for name, recipe in candidates.items():
         rcfg = replace(cfg, recipe=recipe, concurrent_folds=False)

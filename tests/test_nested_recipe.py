@@ -136,6 +136,20 @@ def test_rerun_reuses_finished_inner_runs_and_resumes_the_rest(setup, monkeypatc
     assert resumed["scores"] == again["scores"]
 
 
+def test_time_one_trains_one_inner_fold_and_keeps_nothing(setup, tmp_path, monkeypatch, capsys):
+    epochs = _count_epochs(monkeypatch)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the temporary run folder goes here, and must be gone after
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert bench.main([setup["args"][0], *setup["specs"], "--outer-folds", "0", "--time-one", "flips"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "one inner fold of flips (outer fold 0, inner fold 0" in out and "1 outer x 2 candidates x 3 inner = 6" in out
+    )
+    assert epochs == [0] and os.listdir(tmp_path) == []
+
+
 def _edited_copy(rundir: Path, dest: Path, edit) -> Path:
     shutil.copytree(rundir, dest)
     record = json.loads((dest / "run.json").read_text())
