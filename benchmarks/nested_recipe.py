@@ -362,8 +362,8 @@ Times chosen: {counts}.
 
 {pooled_table}
 
-DeLong compares each model's AUC with the nested model's (the reference); Holm adjusts over
-the {len(report["comparisons"]) - 1} comparisons. Intervals: 95 % patient bootstrap ({report["bootstrap"]} resamples).
+DeLong tests the nested model's AUC against each fixed model's; Holm adjusts over the
+{len(report["comparisons"]["pairs"])} comparisons. Intervals: 95 % patient bootstrap ({report["bootstrap"]} resamples).
 
 Command: `{report["command"]}`; commit {report["commit"]}; {report["machine"]}; {report["elapsed_s"]:.0f} s
 ({report["inner_trained"]} inner folds trained, {report["inner_reused"]} reused).
@@ -374,7 +374,8 @@ def build_report(args, ds, cands, cfg, choices, rows, models, started) -> tuple[
     from nodulekit.execution import machine_info
 
     y, patients = ds.y[rows], ds.patient_id[rows]
-    cmp = comparison(models, y, patients, args.bootstrap)
+    pairs = [("nested", n) for n in models if n != "nested"]  # DeLong: nested − each fixed model
+    cmp = comparison(models, y, patients, args.bootstrap, pairs)
     machine = machine_info(cfg.device)
     report = {
         "dataset": {"path": str(args.dataset), "name": ds.name, "n": int(len(ds.y)), "identity": ds.identity},
