@@ -179,6 +179,26 @@ def check_reproduces(c: Candidate, cfg, ds) -> None:
             )
 
 
+def _reuse_problem(res, ds, k: int, cfg) -> str | None:
+    """Why fold result ``res`` is not "the candidate trained on fold k's training part", or None."""
+    if not np.array_equal(np.sort(res.test_index), np.flatnonzero(ds.fold == k)):
+        return "its test rows are not the dataset's fold"
+    if res.train_index is None:
+        return "it records no training rows"
+    val = [] if res.val_index is None else res.val_index
+    if not np.array_equal(
+        np.sort(np.concatenate([res.train_index, val])).astype(np.int64), np.flatnonzero(ds.fold != k)
+    ):
+        return "it was not trained on exactly the rows outside the fold"
+    raw = res.attrs.get("run")
+    seed = (json.loads(raw) if isinstance(raw, str) else raw or {}).get("seed")
+    if seed != cfg.seed:
+        return f"it was trained with seed {seed}, not {cfg.seed}"
+    if res.epochs != cfg.epochs:
+        return f"it was trained for {res.epochs} epochs, not {cfg.epochs}"
+    return None
+
+
 def check_outer_fold(c: Candidate, ds, k: int, cfg) -> np.ndarray:
     """The outer test probabilities of fold ``k`` of candidate ``c`` (dataset row order), once checked
     to be what training the candidate on the whole training part of fold ``k`` gives."""
@@ -186,33 +206,14 @@ def check_outer_fold(c: Candidate, ds, k: int, cfg) -> np.ndarray:
     from nodulekit.run import Run
 
     res = Run(c.rundir).fold_result(k)  # one line if the fold is not finished
-    test, train = np.flatnonzero(ds.fold == k), np.flatnonzero(ds.fold != k)
-    recorded = json.loads(res.attrs.get("run", "{}")) if isinstance(res.attrs.get("run"), str) else {}
-    used = (
-        None
-        if res.train_index is None
-        else np.sort(np.concatenate([res.train_index, [] if res.val_index is None else res.val_index]))
-    )
-    problem = (
-        "its test rows are not the dataset's fold"
-        if not np.array_equal(np.sort(res.test_index), test)
-        else "it records no training rows"
-        if used is None
-        else "it was not trained on exactly the rows outside the fold"
-        if not np.array_equal(used.astype(np.int64), train)
-        else f"it was trained with seed {recorded.get('seed')}, not {cfg.seed}"
-        if recorded.get("seed") != cfg.seed
-        else f"it was trained for {res.epochs} epochs, not {cfg.epochs}"
-        if res.epochs != cfg.epochs
-        else None
-    )
+    problem = _reuse_problem(res, ds, k, cfg)
     if problem:
         raise NodulekitError(
             f"{c.rundir} fold {k} cannot stand for the candidate trained on fold {k}'s training part: {problem}"
         )
     prob = np.full(len(ds.y), np.nan)
     prob[np.asarray(res.test_index)] = res.test_prob
-    return prob[test]
+    return prob[np.flatnonzero(ds.fold == k)]
 
 
 # ----------------------------------------------------------------------------- WORKDIR

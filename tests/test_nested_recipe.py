@@ -191,6 +191,24 @@ def test_settings_the_inner_runs_cannot_reproduce_are_refused(setup, tmp_path, c
     assert not (tmp_path / "w").exists()
 
 
+def test_an_outer_fold_reused_only_if_trained_on_its_whole_training_part(setup):
+    ds = load_dataset(setup["ds"])
+    cands = bench.load_candidates(setup["specs"], ds)
+    cfg = bench.train_config(cands[0].run, cands[0].rundir, None)
+    res = read_fold_result(setup["runs"]["paper"] / "fold0" / "result.h5", 0)
+    assert bench._reuse_problem(res, ds, 0, cfg) is None
+    seed1 = json.dumps(dict(json.loads(res.attrs["run"]), seed=1))
+    for changed, says in (
+        (dict(train_index=res.train_index[1:]), "not trained on exactly the rows outside"),  # a row left out
+        (dict(train_index=np.append(res.train_index, res.test_index[0])), "not trained on exactly"),  # a test row in
+        (dict(test_index=res.test_index[1:]), "test rows are not the dataset's fold"),
+        (dict(train_index=None), "records no training rows"),
+        (dict(attrs=dict(res.attrs, run=seed1)), "seed 1, not 0"),
+        (dict(epochs=2), "2 epochs, not 1"),
+    ):
+        assert says in bench._reuse_problem(dataclasses.replace(res, **changed), ds, 0, cfg)
+
+
 def test_bad_inputs_are_one_line_and_write_nothing(setup, tmp_path, capsys):
     ds_other = write_tiny_dataset(tmp_path / "other.h5", n=30, channels=3, folds=3, seed=1)
     work = tmp_path / "w"
