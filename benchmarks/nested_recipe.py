@@ -371,7 +371,8 @@ Command: `{report["command"]}`; commit {report["commit"]}; {report["machine"]}; 
 """
 
 
-def build_report(args, ds, cands, cfg, choices, rows, models, started) -> tuple[dict, str]:
+def build_report(args, ds, cands, cfg, choices, rows, models, started: tuple[float, str]) -> tuple[dict, str]:
+    """``started``: (perf_counter, commit) when the run began."""
     from nodulekit.execution import machine_info
 
     y, patients = ds.y[rows], ds.patient_id[rows]
@@ -402,10 +403,10 @@ def build_report(args, ds, cands, cfg, choices, rows, models, started) -> tuple[
         "inner_trained": sum(ch["inner_trained"] for ch in choices),
         "inner_reused": sum(ch["inner_reused"] for ch in choices),
         "command": " ".join(sys.argv),
-        "commit": _commit(),
+        "commit": started[1],
         "machine": f"{machine.get('cpu')}, {machine.get('cores')} cores"
         + (f", {machine['gpu']}" if machine.get("gpu") else ""),
-        "elapsed_s": time.perf_counter() - started,
+        "elapsed_s": time.perf_counter() - started[0],
     }
     return report, markdown(report, markdown_table(cmp))
 
@@ -432,7 +433,7 @@ def run(args) -> tuple[dict | None, str]:
     from nodulekit.errors import NodulekitError
     from nodulekit.recipes import check_applicable
 
-    started = time.perf_counter()
+    started = (time.perf_counter(), _commit())  # the code that runs, not the code when it ends
     ds = load_dataset(args.dataset)
     cands = load_candidates(args.candidates, ds)
     cfgs = {c.name: train_config(c.run, c.rundir, args.device) for c in cands}
