@@ -50,6 +50,10 @@ class Recipe:
     weight_decay: float | None = None  # None: the run's --weight-decay
     dropout: float = 0.0  # before the model's final linear layer, training only
     ema_decay: float = 0.0  # per optimiser step; 0 = report the last weights
+    # batch-norm statistics of the EMA weights: "recompute" (one pass over the training rows after
+    # training, as torch.optim.swa_utils.update_bn does for SWA) or "average" (the EMA of the
+    # running buffers, what runs before this option did: they do not match the averaged weights)
+    ema_batch_norm: str = "recompute"
     tta: bool = False  # mean probability over the 8 flips/rotations at evaluation
     seeds: int = 1  # an ensemble over this many training seeds (one RUNDIR each)
 
@@ -111,6 +115,7 @@ _KINDS = {
     "weight_decay": float,
     "dropout": float,
     "ema_decay": float,
+    "ema_batch_norm": str,
     "tta": bool,
     "seeds": int,
 }
@@ -134,9 +139,16 @@ def resolve_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe
     return recipe
 
 
+EMA_BATCH_NORM = ("recompute", "average")
+
+
 def check_values(r: Recipe) -> None:
     if r.targets not in TARGETS:
         raise NodulekitError(f"recipe targets must be one of {', '.join(TARGETS)} (got {r.targets!r})")
+    if r.ema_batch_norm not in EMA_BATCH_NORM:
+        raise NodulekitError(
+            f"recipe ema_batch_norm must be one of {', '.join(EMA_BATCH_NORM)} (got {r.ema_batch_norm!r})"
+        )
     bad = [
         (name, value, rule)
         for name, value, ok, rule in (
@@ -164,7 +176,10 @@ def recipe_from_record(record: Any) -> Recipe:
     if isinstance(record, str):
         record = json.loads(record)
     known = {f.name for f in fields(Recipe)}
-    return Recipe(**{k: v for k, v in dict(record).items() if k in known})
+    values = {k: v for k, v in dict(record).items() if k in known}
+    if float(values.get("ema_decay", 0)) > 0 and "ema_batch_norm" not in values:
+        values["ema_batch_norm"] = "average"  # recorded before the option existed: the buffers were averaged
+    return Recipe(**values)
 
 
 def check_applicable(recipe: Recipe, data) -> None:
@@ -357,6 +372,22 @@ class RecipeHooks:
     def after_step(self, model) -> None:
         if self.ema is not None:
             self.ema.update_parameters(model)
+
+    def refresh_batch_norm(self, model, x, train_index, batch_size: int) -> bool:
+        """Recompute ``model``'s batch-norm statistics on the training rows (un-augmented), for EMA
+        weights; True when it did. Averaged weights need their own statistics: the average of the
+        running buffers belongs to no set of weights."""
+        import torch
+        from torch.optim.swa_utils import update_bn
+
+        if self.ema is None or self.recipe.ema_batch_norm != "recompute":
+            return False
+        index = torch.as_tensor(np.asarray(train_index), device=x.device)
+        batches = [x[index[i : i + batch_size]] for i in range(0, len(index), batch_size)]
+        with torch.no_grad():
+            update_bn(batches, model)
+        model.eval()
+        return True
 
     def reported_state(self, current: dict) -> dict:
         """Weights to report: the EMA's when averaging, else ``current``."""

@@ -654,6 +654,11 @@ def finish_fold(ctx: TrainContext, state: FoldState, epochs_before: int) -> dict
     final_ckpt = checkpoint_dict(ctx, state, finished=True)
     model = ctx.execution.apply(build_model(cfg.arch, ctx.data.channels, 2, cfg.model_options).to(ctx.device))
     model.load_state_dict(final_ckpt["state_dict"])
+    # recipe: the EMA weights get batch-norm statistics of their own (training rows only)
+    if state.hooks is not None and state.hooks.refresh_batch_norm(
+        model, ctx.device_data.x, state.split.train_index, cfg.eval_batch_size
+    ):
+        final_ckpt["state_dict"] = _state_to_cpu(model.state_dict())
     logits = predict_logits(model, ctx.device_data.x, state.split.test_index, cfg.eval_batch_size, ctx.amp)
     if cfg.recipe is not None and cfg.recipe.tta:  # recipe: mean probability over the 8 flips/rotations
         from nodulekit.recipes import tta_probabilities

@@ -295,3 +295,54 @@ def test_resuming_with_another_recipe_is_refused(d3c, tmp_path, run_cli):
     result = run_cli("train", d3c, "-o", rd, "--fold", "1", *TINY_ARGS, "--recipe", "robust")
     _one_line_exit_2(result, "recipe")
     assert json.loads((rd / "run.json").read_text()) == before and not (rd / "fold1").exists()
+
+
+# ----------------------------------------------------------------------------- EMA batch norm
+
+
+def _first_batch_norm_input_stats(model, x):
+    """Mean and unbiased variance per channel of what the first BatchNorm2d receives (its input
+    depends on no batch-norm statistic, so any weights' eval pass gives it)."""
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    handle = bn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    a = torch.cat(seen).transpose(0, 1).reshape(bn.num_features, -1).double()
+    return a.mean(1), a.var(1, unbiased=True)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "average"])
+def test_ema_weights_get_their_own_batch_norm_statistics(d3c, tmp_path, mode):
+    from nodulekit.run import build_model, load_checkpoint
+
+    recipe = dataclasses.replace(recipes.ROBUST, tta=False, ema_batch_norm=mode)
+    cfg = TrainConfig(arch="hesam", recipe=recipe, **{**TINY, "epochs": 2})
+    train(d3c, tmp_path / "r", cfg, folds=[0], progress=False)
+    ckpt = load_checkpoint(tmp_path / "r" / "fold0" / "checkpoint.pt")
+    model = build_model(ckpt["arch"], ckpt["in_channels"], 2, ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    ds = load_dataset(d3c)
+    train_rows = torch.from_numpy(ds.x[ds.fold != 0])
+    mean, var = _first_batch_norm_input_stats(model, train_rows)
+    bn_key = next(k for k in ckpt["state_dict"] if k.endswith("running_mean"))
+    got_mean = ckpt["state_dict"][bn_key].double()
+    got_var = ckpt["state_dict"][bn_key.replace("running_mean", "running_var")].double()
+    matches = torch.allclose(got_mean, mean, rtol=1e-4, atol=1e-5) and torch.allclose(
+        got_var, var, rtol=1e-3, atol=1e-5
+    )
+    # recomputed: exactly the training rows' statistics under the EMA weights; averaged: not those
+    assert matches == (mode == "recompute")
+    assert recipes.recipe_from_record(ckpt["recipe"]).ema_batch_norm == mode
+
+
+def test_recipes_recorded_before_ema_batch_norm_read_as_averaged():
+    old_robust = {k: v for k, v in recipes.ROBUST.as_dict().items() if k != "ema_batch_norm"}
+    assert recipes.recipe_from_record(old_robust).ema_batch_norm == "average"
+    old_paper = {k: v for k, v in recipes.PAPER.as_dict().items() if k != "ema_batch_norm"}
+    assert recipes.recipe_from_record(old_paper) == recipes.PAPER  # no EMA: nothing to say, still the paper's
+    assert recipes.ROBUST.ema_batch_norm == "recompute"
+    with pytest.raises(NodulekitError, match="ema_batch_norm"):
+        recipes.resolve_recipe("robust", {"ema_batch_norm": "sometimes"})
