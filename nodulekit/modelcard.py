@@ -678,7 +678,9 @@ def _recipe_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
             return "none"
         return json.dumps(v) if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
 
-    ingredients = ", ".join(f"{k}={value(v)}" for k, v in record.items() if k not in ("name", "test_time_augmentation"))
+    # without an EMA there are no averaged weights whose batch-norm statistics could be chosen
+    skip = {"name", "test_time_augmentation"} | ({"ema_batch_norm"} if not record.get("ema_decay") else set())
+    ingredients = ", ".join(f"{k}={value(v)}" for k, v in record.items() if k not in skip)
     text = f"{record.get('name', 'unknown')}: {ingredients}"
     if record.get("seeds", 1) > 1:
         text += f" (its figures average {record['seeds']} seed RUNDIRs; this model is one seed's)"

@@ -30,7 +30,7 @@ ROBUST_TINY = {**TINY, "epochs": 3, "lr": 0.1}
 # The robust recipe as `describe` must print it, written out by hand.
 ROBUST_LINE = (
     "robust: flips=true, rot90=true, shift_px=2, scale=0.1, targets=readers, label_smoothing=0, "
-    "weight_decay=0.0005, dropout=0.2, ema_decay=0.98, tta=true, seeds=1"
+    "weight_decay=0.0005, dropout=0.2, ema_decay=0.98, ema_batch_norm=recompute, tta=true, seeds=1"
 )
 PAPER_LINE = (
     "paper: flips=false, rot90=false, shift_px=0, scale=0, targets=hard, label_smoothing=0, "
