@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -133,3 +134,16 @@ def cli_in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 def run_cli(monkeypatch, capsys):
     """``run_cli(*args)``: ``cli_in_process`` bound to this test's monkeypatch and capsys."""
     return lambda *args: cli_in_process(monkeypatch, capsys, *args)
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``cli(*args)``: ``nodulekit ARGS`` in this process as a ``CompletedProcess`` (returncode,
+    stdout, stderr), for tests where a new process is not the point: a process start with torch's
+    import costs ~3 CPU-seconds."""
+
+    def run(*args) -> subprocess.CompletedProcess:
+        code, out, err = cli_in_process(monkeypatch, capsys, *args)
+        return subprocess.CompletedProcess(["nodulekit", *map(str, args)], code, out, err)
+
+    return run
