@@ -25,14 +25,38 @@ def load_bench(name: str = "gpu_training"):
     return bench
 
 
-def test_tiny_run_measures_three_modes_and_the_paper_run_path(tmp_path, capsys):
+def test_tiny_run_measures_three_modes_and_the_paper_run_path(tmp_path, capsys, monkeypatch):
+    """One tiny run of every mode (each mode starts processes that import torch: run once).
+
+    The processes mode is checked inside the run, before its temporary folder goes: per fold,
+    training rows / the median of that fold's epoch times after the first (from result.h5).
+    """
     bench = load_bench()
+    checked = []
+
+    def processes_throughput(args, dataset, tmp, size):
+        from nodulekit.run import Run
+
+        r = real_processes_throughput(args, dataset, tmp, size)
+        run, rows = Run(tmp / "run-processes"), bench._train_rows(dataset)
+        for k in range(5):
+            seconds = run.fold_result(k).epoch_seconds  # the first epoch (warm-up) is left out
+            assert len(seconds) == 2
+            assert r["samples_per_s_per_fold"][k] == pytest.approx(rows[k] / seconds[1])
+        assert r["samples_per_s_all_folds"] == pytest.approx(sum(r["samples_per_s_per_fold"].values()))
+        checked.append(r)
+        return r
+
+    real_processes_throughput = bench.processes_throughput
+    monkeypatch.setattr(bench, "processes_throughput", processes_throughput)
     out = tmp_path / "bench.json"
     args = ["--tiny", "--allow-busy", "--nodules", "40", "--epochs", "2", "--threads", "1", "-o", str(out)]
     assert bench.main(args) == 0
+    assert len(checked) == 1
     record = json.loads(out.read_text())
     seq, sbs, procs = record["throughput"]
     assert (seq["mode"], sbs["mode"], procs["mode"]) == ("sequential", "side_by_side", "processes")
+    assert procs["samples_per_s_per_fold"] == {str(k): v for k, v in checked[0]["samples_per_s_per_fold"].items()}
     for r in (seq, sbs, procs):
         assert sorted(r["samples_per_s_per_fold"]) == ["0", "1", "2", "3", "4"] and r["samples_per_s_all_folds"] > 0
     # side by side and processes: the 5 folds together are the sum of the per-fold figures; sequential: one fold's
@@ -45,26 +69,6 @@ def test_tiny_run_measures_three_modes_and_the_paper_run_path(tmp_path, capsys):
     assert record["cuda_device"] is None and record["git"]["commit"] and record["torch"] == str(torch.__version__)
     text = capsys.readouterr().out
     assert "side by side / sequential" in text and "processes / sequential" in text
-
-
-def test_processes_mode_measures_each_fold_from_its_epoch_times(tmp_path):
-    """Per fold: training rows / the median of that fold's epoch times after the first (from result.h5)."""
-    bench = load_bench()
-    from conftest import write_tiny_dataset
-
-    from nodulekit.run import Run
-
-    ds = write_tiny_dataset(tmp_path / "d.h5", n=40, channels=3, folds=5)
-    args = bench.argparse.Namespace(arch="cam", device="cpu", epochs=2, tiny=True, last_batch="keep",
-                                    cuda_graphs=False, threads=1)  # fmt: skip
-    r = bench.processes_throughput(args, ds, tmp_path, {"base_width": 4})
-    run = Run(tmp_path / "run-processes")
-    rows = bench._train_rows(ds)
-    for k in range(5):
-        seconds = run.fold_result(k).epoch_seconds  # the first epoch (warm-up) is left out
-        assert len(seconds) == 2
-        assert r["samples_per_s_per_fold"][k] == pytest.approx(rows[k] / seconds[1])
-    assert r["samples_per_s_all_folds"] == pytest.approx(sum(r["samples_per_s_per_fold"].values()))
 
 
 def test_busy_machine_is_refused(monkeypatch, capsys):
