@@ -10,13 +10,16 @@ def model_catalogue(in_channels: int = 11) -> list[dict[str, Any]]:
     """One record per registered name (aliases included): name, paper name, description, the
     map kind of its head, the map methods ``nodulekit maps`` accepts for it and its parameter
     count with default options for ``in_channels`` input slices."""
+    import torch
+
     from nodulekit.maps import supported_methods
     from nodulekit.models import create_model, describe_models
     from nodulekit.models.registry import model_spec
 
     rows = []
     for name, description, map_kind in describe_models():
-        model = create_model(name, in_channels).eval()
+        with torch.device("meta"):  # shapes only: no memory, no initialisation of VGG16's 134 M weights
+            model = create_model(name, in_channels).eval()
         rows.append(
             {
                 "name": name,

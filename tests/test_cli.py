@@ -183,6 +183,11 @@ def test_models_lists_the_registry(run_cli):
     assert {"gradcam", "hesam", "he-gradcam"} <= set(rows["hesam"]["map_methods"])
     assert "cam" not in rows["hesam"]["map_methods"]
     assert rows["resnet18"]["map_methods"] == ["gradcam"]  # no map-defining head
+    # the counts (taken from shapes alone) are those of a real model with its weights
+    from nodulekit.models import create_model
+
+    for name in ("hesam", "resnet18"):
+        assert rows[name]["parameters"] == sum(p.numel() for p in create_model(name, 3).parameters()), name
     # parameter counts follow the input: the first convolution grows with the channels
     _, out11, _ = run_cli("models", "--channels", "11", "--json")
     rows11 = {r["name"]: r for r in json.loads(out11)}
