@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -177,36 +175,20 @@ def test_record_roundtrip_and_ambiguous_ids():
     assert rec.labelled(LabelRule()).reason == "ambiguous"
 
 
-def test_cli_cohort(tmp_path, two_patients, monkeypatch):
-    import os
-
+def test_cli_cohort(tmp_path, two_patients, monkeypatch, cli):
     import nodulekit.cohort as cohort
 
-    # A cache holding the two patients keeps the subprocess from clustering again.
+    # A cache holding the two patients keeps the command from clustering again.
     monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path / "cache"))
     cohort.cache_file().parent.mkdir()
     cohort.cache_file().write_text(json.dumps([r.to_json() for r in two_patients]))
-    env = dict(os.environ)
     out = tmp_path / "c.csv"
-    cmd = [
-        sys.executable,
-        "-m",
-        "nodulekit",
-        "cohort",
-        "-o",
-        str(out),
-        "--patients",
-        ",".join(TWO),
-        "--min-readers",
-        "1",
-        "--h5",
-        str(tmp_path / "c.h5"),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    args = ["cohort", "-o", out, "--patients", ",".join(TWO), "--min-readers", "1", "--h5", tmp_path / "c.h5"]
+    res = cli(*args)
     assert "clustering" not in res.stderr
     assert res.returncode == 0, res.stderr
     assert "5 nodule clusters: 1 benign, 4 malignant" in res.stdout
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    res = cli(*args)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("nodulekit: error:")
     assert "already exists" in res.stderr and "Traceback" not in res.stderr
 

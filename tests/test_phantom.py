@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,17 +212,12 @@ def test_bad_requests_leave_nothing_behind(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, cli):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "a").write_text("")
     for out, args in ((tmp_path / "new", ["--nodules", "0"]), (busy, ["--nodules", "2"])):
-        proc = subprocess.run(
-            [sys.executable, "-m", "nodulekit", "phantom", "-o", str(out), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = cli("phantom", "-o", out, *args)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("nodulekit: error:"), proc.stderr
