@@ -19,7 +19,7 @@ $(BIN)/nodulekit: pyproject.toml
 install: $(BIN)/nodulekit
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # ruff is configured in pyproject.toml; `make format` applies the formatter and safe fixes.
 lint: install
