@@ -173,10 +173,11 @@ def run_cli(monkeypatch, capsys):
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """``cli(*args)``: ``nodulekit ARGS`` in this process as a ``CompletedProcess`` (returncode,
-    stdout, stderr), for tests where a new process is not the point: a process start with torch's
-    import costs ~3 CPU-seconds."""
+def nodulekit_cli(monkeypatch, capsys):
+    """``nodulekit_cli(*args)``: ``nodulekit ARGS`` in this process as a ``CompletedProcess``
+    (returncode, stdout, stderr), for tests where a new process is not the point: a process start
+    with torch's import costs ~3 CPU-seconds. (Some files import ``cli_in_process as cli``: another
+    signature, hence another name.)"""
 
     def run(*args) -> subprocess.CompletedProcess:
         code, out, err = cli_in_process(monkeypatch, capsys, *args)

@@ -53,10 +53,10 @@ def holder_process(fold_dir: Path) -> subprocess.Popen:
     return proc
 
 
-def nodulekit(cli, *args, check_rc: int | None = None) -> subprocess.CompletedProcess:
-    """``nodulekit ARGS`` in this process (``cli``: conftest's fixture); the job it contends with is
-    another process."""
-    out = cli(*args)
+def nodulekit(nodulekit_cli, *args, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    """``nodulekit ARGS`` in this process (``nodulekit_cli``: conftest's fixture); the job it
+    contends with is another process."""
+    out = nodulekit_cli(*args)
     if check_rc is not None:
         assert out.returncode == check_rc, out.stderr
     return out
@@ -146,7 +146,7 @@ def test_racing_takeovers_have_exactly_one_winner(tmp_path):
             p.wait()
 
 
-def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path, cli):
+def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path, nodulekit_cli):
     """Job A trains fold 0 and is held inside training; job B on fold 0 refuses; A still finishes."""
     rundir, release = tmp_path / "run", tmp_path / "release"
     code = textwrap.dedent(f"""
@@ -163,7 +163,9 @@ def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path, cli):
     job_a = subprocess.Popen([PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert job_a.stdout.readline().strip() == "epoch 1"  # A holds fold 0's claim now
-        job_b = nodulekit(cli, "train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS, check_rc=2)
+        job_b = nodulekit(
+            nodulekit_cli, "train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS, check_rc=2
+        )
         lines = job_b.stderr.strip().splitlines()
         assert len(lines) == 1
         assert lines[0] == (
@@ -174,7 +176,7 @@ def test_second_train_on_a_claimed_fold_refuses_in_one_line(ds, tmp_path, cli):
         assert [r["state"] for r in rows] == ["running", "missing", "missing", "missing", "missing"]
         assert rows[0]["claim"]["pid"] == job_a.pid
         # B on another fold is not blocked by A
-        nodulekit(cli, "train", ds, "-o", rundir, "--fold", "1", "--epochs", "1", *TRAIN_OPTS, check_rc=0)
+        nodulekit(nodulekit_cli, "train", ds, "-o", rundir, "--fold", "1", "--epochs", "1", *TRAIN_OPTS, check_rc=0)
         release.touch()
         assert job_a.stdout.readline().strip() == "done" and job_a.wait() == 0
     finally:
@@ -328,7 +330,7 @@ def test_a_claim_names_its_job_by_token_boot_and_pid_namespace(tmp_path):
     assert not (tmp_path / "fold0" / CLAIM_FILE).exists()
 
 
-def test_a_live_job_in_another_pid_namespace_keeps_its_fold(ds, tmp_path, cli):
+def test_a_live_job_in_another_pid_namespace_keeps_its_fold(ds, tmp_path, nodulekit_cli):
     """Same host name, another PID namespace (a container): its PID says nothing here, only its heartbeat."""
     from reliability_cases import BY_ID
 
@@ -344,7 +346,7 @@ def test_a_live_job_in_another_pid_namespace_keeps_its_fold(ds, tmp_path, cli):
         theirs = claims.read_claim(fold_dir)
         assert theirs.pid_ns != claims.pid_namespace() and theirs.host == socket.gethostname()
         assert theirs.alive() is None  # its PID is meaningless here: neither alive nor dead
-        job = nodulekit(cli, "train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS)
+        job = nodulekit(nodulekit_cli, "train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS)
         BY_ID["claim-other-namespace"].check(job.returncode, job.stderr)
         assert claims.read_claim(fold_dir) == theirs  # not taken over
         old = time.time() - claims.STALE_S - 60  # its heartbeat stopped 11 min ago: now it is stale
@@ -355,7 +357,7 @@ def test_a_live_job_in_another_pid_namespace_keeps_its_fold(ds, tmp_path, cli):
         holder.wait()
 
 
-def test_a_claim_or_lock_planted_as_a_link_is_refused_not_followed(ds, tmp_path, cli):
+def test_a_claim_or_lock_planted_as_a_link_is_refused_not_followed(ds, tmp_path, nodulekit_cli):
     from reliability_cases import BY_ID
 
     victim = tmp_path / "precious.txt"
@@ -363,7 +365,7 @@ def test_a_claim_or_lock_planted_as_a_link_is_refused_not_followed(ds, tmp_path,
     rundir = tmp_path / "run"
     (rundir / "fold0").mkdir(parents=True)
     (rundir / "fold0" / CLAIM_FILE).symlink_to(victim)
-    job = nodulekit(cli, "train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS)
+    job = nodulekit(nodulekit_cli, "train", ds, "-o", rundir, "--fold", "0", "--epochs", "1", *TRAIN_OPTS)
     BY_ID["link-as-lock"].check(job.returncode, job.stderr)
     (rundir / "fold0" / CLAIM_FILE).unlink()
     (rundir / "fold0" / ".claim.lock").symlink_to(victim)

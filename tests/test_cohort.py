@@ -175,7 +175,7 @@ def test_record_roundtrip_and_ambiguous_ids():
     assert rec.labelled(LabelRule()).reason == "ambiguous"
 
 
-def test_cli_cohort(tmp_path, two_patients, monkeypatch, cli):
+def test_cli_cohort(tmp_path, two_patients, monkeypatch, nodulekit_cli):
     import nodulekit.cohort as cohort
 
     # A cache holding the two patients keeps the command from clustering again.
@@ -184,11 +184,11 @@ def test_cli_cohort(tmp_path, two_patients, monkeypatch, cli):
     cohort.cache_file().write_text(json.dumps([r.to_json() for r in two_patients]))
     out = tmp_path / "c.csv"
     args = ["cohort", "-o", out, "--patients", ",".join(TWO), "--min-readers", "1", "--h5", tmp_path / "c.h5"]
-    res = cli(*args)
+    res = nodulekit_cli(*args)
     assert "clustering" not in res.stderr
     assert res.returncode == 0, res.stderr
     assert "5 nodule clusters: 1 benign, 4 malignant" in res.stdout
-    res = cli(*args)
+    res = nodulekit_cli(*args)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("nodulekit: error:")
     assert "already exists" in res.stderr and "Traceback" not in res.stderr
 

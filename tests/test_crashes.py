@@ -73,10 +73,10 @@ def test_a_variant_whose_child_dies_is_excluded_recorded_and_avoided_next(tmp_pa
     assert "bf16" in other.step_seconds
 
 
-def test_forced_variant_that_crashes_is_refused_in_one_line(ds, tmp_path, env, monkeypatch, cli):
+def test_forced_variant_that_crashes_is_refused_in_one_line(ds, tmp_path, env, monkeypatch, nodulekit_cli):
     monkeypatch.setenv(execution.CRASH_HOOK_ENV, "bf16+channels_last")  # the probe's child aborts there
     out = tmp_path / "run"
-    r = cli("train", ds, "-o", out, *TRAIN, "--epochs", "1", "--fold", "0", "--amp", "--channels-last")
+    r = nodulekit_cli("train", ds, "-o", out, *TRAIN, "--epochs", "1", "--fold", "0", "--amp", "--channels-last")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr
     assert lines[0].startswith(
@@ -100,15 +100,15 @@ def watch_of(rundir: Path):
     )
 
 
-def status(cli, rundir, table: bool = False) -> tuple[int, list[dict], str]:
-    """`nodulekit status` in this process (``cli``: conftest's fixture); the training is another."""
-    js = cli("status", rundir, "--json")
-    text = cli("status", rundir) if table else None
+def status(nodulekit_cli, rundir, table: bool = False) -> tuple[int, list[dict], str]:
+    """`nodulekit status` in this process (``nodulekit_cli``: conftest's fixture); the training is another."""
+    js = nodulekit_cli("status", rundir, "--json")
+    text = nodulekit_cli("status", rundir) if table else None
     assert text is None or text.returncode == js.returncode
     return js.returncode, json.loads(js.stdout), text.stdout if text else ""
 
 
-def test_training_aborted_is_crashed_in_status(ds, tmp_path, env, cli):
+def test_training_aborted_is_crashed_in_status(ds, tmp_path, env, nodulekit_cli):
     run = tmp_path / "run"
     args = ["train", ds, "-o", run, *TRAIN, "--epochs", "400", "--fold", "1", "--no-amp", "--no-channels-last"]
     job = subprocess.Popen([PY, "-m", "nodulekit", *map(str, args)], env=env, stdout=subprocess.DEVNULL,
@@ -120,13 +120,13 @@ def test_training_aborted_is_crashed_in_status(ds, tmp_path, env, cli):
         assert job.wait(60) == -signal.SIGABRT
     finally:
         job.kill()
-    rc, rows, table = status(cli, run, table=True)
+    rc, rows, table = status(nodulekit_cli, run, table=True)
     assert rc == 3 and [r["state"] for r in rows] == ["missing", "crashed", "missing", "missing", "missing"]
     assert rows[1]["note"].startswith(f"SIGABRT in native code with fp32 (pid {job.pid}")
     assert "crashed" in table.splitlines()[2] and "SIGABRT" in table.splitlines()[2]
 
 
-def test_training_killed_by_a_signal_is_crashed_in_status_and_avoided_next(ds, tmp_path, env, cli):
+def test_training_killed_by_a_signal_is_crashed_in_status_and_avoided_next(ds, tmp_path, env, nodulekit_cli):
     sig = signal.SIGSEGV
     run = tmp_path / "run"
     args = ["train", ds, "-o", run, *TRAIN, "--epochs", "400", "--batch-size", "2", "--fold", "0"]
@@ -141,14 +141,14 @@ def test_training_killed_by_a_signal_is_crashed_in_status_and_avoided_next(ds, t
         assert job.wait(60) == -sig
     finally:
         job.kill()
-    rc, rows, table = status(cli, run, table=True)
+    rc, rows, table = status(nodulekit_cli, run, table=True)
     assert rc == 3 and rows[0]["state"] == "crashed" and [r["state"] for r in rows[1:]] == ["missing"] * 4
     assert rows[0]["note"].startswith(f"{sig.name} in native code with bf16 (pid {job.pid}")
     assert table.splitlines()[1].split()[:3] == [str(run), "0", "crashed"] and table.splitlines()[-1] == (
         "1 crashed, 4 missing"
     )
     # the same variant forced again: refused in one line, naming the crash
-    again = cli(*args, "--amp", "--no-channels-last")
+    again = nodulekit_cli(*args, "--amp", "--no-channels-last")
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
     assert f"--amp: bf16 crashed here before ({sig.name} in training fold(s) 0 of {run}" in again.stderr
     assert [(c["variant"], c["signal"]) for c in cached(tmp_path)] == [("bf16", sig.name)]
@@ -161,23 +161,23 @@ def test_training_killed_by_a_signal_is_crashed_in_status_and_avoided_next(ds, t
         header = json.loads(new[0].read_text().splitlines()[0].removeprefix("nodulekit-watch "))
         assert not watch.exists()  # the crashed fold's old watch is cleared once the fold trains again
         assert header["variant"] != "bf16"
-        rc, rows, _ = status(cli, run)
+        rc, rows, _ = status(nodulekit_cli, run)
         assert rc == 3 and rows[0]["state"] == "running"
         job.kill()
         job.wait(60)
     finally:
         job.kill()
-    rc, rows, _ = status(cli, run)
+    rc, rows, _ = status(nodulekit_cli, run)
     assert rows[0]["state"] == "crashed" and rows[0]["note"].startswith("killed without a fault message (SIGKILL")
 
 
-def test_status_of_a_path_that_does_not_exist_is_an_error_and_columns_fit(tmp_path, env, cli):
-    r = cli("status", tmp_path / "typo")
+def test_status_of_a_path_that_does_not_exist_is_an_error_and_columns_fit(tmp_path, env, nodulekit_cli):
+    r = nodulekit_cli("status", tmp_path / "typo")
     assert r.returncode == 2 and r.stderr.strip() == f"nodulekit: error: {tmp_path / 'typo'} does not exist"
     short, long = tmp_path / "r", tmp_path / ("a-rather-long-folder-name-" * 3)
     short.mkdir()
     long.mkdir()
-    r = cli("status", short, long)
+    r = nodulekit_cli("status", short, long)
     lines = r.stdout.splitlines()
     assert r.returncode == 3 and lines[-1] == "2 missing"
     # every column starts at the same place on every line, however long the paths

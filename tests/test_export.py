@@ -301,21 +301,21 @@ def test_auto_provider_reports_what_ran(tiny_export):
     assert f"running on {ran}" in note
 
 
-def test_cli_infer_and_one_line_errors(tiny_export, tmp_path, cli):
+def test_cli_infer_and_one_line_errors(tiny_export, tmp_path, nodulekit_cli):
     _, path, _ = tiny_export
     ds = write_tiny_dataset(tmp_path / "d3.h5", n=6, channels=3)
     out = tmp_path / "p.h5"
-    r = cli("infer", path, ds, "-o", out, "--provider", "cpu", "--batch", "4")
+    r = nodulekit_cli("infer", path, ds, "-o", out, "--provider", "cpu", "--batch", "4")
     assert r.returncode == 0, r.stderr
     assert "6 nodules on cpu" in r.stdout and out.exists()
-    r = cli("infer", path, ds, "-o", out, "--provider", "cpu")
+    r = nodulekit_cli("infer", path, ds, "-o", out, "--provider", "cpu")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "already exists" in r.stderr
     assert "Traceback" not in r.stderr
-    r = cli("export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
+    r = nodulekit_cli("export-onnx", tmp_path / "nope", "-o", tmp_path / "m.onnx")
     assert r.returncode == 2 and r.stderr.strip() == f"nodulekit: error: {tmp_path / 'nope'} does not exist"
 
 
-def test_export_trained_rundir_via_cli(tmp_path, cli):
+def test_export_trained_rundir_via_cli(tmp_path, nodulekit_cli):
     """A tiny trained RUNDIR: export-onnx reads run.json, checks on the run's own data, infer = PyTorch maps."""
     from nodulekit.artifacts import open_artifact
     from nodulekit.training import TrainConfig, load_fold_model, train
@@ -326,7 +326,7 @@ def test_export_trained_rundir_via_cli(tmp_path, cli):
     train(ds, rundir, cfg, folds=[1], progress=False)
     run = json.loads((rundir / "run.json").read_text())
     out = tmp_path / "fold1.onnx"
-    r = cli("export-onnx", rundir, "--fold", "1", "-o", out, "--exporter", "torchscript")
+    r = nodulekit_cli("export-onnx", rundir, "--fold", "1", "-o", out, "--exporter", "torchscript")
     assert r.returncode == 0, r.stderr
     assert "fold 1" in r.stdout and out.exists()
     meta = _meta(out)
@@ -343,7 +343,7 @@ def test_export_trained_rundir_via_cli(tmp_path, cli):
     src = ex.load_model_source(lone)
     assert src.run["dataset_fingerprint"] == run["dataset_fingerprint"] and src.run["label_rule"] == run["label_rule"]
     assert src.model.arch == "hesam" and src.model.config["base_width"] == 8
-    r = cli("export-onnx", rundir, "--fold", "0", "-o", tmp_path / "f0.onnx")
+    r = nodulekit_cli("export-onnx", rundir, "--fold", "0", "-o", tmp_path / "f0.onnx")
     assert r.returncode == 2 and "fold 0" in r.stderr and not (tmp_path / "f0.onnx").exists()
 
     preds = tmp_path / "preds.h5"
@@ -375,7 +375,7 @@ def test_export_trained_rundir_via_cli(tmp_path, cli):
     with h5py.File(ds, "a") as f:
         set_json_attr(f, "normalisation", {"hu_window": [-1000.0, 400.0], "reworded": "any prose"})
         set_json_attr(f, "input_spec", spec)
-    r = cli("infer", out, ds, "-o", tmp_path / "other.h5", "--provider", "cpu")
+    r = nodulekit_cli("infer", out, ds, "-o", tmp_path / "other.h5", "--provider", "cpu")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "channel 2 is the plane at +0 mm with a 4 x diameter crop vs +0 mm with 3.5 x diameter" in r.stderr
     assert not (tmp_path / "other.h5").exists()

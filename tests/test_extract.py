@@ -218,7 +218,7 @@ def test_dicom_consensus_is_pylidcs(dicom_rois):
 
 
 @pytest.mark.shared
-def test_consensus_level_sets_the_mask(lidc_dicom, dicom_rois, tmp_path, cli):
+def test_consensus_level_sets_the_mask(lidc_dicom, dicom_rois, tmp_path, nodulekit_cli):
     out = tmp_path / "all4.h5"
     extract_rois(out, lidc_root=lidc_dicom, patients=["LIDC-IDRI-0001"], consensus_level=1.0, progress=False)
     with h5py.File(out) as f, h5py.File(dicom_rois) as ref:
@@ -228,17 +228,19 @@ def test_consensus_level_sets_the_mask(lidc_dicom, dicom_rois, tmp_path, cli):
         # every reader agrees on fewer voxels: a smaller diameter, hence a narrower window
         assert f["diameter_mm"][0] < ref["diameter_mm"][0] and g["mask"].shape[1] < r["mask"].shape[1]
     for bad in ("0", "1.5", "-0.2", "nan"):
-        res = cli("extract", "--lidc-root", str(lidc_dicom), "-o", str(tmp_path / "x.h5"), "--consensus-level", bad)
+        res = nodulekit_cli(
+            "extract", "--lidc-root", str(lidc_dicom), "-o", str(tmp_path / "x.h5"), "--consensus-level", bad
+        )
         assert res.returncode == 2 and "--consensus-level must be" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.h5").exists()
 
 
 @pytest.mark.shared
-def test_existing_output_is_refused(lidc_vois, tmp_path, cli):
+def test_existing_output_is_refused(lidc_vois, tmp_path, nodulekit_cli):
     out = tmp_path / "rois.h5"
     out.write_bytes(b"precious")
-    res = cli("extract", "--vois", str(lidc_vois), "-o", str(out), "--patients", "LIDC-IDRI-0001")
+    res = nodulekit_cli("extract", "--vois", str(lidc_vois), "-o", str(out), "--patients", "LIDC-IDRI-0001")
     assert res.returncode == 2 and "already exists (pass --overwrite" in res.stderr and "Traceback" not in res.stderr
     assert out.read_bytes() == b"precious"
     with pytest.raises(NodulekitError, match="exactly one source"):
@@ -271,7 +273,7 @@ def _rows_for(lidc_vois: Path, patients) -> list[list[str]]:
 
 
 @pytest.mark.shared
-def test_broken_inputs_are_skipped_and_reported(lidc_vois, tmp_path, cli):
+def test_broken_inputs_are_skipped_and_reported(lidc_vois, tmp_path, nodulekit_cli):
     good = _rows_for(lidc_vois, ["LIDC-IDRI-0001"])
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"\x1f\x8b not really gzip")
@@ -290,7 +292,7 @@ def test_broken_inputs_are_skipped_and_reported(lidc_vois, tmp_path, cli):
         assert [s.decode() for s in f["nodule_id"][()]] == ["LIDC-IDRI-0001:1"]
         assert len(json.loads(f.attrs["provenance"])["failed"]) == 2
     assert parts_dir_for(out).exists()  # kept so that a re-run retries only the failures
-    res = cli("extract", "--vois", str(folder), "-o", str(tmp_path / "cli.h5"), "--patients", ",".join(TWO))
+    res = nodulekit_cli("extract", "--vois", str(folder), "-o", str(tmp_path / "cli.h5"), "--patients", ",".join(TWO))
     assert res.returncode == 1 and "skipped" in res.stderr and "Traceback" not in res.stderr
     assert (tmp_path / "cli.h5").exists()
 

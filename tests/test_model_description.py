@@ -66,17 +66,17 @@ def test_no_local_paths_in_the_model_file(run):
             assert "/tmp" not in value and str(run["folder"].parent) not in value, key
 
 
-def test_describe_onnx_equals_describe_rundir(run, cli):
-    r = cli("describe", run["ensemble"], "--json")
+def test_describe_onnx_equals_describe_rundir(run, nodulekit_cli):
+    r = nodulekit_cli("describe", run["ensemble"], "--json")
     assert r.returncode == 0, r.stderr
     from_onnx = json.loads(r.stdout)
-    r = cli("describe", run["rundir"], "--json")
+    r = nodulekit_cli("describe", run["rundir"], "--json")
     assert r.returncode == 0, r.stderr
     export_only = from_onnx.pop("export")  # what only a file has: its version and reference vectors
     assert export_only["model_version"] and export_only["test_data_set"]["input_shape"] == [1, 11, 32, 32]
     assert json.loads(r.stdout) == from_onnx  # one description, whichever file carries the model
     assert len(from_onnx["members"]) == 2 and from_onnx["training_data"]["nodule_ids"]
-    text = cli("describe", run["fold0"]).stdout
+    text = nodulekit_cli("describe", run["fold0"]).stdout
     assert "z offsets -5, -4" in text and "2 x diameter" in text and "HU [-1000.0, 400.0]" in text
 
 
@@ -101,7 +101,7 @@ def test_ensemble_graph_averages_the_fold_models(run):
     ]
 
 
-def test_ensemble_needs_every_fold_finished(run, tmp_path, cli):
+def test_ensemble_needs_every_fold_finished(run, tmp_path, nodulekit_cli):
     import shutil
 
     partial = tmp_path / "partial"
@@ -109,7 +109,7 @@ def test_ensemble_needs_every_fold_finished(run, tmp_path, cli):
     (partial / "fold1" / "result.h5").unlink()  # fold 1 still training
     with pytest.raises(NodulekitError, match=r"lacks finished fold\(s\) fold1 .* for an ensemble of every fold"):
         ex.load_ensemble_source(partial)
-    r = cli("export-onnx", run["rundir"], "--ensemble", "--fold", "0", "-o", tmp_path / "x.onnx")
+    r = nodulekit_cli("export-onnx", run["rundir"], "--ensemble", "--fold", "0", "-o", tmp_path / "x.onnx")
     assert r.returncode == 2 and "drop --fold" in r.stderr and not (tmp_path / "x.onnx").exists()
 
 
@@ -151,9 +151,9 @@ def test_foreign_or_altered_onnx_is_refused(run, tmp_path):
             ex.read_metadata(path)
 
 
-def test_infer_warns_about_training_rows(run, tmp_path, cli):
+def test_infer_warns_about_training_rows(run, tmp_path, nodulekit_cli):
     # The training dataset: the fold-0 model saw the fold-1 rows; the ensemble saw every row.
-    r = cli("infer", run["fold0"], run["dataset"], "-o", tmp_path / "f0.h5", "--provider", "cpu")
+    r = nodulekit_cli("infer", run["fold0"], run["dataset"], "-o", tmp_path / "f0.h5", "--provider", "cpu")
     assert r.returncode == 0, r.stderr
     assert "warning: 10 of 20 nodules were in the model's training data" in r.stderr
     with h5py.File(tmp_path / "f0.h5") as f, h5py.File(run["dataset"]) as d:
@@ -198,7 +198,7 @@ def test_older_export_still_infers_but_predict_asks_for_a_new_one(run, tmp_path)
         ex.read_model_card(old)
 
 
-def test_model_file_stands_alone(run, cli):
+def test_model_file_stands_alone(run, nodulekit_cli):
     """Doc strings, version, licence, citation, attribution, performance, ranges and placement."""
     proto = onnx.load(str(run["fold0"]))
     meta = _meta(run["fold0"])
@@ -234,7 +234,7 @@ def test_model_file_stands_alone(run, cli):
     assert (ranges.diameter_mm.min, ranges.diameter_mm.max, ranges.diameter_mm.n) == (d.min(), d.max(), 10)
     assert ranges.pixel_spacing_mm is None  # this synthetic dataset does not record its scans' spacing
     assert "t = 2 x d / 32 mm" in card["map_placement"]["map_up"]
-    text = cli("describe", run["fold0"]).stdout
+    text = nodulekit_cli("describe", run["fold0"]).stdout
     for words in ("map placement", "training ranges", "performance", "model_version", "test vectors", "CC BY 3.0"):
         assert words in text, words
 
@@ -286,7 +286,7 @@ def test_schema_1_description_reads_with_its_spec_derived(run, tmp_path):
     assert ex.infer(old, run["dataset"], tmp_path / "m.h5", provider="cpu")["n"] == 20
 
 
-def test_predict_refuses_an_input_spec_it_cannot_follow(run, tmp_path, cli):
+def test_predict_refuses_an_input_spec_it_cannot_follow(run, tmp_path, nodulekit_cli):
     import nibabel as nib
 
     def half_up(proto):
@@ -299,7 +299,7 @@ def test_predict_refuses_an_input_spec_it_cannot_follow(run, tmp_path, cli):
     ct = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.full((20, 20, 10), -800, np.int16), np.eye(4)), str(ct))
     out = tmp_path / "out"
-    r = cli("predict", model, ct, "--centre", "-10,-10,5", "--diameter", "6", "-o", out)
+    r = nodulekit_cli("predict", model, ct, "--centre", "-10,-10,5", "--diameter", "6", "-o", out)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert (
         "asks for hu_rounding = 'half_up'; this nodulekit builds inputs only with hu_rounding = 'half_to_even'"

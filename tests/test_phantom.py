@@ -212,12 +212,12 @@ def test_bad_requests_leave_nothing_behind(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_cli_errors_are_one_line(tmp_path, cli):
+def test_cli_errors_are_one_line(tmp_path, nodulekit_cli):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "a").write_text("")
     for out, args in ((tmp_path / "new", ["--nodules", "0"]), (busy, ["--nodules", "2"])):
-        proc = cli("phantom", "-o", out, *args)
+        proc = nodulekit_cli("phantom", "-o", out, *args)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("nodulekit: error:"), proc.stderr
