@@ -39,16 +39,17 @@ mutate: install
 	nice -n 19 $(BIN)/python tools/mutate.py $(foreach m,$(MODULES),--module $(m)) --confirm -o $(MUTATE_REPORT)
 
 # Mechanical mutants of the whole package from mutmut 3 (docs/testing.md): in a scratch copy
-# (MUTMUT_WORKDIR, kept), two mutants at a time, stopped after MUTMUT_TIME_BOX seconds;
+# (MUTMUT_WORKDIR, kept; default one per MODULES set under ~/.cache/nodulekit/mutmut), two
+# mutants at a time, stopped after MUTMUT_TIME_BOX seconds;
 # run it again to resume. MODULES / MUTMUT_TESTS narrow it to some modules and test files.
 MUTMUT_TIME_BOX ?= 14400
 MUTMUT_TESTS ?=
-MUTMUT_WORKDIR ?= $(HOME)/.cache/nodulekit/mutmut
+MUTMUT_WORKDIR ?=
 MUTMUT_REPORT ?= mutmut-report.md
 mutate-tool: install
 	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,mutation,$(ORT_EXTRA)]"
 	nice -n 19 $(BIN)/python tools/mutmut_run.py $(foreach m,$(MODULES),--module $(m)) \
-		$(foreach t,$(MUTMUT_TESTS),--tests $(t)) --workdir $(MUTMUT_WORKDIR) \
+		$(foreach t,$(MUTMUT_TESTS),--tests $(t)) $(if $(MUTMUT_WORKDIR),--workdir $(MUTMUT_WORKDIR)) \
 		--time-box $(MUTMUT_TIME_BOX) --max-children 2 -o $(MUTMUT_REPORT)
 
 demo: install

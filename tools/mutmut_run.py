@@ -21,6 +21,7 @@ runs), so
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,16 @@ def configure(work: Path, modules: list[str], tests: list[str]) -> None:
     path.write_text(text)
 
 
+def workdir_for(modules: list[str]) -> Path:
+    """The default scratch copy for this module set: one per set, so that narrowing to other
+    modules (and their tests) does not make mutmut reset the results of an earlier narrowing
+    (mutmut re-runs every mutant when the configured test selection changes)."""
+    name = "-".join(sorted(Path(m).with_suffix("").as_posix().replace("/", ".") for m in modules)) or "all"
+    if len(name) > 80:  # many modules: a stable short name instead
+        name = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "nodulekit" / "mutmut" / name
+
+
 def sync(work: Path) -> None:
     """Copy the work tree into ``work`` (a fresh copy's mtimes tell mutmut which files changed)."""
     work.mkdir(parents=True, exist_ok=True)
@@ -76,14 +87,40 @@ def results(work: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def report(work: Path, modules: list[str], commit: str, command: str) -> tuple[str, int]:
-    equivalent = tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.exists() else {}
+def equivalents() -> dict[str, str]:
+    """{mutant name: why it is equivalent} from tools/mutmut-equivalent.toml."""
+    return tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.exists() else {}
+
+
+def survivors_of(work: Path, modules: list[str]) -> list[str]:
+    """Mutants of ``modules`` (all: empty) that survived and are not marked equivalent."""
+    equivalent = equivalents()
+    return [
+        name
+        for module, outcomes in results(work).items()
+        if not modules or any(Path(module).match(m) or module == m for m in modules)
+        for name, outcome in outcomes.items()
+        if outcome == "survived" and name not in equivalent
+    ]
+
+
+def diff_of(work: Path, env: dict[str, str], name: str) -> str:
+    """mutmut's diff of one mutant (what the reader needs to write the test that kills it)."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "mutmut", "show", name], cwd=work, env=env, capture_output=True, text=True
+    )
+    return shown.stdout.strip() or shown.stderr.strip()
+
+
+def report(work: Path, modules: list[str], commit: str, command: str, env: dict[str, str]) -> tuple[str, int]:
+    equivalent = equivalents()
     lines = [f"# mutmut report\n\ncommit `{commit}`; command `{command}`\n"]
     lines += [
         "| module | killed | survived | timeout | equivalent | no tests | not checked | score |",
         "|---|---|---|---|---|---|---|---|",
     ]
     survivors: list[str] = []
+    reported: set[str] = set()
     for module, outcomes in results(work).items():
         if modules and not any(Path(module).match(m) or module == m for m in modules):
             continue
@@ -94,8 +131,11 @@ def report(work: Path, modules: list[str], commit: str, command: str) -> tuple[s
             f"| {module} | {n['killed']} | {n['survived']} | {n['timeout']} | {n['equivalent']} | {n['no tests']} | {n['not checked']} | {score} |"
         )
         survivors += [k for k, v in outcomes.items() if v == "survived" and k not in equivalent]
-    lines += ["", "## Survivors (not marked equivalent)", ""] + [f"- `{s}`" for s in survivors]
-    lines += ["", "## Equivalent (tools/mutmut-equivalent.toml)", ""] + [f"- `{k}`: {v}" for k, v in equivalent.items()]
+        reported |= set(outcomes)
+    lines += ["", "## Survivors (not marked equivalent)", ""]
+    lines += [f"- `{s}`\n\n```diff\n{diff_of(work, env, s)}\n```\n" for s in survivors]
+    lines += ["", "## Equivalent (tools/mutmut-equivalent.toml)", ""]
+    lines += [f"- `{k}`: {v}" for k, v in equivalent.items() if k in reported]
     return "\n".join(lines) + "\n", len(survivors)
 
 
@@ -103,13 +143,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--module", action="append", default=[], help="only mutate this module (repeatable)")
     ap.add_argument("--tests", action="append", default=[], help="test file run against the mutants (repeatable)")
-    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "nodulekit" / "mutmut")
+    ap.add_argument("--workdir", type=Path, help="scratch copy (default: one per --module set, see workdir_for)")
     ap.add_argument("--time-box", type=float, default=3600, help="stop after this many seconds (resume later)")
     ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="re-test only the survivors of an earlier run (mutmut keeps a result even when new tests could change it)",
+    )
     ap.add_argument("-o", "--output", type=Path, default=Path("mutmut-report.md"))
     args = ap.parse_args()
 
-    work = args.workdir.resolve()
+    work = (args.workdir or workdir_for(args.module)).resolve()
     # the commit whose code and tests this run copies (a resumed run keeps earlier results: see the docs)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
@@ -124,12 +169,21 @@ def main() -> int:
     if "NODULEKIT_SHARED_DATA" not in env and shared.exists():
         env["NODULEKIT_SHARED_DATA"] = str(shared)
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    if args.rerun_survivors:
+        # read before the copy's tests change: mutmut re-runs named mutants even when it has a result
+        rerun = survivors_of(work, args.module) if (work / "mutants").exists() else []
+        if not rerun:
+            print("no survivors to re-test")
+            return 0
+        mutmut += rerun
     try:
         subprocess.run(["timeout", "--signal=INT", str(int(args.time_box)), *mutmut], cwd=work, env=env, check=False)
     except KeyboardInterrupt:
         pass
     command = "python tools/mutmut_run.py " + " ".join(sys.argv[1:])
-    text, survivors = report(work, args.module, commit + (" (+ uncommitted changes)" if dirty.strip() else ""), command)
+    text, survivors = report(
+        work, args.module, commit + (" (+ uncommitted changes)" if dirty.strip() else ""), command, env
+    )
     args.output.write_text(text)
     print(text)
     return 1 if survivors else 0
