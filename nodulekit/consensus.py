@@ -25,7 +25,7 @@ import numpy as np
 from nodulekit.errors import DataError, NodulekitError
 
 DEFAULT_LEVEL = 0.5  # pylidc's clevel convention
-Z_TOL_MM = 0.05  # VOI and scan slice positions closer than this are the same slice
+Z_TOL_MM = 0.05  # VOI and scan slice positions at most this far apart are the same slice
 DEFINITION = (
     "agreement = number of readers whose pylidc annotation mask marks the voxel; "
     "consensus (mask) = agreement / n_readers >= consensus_level (pylidc.utils.consensus); "

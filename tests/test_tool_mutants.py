@@ -1,0 +1,213 @@
+"""Tests written where mutmut's mutants survived the targeted test files (docs/testing.md,
+"Mutants from a tool"). Each asserts a documented property on a fixture where the mutated
+choice shows (a box touching the grid's edges, a tie, a value that is not the default),
+against a known answer worked out here; none reads its expected value back from the code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nodulekit.errors import DataError
+
+# --------------------------------------------------------------------------- consensus
+
+
+def _corner_readers():
+    """Two readers on a 3 x 4 x 2 box; reader 1 also marks the far corner (agreement 1)."""
+    from nodulekit.consensus import ReaderMasks
+
+    masks = np.zeros((2, 3, 4, 2), bool)
+    masks[:, 0:2, 0:3, 0] = True
+    masks[0, 2, 3, 1] = True
+    return ReaderMasks(masks, (0, 0, 0))
+
+
+def test_agreement_fills_a_grid_it_touches_on_every_edge():
+    """A box as large as the grid (offset 0, end = shape on every axis) fits: the grid is the
+    readers' agreement count, as uint8 (the documented type, what the VOI writer stores)."""
+    from nodulekit.consensus import Placement, agreement_on_grid
+
+    r = _corner_readers()
+    grid = agreement_on_grid(r, (3, 4, 2), Placement((0, 0, 0), (False, False), 0))
+    expected = np.zeros((3, 4, 2), int)
+    expected[0:2, 0:3, 0] = 2
+    expected[2, 3, 1] = 1
+    np.testing.assert_array_equal(grid, expected)
+    assert grid.dtype == np.uint8
+    # the same box in a larger grid, touching its far edges only
+    grid = agreement_on_grid(r, (5, 4, 3), Placement((2, 0, 1), (False, False), 0))
+    np.testing.assert_array_equal(grid[2:, :, 1:], expected)
+    assert grid.sum() == expected.sum()
+
+
+@pytest.mark.parametrize(
+    ("offset", "shape"),
+    [((-1, 0, 0), (3, 4, 2)), ((0, -1, 0), (4, 5, 2)), ((0, 0, 1), (3, 4, 2)), ((1, 1, 0), (3, 5, 2))],
+)
+def test_agreement_box_outside_the_grid_is_a_one_line_error(offset, shape):
+    """Before the grid's start, or past its end on one axis only: refused, naming box and grid."""
+    from nodulekit.consensus import Placement, agreement_on_grid
+
+    with pytest.raises(DataError, match=r"do not fit in the grid \("):
+        agreement_on_grid(_corner_readers(), shape, Placement(offset, (False, False), 0))
+
+
+SCAN_Z = -20.0 + 1.5 * np.arange(40)  # a scan of 40 slices, 1.5 mm apart
+
+
+def _place(masks: np.ndarray, voi: np.ndarray, voi_z=None, scan_z=SCAN_Z, first_slice: int = 30, **kw):
+    """place_in_voi of readers whose box starts at scan slice ``first_slice`` in ``voi`` (its
+    box at VOI slice 1, so the VOI starts at scan slice ``first_slice - 1``)."""
+    from nodulekit.consensus import ReaderMasks, place_in_voi
+
+    k0 = first_slice - 1
+    voi_z = scan_z[k0 : k0 + 3] if voi_z is None else voi_z
+    return place_in_voi(ReaderMasks(masks, (100, 200, first_slice)), voi, voi_z, scan_z, **kw)
+
+
+def _rectangle_voi(value=1, dtype=np.uint8) -> np.ndarray:
+    voi = np.zeros((6, 7, 3), dtype)
+    voi[1:3, 2:5, 1] = value
+    return voi
+
+
+def test_union_with_symmetric_outline_is_placed_when_agreement_is_symmetric_too():
+    """A rectangle fits the VOI in all four in-plane orientations; with the same agreement in
+    each (both readers mark all of it) the placement is the standard one, not an error."""
+    masks = np.zeros((2, 2, 3, 1), bool)
+    masks[:] = True
+    place = _place(masks, _rectangle_voi())
+    assert place.offset == (1, 2, 1) and place.flip == (False, False) and place.scan_slice0 == 29
+
+
+def test_union_with_symmetric_outline_but_asymmetric_agreement_is_ambiguous():
+    """The same rectangle, but one reader marks only its first corner: the orientations that
+    fit the union give different agreement maps, so the placement is refused as ambiguous."""
+    masks = np.zeros((2, 2, 3, 1), bool)
+    masks[0] = True
+    masks[1, 0, 0, 0] = True
+    with pytest.raises(DataError, match=r"^VOI: its mask fits the readers' union in 4 orientations"):
+        _place(masks, _rectangle_voi())
+    with pytest.raises(DataError, match=r"^VOI x\.nii\.gz: its mask fits"):
+        _place(masks, _rectangle_voi(), what="VOI x.nii.gz")
+
+
+def test_voi_mask_of_any_nonzero_label_is_the_same_mask():
+    """A VOI mask stored 0/255 (or 0.0/1.0) marks the same voxels as a boolean one."""
+    masks = _l_shaped_readers()  # an L-shaped union: one orientation fits
+    masks[1, 0, 0, 0] = True
+    voi = _l_shaped_voi()
+    for stored in (voi * 255, voi.astype(np.float32), voi.astype(bool)):
+        place = _place(masks, stored)
+        assert place.offset == (1, 2, 1) and place.flip == (False, False)
+    # the error names the default "VOI" and counts the voxels of a 0/255 mask as voxels
+    with pytest.raises(DataError, match=r"^VOI: its mask \(6 voxels, box \(2, 3, 1\)\) matches no placement"):
+        _place(masks, _rectangle_voi(255))
+
+
+def _l_shaped_readers() -> np.ndarray:
+    masks = np.zeros((2, 2, 3, 1), bool)
+    masks[0] = True
+    masks[0, 1, 2, 0] = False
+    return masks
+
+
+def _l_shaped_voi() -> np.ndarray:
+    voi = _rectangle_voi()
+    voi[2, 4, 1] = 0
+    return voi
+
+
+def test_voi_starting_at_the_scans_first_slice_is_placed():
+    """k0 = 0: the VOI's first slice is the scan's first, a valid crop (not 'outside the scan')."""
+    place = _place(_l_shaped_readers(), _l_shaped_voi(), first_slice=1)
+    assert place.scan_slice0 == 0 and place.offset == (1, 2, 1)
+
+
+def test_voi_slices_at_exactly_the_tolerance_are_the_same_slices():
+    """Z_TOL_MM is inclusive: z positions 0.05 mm apart (exact in floating point: 0 and 0.05)
+    are the same slice; a hair more is another scan."""
+    from nodulekit.consensus import Z_TOL_MM
+
+    scan_z = np.array([-3.0, -1.5, 0.0, 1.5, 3.0])
+    voi_z = scan_z[1:4].copy()
+    voi_z[1] = Z_TOL_MM  # scan slice 2 is at 0.0
+    assert abs(scan_z[2] - voi_z[1]) == Z_TOL_MM
+    assert _place(_l_shaped_readers(), _l_shaped_voi(), voi_z, scan_z, first_slice=2).scan_slice0 == 1
+    voi_z[1] = np.nextafter(Z_TOL_MM, 1.0)
+    with pytest.raises(DataError, match="not a crop of this scan"):
+        _place(_l_shaped_readers(), _l_shaped_voi(), voi_z, scan_z, first_slice=2)
+
+
+@pytest.mark.parametrize(
+    ("first_slice", "n_scan", "where"),
+    [
+        (1, 40, "slice 0, whose"),  # starts at the scan's first slice, z positions differ
+        (30, 40, "slice 29, whose"),
+        (30, 31, "slice 29, whose"),  # inside the scan, but its last slice would be slice 31 of 31
+        (30, 29, r"slice 29 \(outside the scan's 29\)"),  # starts just past the scan's end
+        (0, 40, r"slice -1 \(outside the scan's 40\)"),  # starts before the scan
+    ],
+)
+def test_voi_that_is_not_a_crop_of_the_scan_names_its_slice(first_slice, n_scan, where):
+    """The refusal names the VOI's first slice z (VOI slices 0.6 mm off the scan's, each its own
+    z) and the scan slice it would start at, or that this lies outside the scan."""
+    scan_z = SCAN_Z[:n_scan]
+    k0 = first_slice - 1
+    voi_z = -20.0 + 1.5 * np.arange(k0, k0 + 3) + 0.6
+    first = f"{voi_z[0]:.2f}".replace(".", r"\.")
+    with pytest.raises(DataError, match=rf"^VOI: .*first slice \(z={first} mm\) is the scan's {where}"):
+        _place(_l_shaped_readers(), _l_shaped_voi(), voi_z, scan_z, first_slice=first_slice)
+    if 0 <= k0 and k0 + 3 <= n_scan:  # the same VOI at the scan's own z positions is placed
+        assert _place(_l_shaped_readers(), _l_shaped_voi(), voi_z - 0.6, scan_z, first_slice=first_slice)
+
+
+def test_consensus_of_no_reader_is_a_one_line_error():
+    from nodulekit.consensus import min_agreement
+    from nodulekit.errors import NodulekitError
+
+    with pytest.raises(NodulekitError, match=r"^a consensus needs at least one reader \(got 0\)$"):
+        min_agreement(0.5, 0)
+
+
+def test_union_symmetric_under_one_flip_with_asymmetric_agreement_is_ambiguous():
+    """A union whose rows read the same reversed (and columns not) fits in two orientations,
+    the standard one and rows reversed; one reader marking only the first row makes their
+    agreement maps differ: refused as ambiguous. Marked by both readers alike, it is placed."""
+    union = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 1]], bool)
+    masks = np.zeros((2, 3, 3, 1), bool)
+    masks[0, :, :, 0] = union
+    masks[1, 0, :, 0] = True
+    voi = np.zeros((6, 7, 3), np.uint8)
+    voi[1:4, 2:5, 1] = union
+    with pytest.raises(DataError, match=r"fits the readers' union in 2 orientations"):
+        _place(masks, voi)
+    masks[1, :, :, 0] = union
+    assert _place(masks, voi).flip == (False, False)
+
+
+def test_reader_masks_of_any_nonzero_label_count_readers():
+    """Masks stored 0/255 (a common label convention) count readers, not label values: the
+    agreement of two readers is at most 2, the same maps as from boolean masks."""
+    from nodulekit.consensus import ReaderMasks
+
+    masks = np.zeros((2, 2, 3, 1), bool)
+    masks[0] = True
+    masks[1, 0, :2, 0] = True
+    labelled = ReaderMasks(masks.astype(np.uint8) * 255, (5, 6, 7))
+    plain = ReaderMasks(masks, (5, 6, 7))
+    np.testing.assert_array_equal(labelled.agreement, [[[2], [2], [1]], [[1], [1], [1]]])
+    np.testing.assert_array_equal(labelled.agreement, plain.agreement)
+    np.testing.assert_array_equal(labelled.consensus(1.0), plain.consensus(1.0))
+
+
+def test_reader_masks_refuse_empty_masks_and_a_start_of_the_wrong_length():
+    from nodulekit.consensus import ReaderMasks
+
+    with pytest.raises(DataError, match=r"^the readers' masks mark no voxel$"):
+        ReaderMasks(np.zeros((2, 3, 3, 2), bool), (0, 0, 0))
+    # a start with one coordinate per axis or nothing: not a silently shortened start
+    with pytest.raises(ValueError, match="zip"):
+        ReaderMasks(np.ones((1, 2, 2, 2), bool), (4, 5))
