@@ -211,3 +211,53 @@ def test_reader_masks_refuse_empty_masks_and_a_start_of_the_wrong_length():
     # a start with one coordinate per axis or nothing: not a silently shortened start
     with pytest.raises(ValueError, match="zip"):
         ReaderMasks(np.ones((1, 2, 2, 2), bool), (4, 5))
+
+
+# --------------------------------------------------------------------------- plausibility
+
+
+@pytest.fixture(scope="module")
+def edge_scan(tmp_path_factory):
+    """A 40-row x 30-column x 4-slice CT, 1 mm pixels, rows at y = -10..29 and columns at
+    x = -20..9 mm LPS: negating x and y maps row r to 20 - r and column c to 40 - c, so a
+    centre's swapped point can be put exactly on the scan's outer edge (-0.5 or n - 0.5).
+    Air (-950 HU) where row >= 20 and column <= 15, soft tissue (40 HU) elsewhere."""
+    import nibabel as nib
+
+    from nodulekit.scans import read_scan
+
+    hu = np.full((30, 40, 4), 40, np.int16)  # stored (x, y, z) = (column, row, slice)
+    hu[:16, 20:, :] = -950
+    hu[29, 39, 3] = -2000  # one padding voxel (the minimum), so the air counts as the body's
+    lps = np.diag([1.0, 1.0, 2.0, 1.0])
+    lps[:3, 3] = (-20.0, -10.0, 0.0)
+    path = tmp_path_factory.mktemp("edge") / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps), str(path))
+    scan = read_scan(path)
+    assert scan.volume.shape == (40, 30, 4)
+    return scan
+
+
+@pytest.mark.parametrize(
+    ("swapped", "hint"),
+    [
+        ((-0.5, 25.0, 1.0), True),  # on the first row's outer edge: inside the scan
+        ((-0.75, 25.0, 1.0), False),  # a quarter voxel beyond it
+        ((0.0, 29.5, 1.0), True),  # on the last column's outer edge
+        ((0.0, 29.75, 1.0), False),
+    ],
+)
+def test_swapped_frame_hint_only_for_points_inside_the_scan(edge_scan, swapped, hint):
+    """A centre in air gets the RAS/LPS hint when its point with x and y negated lies in the
+    scan (voxel centres +- half a voxel, edges included) at nodule-like HU, and no hint when
+    that point lies outside, however close."""
+    from types import SimpleNamespace
+
+    from nodulekit.plausibility import nodule_warnings
+
+    x, y, z = edge_scan.voxel_to_lps(swapped)
+    centre = edge_scan.lps_to_voxel((-x, -y, z))
+    np.testing.assert_array_equal(edge_scan.lps_to_voxel(-edge_scan.voxel_to_lps(centre) * [1, 1, -1]), swapped)
+    (w,) = nodule_warnings(edge_scan, SimpleNamespace(mask=None, centre=centre, diameter_mm=10.0), None)
+    assert w["code"] == "centre_in_air" and "(-950 HU < -900)" in w["message"]
+    assert ("with x and y negated (RAS<->LPS) it would lie at 40 HU" in w["message"]) == hint

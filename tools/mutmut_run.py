@@ -40,6 +40,19 @@ OUTCOME = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout"
 OUTCOME |= {255: "timeout", 5: "no tests", 33: "no tests", -11: "killed", -9: "killed", 37: "killed"}
 
 
+# mutmut's generation step alone (what `mutmut run` does before its first test), to count the
+# mutants of the whole package without hours of test runs; mutmut 3.8 has no command for it.
+GENERATE = """
+import sys
+from pathlib import Path
+import mutmut.__main__ as m
+m.set_mutant_under_test("mutant_generation")
+Path("mutants").mkdir(exist_ok=True)
+m.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths(); m.store_lines_covered_by_tests()
+m.create_mutants(int(sys.argv[1]))
+"""
+
+
 def toml_list(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
@@ -92,15 +105,16 @@ def equivalents() -> dict[str, str]:
     return tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.exists() else {}
 
 
-def survivors_of(work: Path, modules: list[str]) -> list[str]:
-    """Mutants of ``modules`` (all: empty) that survived and are not marked equivalent."""
+def to_retest(work: Path, modules: list[str]) -> list[str]:
+    """Mutants of ``modules`` (all: empty) that survived and are not marked equivalent, and
+    those not checked yet: what a run after new tests must (re-)test."""
     equivalent = equivalents()
     return [
         name
         for module, outcomes in results(work).items()
         if not modules or any(Path(module).match(m) or module == m for m in modules)
         for name, outcome in outcomes.items()
-        if outcome == "survived" and name not in equivalent
+        if (outcome == "survived" and name not in equivalent) or outcome == "not checked"
     ]
 
 
@@ -149,7 +163,13 @@ def main() -> int:
     ap.add_argument(
         "--rerun-survivors",
         action="store_true",
-        help="re-test only the survivors of an earlier run (mutmut keeps a result even when new tests could change it)",
+        help="re-test the survivors of an earlier run, then its unchecked mutants (mutmut keeps a result, a"
+        " survivor's too, when tests are added to a selected file)",
+    )
+    ap.add_argument(
+        "--generate-only",
+        action="store_true",
+        help="only generate the mutants (no test runs): the report counts them, all not checked",
     )
     ap.add_argument("-o", "--output", type=Path, default=Path("mutmut-report.md"))
     args = ap.parse_args()
@@ -171,11 +191,13 @@ def main() -> int:
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
     if args.rerun_survivors:
         # read before the copy's tests change: mutmut re-runs named mutants even when it has a result
-        rerun = survivors_of(work, args.module) if (work / "mutants").exists() else []
+        rerun = to_retest(work, args.module) if (work / "mutants").exists() else []
         if not rerun:
-            print("no survivors to re-test")
+            print("nothing to re-test")
             return 0
         mutmut += rerun
+    if args.generate_only:
+        mutmut = [sys.executable, "-c", GENERATE, str(args.max_children)]
     try:
         subprocess.run(["timeout", "--signal=INT", str(int(args.time_box)), *mutmut], cwd=work, env=env, check=False)
     except KeyboardInterrupt:
