@@ -221,7 +221,8 @@ def edge_scan(tmp_path_factory):
     """A 40-row x 30-column x 4-slice CT, 1 mm pixels, rows at y = -10..29 and columns at
     x = -20..9 mm LPS: negating x and y maps row r to 20 - r and column c to 40 - c, so a
     centre's swapped point can be put exactly on the scan's outer edge (-0.5 or n - 0.5).
-    Air (-950 HU) where row >= 20 and column <= 15, soft tissue (40 HU) elsewhere."""
+    Air (-950 HU) where row >= 20 and column <= 15, soft tissue (40 HU) elsewhere but for
+    two voxels either side of LUNG_HU."""
     import nibabel as nib
 
     from nodulekit.scans import read_scan
@@ -229,6 +230,7 @@ def edge_scan(tmp_path_factory):
     hu = np.full((30, 40, 4), 40, np.int16)  # stored (x, y, z) = (column, row, slice)
     hu[:16, 20:, :] = -950
     hu[29, 39, 3] = -2000  # one padding voxel (the minimum), so the air counts as the body's
+    hu[27:29, 0, :] = [[-750], [-751]]  # row 0, columns 27 and 28: either side of LUNG_HU
     lps = np.diag([1.0, 1.0, 2.0, 1.0])
     lps[:3, 3] = (-20.0, -10.0, 0.0)
     path = tmp_path_factory.mktemp("edge") / "ct.nii.gz"
@@ -239,18 +241,20 @@ def edge_scan(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("swapped", "hint"),
+    ("swapped", "hint_hu"),
     [
-        ((-0.5, 25.0, 1.0), True),  # on the first row's outer edge: inside the scan
-        ((-0.75, 25.0, 1.0), False),  # a quarter voxel beyond it
-        ((0.0, 29.5, 1.0), True),  # on the last column's outer edge
-        ((0.0, 29.75, 1.0), False),
+        ((-0.5, 25.0, 1.0), 40),  # on the first row's outer edge: inside the scan
+        ((-0.75, 25.0, 1.0), None),  # a quarter voxel beyond it
+        ((0.0, 29.5, 1.0), 40),  # on the last column's outer edge
+        ((0.0, 29.75, 1.0), None),
+        ((0.0, 27.0, 1.0), -750),  # exactly LUNG_HU: not lung (as for the centre), so worth the hint
+        ((0.0, 28.0, 1.0), None),  # -751 HU: lung, where a swapped centre would be no better
     ],
 )
-def test_swapped_frame_hint_only_for_points_inside_the_scan(edge_scan, swapped, hint):
+def test_swapped_frame_hint_only_for_points_inside_the_scan(edge_scan, swapped, hint_hu):
     """A centre in air gets the RAS/LPS hint when its point with x and y negated lies in the
-    scan (voxel centres +- half a voxel, edges included) at nodule-like HU, and no hint when
-    that point lies outside, however close."""
+    scan (voxel centres +- half a voxel, edges included) at HU >= LUNG_HU, and no hint when
+    that point lies outside, however close, or in lung."""
     from types import SimpleNamespace
 
     from nodulekit.plausibility import nodule_warnings
@@ -259,5 +263,5 @@ def test_swapped_frame_hint_only_for_points_inside_the_scan(edge_scan, swapped, 
     centre = edge_scan.lps_to_voxel((-x, -y, z))
     np.testing.assert_array_equal(edge_scan.lps_to_voxel(-edge_scan.voxel_to_lps(centre) * [1, 1, -1]), swapped)
     (w,) = nodule_warnings(edge_scan, SimpleNamespace(mask=None, centre=centre, diameter_mm=10.0), None)
-    assert w["code"] == "centre_in_air" and "(-950 HU < -900)" in w["message"]
-    assert ("with x and y negated (RAS<->LPS) it would lie at 40 HU" in w["message"]) == hint
+    hint = "" if hint_hu is None else f"; with x and y negated (RAS<->LPS) it would lie at {hint_hu} HU: check --coords"
+    assert w == {"code": "centre_in_air", "message": "the centre lies in air (-950 HU < -900)" + hint}
