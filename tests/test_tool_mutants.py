@@ -265,3 +265,38 @@ def test_swapped_frame_hint_only_for_points_inside_the_scan(edge_scan, swapped, 
     (w,) = nodule_warnings(edge_scan, SimpleNamespace(mask=None, centre=centre, diameter_mm=10.0), None)
     hint = "" if hint_hu is None else f"; with x and y negated (RAS<->LPS) it would lie at {hint_hu} HU: check --coords"
     assert w == {"code": "centre_in_air", "message": "the centre lies in air (-950 HU < -900)" + hint}
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_min_diameter_must_be_a_finite_size(bad):
+    """--min-diameter -1 or inf (each fails one of the two conditions) is a one-line refusal."""
+    from nodulekit.errors import NodulekitError
+    from nodulekit.plausibility import check_options
+
+    with pytest.raises(NodulekitError, match=rf"^--min-diameter must be a number of mm >= 0 \(got {bad:g}\)$"):
+        check_options(bad, mask="mask.nii.gz")
+    assert check_options(0.0, mask="mask.nii.gz") == 0.0
+
+
+# --------------------------------------------------------------------------- input spec
+
+
+def test_stored_spec_of_unknown_or_old_fields_is_the_legacy_one():
+    """'unknown' (what older files wrote) and a JSON-encoded normalisation (as HDF5 attributes
+    store it) fall back to the old fields: the paper's D3C layout with the recorded HU window."""
+    from nodulekit.inputs.spec import paper_spec, stored_spec
+
+    assert stored_spec("unknown", 3) == paper_spec(3)
+    spec = stored_spec(None, 3, None, '{"hu_window": [-1200, 600]}')
+    assert spec.hu_window == (-1200.0, 600.0) and spec.channels == paper_spec(3).channels
+
+
+def test_stored_spec_refusal_names_the_file():
+    from nodulekit.errors import NodulekitError
+    from nodulekit.inputs.spec import stored_spec
+
+    other = {"schema": "nodulekit-input-spec/99"}
+    with pytest.raises(NodulekitError, match=r"^input spec: input spec schema 'nodulekit-input-spec/99' is not"):
+        stored_spec(other, 3)
+    with pytest.raises(NodulekitError, match=r"^run\.json: input spec schema"):
+        stored_spec(other, 3, where="run.json")
