@@ -300,3 +300,17 @@ def test_stored_spec_refusal_names_the_file():
         stored_spec(other, 3)
     with pytest.raises(NodulekitError, match=r"^run\.json: input spec schema"):
         stored_spec(other, 3, where="run.json")
+
+
+def test_input_spec_record_that_is_not_one_is_refused_in_one_line():
+    """Not JSON, not an object, or another schema: each a one-line refusal naming the file
+    (``where``, by default "input spec")."""
+    from nodulekit.errors import NodulekitError
+    from nodulekit.inputs.spec import InputSpec
+
+    with pytest.raises(NodulekitError, match=r"^model\.onnx: input_spec is not valid JSON$"):
+        InputSpec.from_dict("{channels: 3", where="model.onnx")
+    with pytest.raises(NodulekitError, match=r"^input spec: input spec schema 'list' is not 'nodulekit-input-spec/1'"):
+        InputSpec.from_dict([{"schema": "nodulekit-input-spec/1"}])
+    with pytest.raises(NodulekitError, match=r"^input spec: input spec schema None is not"):
+        InputSpec.from_dict({})
