@@ -289,6 +289,10 @@ def test_stored_spec_of_unknown_or_old_fields_is_the_legacy_one():
     assert stored_spec("unknown", 3) == paper_spec(3)
     spec = stored_spec(None, 3, None, '{"hu_window": [-1200, 600]}')
     assert spec.hu_window == (-1200.0, 600.0) and spec.channels == paper_spec(3).channels
+    # a recorded layout (not the paper's for 3 channels) is the one used
+    layout = [{"z_offset_mm": z, "p": 2.0} for z in (-2.0, 0.0, 2.0)]
+    spec = stored_spec(None, 3, layout, {"hu_window": [-1000, 400]})
+    assert [(c.z_offset_mm, c.p) for c in spec.channels] == [(-2.0, 2.0), (0.0, 2.0), (2.0, 2.0)]
 
 
 def test_stored_spec_refusal_names_the_file():
