@@ -135,7 +135,7 @@ def cluster_bootstrap(
     (how often each case's cluster was drawn) and returns [k, B]. ``scipy.stats.bootstrap``
     draws the clusters (seeded). Returns ``estimate`` (on the data as they are), ``low``,
     ``high`` [k] and ``n_invalid`` [k], the resamples where the statistic was undefined (any
-    makes that interval NaN rather than quietly conditional).
+    makes that interval NaN rather than quietly conditional; with one cluster, all of them).
     """
     import warnings
 
@@ -155,6 +155,9 @@ def cluster_bootstrap(
         return out.reshape(out.shape[:-1] + idx.shape[:-1])
 
     estimate = np.asarray(statistic(np.ones((1, len(codes)))))[..., 0]
+    if n_clusters < 2:  # one patient: no spread between patients to resample (scipy refuses it)
+        nan = np.full(estimate.shape, np.nan)
+        return {"estimate": estimate, "low": nan, "high": nan.copy(), "n_invalid": np.full(estimate.shape, n_resamples)}
     with warnings.catch_warnings():  # undefined resamples are counted and reported below instead
         warnings.simplefilter("ignore", DegenerateDataWarning)
         res = bootstrap(

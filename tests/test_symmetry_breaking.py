@@ -298,3 +298,65 @@ def test_probe_runs_one_warm_up_and_two_timed_steps_per_variant(tmp_path, monkey
     names = ["fp32", "fp32+channels_last", "bf16", "bf16+channels_last"]
     ran = [n for n in names if n in calls]
     assert "fp32" in ran and calls == ran * 3
+
+
+# --------------------------------------------------------------------------- a scores table rated on one feature
+
+
+def _rated(column: str):
+    """The six-nodule scores table of test_scores_markdown, rated on ``column`` only."""
+    from test_scores_markdown import scores_table
+
+    scores = scores_table()
+    scores[column] = [1.0, 2.0, 3.0, 4.0, 5.0, 3.0]
+    scores["maps_file"] = ["b.h5", "a.h5", "b.h5", "b.h5", "a.h5", "b.h5"]
+    scores.attrs.update(band_rule="r = 2 px", mask_channel=5)
+    return scores
+
+
+@pytest.mark.parametrize("rated", ["spiculation", "margin"])
+def test_scores_summaries_group_by_what_is_rated_and_the_record_says_how(rated):
+    """A table rated on one feature gets the class summary and that feature's, each the same as
+    summarise_scores with the same seed (0 when none is given); the JSON record states the
+    stage, band rule, channel, bootstrap, the maps files (once each, sorted) and the clipping."""
+    import pandas as pd
+
+    from nodulekit.scores import REGIONS, scores_record, scores_summaries, summarise_scores
+
+    scores = _rated(rated)
+    summaries = scores_summaries(scores, n_resamples=20, seed=3)
+    assert list(summaries) == ["class", rated]
+    for by, table in summaries.items():
+        pd.testing.assert_frame_equal(table, summarise_scores(scores, by, n_resamples=20, seed=3))
+    default = scores_summaries(scores, n_resamples=20)
+    pd.testing.assert_frame_equal(default[rated], summarise_scores(scores, rated, n_resamples=20, seed=0))
+    record = scores_record(scores, summaries, n_resamples=20, seed=3)
+    prov = {k: v for k, v in record["provenance"].items() if k not in ("command", "nodulekit_version", "created")}
+    assert prov == {
+        "stage": "scores",
+        "band_rule": "r = 2 px",
+        "mask_channel": 5,
+        "bootstrap": {"n_resamples": 20, "seed": 3, "unit": "patient"},
+        "maps_files": ["a.h5", "b.h5"],
+        "clipping": "maps clipped at 0 (positive evidence for the class)",
+    }
+    assert record["regions"] == list(REGIONS) and list(record["summaries"]) == ["class", rated]
+    assert len(record["summaries"][rated]) == len(summaries[rated])
+
+
+def test_a_stratum_of_one_patient_has_a_mean_but_no_interval():
+    """Spiculation rated 1 and 2 only on patient 1's two nodules: the 'not spiculated' stratum
+    has one patient, so its mean is the plain mean of those two nodules and its patient-bootstrap
+    interval is undefined (NaN, 'n/a' in the report), not a crash of the whole summary."""
+    import numpy as np
+
+    from nodulekit.scores import summarise_scores
+
+    scores = _rated("spiculation")
+    table = summarise_scores(scores, "spiculation", n_resamples=20).set_index("group")
+    one = table.loc["not spiculated (<3)"]
+    assert one["n"] == 2 and one["n_patients"] == 1
+    assert one["mean_share_body"] == pytest.approx(scores["share_body"].iloc[:2].mean())
+    assert np.isnan(one["mean_share_body_low"]) and np.isnan(one["mean_share_body_high"])
+    many = table.loc["spiculated (>=3)"]
+    assert many["n_patients"] == 2 and many["mean_share_body_low"] <= many["mean_share_body_high"]
