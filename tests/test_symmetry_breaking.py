@@ -360,3 +360,30 @@ def test_a_stratum_of_one_patient_has_a_mean_but_no_interval():
     assert np.isnan(one["mean_share_body_low"]) and np.isnan(one["mean_share_body_high"])
     many = table.loc["spiculated (>=3)"]
     assert many["n_patients"] == 2 and many["mean_share_body_low"] <= many["mean_share_body_high"]
+
+
+def test_write_scores_files_beside_the_csv_with_the_seed_it_states(tmp_path):
+    """scores.csv gets scores.md and scores.json beside it (those exact names); the JSON's
+    summaries are the ones of the seed it records (0 by default, else the one given); an
+    existing set is replaced only with overwrite; a .md or .json name is refused in one line."""
+    import json
+
+    import pandas as pd
+
+    from nodulekit.errors import NodulekitError
+    from nodulekit.scores import summarise_scores, write_scores
+
+    scores = _rated("margin")
+    for seed, kw in ((0, {}), (7, {"seed": 7, "overwrite": True})):
+        paths = write_scores(scores, tmp_path / "scores.csv", n_resamples=20, **kw)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv", "scores.json", "scores.md"]
+        assert {k: p.name for k, p in paths.items()} == {"csv": "scores.csv", "md": "scores.md", "json": "scores.json"}
+        record = json.loads((tmp_path / "scores.json").read_text())
+        assert record["provenance"]["bootstrap"]["seed"] == seed
+        expected = summarise_scores(scores, "margin", n_resamples=20, seed=seed)
+        got = pd.DataFrame.from_records(record["summaries"]["margin"])
+        np.testing.assert_allclose(got["mean_share_body_low"], expected["mean_share_body_low"])
+    with pytest.raises(NodulekitError, match="exists"):
+        write_scores(scores, tmp_path / "scores.csv", n_resamples=20)
+    with pytest.raises(NodulekitError, match=r"scores\.md: give the scores a \.csv name \(Markdown and JSON go beside"):
+        write_scores(scores, tmp_path / "scores.md", n_resamples=20)
