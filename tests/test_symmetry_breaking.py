@@ -383,6 +383,18 @@ def test_write_scores_files_beside_the_csv_with_the_seed_it_states(tmp_path):
         expected = summarise_scores(scores, "margin", n_resamples=20, seed=seed)
         got = pd.DataFrame.from_records(record["summaries"]["margin"])
         np.testing.assert_allclose(got["mean_share_body_low"], expected["mean_share_body_low"])
+        assert record["provenance"]["bootstrap"]["n_resamples"] == 20 and record["skipped_empty_masks"] == {}
+    # the CSV: the table's columns only (no index), floats to 6 significant digits
+    back = pd.read_csv(tmp_path / "scores.csv")
+    assert list(back.columns) == list(scores.columns)
+    np.testing.assert_array_equal(back["share_body"], [float(f"{v:.6g}") for v in scores["share_body"]])
+    assert not np.array_equal(back["share_body"], scores["share_body"])  # the fixture has more digits
+    # attributes read from HDF5 are numpy scalars; empty masks skipped are listed
+    scores.attrs.update(mask_channel=np.int64(5), skipped_empty_masks={"LIDC-IDRI-0009:1": "empty consensus"})
+    write_scores(scores, tmp_path / "scores.csv", n_resamples=20, overwrite=True)
+    record = json.loads((tmp_path / "scores.json").read_text())
+    assert record["skipped_empty_masks"] == {"LIDC-IDRI-0009:1": "empty consensus"}
+    assert record["provenance"]["mask_channel"] in (5, "5")
     with pytest.raises(NodulekitError, match="exists"):
         write_scores(scores, tmp_path / "scores.csv", n_resamples=20)
     with pytest.raises(NodulekitError, match=r"scores\.md: give the scores a \.csv name \(Markdown and JSON go beside"):
