@@ -105,16 +105,15 @@ def equivalents() -> dict[str, str]:
     return tomllib.loads(EQUIVALENT.read_text()).get("equivalent", {}) if EQUIVALENT.exists() else {}
 
 
-def to_retest(work: Path, modules: list[str]) -> list[str]:
-    """Mutants of ``modules`` (all: empty) that survived and are not marked equivalent, and
-    those not checked yet: what a run after new tests must (re-)test."""
+def survivors_of(work: Path, modules: list[str]) -> list[str]:
+    """Mutants of ``modules`` (all: empty) that survived and are not marked equivalent."""
     equivalent = equivalents()
     return [
         name
         for module, outcomes in results(work).items()
         if not modules or any(Path(module).match(m) or module == m for m in modules)
         for name, outcome in outcomes.items()
-        if (outcome == "survived" and name not in equivalent) or outcome == "not checked"
+        if outcome == "survived" and name not in equivalent
     ]
 
 
@@ -163,8 +162,8 @@ def main() -> int:
     ap.add_argument(
         "--rerun-survivors",
         action="store_true",
-        help="re-test the survivors of an earlier run, then its unchecked mutants (mutmut keeps a result, a"
-        " survivor's too, when tests are added to a selected file)",
+        help="re-test only the survivors of an earlier run (mutmut keeps a survivor's result when tests are"
+        " added to a selected file); a run without it resumes the unchecked mutants",
     )
     ap.add_argument(
         "--generate-only",
@@ -191,9 +190,9 @@ def main() -> int:
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
     if args.rerun_survivors:
         # read before the copy's tests change: mutmut re-runs named mutants even when it has a result
-        rerun = to_retest(work, args.module) if (work / "mutants").exists() else []
+        rerun = survivors_of(work, args.module) if (work / "mutants").exists() else []
         if not rerun:
-            print("nothing to re-test")
+            print("no survivors to re-test")
             return 0
         mutmut += rerun
     if args.generate_only:
