@@ -399,3 +399,15 @@ def test_write_scores_files_beside_the_csv_with_the_seed_it_states(tmp_path):
         write_scores(scores, tmp_path / "scores.csv", n_resamples=20)
     with pytest.raises(NodulekitError, match=r"scores\.md: give the scores a \.csv name \(Markdown and JSON go beside"):
         write_scores(scores, tmp_path / "scores.md", n_resamples=20)
+
+
+def test_report_of_a_single_scored_nodule():
+    """One nodule (one patient): the summary has its values with undefined intervals, and the
+    report names the map class of that one row (here benign)."""
+    from nodulekit.scores import scores_markdown, scores_summaries
+
+    scores = _rated("margin").iloc[[3]].copy()
+    scores["map_class"] = "benign"
+    summaries = scores_summaries(scores, n_resamples=20)
+    assert summaries["class"]["n"].tolist() == [1] and np.isnan(summaries["class"]["mean_share_body_low"].iloc[0])
+    assert "Map of the **benign** class" in scores_markdown(scores, summaries)
