@@ -125,7 +125,7 @@ def diff_of(work: Path, env: dict[str, str], name: str) -> str:
     return shown.stdout.strip() or shown.stderr.strip()
 
 
-def report(work: Path, modules: list[str], commit: str, command: str, env: dict[str, str]) -> tuple[str, int]:
+def report(work: Path, modules: list[str], commit: str, command: str, env: dict[str, str] | None) -> tuple[str, int]:
     equivalent = equivalents()
     lines = [f"# mutmut report\n\ncommit `{commit}`; command `{command}`\n"]
     lines += [
@@ -146,7 +146,10 @@ def report(work: Path, modules: list[str], commit: str, command: str, env: dict[
         survivors += [k for k, v in outcomes.items() if v == "survived" and k not in equivalent]
         reported |= set(outcomes)
     lines += ["", "## Survivors (not marked equivalent)", ""]
-    lines += [f"- `{s}`\n\n```diff\n{diff_of(work, env, s)}\n```\n" for s in survivors]
+    if env is None:  # names only (mutmut's diffs take seconds each)
+        lines += [f"- `{s}`" for s in survivors]
+    else:
+        lines += [f"- `{s}`\n\n```diff\n{diff_of(work, env, s)}\n```\n" for s in survivors]
     lines += ["", "## Equivalent (tools/mutmut-equivalent.toml)", ""]
     lines += [f"- `{k}`: {v}" for k, v in equivalent.items() if k in reported]
     return "\n".join(lines) + "\n", len(survivors)
@@ -170,6 +173,8 @@ def main() -> int:
         action="store_true",
         help="only generate the mutants (no test runs): the report counts them, all not checked",
     )
+    ap.add_argument("--diffs", action="store_true", help="each survivor's diff in the report (seconds each)")
+    ap.add_argument("--report-only", action="store_true", help="write the report of the results so far; run nothing")
     ap.add_argument("-o", "--output", type=Path, default=Path("mutmut-report.md"))
     args = ap.parse_args()
 
@@ -198,12 +203,19 @@ def main() -> int:
     if args.generate_only:
         mutmut = [sys.executable, "-c", GENERATE, str(args.max_children)]
     try:
-        subprocess.run(["timeout", "--signal=INT", str(int(args.time_box)), *mutmut], cwd=work, env=env, check=False)
+        if not args.report_only:
+            subprocess.run(
+                ["timeout", "--signal=INT", str(int(args.time_box)), *mutmut], cwd=work, env=env, check=False
+            )
     except KeyboardInterrupt:
         pass
     command = "python tools/mutmut_run.py " + " ".join(sys.argv[1:])
     text, survivors = report(
-        work, args.module, commit + (" (+ uncommitted changes)" if dirty.strip() else ""), command, env
+        work,
+        args.module,
+        commit + (" (+ uncommitted changes)" if dirty.strip() else ""),
+        command,
+        env if args.diffs else None,
     )
     args.output.write_text(text)
     print(text)
