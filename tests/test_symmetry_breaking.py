@@ -411,3 +411,18 @@ def test_report_of_a_single_scored_nodule():
     summaries = scores_summaries(scores, n_resamples=20)
     assert summaries["class"]["n"].tolist() == [1] and np.isnan(summaries["class"]["mean_share_body_low"].iloc[0])
     assert "Map of the **benign** class" in scores_markdown(scores, summaries)
+
+
+def test_write_scores_never_replaces_a_report_that_appeared_after_the_check(tmp_path, monkeypatch):
+    """Another run writes scores.md between write_scores' check and its move: without overwrite
+    its file stays. (That this run's scores.json is then left behind, against atomic_paths'
+    "together or not at all", is a known gap: outputs.atomic_paths commits file by file.)"""
+    import nodulekit.outputs as outputs
+    from nodulekit.errors import NodulekitError
+    from nodulekit.scores import write_scores
+
+    monkeypatch.setattr(outputs, "check_output_path", lambda path, overwrite: path)  # the check passed earlier
+    (tmp_path / "scores.md").write_text("the other run's report")
+    with pytest.raises(NodulekitError):
+        write_scores(_rated("margin"), tmp_path / "scores.csv", n_resamples=20)
+    assert (tmp_path / "scores.md").read_text() == "the other run's report"
