@@ -3,7 +3,8 @@
 
 mutmut writes its mutated copy (``mutants/``) and each mutant's result beside the code it
 mutates. This script runs it in a scratch copy of the work tree (``--workdir``, kept between
-runs), so
+runs; by default one per ``--module`` set, since mutmut resets every result of a copy whose
+test selection changes), so
 
 - a run stopped by the time box (``--time-box``) or Ctrl-C resumes where it stopped: mutmut
   keeps every finished mutant's result and re-tests only mutants of changed functions;
@@ -12,7 +13,9 @@ runs), so
   is the whole package against the whole suite, as ``pyproject.toml`` configures it;
 - the report gives killed / (killed + survived + timeout) per module, the commit, and lists
   the survivors; survivors named in ``tools/mutmut-equivalent.toml`` (each with its reason)
-  are equivalent and not counted.
+  are equivalent and not counted;
+- ``--rerun-survivors`` re-tests the survivors after new tests (mutmut keeps their result),
+  ``--generate-only`` counts the mutants without running tests.
 
     python tools/mutmut_run.py --module nodulekit/geometry.py --tests tests/test_consensus.py
     python tools/mutmut_run.py --time-box 14400 -o mutmut-report.md    # the whole package
@@ -194,7 +197,7 @@ def main() -> int:
         env["NODULEKIT_SHARED_DATA"] = str(shared)
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
     if args.rerun_survivors:
-        # read before the copy's tests change: mutmut re-runs named mutants even when it has a result
+        # mutmut re-runs a mutant named on its command line even when it has a result
         rerun = survivors_of(work, args.module) if (work / "mutants").exists() else []
         if not rerun:
             print("no survivors to re-test")
