@@ -426,3 +426,16 @@ def test_write_scores_never_replaces_a_report_that_appeared_after_the_check(tmp_
     with pytest.raises(NodulekitError):
         write_scores(_rated("margin"), tmp_path / "scores.csv", n_resamples=20)
     assert (tmp_path / "scores.md").read_text() == "the other run's report"
+
+
+def test_report_of_a_table_with_no_nodules():
+    """Every nodule left out (no rows): the report still opens with the default map class (the
+    malignant one, as score_maps' default), says there are no rated nodules, and counts no
+    zero maps."""
+    from nodulekit.scores import scores_markdown, scores_summaries
+
+    scores = _rated("margin").iloc[:0].copy()
+    summaries = scores_summaries(scores, n_resamples=20)
+    text = scores_markdown(scores, summaries)
+    assert "Map of the **malignant** class" in text and "(no rated nodules)" in text
+    assert "were zero everywhere" not in text
