@@ -318,3 +318,29 @@ def test_input_spec_record_that_is_not_one_is_refused_in_one_line():
         InputSpec.from_dict([{"schema": "nodulekit-input-spec/1"}])
     with pytest.raises(NodulekitError, match=r"^input spec: input spec schema None is not"):
         InputSpec.from_dict({})
+
+
+def test_training_ranges_include_their_bounds(edge_scan):
+    """Spacings (1 mm pixels, 2 mm slices) exactly at the recorded range's ends are inside it;
+    a range starting above the pixel spacing gives the one-line warning naming it."""
+    from nodulekit.plausibility import scan_warnings
+
+    assert scan_warnings(edge_scan, {"pixel_spacing_mm": (1.0, 1.5), "slice_spacing_mm": (0.5, 2.0)}) == []
+    (w,) = scan_warnings(edge_scan, {"pixel_spacing_mm": (1.1, 1.5), "slice_spacing_mm": (2.0, 2.5)})
+    assert w == {
+        "code": "spacing_outside_training",
+        "message": "pixel spacing 1 mm lies outside the training data's 1.1..1.5 mm",
+    }
+
+
+def test_mask_component_of_exactly_min_diameter_is_a_nodule():
+    from types import SimpleNamespace
+
+    from nodulekit.plausibility import drop_fragments
+
+    specs = [
+        SimpleNamespace(mask="m.nii.gz", diameter_mm=d, origin=f"component {i}") for i, d in enumerate((3.0, 2.99))
+    ]
+    kept, lines = drop_fragments(specs, 3.0)
+    assert kept == specs[:1]
+    assert lines == ["component 1: skipped, a 2.99 mm fragment (< --min-diameter 3 mm)"]
