@@ -335,8 +335,14 @@ def test_sigterm_stops_the_grid_its_jobs_and_their_claims_within_seconds(tmp_pat
     path = write_config(tmp_path, LONG)
     out = tmp_path / "out"
     with open(tmp_path / "grid.log", "w") as log:
+        # Ctrl-C's default disposition, as in a terminal: a suite started in the background by a
+        # shell inherits SIGINT ignored, and the grid rightly keeps an inherited "ignore"
         grid = subprocess.Popen(
-            [PY, "-m", "nodulekit", "grid", path, "--cores", "1"], env=ENV, stdout=log, stderr=subprocess.STDOUT
+            [PY, "-m", "nodulekit", "grid", path, "--cores", "1"],
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 300
