@@ -89,7 +89,7 @@ def run_pytest(root: Path, tests: list[str], timeout: float, stop_first: bool = 
     The whole suite (``tests``) runs on two workers like ``make test``; test files run in one process.
     """
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE"]
-    args += ["-n", "2", "--dist", "loadfile"] if tests == ["tests"] else []
+    args += ["-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"] if tests == ["tests"] else []
     args += (["-x"] if stop_first else []) + tests
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
     # The copy has no ../shared beside it: point the real-data tests at the repository's.
