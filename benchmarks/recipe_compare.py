@@ -47,16 +47,10 @@ def finished_predictions(rundir: Path, folds: list[int]):
 
 def ensemble_of(rundirs: list[Path], folds: list[int]):
     """Rows and mean test probability of several runs on the same folds (an ensemble over seeds)."""
-    from nodulekit.errors import NodulekitError
+    from nodulekit.recipes import ensemble_predictions
 
-    rows, probs = None, []
-    for rundir in rundirs:
-        got_rows, prob = finished_predictions(rundir, folds)
-        if rows is not None and not np.array_equal(got_rows, rows):
-            raise NodulekitError(f"{rundir} was not trained on the same folds as {rundirs[0]}")
-        rows = got_rows
-        probs.append(prob)
-    return rows, np.mean(probs, axis=0)
+    df = ensemble_predictions(rundirs, folds).sort_values("index")
+    return df["index"].to_numpy(), df["prob"].to_numpy()
 
 
 def parse_pairs(specs: list[str], names: list[str]) -> list[tuple[str, str]]:

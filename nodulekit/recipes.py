@@ -419,11 +419,15 @@ def hooks_for(recipe: Recipe | None, data, model, seed: int, device) -> RecipeHo
 # ----------------------------------------------------------------------------- runs and ensembles
 
 
-def ensemble_predictions(rundirs: list[str | Path]):
-    """Mean test probability per nodule over several RUNDIRs of the same folds (a seed ensemble)."""
+def ensemble_predictions(rundirs: list[str | Path], folds: list[int] | None = None):
+    """Mean test probability per nodule over several RUNDIRs of the same folds (a seed ensemble);
+    ``folds``: only those test folds (e.g. the ones finished in every run)."""
     from nodulekit.stats import run_predictions
 
-    frames = [run_predictions(r).set_index("nodule_id") for r in rundirs]
+    frames = [run_predictions(r) for r in rundirs]
+    if folds is not None:
+        frames = [f[f["fold"].isin(folds)] for f in frames]
+    frames = [f.set_index("nodule_id") for f in frames]
     first = frames[0]
     for r, f in zip(rundirs[1:], frames[1:], strict=True):
         if set(f.index) != set(first.index) or not (f.loc[first.index, "fold"] == first["fold"]).all():
