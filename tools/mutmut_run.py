@@ -15,7 +15,11 @@ test selection changes), so
   the survivors; survivors named in ``tools/mutmut-equivalent.toml`` (each with its reason)
   are equivalent and not counted;
 - ``--rerun-survivors`` re-tests the survivors after new tests (mutmut keeps their result),
-  ``--generate-only`` counts the mutants without running tests.
+  ``--generate-only`` counts the mutants without running tests;
+- ``--sample N --seed S`` tests a uniform random sample of N of the package's mutants (the
+  whole package is days of CPU on two cores): the report gives the sample's score with a
+  Wilson 95 % interval, an estimate of the whole package's; ``--exclude-sample S0`` draws
+  from the mutants not in seed S0's sample, a fresh set after tests were written for S0's.
 
     python tools/mutmut_run.py --module nodulekit/geometry.py --tests tests/test_consensus.py
     python tools/mutmut_run.py --time-box 14400 -o mutmut-report.md    # the whole package
@@ -27,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -128,6 +133,69 @@ def diff_of(work: Path, env: dict[str, str], name: str) -> str:
     return shown.stdout.strip() or shown.stderr.strip()
 
 
+def sample_file(work: Path, seed: int) -> Path:
+    return work / f"sample-seed{seed}.txt"
+
+
+def draw_sample(work: Path, n: int, seed: int, exclude: list[int]) -> list[str]:
+    """A seeded uniform sample of ``n`` mutant names of the generated package, minus the names
+    of earlier samples (``exclude``: their seeds); written to ``sample-seed<S>.txt``."""
+    names = sorted(name for outcomes in results(work).values() for name in outcomes)
+    for earlier in exclude:
+        taken = set(sample_file(work, earlier).read_text().split())
+        names = [name for name in names if name not in taken]
+    chosen = sorted(random.Random(seed).sample(names, min(n, len(names))))
+    sample_file(work, seed).write_text("\n".join(chosen) + "\n")
+    return chosen
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (a sample's share of killed mutants)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def sample_report(work: Path, seed: int, commit: str, command: str, env: dict[str, str] | None) -> tuple[str, int]:
+    """The sample's outcomes per module and its score with a Wilson 95 % interval."""
+    chosen = set(sample_file(work, seed).read_text().split())
+    equivalent = equivalents()
+    lines = [f"# mutmut sample report (seed {seed}, {len(chosen)} mutants)\n\ncommit `{commit}`; command `{command}`\n"]
+    lines += [
+        "| module | sampled | killed | survived | timeout | equivalent | no tests | not checked |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    total: Counter[str] = Counter()
+    survivors: list[str] = []
+    for module, outcomes in results(work).items():
+        mine = {k: v for k, v in outcomes.items() if k in chosen}
+        if not mine:
+            continue
+        n = Counter("equivalent" if v == "survived" and k in equivalent else v for k, v in mine.items())
+        total += n
+        survivors += [k for k, v in mine.items() if v == "survived" and k not in equivalent]
+        lines.append(
+            f"| {module} | {len(mine)} | {n['killed']} | {n['survived']} | {n['timeout']} | {n['equivalent']} | {n['no tests']} | {n['not checked']} |"
+        )
+    killed = total["killed"] + total["timeout"]
+    scored = killed + total["survived"]
+    low, high = wilson(killed, scored)
+    lines += [
+        "",
+        f"**score {killed} / {scored} = {100 * killed / max(scored, 1):.1f} % (Wilson 95 % {100 * low:.1f}-{100 * high:.1f} %)**;"
+        f" equivalent {total['equivalent']}, no tests {total['no tests']}, not checked {total['not checked']},"
+        f" suspicious {total['suspicious']}",
+        "",
+        "## Survivors (not marked equivalent)",
+        "",
+    ]
+    lines += [f"- `{s}`" if env is None else f"- `{s}`\n\n```diff\n{diff_of(work, env, s)}\n```\n" for s in survivors]
+    return "\n".join(lines) + "\n", len(survivors)
+
+
 def report(work: Path, modules: list[str], commit: str, command: str, env: dict[str, str] | None) -> tuple[str, int]:
     equivalent = equivalents()
     lines = [f"# mutmut report\n\ncommit `{commit}`; command `{command}`\n"]
@@ -176,6 +244,11 @@ def main() -> int:
         action="store_true",
         help="only generate the mutants (no test runs): the report counts them, all not checked",
     )
+    ap.add_argument("--sample", type=int, help="test a seeded uniform random sample of this many mutants")
+    ap.add_argument("--seed", type=int, default=1, help="the sample's seed")
+    ap.add_argument(
+        "--exclude-sample", type=int, action="append", default=[], help="leave out the mutants of this seed's sample"
+    )
     ap.add_argument("--diffs", action="store_true", help="each survivor's diff in the report (seconds each)")
     ap.add_argument("--report-only", action="store_true", help="write the report of the results so far; run nothing")
     ap.add_argument("-o", "--output", type=Path, default=Path("mutmut-report.md"))
@@ -203,8 +276,20 @@ def main() -> int:
             print("no survivors to re-test")
             return 0
         mutmut += rerun
-    if args.generate_only:
-        mutmut = [sys.executable, "-c", GENERATE, str(args.max_children)]
+    if args.generate_only or args.sample:
+        generate = [sys.executable, "-c", GENERATE, str(args.max_children)]
+        if args.generate_only:
+            mutmut = generate
+        elif not args.report_only:
+            subprocess.run(generate, cwd=work, env=env, check=True)
+            if args.rerun_survivors:  # the sample's survivors only, after new tests
+                rerun = set(survivors_of(work, args.module)) & set(sample_file(work, args.seed).read_text().split())
+                if not rerun:
+                    print("no survivors of the sample to re-test")
+                    return 0
+                mutmut = mutmut[:6] + sorted(rerun)
+            else:
+                mutmut += draw_sample(work, args.sample, args.seed, args.exclude_sample)
     try:
         if not args.report_only:
             subprocess.run(
@@ -213,13 +298,11 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     command = "python tools/mutmut_run.py " + " ".join(sys.argv[1:])
-    text, survivors = report(
-        work,
-        args.module,
-        commit + (" (+ uncommitted changes)" if dirty.strip() else ""),
-        command,
-        env if args.diffs else None,
-    )
+    stamp = commit + (" (+ uncommitted changes)" if dirty.strip() else "")
+    if args.sample:
+        text, survivors = sample_report(work, args.seed, stamp, command, env if args.diffs else None)
+    else:
+        text, survivors = report(work, args.module, stamp, command, env if args.diffs else None)
     args.output.write_text(text)
     print(text)
     return 1 if survivors else 0
