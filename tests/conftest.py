@@ -17,6 +17,26 @@ SHARED_DATA = Path(os.environ.get("NODULEKIT_SHARED_DATA", REPO.parent / "shared
 # steer later automatic choices on this machine.
 os.environ.setdefault("NODULEKIT_CACHE_DIR", tempfile.mkdtemp(prefix="nodulekit-test-cache-"))
 
+
+def _start_unrecorded(popen_init):
+    """Popen.__init__ whose child runs unrecorded: see the note below."""
+
+    def start(self, *args, env=None, **kwargs):
+        env = dict(os.environ if env is None else env)
+        if env.get("MUTANT_UNDER_TEST") == "stats":
+            env["MUTANT_UNDER_TEST"] = ""  # the code as written, no recording
+        popen_init(self, *args, env=env, **kwargs)
+
+    return start
+
+
+# mutmut's stats pass (tools/mutmut_run.py, docs/testing.md) records in this process which test
+# reaches which function. A child process started in another folder cannot record (its mutmut
+# looks for its config in that folder and stops the child), so children run the code unrecorded;
+# mutant runs are not affected (a child runs the mutant under test, as this process does).
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    subprocess.Popen.__init__ = _start_unrecorded(subprocess.Popen.__init__)
+
 # The test files that take longest, longest first (docs/testing.md, "Suite time"). `make test`
 # hands whole files to its two workers (`--dist loadfile --no-loadscope-reorder`) in collection
 # order: a long file started last keeps one worker busy while the other has finished, so the

@@ -143,17 +143,22 @@ def grid(config: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_tiny_grid_end_to_end_survives_a_failed_job(tmp_path):
-    """2 architectures x 2 datasets x 1 epoch (+ an ablation, Table 5, maps), locally.
+# the end-to-end grid on one dataset (each job is a process that imports torch: ~3 CPU-s); the
+# report's columns for several datasets are checked without training below
+END_TO_END = edit(TINY, "datasets: {d1c: 1, d3c: 3}", "datasets: {d3c: 3}")
 
-    One training is blocked by a live claim on one of its folds (as if another job trained
-    it): the first run finishes everything that does not depend on it and exits 1; the
-    second run trains only what is missing, keeps every finished artifact, and writes
+
+def test_tiny_grid_end_to_end_survives_a_failed_job(tmp_path):
+    """2 architectures x 1 epoch on D3C (+ an ablation, Table 5, maps), locally.
+
+    The ablation's training is blocked by a live claim on one of its folds (as if another job
+    trained it): the first run finishes everything that does not depend on it and exits 1;
+    the second run trains only what is missing, keeps every finished artifact, and writes
     the report with the numbers evaluate and wilcoxon wrote.
     """
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, END_TO_END)
     root = tmp_path / "out"
-    blocked = root / "runs/d1c/seed0/cam+base_width=4"
+    blocked = root / "runs/d3c/seed0/hesam+base_width=4+hf_pool=avg"
     code = f"from nodulekit import claims; import time; claims.acquire({str(blocked / 'fold0')!r}); print('held', flush=True); time.sleep(600)"
     holder = subprocess.Popen([PY, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -163,11 +168,11 @@ def test_tiny_grid_end_to_end_survives_a_failed_job(tmp_path):
         holder.kill()
         holder.wait()
     assert first.returncode == 1, first.stderr[-3000:]
-    assert "runs/d1c/seed0/cam+base_width=4/fold0 is being trained by another job" in first.stderr
-    assert not (root / "report.md").exists() and not (root / "reports/table2/d1c-seed0").exists()
-    finished = {p: p.stat().st_mtime_ns for p in root.glob("runs/d3c/**/result.h5")}
+    assert "runs/d3c/seed0/hesam+base_width=4+hf_pool=avg/fold0 is being trained by another job" in first.stderr
+    assert not (root / "report.md").exists() and not (root / "reports/table3/d3c-seed0").exists()
+    finished = {p: p.stat().st_mtime_ns for p in root.glob("runs/d3c/seed0/*_width=4/**/result.h5")}
     finished |= {p: p.stat().st_mtime_ns for p in (root / "reports").rglob("*.json")}
-    assert len(finished) == 3 * 2 + 3  # 3 runs x 2 folds on D3C; Table 2 and 3 on D3C, Table 5
+    assert len(finished) == 2 * 2 + 2  # CAM and HESAM x 2 folds; Table 2 and Table 5
 
     second = grid(config)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -186,14 +191,49 @@ def test_tiny_grid_end_to_end_survives_a_failed_job(tmp_path):
         [PY, "-m", "nodulekit", "status", *sorted(map(str, root.glob("runs/*/seed0/*")))],
         env=ENV, capture_output=True, text=True,
     )  # fmt: skip
-    assert status.returncode == 0 and status.stdout.strip().endswith("10 finished")
+    assert status.returncode == 0 and status.stdout.strip().endswith("6 finished")
+
+
+def test_table2_puts_each_datasets_numbers_in_its_own_column(tmp_path):
+    """Two datasets, hand-written evaluate records that differ per dataset and method: each cell
+    is its own run's accuracy, the sensitivity columns come from `sensitivity_dataset`."""
+    from nodulekit.grid_report import table2_markdown, table_cells
+
+    (tmp_path / "rois.h5").write_bytes(b"")  # only its existence is checked when planning
+    plan = load_grid(
+        write_config(tmp_path, edit(TINY, "sensitivity_dataset: d3c", "sensitivity_dataset: d1c"), rois=False)
+    )
+    table = next(t for t in plan.tables if t.name == "table2")
+    numbers = {("cam", "d1c"): 0.61, ("hesam", "d1c"): 0.72, ("cam", "d3c"): 0.83, ("hesam", "d3c"): 0.94}
+    for dataset in ("d1c", "d3c"):
+        runs = []
+        for (arch, d), acc in numbers.items():
+            if d != dataset:
+                continue
+            ci = {"estimate": acc, "low": acc - 0.05, "high": acc + 0.04}
+            runs.append({
+                "rundir": plan.run_for(f"{arch}+base_width=4", dataset, 0).rundir,
+                "summary": {"accuracy": {"mean": acc, "std": acc / 10}},
+                "pooled_nodule_ci": {"accuracy": ci, "sensitivity": {**ci, "estimate": acc - 0.01},
+                                     "specificity": {**ci, "estimate": acc + 0.01}},
+            })  # fmt: skip
+        path = plan.root / plan.evaluate_report("table2", dataset, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"runs": runs}))
+    text = table2_markdown(plan, table, table_cells(plan, table, 0))
+    lines = text.splitlines()
+    assert lines[0] == "| Method | D1C | D3C | Sensitivity (D1C) | Specificity (D1C) |"
+    assert lines[2] == (
+        "| Ours-CAM | 61.00 ± 6.10 [56.0, 65.0] | 83.00 ± 8.30 [78.0, 87.0] | 0.6000 [0.560, 0.650] | 0.6200 [0.560, 0.650] |"
+    )
+    assert lines[3].startswith("| Ours-HESAM | 72.00 ± 7.20 [67.0, 76.0] | 94.00 ± 9.40 [89.0, 98.0] | 0.7100 [")
 
 
 def check_report(root: Path) -> None:
     """The report's cells are evaluate's and wilcoxon's numbers for the right run."""
     report = (root / "report.md").read_text()
     record = json.loads((root / "report.json").read_text())
-    for dataset in ("d1c", "d3c"):
+    for dataset in ("d3c",):
         runs = json.loads((root / f"reports/table2/{dataset}-seed0/table2.json").read_text())["runs"]
         hesam = next(r for r in runs if r["rundir"].endswith("/hesam+base_width=4"))
         acc = hesam["summary"]["accuracy"]
@@ -217,8 +257,8 @@ def check_report(root: Path) -> None:
 def check_logs_and_printed_report(config: Path, root: Path) -> None:
     """Every job wrote its own log and benchmark table; grid-report prints what it wrote."""
     logs = sorted(str(p.relative_to(root / "logs/train")) for p in (root / "logs/train").rglob("*.log"))
-    assert len(logs) == 5 * 2 and "d1c/seed0/cam+base_width=4/fold0.log" in logs  # one per training job
-    blocked = (root / "logs/train/d1c/seed0/cam+base_width=4/fold0.log").read_text()
+    assert len(logs) == 3 * 2 and "d3c/seed0/cam+base_width=4/fold0.log" in logs  # one per training job
+    blocked = (root / "logs/train/d3c/seed0/hesam+base_width=4+hf_pool=avg/fold0.log").read_text()
     assert "is being trained by another job" not in blocked and "fold 0" in blocked.lower()  # the rerun's own log
     bench = (root / "benchmarks/report.tsv").read_text().splitlines()
     assert bench[0].split("\t")[0] == "s" and float(bench[1].split("\t")[0]) > 0
