@@ -44,7 +44,7 @@ import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -360,14 +360,8 @@ def _commit(tmp: Path, final: Path, shown: str | os.PathLike, overwrite: bool) -
     tmp.unlink()
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it onto ``path`` only when the block succeeds.
-
-    A link is written through (its target is replaced). ``overwrite=False`` refuses to
-    replace a file that exists when the move happens. A failed write is a one-line
-    :class:`WriteFailed` naming ``path``; the temporary file never survives.
-    """
+def _temp_beside(path: str | os.PathLike, suffix: str) -> tuple[Path, Path]:
+    """(final path, an empty hidden temporary beside it) for one file output; checks the target."""
     if output_target(path) != "file":
         raise NodulekitError(f"-o {path}: not a regular file; this output must go to a file")
     check_not_input(path)
@@ -378,13 +372,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = 
     except OSError as exc:
         raise write_failed(path, exc) from None
     os.close(fd)
-    tmp = Path(name)
+    return final, Path(name)
+
+
+def _finish(tmp: Path) -> None:
+    umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual umask-based permissions
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    _fsync(tmp)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "", *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only when the block succeeds.
+
+    A link is written through (its target is replaced). ``overwrite=False`` refuses to
+    replace a file that exists when the move happens. A failed write is a one-line
+    :class:`WriteFailed` naming ``path``; the temporary file never survives.
+    """
+    final, tmp = _temp_beside(path, suffix)
     try:
         yield tmp
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual umask-based permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        _fsync(tmp)
+        _finish(tmp)
         _commit(tmp, final, path, overwrite)
     except BaseException as exc:
         if _is_write_failure(exc, tmp):
@@ -405,13 +414,50 @@ def _fsync(path: Path) -> None:
 
 @contextmanager
 def atomic_paths(paths: dict[str, Path], *, overwrite: bool = True) -> Iterator[dict[str, Path]]:
-    """Temporary paths for several files that appear together or not at all (a report)."""
-    with ExitStack() as stack:
-        tmps = {
-            key: stack.enter_context(atomic_path(p, Path(p).suffix + ".part", overwrite=overwrite))
-            for key, p in paths.items()
-        }
-        yield tmps
+    """Temporary paths for several files that appear together or not at all (a report).
+
+    Every file is written and flushed first, then all are moved in. Without ``overwrite``,
+    when one move is refused (its file appeared while this run was working), the files this
+    call had already moved in are taken back out, so none of the group stays. A failed
+    write is one :class:`WriteFailed` line naming the file it failed on.
+    """
+    targets: dict[str, tuple[Path, Path]] = {}
+    try:
+        for key, p in paths.items():
+            targets[key] = _temp_beside(p, Path(p).suffix + ".part")
+        yield {key: tmp for key, (_, tmp) in targets.items()}
+        for _, tmp in targets.values():
+            _finish(tmp)
+        _commit_all(targets, paths, overwrite)
+    except BaseException as exc:
+        shown = _failed_output(exc, targets, paths)
+        if shown is not None:
+            raise write_failed(shown, exc) from None
+        raise
+    finally:
+        for _, tmp in targets.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _failed_output(exc: BaseException, targets: dict[str, tuple[Path, Path]], paths: dict[str, Path]) -> Path | None:
+    """The output a write failure is about: the one whose temporary the error names, else
+    (a full disk, no file named) the last one; None when ``exc`` is no write failure."""
+    hits = [key for key, (_, tmp) in targets.items() if _is_write_failure(exc, tmp)]
+    named = [key for key in hits if exc.filename is not None and Path(exc.filename) == targets[key][1]]
+    return paths[(named or hits)[-1]] if hits else None
+
+
+def _commit_all(targets: dict[str, tuple[Path, Path]], paths: dict[str, Path], overwrite: bool) -> None:
+    moved: list[Path] = []
+    try:
+        for key, (final, tmp) in targets.items():
+            _commit(tmp, final, paths[key], overwrite)
+            moved.append(final)
+    except BaseException:
+        if not overwrite:  # ours: each was a new hard link that refused to replace anything
+            for final in moved:
+                final.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- text outputs

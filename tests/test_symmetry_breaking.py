@@ -415,17 +415,54 @@ def test_report_of_a_single_scored_nodule():
 
 def test_write_scores_never_replaces_a_report_that_appeared_after_the_check(tmp_path, monkeypatch):
     """Another run writes scores.md between write_scores' check and its move: without overwrite
-    its file stays. (That this run's scores.json is then left behind, against atomic_paths'
-    "together or not at all", is a known gap: outputs.atomic_paths commits file by file.)"""
+    its file stays, and none of this run's report files is left behind (together or not at all)."""
     import nodulekit.outputs as outputs
     from nodulekit.errors import NodulekitError
     from nodulekit.scores import write_scores
 
     monkeypatch.setattr(outputs, "check_output_path", lambda path, overwrite: path)  # the check passed earlier
     (tmp_path / "scores.md").write_text("the other run's report")
-    with pytest.raises(NodulekitError):
+    with pytest.raises(NodulekitError, match="scores.md already exists: it appeared while this run was working"):
         write_scores(_rated("margin"), tmp_path / "scores.csv", n_resamples=20)
     assert (tmp_path / "scores.md").read_text() == "the other run's report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.md"]  # no scores.json/.csv, no temporaries
+
+
+@pytest.mark.parametrize("appears", ["a.json", "c.md"])
+def test_atomic_paths_moves_a_group_in_together_or_not_at_all(tmp_path, appears):
+    """Three files; one of them appears (another job) after they were written: without overwrite
+    the group is refused and whichever of its files were already moved in are taken back."""
+    from nodulekit.errors import NodulekitError
+    from nodulekit.outputs import atomic_paths
+
+    paths = {name: tmp_path / name for name in ("a.json", "b.csv", "c.md")}
+    with pytest.raises(NodulekitError, match=f"{appears} already exists"):
+        with atomic_paths(paths, overwrite=False) as tmp:
+            for name, t in tmp.items():
+                t.write_text(f"this run's {name}")
+            (tmp_path / appears).write_text("the other job's")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {appears: "the other job's"}
+    with atomic_paths(paths, overwrite=True) as tmp:
+        for name, t in tmp.items():
+            t.write_text(f"this run's {name}")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"this run's {n}" for n in paths}
+
+
+def test_atomic_paths_names_the_file_whose_write_failed(tmp_path):
+    """A write that fails on the second file is one line naming that file (not a temporary, not the
+    last file of the group), and nothing of the group is left."""
+    import errno
+
+    from nodulekit.errors import WriteFailed
+    from nodulekit.outputs import atomic_paths
+
+    paths = {name: tmp_path / name for name in ("a.json", "b.csv", "c.md")}
+    with pytest.raises(WriteFailed) as info:
+        with atomic_paths(paths) as tmp:
+            tmp["a.json"].write_text("{}")
+            raise OSError(errno.EIO, "Input/output error", str(tmp["b.csv"]))
+    assert str(info.value) == f"could not write {paths['b.csv']}: Input/output error"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_of_a_table_with_no_nodules():
