@@ -19,7 +19,8 @@ $(BIN)/nodulekit: pyproject.toml
 install: $(BIN)/nodulekit
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	# --durations: where the time goes (docs/testing.md, "Suite time")
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # ruff is configured in pyproject.toml; `make format` applies the formatter and safe fixes.
 lint: install
