@@ -28,11 +28,13 @@ test selection changes), so
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -40,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutate import REPO, copy_repo  # noqa: E402
+from mutate import REPO  # noqa: E402
 
 EQUIVALENT = REPO / "tools" / "mutmut-equivalent.toml"
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), folded into what the score needs
@@ -91,9 +93,21 @@ def workdir_for(modules: list[str]) -> Path:
 
 
 def sync(work: Path) -> None:
-    """Copy the work tree into ``work`` (a fresh copy's mtimes tell mutmut which files changed)."""
-    work.mkdir(parents=True, exist_ok=True)
-    copy_repo(work)
+    """Copy the work tree into ``work``. A file is copied only when its content differs, and
+    then gets the current time: mutmut regenerates the mutants of a source newer than its
+    mutated copy, and a file copied with its old time (e.g. from another branch's tree) would
+    leave that copy's stale mutants in place."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        src, dst = REPO / name.decode(), work / name.decode()
+        if src.is_file() and not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
 
 
 def results(work: Path) -> dict[str, dict[str, str]]:
