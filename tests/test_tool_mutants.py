@@ -344,3 +344,104 @@ def test_mask_component_of_exactly_min_diameter_is_a_nodule():
     kept, lines = drop_fragments(specs, 3.0)
     assert kept == specs[:1]
     assert lines == ["component 1: skipped, a 2.99 mm fragment (< --min-diameter 3 mm)"]
+
+
+def test_a_mask_of_fragments_only_is_refused_naming_its_largest():
+    """Every component a fragment: refused, naming the largest (not the first); a centre given
+    by hand (no mask) is never a fragment, however small."""
+    from types import SimpleNamespace
+
+    from nodulekit.errors import NodulekitError
+    from nodulekit.plausibility import drop_fragments
+
+    specs = [SimpleNamespace(mask="m.nii.gz", diameter_mm=d, origin=f"component {d}") for d in (1.5, 2.99, 2.0)]
+    with pytest.raises(NodulekitError) as err:
+        drop_fragments(specs, 3.0)
+    assert str(err.value) == "every mask component is smaller than --min-diameter 3 mm (largest 2.99 mm)"
+    by_hand = SimpleNamespace(mask=None, diameter_mm=1.0, origin="--centre")
+    assert drop_fragments([by_hand], 3.0) == ([by_hand], [])
+
+
+def _spec(ident: int, centre, diameter: float, mask="mask.nii.gz"):
+    """A nodule of ``edge_scan`` as predict builds it (a mask component unless ``mask=None``)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        id=str(ident), origin=f"mask component {ident}", mask=mask, centre=centre, diameter_mm=diameter
+    )
+
+
+TRAINED = {  # as modelcard.ranges_record writes them
+    "training_data": {
+        "ranges": {
+            "slice_spacing_mm": {"min": 0.6, "max": 1.5, "n": 9},
+            "diameter_mm": {"min": 3.5, "max": 40.0, "n": 9},
+        }
+    }
+}
+FRAGMENT = "mask component 1: skipped, a 2.50 mm fragment (< --min-diameter 3 mm)"
+SCAN_LINE = "scan: slice spacing 2 mm lies outside the training data's 0.6..1.5 mm"
+IN_AIR = "the centre lies in air (-950 HU < -900)"  # a mask component's centre: no RAS/LPS hint
+TOO_LARGE = "diameter 70 mm is larger than any lung nodule (> 60 mm)"
+NOT_TRAINED = "diameter 70 mm lies outside the training nodules' 3.5..40 mm"
+
+
+def _components():
+    """On ``edge_scan``: a 2.5 mm fragment, a 4 mm component centred in air, a 70 mm one in soft tissue."""
+    return _spec(1, (5.0, 25.0, 1.0), 2.5), _spec(2, (30.0, 5.0, 1.0), 4.0), _spec(3, (5.0, 25.0, 2.0), 70.0)
+
+
+def test_check_request_lists_fragments_then_the_scan_then_each_nodule(edge_scan):
+    """Lines in order (skipped fragments, the scan's once, each kept nodule's under its id);
+    each kept nodule's warnings are the scan's then its own, its diameter checked against the
+    recorded range (the 4 mm one inside it); no note when ranges are recorded."""
+    from nodulekit.plausibility import check_request
+
+    specs = list(_components())
+    kept, per_spec, lines, note = check_request(edge_scan, specs, TRAINED, 3.0, strict=False)
+    assert kept == specs[1:]
+    assert lines == [FRAGMENT, SCAN_LINE, f"nodule 2: {IN_AIR}", f"nodule 3: {TOO_LARGE}", f"nodule 3: {NOT_TRAINED}"]
+    scan_w = {"code": "spacing_outside_training", "message": SCAN_LINE.removeprefix("scan: ")}
+    assert per_spec == [
+        [scan_w, {"code": "centre_in_air", "message": IN_AIR}],
+        [
+            scan_w,
+            {"code": "diameter_implausible", "message": TOO_LARGE},
+            {"code": "diameter_outside_training", "message": NOT_TRAINED},
+        ],
+    ]
+    assert note is None
+
+
+def test_check_request_without_training_ranges_says_which_checks_are_off(edge_scan):
+    from nodulekit.plausibility import check_request
+
+    spec = _spec(1, (5.0, 25.0, 1.0), 10.0, mask=None)
+    assert check_request(edge_scan, [spec], {"training_data": {}}, 3.0, strict=False) == (
+        [spec],
+        [[]],
+        [],
+        "the model records no training ranges: diameter, spacing and HU range checks are off",
+    )
+    # nothing to report: --strict scores the request as it is
+    assert check_request(edge_scan, [spec], {}, 3.0, strict=True)[:3] == ([spec], [[]], [])
+
+
+@pytest.mark.parametrize(("n_lines", "more"), [(1, ""), (2, " (and 1 more)"), (5, " (and 4 more)")])
+def test_strict_names_the_first_line_and_counts_the_others(edge_scan, n_lines, more):
+    """--strict refuses with the first line and, when there are more, how many more: none
+    for one line, 1 for two, 4 for five (a component of 10 mm in soft tissue adds none)."""
+    from nodulekit.errors import NodulekitError
+    from nodulekit.plausibility import check_request
+
+    fragment, in_air, too_large = _components()
+    plain = _spec(4, (5.0, 25.0, 1.0), 10.0)
+    specs, card = {
+        1: ([fragment, plain], {}),
+        2: ([fragment, in_air], {}),
+        5: ([fragment, in_air, too_large], TRAINED),
+    }[n_lines]
+    assert len(check_request(edge_scan, specs, card, 3.0, strict=False)[2]) == n_lines
+    with pytest.raises(NodulekitError) as err:
+        check_request(edge_scan, specs, card, 3.0, strict=True)
+    assert str(err.value) == f"--strict: {FRAGMENT}{more}"
