@@ -222,7 +222,7 @@ def edge_scan(tmp_path_factory):
     x = -20..9 mm LPS: negating x and y maps row r to 20 - r and column c to 40 - c, so a
     centre's swapped point can be put exactly on the scan's outer edge (-0.5 or n - 0.5).
     Air (-950 HU) where row >= 20 and column <= 15, soft tissue (40 HU) elsewhere but for
-    two voxels either side of LUNG_HU."""
+    two voxels either side of LUNG_HU (row 0), one at AIR_HU (row 1) and a padding voxel."""
     import nibabel as nib
 
     from nodulekit.scans import read_scan
@@ -231,6 +231,7 @@ def edge_scan(tmp_path_factory):
     hu[:16, 20:, :] = -950
     hu[29, 39, 3] = -2000  # one padding voxel (the minimum), so the air counts as the body's
     hu[27:29, 0, :] = [[-750], [-751]]  # row 0, columns 27 and 28: either side of LUNG_HU
+    hu[27, 1, :] = -900  # row 1, column 27: exactly AIR_HU
     lps = np.diag([1.0, 1.0, 2.0, 1.0])
     lps[:3, 3] = (-20.0, -10.0, 0.0)
     path = tmp_path_factory.mktemp("edge") / "ct.nii.gz"
@@ -265,6 +266,54 @@ def test_swapped_frame_hint_only_for_points_inside_the_scan(edge_scan, swapped, 
     (w,) = nodule_warnings(edge_scan, SimpleNamespace(mask=None, centre=centre, diameter_mm=10.0), None)
     hint = "" if hint_hu is None else f"; with x and y negated (RAS<->LPS) it would lie at {hint_hu} HU: check --coords"
     assert w == {"code": "centre_in_air", "message": "the centre lies in air (-950 HU < -900)" + hint}
+
+
+HINT_40 = "; with x and y negated (RAS<->LPS) it would lie at 40 HU: check --coords"
+LUNG = "the centre lies in lung parenchyma ({} HU < -750, below any LIDC-IDRI nodule's centre)"
+IN_CM = (
+    "diameter 2.5 mm is below the 3 mm of the smallest nodules LIDC-IDRI's readers outlined: if it is in cm, give 25"
+)
+NOT_A_NODULE = "diameter 60.5 mm is larger than any lung nodule (> 60 mm)"
+HU_NOT_TRAINED = "the centre's 40 HU lies outside the training nodules' centres (100..200 HU)" + HINT_40
+TISSUE = (5, 25, 1)  # 40 HU; its negated point (15, 15) too
+
+
+@pytest.mark.parametrize(
+    ("centre", "diameter", "ranges", "expected"),
+    [
+        (TISSUE, 3.0, None, []),  # the smallest outlined size is not "in cm"
+        (TISSUE, 2.5, None, [("diameter_looks_like_cm", IN_CM)]),
+        (TISSUE, 60.0, None, []),  # MAX_NODULE_MM itself is plausible
+        (TISSUE, 60.5, None, [("diameter_implausible", NOT_A_NODULE)]),
+        ((0, 27, 1), 10.0, None, []),  # exactly LUNG_HU: not lung
+        ((0, 28, 1), 10.0, None, [("centre_in_lung", LUNG.format(-751))]),  # negated point in air: no hint
+        ((1, 27, 1), 10.0, None, [("centre_in_lung", LUNG.format(-900) + HINT_40)]),  # AIR_HU itself is lung
+        (TISSUE, 10.0, {"centre_hu": (40.0, 200.0)}, []),
+        (TISSUE, 10.0, {"diameter_mm": (3.0, 40.0)}, []),  # no recorded centre range: not checked
+        (TISSUE, 10.0, {"centre_hu": (100.0, 200.0)}, [("centre_hu_outside_training", HU_NOT_TRAINED)]),
+    ],
+)
+def test_nodule_warnings_at_each_threshold(edge_scan, centre, diameter, ranges, expected):
+    """Each warning's code and full message for a centre given by hand, at and across each
+    threshold (sizes in mm, HU of the voxels laid out in ``edge_scan``), with the RAS/LPS
+    hint where the negated point (row 20 - r, column 40 - c) lies in soft tissue."""
+    from types import SimpleNamespace
+
+    from nodulekit.plausibility import nodule_warnings
+
+    spec = SimpleNamespace(mask=None, centre=np.array(centre, float), diameter_mm=diameter)
+    assert nodule_warnings(edge_scan, spec, ranges) == [{"code": c, "message": m} for c, m in expected]
+
+
+def test_centre_hu_of_a_centre_past_the_scans_edges_is_the_nearest_edge_voxel(edge_scan):
+    """Rounded to the nearest voxel, clipped into the volume on both sides: row -0.6 reads
+    row 0 (40 HU), not the last row (the -2000 HU padding voxel at row 39, column 29, slice 3)."""
+    from nodulekit.plausibility import centre_hu
+
+    assert centre_hu(edge_scan, (-0.6, 29.0, 3.0)) == 40.0
+    assert centre_hu(edge_scan, (39.4, 29.4, 2.6)) == -2000.0
+    assert centre_hu(edge_scan, (44.0, 31.0, 7.0)) == -2000.0
+    assert centre_hu(edge_scan, (1.4, 26.6, -3.0)) == -900.0
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
