@@ -355,12 +355,22 @@ SUMMARY_COLUMNS = (
 )
 
 
+def interval_text(mean: float, low: float, high: float) -> str:
+    """``mean [low, high]`` to 3 decimals; "n/a" for an undefined mean, ``mean [n/a]`` for an
+    undefined interval (a stratum of one patient: no patient bootstrap)."""
+    if np.isnan(mean):
+        return "n/a"
+    if np.isnan(low) or np.isnan(high):
+        return f"{mean:.3f} [n/a]"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def with_intervals(table):
     """Summary columns as ``mean [low, high]`` text for the Markdown (share_*, enrichment_*)."""
     out = table.copy()
     for column in SUMMARISED:
         out[column] = [
-            "n/a" if np.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+            interval_text(m, lo, hi)
             for m, lo, hi in zip(
                 table[f"mean_{column}"], table[f"mean_{column}_low"], table[f"mean_{column}_high"], strict=True
             )

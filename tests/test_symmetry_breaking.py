@@ -476,3 +476,86 @@ def test_report_of_a_table_with_no_nodules():
     text = scores_markdown(scores, summaries)
     assert "Map of the **malignant** class" in text and "(no rated nodules)" in text
     assert "were zero everywhere" not in text
+
+
+# --------------------------------------------------------------------------- the scores report, word for word
+
+REPORT_HEAD = [
+    "# Region scores of activation maps",
+    "Map of the **malignant** class, clipped at 0; regions from the consensus mask of input channel 5 (the centre "
+    "slice at ROI side 2 x diameter), r = 2 px: body = mask eroded by r, margin band = mask dilated by r minus body, "
+    "outside = the rest. Share = fraction of map energy in the region (mean over nodules); enrichment = share / area "
+    "fraction (1 = no preference; mean over nodules with a non-empty region); pointing = fraction of nodules whose "
+    "map peak lies in the region. 95 % intervals: percentile bootstrap, 20 resamples of patients with replacement "
+    "(all of a patient's nodules together), seed 0.",
+]
+REPORT_COLUMNS = (
+    "| map | group | n | share_body | share_margin_band | share_outside | enrichment_body | enrichment_margin_band "
+    "| enrichment_outside | pointing_body | pointing_margin_band | pointing_outside |"
+)
+
+
+def _report_rated_on_both():
+    """The report of the six-nodule table rated on spiculation and on margin (patient 1's two
+    nodules alone in the 'not spiculated' and 'sharp' strata), with its summaries."""
+    from nodulekit.scores import scores_markdown, scores_summaries
+
+    scores = _rated("spiculation")
+    scores["margin"] = [5.0, 4.0, 3.0, 2.0, 1.0, 3.0]
+    summaries = scores_summaries(scores, n_resamples=20)
+    return scores, scores_markdown(scores, summaries)
+
+
+def test_report_headings_columns_and_the_sentences_that_define_its_numbers():
+    """The lines a reader relies on, word for word: the title, the paragraph that defines share,
+    enrichment, pointing and the intervals, one heading per grouping (the margin scale's
+    direction in it) and each table's column header and separator."""
+    _, text = _report_rated_on_both()
+    lines = text.splitlines()
+    assert lines[:3] == [*REPORT_HEAD, ""]
+    assert [line for line in lines if line.startswith("#")] == [
+        "# Region scores of activation maps",
+        "## By nodule class",
+        "## By spiculation (mean rating)",
+        "## By margin (mean rating; 1 = poorly defined, 5 = sharp)",
+    ]
+    for heading in (line for line in lines if line.startswith("## ")):
+        at = lines.index(heading)
+        assert lines[at + 1 : at + 4] == ["", REPORT_COLUMNS, "|" + "---|" * 12]
+
+
+def test_report_writes_n_a_for_an_undefined_mean_or_interval():
+    """Benign nodules have no outside region: that mean is undefined and its cell reads "n/a".
+    Patient 1 alone in the 'sharp' stratum: a mean, but no patient-bootstrap interval, so
+    "mean [n/a]" (not "[nan, nan]"); with two patients the interval is written out."""
+    scores, text = _report_rated_on_both()
+    rows = {line.split(" | ")[1]: line[2:-2].split(" | ") for line in text.splitlines() if line.startswith("| sam |")}
+    assert rows["benign"][8] == "n/a"  # enrichment_outside
+    body = scores["share_body"].iloc[:2].mean()  # patient 1's two nodules
+    assert rows["sharp (>3)"][3] == f"{body:.3f} [n/a]"
+    assert rows["sharp (>3)"][:3] == ["sam", "sharp (>3)", "2"]
+    assert rows["poorly defined (<=3)"][3].count("[") == 1 and "n/a" not in rows["poorly defined (<=3)"][3]
+    assert "[nan" not in text and "nan]" not in text
+
+
+def test_interval_text_of_each_undefined_part():
+    from nodulekit.scores import interval_text
+
+    nan = float("nan")
+    assert interval_text(0.25, 0.125, 0.5) == "0.250 [0.125, 0.500]"
+    assert interval_text(nan, 0.125, 0.5) == "n/a"
+    assert interval_text(0.25, nan, nan) == "0.250 [n/a]"
+    assert interval_text(0.25, nan, 0.5) == "0.250 [n/a]"  # either end undefined: no interval
+    assert interval_text(0.25, 0.125, nan) == "0.250 [n/a]"
+
+
+def test_markdown_table_cells_of_floats_ints_text_and_non_finite_floats():
+    """Floats to 3 decimals in lower case as Python writes them (nan, inf, -inf), ints and text as they are."""
+    import pandas as pd
+
+    from nodulekit.scores import _markdown_table
+
+    df = pd.DataFrame({"a": ["x", "y"], "n": [3, 12], "v": [0.12345, np.nan], "w": [np.inf, -np.inf]})
+    assert _markdown_table(df, ["a", "n", "v", "w"]) == (
+        "| a | n | v | w |\n|---|---|---|---|\n| x | 3 | 0.123 | inf |\n| y | 12 | nan | -inf |\n"
+    )
