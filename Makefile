@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # onnxruntime-gpu carries the CPU provider too, but is 255 MB: take it only where a GPU is.
 ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install test lint format demo bench mutate mutate-tool clean
+.PHONY: install test lint format demo bench mutate mutate-tool mutate-sample clean
 
 $(BIN)/nodulekit: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,6 +52,20 @@ mutate-tool: install
 	nice -n 19 $(BIN)/python tools/mutmut_run.py $(foreach m,$(MODULES),--module $(m)) \
 		$(foreach t,$(MUTMUT_TESTS),--tests $(t)) $(if $(MUTMUT_WORKDIR),--workdir $(MUTMUT_WORKDIR)) \
 		--time-box $(MUTMUT_TIME_BOX) --max-children 2 -o $(MUTMUT_REPORT)
+
+# A seeded random sample of mutmut's mutants of the whole package (docs/testing.md): mutmut
+# generates them, one coverage run of the suite says which tests reach each function, and
+# tools/mutant_sample.py runs each sampled mutant against those tests (resumable, time-boxed).
+MUTANT_SAMPLE ?= 240
+MUTANT_SEED ?= 1
+MUTANT_TIME_BOX ?= 14400
+mutate-sample: install
+	$(BIN)/python -c "import mutmut, pytest_cov" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[test,mutation,$(ORT_EXTRA)]"
+	nice -n 19 $(BIN)/python tools/mutmut_run.py --generate-only -o /dev/null > /dev/null
+	nice -n 19 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder \
+		--cov=nodulekit --cov-context=test --cov-report=
+	nice -n 19 $(BIN)/python tools/mutant_sample.py --sample $(MUTANT_SAMPLE) --seed $(MUTANT_SEED) \
+		--coverage .coverage --time-box $(MUTANT_TIME_BOX) -o mutant-sample.md
 
 demo: install
 	$(BIN)/python -m nodulekit.demo
