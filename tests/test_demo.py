@@ -44,10 +44,21 @@ def _stages(record):
 
 
 def test_missing_or_failing_stages_never_crash_the_demo(tmp_path, monkeypatch, capsys):
+    import logging
+
     record: list[str] = []
     monkeypatch.setattr(demo, "STAGES", _stages(record))
     monkeypatch.delenv("NODULEKIT_DEMO_STRICT", raising=False)
-    assert demo.main(["--out", str(tmp_path / "out"), "--schedule", "cpu"]) == 0
+    # the demo logs under the package's logger: a program that embeds nodulekit sees its records there
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.name)
+    logging.getLogger("nodulekit").addHandler(handler)
+    try:
+        assert demo.main(["--out", str(tmp_path / "out"), "--schedule", "cpu"]) == 0
+    finally:
+        logging.getLogger("nodulekit").removeHandler(handler)
+    assert seen and set(seen) == {"nodulekit.demo"}
     out = capsys.readouterr().out
     assert "[b] stage b not available in this version" in out
     assert "[c] failed: RuntimeError: disk on fire (traceback in" in out and "second line" not in out

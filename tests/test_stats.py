@@ -6,6 +6,7 @@ import json
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import fake_identity
 from scipy.stats import wilcoxon
@@ -286,6 +287,11 @@ def test_reader_comparison_against_the_other_readers(tmp_path, tiny_dataset):
         "benign",
     )
     assert (first.reader1_others_label, first.reader3_others_label) == ("benign", "indeterminate")
+    # the per-nodule file's columns, and each nodule's mean rating read from the dataset by its id
+    assert list(per.columns[:4]) == ["patient_id", "fold", "y", "malignancy_mean"]
+    with h5py.File(tiny_dataset, "r") as f:
+        mean_of = dict(zip(ids, f["malignancy_mean"][()].tolist(), strict=True))
+    np.testing.assert_allclose(per["malignancy_mean"], [mean_of[i] for i in per.index], rtol=1e-6)
     paths = St.write_report(
         table.reset_index(),
         tmp_path / "r.md",
@@ -298,6 +304,10 @@ def test_reader_comparison_against_the_other_readers(tmp_path, tiny_dataset):
     md = paths["md"].read_text()
     assert paths["nodules"].name == "r_nodules.csv" and "OTHER readers" in md and "at least 2 other" in md
     assert "| reader 1 | 5 | 1 | 0 | 0 | 0.600 [" in md
+    # --overwrite replaces the four files together
+    again = St.write_report(table.reset_index().head(1), tmp_path / "r.md", title="again", notes="", record={},
+                            overwrite=True, per_nodule=table.attrs["per_nodule"].head(2))  # fmt: skip
+    assert again == paths and len(pd.read_csv(again["csv"])) == 1 and len(pd.read_csv(again["nodules"])) == 2
     wrong = fake_run(tmp_path / "run2", ids, y, prob, folds=5, fingerprint="nope")
     with pytest.raises(NodulekitError, match="not the dataset"):
         St.reader_comparison(wrong, tiny_dataset)
