@@ -32,3 +32,22 @@ def test_wilcoxon_notes_define_each_column_the_report_shows():
         " accounted for). `*_holm`: Holm's adjustment over the comparisons of the first arm with the others."
     ) in text
     assert "(10000 random sign patterns, or all when fewer; seed 0)" in text
+
+
+def test_scan_extent_text_in_voxel_indices_and_lps_mm(tmp_path):
+    """The extent a refused centre is compared with: voxel centres +- half a voxel, in stored
+    voxel indices, and in LPS mm for an axis-aligned scan (known answers for this affine)."""
+    import nibabel as nib
+    import numpy as np
+
+    from nodulekit.scans import read_scan
+
+    affine = np.diag([-0.5, -0.5, 2.0, 1.0])  # RAS affine of NIfTI: x and y flipped to LPS below
+    affine[:3, 3] = (10.0, 20.0, -30.0)
+    path = tmp_path / "ct.nii"
+    nib.save(nib.Nifti1Image(np.full((4, 6, 3), -800, np.int16), affine), str(path))
+    scan = read_scan(path)
+    assert scan.extent_text("voxel") == "voxel indices -0.5..3.5, -0.5..5.5, -0.5..2.5"
+    # LPS x = -(10 - 0.5 i) for i in [-0.5, 3.5]: -10.25..-8.25; y = -(20 - 0.5 j), j in [-0.5, 5.5]; z = -30 + 2 k
+    assert scan.extent_text("lps") == "x -10.2..-8.2, y -20.2..-17.2, z -31.0..-25.0 mm LPS"
+    assert scan.extent_text("ras") == "x 8.2..10.2, y 17.2..20.2, z -31.0..-25.0 mm RAS"
