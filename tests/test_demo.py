@@ -66,6 +66,7 @@ def test_missing_or_failing_stages_never_crash_the_demo(tmp_path, monkeypatch, c
     assert record == ["a", "d"]  # independent stages still ran
     assert "disk on fire" in (tmp_path / "out" / "demo.log").read_text()  # the traceback is kept
     summary = (tmp_path / "out" / "SUMMARY.md").read_text()
+    assert summary.startswith("\nnodulekit demo summary\n" + "=" * 22 + "\nschedule: ")
     assert "short CPU schedule" in summary and "hesam_fold0.onnx" in summary
 
 

@@ -74,6 +74,10 @@ def test_plan_runs_each_experiment_once(tmp_path):
     table3 = next(t for t in plan.tables if t.name == "table3")
     assert table3.rows == {"GAP / GAP": "hesam+base_width=4+hf_pool=avg", "GMP / GAP": "hesam+base_width=4"}
     assert plan.label("hesam+base_width=4+hf_pool=avg", "d3c", 0) == "Ours-HESAM (hf_pool=avg)"
+    # the config's epochs reach every training job
+    assert plan.epochs == 1
+    command = train_command(plan, "runs/d3c/seed0/cam+base_width=4", threads=1, fold=0)
+    assert " --epochs 1 " in f"{command} "
 
 
 @pytest.mark.parametrize(
@@ -100,6 +104,11 @@ def test_plan_runs_each_experiment_once(tmp_path):
         ("lr: 0.01", "lr: 0.01, momentum: 1", "train: --momentum must be in [0, 1) (got 1)"),
         ("folds: 2", "folds: 2\nfolds: 3", "line 6: not valid YAML (key 'folds' is given twice)"),
         ("{hf_pool: avg}", "{hf_pool: avg, hf_pool: max}", "not valid YAML (key 'hf_pool' is given twice)"),
+        (
+            "  sensitivity_dataset: d3c\n",
+            "  sensitivity_dataset: d3c\n  colour: red\n",
+            "table2: must be {architectures: [...], sensitivity_dataset: NAME}",
+        ),
     ],
 )
 def test_bad_config_is_one_line_before_any_job(tmp_path, old, new, message):

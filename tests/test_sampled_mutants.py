@@ -51,3 +51,44 @@ def test_scan_extent_text_in_voxel_indices_and_lps_mm(tmp_path):
     # LPS x = -(10 - 0.5 i) for i in [-0.5, 3.5]: -10.25..-8.25; y = -(20 - 0.5 j), j in [-0.5, 5.5]; z = -30 + 2 k
     assert scan.extent_text("lps") == "x -10.2..-8.2, y -20.2..-17.2, z -31.0..-25.0 mm LPS"
     assert scan.extent_text("ras") == "x 8.2..10.2, y 17.2..20.2, z -31.0..-25.0 mm RAS"
+
+
+def test_map_placement_states_the_half_pixel_offsets_of_a_32_pixel_input():
+    """The model card's formula that puts map_up back on the CT: for 32 pixels the offset is
+    32 / 2 - 0.5 = 15.5 (pixel centres), and the valid range of a and b is [-0.5, 31.5]."""
+    from nodulekit.inputs.spec import paper_spec
+    from nodulekit.modelcard import map_placement
+
+    spec = paper_spec(3)
+    assert spec.patch_px == 32
+    to_ct = map_placement(spec)["to_ct"]
+    assert "at a = (row - r) x s_r / t + 15.5, b = (col - c) x s_c / t + 15.5, 0 where a or b lies" in to_ct
+    assert "outside [-0.5, 31.5]" in to_ct
+
+
+def test_seed_patient_bootstrap_draws_exactly_n_resamples():
+    """Resamples are drawn in blocks of 500: 1200 gives 500 + 500 + 200, not one less or more."""
+    import numpy as np
+
+    from nodulekit.stats import seed_patient_bootstrap
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 10)
+    groups = np.repeat(np.arange(10), 2)
+    out = seed_patient_bootstrap(y, rng.random((2, 20)), rng.random((1, 20)), groups, n_resamples=1200, seed=3)
+    assert len(out["distribution"]) == 1200
+
+
+def test_status_table_marks_a_row_without_a_fold_with_a_dash():
+    from nodulekit.status import status_table
+
+    rows = [
+        {"rundir": "runs/a", "fold": None, "state": "missing", "epochs_done": 0, "epochs": None, "note": None},
+        {"rundir": "runs/b", "fold": 3, "state": "finished", "epochs_done": 15, "epochs": 15, "note": "ok"},
+    ]
+    assert status_table(rows).splitlines() == [
+        "RUNDIR  fold  state     epochs  note",
+        "runs/a     -  missing        -",
+        "runs/b     3  finished   15/15  ok",
+        "1 finished, 1 missing",
+    ]
