@@ -234,3 +234,9 @@ def test_interrupted_clustering_resumes_from_its_journal(tmp_path, monkeypatch, 
     assert [r.reader_malignancy for r in recs[1:]] == [r.reader_malignancy for r in two_patients[1:]]
     lines = journal.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["first"] == int(scans[1].id)  # second scan appended
+
+
+def test_clustering_shows_a_labelled_progress_bar_when_asked(capsys):
+    cluster_records(["LIDC-IDRI-0001"], progress=True, use_cache=False)
+    err = capsys.readouterr().err
+    assert "clustering scans" in err and "1/1" in err and "scan" in err
