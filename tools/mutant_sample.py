@@ -130,6 +130,7 @@ def run_one(tree: Path, mutant: str, coverage: dict, timeout: float, env: dict, 
     except LookupError as exc:
         return {"outcome": "not planted", "why": str(exc)}
     tests = set().union(*[coverage.get(path, {}).get(n, set()) for n in range(first, last + 1)])
+    tests |= set(env.get("EXTRA_TESTS", "").split()) if tests else set()  # written after the coverage run
     tests = sorted(tests, key=lambda t: (seconds.get(t, 0.0), t))  # fastest first, as mutmut: -x stops sooner
     if not tests:
         return {"outcome": "no tests"}
@@ -152,6 +153,7 @@ def run_one(tree: Path, mutant: str, coverage: dict, timeout: float, env: dict, 
 
 def run_sample(names: list[str], args, coverage: dict, done: dict) -> None:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "MUTANTS": str(args.workdir / "mutants")}
+    env["EXTRA_TESTS"] = " ".join(args.extra_tests)
     shared = REPO.parent / "shared" / "data"
     if "NODULEKIT_SHARED_DATA" not in env and shared.exists():
         env["NODULEKIT_SHARED_DATA"] = str(shared)
@@ -179,7 +181,7 @@ def run_sample(names: list[str], args, coverage: dict, done: dict) -> None:
             args.results.write_text(json.dumps(done, indent=1, sort_keys=True))
             print(f"[{len(done)}/{len(names)}] {mutant}: {result['outcome']} {result.get('by', '')}", flush=True)
 
-    todo = [n for n in names if n not in done]
+    todo = [n for n in names if n not in done or (args.rerun_survivors and done[n]["outcome"] == "survived")]
     random.Random(args.seed).shuffle(todo)  # a time-boxed run leaves a random part of the sample
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, todo))
@@ -230,6 +232,14 @@ def main() -> int:
     ap.add_argument(
         "--durations", type=Path, help="a `pytest --durations=0` log: each mutant's tests run fastest first"
     )
+    ap.add_argument(
+        "--extra-tests",
+        nargs="*",
+        default=[],
+        help="tests written after the coverage run, run too for every mutant that has covering tests",
+    )
+    ap.add_argument("--rerun-survivors", action="store_true", help="run the survivors again (after new tests)")
+    ap.add_argument("--exclude", type=Path, help="a file of mutant names a drawn sample leaves out (an earlier sample)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant (then: timeout = killed)")
     ap.add_argument("--time-box", type=float, default=4 * 3600)
@@ -244,6 +254,9 @@ def main() -> int:
         names = args.names.read_text().split()
     else:
         everything = sorted(n for outcomes in results(args.workdir).values() for n in outcomes)
+        if args.exclude:  # a fresh sample: none of an earlier one's mutants, for which tests were written
+            earlier = set(args.exclude.read_text().split())
+            everything = [n for n in everything if n not in earlier]
         names = sorted(random.Random(args.seed).sample(everything, min(args.sample, len(everything))))
     done = json.loads(args.results.read_text()) if args.results.exists() else {}
     if not args.report_only:
