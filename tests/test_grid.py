@@ -97,6 +97,7 @@ def test_plan_runs_each_experiment_once(tmp_path):
             "maps.methods.sam: method 'sam' does not apply to model 'cam'",
         ),
         ("epochs: 1", "epochs: 1\nepoch: 2", "unknown key(s) epoch"),
+        ("epochs: 1", "epochs: 1\nepoch: 2\nlayers: 3", "unknown key(s) epoch, layers; known: ablations, bootstrap"),
         ("threads: 1}", "threads: 1, lr_steps: 3}", "train.lr_steps: unknown option"),
         ("d3c: 3}", "d3c: 4}", "datasets.d3c: must be a channel count (1, 3, 11, 21)"),
         ("rois: rois.h5", "rois: missing.h5", "rois: "),

@@ -32,6 +32,10 @@ def test_wilcoxon_notes_define_each_column_the_report_shows():
         " accounted for). `*_holm`: Holm's adjustment over the comparisons of the first arm with the others."
     ) in text
     assert "(10000 random sign patterns, or all when fewer; seed 0)" in text
+    assert (
+        "`auc_p`: Obuchowski's (1997) clustered test of the AUC difference, patients as clusters, the default;"
+        " `delong_p`: DeLong's test (DeLong et al. 1988; nodules as independent cases) beside it;"
+    ) in text
 
 
 def test_scan_extent_text_in_voxel_indices_and_lps_mm(tmp_path):
@@ -92,3 +96,25 @@ def test_status_table_marks_a_row_without_a_fold_with_a_dash():
         "runs/b     3  finished   15/15  ok",
         "1 finished, 1 missing",
     ]
+
+
+def test_dataset_identity_names_its_format(tmp_path):
+    """The identity record (in run.json, checkpoints, ONNX metadata) says which identity format made
+    its fingerprint, under the key 'format' (a reader of older records branches on it)."""
+    from nodulekit.datasets import dataset_identity, load_dataset
+    from tests.conftest import write_tiny_dataset
+
+    identity = dataset_identity(load_dataset(write_tiny_dataset(tmp_path / "d.h5", n=12, channels=1, folds=2)))
+    assert identity["format"] == 1 and identity["n"] == 12 and identity["n_folds"] == 2
+    assert len(identity["fingerprint"]) == 16
+
+
+def test_a_fold_that_does_not_exist_names_the_folds_there_are(tmp_path):
+    from nodulekit.datasets import load_dataset
+    from nodulekit.training import TrainConfig, fold_split
+    from tests.conftest import write_tiny_dataset
+
+    path = write_tiny_dataset(tmp_path / "d.h5", n=12, channels=1, folds=3)
+    with pytest.raises(NodulekitError) as err:
+        fold_split(load_dataset(path), 3, TrainConfig())
+    assert str(err.value) == f"fold 3 does not exist: {path} has folds 0..2"
