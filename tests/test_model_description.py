@@ -49,6 +49,11 @@ def test_description_says_how_to_build_the_input(run):
     x = card["network_data_format"]["inputs"]["x"]
     assert x["num_channels"] == 11 and x["spatial_shape"] == [32, 32] and x["modality"] == "CT"
     assert set(card["network_data_format"]["outputs"]) == {"prob", "map", "map_up"}
+    outputs = next(line for line in modelcard.render(card).splitlines() if line.startswith("outputs"))
+    assert outputs.split(None, 1)[1] == (
+        "prob softmax over classes [batch, 2]; map activation map (raw, unnormalised) [batch, 2, 16, 16]; "
+        "map_up activation map (raw, unnormalised) [batch, 2, 32, 32]"
+    )  # HESAM at width 8: a 16 x 16 map, resized to the 32 x 32 input
     assert card["decision"]["threshold"] == 0.5 and "not a medical device" in card["intended_use"]
     td = card["training_data"]
     assert td["n_nodules"] == 20 and td["n_malignant"] == 10 and td["fingerprint"] != "unknown"

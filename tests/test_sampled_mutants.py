@@ -118,3 +118,31 @@ def test_a_fold_that_does_not_exist_names_the_folds_there_are(tmp_path):
     with pytest.raises(NodulekitError) as err:
         fold_split(load_dataset(path), 3, TrainConfig())
     assert str(err.value) == f"fold 3 does not exist: {path} has folds 0..2"
+
+
+@pytest.mark.parametrize("decay", [-0.1, float("nan"), float("inf")])
+def test_weight_decay_must_be_a_finite_non_negative_number(decay):
+    from nodulekit.training import TrainConfig
+
+    with pytest.raises(NodulekitError, match=r"--weight-decay must be >= 0 \(got "):
+        TrainConfig(weight_decay=decay).validate()
+
+
+def test_laminated_calcification_brightens_concentric_shells_of_the_nodule():
+    """calcification 2 (laminated): the voxels whose depth inside the nodule, modulo half the
+    deepest depth, is below a quarter of it (shells), and no others, become >= 200 HU."""
+    import numpy as np
+    from scipy.ndimage import distance_transform_edt
+
+    from nodulekit.phantom import _draw_calcification
+
+    spacing = np.array([1.0, 1.0, 1.0])
+    r = np.linalg.norm(np.indices((21, 21, 21)).transpose(1, 2, 3, 0) - 10, axis=-1)
+    m = r <= 8
+    inside = distance_transform_edt(m, sampling=spacing).astype(np.float32)
+    depth = float(inside.max())
+    field = np.full(m.shape, -50.0)
+    _draw_calcification(field, m, inside, depth, spacing, 2, np.random.default_rng(0))
+    shells = m & (np.mod(inside, depth / 2.0) < 0.25 * depth)  # depth ~8 mm: above the rule's 1 and 0.6 mm floors
+    assert depth > 4 and 0 < shells.sum() < m.sum()
+    assert (field[shells] >= 200).all() and (field[~shells] == -50.0).all()
