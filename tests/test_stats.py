@@ -120,6 +120,9 @@ def test_comparisons_are_holm_adjusted_and_clustered_by_patient(tmp_path):
     by_patient = St.cluster_sign_flip_test(diff, merged["patient_id_x"], n_resamples=999)["p_value"]
     assert table["error_p_patients"].iloc[0] == pytest.approx(by_patient)
     assert sorted(set(merged["patient_id_x"])) == sorted(set(patients))
+    # the seed reaches the resampling: the same seed repeats every number, another moves the interval
+    five, again, six = (St.wilcoxon_runs(runs[:2], n_resamples=200, n_permutations=999, seed=s) for s in (5, 5, 6))
+    assert five.equals(again) and five["auc_diff_low"].iloc[0] != six["auc_diff_low"].iloc[0]
 
 
 def test_wilcoxon_identical_runs_is_not_significant(two_runs):
