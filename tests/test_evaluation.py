@@ -90,6 +90,9 @@ def test_report_matches_sklearn_reference(tmp_path):
         assert (tmp_path / "rep" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     report = json.loads((tmp_path / "rep" / "table2.json").read_text())
+    # the caveat travels with the number: its threshold is read off the test set
+    assert "not a validated operating point" in report["sensitivity_at_90_specificity"]
+    assert report["patient_rule"].startswith("patient malignant if any nodule is")
     run = report["runs"][0]
     assert run["method"] == "Ours-HESAM" and run["dataset"] == "D11C"
     accs = [accuracy_score(y, p > 0.5) for y, p, _ in truth.values()]
