@@ -74,6 +74,15 @@ def test_plan_runs_each_experiment_once(tmp_path):
     table3 = next(t for t in plan.tables if t.name == "table3")
     assert table3.rows == {"GAP / GAP": "hesam+base_width=4+hf_pool=avg", "GMP / GAP": "hesam+base_width=4"}
     assert plan.label("hesam+base_width=4+hf_pool=avg", "d3c", 0) == "Ours-HESAM (hf_pool=avg)"
+    # the grid runs the package's own Snakefile
+    from nodulekit.grid import snakemake_command
+
+    cmd = snakemake_command(plan, cores=1, profile=None, dry_run=True, keep_going=False, quiet=False, extra=[])
+    assert Path(cmd[cmd.index("--snakefile") + 1]).read_text().startswith("# The paper's experiment grid")
+    # a dataset given as a file is used where it is, not built under datasets/
+    (tmp_path / "mine.h5").write_bytes(b"")
+    given = load_grid(write_config(tmp_path, edit(TINY, "d1c: 1,", "d1c: {path: mine.h5},")))
+    assert given.dataset_file("d1c") == str(tmp_path / "mine.h5") and given.dataset_file("d3c") == "datasets/d3c.h5"
     # the config's epochs reach every training job
     assert plan.epochs == 1
     command = train_command(plan, "runs/d3c/seed0/cam+base_width=4", threads=1, fold=0)

@@ -146,3 +146,23 @@ def test_laminated_calcification_brightens_concentric_shells_of_the_nodule():
     shells = m & (np.mod(inside, depth / 2.0) < 0.25 * depth)  # depth ~8 mm: above the rule's 1 and 0.6 mm floors
     assert depth > 4 and 0 < shells.sum() < m.sum()
     assert (field[shells] >= 200).all() and (field[~shells] == -50.0).all()
+
+
+@pytest.mark.parametrize(("structure", "hu"), [(2, 5.0), (3, -90.0)])
+def test_fluid_or_fat_fills_the_core_deeper_than_35_percent_of_the_depth(structure, hu):
+    import numpy as np
+
+    from nodulekit.phantom import _draw_internal_structure
+
+    inside = np.linspace(0.0, 10.0, 11).reshape(11, 1, 1) * np.ones((1, 2, 2))  # depth 0..10 mm
+    field = np.full(inside.shape, -50.0)
+    _draw_internal_structure(field, inside, 10.0, np.ones(3), structure, np.random.default_rng(0))
+    assert (field[4:] == hu).all() and (field[:4] == -50.0).all()  # 4 mm and deeper: > 3.5 mm
+
+
+def test_a_failed_extract_without_parts_drops_nothing_and_reports_the_failure(tmp_path):
+    """The run failed before its parts folder existed: nothing to drop, the error is returned as is."""
+    from nodulekit.extract import _keep_or_drop_parts
+
+    exc = RuntimeError("interrupted before any unit")
+    assert _keep_or_drop_parts(tmp_path / "never-made.parts", tmp_path / "rois.h5", exc) is exc

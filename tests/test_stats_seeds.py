@@ -36,3 +36,7 @@ def test_grid_report_compares_the_seeds_of_each_method_as_one_arm(tmp_path):
     assert row["auc_b"] == pytest.approx(np.mean(aucs["cam+base_width=4"]))
     assert f"{row['auc_diff']:+.3f} [{row['auc_diff_low']:+.3f}, {row['auc_diff_high']:+.3f}]" in text
     assert "| Ours-CAM | D3C |" in text and row["auc_verdict"] in text and "seeds (0, 1)" in text
+    assert (
+        "ΔAUC = reference minus method. The interval resamples patients and, per arm, seeds, so it carries the"
+        " spread between retrainings; the p-values are on the seed-averaged probabilities;"
+    ) in text
