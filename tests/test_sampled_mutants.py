@@ -166,3 +166,33 @@ def test_a_failed_extract_without_parts_drops_nothing_and_reports_the_failure(tm
 
     exc = RuntimeError("interrupted before any unit")
     assert _keep_or_drop_parts(tmp_path / "never-made.parts", tmp_path / "rois.h5", exc) is exc
+
+
+@pytest.mark.parametrize(
+    ("estimate", "p_lower", "p_upper"),
+    [(-0.02, 1.0, 0.0), (0.02, 0.0, 1.0), (-0.0199, 0.0, 0.0), (0.0, 0.0, 0.0)],
+)
+def test_equivalence_with_no_variability_excludes_the_margin_itself(estimate, p_lower, p_upper):
+    """With a standard error of 0 each one-sided test is decided by the estimate: a difference of
+    exactly -margin or +margin is not inside the open interval (-margin, +margin)."""
+    from nodulekit.stats import equivalence_test
+
+    out = equivalence_test(estimate, 0.0, 0.02)
+    assert (out["p_lower"], out["p_upper"]) == (p_lower, p_upper)
+    assert out["equivalent"] is (p_lower == p_upper == 0.0)
+
+
+def test_a_nodules_csv_with_an_id_used_twice_names_it(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from nodulekit.errors import DataError
+    from nodulekit.predict import csv_specs
+    from nodulekit.scans import read_scan
+
+    nib.save(nib.Nifti1Image(np.full((40, 40, 20), -800, np.int16), np.eye(4)), str(tmp_path / "ct.nii"))
+    path = tmp_path / "nodules.csv"
+    path.write_text("id,x,y,z,diameter_mm\na,-10,-12,5,6\nb,-20,-22,6,7\na,-15,-16,9,8\n")
+    with pytest.raises(DataError) as err:
+        csv_specs(read_scan(tmp_path / "ct.nii"), path, "lps")
+    assert str(err.value) == f"nodules CSV {path}: id 'a' is used twice"
