@@ -196,3 +196,34 @@ def test_a_nodules_csv_with_an_id_used_twice_names_it(tmp_path):
     with pytest.raises(DataError) as err:
         csv_specs(read_scan(tmp_path / "ct.nii"), path, "lps")
     assert str(err.value) == f"nodules CSV {path}: id 'a' is used twice"
+
+
+def _dead_watch(rundir, folds: list[int]) -> None:
+    """A watch of ``folds`` left by a process that was killed (-9) while it trained them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from nodulekit import crashes\n"
+        f"with crashes.watch({str(rundir)!r}, {folds!r}, {{}}):\n"
+        "    print('watching', flush=True); time.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout.readline().strip() == "watching"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def test_clearing_dead_watches_removes_only_those_of_the_folds_trained_again(tmp_path):
+    from nodulekit.crashes import clear_dead, dead_watches
+
+    _dead_watch(tmp_path, [0, 1])
+    _dead_watch(tmp_path, [3])
+    assert sorted(tuple(w.folds) for w in dead_watches(tmp_path)) == [(0, 1), (3,)]
+    clear_dead(tmp_path, [2])  # neither watch names fold 2
+    assert len(dead_watches(tmp_path)) == 2
+    clear_dead(tmp_path, [1, 2])  # fold 1 is trained again: the watch of folds 0 and 1 goes
+    assert [tuple(w.folds) for w in dead_watches(tmp_path)] == [(3,)]
