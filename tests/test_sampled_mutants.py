@@ -227,3 +227,19 @@ def test_clearing_dead_watches_removes_only_those_of_the_folds_trained_again(tmp
     assert len(dead_watches(tmp_path)) == 2
     clear_dead(tmp_path, [1, 2])  # fold 1 is trained again: the watch of folds 0 and 1 goes
     assert [tuple(w.folds) for w in dead_watches(tmp_path)] == [(3,)]
+
+
+def test_the_phantoms_generators_depend_on_the_seed_and_every_key():
+    from nodulekit.phantom import _rng
+
+    def draw(*args):
+        return _rng(*args).random(4).tolist()
+
+    assert draw(0, "series", 2, "voi") == draw(0, "series", 2, "voi")  # not on call order
+    others = [
+        draw(1, "series", 2, "voi"),
+        draw(0, "other", 2, "voi"),
+        draw(0, "series", 3, "voi"),
+        draw(0, "series", 2, "nodule"),
+    ]
+    assert all(o != draw(0, "series", 2, "voi") for o in others)
