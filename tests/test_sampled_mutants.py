@@ -243,3 +243,40 @@ def test_the_phantoms_generators_depend_on_the_seed_and_every_key():
         draw(0, "series", 2, "nodule"),
     ]
     assert all(o != draw(0, "series", 2, "voi") for o in others)
+
+
+def test_an_unknown_mask_mode_lists_the_modes(tmp_path):
+    from nodulekit.predict import MASK_MODES, mask_specs
+
+    with pytest.raises(NodulekitError) as err:
+        mask_specs(None, tmp_path / "mask.nii", "largest")
+    assert str(err.value) == f"--mask-nodules must be one of {', '.join(MASK_MODES)} (got 'largest')"
+    assert MASK_MODES == ("auto", "components", "labels")
+
+
+@pytest.mark.parametrize(("amp", "channels_last", "option"), [("yes", None, "--amp"), (None, 1.5, "--channels-last")])
+def test_an_execution_option_that_is_not_on_off_or_auto_is_named(amp, channels_last, option):
+    from nodulekit.execution import default_execution
+
+    bad = amp if amp is not None else channels_last
+    with pytest.raises(NodulekitError) as err:
+        default_execution("cpu", amp, channels_last)
+    assert str(err.value) == f"{option} must be on, off or auto (got {bad!r})"
+
+
+def test_an_oblique_grid_of_anisotropic_voxels_names_its_tilt(tmp_path):
+    """0.5 x 0.5 x 5 mm voxels tilted 2 degrees about the y axis: the angle is that of the axes
+    (columns of the affine, each divided by its voxel size), not of the affine's rows."""
+    import numpy as np
+
+    from nodulekit.errors import DataError
+    from nodulekit.sources.formats import check_axis_aligned
+
+    a = np.radians(2.0)
+    affine = np.eye(4)
+    affine[:3, 0] = 0.5 * np.array([np.cos(a), 0.0, np.sin(a)])
+    affine[:3, 1] = [0.0, 0.5, 0.0]
+    affine[:3, 2] = 5.0 * np.array([-np.sin(a), 0.0, np.cos(a)])
+    with pytest.raises(DataError, match="an axis is rotated 2 degrees from the scanner axes"):
+        check_axis_aligned(affine, tmp_path / "ct.nii")
+    check_axis_aligned(np.diag([0.5, 0.5, 5.0, 1.0]), tmp_path / "ct.nii")  # aligned: accepted
