@@ -280,3 +280,40 @@ def test_an_oblique_grid_of_anisotropic_voxels_names_its_tilt(tmp_path):
     with pytest.raises(DataError, match="an axis is rotated 2 degrees from the scanner axes"):
         check_axis_aligned(affine, tmp_path / "ct.nii")
     check_axis_aligned(np.diag([0.5, 0.5, 5.0, 1.0]), tmp_path / "ct.nii")  # aligned: accepted
+
+
+def test_an_os_error_in_a_command_is_one_line_naming_the_file(monkeypatch, nodulekit_cli):
+    """A disk or permission error the command did not turn into its own message: the CLI prints
+    the system's reason and the file, exits 1, no traceback."""
+    import errno
+
+    import nodulekit.catalogue as catalogue
+
+    def denied(channels):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/registry.json")
+
+    monkeypatch.setattr(catalogue, "model_catalogue", denied)
+    r = nodulekit_cli("models")
+    assert r.returncode == 1 and r.stderr == "nodulekit: error: Permission denied (/data/registry.json)\n"
+
+
+def test_a_dense_layer_has_no_conv_biases():
+    """BN-ReLU-conv1x1-BN-ReLU-conv3x3, both convolutions without bias (the next BN has one):
+    in 4, growth 2, bn_size 2 -> BN 2x4 + conv 4x4 + BN 2x4 + conv 4x2x3x3 = 8 + 16 + 8 + 72."""
+    from nodulekit.models.densenet import DenseLayer
+
+    assert sum(p.numel() for p in DenseLayer(4, 2, bn_size=2).parameters()) == 104
+
+
+def test_each_fold_result_records_the_runs_dataset_fingerprint(tmp_path):
+    import json
+
+    import h5py
+
+    from tests.model_fixtures import trained_run
+
+    _, rundir = trained_run(tmp_path)
+    fingerprint = json.loads((rundir / "run.json").read_text())["dataset"]["fingerprint"]
+    with h5py.File(rundir / "fold1" / "result.h5", "r") as f:
+        run = json.loads(f.attrs["run"])
+    assert run["dataset_fingerprint"] == fingerprint and run["arch"] == "hesam" and run["n_folds"] == 2
