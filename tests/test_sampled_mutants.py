@@ -317,3 +317,15 @@ def test_each_fold_result_records_the_runs_dataset_fingerprint(tmp_path):
     with h5py.File(rundir / "fold1" / "result.h5", "r") as f:
         run = json.loads(f.attrs["run"])
     assert run["dataset_fingerprint"] == fingerprint and run["arch"] == "hesam" and run["n_folds"] == 2
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (2, 32, 32)])
+def test_a_dataset_whose_patches_are_not_32_by_32_is_refused(tmp_path, shape):
+    import numpy as np
+
+    from nodulekit.datasets import _validate
+    from nodulekit.errors import ArtifactError
+
+    with pytest.raises(ArtifactError) as err:
+        _validate({"x": np.zeros(shape, np.float32)}, {}, tmp_path / "d.h5")
+    assert str(err.value) == f"{tmp_path / 'd.h5'}: x has shape {shape}, expected [N, C, 32, 32]"
