@@ -329,3 +329,16 @@ def test_a_dataset_whose_patches_are_not_32_by_32_is_refused(tmp_path, shape):
     with pytest.raises(ArtifactError) as err:
         _validate({"x": np.zeros(shape, np.float32)}, {}, tmp_path / "d.h5")
     assert str(err.value) == f"{tmp_path / 'd.h5'}: x has shape {shape}, expected [N, C, 32, 32]"
+
+
+def test_run_json_records_the_datasets_input_spec(tmp_path):
+    """run.json carries the input spec the model was trained on (what predict rebuilds from a CT)."""
+    import json
+
+    from nodulekit.datasets import load_dataset
+    from tests.model_fixtures import trained_run
+
+    dataset, rundir = trained_run(tmp_path)
+    spec = load_dataset(dataset).input_spec
+    assert spec is not None
+    assert json.loads((rundir / "run.json").read_text())["input_spec"] == json.loads(json.dumps(spec.as_dict()))
