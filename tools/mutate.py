@@ -67,18 +67,23 @@ def load_catalogue(path: Path) -> list[Mutant]:
     return mutants
 
 
-def copy_repo(dest: Path) -> None:
-    """The work tree as git sees it (tracked + untracked, minus ignored), without .venv or caches."""
+def work_tree_files() -> list[str]:
+    """The work tree's files as git sees them (tracked + untracked, minus ignored)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
         capture_output=True,
         check=True,
     ).stdout.split(b"\0")
-    for name in filter(None, listed):
-        src = REPO / name.decode()
+    return [name.decode() for name in listed if name]
+
+
+def copy_repo(dest: Path) -> None:
+    """The work tree as git sees it (tracked + untracked, minus ignored), without .venv or caches."""
+    for name in work_tree_files():
+        src = REPO / name
         if src.is_file():
-            target = dest / name.decode()
+            target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
 

@@ -42,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutate import REPO  # noqa: E402
+from mutate import REPO, work_tree_files  # noqa: E402
 
 EQUIVALENT = REPO / "tools" / "mutmut-equivalent.toml"
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), folded into what the score needs
@@ -97,14 +97,8 @@ def sync(work: Path) -> None:
     then gets the current time: mutmut regenerates the mutants of a source newer than its
     mutated copy, and a file copied with its old time (e.g. from another branch's tree) would
     leave that copy's stale mutants in place."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, listed):
-        src, dst = REPO / name.decode(), work / name.decode()
+    for name in work_tree_files():
+        src, dst = REPO / name, work / name
         if src.is_file() and not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
