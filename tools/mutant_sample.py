@@ -94,20 +94,26 @@ def planted(source: str, mutants_file: Path, mutant: str, cls: str | None, func:
     return new + "".join(lines[original.end_lineno :]), (original.lineno, original.end_lineno)
 
 
-def covering_tests(coverage_file: Path) -> dict[str, dict[int, set[str]]]:
-    """{module file: {line: test node ids (function level)}} from per-test coverage contexts."""
+def covering_tests(coverage_files: list[Path]) -> dict[str, dict[int, set[str]]]:
+    """{module file: {line: test node ids (function level)}} from per-test coverage contexts (the
+    union over several data files: the suite's run, and a run of only the tests written since)."""
+    out: dict[str, dict[int, set[str]]] = {}
+    for coverage_file in coverage_files:
+        _add_covering_tests(out, coverage_file)
+    return out
+
+
+def _add_covering_tests(out: dict[str, dict[int, set[str]]], coverage_file: Path) -> None:
     from coverage import CoverageData
 
     data = CoverageData(basename=str(coverage_file))
     data.read()
-    out: dict[str, dict[int, set[str]]] = {}
     for measured in data.measured_files():
         rel = str(Path(measured).resolve()).split("/nodulekit/", 1)[-1]
         lines = out.setdefault(f"nodulekit/{rel}", {})
         for line, contexts in data.contexts_by_lineno(measured).items():
             tests = {c.split("|")[0].split("[")[0] for c in contexts if c}
             lines.setdefault(line, set()).update(tests)
-    return out
 
 
 def test_seconds(log: Path | None) -> dict[str, float]:
@@ -228,7 +234,19 @@ def main() -> int:
     ap.add_argument("--sample", type=int, default=240, help="how many mutants to draw")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--names", type=Path, help="a file of mutant names instead of a drawn sample")
-    ap.add_argument("--coverage", type=Path, required=True, help="coverage data with one context per test")
+    ap.add_argument(
+        "--coverage",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="coverage data with one context per test (several: their union)",
+    )
+    ap.add_argument(
+        "--module",
+        nargs="*",
+        default=[],
+        help="draw only from these module files (e.g. nodulekit/stats.py nodulekit/sources/)",
+    )
     ap.add_argument(
         "--durations", type=Path, help="a `pytest --durations=0` log: each mutant's tests run fastest first"
     )
@@ -239,7 +257,13 @@ def main() -> int:
         help="tests written after the coverage run, run too for every mutant that has covering tests",
     )
     ap.add_argument("--rerun-survivors", action="store_true", help="run the survivors again (after new tests)")
-    ap.add_argument("--exclude", type=Path, help="a file of mutant names a drawn sample leaves out (an earlier sample)")
+    ap.add_argument(
+        "--exclude",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="files of mutant names a drawn sample leaves out (an earlier sample)",
+    )
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant (then: timeout = killed)")
     ap.add_argument("--time-box", type=float, default=4 * 3600)
@@ -254,8 +278,10 @@ def main() -> int:
         names = args.names.read_text().split()
     else:
         everything = sorted(n for outcomes in results(args.workdir).values() for n in outcomes)
+        if args.module:  # a per-module sample: names whose module file starts with one given
+            everything = [n for n in everything if split_name(n)[0].startswith(tuple(args.module))]
         if args.exclude:  # a fresh sample: none of an earlier one's mutants, for which tests were written
-            earlier = set(args.exclude.read_text().split())
+            earlier = {n for f in args.exclude for n in f.read_text().split()}
             everything = [n for n in everything if n not in earlier]
         names = sorted(random.Random(args.seed).sample(everything, min(args.sample, len(everything))))
     done = json.loads(args.results.read_text()) if args.results.exists() else {}
