@@ -30,12 +30,12 @@ def _volume() -> np.ndarray:
 
 def test_the_window_of_an_uneven_stack_near_an_edge_by_hand():
     hu = _volume()
-    labels = np.zeros((3, 2, 2), np.uint8)  # rows 0..2, columns 3..4, slices 1..2 of the volume
-    for r in range(3):
+    labels = np.zeros((2, 2, 2), np.uint8)  # rows 1..2, columns 3..4, slices 1..2 of the volume
+    for r in range(2):
         for c in range(2):
             for k in range(2):
                 labels[r, c, k] = 1 + r + 3 * c + 6 * k
-    win, lab, info = sample_window(hu, ZVALS, (1.4, 3.6), 2.5, 3, labels, (0, 3, 1), PLANES)
+    win, lab, info = sample_window(hu, ZVALS, (1.4, 3.6), 2.5, 3, labels, (1, 3, 1), PLANES)
     # centre rounds to (1, 4): rows 0..2, columns 3, 4 and 5 (past the last column: column 4 repeated)
     rows, cols = np.array([0, 1, 2]), np.array([3, 4, 4])
     inplane = 10 * rows[:, None] + cols[None, :]
@@ -46,12 +46,12 @@ def test_the_window_of_an_uneven_stack_near_an_edge_by_hand():
     assert win.dtype == np.int16
     assert win[1, 0, 0] == 26 and win[1, 0, 1] == 26  # 25.5 -> 26 and 26.5 -> 26 (half to even)
     # labels: nearest slice index floor(k + 0.5) = 0, 1, 2 (the tie 1.5 goes up), 2, 3; the labels hold
-    # volume slices 1 and 2 only, and nothing in the column past the volume's edge
+    # volume rows 1, 2 and slices 1, 2 only, and nothing in the column past the volume's edge
     want = np.zeros((5, 3, 3), np.uint8)
     for t, k in ((1, 1), (2, 2), (3, 2)):
-        for r in range(3):
+        for r in (1, 2):
             for j in range(2):
-                want[t, r, j] = labels[r, j, k - 1]
+                want[t, r, j] = labels[r - 1, j, k - 1]
     np.testing.assert_array_equal(lab, want)
     assert info == {
         "z_filled": 1,
@@ -72,7 +72,7 @@ def test_a_window_wholly_inside_and_one_past_the_first_row():
     assert info["z_filled"] == 1 and info["z_filled_offsets_mm"] == [4.002]
     assert info["valid_rows"] == (1, 3) and info["valid_cols"] == (0, 3) and info["inplane_filled"] == 3
     assert info["window_origin_rc"] == (-1, 0)
-    assert not lab.any() and lab.shape == (3, 3, 3)
+    assert not lab.any() and lab.shape == (3, 3, 3) and lab.dtype == np.uint8
     # a target within a thousandth of a millimetre of the last slice is inside the source
     _, _, info = sample_window(hu, ZVALS, (2.0, 2.0), 3.0, 3, planes_mm=np.array([4.0009, -3.0009]))
     assert info["z_filled"] == 0
@@ -83,9 +83,23 @@ def test_labels_stop_half_a_slice_step_beyond_the_ends():
     labels = np.ones((6, 5, 4), np.uint8)
     # the first step is 2 mm, the last 4 mm: labels reach 1 mm before z 0 and (almost) 2 mm past z 7
     # (less a thousandth of a millimetre): from -1.001 mm to just below 8.999 mm
-    targets = np.array([-1.0005, -0.9, 8.9, 8.999, 9.1])
+    targets = np.array([-1.5, -1.0005, -0.9, 8.9, 8.999, 9.1])
     _, lab, _ = sample_window(hu, ZVALS, (2.0, 2.0), 0.0, 3, labels, (0, 0, 0), targets)
-    np.testing.assert_array_equal(lab[:, 1, 1], [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(lab[:, 1, 1], [0, 1, 1, 1, 0, 0])
+
+
+def test_a_single_slice_gives_its_hu_on_every_plane_and_no_labels():
+    hu = _volume()[:, :, 2:3]  # one slice, HU 60 + 10 r + c, at z 5 mm
+    labels = np.full((6, 5, 1), 2, np.uint8)
+    win, lab, info = sample_window(
+        hu, np.array([5.0]), (2.0, 2.0), 5.0, 3, labels, (0, 0, 0), np.array([-0.3, 0.0, 0.3])
+    )
+    expected = 60 + 10 * np.arange(1, 4)[:, None] + np.arange(1, 4)[None, :]
+    np.testing.assert_array_equal(win, np.stack([expected] * 3))
+    # a lone slice has no slice step, so the labels' half-open range [z - 0, z + 0) is empty (every
+    # reader refuses a one-slice volume before this; what matters is that no plane gets labels)
+    assert not lab.any()
+    assert info["z_filled"] == 2 and info["z_filled_offsets_mm"] == [-0.3, 0.3]
 
 
 def test_window_side_covers_the_smaller_spacing_and_is_odd():
