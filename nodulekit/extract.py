@@ -71,8 +71,10 @@ def _nodule_payload(nodule: SourceNodule, vol: Volume, level: float) -> dict:
     z_mm = float(np.interp(kk, np.arange(len(vol.zvals)), vol.zvals))
     side = window_side_px(geom.diameter_mm, vol.pixel_spacing)  # the smaller spacing (the input spec)
     hu, agree, info = sample_window(vol.hu, vol.zvals, (row, col), z_mm, side, agreement, offset)
+    row_mm, col_mm = (float(v) for v in vol.pixel_spacing)
     attrs = {
-        "pixel_spacing_mm": float(vol.pixel_spacing[0]),
+        # (row, column) mm when a pixel is not square, so build samples each axis at its own spacing
+        "pixel_spacing_mm": row_mm if row_mm == col_mm else [row_mm, col_mm],
         "z_step_mm": 1.0,
         "z_offsets_mm": [float(v) for v in Z_OFFSETS_MM],
         "source_slice_spacing_mm": float(nodule.slice_spacing),
