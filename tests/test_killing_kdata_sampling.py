@@ -214,3 +214,15 @@ def test_resample_levels_stacks_each_level_set():
     # 1.4: level 1 at 1.0 (>= 0.5), levels 2, 3 at 0.4 (< 0.5); 2.6: levels 1, 2 (1.0), level 3 at 0.4
     np.testing.assert_array_equal(resample_levels(labels, coords)[0, 0], [0, 1, 2, 2])
     assert resample_levels(np.zeros((1, 4, 4)), coords).sum() == 0
+
+
+def test_labels_far_from_the_window_leave_it_empty():
+    # a one-voxel label map four rows and three columns beyond the window: nothing of it is inside
+    hu = _volume()
+    labels = np.ones((1, 1, 4), np.uint8)
+    _, lab, _ = sample_window(hu, ZVALS, (1.0, 1.0), 3.0, 3, labels, (4, 3, 0), PLANES)
+    assert lab.shape == (5, 3, 3) and not lab.any()
+    _, lab, _ = sample_window(hu, ZVALS, (4.0, 1.0), 3.0, 3, labels, (4, 4, 0), PLANES)
+    assert not lab.any()  # the right rows, but the columns 0..2 lie four before the labels
+    _, lab, _ = sample_window(hu, ZVALS, (4.0, 4.0), 3.0, 3, labels, (4, 4, 0), PLANES)
+    assert lab[:, 1, 1].all() and lab.sum() == 5  # centred on it: the one voxel on every plane
