@@ -30,6 +30,7 @@ from tests.test_datasets import write_rois
 SY, SX = 0.5, 0.8  # row, column spacing (mm)
 SIDE = 61
 DIAMETER = 6.0  # D3C needs 4 x 6 = 24 mm: 48 rows of 0.5 mm, 30 columns of 0.8 mm
+CENTRE = (30.4, 29.7)  # the nodule's sub-pixel centre in the window (row, column)
 
 
 def _ramp_window() -> np.ndarray:
@@ -55,18 +56,17 @@ def _nodules(n=4, **attrs) -> list[dict]:
 @pytest.fixture(scope="module")
 def aniso(tmp_path_factory):
     folder = tmp_path_factory.mktemp("aniso")
-    attrs = {"z_filled_offsets_mm": [-10.2, 9.6, 4.4]}
+    attrs = {"z_filled_offsets_mm": [-10.2, 9.6, 4.4], "centre_in_window": list(CENTRE)}
     rois = write_rois(folder / "r.h5", _nodules(**attrs))
     return rois, load_dataset(build_dataset(rois, folder / "d3.h5", channels=3, n_folds=2, seed=3, progress=False))
 
 
 def test_channels_follow_the_ramp_with_each_axis_at_its_own_spacing(aniso):
     _, ds = aniso
-    centre = (SIDE - 1) / 2
     for c, p in enumerate((2, 3, 4)):
         step = p * DIAMETER / 32
         offsets = (np.arange(32) + 0.5 - 16) * step
-        ys, xs = centre + offsets / SY, centre + offsets / SX  # window rows, columns
+        ys, xs = CENTRE[0] + offsets / SY, CENTRE[1] + offsets / SX  # window rows, columns
         hu = -500.0 + 20.0 * ys[:, None] * SY - 15.0 * xs[None, :] * SX + 10.0 * 10
         # the window's HU are rounded to whole numbers: a bilinear mix of them is within 0.5 HU
         np.testing.assert_allclose(ds.x[0, c], (hu + 1000) / 1400, atol=0.5 / 1400 + 1e-6)
@@ -150,6 +150,16 @@ def test_bad_nodule_attributes_are_one_line_data_errors(tmp_path, attrs, message
         build_dataset(rois, tmp_path / "d.h5", channels=1, n_folds=2, progress=False)
     assert str(err.value).startswith(message)
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_a_window_too_small_names_the_nodule(tmp_path):
+    rois = _group_attr_rois(tmp_path, pixel_spacing_mm=[0.3, 0.3])  # 61 x 0.3 mm = 18.3 mm < 24 mm
+    with pytest.raises(DataError) as err:
+        build_dataset(rois, tmp_path / "d.h5", channels=3, n_folds=2, progress=False)
+    assert str(err.value) == (
+        "nodule P0:1: its rois window (61x61 px at 0.3x0.3 mm = 18.3x18.3 mm) is smaller than the 24.0 mm patch "
+        "this dataset needs"
+    )
 
 
 def test_a_scalar_spacing_and_a_z_step_within_a_micrometre_are_accepted(tmp_path):
