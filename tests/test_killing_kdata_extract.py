@@ -292,3 +292,29 @@ def test_an_unexpected_error_of_one_unit_is_reported_with_its_type(tmp_path):
     assert (tmp_path / ".r.h5.parts").is_dir()  # kept: a re-run redoes only the failed unit
     with h5py.File(tmp_path / "r.h5") as f:
         assert json.loads(f.attrs["provenance"])["failed"] == ["A2_1: ValueError: odd bytes"]
+
+
+def test_the_rois_table_is_in_patient_series_cluster_order_whatever_the_plan(tmp_path):
+    from nodulekit.artifacts import read_strings
+
+    class Reversed(AnisoSource):
+        def plan(self, rule, patients=None, workers=1, progress=True):
+            units, errors, counts = super().plan(rule, patients, workers, progress)
+            return units[::-1], errors, counts
+
+    out = tmp_path / "r.h5"
+    extract_rois(out, source=Reversed(tmp_path), progress=False)
+    with h5py.File(out) as f:
+        assert read_strings(f["nodule_id"]) == ["A0:1", "A1:1", "A2:1", "A3:1"]
+        assert read_strings(f["patient_id"]) == ["A0", "A1", "A2", "A3"]
+        np.testing.assert_array_equal(f["label"][()], [0, 1, 0, 1])
+
+    class Twice(AnisoSource):
+        def plan(self, rule, patients=None, workers=1, progress=True):
+            units, errors, counts = super().plan(rule, patients, workers, progress)
+            twin = Unit("copy", self, units[0].patient_id, units[0].series_uid, list(units[0].records))
+            return units + [twin], errors, counts
+
+    with pytest.raises(NodulekitError, match=r"^internal: duplicate nodule ids in extraction$"):
+        extract_rois(tmp_path / "t.h5", source=Twice(tmp_path), progress=False)
+    assert not (tmp_path / "t.h5").exists()
