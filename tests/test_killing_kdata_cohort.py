@@ -289,7 +289,9 @@ def test_the_cohort_artifact_of_hand_made_records(tmp_path):
 def test_the_pkg_resources_stand_in(monkeypatch):
     from nodulekit import pylidc_compat
 
-    monkeypatch.delitem(sys.modules, "pkg_resources", raising=False)
+    # recorded first, so the stand-in this test installs is taken out again afterwards
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)
+    monkeypatch.delitem(sys.modules, "pkg_resources")
     real_find_spec = pylidc_compat.importlib.util.find_spec
     monkeypatch.setattr(
         pylidc_compat.importlib.util,
@@ -310,8 +312,9 @@ def test_the_pkg_resources_stand_in(monkeypatch):
 def test_numpy_aliases_are_the_builtins(monkeypatch):
     from nodulekit import pylidc_compat
 
-    for name in ("int", "float", "bool"):
-        monkeypatch.delattr(np, name, raising=False)
+    for name in ("int", "float", "bool"):  # recorded first, so numpy is left as it was
+        monkeypatch.setattr(np, name, None, raising=False)
+        monkeypatch.delattr(np, name)
     pylidc_compat._restore_numpy_aliases()
     assert (np.int, np.float, np.bool) == (int, float, bool)
 
