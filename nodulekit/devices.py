@@ -24,6 +24,7 @@ def resolve_device(name: str):
     try:
         device = torch.device(name)
         torch.empty(1, device=device)
-    except (RuntimeError, ValueError) as exc:
-        raise NodulekitError(f"--device {name} is not usable: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, AssertionError (xpu) or ImportError (hpu)
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]  # an AssertionError may carry no message
+        raise NodulekitError(f"--device {name} is not usable: {why}") from None
     return device

@@ -237,6 +237,25 @@ def test_an_unknown_device_is_named_with_torchs_first_line(no_cuda):
     assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
+@pytest.mark.parametrize("name", ["fpga", "mtia", "hpu"])
+def test_a_device_torch_names_but_cannot_allocate_on_is_one_line(no_cuda, name):
+    """torch.device accepts these names; allocating on them fails (NotImplementedError, AssertionError
+    ModuleNotFoundError in torch 2.x without that hardware): one line with torch's own first line, never a traceback."""
+    import torch
+
+    from nodulekit.devices import resolve_device
+
+    try:
+        torch.empty(1, device=torch.device(name))
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises is what the message must carry
+        first = str(exc).splitlines()[0]
+    else:
+        pytest.skip(f"this torch can allocate on {name}")
+    with pytest.raises(NodulekitError) as err:
+        resolve_device(name)
+    assert str(err.value) == f"--device {name} is not usable: {first}"
+
+
 # --------------------------------------------------------------------------- host
 
 
