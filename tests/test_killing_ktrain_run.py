@@ -230,3 +230,35 @@ def test_a_fold_count_that_does_not_match_the_dataset_is_refused(run, tmp_path):
     with pytest.raises(NodulekitError, match=f"^--folds 3 does not match {dataset}, which was split into 2 folds$"):
         tr.train(dataset, tmp_path / "r", TrainConfig(**CFG), n_folds=3, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_folds_side_by_side_give_the_same_folds_bars_and_callbacks(run, tmp_path):
+    """--concurrent-folds: the same checkpoints and predictions as the folds trained in turn (float32
+    rounding apart), one bar per fold labelled as side by side, the same callbacks."""
+    import tqdm.auto
+
+    from nodulekit.run import read_fold_result
+
+    dataset, rundir, _, epochs_seen, _ = run
+    seen = []
+    FakeBar.made = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tqdm.auto, "tqdm", FakeBar)
+        out = tr.train(
+            dataset, tmp_path / "run", TrainConfig(**CFG, concurrent_folds=True), on_epoch_end=lambda *a: seen.append(a)
+        )
+    assert [b.kw for b in FakeBar.made] == [
+        {"total": 2, "initial": 0, "desc": f"cam fold {k} (side by side)", "unit": "epoch", "leave": True,
+         "position": k}
+        for k in (0, 1)
+    ]  # fmt: skip
+    assert all(b.updates == 2 and b.closed and list(b.postfix[-1]) == ["train_loss", "train_acc"] for b in FakeBar.made)
+    assert sorted((f, e) for f, e, _ in seen) == sorted((f, e) for f, e, _ in epochs_seen)
+    for (f, e, m), (f2, e2, m2) in zip(sorted(seen, key=lambda a: a[:2]), epochs_seen, strict=True):
+        assert m["epoch"] == e and m == pytest.approx(m2, rel=1e-4)
+    assert [s["status"] for s in out["folds"]] == ["trained", "trained"]
+    for fold in (0, 1):
+        mine = read_fold_result(tmp_path / "run" / f"fold{fold}" / "result.h5", fold)
+        theirs = read_fold_result(rundir / f"fold{fold}" / "result.h5", fold)
+        np.testing.assert_allclose(mine.test_prob, theirs.test_prob, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(mine.history[:, :5], theirs.history[:, :5], rtol=1e-4, atol=1e-5)

@@ -462,3 +462,52 @@ def test_training_forward_as_the_step_runs_it(monkeypatch):
     assert tr.training_forward(model, cfg_(compile=True)) == "compiled"
     assert tr.training_forward(model, cfg_(cuda_graphs=True, last_batch="drop")) == "compiled"
     assert calls == [(model.training_forward, {}), (model.training_forward, {"mode": "reduce-overhead"})]
+
+
+@pytest.mark.parametrize(("batch_size", "partial"), [(4, 2), (3, None), (5, None)])
+def test_the_execution_probe_sees_the_shapes_training_uses(data, tmp_path, monkeypatch, batch_size, partial):
+    """A training batch, the epoch's last partial batch when it trains (>= 2 rows), the first evaluation
+    chunk; the workload is epochs x batches per epoch x folds steps."""
+    from nodulekit import execution
+    from nodulekit.run import build_model
+
+    got = {}
+    monkeypatch.setattr(execution, "choose_execution", lambda *a, **kw: got.update(args=a, kw=kw) or "choice")
+    cfg = cfg_(epochs=3, batch_size=batch_size, eval_batch_size=6, lr=0.07)
+    dd = tr._DeviceData(data, CPU)
+    model = build_model("cam", 1, 2, OPTS)
+    (tmp_path / "run.json").write_text("{}")
+    choice, watched = tr._choose_execution(model, data, cfg, dd, [0, 1], {"variant": "fp32"}, tmp_path)
+    assert choice == "choice"
+    model_, example, device, amp, channels_last = got["args"]
+    train_rows = np.flatnonzero(data.fold != 0)  # fold 0 trains on 10 rows
+    assert model_ is model and device == CPU and (amp, channels_last) == ("auto", "auto")
+    assert example["index"].tolist() == train_rows[:batch_size].tolist() and example["x"].shape[0] == batch_size
+    kw = got["kw"]
+    labels = [(label, len(b["x"]), kind) for label, b, kind in kw["extra"]]
+    assert labels == ([("last partial batch", partial, "step")] if partial else []) + [("evaluation batch", 6, "eval")]
+    torch.testing.assert_close(kw["extra"][-1][1]["x"], torch.from_numpy(data.x[np.flatnonzero(data.fold == 0)[:6]]))
+    assert kw["workload_steps"] == 3 * -(-10 // batch_size) * 2
+    assert kw["loss_fn"] is tr.probe_loss and kw["lr"] == 0.07 and kw["recorded"] == {"variant": "fp32"}
+    assert kw["isolate"] is True and kw["convert_input"] is False and kw["rundir"] == tmp_path
+    assert watched == {"machine": execution.machine_key(CPU), "workload": execution.workload_key(model, example)}
+    (tmp_path / "run.json").unlink()
+    tr._choose_execution(model, data, cfg, dd, [1], None, tmp_path)
+    assert got["kw"]["rundir"] is None and got["kw"]["workload_steps"] == 3 * -(-10 // batch_size)
+
+
+def test_a_model_that_cannot_train_side_by_side_says_why(capsys):
+    from nodulekit.recipes import resolve_recipe
+
+    run = {"in_channels": 1}
+    assert tr._side_by_side_possible(cfg_(), run, None) is True
+    assert capsys.readouterr().err == ""
+    assert tr._side_by_side_possible(cfg_(recipe=resolve_recipe("paper")), run, None) is True
+    other = resolve_recipe("paper", {"weight_decay": 5e-4})
+    assert tr._side_by_side_possible(cfg_(recipe=other), run, None) is False
+    assert capsys.readouterr().err == (
+        f"nodulekit: recipe {other.name} has no side-by-side implementation; its folds train one after another\n"
+    )
+    dropout = cfg_(arch="vgg16", model_options={"base_width": 4, "fc_width": 8})
+    assert tr._side_by_side_possible(dropout, run, None) is False
+    assert capsys.readouterr().err.startswith("nodulekit: vgg16 draws random numbers in training (Dropout)")
