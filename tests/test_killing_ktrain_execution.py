@@ -309,8 +309,11 @@ def test_forced_options_and_small_workloads_are_not_probed(in_process):
     small = execution.choose_execution(model, b, "cpu", workload_steps=239)
     assert (small.variant, small.how) == ("fp32", "default")
     assert small.reason == "not probed: 239 steps of work, fewer than 240"
+    assert small.device == "cpu" and small.machine == execution.machine_info(CPU)
     partly = execution.choose_execution(model, b, "cpu", amp=True, workload_steps=10)
     assert (partly.variant, partly.how) == ("bf16", "default")
+    layout = execution.choose_execution(model, b, "cpu", channels_last=True, workload_steps=10)
+    assert (layout.variant, layout.how) == ("fp32+channels_last", "default")
     seconds = {"fp32": 1.0, "fp32+channels_last": 0.5, "bf16": 2.0, "bf16+channels_last": 2.0}
     probed = execution.choose_execution(model, b, "cpu", workload_steps=240, time_step=clock(seconds))
     assert (probed.variant, probed.how) == ("fp32+channels_last", "probed")
@@ -484,3 +487,20 @@ def test_a_default_other_than_fp32_is_checked_when_isolating():
     fp32 = ExecutionChoice("cpu", False, False, "default", "x")
     probe, asked = stub_probe({}, isolate=True)
     assert execution._checked_default(probe, fp32, "auto", "auto") is fp32 and asked == []
+
+
+def test_an_unprobed_default_that_crashed_here_falls_back_to_fp32(in_process, monkeypatch):
+    """As on a GPU whose default is bf16 and where bf16 crashed before: fp32, with the crash named."""
+    from nodulekit import crashes
+
+    original = execution.default_execution
+
+    def gpu_like(device, amp="auto", channels_last="auto", reason=""):
+        return original(device, True if amp in ("auto", None) else amp, channels_last, reason)
+
+    monkeypatch.setattr(execution, "default_execution", gpu_like)
+    monkeypatch.setattr(crashes, "crashed_variants", lambda *a: {"bf16": "crashed here before (SIGSEGV)"})
+    choice = execution.choose_execution(tiny_model(), batch(), "cpu", workload_steps=1, isolate=True)
+    assert (choice.variant, choice.how, choice.device) == ("fp32", "default", "cpu")
+    assert choice.reason == "not probed: 1 steps of work, fewer than 240"
+    assert choice.rejected == {"bf16": "crashed here before (SIGSEGV)"}
