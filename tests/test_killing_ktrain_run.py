@@ -45,13 +45,18 @@ def run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("run")
     dataset = write_tiny_dataset(folder / "d1c.h5", n=20, channels=1, folds=2)
-    epochs_seen = []
+    epochs_seen, chosen = [], []
     FakeBar.made = []
+    torch.manual_seed(123)
+    callers_rng = torch.get_rng_state()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tqdm.auto, "tqdm", FakeBar)
         out = tr.train(
-            dataset, folder / "run", TrainConfig(**CFG), on_epoch_end=lambda *a: epochs_seen.append(a), progress=True
-        )
+            dataset, folder / "run", TrainConfig(**CFG), on_epoch_end=lambda *a: epochs_seen.append(a), progress=True,
+            on_execution=chosen.append,
+        )  # fmt: skip
+    assert torch.equal(torch.get_rng_state(), callers_rng)  # training seeds itself, the caller's state is kept
+    assert chosen == [out["execution"]]
     return dataset, folder / "run", out, epochs_seen, list(FakeBar.made)
 
 
@@ -262,3 +267,25 @@ def test_folds_side_by_side_give_the_same_folds_bars_and_callbacks(run, tmp_path
         theirs = read_fold_result(rundir / f"fold{fold}" / "result.h5", fold)
         np.testing.assert_allclose(mine.test_prob, theirs.test_prob, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(mine.history[:, :5], theirs.history[:, :5], rtol=1e-4, atol=1e-5)
+
+
+def test_overwriting_one_fold_keeps_the_others(run, tmp_path):
+    """--fold 1 --overwrite retrains fold 1 only; fold 0's finished work stays."""
+    dataset, rundir, _, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(rundir, copy)
+    kept = (copy / "fold0" / "result.h5").read_bytes()
+    out = tr.train(dataset, copy, TrainConfig(**CFG), folds=[1], overwrite=True, progress=False)
+    assert [(s["fold"], s["status"], s["epochs_run"]) for s in out["folds"]] == [(1, "trained", 2)]
+    assert (copy / "fold0" / "result.h5").read_bytes() == kept
+    assert (copy / "fold0" / "checkpoint.pt").exists()
+
+
+def test_every_diverged_fold_is_named_after_the_others_ran(run, tmp_path):
+    dataset, *_ = run
+    with pytest.raises(tr.TrainingDiverged) as err:
+        tr.train(dataset, tmp_path / "run", TrainConfig(**(CFG | {"epochs": 1, "lr": 1e30})), progress=False)
+    parts = str(err.value).split(" | ")
+    assert len(parts) == 2 and parts[0].startswith("fold 0 ") and parts[1].startswith("fold 1 ")
+    assert all("; try a lower --lr" in p for p in parts)
+    assert not list((tmp_path / "run").glob("fold*/result.h5"))
