@@ -511,3 +511,51 @@ def test_a_model_that_cannot_train_side_by_side_says_why(capsys):
     dropout = cfg_(arch="vgg16", model_options={"base_width": 4, "fc_width": 8})
     assert tr._side_by_side_possible(dropout, run, None) is False
     assert capsys.readouterr().err.startswith("nodulekit: vgg16 draws random numbers in training (Dropout)")
+
+
+def test_write_result_records_the_fold_with_its_provenance(data, tmp_path):
+    from nodulekit.run import read_fold_result
+
+    split = tr.fold_split(data, 1, cfg_(select="val", val_fraction=0.2))
+    cfg = cfg_(select="val", val_fraction=0.2, epochs=3)
+    run = {"arch": "cam", "model_options": OPTS, "seed": 11, "n_folds": 2, "dataset_fingerprint": "f", "other": 1}
+    prob = np.linspace(0.1, 0.9, len(split.test_index))
+    history = [[1, 0.7, 0.5, 0.6, 0.4], [2, 0.6, 0.6, 0.5, 0.5], [3, 0.5, 0.7, 0.4, 0.6]]
+    path = tr.write_result(
+        tmp_path / "result.h5", data=data, split=split, cfg=cfg, run=run, history=history,
+        val_history=[[1, 0.6, 0.5], [2, 0.5, 0.6], [3, 0.4, 0.7]], epoch_seconds=[0.5, 0.25, 0.125], test_prob=prob,
+        selected_epoch=None, device=CPU, amp=True,
+    )  # fmt: skip
+    res = read_fold_result(path, 1)
+    assert res.history.tolist() == history and res.val_history[:, 0].tolist() == [1, 2, 3]
+    assert res.test_index.tolist() == split.test_index.tolist() and res.test_prob.tolist() == prob.tolist()
+    assert res.test_y.tolist() == data.y[split.test_index].tolist()
+    assert res.test_nodule_id == list(data.nodule_id[split.test_index])
+    assert res.test_patient_id == list(data.patient_id[split.test_index])
+    assert res.train_index.tolist() == split.train_index.tolist()
+    assert res.val_index.tolist() == split.val_index.tolist() and res.epoch_seconds.tolist() == [0.5, 0.25, 0.125]
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+    assert "execution" not in attrs
+    assert (attrs["fold"], attrs["arch"], attrs["dataset_name"], attrs["select"]) == (1, "cam", "D1C", "val")
+    assert (attrs["selected_epoch"], attrs["epochs"]) == (-1, 3)  # no best epoch: -1
+    assert json.loads(attrs["run"]) == {
+        k: run[k] for k in ("arch", "model_options", "seed", "n_folds", "dataset_fingerprint")
+    }
+    prov = json.loads(attrs["provenance"])
+    assert {k: prov[k] for k in ("stage", "arch", "fold", "seed", "dataset", "device", "amp", "select", "selected_epoch")} == {
+        "stage": "train", "arch": "cam", "fold": 1, "seed": 11, "dataset": str(data.path), "device": "cpu", "amp": True,
+        "select": "val", "selected_epoch": None,
+    }  # fmt: skip
+    assert prov["dataset_fingerprint"] == data.fingerprint and prov["dataset_identity"] == data.identity
+    assert prov["label_rule"] == data.label_rule and prov["versions"] == tr._versions()
+    choice = default_execution(CPU)
+    tr.write_result(
+        tmp_path / "r2.h5", data=data, split=split, cfg=cfg, run=run, history=history,
+        val_history=[[1, 0.6, 0.5]] * 3, epoch_seconds=None, test_prob=prob, selected_epoch=np.int64(2), device=CPU,
+        amp=False, execution=choice,
+    )  # fmt: skip
+    with h5py.File(tmp_path / "r2.h5", "r") as f:
+        assert json.loads(f.attrs["execution"]) == choice.as_dict() and f.attrs["selected_epoch"] == 2
