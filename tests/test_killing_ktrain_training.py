@@ -375,6 +375,7 @@ def test_a_validation_checkpoint_reports_the_best_epoch_and_keeps_the_last_weigh
     assert again.best_state is None and again.selector.best_epoch is None
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # stepped by hand
 @pytest.mark.parametrize(
     ("saved_epoch", "epochs", "status"), [(1, 2, "resumed"), (2, 2, "finalised"), (3, 2, "finalised")]
 )
