@@ -380,6 +380,10 @@ def test_region_score_plot_side_by_side_for_few_maps(kept, tmp_path):
     # boxes of a class side by side around each map's position, 0.8 wide in all, 90 % filled
     xs = sorted(np.round([np.ptp(v := p.get_path().vertices[:, 0]) / 2 + v.min() for p in boxes], 2))
     assert xs == pytest.approx([-0.2, 0.2, 0.8, 1.2], abs=0.01)
+    # each box spans its class's quartiles: map 1 malignant 0.10..0.12, benign 0.15..0.17 (three values each)
+    spans = {round(float(p.get_path().vertices[:, 0].min()), 2): p.get_path().vertices[:, 1] for p in boxes}
+    assert (spans[-0.38].min(), spans[-0.38].max()) == pytest.approx((0.105, 0.115))
+    assert (spans[0.02].min(), spans[0.02].max()) == pytest.approx((0.155, 0.165))
     widths = [np.ptp(p.get_path().vertices[:, 0]) for p in boxes]
     assert widths == pytest.approx([0.36] * 4)
     assert fig._suptitle.get_text() == (

@@ -475,3 +475,29 @@ def test_selection_quota_is_half_malignant_rounded_down(monkeypatch):
     assert sorted(r.label for r in P.select_nodules(4, seed=1, progress=False)) == [0, 0, 1, 1]
     with pytest.raises(NodulekitError, match="^--nodules must be at least 1, got 0$"):
         P.select_nodules(0, progress=False)
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+
+def _stats(a) -> tuple[float, float, int]:
+    a = np.asarray(a, np.float64)
+    return float(a.mean()), float(a.std()), int((a > -400).sum())
+
+
+# (mean HU, HU std, voxels above -400 HU) of the drawings below, as this version draws them
+PINNED = {"vessels": (-987.46, 108.09, 820), "voi": (-828.59, 78.06, 201), "chest": (-733.33, 425.81, 175404)}
+
+
+def test_a_seeded_phantom_is_the_same_drawing_on_every_machine(fake_consensus, chest):
+    """A seed gives one phantom (summary statistics pinned, with tolerances far above float
+    rounding between CPUs): the demo's and the README's numbers are trained on it, and a resumed
+    phantom mixes VOIs of two runs, so a change of drawing must come with a new PHANTOM_VERSION."""
+    vessels = np.full((60, 60, 20), -1000.0, np.float32)
+    P.draw_vessels(vessels, (0.7, 0.7, 1.25), P._rng(0, "vessels"))
+    scan = _fake_scan(n_slices=20)
+    voi = P.render_cluster_voi(scan, scan.cluster_annotations()[0], 1, seed=0)
+    got = {"vessels": _stats(vessels), "voi": _stats(voi.image), "chest": _stats(chest)}
+    for key, (mean, std, bright) in PINNED.items():
+        assert got[key][0] == pytest.approx(mean, abs=0.02) and got[key][1] == pytest.approx(std, abs=0.02)
+        assert abs(got[key][2] - bright) <= 3, key
