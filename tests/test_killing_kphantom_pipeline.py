@@ -501,3 +501,130 @@ def test_a_seeded_phantom_is_the_same_drawing_on_every_machine(fake_consensus, c
     for key, (mean, std, bright) in PINNED.items():
         assert got[key][0] == pytest.approx(mean, abs=0.02) and got[key][1] == pytest.approx(std, abs=0.02)
         assert abs(got[key][2] - bright) <= 3, key
+
+
+# ----------------------------------------------------------------------------- one VOI task, selection without a cache
+
+
+@pytest.fixture
+def fake_pylidc(monkeypatch):
+    """pylidc's query of a scan by series UID, counted; render_cluster_voi replaced by a 3 x 2 x 2 VOI."""
+    import nodulekit.pylidc_compat as compat
+
+    queries = []
+    scans = {u: SimpleNamespace(uid=u, annotations=[_ann(aid=i) for i in (4, 5, 6)]) for u in ("1.1", "2.1")}
+
+    class Query:
+        def filter(self, uid):
+            self.uid = uid
+            return self
+
+        def one(self):
+            queries.append(self.uid)
+            return scans[self.uid]
+
+    class Column:
+        def __eq__(self, other):
+            return other
+
+    pl = SimpleNamespace(Scan=SimpleNamespace(series_instance_uid=Column()), query=lambda what: Query())
+    monkeypatch.setattr(compat, "pylidc", lambda: pl)
+    rendered = []
+
+    def render(scan, anns, k, seed):
+        rendered.append((scan.uid, [a.id for a in anns], k, seed))
+        image = np.arange(12, dtype=np.int16).reshape(3, 2, 2) - 1000
+        return SimpleNamespace(
+            image=image, mask=(image > -995).astype(np.uint8), affine=np.diag([-0.7, -0.7, 1.25, 1.0])
+        )
+
+    monkeypatch.setattr(P, "render_cluster_voi", render)
+    P._WORKER_SCANS.clear()
+    yield queries, rendered
+    P._WORKER_SCANS.clear()
+
+
+def _task(out, name, uid, k, ids, resume=False):
+    return {"out_dir": str(out), "name": name, "patient_id": "LIDC-A", "series_uid": uid, "cluster_index": k,
+            "annotation_ids": ids, "seed": 9, "resume": resume}  # fmt: skip
+
+
+def test_a_voi_task_writes_image_and_mask_niftis_and_returns_its_manifest_row(fake_pylidc, tmp_path):
+    import nibabel as nib
+
+    queries, rendered = fake_pylidc
+    for sub in ("image", "mask"):
+        (tmp_path / sub).mkdir()
+    row = P._render_voi_task(_task(tmp_path, "LIDC-A_R_2", "1.1", 2, [6, 4]))
+    assert row == {"patient_id": "LIDC-A", "series_uid": "1.1", "nodule_index": 2, "image": "image/LIDC-A_R_2.nii.gz",
+                   "mask": "mask/LIDC-A_R_2.nii.gz"}  # fmt: skip
+    assert rendered == [("1.1", [6, 4], 2, 9)]  # the cluster's annotations, in the task's order
+    image, mask = nib.load(tmp_path / row["image"]), nib.load(tmp_path / row["mask"])
+    assert image.get_data_dtype() == np.int16 and mask.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(image.dataobj), np.arange(12).reshape(3, 2, 2) - 1000)
+    assert np.asarray(mask.dataobj).sum() == 6  # HU -994 .. -989
+    for img, what in ((image, "HU"), (mask, "readers' union mask")):
+        assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == f"nodulekit phantom v2 seed 9 SYNTHETIC {what}"
+        assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+        assert img.header.get_xyzt_units()[0] == "mm"
+        np.testing.assert_allclose(img.affine, np.diag([-0.7, -0.7, 1.25, 1.0]))
+    # the next cluster of the same scan: no new query; another scan: queried, the cache holds one scan
+    P._render_voi_task(_task(tmp_path, "LIDC-A_R_3", "1.1", 3, [5]))
+    P._render_voi_task(_task(tmp_path, "LIDC-B_R_1", "2.1", 1, [4]))
+    assert queries == ["1.1", "2.1"] and list(P._WORKER_SCANS) == ["2.1"]
+    # resuming: finished VOIs are kept, a VOI with a missing mask is redone
+    (tmp_path / "mask" / "LIDC-A_R_3.nii.gz").unlink()
+    for name, k in (("LIDC-A_R_2", 2), ("LIDC-A_R_3", 3)):
+        P._render_voi_task(_task(tmp_path, name, "1.1", k, [5], resume=True))
+    assert [r[2] for r in rendered] == [2, 3, 1, 3]
+
+
+def test_voi_tasks_run_in_order_four_at_a_time_and_stray_temporaries_go(tmp_path, monkeypatch):
+    seen = {}
+
+    def run_tasks(fn, tasks, workers, **kw):
+        seen.update(fn=fn, tasks=tasks, workers=workers, **kw)
+        return [(t, {"row": t["name"]}) for t in tasks]
+
+    monkeypatch.setattr(P, "run_tasks", run_tasks)
+    (tmp_path / "image").mkdir()
+    (tmp_path / "image" / ".A_R_1.x.nii.gz").write_text("")
+    (tmp_path / "image" / "kept.nii.gz").write_text("")
+    records = [_record("A", "1.1", 1, 1), _record("A", "1.1", 2, 0)]
+    rows = P._render_vois(tmp_path, ["A_R_1", "A_R_2"], records, 3, True, 2, False)
+    assert rows == [{"row": "A_R_1"}, {"row": "A_R_2"}]
+    assert seen["fn"] is P._render_voi_task and seen["workers"] == 2
+    assert (seen["ordered"], seen["chunksize"], seen["min_tasks"]) == (True, 4, 4)
+    assert seen["tasks"][1] == {"out_dir": str(tmp_path), "name": "A_R_2", "patient_id": "A", "series_uid": "1.1",
+                                "cluster_index": 2, "annotation_ids": [0, 1, 2], "seed": 3, "resume": True}  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "image").iterdir()) == ["kept.nii.gz"] and (tmp_path / "mask").is_dir()
+
+
+def test_selection_without_a_cached_cohort_clusters_scans_until_both_classes_are_full(monkeypatch):
+    import nodulekit.cohort as cohort
+
+    by_patient = {p: [SimpleNamespace(id=k)] for k, p in enumerate(("P1", "P2", "P3", "P4"), start=1)}
+    labels = {1: [4.0, 4.0], 2: [2.0], 3: [4.0, 2.0], 4: [2.0, 2.0]}  # malignancy of each scan's clusters
+    clustered = []
+
+    def cluster_scans_by_id(ids):
+        (sid,) = ids
+        clustered.append(sid)
+        p = f"P{sid}"
+        return [vars(_record(p, f"{p}.1", k, None)) | {"reader_malignancy": [m] * 3}
+                for k, m in enumerate(labels[sid], start=1)]  # fmt: skip
+
+    monkeypatch.setattr(P, "_scans_by_patient", lambda: by_patient)
+    monkeypatch.setattr(P, "_full_cohort_cached", lambda: False)
+    monkeypatch.setattr(cohort, "cluster_scans_by_id", cluster_scans_by_id)
+    order = P.patient_order(list(by_patient), 5)
+    chosen = P.select_nodules(2, seed=5, progress=False)
+    assert sorted(r.label for r in chosen) == [0, 1]
+    # clustering stopped at the first scan that filled both classes
+    ids = [int(p[1]) for p in order]
+    for n in range(1, 5):
+        seen = [labels[s] for s in ids[:n]]
+        if any(m > 3 for ms in seen for m in ms) and any(m < 3 for ms in seen for m in ms):
+            break
+    assert clustered == ids[:n]
+    assert all(r.scans_of_patient == 1 for r in chosen)
