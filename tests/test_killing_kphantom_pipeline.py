@@ -101,6 +101,11 @@ def test_voi_box_z_context_is_12_mm_on_an_irregular_grid():
     assert box[2] == slice(3, 9)  # 20 - 12 = 8 is slice 3; 21 + 12 = 33 is slice 8
     box = P.voi_box(g, np.ones((2, 2, 1), bool), (slice(100, 102), slice(100, 102), slice(6, 7)))
     assert box[2] == slice(3, 9)  # 21 - 12 = 9: the last at or below is 8 (slice 3); 33 (slice 8)
+    # slices just inside the 12 mm (9.2 and 33.5 mm) are not enough: 8.5 and 34 mm are the bounds
+    z = (0.0, 3.0, 6.0, 8.0, 8.5, 9.2, 12.0, 20.5, 22.0, 33.5, 34.0, 40.0)
+    g = P.ScanGeometry("P", "s", "u", 1.0, 1.0, z)
+    box = P.voi_box(g, np.ones((2, 2, 2), bool), (slice(100, 102), slice(100, 102), slice(7, 9)))
+    assert box[2] == slice(4, 11)
 
 
 def test_voi_affine_is_ras_with_the_windows_slice_step():
@@ -345,11 +350,16 @@ def test_voi_names_carry_the_series_for_patients_with_two_scans():
     assert P._voi_names(records) == ["A_33_R_1", "B_R_2", "A_55_R_1"]
 
 
+class _Records(list):
+    resumed: list
+
+
 @pytest.fixture
 def fake_voi_db(monkeypatch):
-    records = [_record("A", "1.1", 1, 1), _record("A", "1.1", 2, 0), _record("B", "2.1", 1, None, readers=1)]
+    records = _Records([_record("A", "1.1", 1, 1), _record("A", "1.1", 2, 0), _record("B", "2.1", 1, None, readers=1)])
 
     def task(t):
+        resumed.append(t["resume"])
         for sub in ("image", "mask"):
             (P.Path(t["out_dir"]) / sub / f"{t['name']}.nii.gz").write_text(str(t["seed"]))
         return {"patient_id": t["patient_id"], "series_uid": t["series_uid"], "nodule_index": t["cluster_index"],
@@ -360,6 +370,8 @@ def fake_voi_db(monkeypatch):
         P, "patient_records", lambda plist, workers=1, progress=True: [r for r in records if r.patient_id in plist]
     )
     monkeypatch.setattr(P, "_render_voi_task", task)
+    resumed = []
+    records.resumed = resumed
     return records
 
 
@@ -394,6 +406,16 @@ def test_voi_phantom_counts_state_and_manifest(fake_voi_db, tmp_path):
         "consensus mask at 50 % (the mask file: the readers' union); texture, margin, calcification, "
         "internalStructure ratings; malignancy never used for drawing"
     )
+    assert fake_voi_db.resumed == [False] * 3
+    # interrupted (state incomplete): the same request resumes; a finished one is refused
+    state["status"] = "incomplete"
+    (out / "phantom.json").write_text(json.dumps(state))
+    P.make_phantom_vois(out, patients="A,B", seed=4, rule=rule, progress=False)
+    assert fake_voi_db.resumed == [False] * 3 + [True] * 3
+    with pytest.raises(NodulekitError, match="already holds this phantom"):
+        P.make_phantom_vois(out, patients="A,B", seed=4, rule=rule, progress=False)
+    P.make_phantom_vois(out, patients="A,B", seed=4, rule=rule, overwrite=True, progress=False)
+    assert fake_voi_db.resumed[-3:] == [False] * 3  # overwriting redoes everything
     # another request over it (overwrite): VOIs the new manifest does not list go
     (out / "image" / ".A_R_1.tmp.nii.gz").write_text("stray of a killed worker")
     P.make_phantom_vois(out, patients="A", seed=4, rule=rule, overwrite=True, progress=False)
