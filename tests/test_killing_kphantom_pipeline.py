@@ -497,6 +497,11 @@ def test_selection_quota_is_half_malignant_rounded_down(monkeypatch):
     assert sorted(r.label for r in P.select_nodules(4, seed=1, progress=False)) == [0, 0, 1, 1]
     with pytest.raises(NodulekitError, match="^--nodules must be at least 1, got 0$"):
         P.select_nodules(0, progress=False)
+    (one,) = P.select_nodules(1, progress=False)  # one nodule: no room for a malignant one
+    assert one.label == 0
+    ids = [[r.nodule_id for r in P.select_nodules(2, seed=s, progress=False)] for s in range(6)]
+    assert len({tuple(i) for i in ids}) > 1  # the seed picks the patients
+    assert [r.nodule_id for r in P.select_nodules(2, progress=False)] == ids[0]  # seed 0 by default
 
 
 # ----------------------------------------------------------------------------- reproducibility
