@@ -173,6 +173,23 @@ def test_train_stage_config_and_message(d, monkeypatch):
     assert calls[-1][1]["overwrite"] is True
 
 
+def test_train_stage_device_and_seed(tmp_path, monkeypatch):
+    import torch
+
+    import nodulekit.training as training
+
+    calls = _recorder(monkeypatch, training, "train", {"folds": []})
+    paper = demo.Demo(out=tmp_path, schedule=demo.PAPER_SCHEDULE, seed=11)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo.stage_train(paper).startswith("0 folds trained on cpu; ")  # no GPU: the paper schedule on the CPU
+    assert torch.initial_seed() == 11
+    cfg = calls[-1][0][2]
+    assert (cfg.device, cfg.epochs, cfg.lr_step, cfg.model_options) == ("cpu", 90, 30, {"base_width": 64})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo.stage_train(paper).startswith("0 folds trained on cuda; ") and calls[-1][0][2].device == "cuda"
+    torch.manual_seed(0)
+
+
 def test_finished_run_needs_every_folds_result(d, monkeypatch):
     _run_json(d)
     seen = []
@@ -376,10 +393,20 @@ def test_main_applies_the_options_to_the_schedule(tmp_path, monkeypatch, capsys)
     assert printed.startswith(f"nodulekit demo -> {out.resolve()}\nshort CPU schedule: 12 phantom nodules")
     summary = (out / "SUMMARY.md").read_text()
     assert "  only         ok" in summary and summary.endswith(" s\n") and "\ntotal time: " in summary
-    assert "[only] ..." in (out / "demo.log").read_text()
+    import logging
+    import os
+    import re
+
+    import torch
+
+    log = (out / "demo.log").read_text().splitlines()
+    assert any(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO \[only\] \.\.\.", line) for line in log)
+    assert not logging.getLogger("nodulekit.demo").handlers  # the file handler is removed again
+    assert torch.get_num_threads() == max(1, os.cpu_count() or 1)  # every core for the demo
     seen.clear()
     demo.main(["-o", str(out), "--schedule", "paper"])
-    assert seen[0].schedule is demo.PAPER_SCHEDULE and seen[0].seed == 0 and seen[0].workers >= 1
+    assert seen[0].schedule is demo.PAPER_SCHEDULE and seen[0].seed == 0
+    assert seen[0].workers == min(2, os.cpu_count() or 1)
 
 
 def test_an_interrupted_demo_returns_130(tmp_path, monkeypatch, capsys):
