@@ -269,7 +269,8 @@ def test_map_grid_layout_titles_labels_and_font_sizes(env, kept, tmp_path):
         assert row[0].get_ylabel() == f"{nid}\n{'M' if y == 1 else 'B'}" and row[0].yaxis.label.get_fontsize() == 7
         for ax, method in zip(row[1:], ("hesam", "gradcam"), strict=True):
             assert ax.get_xlabel() == f"{env['probs'][method][ids.index(nid)]:.3f}"
-            assert ax.images[0].get_cmap().name == "gray"  # the ROI under each map
+            ct = ax.images[0]  # the ROI under each map, on the ROI panel's grey scale
+            assert ct.get_cmap().name == "gray" and ct.get_clim() == (0.0, 1.0) and ct.get_interpolation() == "nearest"
     assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in grid)
     title = (
         "Malignant-class maps (positive part; each map scaled to its own maximum); value = predicted malignant "
@@ -299,6 +300,18 @@ def test_map_grid_default_titles_and_the_class_shown(env, kept, tmp_path):
     assert "one scale per column, in the map's units" in " ".join(title.split())
     assert "margin band r = 2 mm" in " ".join(title.split())
     assert max(len(line) for line in title.splitlines()) <= int(2.2 * 2 * 15) < len(title)  # wrapped to the width
+
+
+def test_map_grid_draws_six_nodules_by_default_and_one_row_alone(env, kept, tmp_path):
+    ds = env["ds"]
+    F.map_grid(env["maps"][1:], env["dataset"], tmp_path / "g.png", dpi=30)
+    rows = [ax.get_ylabel().split("\n")[0] for ax in _grid(kept[0])[::2]]
+    assert rows == F._pick_nodules(ds.nodule_id.tolist(), ds.y, 6) and len(rows) == 6
+    one = ds.nodule_id.tolist()[:1]
+    F.map_grid(env["maps"][1:], env["dataset"], tmp_path / "one.png", nodules=one, dpi=30)
+    assert len(_grid(kept[1])) == 2 and _grid(kept[1])[0].get_ylabel().startswith(one[0])
+    with pytest.raises(NodulekitError):  # not overwritten unless asked
+        F.map_grid(env["maps"][1:], env["dataset"], tmp_path / "one.png", nodules=one, dpi=30)
 
 
 def test_map_grid_refuses_bad_requests(env, tmp_path):
