@@ -351,6 +351,21 @@ def test_slice_grid_shows_evenly_spread_slices_then_the_whole_volume(env, kept, 
     assert fig._suptitle.get_fontsize() == 9
 
 
+def test_slice_grid_shows_five_slices_by_default(env, kept, tmp_path):
+    one = env["ds"].nodule_id.tolist()[:1]
+    F.slice_grid(env["maps"][0], env["dataset"], tmp_path / "s.png", nodules=one, dpi=30)
+    titles = [ax.get_title() for ax in _grid(kept[0])]
+    assert titles == [
+        "slice 0",
+        "slice 2",
+        "slice 5",
+        "slice 8",
+        "slice 10",
+        "all slices",
+    ]  # linspace(0, 10, 5) rounded
+    assert tuple(kept[0].get_size_inches()) == pytest.approx((1.8 * 6, 2.0))
+
+
 def test_slice_grid_needs_slice_maps_and_known_nodules(env, tmp_path):
     with pytest.raises(NodulekitError, match="has no slice_maps; make it with `nodulekit maps --per-slice`"):
         F.slice_grid(env["maps"][1], env["dataset"], tmp_path / "s.png")
