@@ -655,3 +655,12 @@ def test_selection_without_a_cached_cohort_clusters_scans_until_both_classes_are
             break
     assert clustered == ids[:n]
     assert all(r.scans_of_patient == 1 for r in chosen)
+
+
+def test_nifti_description_is_cut_to_the_headers_79_characters(tmp_path):
+    import nibabel as nib
+
+    P.write_nifti(tmp_path / "a.nii.gz", np.zeros((2, 2, 2), np.int16), np.eye(4), "d" * 78 + "efgh")
+    img = nib.load(tmp_path / "a.nii.gz")
+    assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == "d" * 78 + "e"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]  # no temporary left
