@@ -454,10 +454,27 @@ def test_region_score_plot_skips_a_class_without_values_and_refuses_no_scores(ke
 # ----------------------------------------------------------------------------- draw_figures
 
 
-def test_draw_figures_names_every_figure_and_refuses_n_below_1(env, tmp_path):
+def test_draw_figures_names_every_figure_and_passes_the_options(env, tmp_path, monkeypatch):
+    calls = []
+
+    def recorder(name):
+        def draw(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            out = args[2] if name != "region_score_plot" else args[1]
+            out.write_text(name)
+
+        return draw
+
+    for name in ("map_grid", "slice_grid", "region_score_plot"):
+        monkeypatch.setattr(F, name, recorder(name))
     out = tmp_path / "figs"
     with pytest.raises(NodulekitError, match="^--n must be at least 1, got 0$"):
         F.draw_figures(env["maps"], env["dataset"], out, n=0)
-    written = F.draw_figures(env["maps"], env["dataset"], out, n=1, fmt="svg", dpi=30)
+    written = F.draw_figures(env["maps"], env["dataset"], out, n=5, fmt="svg", dpi=40, scale="shared", nodules=["a"])
     assert [p.name for p in written] == ["map_grid.svg", "slices_hesam.svg"]
-    assert all(p.read_bytes().startswith(b"<?xml") for p in written)
+    assert [p.read_text() for p in written] == ["map_grid", "slice_grid"]
+    (_, margs, mkw), (_, sargs, skw) = calls
+    assert margs[:2] == (env["maps"], env["dataset"]) and sargs[:2] == (env["maps"][0], env["dataset"])
+    style = {"overwrite": True, "fmt": "svg", "dpi": 40}
+    assert mkw == {"nodules": ["a"], "n": 5, "scale": "shared", **style}
+    assert skw == {"nodules": ["a"], "n": 4, **style}  # at most four nodules in a slice grid

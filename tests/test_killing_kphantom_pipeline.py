@@ -230,6 +230,10 @@ def test_dicom_series_header_and_pixels(tmp_path):
     for k, d in enumerate(ds):
         assert d.SOPClassUID == d.file_meta.MediaStorageSOPClassUID == P.CT_IMAGE_STORAGE == "1.2.840.10008.5.1.4.1.1.2"
         assert d.SOPInstanceUID == d.file_meta.MediaStorageSOPInstanceUID
+        # a conformant Part 10 file: the file meta group is complete (its length, version, implementation)
+        assert {"FileMetaInformationGroupLength", "FileMetaInformationVersion", "ImplementationClassUID"} <= set(
+            d.file_meta.dir()
+        )
         assert (d.Modality, list(d.ImageType), d.Manufacturer) == (
             "CT",
             ["DERIVED", "SECONDARY", "AXIAL"],
