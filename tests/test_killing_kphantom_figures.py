@@ -255,6 +255,7 @@ def test_map_grid_layout_titles_labels_and_font_sizes(env, kept, tmp_path):
     F.map_grid(env["maps"], env["dataset"], tmp_path / "g.png", n=4, band_mm=1.5, labels=["one", "two"], dpi=30)
     (fig,) = kept
     assert tuple(fig.get_size_inches()) == pytest.approx((2.2 * 3, 2.0 * 4))
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"  # fits the fixed figure size
     grid = _grid(fig)
     assert len(grid) == 12
     rows = [grid[3 * r : 3 * r + 3] for r in range(4)]
@@ -333,6 +334,7 @@ def test_slice_grid_shows_evenly_spread_slices_then_the_whole_volume(env, kept, 
     (fig,) = kept
     shown = [0, 3, 7, 10]  # linspace(0, 10, 4) rounded
     assert tuple(fig.get_size_inches()) == pytest.approx((1.8 * 5, 2.0 * 2))
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
     grid = _grid(fig)
     assert len(grid) == 10
     assert [ax.get_title() for ax in grid[:5]] == [f"slice {s}" for s in shown] + ["all slices"]
@@ -390,6 +392,7 @@ def test_region_score_plot_side_by_side_for_few_maps(kept, tmp_path):
     F.region_score_plot(_scores(["hesam", "grad-cam: b"]), tmp_path / "r.png", dpi=30)
     (fig,) = kept
     assert tuple(fig.get_size_inches()) == pytest.approx((6.4, 3.6))  # max(6, 3.2 x 2 maps)
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
     band, body = fig.axes
     assert band.get_position().y0 == pytest.approx(body.get_position().y0, abs=0.05)  # one row
     assert band.get_title() == "energy share in the margin band" and body.get_title() == "energy share in the body"
