@@ -36,7 +36,7 @@ ablations:
     title: "Table 4: parts"
     variants: {SAM: sam, HESAM: hesam}
 table5: {reference: hesam, against: [cam, sam]}
-maps: {dataset: d3c, methods: {hesam: hesam}}
+maps: {dataset: d3c, methods: {hesam: hesam, sam: sam}}
 """
 ARCHS = {"cam": 0, "hesam": 1, "sam": 2, "hesam+hf_pool=avg": 3}
 DATASETS = {"d1c": 0, "d3c": 1}
@@ -187,7 +187,8 @@ def test_one_seed_has_no_seed_headings_and_no_section_across_seeds(tmp_path, mon
     assert sorted(rec["tables"]["table2"]) == ["2"] and sorted(rec["table5"]) == ["2"]
     assert markdown.endswith(
         "## Activation maps on D3C against the readers' contours\n\n"
-        "Methods: hesam (from `runs/d3c/seed2/hesam`). Figures: `maps/d3c-seed2/figures/`.\n\n"
+        "Methods: hesam (from `runs/d3c/seed2/hesam`), sam (from `runs/d3c/seed2/sam`). "
+        "Figures: `maps/d3c-seed2/figures/`.\n\n"
     )
     # without Table 5 and maps: the tables alone
     plan.table5, plan.maps = None, None
