@@ -208,7 +208,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "YAML"
-        raise GridConfigError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # a reader error's text has two lines
+        raise GridConfigError(f"{path}: {where}: not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise GridConfigError(f"{path}: a grid config is a YAML mapping (key: value lines)")
     unknown = sorted(set(raw) - CONFIG_KEYS)
