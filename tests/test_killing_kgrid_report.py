@@ -114,9 +114,8 @@ def fake_wilcoxon_runs(calls):
     return run
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    plan = make_grid(tmp_path_factory.mktemp("report"))
+def make_report(folder: Path):
+    plan = make_grid(folder)
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("nodulekit.stats.wilcoxon_runs", fake_wilcoxon_runs(calls))
@@ -124,12 +123,24 @@ def report(tmp_path_factory):
     return plan, markdown, rec, calls
 
 
-def test_whole_report_text(report):
+def test_whole_report_its_cells_record_and_files(tmp_path):
+    """One test (the report is made once, and every check below reads the same run of the code)."""
+    (tmp_path / "grid").mkdir()
+    report = make_report(tmp_path / "grid")
+    check_text(report)
+    check_cells(report)
+    check_record(report)
+    files = tmp_path / "files"
+    files.mkdir()
+    check_files(report, files)
+
+
+def check_text(report):
     plan, markdown, _, _ = report
     assert_golden("grid/report.md", markdown)
 
 
-def test_cells_are_each_runs_own_numbers(report):
+def check_cells(report):
     plan, markdown, _, _ = report
     seed2 = markdown.split("# Seed 2\n")[1]
     acc = accuracy("hesam", "d3c", 2)  # Table 2, Ours-HESAM, D3C, seed 2
@@ -143,7 +154,7 @@ def test_cells_are_each_runs_own_numbers(report):
     assert cells[4] == f"{d1 + 0.01:.4f} [{d1 - 0.04:.3f}, {d1 + 0.05:.3f}]"  # specificity on D1C
 
 
-def test_report_record(report):
+def check_record(report):
     plan, _, rec, calls = report
     assert rec["config"] == str(plan.config_path) and rec["seeds"] == [1, 2] and rec["epochs"] == 3
     assert sorted(rec["tables"]) == ["table2", "table3", "table4"]
@@ -267,7 +278,7 @@ def test_table5_without_rows_shows_no_block(tmp_path):
 # --------------------------------------------------------------------------- files
 
 
-def test_write_grid_report_writes_both_files(report, tmp_path):
+def check_files(report, tmp_path):
     plan, markdown, rec, _ = report
     with pytest.raises(NodulekitError) as info:
         R.write_grid_report(plan, tmp_path / "report.txt", (markdown, rec))
