@@ -377,6 +377,11 @@ def test_a_model_option_that_breaks_the_model_is_one_line(tmp_path):
     assert got == "ablations.t.variants.a: model 'hesam': option fusion='a/b' is not one of 'sum', 'concat'"
 
 
+def test_rois_are_needed_only_by_datasets_built_from_them(tmp_path):
+    plan = load_grid(write(tmp_path, "rois: none.h5\n" + OK + "table2: {architectures: cam}\n"))
+    assert plan.rois == tmp_path / "none.h5" and plan.datasets == {"d1": {"path": tmp_path / "given.h5"}}
+
+
 def test_maps_planned_alone_train_only_the_maps_runs(tmp_path):
     plan = load_grid(write(tmp_path, OK + "seeds: [2, 1]\nmaps: {dataset: d1, methods: {sam: sam}}\n"))
     # only the first seed's run makes the maps
@@ -596,6 +601,10 @@ def test_run_snakemake_returns_its_status_and_cleans_up_when_interrupted(tmp_pat
 
     class Interrupted(real_popen):
         calls = 0
+
+        def __init__(self, *args, **kw):
+            assert kw == {"start_new_session": True}  # Ctrl-C reaches only the grid, which stops the group
+            super().__init__(*args, **kw)
 
         def wait(self, timeout=None):
             Interrupted.calls += 1

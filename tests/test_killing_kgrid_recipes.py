@@ -353,3 +353,30 @@ def test_tta_activation_map_turns_each_view_back():
     torch.testing.assert_close(prob, torch.stack(probs).mean(0))
     torch.testing.assert_close(amap, torch.stack(maps).mean(0))
     assert prob.shape == (3, 2) and amap.shape == (3, 2, 16, 16)
+
+
+# --------------------------------------------------------------------------- seed ensembles
+
+
+def test_ensemble_predictions_average_each_nodule_over_runs(monkeypatch):
+    import pandas as pd
+
+    frames = {
+        "r1": pd.DataFrame({"nodule_id": ["a", "b", "c"], "fold": [0, 1, 1], "prob": [0.2, 0.4, 0.9], "y": [0, 1, 1]}),
+        "r2": pd.DataFrame({"nodule_id": ["c", "a", "b"], "fold": [1, 0, 1], "prob": [0.5, 0.6, 0.1], "y": [1, 0, 1]}),
+        "bad": pd.DataFrame({"nodule_id": ["a", "b", "c"], "fold": [0, 0, 1], "prob": [0.1, 0.1, 0.1], "y": [0, 1, 1]}),
+        "less": pd.DataFrame({"nodule_id": ["a", "b"], "fold": [0, 1], "prob": [0.1, 0.1], "y": [0, 1]}),
+    }
+    monkeypatch.setattr("nodulekit.stats.run_predictions", lambda r: frames[str(r)].copy())
+    out = recipes.ensemble_predictions(["r1", "r2"])
+    assert list(out["nodule_id"]) == ["a", "b", "c"] and list(out["fold"]) == [0, 1, 1]  # the first run's order
+    np.testing.assert_allclose(out["prob"], [0.4, 0.25, 0.7])
+    assert list(out["y"]) == [0, 1, 1]
+    only = recipes.ensemble_predictions(["r1", "r2"], folds=[1])
+    assert list(only["nodule_id"]) == ["b", "c"]
+    np.testing.assert_allclose(only["prob"], [0.25, 0.7])
+    assert list(recipes.ensemble_predictions(["r1"])["prob"]) == [0.2, 0.4, 0.9]
+    for other in ("bad", "less"):
+        with pytest.raises(NodulekitError) as info:
+            recipes.ensemble_predictions(["r1", "r2", other])
+        assert str(info.value) == f"{other} does not hold the same nodules in the same test folds as r1"
