@@ -648,3 +648,11 @@ def test_missing_grid_dependencies_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(NodulekitError) as info:
         load_grid(path)
     assert str(info.value) == "the grid needs the `grid` extra: pip install 'nodulekit[grid]'"
+
+
+def test_a_config_that_is_not_utf8_is_named_as_the_grid_config(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_bytes(b"datasets: {d1: 1}\n\xff bad\n")
+    with pytest.raises(NodulekitError) as info:
+        load_grid(path)
+    assert str(info.value) == f"grid config {path} is not UTF-8 text (byte 0xff on line 2); save it as UTF-8"
