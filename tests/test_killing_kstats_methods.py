@@ -6,6 +6,8 @@ Mann-Whitney AUC, calibration bins at their edges, TOST exactly at the margin, H
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.stats import bootstrap, norm, permutation_test
@@ -33,6 +35,9 @@ def test_weighted_roc_points_with_ties_and_weights_match_sklearn():
     ref_fpr, ref_tpr, _ = roc_curve(Y9, S9, drop_intermediate=False)
     np.testing.assert_allclose(fpr1[0], ref_fpr) and np.testing.assert_allclose(tpr1[0], ref_tpr)
     assert St.roc_auc(Y9, S9).shape == (1,)
+    # yes/no calls as the score (booleans): the AUC of a binary test, (sensitivity + specificity) / 2
+    calls = S9 > 0.5
+    assert St.roc_auc(Y9, calls)[0] == pytest.approx(roc_auc_score(Y9, calls))
     assert St.roc_auc(Y9, S9)[0] == pytest.approx(roc_auc_score(Y9, S9), abs=1e-15)
     # two weight vectors at once: one row each, each as sklearn weighs it
     both = St.roc_auc(Y9, S9, np.stack([w, np.ones(9)]))
@@ -42,7 +47,11 @@ def test_weighted_roc_points_with_ties_and_weights_match_sklearn():
 
 
 def test_roc_of_one_class_is_undefined_in_the_missing_rate():
-    fpr, tpr = St.weighted_roc([1, 1, 1], [0.2, 0.5, 0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the 0 / 0 rates are expected: no RuntimeWarning
+        fpr, tpr = St.weighted_roc([1, 1, 1], [0.2, 0.5, 0.9])
+        rates = St.threshold_rates([1, 1], [1, 0])
+    assert np.isnan(rates["specificity"]).all() and rates["sensitivity"].tolist() == [0.5]
     assert np.isnan(fpr).all() and tpr[0].tolist() == [0, 1 / 3, 2 / 3, 1]
     # a weight vector that drops every positive: that row's tpr is NaN, the other row is fine
     fpr, tpr = St.weighted_roc([1, 0, 0], [0.9, 0.5, 0.2], [[0, 1, 1], [1, 1, 1]])
@@ -82,7 +91,9 @@ def test_classification_statistics_rows_in_their_named_order():
         St.sensitivity_at_specificity(Y9, S9, 0.9, w)[0],
     ]
     np.testing.assert_allclose(rows[:, 0], expected)
-    rates = St.threshold_rates([1, 0], [1, 1], [[1, 0], [0, 1]])  # a class without weight: NaN, no warning
+    two = St.threshold_rates([1, 0, 0], [1, 0, 1], [[1, 1, 0], [1, 3, 1]])  # each row its own rates
+    assert two["specificity"].tolist() == [1.0, 0.75] and two["accuracy"].tolist() == [1.0, 0.8]
+    rates = St.threshold_rates([1, 0], [1, 1], [[1, 0], [0, 1]])  # a class without weight: NaN
     assert rates["accuracy"].tolist() == [1, 0] and rates["sensitivity"][0] == 1 and np.isnan(rates["sensitivity"][1])
     assert np.isnan(rates["specificity"][0]) and rates["specificity"][1] == 0
 
@@ -125,6 +136,26 @@ def test_cluster_bootstrap_matches_scipy_bootstrap_over_patients(seed, confidenc
     assert res["n_invalid"].tolist() == [0]
 
 
+def test_cluster_bootstrap_default_seed_and_warnings_other_than_degenerate_data():
+    values = np.array([0.2, 0.9, 0.4, 0.0, 1.0])
+    groups = np.array(["A", "A", "B", "C", "D"])
+
+    def mean(w):
+        return (w @ values / w.sum(1))[None]
+
+    default = St.cluster_bootstrap(groups, mean, n_resamples=50)
+    seeded = St.cluster_bootstrap(groups, mean, n_resamples=50, seed=0)
+    assert (default["low"], default["high"]) == (seeded["low"], seeded["high"])
+    assert St.cluster_bootstrap(groups, mean, n_resamples=50, seed=1)["low"] != default["low"]
+
+    def noisy(w):
+        warnings.warn("a statistic's own warning", UserWarning, stacklevel=1)
+        return mean(w)
+
+    with pytest.warns(UserWarning, match="a statistic's own warning"):
+        St.cluster_bootstrap(groups, noisy, n_resamples=20)
+
+
 def test_cluster_bootstrap_of_one_patient_and_of_one_resample():
     one = St.cluster_bootstrap(["P"] * 3, lambda w: (w @ np.array([1.0, 0, 1]) / w.sum(1))[None], n_resamples=7)
     assert one["estimate"].tolist() == [pytest.approx(2 / 3)]
@@ -161,6 +192,9 @@ def test_classification_cis_are_the_patient_bootstrap_of_each_statistic():
     assert cis["sensitivity"]["n_invalid_resamples"] > 0 and np.isnan(cis["sensitivity"]["low"])
     assert cis["accuracy"]["n_invalid_resamples"] == 0 and cis["accuracy"]["low"] <= cis["accuracy"]["high"]
     assert St.classification_cis(Y9, S9, pred, G9, n_resamples=300) != cis  # the seed reaches the draws
+    assert St.classification_cis(Y9, S9, pred, G9, n_resamples=300) == St.classification_cis(
+        Y9, S9, pred, G9, n_resamples=300, seed=0
+    )
 
 
 def test_calibration_bins_at_their_edges_and_a_coarser_binning():
@@ -179,6 +213,12 @@ def test_calibration_bins_at_their_edges_and_a_coarser_binning():
     assert cal["brier"] == pytest.approx(brier_score_loss(y, prob)) and cal["brier"] == pytest.approx(
         np.mean((prob - y) ** 2)
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # empty bins are expected: no RuntimeWarning for their 0 / 0
+        low = St.calibration([0, 1, 0], [0.05, 0.3, 0.32])  # the upper bins are all empty
+    assert [b["n"] for b in low["bins"]] == [1, 0, 0, 2, 0, 0, 0, 0, 0, 0]
+    assert low["bins"][9]["mean_prob"] is None and low["bins"][3]["observed"] == 0.5
+    assert low["ece"] == pytest.approx((0.05 + 2 * abs(0.5 - 0.31)) / 3)
     four = St.calibration(y, prob, n_bins=4)
     assert [b["n"] for b in four["bins"]] == [3, 1, 1, 2] and four["n_bins"] == 4
     assert [b["high"] for b in four["bins"]] == [0.25, 0.5, 0.75, 1.0]
@@ -199,6 +239,7 @@ def test_delong_and_its_normal_interval_on_a_hand_example():
     assert (res["auc_a"], res["auc_b"]) == (pytest.approx(8 / 9), pytest.approx(4 / 9))
     assert res["auc_a"] == pytest.approx(roc_auc_score(y, a)) and res["auc_b"] == pytest.approx(roc_auc_score(y, b))
     se = np.sqrt(14 / 81)
+    assert res["auc_diff"] == pytest.approx(4 / 9)
     assert res["se"] == pytest.approx(se) and res["z"] == pytest.approx((4 / 9) / se)
     assert res["p_value"] == pytest.approx(2 * norm.sf((4 / 9) / se))
     half = norm.ppf(0.95) * se  # a 90 % interval
@@ -237,6 +278,18 @@ def test_obuchowski_refusals_and_its_cluster_count():
     ob, dl = St.obuchowski_test(Y9, S9, S9[::-1], list("abcdefghi"), 0.8), St.delong_test(Y9, S9, S9[::-1], 0.8)
     for key in ("se", "z", "p_value", "diff_low", "diff_high"):
         assert ob[key] == pytest.approx(dl[key], rel=1e-12)
+
+
+def test_obuchowski_when_the_last_patient_holds_no_negative():
+    """The hand example of test_stats_methods.py (Var = 1/144 + 1/256 + 1/324) with the patient of
+    a single positive named so that it sorts last: its cluster has a positive sum and no negative."""
+    y = np.array([1, 0, 1, 0, 0, 1, 0])
+    a = np.array([0.8, 0.3, 0.6, 0.7, 0.1, 0.9, 0.5])
+    groups = ["P1", "P1", "P9", "P3", "P3", "P4", "P4"]
+    res = St.obuchowski_test(y, a, np.full(7, 0.5), groups)
+    assert res["se"] ** 2 == pytest.approx(1 / 144 + 1 / 256 + 1 / 324, rel=1e-12)
+    assert res["auc_diff"] == pytest.approx(11 / 12 - 0.5) and res["n_clusters"] == 4
+    assert res["z"] == pytest.approx(res["auc_diff"] / res["se"])
 
 
 def test_tost_exactly_at_the_margin_and_its_refusals():
