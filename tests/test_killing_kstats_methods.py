@@ -149,7 +149,8 @@ def test_cluster_bootstrap_default_seed_and_warnings_other_than_degenerate_data(
     assert St.cluster_bootstrap(groups, mean, n_resamples=50, seed=1)["low"] != default["low"]
 
     def noisy(w):
-        warnings.warn("a statistic's own warning", UserWarning, stacklevel=1)
+        if len(w) > 1:  # only on the resamples (the estimate is computed before scipy's bootstrap)
+            warnings.warn("a statistic's own warning", UserWarning, stacklevel=1)
         return mean(w)
 
     with pytest.warns(UserWarning, match="a statistic's own warning"):
@@ -191,10 +192,10 @@ def test_classification_cis_are_the_patient_bootstrap_of_each_statistic():
     # 4 patients: some resamples lack a class, so the rates' intervals are undefined and counted
     assert cis["sensitivity"]["n_invalid_resamples"] > 0 and np.isnan(cis["sensitivity"]["low"])
     assert cis["accuracy"]["n_invalid_resamples"] == 0 and cis["accuracy"]["low"] <= cis["accuracy"]["high"]
-    assert St.classification_cis(Y9, S9, pred, G9, n_resamples=300) != cis  # the seed reaches the draws
-    assert St.classification_cis(Y9, S9, pred, G9, n_resamples=300) == St.classification_cis(
-        Y9, S9, pred, G9, n_resamples=300, seed=0
-    )
+    # the seed reaches the draws, and the default seed is 0 (accuracy's interval is defined in every resample)
+    default = St.classification_cis(Y9, S9, pred, G9, n_resamples=300)
+    assert default["accuracy"] == St.classification_cis(Y9, S9, pred, G9, n_resamples=300, seed=0)["accuracy"]
+    assert default["accuracy"] != cis["accuracy"]
 
 
 def test_calibration_bins_at_their_edges_and_a_coarser_binning():
@@ -289,6 +290,7 @@ def test_obuchowski_when_the_last_patient_holds_no_negative():
     res = St.obuchowski_test(y, a, np.full(7, 0.5), groups)
     assert res["se"] ** 2 == pytest.approx(1 / 144 + 1 / 256 + 1 / 324, rel=1e-12)
     assert res["auc_diff"] == pytest.approx(11 / 12 - 0.5) and res["n_clusters"] == 4
+    assert (res["auc_a"], res["auc_b"]) == (pytest.approx(11 / 12), 0.5)
     assert res["z"] == pytest.approx(res["auc_diff"] / res["se"])
 
 
@@ -300,6 +302,9 @@ def test_tost_exactly_at_the_margin_and_its_refusals():
     low = St.equivalence_test(-0.02, 0.01, 0.02)
     assert low["p_lower"] == 0.5 and low["p_upper"] == pytest.approx(norm.cdf(-4.0))
     # no variability: an estimate exactly at the margin is not inside it
+    # at the margin with alpha = 1/2: p = alpha exactly, and equivalence needs p below alpha
+    assert not St.equivalence_test(0.02, 0.01, 0.02, alpha=0.5)["equivalent"]
+    assert St.equivalence_test(0.0199, 0.01, 0.02, alpha=0.5)["equivalent"]
     assert St.equivalence_test(0.02, 0.0, 0.02)["p_value"] == 1.0
     assert St.equivalence_test(-0.02, 0.0, 0.02)["p_value"] == 1.0
     inside = St.equivalence_test(0.019, 0.0, 0.02)
@@ -308,6 +313,7 @@ def test_tost_exactly_at_the_margin_and_its_refusals():
     # alpha sets the interval (1 - 2 alpha) and the verdict
     res = St.equivalence_test(0.0, 0.01, 0.02, alpha=0.01)
     assert not res["equivalent"] and res["high"] == pytest.approx(norm.ppf(0.99) * 0.01)
+    assert res["low"] == pytest.approx(-norm.ppf(0.99) * 0.01)
     assert St.equivalence_test(0.0, 0.01, 0.02, alpha=0.025)["equivalent"]
     assert type(res["equivalent"]) is bool and type(res["margin"]) is float
     with pytest.raises(NodulekitError, match=r"^the equivalence margin must be positive, got -0.1$"):
@@ -316,6 +322,9 @@ def test_tost_exactly_at_the_margin_and_its_refusals():
         St.equivalence_test(0.0, -0.01, 0.02)
     with pytest.raises(NodulekitError, match="standard error >= 0, got nan"):
         St.equivalence_test(0.0, float("nan"), 0.02)
+    with pytest.raises(NodulekitError, match="margin must be positive, got 0.0"):
+        St.equivalence_test(0.0, 0.01, 0.0)
+    assert St.equivalence_test(0.0, 0.0, 0.02)["equivalent"]  # se exactly 0 is allowed
     with pytest.raises(NodulekitError, match="margin must be positive, got nan"):
         St.equivalence_test(0.0, 0.01, float("nan"))
 
@@ -397,6 +406,15 @@ def test_cluster_sign_flip_test_against_scipy_over_patient_sums():
     assert res["mean_diff"] == pytest.approx(diff.mean()) and res["n_patients"] == 20
     fewer = St.cluster_sign_flip_test(diff, groups, n_resamples=99, seed=3)
     assert round(fewer["p_value"] * 100, 9) == round(fewer["p_value"] * 100)  # (count + 1) / 100
+    # 3 patients whose differences each sum to 1: the 8 sign patterns give |mean| = 1 twice, p = 1/4
+    ones = St.cluster_sign_flip_test([1.0, 0.5, 0.5, 2.0, -1.0], ["a", "b", "b", "c", "c"])
+    assert ones["p_value"] == pytest.approx(0.25) and ones["mean_diff"] == pytest.approx(0.6)
+    # the default seed 0: the same random sign patterns as seed=0
+    assert (
+        St.cluster_sign_flip_test(diff, groups)["p_value"]
+        == St.cluster_sign_flip_test(diff, groups, seed=0)["p_value"]
+        != res["p_value"]
+    )
     # every patient's differences sum to zero: nothing to test, p = 1
     zero = St.cluster_sign_flip_test([0.5, -0.5, 0.2, -0.2], ["a", "a", "b", "b"])
     assert zero == {"mean_diff": 0.0, "p_value": 1.0, "n_patients": 2}

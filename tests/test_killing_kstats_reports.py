@@ -342,3 +342,82 @@ def test_run_predictions_refuses_a_nodule_tested_twice(tmp_path):
     assert list(ok.columns) == ["nodule_id", "patient_id", "index", "fold", "prob", "y"]
     assert ok["fold"].tolist() == [0, 0, 0, 1, 1, 1] and ok["index"].tolist() == [0, 2, 4, 1, 3, 5]
     assert ok["patient_id"].tolist() == ["P00", "P02", "P04", "P01", "P03", "P05"]
+
+
+def test_reader_comparison_rows_attrs_and_per_nodule_detail(tmp_path, tiny_dataset):
+    """The ratings of test_stats.py's hand example: every reader row's numbers from the reader's
+    calls and the leave-one-out reference, the intervals and p from the same seed, the attrs."""
+    import h5py
+    from test_stats import R6
+
+    from nodulekit.datasets import dataset_fingerprint, load_dataset
+
+    with h5py.File(tiny_dataset, "a") as f:
+        ratings = np.full(f["reader_malignancy"].shape, np.nan, np.float32)
+        ratings[:6] = R6
+        ratings[6] = [4, np.nan, np.nan, np.nan]  # one reader only: too few others for them
+        f["reader_malignancy"][...] = ratings
+        y = f["y"][()]
+        y[:6] = [1, 1, 1, 0, 0, 0]
+        f["y"][...] = y
+        ids = [v.decode() for v in f["nodule_id"][()]]
+        patients = np.array([v.decode() for v in f["patient_id"][()]])
+    ds = load_dataset(tiny_dataset)
+    prob = np.where(y == 1, 0.8, 0.2)
+    prob[0], prob[3], prob[8] = 0.3, 0.6, 0.7  # model calls B, M, M, M, B, B on 0..5; nodule 8 a false call
+    run = fake_run(tmp_path / "run", ids, y, prob, folds=5, fingerprint=dataset_fingerprint(ds), identity=ds.identity)
+    table = St.reader_comparison(run, tiny_dataset, n_resamples=60, seed=3)
+    assert table.attrs["rule"] == (3.0, 3.0, 2) and table.attrs["n"] == 40 and table.attrs["arch"] == "hesam"
+    assert (table.attrs["n_resamples"], table.attrs["seed"], table.attrs["rundir"]) == (60, 3, str(run))
+    assert table.attrs["dataset"] == str(tiny_dataset)
+    assert list(table["who"]) == ["reader 1", "reader 2", "reader 3", "reader 4", "all readers", "model"]
+    cols = list(table.columns)
+    assert cols[cols.index("p_patients") + 1] == "p_patients_holm"
+    assert table["p_patients_holm"].iloc[4:].isna().all()
+    calls = St.reader_calls(ratings)
+    ref = St.leave_one_reader_out(ratings, min_others=2)
+    model_call = (prob > 0.5).astype(int)
+    r1 = table.iloc[0]
+    assert (r1["n_rated"], r1["n_too_few_others"], r1["n_indeterminate_others"]) == (7, 1, 0)
+    compared = (calls[:, 0] >= 0) & (ref[:, 0] >= 0)
+    right_r, right_m = calls[compared, 0] == ref[compared, 0], model_call[compared] == ref[compared, 0]
+    boot = St.cluster_bootstrap(
+        patients[compared],
+        lambda w: np.stack([w @ right_r, w @ right_m, w @ (right_r * 1.0 - right_m)]) / w.sum(1),
+        n_resamples=60,
+        seed=3,
+    )
+    for i, name in enumerate(("reader_accuracy", "model_accuracy", "accuracy_diff")):
+        assert r1[name] == pytest.approx(boot["estimate"][i])
+        assert (r1[f"{name}_low"], r1[f"{name}_high"]) == (
+            pytest.approx(boot["low"][i]),
+            pytest.approx(boot["high"][i]),
+        )
+    flip = St.cluster_sign_flip_test(right_r * 1.0 - right_m, patients[compared], seed=3)
+    assert r1["p_patients"] == pytest.approx(flip["p_value"]) and r1["n_patients"] == len(set(patients[compared]))
+    assert (r1["model_fp"], r1["model_fn"]) == (
+        int(((model_call[compared] == 1) & (ref[compared, 0] == 0)).sum()),
+        int(((model_call[compared] == 0) & (ref[compared, 0] == 1)).sum()),
+    )
+    assert r1["model_accuracy_vs_label"] == pytest.approx((model_call[compared] == y[compared]).mean())
+    model = table.iloc[5]
+    mboot = St.cluster_bootstrap(patients, lambda w: (w @ (model_call == y)) / w.sum(1)[None], n_resamples=60, seed=3)
+    assert (model["model_accuracy"], model["model_accuracy_low"], model["model_accuracy_high"]) == (
+        pytest.approx(37 / 40),  # wrong on nodules 0 (missed), 3 and 8 (false calls)
+        pytest.approx(mboot["low"][0]),
+        pytest.approx(mboot["high"][0]),
+    )
+    assert (model["model_fp"], model["model_fn"], model["n_patients"], model["n_compared"]) == (2, 1, 20, 40)
+    assert model["model_accuracy_vs_label"] == pytest.approx(37 / 40)
+    per = table.attrs["per_nodule"]
+    assert list(per.columns[:5]) == ["nodule_id", "patient_id", "fold", "y", "malignancy_mean"]
+    assert list(per.columns[5:8]) == ["reader1_rating", "reader1_call", "reader1_others_label"]
+    assert list(per.columns[-2:]) == ["model_prob", "model_call"]
+    row6 = per.set_index("nodule_id").loc[ids[6]]
+    assert (row6.reader1_rating, row6.reader1_call, row6.reader1_others_label) == (
+        4.0,
+        "malignant",
+        "too few other readers",
+    )
+    assert (row6.reader2_call, row6.reader2_others_label) == ("not rated", "too few other readers")
+    assert row6.model_prob == prob[6] and row6.model_call == ("malignant" if prob[6] > 0.5 else "benign")
