@@ -6,6 +6,7 @@ each refusal's message."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -249,9 +250,13 @@ def test_rule_thresholds_reader_calls_and_leave_one_out_at_the_thresholds():
     # ratings exactly at a threshold abstain; the defaults are 3 and 3
     assert St.reader_calls(np.array([3.0, 3.01, 2.99, np.nan])).tolist() == [-1, 1, 0, -2]
     assert St.reader_calls(np.array([3.5, 2.5, 3.0]), 3.5, 2.5).tolist() == [-1, -1, -1]
+    assert St.reader_calls(np.array([[4.0, np.nan]])).dtype.kind == "i"  # codes index the call names
     # the others' mean exactly at a threshold is indeterminate; min_others 0 still needs one reader
     r = np.array([[3.5, 2.5, np.nan], [4.0, np.nan, np.nan], [2.0, 4.0, 5.0]])
-    ref = St.leave_one_reader_out(r, malignant_above=3.5, benign_below=2.5, min_others=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a reader with no other reader: 0 / 0 expected, no RuntimeWarning
+        ref = St.leave_one_reader_out(r, malignant_above=3.5, benign_below=2.5, min_others=0)
+    assert ref.dtype.kind == "i"  # codes index the reference names
     assert ref.tolist() == [[-1, -1, -1], [-2, 1, 1], [1, -1, -1]]  # an unrated reader: all rated are others
     assert St.leave_one_reader_out(r, malignant_above=3.5, benign_below=2.5).tolist() == ref.tolist()
     assert St.leave_one_reader_out(r, min_others=2).tolist() == [[-2, -2, -1], [-2, -2, -2], [1, 1, -1]]
@@ -342,6 +347,7 @@ def test_run_predictions_refuses_a_nodule_tested_twice(tmp_path):
     assert list(ok.columns) == ["nodule_id", "patient_id", "index", "fold", "prob", "y"]
     assert ok["fold"].tolist() == [0, 0, 0, 1, 1, 1] and ok["index"].tolist() == [0, 2, 4, 1, 3, 5]
     assert ok["patient_id"].tolist() == ["P00", "P02", "P04", "P01", "P03", "P05"]
+    assert ok.index.tolist() == list(range(6)) and ok["y"].dtype.kind == "i"  # one row index over the folds
 
 
 def test_reader_comparison_rows_attrs_and_per_nodule_detail(tmp_path, tiny_dataset):
