@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,21 @@ def run_result(record=None, seconds=([1.0, 3.0], [2.0, 10.0], None)):
 
 
 def test_binary_metrics_of_one_class_and_of_no_cases():
-    benign = E.binary_metrics([0, 0, 0], [0.2, 0.7, 0.5])  # p = 0.5 is not > 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an undefined rate or AUC is NaN without a warning
+        benign = E.binary_metrics([0, 0, 0], [0.2, 0.7, 0.5])  # p = 0.5 is not > 0.5
+        malignant = E.binary_metrics([1, 1], [0.9, 0.3])
+        all_benign = E.binary_metrics([0, 0], [0.1, 0.2])  # one class, one call: still a 2 x 2 count
+        even = E.binary_metrics([0, 0, 1], [0.2, 0.7, 0.9])  # tn = fp = 1
+    assert (all_benign["tn"], all_benign["fp"], all_benign["fn"], all_benign["tp"]) == (2, 0, 0, 0)
+    assert all_benign["specificity"] == 1.0 and math.isnan(all_benign["sensitivity"])
+    assert even["specificity"] == 0.5 and even["sensitivity"] == 1.0
+    assert even["auc"] == pytest.approx(roc_auc_score([0, 0, 1], [0.2, 0.7, 0.9])) and even["auc"] == 1.0
+    assert math.isnan(malignant["auc"])
     assert (benign["tn"], benign["fp"], benign["fn"], benign["tp"]) == (2, 1, 0, 0)
     assert benign["n"] == 3 and benign["n_malignant"] == 0 and benign["accuracy"] == pytest.approx(2 / 3)
     assert math.isnan(benign["sensitivity"]) and benign["specificity"] == pytest.approx(2 / 3)
     assert math.isnan(benign["auc"])
-    malignant = E.binary_metrics([1, 1], [0.9, 0.3])
     assert (malignant["tp"], malignant["fn"], malignant["n_malignant"]) == (1, 1, 2)
     assert math.isnan(malignant["specificity"]) and malignant["sensitivity"] == 0.5
     assert all(type(benign[k]) is int for k in ("n", "n_malignant", "tp", "tn", "fp", "fn"))
@@ -188,7 +198,7 @@ def summary(method, dataset, rundir, acc, auc=(0.8, 0.05), n=(20, 10), nan_fold=
 def summaries():
     return [
         summary("Ours-HESAM", "D11C", "/r/hesam-a", 0.875),
-        summary("Ours-HESAM", "D11C", "/r/hesam-b", 0.8),
+        summary("Ours-HESAM", "D11C", "/r/hesam-b", 0.8) | {"pooled_nodule_ci_settings": {"n_resamples": 7, "seed": 1}},
         summary("Ours-HESAM", "D3C", "/r/hesam-d3c", 0.7, nan_fold=True),
         summary("Ours-SAM", "D3C", "/r/sam", 0.65, auc=(float("nan"), float("nan"))),
     ]
@@ -200,6 +210,8 @@ def test_markdown_report_of_hand_made_summaries_is_the_reviewed_text():
     # D11C is the reference dataset when present; else the first run's dataset
     assert E.reference_dataset(summaries()) == "D11C"
     assert E.reference_dataset(summaries()[2:]) == "D3C"
+    assert E.reference_dataset(summaries()[::-1]) == "D11C"
+    assert E.reference_dataset([summary("X", "D1C", "/r/x", 0.5), summary("Y", "D3C", "/r/y", 0.5)]) == "D1C"
     assert "on D3C\n" in E.markdown_report(summaries()[2:]).splitlines()[0] + "\n"
 
 
