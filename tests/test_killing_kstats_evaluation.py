@@ -172,7 +172,7 @@ def summary(method, dataset, rundir, acc, auc=(0.8, 0.05), n=(20, 10), nan_fold=
             "auc": {"mean": auc[0], "std": auc[1]},
         },
         "pooled_nodule": {"n": n[0], "accuracy": 0.75, "sensitivity": 0.5, "specificity": 1.0, "auc": 0.8125},
-        "pooled_patient": {"n": n[1], "accuracy": 0.7, "sensitivity": float("nan"), "specificity": 0.9, "auc": 0.6},
+        "pooled_patient": {"n": n[1], "accuracy": 0.7, "sensitivity": 0.55, "specificity": 0.9, "auc": 0.6},
         "pooled_nodule_ci": {
             "accuracy": ci(0.75, 0.6, 0.9),
             "sensitivity": ci(0.5, 0.25, 0.75),
@@ -272,6 +272,7 @@ def test_summary_and_fold_rows_hold_every_column():
         "tp", "tn", "fp", "fn", "selected_epoch",
     ]  # fmt: skip
     assert folds[5]["method"] == "Ours-HESAM" and folds[5]["fold"] == 1 and math.isnan(folds[5]["auc"])
+    assert E._csv_text([{"a": 1, "b": "x"}]) == "a,b\n1,x\n"  # a single row
     text = E._csv_text(folds)
     assert text.startswith("method,arch,dataset,fold,n,") and "\r" not in text
     back = list(csv.DictReader(io.StringIO(text)))
