@@ -420,6 +420,8 @@ def test_roc_figure_shows_each_run_with_its_band_and_numbers(saved):
     assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1.01) and ax.get_aspect() == 1.0
     assert ax.get_title() == "ROC, test folds pooled; band: 95 % patient bootstrap\n(30 resamples, seed 2)"
     assert ax.title.get_fontsize() == 9
+    E.plot_roc(runs[:1], sums[:1], Path("roc.png"))
+    assert saved[-1][2:] == ("png", 150)
 
 
 def test_reliability_figure_points_counts_and_labels(saved):
@@ -451,6 +453,8 @@ def test_reliability_figure_points_counts_and_labels(saved):
     assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
     assert (ax_n.get_xlabel(), ax_n.get_ylabel()) == ("predicted malignant probability", "nodules per bin")
     assert ax_n.get_shared_x_axes().joined(ax, ax_n)
+    E.plot_reliability([s], Path("rel.png"))
+    assert saved[-1][2:] == ("png", 150)  # the defaults: PNG at 150 dpi
 
 
 def test_curves_figure_means_over_folds_up_to_the_shortest_history(saved):
@@ -493,6 +497,8 @@ def test_curves_figure_means_over_folds_up_to_the_shortest_history(saved):
         if legend is not None:
             assert legend._fontsize == 7 and legend._loc == 7  # center right
     assert axes[0].xaxis.get_major_locator()._integer
+    E.plot_curves(runs[:1], sums[:1], Path("c.png"))
+    assert saved[-1][2:] == ("png", 150)
 
 
 def test_evaluate_writes_every_file_in_the_asked_format(tmp_path, monkeypatch):
