@@ -331,6 +331,7 @@ def test_evaluate_record_states_its_rules_and_caveat(tmp_path):
     )
     (summary_,) = report["runs"]
     assert summary_["pooled_nodule_ci_settings"] == {"n_resamples": 40, "seed": 5}
+    assert summary_["rundir"] == str(run) and out["summaries"][0]["rundir"] == str(run)
     assert summary_["summary"]["auc"]["std"] is not None and summary_["folds"][2]["auc"] is None  # NaN -> null
     with pytest.raises(NodulekitError, match="^give at least one RUNDIR to evaluate$"):
         E.evaluate_runs([])
