@@ -141,7 +141,9 @@ def test_summarise_run_every_key_on_unequal_folds_and_a_one_class_fold():
 
 def test_summarise_run_defaults_and_a_run_record_without_optional_keys():
     result = run_result({"dataset": {}, "selection": {}}, seconds=(None, [], None))
+    del result.run["model_options"]
     s = E.summarise_run(result)
+    assert s["model_options"] == {}
     assert s["pooled_nodule_ci_settings"] == {"n_resamples": St.BOOTSTRAP_RESAMPLES, "seed": 0}
     assert s["dataset"] == "D3C" and s["select"] == "last" and math.isnan(s["median_epoch_seconds"])
     bare = E.RunResult(Path("r"), {"arch": "nope", "in_channels": 11}, [])
