@@ -335,6 +335,7 @@ def test_evaluate_record_states_its_rules_and_caveat(tmp_path):
     assert summary_["pooled_nodule_ci_settings"] == {"n_resamples": 40, "seed": 5}
     assert summary_["rundir"] == str(run) and out["summaries"][0]["rundir"] == str(run)
     assert summary_["summary"]["auc"]["std"] is not None and summary_["folds"][2]["auc"] is None  # NaN -> null
+    assert E.evaluate_runs([run], n_resamples=10)["report"]["runs"][0]["pooled_nodule_ci_settings"]["seed"] == 0
     with pytest.raises(NodulekitError, match="^give at least one RUNDIR to evaluate$"):
         E.evaluate_runs([])
 
@@ -523,3 +524,8 @@ def test_evaluate_writes_every_file_in_the_asked_format(tmp_path, monkeypatch):
     assert (rep / "folds.csv").read_text() == E._csv_text(E.fold_rows(out["summaries"]))
     for name in ("roc", "curves", "reliability"):
         assert (rep / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(NodulekitError, match="already exists"):  # no overwrite unless asked
+        E.evaluate_runs([run], rep, n_resamples=20, fmt="svg")
+    calls.clear()
+    E.evaluate_runs([run], tmp_path / "png", n_resamples=20)  # the defaults: PNG at 150 dpi
+    assert calls == [("png", 150)] * 3 and (tmp_path / "png" / "roc.png").read_bytes()[:4] == b"\x89PNG"
