@@ -412,7 +412,8 @@ def test_roc_figure_shows_each_run_with_its_band_and_numbers(saved):
     y = np.concatenate([f[0] for f in FOLDS])
     prob = np.concatenate([f[1] for f in FOLDS])
     fpr, tpr, _ = roc_curve(y, prob, drop_intermediate=False)
-    np.testing.assert_allclose(curve.get_xdata(), fpr) and np.testing.assert_allclose(curve.get_ydata(), tpr)
+    np.testing.assert_allclose(curve.get_xdata(), fpr)
+    np.testing.assert_allclose(curve.get_ydata(), tpr)
     assert curve.get_linewidth() == 1.2
     assert diagonal.get_xdata().tolist() == [0, 1] and diagonal.get_ydata().tolist() == [0, 1]
     assert (diagonal.get_color(), diagonal.get_linewidth(), diagonal.get_linestyle()) == ("grey", 0.8, ":")

@@ -47,7 +47,8 @@ def test_write_run_maps_records_what_was_mapped_and_how(tmp_path, monkeypatch):
     assert prov["per_slice"] is False and prov["execution"] == {"device": "cpu", "batch_size": 8}
     assert back.nodule_id == ["P1:1", "P2:1"] and (back.method, back.arch) == ("cam", "tiny-cam")
     assert back.source == str((tmp_path / "runs" / "r1").resolve())
-    np.testing.assert_array_equal(back.maps, res.maps) and np.testing.assert_array_equal(back.maps_up, res.maps_up)
+    np.testing.assert_array_equal(back.maps, res.maps)
+    np.testing.assert_array_equal(back.maps_up, res.maps_up)
     np.testing.assert_allclose(back.prob, [0.25, 0.75])
     assert back.y.tolist() == [0, 1] and back.fold.tolist() == [2, 0] and back.extra == {}
     assert back.dataset_identity == {"fingerprint": "abc"}

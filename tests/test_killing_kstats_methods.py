@@ -33,7 +33,8 @@ def test_weighted_roc_points_with_ties_and_weights_match_sklearn():
     # unweighted = weight 1 each: the shape [1, m + 1] of a single weight vector
     fpr1, tpr1 = St.weighted_roc(Y9, S9)
     ref_fpr, ref_tpr, _ = roc_curve(Y9, S9, drop_intermediate=False)
-    np.testing.assert_allclose(fpr1[0], ref_fpr) and np.testing.assert_allclose(tpr1[0], ref_tpr)
+    np.testing.assert_allclose(fpr1[0], ref_fpr)
+    np.testing.assert_allclose(tpr1[0], ref_tpr)
     assert St.roc_auc(Y9, S9).shape == (1,)
     # yes/no calls as the score (booleans): the AUC of a binary test, (sensitivity + specificity) / 2
     calls = S9 > 0.5

@@ -304,7 +304,8 @@ def test_arms_and_pairs_refuse_with_one_clear_line(tmp_path):
     }
     assert list(arm.columns) == ["nodule_id", "patient_id", "y", "p0", "p1"]
     order = np.argsort(ids)
-    np.testing.assert_allclose(arm["p0"], PA[1][order]) and np.testing.assert_allclose(arm["p1"], PA[0][order])
+    np.testing.assert_allclose(arm["p0"], PA[1][order])
+    np.testing.assert_allclose(arm["p1"], PA[0][order])
     one = St.arm_predictions(b)
     assert (one.attrs["arch"], one.attrs["label"], one.attrs["n_seeds"]) == ("resnet18", str(b), 1)
     relabelled = fake_run(tmp_path / "r", ids, 1 - Y, PB)
