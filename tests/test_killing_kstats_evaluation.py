@@ -373,6 +373,10 @@ def test_roc_band_estimate_is_the_empirical_roc_on_the_grid():
     assert res["n_invalid"][0] == 0  # every resample of these 6 patients holds both classes
     assert np.all(band["low"] <= band["tpr"] + 1e-12) and np.all(band["tpr"] <= band["high"] + 1e-12)
     assert band["low"][-1] == band["high"][-1] == 1.0
+    # patients B and C hold positives only: resamples without A have no negative, so no band
+    lopsided = E.roc_band([1, 0, 1, 1], [0.9, 0.2, 0.6, 0.4], ["A", "A", "B", "C"], n_resamples=40, seed=0)
+    assert np.isnan(lopsided["low"]).all() and np.isnan(lopsided["high"]).all()
+    assert lopsided["tpr"][0] == 1.0  # every positive scores above the one negative
     other = E.roc_band(y, prob, patients, n_resamples=50, seed=2)
     assert not np.array_equal(other["low"], band["low"])  # the seed reaches the draws
 
