@@ -377,6 +377,8 @@ def test_roc_band_estimate_is_the_empirical_roc_on_the_grid():
     lopsided = E.roc_band([1, 0, 1, 1], [0.9, 0.2, 0.6, 0.4], ["A", "A", "B", "C"], n_resamples=40, seed=0)
     assert np.isnan(lopsided["low"]).all() and np.isnan(lopsided["high"]).all()
     assert lopsided["tpr"][0] == 1.0  # every positive scores above the one negative
+    again = E.roc_band(y, prob, patients, n_resamples=50, seed=1)
+    np.testing.assert_array_equal(again["low"], band["low"])  # seeded: the same draws again
     other = E.roc_band(y, prob, patients, n_resamples=50, seed=2)
     assert not np.array_equal(other["low"], band["low"])  # the seed reaches the draws
 
@@ -405,6 +407,7 @@ def test_roc_figure_shows_each_run_with_its_band_and_numbers(saved):
     assert (path, fmt, dpi) == (Path("roc.svg"), "svg", 80)
     (ax,) = fig.axes
     assert tuple(fig.get_size_inches()) == (5.5, 5.0)
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
     auc = sums[0]["pooled_nodule_ci"]["auc"]
     (text,) = [t.get_text() for t in ax.get_legend().get_texts()]  # the one-class run has no curve
     assert text == (
@@ -441,6 +444,7 @@ def test_reliability_figure_points_counts_and_labels(saved):
     assert (path, fmt, dpi) == (Path("rel.pdf"), "pdf", 90)
     ax, ax_n = fig.axes
     assert tuple(fig.get_size_inches()) == (5.5, 6.5)
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
     assert ax.get_position().height == pytest.approx(3 * ax_n.get_position().height, rel=0.15)
     diagonal, points = ax.get_lines()
     assert diagonal.get_xdata().tolist() == [0, 1] and (diagonal.get_color(), diagonal.get_linestyle()) == ("grey", ":")
@@ -480,6 +484,7 @@ def test_curves_figure_means_over_folds_up_to_the_shortest_history(saved):
     ((fig, path, fmt, dpi),) = saved
     assert (path, fmt, dpi) == (Path("c.png"), "png", 70)
     assert tuple(fig.get_size_inches()) == (9.0, 7.0)
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
     axes = [a for a in fig.axes if a.get_ylabel() == "accuracy (solid)"]
     losses = [a for a in fig.axes if a.get_ylabel() == "loss (dashed)"]
     assert len(axes) == len(losses) == 4
