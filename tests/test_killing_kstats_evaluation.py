@@ -425,6 +425,13 @@ def test_roc_figure_shows_each_run_with_its_band_and_numbers(saved):
     assert diagonal.get_xdata().tolist() == [0, 1] and diagonal.get_ydata().tolist() == [0, 1]
     assert (diagonal.get_color(), diagonal.get_linewidth(), diagonal.get_linestyle()) == ("grey", 0.8, ":")
     (band,) = ax.collections
+    # the area drawn: the report's band (same resamples and seed), a step after each grid rate
+    ref = E.roc_band(y, prob, sum((f[2] for f in FOLDS), []), n_resamples=30, seed=2)
+    assert np.isfinite(ref["low"]).all()
+    scratch = __import__("matplotlib.figure").figure.Figure().add_subplot()
+    area = scratch.fill_between(ref["fpr"], ref["low"], ref["high"], step="post")
+    np.testing.assert_allclose(band.get_paths()[0].vertices, area.get_paths()[0].vertices)
+    assert band.get_linewidth() == 0
     assert band.get_alpha() == 0.2 and tuple(band.get_facecolor()[0][:3]) == pytest.approx(
         __import__("matplotlib").colors.to_rgb(curve.get_color())
     )
