@@ -424,3 +424,12 @@ def test_training_data_without_the_dataset_file_comes_from_the_fold_results(made
     assert modelcard.training_data(made["run"], [None], made["rundir"])["nodule_ids"] is None  # unknown fold
     assert modelcard.performance(made["run"], None) is None
     assert modelcard.performance(made["run"], tmp_path) is None  # no finished folds there
+
+
+def test_the_card_built_from_the_rundir_is_the_one_in_the_file(made):
+    """`describe RUNDIR` and `describe file.onnx` read one structure (the file adds only its export entry)."""
+    src = ex.load_model_source(made["rundir"], 0)
+    built = modelcard.build_card(src.models, src.run, src.info(), src.rundir)
+    _, from_file = made["fold0"]
+    assert built["schema"] == modelcard.SCHEMA == "nodulekit-model-description/2"
+    assert json.loads(json.dumps(built)) == {k: v for k, v in from_file.items() if k != "export"}
