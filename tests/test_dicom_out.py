@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime")
 hd = pytest.importorskip("highdicom")
 import pydicom  # noqa: E402
 
+import nodulekit  # noqa: E402
 from nodulekit import predict as pr  # noqa: E402
 from tests.model_fixtures import export, trained_run  # noqa: E402
 from tests.scan_fixtures import canonical_ct, lps_of, write_dicom_series, write_nifti  # noqa: E402
@@ -95,6 +96,19 @@ def check_outputs(out: Path, source_folder: Path, record: dict) -> None:
     assert total > 0
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert float(mapping.RealWorldValueSlope) == 1.0 and float(mapping.RealWorldValueIntercept) == 0.0
+    # what a viewer shows of the map: its series, maker, value mapping and display window
+    top = float(frames.max())
+    assert (pm.SeriesNumber, pm.InstanceNumber, pm.Manufacturer) == (9901, 1, "nodulekit")
+    assert pm.SeriesDescription == f"nodulekit map, nodule {name} (research use only, not for clinical use)"[:64]
+    assert (pm.ManufacturerModelName, pm.SoftwareVersions) == ("hesam", f"nodulekit {nodulekit.__version__}")
+    assert pm.DeviceSerialNumber == "none" and pm.RecognizableVisualFeatures == "NO"
+    assert (mapping.LUTLabel, mapping.LUTExplanation) == ("map", "hesam map, malignant class (model units)")
+    assert float(mapping.DoubleFloatRealWorldValueFirstValueMapped) == 0.0
+    assert float(mapping.DoubleFloatRealWorldValueLastValueMapped) == pytest.approx(top, rel=1e-6)
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"  # UCUM: no units
+    voi = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    assert float(voi.WindowCenter) == pytest.approx(top / 2, rel=1e-5)
+    assert float(voi.WindowWidth) == pytest.approx(top, rel=1e-5)
 
     sr = hd.sr.srread(out / "findings_sr.dcm")
     assert sr.StudyInstanceUID == first.StudyInstanceUID and sr.PatientID == first.PatientID
@@ -109,6 +123,30 @@ def check_outputs(out: Path, source_folder: Path, record: dict) -> None:
     assert point.GraphicType == "POINT" and point.ReferencedFrameOfReferenceUID == first.FrameOfReferenceUID
     np.testing.assert_allclose(np.asarray(point.GraphicData, float), np.asarray(record["centre_mm"]), atol=1e-3)
     values = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert {m.name.meaning: m.unit.value for m in group.get_measurements()} == {
+        "Diameter": "mm",
+        "Probability of cancer": "1",
+    }
+    assert (sr.SeriesNumber, sr.InstanceNumber, sr.Manufacturer) == (9902, 1, "nodulekit")
+    assert sr.SeriesDescription == "nodulekit findings (research use only, not for clinical use)"
+    assert group.finding_type.meaning == "Nodule"
+    assert _texts(group) >= {
+        ("Tracking Identifier", f"nodule {name}"),
+        ("Algorithm Name", "nodulekit hesam (hesam)"),
+        ("Algorithm Version", nodulekit.__version__),
+        ("Algorithm Parameters", "threshold 0.5"),
+    }
+
+
+def _texts(items) -> set[tuple[str, str]]:
+    """(concept name, text) of every TEXT item under ``items``, at any depth."""
+    out = set()
+    for item in items:
+        if getattr(item, "ValueType", None) == "TEXT":
+            out.add((item.ConceptNameCodeSequence[0].CodeMeaning, str(item.TextValue)))
+        if "ContentSequence" in item:
+            out |= _texts(item.ContentSequence)
+    return out
     assert values["Diameter"] == pytest.approx(record["diameter_mm"])
     assert values["Probability of cancer"] == pytest.approx(record["probability"], abs=1e-6)
 
