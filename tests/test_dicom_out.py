@@ -123,6 +123,8 @@ def check_outputs(out: Path, source_folder: Path, record: dict) -> None:
     assert point.GraphicType == "POINT" and point.ReferencedFrameOfReferenceUID == first.FrameOfReferenceUID
     np.testing.assert_allclose(np.asarray(point.GraphicData, float), np.asarray(record["centre_mm"]), atol=1e-3)
     values = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert values["Diameter"] == pytest.approx(record["diameter_mm"])
+    assert values["Probability of cancer"] == pytest.approx(record["probability"], abs=1e-6)
     assert {m.name.meaning: m.unit.value for m in group.get_measurements()} == {
         "Diameter": "mm",
         "Probability of cancer": "1",
@@ -147,8 +149,6 @@ def _texts(items) -> set[tuple[str, str]]:
         if "ContentSequence" in item:
             out |= _texts(item.ContentSequence)
     return out
-    assert values["Diameter"] == pytest.approx(record["diameter_mm"])
-    assert values["Probability of cancer"] == pytest.approx(record["probability"], abs=1e-6)
 
 
 def test_real_lidc_series_round_trip(model, lidc_dicom, tmp_path):

@@ -433,3 +433,11 @@ def test_the_card_built_from_the_rundir_is_the_one_in_the_file(made):
     _, from_file = made["fold0"]
     assert built["schema"] == modelcard.SCHEMA == "nodulekit-model-description/2"
     assert json.loads(json.dumps(built)) == {k: v for k, v in from_file.items() if k != "export"}
+
+
+def test_a_broken_input_spec_is_refused_naming_the_file(made):
+    _, card = made["fold0"]
+    broken = {**card, "input_spec": {**card["input_spec"], "patch_px": "wide"}}
+    with pytest.raises(NodulekitError) as err:
+        modelcard.card_spec(broken, "broken.onnx")
+    assert str(err.value).startswith("broken.onnx")

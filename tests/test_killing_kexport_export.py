@@ -462,3 +462,26 @@ def test_inputs_of_another_spec_or_channel_count_are_refused(made, tmp_path):
     old = {k: v for k, v in meta.items() if k != "input_spec"}
     assert ex.metadata_spec(old, "m.onnx").as_dict() == spec
     assert ex.metadata_spec({**old, "preprocessing": "{broken"}, "m.onnx").as_dict() == spec
+
+
+def test_checks_at_export_run_on_the_cpu_provider(made, monkeypatch):
+    """The reference vectors and the PyTorch comparison are made on ONNX Runtime's CPU provider, whatever
+    else is installed (a GPU provider's numbers would differ by more than the stored tolerance)."""
+    asked = []
+    real = ex.ort_session
+
+    def spy(path, providers, options=None):
+        asked.append(list(providers))
+        return real(path, providers, options)
+
+    monkeypatch.setattr(ex, "ort_session", spy)
+    x = made["ds"].x[:2]
+    src = ex.load_model_source(made["rundir"], 0)
+    ref = ex.make_test_data_set(made["fold0"], x[:1], "dataset D11C rows [0, 1]", False)
+    assert ref["source"] == "dataset D11C (its first checked row)"
+    assert ex.make_test_data_set(made["fold0"], x[:1], "uniform [0,1) seed 3", False)["source"] == (
+        "uniform [0,1) seed 3"
+    )
+    ex.verify_against_torch(made["fold0"], src.model, x)
+    ex.check_test_data_set(made["fold0"])
+    assert asked == [["CPUExecutionProvider"]] * 4
