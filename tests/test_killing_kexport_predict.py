@@ -248,3 +248,51 @@ def test_a_whole_run_reports_times_and_writes(model, scan, tmp_path):
     assert _error(pr.predict, model, scan.path, centre="0,0,0", diameter=5, coords="ijk") == (
         "--coords must be one of lps, ras, voxel (got 'ijk')"
     )
+
+
+def _bilinear_clamped(m: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """m sampled bilinearly at (a, b), coordinates clamped to the grid (edge values repeated)."""
+    n = m.shape[0]
+    a, b = np.clip(a, 0, n - 1), np.clip(b, 0, n - 1)
+    i, j = np.minimum(np.floor(a).astype(int), n - 2), np.minimum(np.floor(b).astype(int), n - 2)
+    u, q = a - i, b - j
+    return (1 - u) * (1 - q) * m[i, j] + (1 - u) * q * m[i, j + 1] + u * (1 - q) * m[i + 1, j] + u * q * m[i + 1, j + 1]
+
+
+@pytest.mark.parametrize("centre", [NODULE, (1.2, 25.6, 1.3)])  # the second: square and planes cut by the edges
+def test_map_volume_equals_the_placement_the_description_states(scan, centre):
+    """map_placement's rule, computed here over the whole volume: CT pixel (row, col) takes map_up at
+    a = (row - r) x s_r / t + 15.5, b = (col - c) x s_c / t + 15.5 (t = p x d / 32 of the reference
+    channel), 0 outside [-0.5, 31.5], on the slices within the planes' offsets +- 0.5 mm."""
+    from nodulekit.predict_output import map_volume
+    from tests.scan_fixtures import ORIGIN, SPACING
+
+    d = 7.0
+    layout = [{"z_offset_mm": float(z), "p": p} for z in (-3, 0, 3) for p in (3.0, 2.0)]  # reference: +0 mm, p 2
+    m = np.random.default_rng(5).random((32, 32))
+    vol = map_volume(scan, pr.NoduleSpec("1", np.array(centre), d, "t"), m, layout)
+    t = 2.0 * d / 32
+    r, c = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
+    a = (r - centre[0]) * SPACING[0] / t + 15.5
+    b = (c - centre[1]) * SPACING[1] / t + 15.5
+    inside = (a >= -0.5) & (a <= 31.5) & (b >= -0.5) & (b <= 31.5)
+    plane = np.where(inside, _bilinear_clamped(m, a, b), 0.0)
+    z = ORIGIN[2] + np.arange(SHAPE[2]) * SPACING[2]
+    z_c = ORIGIN[2] + centre[2] * SPACING[2]
+    on = (z >= z_c - 3.5) & (z <= z_c + 3.5)
+    expected = np.where(on[None, None, :], plane[:, :, None], 0.0)
+    assert vol.dtype == np.float32 and vol.shape == SHAPE
+    np.testing.assert_allclose(vol, expected, atol=1e-5)
+    assert on.sum() >= 2 and inside.any() and not inside.all()
+
+
+def test_map_volume_between_slices_uses_the_nearest_one(scan):
+    """One plane at +0 mm, 0.8 mm from the nearest slice (slices 2 mm apart): that slice gets the map."""
+    from nodulekit.predict_output import map_volume, reference_channel
+
+    vol = map_volume(
+        scan, pr.NoduleSpec("1", np.array(NODULE), 6.0, "t"), np.ones((32, 32)), [{"z_offset_mm": 0.0, "p": 2.0}]
+    )
+    assert np.flatnonzero(vol.any(axis=(0, 1))).tolist() == [6]
+    layout = [{"z_offset_mm": -1.0, "p": 1.0}, {"z_offset_mm": 0.0, "p": 3.0}, {"z_offset_mm": 0.0, "p": 2.0}]
+    assert reference_channel(layout) == 2  # the centre plane, smallest crop
