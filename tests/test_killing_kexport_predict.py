@@ -296,3 +296,39 @@ def test_map_volume_between_slices_uses_the_nearest_one(scan):
     assert np.flatnonzero(vol.any(axis=(0, 1))).tolist() == [6]
     layout = [{"z_offset_mm": -1.0, "p": 1.0}, {"z_offset_mm": 0.0, "p": 3.0}, {"z_offset_mm": 0.0, "p": 2.0}]
     assert reference_channel(layout) == 2  # the centre plane, smallest crop
+
+
+def test_overlay_figure_layout_and_words(monkeypatch, tmp_path):
+    """The overlay a reader opens: two panels (input plane with the mask contour, the map with its colour
+    bar), their titles, the one-line verdict with the crop's side in mm, small print, no ticks."""
+    from nodulekit import predict_output as po
+    from nodulekit.predict import NoduleInput
+
+    shown = {}
+
+    def keep(fig, path, fmt, dpi):
+        shown.update(fig=fig, path=path, fmt=fmt, dpi=dpi)
+
+    monkeypatch.setattr("nodulekit.figures.save_figure", keep)
+    layout = [{"z_offset_mm": -1.0, "p": 2.0}, {"z_offset_mm": 0.0, "p": 2.0}, {"z_offset_mm": 0.0, "p": 3.0}]
+    x = np.zeros((3, 32, 32), np.float32)
+    x[1, 8:24, 8:24] = 0.5
+    mask = np.zeros((3, 32, 32), np.uint8)
+    mask[1, 10:22, 10:22] = 1
+    inp = NoduleInput(x, mask, np.full(3, 0.4))
+    rec = {"id": "n7", "probability": 0.61234, "label": "malignant", "diameter_mm": 6.3}
+    po.write_overlay(tmp_path / "o.pdf", inp, np.random.default_rng(0).random((32, 32)), layout, rec, "pdf", 72)
+    fig = shown["fig"]
+    assert (shown["path"], shown["fmt"], shown["dpi"]) == (tmp_path / "o.pdf", "pdf", 72)
+    assert tuple(fig.get_size_inches()) == pytest.approx((5.6, 2.9))
+    assert fig._suptitle.get_text() == "nodule n7: p(malignant) = 0.612 -> malignant  (12.6 mm square)"
+    assert fig._suptitle.get_fontsize() == 8
+    left, right = fig.axes[:2]
+    assert [(ax.get_title(), ax.title.get_fontsize()) for ax in (left, right)] == [
+        ("model input (centre plane)", 8),
+        ("malignant-class map", 8),
+    ]
+    assert all(list(ax.get_xticks()) == [] and list(ax.get_yticks()) == [] for ax in (left, right))
+    np.testing.assert_array_equal(left.images[0].get_array(), x[1])  # the reference channel: +0 mm, p 2
+    assert len(left.collections) == 1  # the nodule's contour (the reference channel's mask)
+    assert len(fig.axes) == 3  # the map's colour bar
