@@ -332,3 +332,104 @@ def test_overlay_figure_layout_and_words(monkeypatch, tmp_path):
     np.testing.assert_array_equal(left.images[0].get_array(), x[1])  # the reference channel: +0 mm, p 2
     assert len(left.collections) == 1  # the nodule's contour (the reference channel's mask)
     assert len(fig.axes) == 3  # the map's colour bar
+
+
+# ----------------------------------------------------------------------------- plausibility
+
+
+def _ranges(**kw):
+    return {"training_data": {"ranges": {k: {"min": lo, "max": hi, "n": 5} for k, (lo, hi) in kw.items()}}}
+
+
+def test_plausibility_messages_at_their_thresholds(scan):
+    from nodulekit import plausibility as pl
+
+    inside = pr.NoduleSpec("a", np.array(NODULE), 3.0, "t")  # the sphere: 20..60 HU at its centre
+    hu = pl.centre_hu(scan, inside.centre)
+    assert hu == float(canonical_ct()[11, 14, 6]) and 20 <= hu < 60
+    assert pl.nodule_warnings(scan, inside, None) == []  # 3 mm: the smallest LIDC size, not a cm value
+    small = pr.NoduleSpec("b", np.array(NODULE), 2.5, "t")
+    assert pl.nodule_warnings(scan, small, None) == [
+        {
+            "code": "diameter_looks_like_cm",
+            "message": "diameter 2.5 mm is below the 3 mm of the smallest nodules LIDC-IDRI's readers outlined: "
+            "if it is in cm, give 25",
+        }
+    ]
+    assert pl.nodule_warnings(scan, pr.NoduleSpec("c", np.array(NODULE), 60.0, "t"), None) == []
+    assert pl.nodule_warnings(scan, pr.NoduleSpec("c", np.array(NODULE), 60.5, "t"), None) == [
+        {"code": "diameter_implausible", "message": "diameter 60.5 mm is larger than any lung nodule (> 60 mm)"}
+    ]
+    ranges = pl.training_ranges(_ranges(diameter_mm=(3.0, 9.5), centre_hu=(hu + 1, 300.0)))
+    assert ranges == {"diameter_mm": (3.0, 9.5), "centre_hu": (hu + 1, 300.0)}
+    codes = pl.nodule_warnings(scan, pr.NoduleSpec("d", np.array(NODULE), 9.75, "t"), ranges)
+    assert codes[0] == {
+        "code": "diameter_outside_training",
+        "message": "diameter 9.75 mm lies outside the training nodules' 3..9.5 mm",
+    }
+    assert codes[1]["code"] == "centre_hu_outside_training"
+    assert codes[1]["message"].startswith(
+        f"the centre's {hu:.0f} HU lies outside the training nodules' centres ({hu + 1:.0f}..300 HU)"
+    )
+    lung = pr.NoduleSpec("e", np.array([2.0, 2.0, 1.0]), 5.0, "t")  # background: -900..-801 HU
+    (w,) = pl.nodule_warnings(scan, lung, ranges)
+    lung_hu = pl.centre_hu(scan, lung.centre)
+    assert w["code"] == "centre_in_lung" and w["message"].startswith(
+        f"the centre lies in lung parenchyma ({lung_hu:.0f} HU < -750, below any LIDC-IDRI nodule's centre)"
+    )
+    assert pl.training_ranges({"training_data": {}}) is None
+
+
+def test_spacing_warnings_and_the_request_check(scan):
+    from nodulekit import plausibility as pl
+
+    # the scan: rows 0.8 mm, columns 0.7 mm (the smaller is the pixel spacing), slices 2 mm
+    row, col, sl = scan.spacing  # as read from the float32 affine
+    assert pl.scan_warnings(scan, {"pixel_spacing_mm": (col, 1.0), "slice_spacing_mm": (1.0, sl)}) == []
+    assert pl.scan_warnings(scan, {"pixel_spacing_mm": (0.5, 0.69), "slice_spacing_mm": (2.01, 3.0)}) == [
+        {
+            "code": "spacing_outside_training",
+            "message": "pixel spacing 0.7 mm lies outside the training data's 0.5..0.69 mm",
+        },
+        {
+            "code": "spacing_outside_training",
+            "message": "slice spacing 2 mm lies outside the training data's 2.01..3 mm",
+        },
+    ]
+    specs = [pr.NoduleSpec("a", np.array(NODULE), 2.0, "t"), pr.NoduleSpec("b", np.array(NODULE), 5.0, "t")]
+    card = _ranges(pixel_spacing_mm=(0.5, 0.6))
+    kept, per_spec, lines, note = pl.check_request(scan, specs, card, 3.0, False)
+    assert kept == specs and note is None
+    assert lines == [
+        "scan: pixel spacing 0.7 mm lies outside the training data's 0.5..0.6 mm",
+        "nodule a: diameter 2 mm is below the 3 mm of the smallest nodules LIDC-IDRI's readers outlined: if it is "
+        "in cm, give 20",
+    ]
+    assert [[w["code"] for w in ws] for ws in per_spec] == [
+        ["spacing_outside_training", "diameter_looks_like_cm"],
+        ["spacing_outside_training"],
+    ]
+    with pytest.raises(NodulekitError) as err:
+        pl.check_request(scan, specs, card, 3.0, True)
+    assert str(err.value) == f"--strict: {lines[0]} (and 1 more)"
+    _, _, lines, note = pl.check_request(scan, specs[1:], {}, 3.0, False)
+    assert lines == [] and note == (
+        "the model records no training ranges: diameter, spacing and HU range checks are off"
+    )
+
+
+def test_fragments_and_the_min_diameter_option():
+    from nodulekit import plausibility as pl
+
+    mask = np.ones((2, 2, 2), bool)
+    specs = [pr.NoduleSpec(str(i), np.zeros(3), d, f"mask component {i}", mask) for i, d in ((1, 2.999), (2, 3.0))]
+    kept, lines = pl.drop_fragments(specs, 3.0)
+    assert kept == specs[1:] and lines == ["mask component 1: skipped, a 3.00 mm fragment (< --min-diameter 3 mm)"]
+    with pytest.raises(NodulekitError) as err:
+        pl.drop_fragments(specs, 3.5)
+    assert str(err.value) == "every mask component is smaller than --min-diameter 3.5 mm (largest 3.00 mm)"
+    assert pl.check_options(None, None) == 3.0 and pl.check_options(0, "m.nii") == 0.0
+    assert _error(pl.check_options, 2.0, None) == (
+        "--min-diameter applies to --mask components; with --centre or --nodules it checks nothing"
+    )
+    assert _error(pl.check_options, -1.0, "m.nii") == "--min-diameter must be a number of mm >= 0 (got -1)"
