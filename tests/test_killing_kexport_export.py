@@ -485,3 +485,17 @@ def test_checks_at_export_run_on_the_cpu_provider(made, monkeypatch):
     ex.verify_against_torch(made["fold0"], src.model, x)
     ex.check_test_data_set(made["fold0"])
     assert asked == [["CPUExecutionProvider"]] * 4
+
+
+def test_export_inputs_from_the_dataset_or_seeded_uniform(made, tmp_path):
+    src = ex.load_model_source(made["rundir"], 0)
+    x, desc = ex._export_inputs(src, 11, 3, seed=0)
+    assert desc == "dataset D11C rows [0, 10, 19]"  # spread over the 20 rows, ends included
+    np.testing.assert_array_equal(x, made["ds"].x[[0, 10, 19]])
+    x, desc = ex._export_inputs(src, 11, 50, seed=0)
+    assert desc == f"dataset D11C rows {list(range(20))}" and len(x) == 20  # no more rows than it has
+    # the dataset is elsewhere: seeded uniform inputs, the seed named
+    gone = ex.ModelSource(src.model, "s", run={**src.run, "dataset": {**src.run["dataset"], "path": str(tmp_path)}})
+    x, desc = ex._export_inputs(gone, 11, 4, seed=7)
+    assert desc == "uniform [0,1) seed 7"
+    np.testing.assert_array_equal(x, np.random.default_rng(7).random((4, 11, 32, 32), dtype=np.float32))
