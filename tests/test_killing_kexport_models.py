@@ -151,6 +151,10 @@ def test_pnsamp_auxiliary_loss_weights():
 
     model = create_model("pn-samp", 3, base_width=4)
     assert (model.seg_weight, model.attr_weight) == (1.0, 0.1)
+    from nodulekit.models.pnsamp import PNSAMP
+
+    bare = PNSAMP(3, 2, width=4)  # the class's own defaults are the same weights, and 64 attribute features
+    assert (bare.seg_weight, bare.attr_weight, bare.classifier.in_features - 4 * 4) == (1.0, 0.1, 64)
     gen = torch.Generator().manual_seed(0)
     seg = torch.randn(2, 1, 32, 32, generator=gen)
     outputs = {"logits": torch.zeros(2, 2), "segmentation": seg, "attributes": torch.randn(2, 8, generator=gen)}
