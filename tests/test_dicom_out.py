@@ -98,6 +98,7 @@ def check_outputs(out: Path, source_folder: Path, record: dict) -> None:
     assert float(mapping.RealWorldValueSlope) == 1.0 and float(mapping.RealWorldValueIntercept) == 0.0
     # what a viewer shows of the map: its series, maker, value mapping and display window
     top = float(frames.max())
+    top = top if top > 0 else 1.0  # an all-negative map is shown on 0..1
     assert (pm.SeriesNumber, pm.InstanceNumber, pm.Manufacturer) == (9901, 1, "nodulekit")
     assert pm.SeriesDescription == f"nodulekit map, nodule {name} (research use only, not for clinical use)"[:64]
     assert (pm.ManufacturerModelName, pm.SoftwareVersions) == ("hesam", f"nodulekit {nodulekit.__version__}")
@@ -107,7 +108,7 @@ def check_outputs(out: Path, source_folder: Path, record: dict) -> None:
     assert float(mapping.DoubleFloatRealWorldValueLastValueMapped) == pytest.approx(top, rel=1e-6)
     assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"  # UCUM: no units
     voi = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
-    assert float(voi.WindowCenter) == pytest.approx(top / 2, rel=1e-5)
+    assert float(voi.WindowCenter) == pytest.approx(top / 2, rel=1e-5)  # the window spans 0..top
     assert float(voi.WindowWidth) == pytest.approx(top, rel=1e-5)
 
     sr = hd.sr.srread(out / "findings_sr.dcm")
