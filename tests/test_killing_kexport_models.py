@@ -169,3 +169,13 @@ def test_pnsamp_auxiliary_loss_weights():
     both = model.auxiliary_loss(outputs, {"characteristics": ratings, "mask": mask})
     bce = F.binary_cross_entropy_with_logits(seg, mask[:, 1:2])
     assert float(both) == pytest.approx(float(bce) + 0.1 * float(mse), rel=1e-6)
+
+
+def test_aliases_name_the_model_they_stand_for():
+    from nodulekit.models.registry import describe_models, model_spec, paper_name
+
+    assert model_spec("hesam").alias_of is None
+    assert model_spec("ours-hesam").alias_of == model_spec("u-gmp-rb-sam").alias_of == "hesam"
+    assert paper_name("u-gmp-rb-sam") == paper_name("hesam") == "Ours-HESAM"
+    rows = {row[0]: row[1] for row in describe_models()}
+    assert rows["ours-hesam"] == f"alias of hesam: {rows['hesam']}"
