@@ -499,3 +499,14 @@ def test_export_inputs_from_the_dataset_or_seeded_uniform(made, tmp_path):
     x, desc = ex._export_inputs(gone, 11, 4, seed=7)
     assert desc == "uniform [0,1) seed 7"
     np.testing.assert_array_equal(x, np.random.default_rng(7).random((4, 11, 32, 32), dtype=np.float32))
+
+
+def test_a_bare_model_is_checked_on_seeded_uniform_inputs(tmp_path):
+    """No RUNDIR, no dataset: the check inputs are uniform [0, 1) from seed 0 (the default), said in the file."""
+    from nodulekit.models import create_model
+
+    torch.manual_seed(0)
+    meta = ex.export_onnx(create_model("hesam", 3, base_width=4), tmp_path / "m.onnx", exporter="torchscript")
+    assert json.loads(meta["verification"])["inputs"] == "uniform [0,1) seed 0"
+    assert meta["source"] == "in-memory UNetClassifier" and meta["fold"] == meta["epoch"] == "unknown"
+    assert meta["label_rule"] == meta["normalisation"] == meta["dataset_fingerprint"] == "unknown"
