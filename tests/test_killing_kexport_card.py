@@ -441,3 +441,10 @@ def test_a_broken_input_spec_is_refused_naming_the_file(made):
     with pytest.raises(NodulekitError) as err:
         modelcard.card_spec(broken, "broken.onnx")
     assert str(err.value).startswith("broken.onnx")
+
+
+def test_an_input_spec_alone_is_enough(made):
+    """A description with an input spec but no preprocessing section still says how to build x."""
+    _, card = made["fold0"]
+    spec = modelcard.card_spec({**card, "preprocessing": None}, "m.onnx")
+    assert spec is not None and spec.as_dict() == card["input_spec"]
