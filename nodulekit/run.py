@@ -332,7 +332,7 @@ def check_predictions(path: str | os.PathLike, prob: np.ndarray) -> None:
     if bad.any():
         raise ArtifactError(
             f"{path}: test_prob holds {int(bad.sum())} value(s) that are not probabilities "
-            f"(first {prob[bad][0]!r}); the fold's result is unusable, retrain it"
+            f"(first {float(prob[bad][0])!r}); the fold's result is unusable, retrain it"
         )
 
 
