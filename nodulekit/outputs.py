@@ -739,9 +739,13 @@ def output_folder(path: str | os.PathLike) -> Iterator[Path]:
     created when missing, and held by one writer at a time for the block."""
     check_output_dir(path)
     final = _resolve(path)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives beside the folder
+    except OSError as exc:
+        raise write_failed(path, exc) from None
     with output_lock(final):
         try:
-            final.mkdir(parents=True, exist_ok=True)
+            final.mkdir(exist_ok=True)
         except OSError as exc:
             raise write_failed(path, exc) from None
         yield Path(path)
