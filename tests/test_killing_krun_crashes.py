@@ -415,3 +415,27 @@ def test_clearing_a_watch_another_job_cleared_first_is_no_error(tmp_path, monkey
     gone = crashes.DeadWatch(tmp_path / "gone.log", {}, [0], None, "")
     monkeypatch.setattr(crashes, "dead_watches", lambda rundir: [gone])
     crashes.clear_dead(tmp_path, [0])
+
+
+def test_records_and_watches_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """A process in the C locale (ASCII) reads the same records: names with accents stay intact."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    (run / crashes.WATCH_DIR).mkdir(parents=True)
+    header = json.dumps({"host": "n\u0153ud"}, ensure_ascii=False)
+    (run / crashes.WATCH_DIR / "a.log").write_text(f"nodulekit-watch {header}\nFatal Python error: Aborted\n", "utf-8")
+    (tmp_path / "cache").mkdir()
+    record = {"machine": "m\u00e9", "workload": "w", "variant": "bf16"}
+    (tmp_path / "cache" / crashes.CRASH_FILE).write_text(json.dumps(record, ensure_ascii=False) + "\n", "utf-8")
+    code = (
+        "import json, sys; from nodulekit import crashes\n"
+        "print(json.dumps([w.header for w in crashes.dead_watches(sys.argv[1])]))\n"
+        "print(json.dumps(list(crashes.crashed_variants('m\\u00e9', 'w'))))"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "NODULEKIT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(run)], env=env, capture_output=True, text=True, check=True)
+    headers, variants = map(json.loads, out.stdout.splitlines())
+    assert headers == [{"host": "n\u0153ud"}] and variants == ["bf16"]
