@@ -128,6 +128,13 @@ def test_open_artifact_refusals(tmp_path):
     with pytest.raises(ArtifactError) as err:
         open_artifact(path, "cohort")
     assert str(err.value) == f"{path} is a malformed cohort artifact: missing nodule_id"
+    with write_artifact(tmp_path / "r.h5", "fold_result", {}) as f:
+        for name in artifacts.REQUIRED["fold_result"]:
+            f[name] = [0]
+    with h5py.File(tmp_path / "r.h5", "r+") as f:
+        del f["test_prob"], f["test_y"]
+    with pytest.raises(ArtifactError, match=r"malformed fold_result artifact: missing test_prob, test_y$"):
+        open_artifact(tmp_path / "r.h5", "fold_result")
 
 
 def test_unreadable_says_truncated_or_corrupt():
@@ -263,6 +270,8 @@ def test_maps_that_are_not_finite_are_refused_before_and_after(tmp_path):
     with pytest.raises(ArtifactError, match=r": maps holds 1 NaN"):
         read_maps(tmp_path / "m.h5")
     artifacts.check_finite_maps("p", maps=None, prob=np.array([0.5]))
+    with pytest.raises(ArtifactError, match=r"^p: prob holds 1 NaN"):
+        artifacts.check_finite_maps("p", maps=None, prob=np.array([np.nan]))  # a missing member is skipped
 
 
 # --------------------------------------------------------------------------- text files, errors

@@ -258,3 +258,18 @@ def test_signal_group_of_a_group_that_is_gone_is_no_error():
     proc = subprocess.Popen(["true"], start_new_session=True)
     proc.wait()
     workers._signal_group(proc.pid, signal.SIGTERM)
+
+
+def test_group_alive_without_proc_asks_the_kernel(monkeypatch):
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if str(p) == "/proc" else real_isdir(p))
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a group of one, reaped here
+    try:
+        assert workers._group_alive(proc.pid)
+        assert workers._group_alive(proc.pid)  # asking sends no signal that stops it
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not workers._group_alive(proc.pid)
+    assert workers.stop_group(proc.pid, grace=0.1) == []  # no /proc: no member list
