@@ -273,3 +273,32 @@ def test_group_alive_without_proc_asks_the_kernel(monkeypatch):
         proc.wait()
     assert not workers._group_alive(proc.pid)
     assert workers.stop_group(proc.pid, grace=0.1) == []  # no /proc: no member list
+
+
+def test_group_members_reads_past_parentheses_in_a_command_name(tmp_path):
+    odd = tmp_path / "a) b c"
+    odd.symlink_to("/bin/sleep")
+    proc = subprocess.Popen([str(odd), "30"], start_new_session=True)
+    try:
+        end = time.monotonic() + 10
+        while "a) b c" not in open(f"/proc/{proc.pid}/stat").read() and time.monotonic() < end:
+            time.sleep(0.02)
+        assert workers.group_members(proc.pid) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_group_members_go_by_process_group_not_session():
+    proc = subprocess.Popen(["sleep", "30"], process_group=0)  # its own group, in this session
+    try:
+        assert os.getpgid(proc.pid) == proc.pid and os.getsid(proc.pid) != proc.pid
+        assert workers.group_members(proc.pid) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_two_tasks_are_enough_for_the_pool(inline_pool):
+    assert list(workers.run_tasks(_f, [1, 2], 2)) in ([(1, (1,)), (2, (2,))], [(2, (2,)), (1, (1,))])
+    assert len(inline_pool) == 1 and inline_pool[0][1].submits == 2
