@@ -182,6 +182,8 @@ def test_json_attributes_and_string_datasets(tmp_path):
         assert artifacts.get_json_attr(f, "none") is None and artifacts.get_json_attr(f, "none", 5) == 5
         artifacts.write_strings(f, "s", ["é", 3])
         assert artifacts.read_strings(f["s"]) == ["é", "3"]
+        f["n"] = [7, 8]  # ids stored as numbers by an older writer are read as text
+        assert artifacts.read_strings(f["n"]) == ["7", "8"]
     assert artifacts.rois_group("LIDC-0001:2") == "LIDC-0001_2"
     assert artifacts.rois_group(7) == "7"
 
