@@ -267,6 +267,7 @@ def test_group_alive_without_proc_asks_the_kernel(monkeypatch):
     try:
         assert workers._group_alive(proc.pid)
         assert workers._group_alive(proc.pid)  # asking sends no signal that stops it
+        time.sleep(0.5)
         assert proc.poll() is None
     finally:
         proc.kill()
