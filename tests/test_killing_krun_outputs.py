@@ -266,6 +266,8 @@ def test_temporary_names_carry_host_space_and_pid(tmp_path):
 def test_a_dotted_or_odd_host_name_is_cut_to_its_first_label(monkeypatch):
     monkeypatch.setattr(outputs.socket, "gethostname", lambda: "node-7.cluster.example")
     assert outputs._owner().startswith("node_7-")
+    monkeypatch.setattr(outputs.socket, "gethostname", lambda: "Node-7B")
+    assert outputs._owner().startswith("Node_7B-")
     monkeypatch.setattr(outputs.socket, "gethostname", lambda: ".")
     assert outputs._owner().startswith("host-")
 

@@ -139,8 +139,9 @@ def test_a_new_rundir_is_made_with_its_parents_and_resumed_or_extended(tmp_path)
     assert runmod.prepare_rundir(rundir, _record()) == _record()
     assert runmod.prepare_rundir(rundir, _record(epochs=5))["epochs"] == 5
     assert read_run_json(rundir)["epochs"] == 5
-    with pytest.raises(NodulekitError, match="was configured for 5 epochs"):
+    with pytest.raises(NodulekitError) as err:
         runmod.prepare_rundir(rundir, _record(epochs=3))
+    assert str(err.value) == f"{rundir} was configured for 5 epochs; pass --epochs 5 (or more to extend it)"
 
 
 def test_prepare_rundir_refuses_a_file_and_a_folder_of_other_things(tmp_path):

@@ -137,10 +137,12 @@ class _InlinePool:
         self.maps, self.submits = [], 0
 
     def map(self, fn, *iterables, chunksize=1):
+        assert fn is workers._guarded
         self.maps.append(([list(i) for i in iterables], chunksize))
         return [fn(*args) for args in zip(*iterables, strict=True)]
 
     def submit(self, fn, *args):
+        assert fn is workers._guarded  # a worker checks its parent before each task
         self.submits += 1
         f = Future()
         f.set_result(fn(*args))
@@ -303,3 +305,28 @@ def test_group_members_go_by_process_group_not_session():
 def test_two_tasks_are_enough_for_the_pool(inline_pool):
     assert list(workers.run_tasks(_f, [1, 2], 2)) in ([(1, (1,)), (2, (2,))], [(2, (2,)), (1, (1,))])
     assert len(inline_pool) == 1 and inline_pool[0][1].submits == 2
+
+
+def test_stop_group_waits_ten_seconds_by_default_before_sigkill(monkeypatch):
+    import types
+
+    clock = [0.0]
+    sent = []
+    monkeypatch.setattr(workers, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)))  # fmt: skip
+    real_signal = workers._signal_group
+    monkeypatch.setattr(workers, "_signal_group", lambda g, s: (sent.append((s, clock[0])), real_signal(g, s)))
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 30 & wait"], start_new_session=True)
+    time.sleep(0.3)
+    workers.stop_group(stubborn.pid)
+    assert stubborn.wait(timeout=10) == -signal.SIGKILL
+    assert sent[0] == (signal.SIGTERM, 0.0)
+    assert sent[1][0] == signal.SIGKILL and 10.0 <= sent[1][1] < 10.2
+
+
+def test_stop_group_without_proc_lists_no_members_but_stops_the_group(monkeypatch):
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if str(p) == "/proc" else real_isdir(p))
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    assert workers.stop_group(proc.pid, grace=30) == []
+    assert proc.wait(timeout=10) == -signal.SIGTERM
