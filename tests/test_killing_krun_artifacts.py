@@ -236,6 +236,9 @@ def test_maps_defaults(tmp_path):
     with pytest.raises(NodulekitError, match="already exists"):
         write_maps(tmp_path / "cam.h5", nodule_id=["a", "b"], maps=maps, prob=prob, method="cam", arch="a",
                    source="s", prov={})  # fmt: skip
+    write_maps(tmp_path / "cam.h5", nodule_id=["c", "d"], maps=maps, prob=prob, method="cam", arch="a",
+               source="s", prov={}, overwrite=True)  # fmt: skip
+    assert read_maps(tmp_path / "cam.h5").nodule_id == ["c", "d"]
 
 
 def test_maps_that_are_not_finite_are_refused_before_and_after(tmp_path):

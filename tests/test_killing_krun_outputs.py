@@ -653,6 +653,7 @@ def test_rename_noreplace_refuses_an_existing_folder(tmp_path):
     with pytest.raises(OSError) as err:
         outputs._rename_noreplace(tmp_path / "a", tmp_path / "b")
     assert err.value.errno == errno.EEXIST and err.value.filename == str(tmp_path / "b")
+    assert err.value.strerror == os.strerror(errno.EEXIST)
     outputs._rename_noreplace(tmp_path / "a", tmp_path / "c")
     assert _names(tmp_path) == ["b", "c"]
 
@@ -742,3 +743,12 @@ def test_folder_writer_and_output_folder(tmp_path):
         assert (tmp_path / "a" / ".figs.lock").exists()
     with outputs.output_folder(str(tmp_path / "a" / "figs")) as folder:
         assert folder == tmp_path / "a" / "figs"
+
+
+def test_rename_noreplace_without_renameat2_falls_back_to_rename(tmp_path, monkeypatch):
+    import ctypes
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: object())  # an old libc: no renameat2
+    (tmp_path / "a").mkdir()
+    outputs._rename_noreplace(tmp_path / "a", tmp_path / "c")
+    assert _names(tmp_path) == ["c"]

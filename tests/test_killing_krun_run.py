@@ -405,6 +405,16 @@ def test_a_minimal_fold_result_reads_with_defaults(tmp_path):
     assert r.test_patient_id == ["LIDC-0001"]
     assert r.val_history is None and r.epoch_seconds is None and r.train_index is None and r.val_index is None
     assert read_fold_result(path, 2).fold == 2
+    with h5py.File(path, "r+") as f:  # narrower types, as another writer may store them
+        for name in ("test_y", "test_index"):
+            values = f[name][()]
+            del f[name]
+            f[name] = values.astype(np.int32)
+        values = f["test_prob"][()]
+        del f["test_prob"]
+        f["test_prob"] = values.astype(np.float32)
+    r = read_fold_result(path)
+    assert (r.test_y.dtype, r.test_index.dtype, r.test_prob.dtype) == (np.int64, np.int64, np.float64)
     with pytest.raises(NodulekitError, match="already exists"):
         write_fold_result(path, prov={}, history=np.zeros(5), test_index=[0], test_prob=[1.0], test_y=[1],
                           test_nodule_id=["x"], overwrite=False)  # fmt: skip
