@@ -752,3 +752,10 @@ def test_rename_noreplace_without_renameat2_falls_back_to_rename(tmp_path, monke
     (tmp_path / "a").mkdir()
     outputs._rename_noreplace(tmp_path / "a", tmp_path / "c")
     assert _names(tmp_path) == ["c"]
+
+
+def test_rename_noreplace_of_relative_paths_is_from_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("a").mkdir()
+    outputs._rename_noreplace(Path("a"), Path("c"))
+    assert _names(tmp_path) == ["c"]
