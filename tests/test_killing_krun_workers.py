@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -328,5 +329,10 @@ def test_stop_group_without_proc_lists_no_members_but_stops_the_group(monkeypatc
     real_isdir = os.path.isdir
     monkeypatch.setattr(os.path, "isdir", lambda p: False if str(p) == "/proc" else real_isdir(p))
     proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    reaper = threading.Thread(target=proc.wait)  # reap at once: an unreaped zombie still counts in its group
+    reaper.start()
+    started = time.monotonic()
     assert workers.stop_group(proc.pid, grace=30) == []
-    assert proc.wait(timeout=10) == -signal.SIGTERM
+    reaper.join(timeout=10)
+    assert proc.returncode == -signal.SIGTERM
+    assert time.monotonic() - started < 20  # stopped once SIGTERM took, not at the end of the grace
