@@ -194,6 +194,12 @@ def test_mask_components_numbered_by_position(scan, tmp_path):
     path = write_nifti(tmp_path / "labels.nii.gz", stored, affine)
     assert [(s.id, s.origin) for s in pr.mask_specs(scan, path)] == [("7", "mask label 7"), ("9", "mask label 9")]
     assert [s.id for s in pr.mask_specs(scan, path, "components")] == ["1", "2"]
+    # predict's entry point passes --mask-nodules on
+    assert [s.id for s in pr.collect_specs(scan, mask=path)] == ["7", "9"]
+    assert [s.origin for s in pr.collect_specs(scan, mask=path, mask_mode="components")] == [
+        "mask component 1",
+        "mask component 2",
+    ]
     assert _error(pr.mask_specs, scan, path, "blobs") == (
         "--mask-nodules must be one of auto, components, labels (got 'blobs')"
     )
