@@ -404,6 +404,12 @@ def test_model_sources_and_their_refusals(made, tmp_path):
     run = json.loads((rundir / "run.json").read_text())
     for key in ("label_rule", "normalisation", "dataset_identity"):
         assert src.run[key] == run[key], key
+    # a loose checkpoint that does not record its fold takes it from its folder's name
+    ckpt = torch.load(rundir / "fold1" / "checkpoint.pt", weights_only=False)
+    del ckpt["fold"]
+    (tmp_path / "fold7").mkdir()
+    torch.save(ckpt, tmp_path / "fold7" / "checkpoint.pt")
+    assert ex.load_model_source(tmp_path / "fold7" / "checkpoint.pt").fold == 7
     inside = ex.load_model_source(rundir / "fold1" / "checkpoint.pt")
     assert (inside.fold, inside.rundir) == (1, rundir)
     ens = ex.load_ensemble_source(rundir)
@@ -501,9 +507,19 @@ def test_export_inputs_from_the_dataset_or_seeded_uniform(made, tmp_path):
     np.testing.assert_array_equal(x, np.random.default_rng(7).random((4, 11, 32, 32), dtype=np.float32))
 
 
-def test_a_bare_model_is_checked_on_seeded_uniform_inputs(tmp_path):
+def test_a_bare_model_is_checked_on_seeded_uniform_inputs(tmp_path, monkeypatch):
     """No RUNDIR, no dataset: the check inputs are uniform [0, 1) from seed 0 (the default), said in the file."""
     from nodulekit.models import create_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported: op foo\nlong exporter trace")
+
+    with monkeypatch.context() as m:  # an exporter failure is one line naming the exporter and the model
+        m.setattr(ex, "_torch_export", broken)
+        assert _error(ex.export_onnx, create_model("hesam", 3, base_width=4), tmp_path / "x.onnx") == (
+            "torch.onnx.export (dynamo) failed for hesam: Unsupported: op foo"
+        )
+    assert not (tmp_path / "x.onnx").exists()
 
     torch.manual_seed(0)
     meta = ex.export_onnx(create_model("hesam", 3, base_width=4), tmp_path / "m.onnx", exporter="torchscript")

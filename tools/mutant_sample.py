@@ -137,6 +137,9 @@ def run_one(tree: Path, mutant: str, coverage: dict, timeout: float, env: dict, 
         return {"outcome": "not planted", "why": str(exc)}
     tests = set().union(*[coverage.get(path, {}).get(n, set()) for n in range(first, last + 1)])
     tests |= set(env.get("EXTRA_TESTS", "").split()) if tests else set()  # written after the coverage run
+    if env.get("WIDEN") and tests:
+        # whole files: a module-scoped fixture's calls are credited to the first test that built it
+        tests = {t.split("::")[0] for t in tests}
     tests = sorted(tests, key=lambda t: (seconds.get(t, 0.0), t))  # fastest first, as mutmut: -x stops sooner
     if not tests:
         return {"outcome": "no tests"}
@@ -160,6 +163,7 @@ def run_one(tree: Path, mutant: str, coverage: dict, timeout: float, env: dict, 
 def run_sample(names: list[str], args, coverage: dict, done: dict) -> None:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "MUTANTS": str(args.workdir / "mutants")}
     env["EXTRA_TESTS"] = " ".join(args.extra_tests)
+    env["WIDEN"] = "1" if args.widen else ""
     shared = REPO.parent / "shared" / "data"
     if "NODULEKIT_SHARED_DATA" not in env and shared.exists():
         env["NODULEKIT_SHARED_DATA"] = str(shared)
@@ -187,7 +191,9 @@ def run_sample(names: list[str], args, coverage: dict, done: dict) -> None:
             args.results.write_text(json.dumps(done, indent=1, sort_keys=True))
             print(f"[{len(done)}/{len(names)}] {mutant}: {result['outcome']} {result.get('by', '')}", flush=True)
 
-    todo = [n for n in names if n not in done or (args.rerun_survivors and done[n]["outcome"] == "survived")]
+    equivalent = equivalents()
+    rerun = {n for n, r in done.items() if args.rerun_survivors and r["outcome"] == "survived" and n not in equivalent}
+    todo = [n for n in names if n not in done or n in rerun]
     random.Random(args.seed).shuffle(todo)  # a time-boxed run leaves a random part of the sample
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, todo))
@@ -257,6 +263,11 @@ def main() -> int:
         help="tests written after the coverage run, run too for every mutant that has covering tests",
     )
     ap.add_argument("--rerun-survivors", action="store_true", help="run the survivors again (after new tests)")
+    ap.add_argument(
+        "--widen",
+        action="store_true",
+        help="run the whole test files of the covering tests (with --rerun-survivors: a second look at survivors)",
+    )
     ap.add_argument(
         "--exclude",
         type=Path,
